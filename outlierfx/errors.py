@@ -1,0 +1,23 @@
+"""Exceptions raised for bad input or failed transformations.
+
+Every error carries a message that names the problem and, where possible, the fix; the CLI
+prints the message as one line instead of a traceback.
+"""
+
+from __future__ import annotations
+
+
+class OutlierFXError(Exception):
+    """Base class of every error outlierfx raises on purpose."""
+
+
+class CaptureError(OutlierFXError):
+    """The model could not be captured into an FX graph."""
+
+
+class PassError(OutlierFXError):
+    """A graph pass failed, or broke an invariant the pass manager checks."""
+
+
+class DataError(OutlierFXError):
+    """Inputs, calibration data or packaged resources are unusable."""

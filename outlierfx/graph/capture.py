@@ -1,0 +1,238 @@
+"""Capture a model into one canonical FX graph.
+
+``torch.export`` (non-strict) traces Hugging Face models and plain ``nn.Module``s alike
+(``torch.fx.symbolic_trace`` fails on HF BERT's position-id slicing); the exported graph is then
+canonicalized (:mod:`.canonicalize`) and checked against the model on the example inputs.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import functools
+import inspect
+import linecache
+import time
+import traceback
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+import torch.fx
+
+from ..errors import CaptureError, DataError
+from . import meta
+from .canonicalize import canonicalize
+from .compare import OutputError, output_error, run
+from .ops import OpKind, op_kind
+from .shapes import propagate_values
+
+DEFAULT_REL_TOL = 1e-5
+"""Captured graphs must match the model within this fraction of the output's max magnitude."""
+
+Inputs = tuple[tuple[Any, ...], dict[str, Any]]
+
+
+@dataclasses.dataclass(frozen=True)
+class CaptureReport:
+    model: str
+    export_seconds: float
+    canonicalize_seconds: float
+    rewrites: Mapping[str, int]
+    op_counts: Mapping[str, int]
+    num_nodes: int
+    error: OutputError | None
+
+    def as_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["rewrites"] = dict(self.rewrites)
+        out["op_counts"] = dict(self.op_counts)
+        return out
+
+
+def normalize_inputs(model: torch.nn.Module, example_inputs: Any) -> Inputs:
+    """Turn a tuple of positional args or a dict of kwargs into ``(args, kwargs)``.
+
+    For models whose ``forward`` takes ``use_cache`` (Hugging Face decoders), ``use_cache=False``
+    is added unless given: a KV cache is not part of a quantized prefill graph.
+    """
+    if isinstance(example_inputs, Mapping):
+        args, kwargs = (), dict(example_inputs)
+    elif isinstance(example_inputs, tuple):
+        args, kwargs = example_inputs, {}
+    elif isinstance(example_inputs, torch.Tensor):
+        args, kwargs = (example_inputs,), {}
+    else:
+        raise DataError(
+            f"example_inputs must be a tuple of positional arguments or a dict of keyword arguments, "
+            f"got {type(example_inputs).__name__}"
+        )
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        params = {}
+    if "use_cache" in params and "use_cache" not in kwargs:
+        kwargs["use_cache"] = False
+    for name, value in list(enumerate(args)) + list(kwargs.items()):
+        if isinstance(value, torch.Tensor) and value.dtype.is_floating_point and not torch.isfinite(value).all():
+            raise DataError(f"example input {name!r} contains NaN or inf")
+    return args, kwargs
+
+
+def _dynamic_shapes(model: torch.nn.Module, inputs: Inputs) -> Any:
+    """Let export decide which tensor dims stay dynamic (batch, sequence) and which specialize."""
+    auto = torch.export.Dim.AUTO
+
+    def spec(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return {i: auto for i in range(value.dim())}
+        return None
+
+    args, kwargs = inputs
+    if not kwargs:
+        return tuple(spec(a) for a in args)
+    bound = inspect.signature(model.forward).bind_partial(*args, **kwargs).arguments
+    return {name: spec(value) for name, value in bound.items()}
+
+
+@contextlib.contextmanager
+def _tracing_view_of(model: torch.nn.Module, constants: dict[str, Any]) -> Iterator[None]:
+    """Trace in eval mode, without autograd, with non-tensor kwargs bound into ``forward``.
+
+    Binding flags such as ``use_cache=False`` keeps them out of the graph's signature, so the
+    graph is called with tensors only. The model gets its training flags and ``forward`` back.
+    """
+    flags = [(m, m.training) for m in model.modules()]
+    had_own_forward = "forward" in vars(model)
+    if constants:
+        model.forward = functools.partial(model.forward, **constants)
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for module, training in flags:
+            module.training = training
+        if constants:
+            if had_own_forward:
+                model.forward = model.forward.func
+            else:
+                del model.forward
+
+
+def capture(
+    model: torch.nn.Module,
+    example_inputs: Any,
+    *,
+    dynamic: bool = True,
+    check: bool = True,
+    rel_tol: float = DEFAULT_REL_TOL,
+) -> torch.fx.GraphModule:
+    """Capture ``model`` into a canonical :class:`torch.fx.GraphModule`.
+
+    Args:
+        model: a Hugging Face ``PreTrainedModel`` or any ``nn.Module``. It is not modified.
+        example_inputs: a tuple of positional args or a dict of kwargs for ``model``.
+        dynamic: keep batch and sequence sizes symbolic so the graph accepts other shapes.
+        check: run the model and the graph on ``example_inputs`` and require their outputs to
+            agree within ``rel_tol`` times the output's max magnitude.
+
+    The graph is called like the model (same arguments, same output structure). Each node keeps
+    the user's module path (``outlierfx.graph.meta.module_path(node)``); ``gm.meta`` holds the
+    example inputs and a :class:`CaptureReport`.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise CaptureError(f"capture expects a torch.nn.Module, got {type(model).__name__}")
+    full_inputs = normalize_inputs(model, example_inputs)
+    args, kwargs = full_inputs
+    constants = {k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor)}
+    inputs = (args, {k: v for k, v in kwargs.items() if k not in constants})
+    name = type(model).__name__
+    with _tracing_view_of(model, constants):
+        reference = run(model, inputs) if check else None
+        start = time.perf_counter()
+        try:
+            exported = torch.export.export(
+                model,
+                inputs[0],
+                inputs[1],
+                dynamic_shapes=_dynamic_shapes(model, inputs) if dynamic else None,
+                strict=False,
+            )
+        except Exception as exc:  # export raises many unrelated types; all mean "untraceable"
+            raise CaptureError(explain_export_failure(name, exc)) from exc
+        export_seconds = time.perf_counter() - start
+
+    start = time.perf_counter()
+    gm = exported.module()
+    rewrites = canonicalize(gm)
+    propagate_values(gm)
+    canonicalize_seconds = time.perf_counter() - start
+
+    error = None
+    if check:
+        error = output_error(reference, run(gm, inputs))
+        if not error.within(rel_tol):
+            raise CaptureError(
+                f"the captured graph of {name} does not reproduce the model: max abs error "
+                f"{error.max_abs:.3g} ({error.max_rel:.3g} of the output's max |value|, "
+                f"tolerance {rel_tol:g}); non-finite values: {error.nonfinite}"
+            )
+    gm.meta[meta.GM_EXAMPLE_INPUTS] = inputs
+    gm.meta[meta.GM_CAPTURE_REPORT] = CaptureReport(
+        model=name,
+        export_seconds=export_seconds,
+        canonicalize_seconds=canonicalize_seconds,
+        rewrites=rewrites,
+        op_counts=count_ops(gm),
+        num_nodes=len(gm.graph.nodes),
+        error=error,
+    )
+    return gm
+
+
+def count_ops(gm: torch.fx.GraphModule) -> dict[str, int]:
+    """Number of nodes of each canonical kind, e.g. ``{"linear": 37, "layer_norm": 13, ...}``."""
+    counts = collections.Counter(kind.value for n in gm.graph.nodes if (kind := op_kind(n)) is not None)
+    return {kind.value: counts.get(kind.value, 0) for kind in OpKind}
+
+
+_HINTS = (
+    ("data-dependent", "the model branches or sizes a tensor on tensor *values*",
+     "make the branch depend on shapes only, or express it with torch.cond"),
+    ("guard on data-dependent", "the model branches on tensor *values*",
+     "make the branch depend on shapes only, or express it with torch.cond"),
+    (".item()", "the model reads a Python number out of a tensor",
+     "keep the value as a tensor, or pass it as a Python argument"),
+    ("numpy", "the model calls NumPy on a tensor", "use the torch equivalent"),
+    ("Cannot access data pointer", "the model reads raw tensor memory (NumPy, ctypes or a C extension)",
+     "use torch ops so the tracer can follow them"),
+    ("Unsupported", "the model uses a construct torch.export does not support",
+     "rewrite that part with plain torch ops"),
+)
+
+
+def explain_export_failure(model_name: str, exc: BaseException) -> str:
+    """One message naming what failed, where in the user's code, and how to fix it."""
+    text = f"{type(exc).__name__}: {exc}"
+    first_line = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    what, fix = "torch.export could not trace it", "check the error below, or capture a smaller submodule"
+    for needle, description, suggestion in _HINTS:
+        if needle.lower() in text.lower():
+            what, fix = description, suggestion
+            break
+    where = _user_frame(exc)
+    location = f" at {where}" if where else ""
+    return f"cannot capture {model_name}: {what}{location}. Fix: {fix}. ({first_line[:300]})"
+
+
+def _user_frame(exc: BaseException) -> str | None:
+    """The innermost traceback frame outside torch and Python's own libraries."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    skip = ("/torch/", "/site-packages/torch", "/contextlib.py", "/functools.py", "/outlierfx/graph/")
+    for frame in reversed(frames):
+        if not any(s in frame.filename for s in skip):
+            code = (frame.line or linecache.getline(frame.filename, frame.lineno)).strip()
+            return f"{frame.filename}:{frame.lineno} `{code}`"
+    return None

@@ -1,0 +1,58 @@
+"""Numeric comparison of model outputs (any pytree: tensors, tuples, Hugging Face ModelOutputs)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputError:
+    """How far ``actual`` is from ``reference`` over all floating-point output tensors.
+
+    ``max_rel`` is the max absolute error divided by the reference's max magnitude, the scale
+    that matters for quantized tensors (a per-element ratio explodes near zero).
+    """
+
+    max_abs: float
+    max_rel: float
+    reference_max: float
+    nonfinite: int
+
+    def within(self, rel_tol: float) -> bool:
+        return self.nonfinite == 0 and self.max_rel <= rel_tol
+
+    def as_dict(self) -> dict[str, float]:
+        return dataclasses.asdict(self)
+
+
+def float_leaves(outputs: Any) -> list[torch.Tensor]:
+    return [t for t in pytree.tree_leaves(outputs) if isinstance(t, torch.Tensor) and t.dtype.is_floating_point]
+
+
+def output_error(reference: Any, actual: Any) -> OutputError:
+    ref_leaves, act_leaves = float_leaves(reference), float_leaves(actual)
+    if len(ref_leaves) != len(act_leaves):
+        raise ValueError(f"outputs differ in structure: {len(ref_leaves)} vs {len(act_leaves)} float tensors")
+    max_abs, ref_max, nonfinite = 0.0, 0.0, 0
+    for ref, act in zip(ref_leaves, act_leaves):
+        if ref.shape != act.shape:
+            raise ValueError(f"output shapes differ: {tuple(ref.shape)} vs {tuple(act.shape)}")
+        ref, act = ref.detach().double(), act.detach().double()
+        nonfinite += int((~torch.isfinite(act)).sum() - (~torch.isfinite(ref)).sum())
+        finite = torch.isfinite(ref) & torch.isfinite(act)
+        if finite.any():
+            max_abs = max(max_abs, float((ref[finite] - act[finite]).abs().max()))
+            ref_max = max(ref_max, float(ref[finite].abs().max()))
+    max_rel = max_abs / ref_max if ref_max > 0 else (0.0 if max_abs == 0 else float("inf"))
+    return OutputError(max_abs=max_abs, max_rel=max_rel, reference_max=ref_max, nonfinite=max(nonfinite, 0))
+
+
+def run(module: torch.nn.Module, inputs: tuple[tuple, dict]) -> Any:
+    """Call ``module`` on ``(args, kwargs)`` without autograd."""
+    args, kwargs = inputs
+    with torch.no_grad():
+        return module(*args, **kwargs)

