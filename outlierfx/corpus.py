@@ -1,0 +1,134 @@
+"""Real English text for calibration and evaluation, read from the files the ``gensim`` package
+ships (``gensim/test/test_data``; the package is never imported).
+
+- Wikipedia: a shortened English dump (~200 articles). Articles are assigned to the
+  ``calibration`` or ``evaluation`` split by a hash of their title, so the splits never overlap.
+- News: 300 Australian news articles (``lee_background.cor``), an out-of-distribution set.
+- Lee-50: 50 news documents with averaged human similarity judgements.
+- Polarity: 200 labelled movie-review sentences.
+"""
+
+from __future__ import annotations
+
+import bz2
+import dataclasses
+import functools
+import pathlib
+import re
+import xml.etree.ElementTree as ET
+import zlib
+from typing import Literal
+
+import numpy as np
+
+from .errors import DataError
+from .models import package_dir
+
+Split = Literal["calibration", "evaluation"]
+_WIKI = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+
+
+def data_dir() -> pathlib.Path:
+    folder = package_dir("gensim", "gensim") / "test" / "test_data"
+    if not folder.is_dir():
+        raise DataError(f"gensim's test data folder is missing: {folder}")
+    return folder
+
+
+def _read_lines(name: str) -> list[str]:
+    path = data_dir() / name
+    text = path.read_text(encoding="latin-1")
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+_MARKUP = [
+    (re.compile(r"<!--.*?-->", re.S), " "),
+    (re.compile(r"<ref[^>]*/>"), " "),
+    (re.compile(r"<ref[^>]*>.*?</ref>", re.S), " "),
+    (re.compile(r"\{\|.*?\|\}", re.S), " "),  # tables
+    (re.compile(r"\[\[(?:File|Image|Category):[^\[\]]*(?:\[\[[^\]]*\]\][^\[\]]*)*\]\]", re.I), " "),
+    (re.compile(r"\[\[(?:[^|\]]*\|)?([^\]]*)\]\]"), r"\1"),  # [[target|label]] -> label
+    (re.compile(r"\[https?://\S+ ([^\]]*)\]"), r"\1"),
+    (re.compile(r"\[https?://\S+\]"), " "),
+    (re.compile(r"<[^>]+>"), " "),
+    (re.compile(r"'{2,}"), ""),
+    (re.compile(r"&[a-z]+;"), " "),
+]
+_TEMPLATE = re.compile(r"\{\{[^{}]*\}\}")
+
+
+def _clean_wikitext(text: str) -> list[str]:
+    """Plain-text paragraphs of an article (markup, templates, tables and headings dropped)."""
+    previous = None
+    while previous != text:  # templates nest; strip innermost first
+        previous, text = text, _TEMPLATE.sub(" ", text)
+    for pattern, repl in _MARKUP:
+        text = pattern.sub(repl, text)
+    paragraphs = []
+    for block in text.split("\n"):
+        block = block.strip()
+        if not block or block.startswith(("=", "*", "#", "|", "!", ":", ";", "{", "}")):
+            continue
+        block = re.sub(r"\s+", " ", block)
+        if len(block.split()) >= 20:
+            paragraphs.append(block)
+    return paragraphs
+
+
+@functools.lru_cache(maxsize=1)
+def _wikipedia_articles() -> tuple[tuple[str, tuple[str, ...]], ...]:
+    articles = []
+    with bz2.open(data_dir() / _WIKI, "rb") as f:
+        title = None
+        for _, elem in ET.iterparse(f, events=("end",)):
+            tag = elem.tag.rsplit("}", 1)[-1]
+            if tag == "title":
+                title = elem.text or ""
+            elif tag == "text" and title is not None:
+                paragraphs = _clean_wikitext(elem.text or "")
+                if paragraphs and not (elem.text or "").lstrip().upper().startswith("#REDIRECT"):
+                    articles.append((title, tuple(paragraphs)))
+            elif tag == "page":
+                elem.clear()
+    return tuple(articles)
+
+
+def wikipedia(split: Split) -> list[str]:
+    """Paragraphs of the Wikipedia articles in ``split``; the two splits share no article."""
+    if split not in ("calibration", "evaluation"):
+        raise DataError(f"unknown split {split!r}; use 'calibration' or 'evaluation'")
+    want_eval = split == "evaluation"
+    return [
+        p
+        for title, paragraphs in _wikipedia_articles()
+        if (zlib.crc32(title.encode()) % 4 == 0) == want_eval
+        for p in paragraphs
+    ]
+
+
+def news() -> list[str]:
+    """The 300 news articles of ``lee_background.cor`` (out of distribution for Wikipedia)."""
+    return _read_lines("lee_background.cor")
+
+
+def polarity() -> list[tuple[str, int]]:
+    """Movie-review sentences with labels (1 positive, 0 negative)."""
+    out = []
+    for line in _read_lines("pang_lee_polarity.cor"):
+        label, _, sentence = line.partition(" ")
+        out.append((sentence, 1 if label == "__label__pos" else 0))
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Lee50:
+    documents: tuple[str, ...]
+    similarity: np.ndarray  # (50, 50) human similarity, upper triangle filled
+
+
+def lee50() -> Lee50:
+    documents = tuple(_read_lines("lee.cor"))
+    matrix = np.loadtxt(data_dir() / "similarities0-1.txt")
+    if matrix.shape != (len(documents), len(documents)):
+        raise DataError(f"Lee-50 similarity matrix is {matrix.shape}, expected {len(documents)} square")
+    return Lee50(documents, matrix)

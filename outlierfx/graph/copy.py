@@ -1,0 +1,25 @@
+"""Copying a GraphModule's structure without copying its weights."""
+
+from __future__ import annotations
+
+import copy
+
+import torch.fx
+
+
+def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A new GraphModule with its own graph and module tree, sharing the tensors of ``gm``.
+
+    Node names, node meta and the calling convention (pytree in/out specs) are kept. Passes work
+    on such a copy and replace tensors instead of editing them, so the input graph (and the
+    user's model, whose storage export shares) is never changed.
+    """
+    graph = torch.fx.Graph(tracer_cls=gm.graph._tracer_cls)
+    graph._codegen = copy.deepcopy(gm.graph._codegen)
+    output = graph.graph_copy(gm.graph, {})
+    graph.output(output)
+    # graph_copy leaves the output node's meta behind; keep it for consumers that read it.
+    graph.output_node().meta = dict(gm.graph.output_node().meta)
+    new = torch.fx.GraphModule(gm, graph, class_name=type(gm).__name__)
+    new.meta = dict(gm.meta)
+    return new

@@ -1,0 +1,166 @@
+"""A networkx view of a canonical graph: residual stream, norm sites and transformer blocks.
+
+Everything is found structurally, never from module names:
+- a *residual add* is ``add(shortcut, branch)`` of two same-shape float tensors where the
+  shortcut is an ancestor of the branch and the path between them passes through a Linear;
+- a *block* is an attention sublayer (a residual branch containing a softmax) together with the
+  sublayers up to the next attention sublayer;
+- a *norm site* is a layer_norm / rms_norm node with the consumers of its output, found through
+  layout-only ops (view, reshape, dropout...).
+Module paths are used only to name things in reports.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+
+import networkx as nx
+import torch.fx
+
+from . import meta
+from .ops import NORM_KINDS, OpKind, is_float_tensor, is_kind, op_kind, tensor_val, users_through_layout_ops
+
+
+@dataclasses.dataclass(frozen=True)
+class ResidualAdd:
+    add: torch.fx.Node
+    shortcut: torch.fx.Node
+    branch: torch.fx.Node
+    kind: str  # "attention" or "mlp"
+
+
+@dataclasses.dataclass(frozen=True)
+class NormSite:
+    norm: torch.fx.Node
+    kind: OpKind
+    source: torch.fx.Node  # the tensor being normalized
+    linears: tuple[torch.fx.Node, ...]  # Linears reading the norm output as their input
+    residual_adds: tuple[torch.fx.Node, ...]  # residual adds reading it as their shortcut
+    others: tuple[torch.fx.Node, ...]  # any other consumer (including the graph output)
+
+    @property
+    def is_post_ln(self) -> bool:
+        """Whether the norm output is also carried on the residual stream (BERT-style)."""
+        return bool(self.residual_adds)
+
+
+@dataclasses.dataclass(frozen=True)
+class Block:
+    index: int
+    path: str  # common module path of the block's layers, e.g. "encoder.layer.3"
+    sublayers: tuple[ResidualAdd, ...]
+    norms: tuple[torch.fx.Node, ...]
+
+
+class GraphView:
+    """Read-only structural queries over a captured ``GraphModule``.
+
+    Build it again after mutating the graph; nodes are the graph's own ``torch.fx.Node`` objects.
+    """
+
+    def __init__(self, gm: torch.fx.GraphModule) -> None:
+        self.gm = gm
+        self.order = {node: i for i, node in enumerate(gm.graph.nodes)}
+        self.digraph = nx.DiGraph()
+        for node in gm.graph.nodes:
+            self.digraph.add_node(node, op=node.op, kind=(k.value if (k := op_kind(node)) else None))
+            for inp in node.all_input_nodes:
+                self.digraph.add_edge(inp, node)
+
+    def between(self, start: torch.fx.Node, end: torch.fx.Node) -> set[torch.fx.Node]:
+        """Nodes on some path from ``start`` to ``end`` (both excluded)."""
+        return nx.descendants(self.digraph, start) & nx.ancestors(self.digraph, end)
+
+    @functools.cached_property
+    def residual_adds(self) -> tuple[ResidualAdd, ...]:
+        found = []
+        for node in self.gm.graph.nodes:
+            if not is_kind(node, OpKind.ADD) or not all(is_float_tensor(a) for a in node.args[:2]):
+                continue
+            a, b = node.args[:2]
+            if not _same_shape(a, node) or not _same_shape(b, node):
+                continue
+            for shortcut, branch in ((a, b), (b, a)):
+                if shortcut is branch or not nx.has_path(self.digraph, shortcut, branch):
+                    continue
+                inner = self.between(shortcut, branch) | {branch}
+                if any(is_kind(n, OpKind.LINEAR) for n in inner):
+                    kind = "attention" if any(is_kind(n, OpKind.SOFTMAX) for n in inner) else "mlp"
+                    found.append(ResidualAdd(node, shortcut, branch, kind))
+                    break
+        return tuple(found)
+
+    @functools.cached_property
+    def residual_stream(self) -> tuple[torch.fx.Node, ...]:
+        """The tensors that carry the hidden state: each residual add and each shortcut, in order."""
+        nodes = {r.add for r in self.residual_adds} | {r.shortcut for r in self.residual_adds}
+        return tuple(sorted(nodes, key=self.order.__getitem__))
+
+    @functools.cached_property
+    def norm_sites(self) -> tuple[NormSite, ...]:
+        shortcut_of = {r.add: r.shortcut for r in self.residual_adds}
+        sites = []
+        for node in self.gm.graph.nodes:
+            kind = op_kind(node)
+            if kind not in NORM_KINDS:
+                continue
+            linears, adds, others = [], [], []
+            for user, operand in users_through_layout_ops(node):
+                if is_kind(user, OpKind.LINEAR) and user.args[0] is operand:
+                    linears.append(user)
+                elif shortcut_of.get(user) is operand:
+                    adds.append(user)
+                else:
+                    others.append(user)
+            key = self.order.__getitem__
+            sites.append(NormSite(node, kind, node.args[0], *(tuple(sorted(x, key=key)) for x in (linears, adds, others))))
+        return tuple(sites)
+
+    @functools.cached_property
+    def blocks(self) -> tuple[Block, ...]:
+        groups: list[list[ResidualAdd]] = []
+        for res in self.residual_adds:
+            if res.kind == "attention" or not groups:
+                groups.append([])
+            groups[-1].append(res)
+        blocks = []
+        for i, group in enumerate(groups):
+            members = set()
+            for res in group:
+                members |= self.between(res.shortcut, res.branch) | {res.branch, res.add}
+            norms = tuple(sorted((n for n in members if op_kind(n) in NORM_KINDS), key=self.order.__getitem__))
+            paths = [meta.module_path(n) for n in members if is_kind(n, OpKind.LINEAR)]
+            blocks.append(Block(i, _common_path(paths), tuple(group), norms))
+        return tuple(blocks)
+
+    def describe(self) -> str:
+        """A short text summary: blocks, norm sites and their consumers."""
+        lines = [f"{len(self.blocks)} transformer blocks, {len(self.residual_adds)} residual adds, "
+                 f"{len(self.norm_sites)} norm sites"]
+        for block in self.blocks:
+            kinds = "+".join(r.kind for r in block.sublayers)
+            lines.append(f"  block {block.index}: {block.path or '?'} ({kinds})")
+        for site in self.norm_sites:
+            style = "post-LN (feeds residual)" if site.is_post_ln else "pre-LN"
+            lines.append(
+                f"  {site.kind.value} {meta.module_path(site.norm) or site.norm.name}: {len(site.linears)} linears, "
+                f"{len(site.residual_adds)} residual, {len(site.others)} other; {style}"
+            )
+        return "\n".join(lines)
+
+
+def _same_shape(a: torch.fx.Node, b: torch.fx.Node) -> bool:
+    va, vb = tensor_val(a), tensor_val(b)
+    return va is not None and vb is not None and va.dim() == vb.dim() and all(
+        str(x) == str(y) for x, y in zip(va.shape, vb.shape)
+    )
+
+
+def _common_path(paths: list[str]) -> str:
+    if not paths:
+        return ""
+    parts = [p.split(".") for p in paths]
+    prefix = os.path.commonprefix(parts)
+    return ".".join(prefix)

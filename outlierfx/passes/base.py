@@ -1,0 +1,69 @@
+"""The shape of every outlierfx pass: analyse into a plan, then apply the plan to a copy.
+
+Modelled on ``torch.fx.passes.infra.pass_base.PassBase``: a pass is a callable
+``GraphModule -> PassResult(graph_module, modified)``; ``requires``/``ensures`` state its
+invariants. Unlike ``PassBase`` it never mutates its input: it works on a structural copy.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from typing import Any, ClassVar, Generic, TypeVar
+
+import torch.fx
+
+from ..graph.copy import copy_graph_module
+
+PlanT = TypeVar("PlanT")
+
+
+@dataclasses.dataclass(frozen=True)
+class PassResult:
+    graph_module: torch.fx.GraphModule
+    modified: bool
+    plan: Any = None
+
+
+class GraphPass(abc.ABC, Generic[PlanT]):
+    """Base class of outlierfx passes.
+
+    Subclasses implement :meth:`analyze` (pure: returns a plan of frozen dataclasses that the
+    audit trail prints and tests assert on) and :meth:`apply` (mutates the graph it is given and
+    returns whether anything changed).
+
+    ``output_rel_tol`` declares the pass output-preserving within that fraction of the output's
+    max magnitude (the pass manager checks it); ``None`` marks a pass that changes numerics on
+    purpose (e.g. inserting fake quantization), whose error is recorded but not enforced.
+    """
+
+    output_rel_tol: ClassVar[float | None] = 1e-5
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+    def requires(self, gm: torch.fx.GraphModule) -> None:
+        """Raise :class:`~outlierfx.errors.PassError` if ``gm`` is not a valid input."""
+
+    def ensures(self, gm: torch.fx.GraphModule) -> None:
+        """Raise :class:`~outlierfx.errors.PassError` if the result breaks the pass's promise."""
+
+    @abc.abstractmethod
+    def analyze(self, gm: torch.fx.GraphModule) -> PlanT:
+        """Decide what to change, without changing anything."""
+
+    @abc.abstractmethod
+    def apply(self, gm: torch.fx.GraphModule, plan: PlanT) -> bool:
+        """Carry out ``plan`` on ``gm`` in place; return True if the graph changed."""
+
+    def __call__(self, gm: torch.fx.GraphModule) -> PassResult:
+        work = copy_graph_module(gm)
+        self.requires(work)
+        plan = self.analyze(work)
+        modified = bool(self.apply(work, plan))
+        if modified:
+            work.graph.lint()
+            work.recompile()
+        self.ensures(work)
+        return PassResult(work if modified else gm, modified, plan)

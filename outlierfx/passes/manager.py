@@ -1,0 +1,111 @@
+"""Run an ordered list of passes with checks after each one, recording an audit trail."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch.fx
+
+from ..errors import PassError
+from ..graph import meta
+from ..graph.compare import OutputError, output_error, run
+from ..graph.shapes import propagate_values
+from .audit import AuditEntry, AuditTrail, GraphDiff
+from .base import PassResult
+
+Pass = Callable[[torch.fx.GraphModule], PassResult]
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineResult:
+    graph_module: torch.fx.GraphModule
+    audit: AuditTrail
+
+    @property
+    def modified(self) -> bool:
+        return any(e.modified for e in self.audit)
+
+
+class PassManager:
+    """Runs passes in order; after each: lint, re-propagate shapes, compare outputs.
+
+    Args:
+        passes: callables ``GraphModule -> PassResult`` (usually :class:`GraphPass` instances).
+        check_outputs: run the graph before and after each pass on ``sample_inputs`` and record
+            the error; a pass that declares ``output_rel_tol`` fails if it exceeds it.
+        sample_inputs: ``(args, kwargs)``; defaults to the inputs the graph was captured with.
+
+    Any failure raises :class:`PassError` naming the pass and the passes that ran before it.
+    """
+
+    def __init__(
+        self,
+        passes: Sequence[Pass],
+        *,
+        check_outputs: bool = True,
+        sample_inputs: tuple[tuple[Any, ...], dict[str, Any]] | None = None,
+    ) -> None:
+        self.passes = list(passes)
+        self.check_outputs = check_outputs
+        self.sample_inputs = sample_inputs
+
+    def __call__(self, gm: torch.fx.GraphModule) -> PipelineResult:
+        inputs = self.sample_inputs or gm.meta.get(meta.GM_EXAMPLE_INPUTS)
+        if self.check_outputs and inputs is None:
+            raise PassError("check_outputs needs sample_inputs (the graph carries no captured example inputs)")
+        reference = run(gm, inputs) if self.check_outputs else None
+        previous_out = reference
+        audit = AuditTrail()
+        done: list[str] = []
+        for p in self.passes:
+            name = getattr(p, "name", None) or type(p).__name__
+            context = f"pass {name} (after {', '.join(done) if done else 'no earlier passes'})"
+            start = time.perf_counter()
+            try:
+                result = p(gm)
+            except PassError as exc:
+                raise PassError(f"{context} failed: {exc}") from exc
+            except Exception as exc:
+                raise PassError(f"{context} failed: {type(exc).__name__}: {exc}") from exc
+            if not isinstance(result, PassResult):
+                raise PassError(f"{context} returned {type(result).__name__}, expected PassResult")
+            new = result.graph_module
+            err_prev = err_ref = None
+            if result.modified:
+                try:
+                    new.graph.lint()
+                    propagate_values(new)
+                except Exception as exc:
+                    raise PassError(f"{context} left an invalid graph: {type(exc).__name__}: {exc}") from exc
+                if self.check_outputs:
+                    out = run(new, inputs)
+                    err_prev = output_error(previous_out, out)
+                    err_ref = output_error(reference, out)
+                    self._enforce(p, context, err_prev)
+                    previous_out = out
+            audit = audit.appended(
+                AuditEntry(
+                    pass_name=name,
+                    modified=result.modified,
+                    plan=result.plan,
+                    diff=GraphDiff.between(gm.graph, new.graph) if result.modified else GraphDiff((), (), ()),
+                    error_vs_previous=err_prev,
+                    error_vs_reference=err_ref,
+                    seconds=time.perf_counter() - start,
+                )
+            )
+            gm = new
+            done.append(name)
+        return PipelineResult(gm, audit)
+
+    @staticmethod
+    def _enforce(p: Pass, context: str, error: OutputError) -> None:
+        tol = getattr(p, "output_rel_tol", None)
+        if tol is not None and not error.within(tol):
+            raise PassError(
+                f"{context} changed the outputs by {error.max_abs:.3g} ({error.max_rel:.3g} of the max |output|), "
+                f"more than its tolerance {tol:g}; non-finite values: {error.nonfinite}"
+            )

@@ -1,0 +1,162 @@
+"""Small transformer models built from transformers' own classes with random configurations.
+
+Families: ``bert`` (post-LN encoder), ``gpt2`` (pre-LN decoder, Conv1D layers) and ``llama``
+(RMSNorm decoder, optional biases, grouped-query attention). Outliers can be injected the way
+they appear in trained models: LayerNorm/RMSNorm gamma with a few huge channels, gamma with
+exact zeros, and embedding dimensions with large values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from hypothesis import strategies as st
+
+FAMILIES = ("bert", "gpt2", "llama")
+
+
+@dataclasses.dataclass(frozen=True)
+class OutlierSpec:
+    gamma_scale: float = 1.0  # factor on a few norm-gamma channels (1 = none)
+    gamma_zeros: int = 0  # channels per norm whose gamma is set to exactly 0
+    embedding_scale: float = 1.0  # factor on a few embedding dimensions
+    channels: tuple[int, ...] = ()  # which channels get the outliers
+
+
+@dataclasses.dataclass(frozen=True)
+class GeneratedModel:
+    family: str
+    model: torch.nn.Module
+    inputs: dict[str, torch.Tensor]
+    config: Any
+    outliers: OutlierSpec
+
+    def __repr__(self) -> str:  # shown by Hypothesis on failure
+        c = self.config
+        return (f"GeneratedModel({self.family}, hidden={c.hidden_size}, heads={c.num_attention_heads}, "
+                f"layers={c.num_hidden_layers}, attn={c._attn_implementation}, outliers={self.outliers}, "
+                f"input_shape={tuple(self.inputs['input_ids'].shape)})")
+
+
+def _config(family: str, hidden: int, heads: int, layers: int, ffn: int, vocab: int, options: dict) -> Any:
+    from transformers import BertConfig, GPT2Config, LlamaConfig
+
+    if family == "bert":
+        return BertConfig(vocab_size=vocab, hidden_size=hidden, num_attention_heads=heads, num_hidden_layers=layers,
+                          intermediate_size=ffn, max_position_embeddings=64, hidden_act=options.get("act", "gelu"))
+    if family == "gpt2":
+        return GPT2Config(vocab_size=vocab, n_embd=hidden, n_head=heads, n_layer=layers, n_inner=ffn, n_positions=64,
+                          bos_token_id=0, eos_token_id=0,
+                          activation_function=options.get("act", "gelu_new"))
+    if family == "llama":
+        kv = options.get("kv_heads", heads)
+        return LlamaConfig(vocab_size=vocab, hidden_size=hidden, num_attention_heads=heads, num_key_value_heads=kv,
+                           num_hidden_layers=layers, intermediate_size=ffn, max_position_embeddings=64,
+                           attention_bias=options.get("bias", False), mlp_bias=options.get("bias", False),
+                           tie_word_embeddings=options.get("tied", False))
+    raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
+
+
+def _model_class(family: str) -> type:
+    from transformers import BertModel, GPT2LMHeadModel, LlamaForCausalLM
+
+    return {"bert": BertModel, "gpt2": GPT2LMHeadModel, "llama": LlamaForCausalLM}[family]
+
+
+def _norm_weights(model: torch.nn.Module) -> list[torch.Tensor]:
+    """Gamma of every LayerNorm/RMSNorm module (test-data generation only, not a pass)."""
+    out = []
+    for module in model.modules():
+        if isinstance(module, torch.nn.LayerNorm) or type(module).__name__.endswith("RMSNorm"):
+            if getattr(module, "weight", None) is not None:
+                out.append(module.weight)
+    return out
+
+
+def inject_outliers(model: torch.nn.Module, spec: OutlierSpec) -> None:
+    """Give ``model`` (a generated model, owned by the test) the outliers of ``spec``, in place."""
+    channels = list(spec.channels)
+    with torch.no_grad():
+        for gamma in _norm_weights(model):
+            dims = [c % gamma.numel() for c in channels]
+            gamma[dims] *= spec.gamma_scale
+            if spec.gamma_zeros:
+                free = [c for c in range(gamma.numel()) if c not in dims]
+                gamma[free[: spec.gamma_zeros]] = 0.0
+        embedding = model.get_input_embeddings().weight
+        embedding[:, [c % embedding.shape[1] for c in channels]] *= spec.embedding_scale
+
+
+def build_model(
+    family: str,
+    *,
+    hidden: int = 32,
+    heads: int = 4,
+    layers: int = 2,
+    ffn: int = 64,
+    vocab: int = 64,
+    batch: int = 2,
+    seq: int = 8,
+    outliers: OutlierSpec = OutlierSpec(),
+    attn: str = "sdpa",
+    seed: int = 0,
+    pad: bool = True,
+    **options: Any,
+) -> GeneratedModel:
+    """One generated model with inputs (right-padded ``attention_mask`` when ``pad``)."""
+    torch.manual_seed(seed)
+    config = _config(family, hidden, heads, layers, ffn, vocab, options)
+    config._attn_implementation = attn
+    model = _model_class(family)(config).eval()
+    inject_outliers(model, outliers)
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(0, vocab, (batch, seq), generator=generator)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    if pad and batch > 1 and seq > 1:
+        mask[0, max(1, seq // 2):] = 0  # first row right-padded, the rest full
+    return GeneratedModel(family, model, {"input_ids": input_ids, "attention_mask": mask}, config, outliers)
+
+
+@st.composite
+def outlier_specs(draw: st.DrawFn) -> OutlierSpec:
+    if not draw(st.booleans()):
+        return OutlierSpec()
+    return OutlierSpec(
+        gamma_scale=draw(st.sampled_from([1.0, 10.0, 50.0, 200.0])),
+        gamma_zeros=draw(st.integers(0, 2)),
+        embedding_scale=draw(st.sampled_from([1.0, 20.0, 100.0])),
+        channels=tuple(draw(st.lists(st.integers(0, 63), min_size=1, max_size=3, unique=True))),
+    )
+
+
+@st.composite
+def transformer_models(draw: st.DrawFn, families: tuple[str, ...] = FAMILIES, outliers: bool = True) -> GeneratedModel:
+    """Hypothesis strategy: a small random transformer of one of ``families`` with inputs."""
+    family = draw(st.sampled_from(families))
+    head_dim = draw(st.sampled_from([4, 8, 16]))
+    heads = draw(st.sampled_from([1, 2, 4]))
+    options: dict[str, Any] = {}
+    if family == "llama":
+        options["kv_heads"] = draw(st.sampled_from([h for h in (1, 2, 4) if heads % h == 0]))
+        options["bias"] = draw(st.booleans())
+        options["tied"] = draw(st.booleans())
+    if family == "bert":
+        options["act"] = draw(st.sampled_from(["gelu", "relu", "gelu_new"]))
+    if family == "gpt2":
+        options["act"] = draw(st.sampled_from(["gelu_new", "gelu", "relu"]))
+    return build_model(
+        family,
+        hidden=head_dim * heads,
+        heads=heads,
+        layers=draw(st.integers(1, 3)),
+        ffn=draw(st.sampled_from([16, 32, 64])),
+        vocab=64,
+        batch=draw(st.integers(1, 3)),
+        seq=draw(st.integers(2, 12)),
+        outliers=draw(outlier_specs()) if outliers else OutlierSpec(),
+        attn=draw(st.sampled_from(["sdpa", "eager"])),
+        seed=draw(st.integers(0, 2**16)),
+        **options,
+    )
