@@ -54,6 +54,7 @@ _MARKUP = [
     (re.compile(r"'{2,}"), ""),
     (re.compile(r"&[a-z]+;"), " "),
 ]
+_LEFTOVER_MARKUP = ("[[", "]]", "{{", "}}", "|", "<ref", "</")
 _TEMPLATE = re.compile(r"\{\{[^{}]*\}\}")
 
 
@@ -70,6 +71,8 @@ def _clean_wikitext(text: str) -> list[str]:
         if not block or block.startswith(("=", "*", "#", "|", "!", ":", ";", "{", "}")):
             continue
         block = re.sub(r"\s+", " ", block)
+        if any(mark in block for mark in _LEFTOVER_MARKUP):
+            continue  # unbalanced markup the regexes could not strip: drop rather than feed it to a model
         if len(block.split()) >= 20:
             paragraphs.append(block)
     return paragraphs

@@ -13,6 +13,7 @@ import dataclasses
 import importlib.util
 import os
 import pathlib
+import shutil
 import time
 from collections.abc import Iterator
 
@@ -104,10 +105,15 @@ def _build_smollm2_cache(target: pathlib.Path) -> None:
         del config.quantization_config
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(gguf.state_dict())
-    partial = target.with_name(target.name + ".partial")
+    # Write under a private name, then rename: concurrent first loads (parallel tests) never
+    # see a half-written cache.
+    partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
     plain.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
-    partial.replace(target)
+    try:
+        partial.rename(target)
+    except OSError:  # another process finished first
+        shutil.rmtree(partial, ignore_errors=True)
 
 
 def load(name: str) -> LoadedModel:

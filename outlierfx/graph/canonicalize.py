@@ -207,6 +207,7 @@ def decompose_attention(gm: torch.fx.GraphModule) -> int:
             out = call(aten.matmul.default, probs, v)
         for n in new_nodes:
             meta.inherit(n, node, STEP)
+        out.meta["val"] = node.meta.get("val")  # later rewrites read shapes before re-propagation
         _replace(node, out)
         count += 1
     return count

@@ -234,5 +234,5 @@ def _user_frame(exc: BaseException) -> str | None:
     for frame in reversed(frames):
         if not any(s in frame.filename for s in skip):
             code = (frame.line or linecache.getline(frame.filename, frame.lineno)).strip()
-            return f"{frame.filename}:{frame.lineno} `{code}`"
+            return f"{frame.filename}:{frame.lineno}" + (f" `{code}`" if code else "")
     return None

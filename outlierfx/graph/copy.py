@@ -15,7 +15,7 @@ def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     user's model, whose storage export shares) is never changed.
     """
     graph = torch.fx.Graph(tracer_cls=gm.graph._tracer_cls)
-    graph._codegen = copy.deepcopy(gm.graph._codegen)
+    graph._codegen = copy.copy(gm.graph._codegen)  # in/out specs are never mutated by passes
     output = graph.graph_copy(gm.graph, {})
     graph.output(output)
     # graph_copy leaves the output node's meta behind; keep it for consumers that read it.

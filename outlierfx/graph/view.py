@@ -143,10 +143,10 @@ class GraphView:
             kinds = "+".join(r.kind for r in block.sublayers)
             lines.append(f"  block {block.index}: {block.path or '?'} ({kinds})")
         for site in self.norm_sites:
-            style = "post-LN (feeds residual)" if site.is_post_ln else "pre-LN"
+            style = "; output also on the residual stream (post-LN)" if site.is_post_ln else ""
             lines.append(
-                f"  {site.kind.value} {meta.module_path(site.norm) or site.norm.name}: {len(site.linears)} linears, "
-                f"{len(site.residual_adds)} residual, {len(site.others)} other; {style}"
+                f"  {site.kind.value} {meta.module_path(site.norm) or site.norm.name}: feeds {len(site.linears)} "
+                f"linear, {len(site.residual_adds)} residual add, {len(site.others)} other{style}"
             )
         return "\n".join(lines)
 

@@ -1,0 +1,27 @@
+import os
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+# Exporting a generated model takes ~1 s: no per-example deadline; examples are few but real.
+settings.register_profile(
+    "default",
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    print_blob=True,
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    from outlierfx.models import load
+
+    return load("minilm")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    from outlierfx.models import load
+
+    return load("smollm2")

@@ -1,0 +1,50 @@
+"""Bad input to capture gets one clear error that names the problem."""
+
+import pytest
+import torch
+
+import outlierfx
+from outlierfx.errors import CaptureError, DataError
+
+
+class BranchesOnValues(torch.nn.Module):
+    def forward(self, x):
+        if x.sum() > 0:
+            return x * 2
+        return x - 1
+
+
+class CallsNumpy(torch.nn.Module):
+    def forward(self, x):
+        return torch.from_numpy(x.numpy() * 2)
+
+
+def test_data_dependent_branch_names_the_line_and_a_fix():
+    with pytest.raises(CaptureError) as info:
+        outlierfx.capture(BranchesOnValues(), (torch.randn(3),))
+    message = str(info.value)
+    assert "cannot capture BranchesOnValues" in message
+    assert "tensor *values*" in message and "torch.cond" in message
+    assert "test_capture_errors.py" in message and "if x.sum() > 0" in message
+
+
+def test_numpy_call_is_explained():
+    with pytest.raises(CaptureError, match="cannot capture CallsNumpy"):
+        outlierfx.capture(CallsNumpy(), (torch.randn(3),))
+
+
+def test_not_a_module():
+    with pytest.raises(CaptureError, match="expects a torch.nn.Module"):
+        outlierfx.capture(lambda x: x, (torch.randn(3),))
+
+
+def test_inputs_of_the_wrong_type():
+    with pytest.raises(DataError, match="tuple of positional arguments or a dict"):
+        outlierfx.capture(torch.nn.Linear(2, 2), [torch.randn(2)])
+
+
+def test_nan_inputs_are_rejected():
+    x = torch.randn(2, 2)
+    x[0, 0] = float("nan")
+    with pytest.raises(DataError, match="NaN or inf"):
+        outlierfx.capture(torch.nn.Linear(2, 2), (x,))

@@ -1,0 +1,28 @@
+"""The packaged text: real, non-trivial, with disjoint calibration and evaluation splits."""
+
+import pytest
+
+from outlierfx import corpus
+from outlierfx.errors import DataError
+
+
+def test_wikipedia_splits_are_disjoint_and_substantial():
+    calibration, evaluation = corpus.wikipedia("calibration"), corpus.wikipedia("evaluation")
+    assert sum(len(p.split()) for p in calibration) > 100_000
+    assert sum(len(p.split()) for p in evaluation) > 50_000
+    assert not set(calibration) & set(evaluation)
+    assert not any("[[" in p or "{{" in p or "<ref" in p for p in calibration + evaluation)
+
+
+def test_unknown_split():
+    with pytest.raises(DataError, match="unknown split"):
+        corpus.wikipedia("train")
+
+
+def test_news_polarity_and_lee50():
+    assert len(corpus.news()) == 300
+    sentences = corpus.polarity()
+    assert len(sentences) == 200 and {label for _, label in sentences} == {0, 1}
+    lee = corpus.lee50()
+    assert len(lee.documents) == 50 and lee.similarity.shape == (50, 50)
+    assert (lee.similarity.diagonal() == 1).all()

@@ -1,0 +1,131 @@
+"""The pass base and pass manager: copies, audit trail, checks and error messages."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+import torch.fx
+
+import outlierfx
+from outlierfx.errors import PassError
+from outlierfx.graph.ops import aten
+from outlierfx.passes import GraphPass, PassManager, PassResult
+
+
+@dataclasses.dataclass(frozen=True)
+class ScalePlan:
+    linears: tuple[torch.fx.Node, ...]
+
+    def summary(self):
+        return f"{len(self.linears)} linears get an exact x2 / x0.5 pair"
+
+
+class InsertExactScalePair(GraphPass[ScalePlan]):
+    """Toy pass that changes the graph but not the numbers: y = linear(x) * 2 * 0.5."""
+
+    def analyze(self, gm):
+        return ScalePlan(tuple(n for n in gm.graph.nodes if n.target is aten.linear.default))
+
+    def apply(self, gm, plan):
+        for linear in plan.linears:
+            users = list(linear.users)
+            with gm.graph.inserting_after(linear):
+                up = gm.graph.call_function(aten.mul.Tensor, (linear, 2.0))
+            with gm.graph.inserting_after(up):
+                down = gm.graph.call_function(aten.mul.Tensor, (up, 0.5))
+            for user in users:
+                user.replace_input_with(linear, down)
+        return bool(plan.linears)
+
+
+class FindsNothing(GraphPass[tuple]):
+    def analyze(self, gm):
+        return ()
+
+    def apply(self, gm, plan):
+        return False
+
+
+class Perturb(GraphPass[None]):
+    """Changes numerics while claiming to preserve them."""
+
+    def analyze(self, gm):
+        return None
+
+    def apply(self, gm, plan):
+        out = gm.graph.output_node()
+        first = out.args[0][0]
+        with gm.graph.inserting_before(out):
+            bumped = gm.graph.call_function(aten.add.Tensor, (first, 1.0))
+        out.args = ((bumped,) + tuple(out.args[0][1:]),)
+        return True
+
+
+class Crashes(GraphPass[None]):
+    def analyze(self, gm):
+        raise RuntimeError("boom")
+
+    def apply(self, gm, plan):  # pragma: no cover
+        return False
+
+
+@pytest.fixture
+def captured():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))
+    return outlierfx.capture(model, (torch.randn(3, 8),))
+
+
+def test_pass_never_mutates_its_input(captured):
+    before = [(n.name, n.target, n.args) for n in captured.graph.nodes]
+    result = InsertExactScalePair()(captured)
+    assert result.modified and result.graph_module is not captured
+    assert [(n.name, n.target, n.args) for n in captured.graph.nodes] == before
+    assert len(result.graph_module.graph.nodes) == len(before) + 4
+
+
+def test_audit_records_a_modifying_pass_and_a_no_op(captured):
+    pipeline = PassManager([InsertExactScalePair(), FindsNothing()])
+    result = pipeline(captured)
+    changed, unchanged = result.audit.entries
+    assert changed.modified and len(changed.diff.added) == 4 and not changed.diff.removed
+    assert len(changed.diff.changed) == 2  # the consumers of the two linears now read the new muls
+    assert changed.error_vs_previous.max_abs == 0.0 and changed.error_vs_reference.max_abs == 0.0
+    assert not unchanged.modified and unchanged.diff.added == () and unchanged.error_vs_previous is None
+    assert result.modified
+
+    data = json.loads(result.audit.to_json())
+    assert [p["pass"] for p in data["passes"]] == ["InsertExactScalePair", "FindsNothing"]
+    assert len(data["passes"][0]["plan"]["linears"]) == 2
+    text = result.audit.to_text()
+    assert "1. InsertExactScalePair: modified, +4 -0 ~2 nodes" in text
+    assert "2 linears get an exact x2 / x0.5 pair" in text
+    assert "2. FindsNothing: no change" in text
+
+
+def test_a_pass_that_breaks_equivalence_is_named_with_its_predecessors(captured):
+    with pytest.raises(PassError, match=r"pass Perturb \(after InsertExactScalePair, FindsNothing\) changed the outputs"):
+        PassManager([InsertExactScalePair(), FindsNothing(), Perturb()])(captured)
+
+
+def test_a_numerics_changing_pass_can_opt_out_of_the_check(captured):
+    class DeliberatePerturb(Perturb):
+        output_rel_tol = None
+
+    result = PassManager([DeliberatePerturb()])(captured)
+    assert result.audit.entries[0].error_vs_reference.max_abs == pytest.approx(1.0)
+
+
+def test_a_crashing_pass_is_named(captured):
+    with pytest.raises(PassError, match=r"pass Crashes \(after no earlier passes\) failed: RuntimeError: boom"):
+        PassManager([Crashes()])(captured)
+
+
+def test_a_pass_returning_the_wrong_type_is_rejected(captured):
+    with pytest.raises(PassError, match="expected PassResult"):
+        PassManager([lambda gm: gm])(captured)
+
+
+def test_plain_callables_work_as_passes(captured):
+    result = PassManager([lambda gm: PassResult(gm, False)], check_outputs=False)(captured)
+    assert not result.modified and len(result.audit) == 1
