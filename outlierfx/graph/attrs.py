@@ -49,3 +49,31 @@ def unique_attr_name(gm: torch.nn.Module, base: str) -> str:
             return name
         i += 1
         name = f"{base}_{i}"
+
+
+def replace_input_tensor(
+    gm: torch.fx.GraphModule, consumer: torch.fx.Node, old: torch.fx.Node, value: torch.Tensor, suffix: str
+) -> torch.fx.Node:
+    """Make ``consumer`` read ``value`` where it read the ``get_attr`` node ``old``.
+
+    If ``old`` feeds only ``consumer`` and its target is not read elsewhere, the tensor is
+    re-registered under the same name (reports keep the user's parameter names). Otherwise
+    (a weight tied to another op, such as an lm_head sharing the embedding) a new attribute
+    ``<target><suffix>`` is created so the other readers keep the original.
+    """
+    target = str(old.target)
+    shared = len(old.users) > 1 or any(
+        n is not old and n.op == "get_attr" and n.target == target for n in gm.graph.nodes
+    )
+    wrapped = torch.nn.Parameter(value, requires_grad=False) if isinstance(fetch_attr(gm, target), torch.nn.Parameter) \
+        else value
+    if not shared:
+        set_attr(gm, target, wrapped)
+        return old
+    new_target = unique_attr_name(gm, target + suffix)
+    set_attr(gm, new_target, wrapped)
+    with gm.graph.inserting_before(consumer):
+        node = gm.graph.get_attr(new_target)
+    node.meta.update({k: v for k, v in old.meta.items() if k != "val"})
+    consumer.replace_input_with(old, node)
+    return node

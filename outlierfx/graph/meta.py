@@ -59,3 +59,6 @@ def inherit(new: torch.fx.Node, like: torch.fx.Node, created_by: str) -> None:
             new.meta.setdefault(key, like.meta[key])
     new.meta[MODULE_PATH] = module_path(like)
     new.meta[CREATED_BY] = created_by
+
+NORM_ROLE = "outlierfx_norm_role"
+"""Set by ``DetectNorms`` on norm nodes: a :class:`outlierfx.passes.detect_norms.NormSitePlan`."""

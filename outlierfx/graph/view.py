@@ -39,6 +39,11 @@ class NormSite:
     linears: tuple[torch.fx.Node, ...]  # Linears reading the norm output as their input
     residual_adds: tuple[torch.fx.Node, ...]  # residual adds reading it as their shortcut
     others: tuple[torch.fx.Node, ...]  # any other consumer (including the graph output)
+    reads: tuple[tuple[torch.fx.Node, torch.fx.Node], ...]  # (consumer, the input it reads the norm through)
+
+    def operand(self, consumer: torch.fx.Node) -> torch.fx.Node:
+        """The input of ``consumer`` that carries the norm output (the norm or a layout op of it)."""
+        return next(operand for user, operand in self.reads if user is consumer)
 
     @property
     def is_post_ln(self) -> bool:
@@ -107,7 +112,8 @@ class GraphView:
             if kind not in NORM_KINDS:
                 continue
             linears, adds, others = [], [], []
-            for user, operand in users_through_layout_ops(node):
+            reads = tuple(users_through_layout_ops(node))
+            for user, operand in reads:
                 if is_kind(user, OpKind.LINEAR) and user.args[0] is operand:
                     linears.append(user)
                 elif shortcut_of.get(user) is operand:
@@ -115,7 +121,8 @@ class GraphView:
                 else:
                     others.append(user)
             key = self.order.__getitem__
-            sites.append(NormSite(node, kind, node.args[0], *(tuple(sorted(x, key=key)) for x in (linears, adds, others))))
+            sites.append(NormSite(node, kind, node.args[0], *(tuple(sorted(x, key=key)) for x in (linears, adds, others)),
+                                  reads))
         return tuple(sites)
 
     @functools.cached_property

@@ -14,6 +14,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 import torch.fx
 
 from ..graph.copy import copy_graph_module
+from ..graph.shapes import propagate_values
 
 PlanT = TypeVar("PlanT")
 
@@ -30,7 +31,8 @@ class GraphPass(abc.ABC, Generic[PlanT]):
 
     Subclasses implement :meth:`analyze` (pure: returns a plan of frozen dataclasses that the
     audit trail prints and tests assert on) and :meth:`apply` (mutates the graph it is given and
-    returns whether anything changed).
+    returns whether anything changed). The result is always a new GraphModule; analysis-only
+    passes may annotate node meta on it and still report ``modified=False``.
 
     ``output_rel_tol`` declares the pass output-preserving within that fraction of the output's
     max magnitude (the pass manager checks it); ``None`` marks a pass that changes numerics on
@@ -65,5 +67,6 @@ class GraphPass(abc.ABC, Generic[PlanT]):
         if modified:
             work.graph.lint()
             work.recompile()
+            propagate_values(work)  # new nodes get shapes, so passes chain without a manager
         self.ensures(work)
-        return PassResult(work if modified else gm, modified, plan)
+        return PassResult(work, modified, plan)

@@ -14,7 +14,7 @@ from ..graph import meta
 from ..graph.compare import OutputError, output_error, run
 from ..graph.shapes import propagate_values
 from .audit import AuditEntry, AuditTrail, GraphDiff
-from .base import PassResult
+from .base import GraphPass, PassResult
 
 Pass = Callable[[torch.fx.GraphModule], PassResult]
 
@@ -77,7 +77,8 @@ class PassManager:
             if result.modified:
                 try:
                     new.graph.lint()
-                    propagate_values(new)
+                    if not isinstance(p, GraphPass):  # GraphPass re-propagates itself
+                        propagate_values(new)
                 except Exception as exc:
                     raise PassError(f"{context} left an invalid graph: {type(exc).__name__}: {exc}") from exc
                 if self.check_outputs:

@@ -1,0 +1,50 @@
+"""Run a graph and hand chosen intermediate tensors to a callback, without changing the graph."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+import torch.fx
+import torch.utils._pytree as pytree
+
+from ..errors import DataError
+
+
+class _Probe(torch.fx.Interpreter):
+    def __init__(self, gm: torch.fx.GraphModule, watched: set[torch.fx.Node], callback: Callable) -> None:
+        super().__init__(gm, garbage_collect_values=True)
+        self.watched = watched
+        self.callback = callback
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        value = super().run_node(n)
+        if n in self.watched:
+            self.callback(n, value)
+        return value
+
+
+def probe(
+    gm: torch.fx.GraphModule,
+    nodes: Iterable[torch.fx.Node],
+    inputs: tuple[tuple, dict],
+    callback: Callable[[torch.fx.Node, torch.Tensor], None],
+) -> None:
+    """Execute ``gm`` on ``inputs`` and call ``callback(node, value)`` for each watched node."""
+    args, kwargs = inputs
+    flat = _flatten_inputs(gm, args, kwargs)
+    with torch.no_grad():
+        _Probe(gm, set(nodes), callback).run(*flat)
+
+
+def _flatten_inputs(gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> list[Any]:
+    """Placeholder values in order, flattened the way the graph's calling convention does."""
+    info = getattr(gm.graph._codegen, "pytree_info", None)
+    spec = info.in_spec if info is not None else None
+    if spec is not None and spec.num_children == 2 and kwargs:
+        expected = list(spec.child(1).context)
+        if set(expected) != set(kwargs):
+            raise DataError(f"the graph was captured with inputs {expected}, got {sorted(kwargs)}")
+        kwargs = {k: kwargs[k] for k in expected}
+    return pytree.tree_leaves((args, kwargs))

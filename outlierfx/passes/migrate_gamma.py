@@ -1,0 +1,160 @@
+"""MigrateGamma (Outlier Suppression, Wei et al. 2022): move LayerNorm/RMSNorm gamma out of the norm.
+
+LN(x) = gamma * xhat + beta becomes LN'(x) = xhat + beta / gamma, and gamma moves into every
+consumer: each Linear reading the norm output gets W * diag(gamma); a residual shortcut or graph
+output reading it gets an explicit ``* gamma`` on that edge (post-LN models). RMSNorm has no
+beta. The quantizer that later sits on the norm output sees LN'(x), without gamma's
+amplification of outlier channels. Exact in real arithmetic; in fp32 the outputs agree to
+rounding.
+
+Channels where dividing by gamma is unsafe stay in the norm (their migration factor is 1): gamma
+exactly zero or below ``min_gamma_ratio`` of the largest |gamma|, and channels whose shifted
+offset |beta / gamma| would exceed ``max_offset`` (a new outlier made by the migration itself).
+The plan lists them. A norm whose consumers cannot absorb a per-channel scale is left alone,
+with the reason (see :mod:`.detect_norms`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.fx
+
+from ..errors import PassError
+from ..graph import meta
+from ..graph.attrs import fetch_attr, replace_input_tensor, set_attr, unique_attr_name
+from ..graph.ops import aten
+from .base import GraphPass
+from .detect_norms import NormSitePlan, analyze_norm_sites
+
+NAME = "MigrateGamma"
+
+
+@dataclasses.dataclass(frozen=True)
+class GammaMigration:
+    site: NormSitePlan
+    kept_channels: tuple[int, ...]  # gamma stays in the norm for these (see module docstring)
+    tied_weights: tuple[str, ...]  # consumer weights shared with another op: migrated copy stored apart
+
+
+@dataclasses.dataclass(frozen=True)
+class MigrateGammaPlan:
+    migrations: tuple[GammaMigration, ...]
+    skipped: tuple[tuple[torch.fx.Node, str], ...]  # (norm, reason)
+    min_gamma_ratio: float
+    max_offset: float
+
+    def summary(self) -> str:
+        total = len(self.migrations) + len(self.skipped)
+        linears = sum(len(m.site.linears) for m in self.migrations)
+        edges = sum(len(m.site.scaled_edges) for m in self.migrations)
+        lines = [f"migrated gamma at {len(self.migrations)}/{total} norm sites into {linears} linears "
+                 f"and {edges} explicit per-channel multiplies"]
+        for m in self.migrations:
+            if m.kept_channels:
+                lines.append(f"{meta.module_path(m.site.norm)}: channels {list(m.kept_channels)} keep gamma in the "
+                             f"norm (zero/tiny gamma or |beta/gamma| > {self.max_offset:g})")
+            if m.tied_weights:
+                lines.append(f"{meta.module_path(m.site.norm)}: tied weights {list(m.tied_weights)} untied")
+        lines += [f"skipped {meta.module_path(n) or n.name}: {why}" for n, why in self.skipped]
+        return "\n".join(lines)
+
+
+class MigrateGamma(GraphPass[MigrateGammaPlan]):
+    """Migrate every absorbable norm's gamma into its consumers (see module docstring)."""
+
+    def __init__(self, min_gamma_ratio: float = 1e-3, max_offset: float = 8.0) -> None:
+        if not 0 <= min_gamma_ratio < 1:
+            raise ValueError(f"min_gamma_ratio must be in [0, 1), got {min_gamma_ratio}")
+        if max_offset <= 0:
+            raise ValueError(f"max_offset must be positive, got {max_offset}")
+        self.min_gamma_ratio = min_gamma_ratio
+        self.max_offset = max_offset
+
+    def analyze(self, gm: torch.fx.GraphModule) -> MigrateGammaPlan:
+        migrations, skipped = [], []
+        for site in analyze_norm_sites(gm).sites:
+            if site.blocker is not None:
+                skipped.append((site.norm, site.blocker))
+                continue
+            if not site.linears and not site.scaled_edges:
+                skipped.append((site.norm, "the norm output has no consumers"))
+                continue
+            gamma = fetch_attr(gm, str(site.gamma.target)).detach()
+            if not torch.isfinite(gamma).all():
+                skipped.append((site.norm, "gamma contains NaN or inf"))
+                continue
+            kept = self._kept_channels(gm, site, gamma)
+            if len(kept) == gamma.numel():
+                skipped.append((site.norm, "every channel's gamma is zero or too small to divide by"))
+                continue
+            tied = tuple(str(lin.args[1].target) for lin in site.linears if _is_shared(gm, lin.args[1]))
+            migrations.append(GammaMigration(site, kept, tied))
+        return MigrateGammaPlan(tuple(migrations), tuple(skipped), self.min_gamma_ratio, self.max_offset)
+
+    def _kept_channels(self, gm: torch.fx.GraphModule, site: NormSitePlan, gamma: torch.Tensor) -> tuple[int, ...]:
+        magnitude = gamma.abs()
+        keep = magnitude <= self.min_gamma_ratio * magnitude.max()
+        if site.beta is not None:
+            beta = fetch_attr(gm, str(site.beta.target)).detach()
+            offset = beta.abs() / magnitude.clamp_min(torch.finfo(gamma.dtype).tiny)
+            keep |= offset > self.max_offset
+        return tuple(int(i) for i in torch.nonzero(keep).flatten())
+
+    def apply(self, gm: torch.fx.GraphModule, plan: MigrateGammaPlan) -> bool:
+        for migration in plan.migrations:
+            self._migrate(gm, migration)
+        return bool(plan.migrations)
+
+    @staticmethod
+    def _migrate(gm: torch.fx.GraphModule, migration: GammaMigration) -> None:
+        site = migration.site
+        norm = site.norm
+        gamma = fetch_attr(gm, str(site.gamma.target)).detach()
+        factor = gamma.clone()  # what leaves the norm, per channel
+        kept = list(migration.kept_channels)
+        factor[kept] = 1.0
+        if (factor == 0).any():
+            raise PassError(f"{meta.module_path(norm)}: zero migration factor (gamma zeros not kept)")
+
+        # The norm: gamma / factor (1 where migrated), beta / factor.
+        args = list(norm.args)
+        if kept:
+            replace_input_tensor(gm, norm, site.gamma, gamma / factor, "_migrated")
+        else:
+            args[2] = None
+        norm.args = tuple(args)
+        if site.beta is not None:
+            beta = fetch_attr(gm, str(site.beta.target)).detach()
+            replace_input_tensor(gm, norm, site.beta, beta / factor, "_migrated")
+
+        # Linears: scale input columns.
+        for linear in site.linears:
+            weight_node = linear.args[1]
+            weight = fetch_attr(gm, str(weight_node.target)).detach()
+            replace_input_tensor(gm, linear, weight_node, weight * factor.to(weight.dtype), "_migrated")
+
+        # Shortcut / output edges: an explicit per-channel multiply.
+        if site.scaled_edges:
+            target = unique_attr_name(gm, f"{site.gamma.target}_shortcut_scale")
+            set_attr(gm, target, factor)
+            with gm.graph.inserting_after(norm):
+                scale = gm.graph.get_attr(target)
+            meta.inherit(scale, norm, NAME)
+            for consumer, operand in site.scaled_edges:
+                with gm.graph.inserting_before(consumer):
+                    scaled = gm.graph.call_function(aten.mul.Tensor, (operand, scale))
+                meta.inherit(scaled, norm, NAME)
+                consumer.replace_input_with(operand, scaled)
+        _drop_if_unused(gm, site.gamma)
+
+
+def _is_shared(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+    return len(node.users) > 1 or sum(1 for n in gm.graph.nodes if n.op == "get_attr" and n.target == node.target) > 1
+
+
+def _drop_if_unused(gm: torch.fx.GraphModule, node: torch.fx.Node) -> None:
+    if not node.users:
+        gm.graph.erase_node(node)
+
