@@ -15,13 +15,13 @@ import torch
 import outlierfx
 from outlierfx import corpus
 from outlierfx.graph import meta
-from outlierfx.models import PACKAGED_MODELS, load
+from outlierfx.models import PACKAGED_MODELS, encode, load
 
 
 def measure(name: str, batch: int, seq: int) -> dict:
     loaded = load(name)
     texts = corpus.wikipedia("evaluation")[:batch]
-    inputs = dict(loaded.tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=seq))
+    inputs = encode(loaded, texts, seq)
     start = time.perf_counter()
     gm = outlierfx.capture(loaded.model, inputs)
     capture_s = time.perf_counter() - start

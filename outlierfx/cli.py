@@ -16,14 +16,14 @@ def _demo(args: argparse.Namespace) -> int:
     from . import corpus
     from .graph import capture, meta
     from .graph.view import GraphView
-    from .models import load
+    from .models import encode, load
 
     torch.manual_seed(0)
     print("outlierfx demo: capture the packaged all-MiniLM-L6-v2 and map its structure")
     loaded = load("minilm")
     print(f"  loaded {loaded.name} in {loaded.load_seconds:.1f}s")
     sentences = corpus.wikipedia("calibration")[: args.batch]
-    inputs = dict(loaded.tokenizer(sentences, return_tensors="pt", padding=True, truncation=True, max_length=args.seq))
+    inputs = encode(loaded, sentences, args.seq)
     start = time.perf_counter()
     gm = capture(loaded.model, inputs)
     report = gm.meta[meta.GM_CAPTURE_REPORT]
@@ -40,6 +40,48 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _analyze(args: argparse.Namespace) -> int:
+    import json
+    import pathlib
+
+    from . import corpus
+    from .analysis import analyze_outliers, format_table, plot_heatmaps
+    from .graph import capture
+    from .models import encode, load
+    from .passes import PassManager
+    from .passes.migrate_gamma import MigrateGamma
+
+    out = pathlib.Path(args.out or f"outlierfx-analyze-{pathlib.Path(args.model).name}")
+    if out.exists() and any(out.iterdir()) and not args.force:
+        raise OutlierFXError(f"output directory {out} exists and is not empty; choose another --out or pass --force")
+    loaded = load(args.model)
+    texts = corpus.wikipedia("calibration")[: args.samples]
+    batches = [encode(loaded, texts[i : i + args.batch], args.seq) for i in range(0, len(texts), args.batch)]
+    print(f"analyzing {loaded.name}: {len(texts)} Wikipedia calibration paragraphs, <= {args.seq} tokens each")
+    gm = capture(loaded.model, batches[0])
+    before = analyze_outliers(gm, batches, loaded.tokenizer, progress=True)
+    pipeline = PassManager([MigrateGamma(channels=args.channels)])(gm)
+    after = analyze_outliers(pipeline.graph_module, batches, loaded.tokenizer, progress=True)
+    print(format_table(before, after))
+    print()
+    print(pipeline.audit.to_text())
+    out.mkdir(parents=True, exist_ok=True)
+    plot_heatmaps([("captured", before), (f"gamma migrated ({args.channels})", after)], str(out / "outliers.png"),
+                  f"{loaded.name}: outlier channels before and after gamma migration")
+    report = {
+        "model": loaded.name,
+        "samples": len(texts),
+        "max_length": args.seq,
+        "before": [t.as_dict() for t in before],
+        "gamma_migration_channels": args.channels,
+        "after_gamma_migration": [t.as_dict() for t in after],
+        "audit": pipeline.audit.as_dict(),
+    }
+    (out / "outliers.json").write_text(json.dumps(report, indent=1))
+    print(f"wrote {out / 'outliers.png'} and {out / 'outliers.json'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="outlierfx", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -47,12 +89,27 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--batch", type=int, default=8, help="sentences in the example batch")
     demo.add_argument("--seq", type=int, default=128, help="max tokens per sentence")
     demo.set_defaults(func=_demo)
+    analyze = sub.add_parser("analyze", help="outlier report (table, PNG heatmap, JSON) before/after gamma migration")
+    analyze.add_argument("model", nargs="?", default=None, help="minilm, smollm2, or a local Hugging Face model folder")
+    analyze.add_argument("--model", dest="model_opt", help=argparse.SUPPRESS)
+    analyze.add_argument("--samples", type=int, default=64, help="calibration paragraphs (default 64)")
+    analyze.add_argument("--batch", type=int, default=8, help="paragraphs per batch")
+    analyze.add_argument("--seq", type=int, default=128, help="max tokens per paragraph")
+    analyze.add_argument("--channels", choices=["all", "amplifying"], default="all",
+                         help="gamma migration: every channel (the paper) or only |gamma| > 1")
+    analyze.add_argument("--out", help="output directory (default ./outlierfx-analyze-MODEL)")
+    analyze.add_argument("--force", action="store_true", help="write into a non-empty output directory")
+    analyze.set_defaults(func=_analyze)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "analyze":
+        args.model = args.model_opt or args.model
+        if not args.model:
+            parser.error("analyze needs a model: minilm, smollm2 or a local Hugging Face folder")
     try:
         return int(args.func(args))
     except OutlierFXError as exc:

@@ -11,11 +11,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib.util
+import inspect
 import os
 import pathlib
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -32,6 +34,20 @@ class LoadedModel:
     tokenizer: object
     kind: str  # "encoder" or "decoder"
     load_seconds: float
+
+
+def model_inputs(model: torch.nn.Module, encoded: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """Keep the tokenizer outputs that ``model.forward`` names (a BERT tokenizer's
+    ``token_type_ids`` mean nothing to a Llama model, whose ``forward`` would swallow them)."""
+    params = inspect.signature(model.forward).parameters
+    named = {n for n, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    return {k: v for k, v in encoded.items() if k in named}
+
+
+def encode(loaded: LoadedModel, texts: Sequence[str], max_length: int) -> dict[str, torch.Tensor]:
+    """Tokenize a batch (padded, truncated) into the inputs ``loaded.model`` takes."""
+    encoded = loaded.tokenizer(list(texts), return_tensors="pt", padding=True, truncation=True, max_length=max_length)
+    return model_inputs(loaded.model, encoded)
 
 
 def cache_dir() -> pathlib.Path:
@@ -116,9 +132,32 @@ def _build_smollm2_cache(target: pathlib.Path) -> None:
         shutil.rmtree(partial, ignore_errors=True)
 
 
-def load(name: str) -> LoadedModel:
-    """Load a packaged model by name (``minilm`` or ``smollm2``)."""
+def load_directory(path: str | os.PathLike) -> LoadedModel:
+    """Load a local Hugging Face model folder: a causal LM if its config says so, else an encoder."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    folder = pathlib.Path(path)
+    if not folder.is_dir():
+        raise DataError(f"{str(path)!r} is neither a packaged model ({', '.join(PACKAGED_MODELS)}) nor a directory")
+    if not (folder / "config.json").is_file():
+        raise DataError(f"{folder} is not a Hugging Face model directory (it has no config.json)")
+    start = time.perf_counter()
+    with _offline():
+        try:
+            config = AutoConfig.from_pretrained(folder)
+            decoder = any(a.endswith("ForCausalLM") for a in (config.architectures or []))
+            cls = AutoModelForCausalLM if decoder else AutoModel
+            model = cls.from_pretrained(folder, dtype=torch.float32).eval()
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+        except (OSError, ValueError, RuntimeError, KeyError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise DataError(f"cannot load the model in {folder}: {first}") from exc
+    return LoadedModel(folder.name, model, tokenizer, "decoder" if decoder else "encoder", time.perf_counter() - start)
+
+
+def load(name_or_path: str) -> LoadedModel:
+    """Load a packaged model by name (``minilm`` or ``smollm2``) or a local Hugging Face folder."""
     loaders = {"minilm": load_minilm, "smollm2": load_smollm2}
-    if name not in loaders:
-        raise DataError(f"unknown model {name!r}; packaged models are: {', '.join(PACKAGED_MODELS)}")
-    return loaders[name]()
+    if name_or_path in loaders:
+        return loaders[name_or_path]()
+    return load_directory(name_or_path)

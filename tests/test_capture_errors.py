@@ -48,3 +48,12 @@ def test_nan_inputs_are_rejected():
     x[0, 0] = float("nan")
     with pytest.raises(DataError, match="NaN or inf"):
         outlierfx.capture(torch.nn.Linear(2, 2), (x,))
+
+
+def test_inputs_swallowed_by_var_kwargs_are_named():
+    from outlierfx.testing import build_model
+
+    g = build_model("llama")
+    inputs = dict(g.inputs, token_type_ids=torch.zeros_like(g.inputs["input_ids"]))
+    with pytest.raises(CaptureError, match=r"\['token_type_ids'\] are not named parameters of LlamaForCausalLM"):
+        outlierfx.capture(g.model, inputs)

@@ -8,24 +8,25 @@ from outlierfx import corpus
 from outlierfx.graph import OpKind, count_ops, meta
 from outlierfx.graph.ops import aten
 from outlierfx.graph.view import GraphView
+from outlierfx.models import encode
 from outlierfx.testing import assert_equivalent
 
 pytestmark = pytest.mark.slow
 TOL = 1e-5  # max abs error <= TOL x max |output|
 
 
-def _batch(tokenizer, texts, max_length):
-    return dict(tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length))
+def _batch(loaded, texts, max_length):
+    return encode(loaded, texts, max_length)
 
 
 def test_minilm_capture_is_exact_and_canonical(minilm):
     texts = corpus.wikipedia("evaluation")[:6] + ["A short one.", "Two words"]
-    inputs = _batch(minilm.tokenizer, texts, 128)
+    inputs = _batch(minilm, texts, 128)
     gm = outlierfx.capture(minilm.model, inputs)
     error = gm.meta[meta.GM_CAPTURE_REPORT].error
     assert error.max_abs <= TOL * error.reference_max
     # A second, differently shaped batch goes through the same graph.
-    other = _batch(minilm.tokenizer, corpus.news()[:3], 64)
+    other = _batch(minilm, corpus.news()[:3], 64)
     assert_equivalent(minilm.model, gm, other, tol=TOL)
 
     counts = count_ops(gm)
@@ -41,7 +42,7 @@ def test_minilm_capture_is_exact_and_canonical(minilm):
 
 def test_smollm2_capture_is_exact_and_canonical(smollm2):
     texts = corpus.wikipedia("evaluation")[:2]
-    inputs = _batch(smollm2.tokenizer, texts, 96)
+    inputs = _batch(smollm2, texts, 96)
     gm = outlierfx.capture(smollm2.model, inputs)
     error = gm.meta[meta.GM_CAPTURE_REPORT].error
     assert error.max_abs <= TOL * error.reference_max
@@ -59,8 +60,31 @@ def test_smollm2_capture_is_exact_and_canonical(smollm2):
 
 
 def test_smollm2_tied_lm_head_reads_the_embedding_weight(smollm2):
-    inputs = _batch(smollm2.tokenizer, ["The tied weight is read once."], 16)
+    inputs = _batch(smollm2, ["The tied weight is read once."], 16)
     gm = outlierfx.capture(smollm2.model, inputs, check=False)
     embedding = next(n for n in gm.graph.nodes if n.target is aten.embedding.default)
     lm_head = [n for n in gm.graph.nodes if n.target is aten.linear.default][-1]
     assert embedding.args[0] is lm_head.args[1]  # one get_attr, shared: passes see the tie
+
+
+@pytest.mark.parametrize("channels", ["all", "amplifying"])
+def test_gamma_migration_on_minilm_is_exact(minilm, channels):
+    from outlierfx.passes.migrate_gamma import MigrateGamma
+
+    inputs = _batch(minilm, corpus.wikipedia("evaluation")[:8], 128)
+    gm = outlierfx.capture(minilm.model, inputs)
+    result = MigrateGamma(channels=channels)(gm)
+    assert result.modified
+    if channels == "all":
+        assert len(result.plan.migrations) == 13 and not result.plan.skipped
+    assert_equivalent(minilm.model, result.graph_module, inputs, tol=TOL)
+
+
+def test_gamma_migration_on_smollm2_is_exact(smollm2):
+    from outlierfx.passes.migrate_gamma import MigrateGamma
+
+    inputs = _batch(smollm2, corpus.wikipedia("evaluation")[:2], 96)
+    result = MigrateGamma()(outlierfx.capture(smollm2.model, inputs))
+    assert len(result.plan.migrations) == 2 * smollm2.model.config.num_hidden_layers + 1
+    assert result.plan.migrations[-1].tied_weights  # lm_head shares the embedding table
+    assert_equivalent(smollm2.model, result.graph_module, inputs, tol=TOL)

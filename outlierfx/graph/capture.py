@@ -92,7 +92,15 @@ def _dynamic_shapes(model: torch.nn.Module, inputs: Inputs) -> Any:
     args, kwargs = inputs
     if not kwargs:
         return tuple(spec(a) for a in args)
-    bound = inspect.signature(model.forward).bind_partial(*args, **kwargs).arguments
+    signature = inspect.signature(model.forward)
+    bound = signature.bind_partial(*args, **kwargs).arguments
+    for name, value in bound.items():
+        if signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+            raise CaptureError(
+                f"inputs {sorted(value)} are not named parameters of {type(model).__name__}.forward (they would "
+                f"pass through **{name}, which torch.export cannot give dynamic shapes); drop them "
+                f"(outlierfx.models.model_inputs does) or capture with dynamic=False"
+            )
     return {name: spec(value) for name, value in bound.items()}
 
 
@@ -160,6 +168,8 @@ def capture(
                 dynamic_shapes=_dynamic_shapes(model, inputs) if dynamic else None,
                 strict=False,
             )
+        except CaptureError:
+            raise
         except Exception as exc:  # export raises many unrelated types; all mean "untraceable"
             raise CaptureError(explain_export_failure(name, exc)) from exc
         export_seconds = time.perf_counter() - start
@@ -167,7 +177,7 @@ def capture(
     start = time.perf_counter()
     gm = exported.module()
     rewrites = canonicalize(gm)
-    propagate_values(gm)
+    propagate_values(gm, full=True)
     canonicalize_seconds = time.perf_counter() - start
 
     error = None

@@ -88,14 +88,29 @@ class GraphView:
             if not _same_shape(a, node) or not _same_shape(b, node):
                 continue
             for shortcut, branch in ((a, b), (b, a)):
-                if shortcut is branch or not nx.has_path(self.digraph, shortcut, branch):
+                origin = self._shortcut_origin(shortcut, branch)
+                if origin is None:
                     continue
-                inner = self.between(shortcut, branch) | {branch}
+                inner = self.between(origin, branch) | {branch}
                 if any(is_kind(n, OpKind.LINEAR) for n in inner):
                     kind = "attention" if any(is_kind(n, OpKind.SOFTMAX) for n in inner) else "mlp"
                     found.append(ResidualAdd(node, shortcut, branch, kind))
                     break
         return tuple(found)
+
+    def _shortcut_origin(self, shortcut: torch.fx.Node, branch: torch.fx.Node, max_steps: int = 8) -> torch.fx.Node | None:
+        """Where the shortcut leaves the stream: ``shortcut`` itself if the branch descends from it,
+        else the nearest such node up a chain of single-input ops (e.g. the per-channel multiply
+        that gamma migration puts on a post-LN shortcut)."""
+        node = shortcut
+        for _ in range(max_steps):
+            if node is not branch and nx.has_path(self.digraph, node, branch):
+                return node
+            tensor_inputs = [n for n in node.all_input_nodes if n.op != "get_attr"]
+            if node.op != "call_function" or len(tensor_inputs) != 1:
+                return None
+            node = tensor_inputs[0]
+        return None
 
     @functools.cached_property
     def residual_stream(self) -> tuple[torch.fx.Node, ...]:

@@ -12,6 +12,10 @@ exactly zero or below ``min_gamma_ratio`` of the largest |gamma|, and channels w
 offset |beta / gamma| would exceed ``max_offset`` (a new outlier made by the migration itself).
 The plan lists them. A norm whose consumers cannot absorb a per-channel scale is left alone,
 with the reason (see :mod:`.detect_norms`).
+
+``channels="amplifying"`` (an outlierfx extension, not in the paper) migrates only channels
+whose |gamma| > 1. Where gamma *damps* an outlier channel of xhat (|gamma| < 1), full migration
+widens the norm output's range; MiniLM's FFN-output LayerNorms are such a case (see README).
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ class MigrateGammaPlan:
     skipped: tuple[tuple[torch.fx.Node, str], ...]  # (norm, reason)
     min_gamma_ratio: float
     max_offset: float
+    channels: str
 
     def summary(self) -> str:
         total = len(self.migrations) + len(self.skipped)
@@ -53,8 +58,10 @@ class MigrateGammaPlan:
                  f"and {edges} explicit per-channel multiplies"]
         for m in self.migrations:
             if m.kept_channels:
-                lines.append(f"{meta.module_path(m.site.norm)}: channels {list(m.kept_channels)} keep gamma in the "
-                             f"norm (zero/tiny gamma or |beta/gamma| > {self.max_offset:g})")
+                shown = list(m.kept_channels[:12]) + (["..."] if len(m.kept_channels) > 12 else [])
+                why = "|gamma| <= 1, zero/tiny gamma" if self.channels == "amplifying" else "zero/tiny gamma"
+                lines.append(f"{meta.module_path(m.site.norm)}: {len(m.kept_channels)} channels {shown} keep gamma in "
+                             f"the norm ({why} or |beta/gamma| > {self.max_offset:g})")
             if m.tied_weights:
                 lines.append(f"{meta.module_path(m.site.norm)}: tied weights {list(m.tied_weights)} untied")
         lines += [f"skipped {meta.module_path(n) or n.name}: {why}" for n, why in self.skipped]
@@ -64,7 +71,10 @@ class MigrateGammaPlan:
 class MigrateGamma(GraphPass[MigrateGammaPlan]):
     """Migrate every absorbable norm's gamma into its consumers (see module docstring)."""
 
-    def __init__(self, min_gamma_ratio: float = 1e-3, max_offset: float = 8.0) -> None:
+    def __init__(self, min_gamma_ratio: float = 1e-3, max_offset: float = 8.0, channels: str = "all") -> None:
+        if channels not in ("all", "amplifying"):
+            raise ValueError(f"channels must be 'all' or 'amplifying', got {channels!r}")
+        self.channels = channels
         if not 0 <= min_gamma_ratio < 1:
             raise ValueError(f"min_gamma_ratio must be in [0, 1), got {min_gamma_ratio}")
         if max_offset <= 0:
@@ -87,15 +97,17 @@ class MigrateGamma(GraphPass[MigrateGammaPlan]):
                 continue
             kept = self._kept_channels(gm, site, gamma)
             if len(kept) == gamma.numel():
-                skipped.append((site.norm, "every channel's gamma is zero or too small to divide by"))
+                skipped.append((site.norm, "no channel qualifies for migration (see the thresholds)"))
                 continue
             tied = tuple(str(lin.args[1].target) for lin in site.linears if _is_shared(gm, lin.args[1]))
             migrations.append(GammaMigration(site, kept, tied))
-        return MigrateGammaPlan(tuple(migrations), tuple(skipped), self.min_gamma_ratio, self.max_offset)
+        return MigrateGammaPlan(tuple(migrations), tuple(skipped), self.min_gamma_ratio, self.max_offset, self.channels)
 
     def _kept_channels(self, gm: torch.fx.GraphModule, site: NormSitePlan, gamma: torch.Tensor) -> tuple[int, ...]:
         magnitude = gamma.abs()
         keep = magnitude <= self.min_gamma_ratio * magnitude.max()
+        if self.channels == "amplifying":
+            keep |= magnitude <= 1.0
         if site.beta is not None:
             beta = fetch_attr(gm, str(site.beta.target)).detach()
             offset = beta.abs() / magnitude.clamp_min(torch.finfo(gamma.dtype).tiny)
