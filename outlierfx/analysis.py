@@ -186,12 +186,13 @@ def plot_heatmaps(panels: Sequence[tuple[str, Sequence[TensorOutliers]]], path: 
 
     norms = [[t for t in tensors if t.role == "norm_output"] for _, tensors in panels]
     fig, axes = plt.subplots(1, len(panels) + 1, figsize=(6 * (len(panels) + 1), 5), constrained_layout=True)
-    vmax = max(float(t.channel_max_abs.max()) for group in norms for t in group)
-    vmin = max(1e-3, min(float(t.channel_max_abs.min()) for group in norms for t in group))
+    values = np.concatenate([t.channel_max_abs for group in norms for t in group])
+    vmax = float(values.max())
+    vmin = max(1e-2, float(np.percentile(values, 1)))  # a dead channel must not wash out the scale
     for ax, (label, _), group in zip(axes, panels, norms):
         matrix = np.stack([np.maximum(t.channel_max_abs, vmin) for t in group])
         image = ax.imshow(matrix, aspect="auto", interpolation="nearest", norm=LogNorm(vmin=vmin, vmax=vmax), cmap="magma")
-        ax.set_title(f"norm outputs, {label}: max |x| per channel")
+        ax.set_title(f"norm outputs: {label}")
         ax.set_xlabel("channel")
         ax.set_ylabel("norm site (layer order)")
     fig.colorbar(image, ax=axes[: len(panels)], shrink=0.8, label="max |x| over calibration tokens")
