@@ -44,6 +44,18 @@ def _replace(old: torch.fx.Node, new: torch.fx.Node) -> None:
     old.graph.erase_node(old)
 
 
+def _substitute(old: torch.fx.Node, target: Callable, args: tuple, kwargs: dict | None = None) -> torch.fx.Node:
+    """Insert ``target(*args, **kwargs)`` before ``old`` and route all of ``old``'s users to it.
+
+    ``old`` itself is left for dead-code elimination (its inputs may still be in use)."""
+    with old.graph.inserting_before(old):
+        new = old.graph.call_function(target, args, kwargs or {})
+    meta.inherit(new, old, STEP)
+    new.meta["val"] = old.meta.get("val")
+    old.replace_all_uses_with(new)
+    return new
+
+
 def strip_export_artifacts(gm: torch.fx.GraphModule) -> int:
     """Drop export's guard call and metadata asserts; checks on inputs happen at our API."""
     count = 0
@@ -239,11 +251,7 @@ def fuse_rms_norm(gm: torch.fx.GraphModule) -> int:
         x, eps, normed = matched
         vx = tensor_val(x)
         weight, result = _rms_weight(normed, int(vx.shape[-1]))
-        with gm.graph.inserting_before(result):
-            fused = gm.graph.call_function(aten.rms_norm.default, (x, [int(vx.shape[-1])], weight, eps))
-        meta.inherit(fused, result, STEP)
-        fused.meta["val"] = result.meta.get("val")
-        result.replace_all_uses_with(fused)
+        _substitute(result, aten.rms_norm.default, (x, [int(vx.shape[-1])], weight, eps))
         count += 1
     gm.graph.eliminate_dead_code()
     return count
@@ -303,11 +311,7 @@ def fuse_tanh_gelu(gm: torch.fx.GraphModule) -> int:
         if not (isinstance(half, torch.fx.Node) and half.target is aten.mul.Tensor
                 and half.args[0] is x and _is_close(half.args[1], 0.5)):
             continue
-        with gm.graph.inserting_before(final):
-            gelu = gm.graph.call_function(aten.gelu.default, (x,), {"approximate": "tanh"})
-        meta.inherit(gelu, final, STEP)
-        gelu.meta["val"] = final.meta.get("val")
-        final.replace_all_uses_with(gelu)
+        _substitute(final, aten.gelu.default, (x,), {"approximate": "tanh"})
         count += 1
     gm.graph.eliminate_dead_code()
     return count
