@@ -1,0 +1,108 @@
+"""The one-call API: ``quantize(model, calibration, recipe=..., bits=...)``."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterable, Mapping
+from typing import Any, NamedTuple
+
+import torch
+import torch.fx
+
+from .errors import DataError
+from .graph import capture, meta
+from .passes.audit import AuditTrail
+from .passes.convert_fake_quant import ConvertToFakeQuant
+from .passes.insert_observers import InsertObservers, InsertObserversPlan
+from .passes.manager import PassManager
+from .passes.recipes import get_recipe
+from .quantizers.calibrate import calibrate
+from .quantizers.policy import QuantPolicy, parse_bits
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizationReport:
+    recipe: str
+    bits: str
+    policy: str
+    audit: AuditTrail
+    placement: InsertObserversPlan
+    calibration_seconds: float
+    calibration_batches: int
+
+    def not_at_target(self) -> list[dict[str, Any]]:
+        """Every role-bearing tensor that is not quantized at the target width, and why."""
+        rows = []
+        for p in self.placement.points:
+            if p.reason is None:
+                continue
+            rows.append({
+                "tensor": meta.module_path(p.node) or p.node.name,
+                "node": p.node.name,
+                "roles": sorted(r.value for r in p.roles),
+                "quantization": p.spec.describe() if p.spec else "float",
+                "why": p.reason,
+            })
+        return rows
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "recipe": self.recipe,
+            "bits": self.bits,
+            "policy": self.policy,
+            "calibration_seconds": self.calibration_seconds,
+            "calibration_batches": self.calibration_batches,
+            "not_at_target": self.not_at_target(),
+            "audit": self.audit.as_dict(),
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.as_dict(), indent=2)
+
+    def to_text(self) -> str:
+        rows = self.not_at_target()
+        lines = [f"recipe {self.recipe}, {self.bits}, policy {self.policy}; calibrated on "
+                 f"{self.calibration_batches} batches in {self.calibration_seconds:.1f}s", self.audit.to_text()]
+        if rows:
+            lines.append(f"{len(rows)} tensors not at {self.bits}:")
+            lines += [f"  {r['tensor']} [{', '.join(r['roles'])}]: {r['quantization']} ({r['why']})" for r in rows[:40]]
+            if len(rows) > 40:
+                lines.append(f"  ... {len(rows) - 40} more in the JSON report")
+        return "\n".join(lines)
+
+
+class QuantizationResult(NamedTuple):
+    model: torch.fx.GraphModule
+    report: QuantizationReport
+
+
+def quantize(
+    model: torch.nn.Module,
+    calibration: Iterable[Mapping[str, torch.Tensor]],
+    recipe: str = "naive",
+    bits: str | int = "W8A8",
+    policy: str | QuantPolicy | None = None,
+    *,
+    progress: bool = True,
+) -> QuantizationResult:
+    """Capture ``model``, apply ``recipe``, calibrate on ``calibration`` and return the
+    fake-quantized graph with its report: ``qmodel, report = quantize(...)``.
+
+    ``calibration`` is an iterable of keyword-input dicts (e.g. tokenizer outputs); the first
+    batch is the example for capture. The input model is never modified.
+    """
+    batches = list(calibration)
+    if not batches:
+        raise DataError("the calibration set is empty")
+    chosen = get_recipe(recipe)
+    widths = parse_bits(bits)
+    quant_policy = chosen.policy(widths, policy)
+    gm = capture(model, dict(batches[0]))
+    prepared = PassManager([*chosen.prepare(), InsertObservers(quant_policy)])(gm)
+    seconds = calibrate(prepared.graph_module, batches, progress=progress)
+    converted = PassManager([ConvertToFakeQuant(quant_policy.weight)])(prepared.graph_module)
+    audit = AuditTrail(prepared.audit.entries + converted.audit.entries)
+    placement = next(e.plan for e in audit.entries if isinstance(e.plan, InsertObserversPlan))
+    report = QuantizationReport(chosen.name, str(widths), quant_policy.name, audit, placement, seconds, len(batches))
+    return QuantizationResult(converted.graph_module, report)

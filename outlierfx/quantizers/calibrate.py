@@ -1,0 +1,65 @@
+"""Calibration: run batches through a graph with observers, with checks that name the problem."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+import torch.fx
+
+from ..errors import DataError
+from ..graph import meta
+from .observers import Observer, token_mask
+
+
+def _check_batch(i: int, batch: Any, example: tuple[tuple, dict] | None) -> dict[str, torch.Tensor]:
+    if not isinstance(batch, Mapping):
+        raise DataError(f"calibration batch {i} is a {type(batch).__name__}; expected a dict of input tensors")
+    if example is not None:
+        expected = example[1]
+        if set(batch) != set(expected):
+            raise DataError(f"calibration batch {i} has inputs {sorted(batch)}, the graph takes {sorted(expected)}")
+        for key, ref in expected.items():
+            value = batch[key]
+            if isinstance(ref, torch.Tensor):
+                if not isinstance(value, torch.Tensor) or value.dim() != ref.dim() or value.dtype != ref.dtype:
+                    got = f"{tuple(value.shape)} {value.dtype}" if isinstance(value, torch.Tensor) else type(value).__name__
+                    raise DataError(f"calibration batch {i} input {key!r} is {got}; the graph was captured "
+                                    f"with {tuple(ref.shape)} {ref.dtype} (same rank and dtype required)")
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor) and value.dtype.is_floating_point and not torch.isfinite(value).all():
+            raise DataError(f"calibration batch {i} input {key!r} contains NaN or inf")
+    return dict(batch)
+
+
+def calibrate(gm: torch.fx.GraphModule, batches: Iterable[Mapping[str, torch.Tensor]], progress: bool = True) -> float:
+    """Feed ``batches`` (dicts of keyword inputs) through ``gm``; its observers record ranges.
+
+    Padding (``attention_mask == 0``) is excluded from the statistics. Returns the seconds spent.
+    Raises :class:`DataError` for an empty set, inputs that do not match the captured ones,
+    and NaN/inf in inputs or activations.
+    """
+    observers = [m for m in gm.modules() if isinstance(m, Observer)]
+    if not observers:
+        raise DataError("the graph has no observers; run InsertObservers (or a recipe) first")
+    batches = list(batches)
+    if not batches:
+        raise DataError("the calibration set is empty")
+    example = gm.meta.get(meta.GM_EXAMPLE_INPUTS)
+    iterator: Iterable = enumerate(batches)
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(iterator, total=len(batches), desc="calibrating", unit="batch")
+    start = time.perf_counter()
+    with torch.no_grad():
+        for i, batch in iterator:
+            inputs = _check_batch(i, batch, example)
+            with token_mask(inputs.get("attention_mask")):
+                gm(**inputs)
+    silent = [o.name for o in observers if not o.calibrated]
+    if silent:
+        raise DataError(f"{len(silent)} observers saw no real token (e.g. {silent[0]}); are all batches padding?")
+    return time.perf_counter() - start

@@ -1,0 +1,70 @@
+"""Quantization arithmetic: scale/zero-point from a range, and quantize-dequantize.
+
+Numerics follow what integer backends do: q = clamp(round_half_even(x / scale) + zero_point,
+qmin, qmax), x_hat = (q - zero_point) * scale. The range always includes 0 so that 0 (padding,
+ReLU zeros) is exact.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .spec import Granularity, QuantSpec
+
+MIN_SCALE = 1e-8
+
+
+def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale (float32) and zero point (int32) for ranges ``[lo, hi]`` (any matching shapes)."""
+    lo = torch.minimum(lo.float(), torch.zeros_like(lo, dtype=torch.float32))
+    hi = torch.maximum(hi.float(), torch.zeros_like(hi, dtype=torch.float32))
+    if spec.symmetric:
+        amax = torch.maximum(-lo, hi)
+        scale = (amax / spec.qmax).clamp_min(MIN_SCALE)
+        zero_point = torch.zeros_like(scale, dtype=torch.int32)
+    else:
+        scale = ((hi - lo) / (spec.qmax - spec.qmin)).clamp_min(MIN_SCALE)
+        zero_point = (spec.qmin - torch.round(lo / scale)).clamp(spec.qmin, spec.qmax).to(torch.int32)
+    return scale, zero_point
+
+
+def group_index(channels: int, groups: int, permutation: tuple[int, ...] | None) -> torch.Tensor:
+    """Group of each channel: channels sorted by ``permutation`` are cut into ``groups``
+    contiguous, balanced chunks (sizes differ by at most one)."""
+    if permutation is not None and len(permutation) != channels:
+        raise ValueError(f"permutation has {len(permutation)} entries for {channels} channels")
+    order = torch.tensor(permutation) if permutation is not None else torch.arange(channels)
+    position = torch.empty(channels, dtype=torch.long)
+    position[order] = torch.arange(channels)
+    return position * groups // channels
+
+
+def _broadcast(param: torch.Tensor, x: torch.Tensor, axis: int) -> torch.Tensor:
+    axis = axis % x.dim()
+    shape = [1] * x.dim()
+    shape[axis] = -1
+    return param.reshape(shape)
+
+
+def fake_quantize(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: QuantSpec
+) -> torch.Tensor:
+    """Quantize-dequantize ``x``. Per-tensor params are scalars; per-channel and per-group
+    params hold one value per channel along ``spec.axis`` (groups already expanded)."""
+    if spec.granularity is not Granularity.PER_TENSOR:
+        scale, zero_point = _broadcast(scale, x, spec.axis), _broadcast(zero_point, x, spec.axis)
+    q = torch.clamp(torch.round(x / scale) + zero_point, spec.qmin, spec.qmax)
+    return ((q - zero_point) * scale).to(x.dtype)
+
+
+def quantize_weight(weight: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fake-quantized weight with its scale and zero point (min-max range per the spec)."""
+    w = weight.detach()
+    if spec.granularity is Granularity.PER_TENSOR:
+        lo, hi = w.min(), w.max()
+    else:
+        axis = spec.axis % w.dim()
+        flat = w.movedim(axis, 0).reshape(w.shape[axis], -1)
+        lo, hi = flat.min(1).values, flat.max(1).values
+    scale, zero_point = qparams_from_range(lo, hi, spec)
+    return fake_quantize(w, scale, zero_point, spec), scale, zero_point

@@ -1,0 +1,182 @@
+"""Observers and fake quantizers as ``nn.Module``s with their state in buffers.
+
+An :class:`Observer` returns its input unchanged and records statistics; :meth:`Observer.qparams`
+turns them into scale/zero point. Collection is split (as NNCF does) into a per-batch
+*reduction* (which axes: per-tensor, per-channel, per-token) and an *aggregation* across batches
+(min/max, running average, samples for percentile/MSE, per-token quantiles).
+
+Padding tokens never enter the statistics: during calibration the attention mask is published
+with :func:`token_mask`, and observers keep only real tokens of ``[batch, seq, ...]`` tensors and
+real query/key pairs of ``[batch, heads, seq, seq]`` attention tensors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator
+
+import torch
+
+from ..errors import DataError
+from .fake_quant import fake_quantize, group_index, qparams_from_range
+from .spec import Estimator, Granularity, QuantSpec
+
+_TOKEN_MASK: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar("outlierfx_token_mask", default=None)
+
+
+@contextlib.contextmanager
+def token_mask(mask: torch.Tensor | None) -> Iterator[None]:
+    """Tell observers which tokens are real (``mask[b, s] != 0``) while a batch runs."""
+    token = _TOKEN_MASK.set(None if mask is None else mask.bool())
+    try:
+        yield
+    finally:
+        _TOKEN_MASK.reset(token)
+
+
+def _real_values(x: torch.Tensor, channel_axis: bool) -> torch.Tensor:
+    """The observed values of real tokens: ``[N, C]`` if ``channel_axis`` else a flat vector."""
+    mask = _TOKEN_MASK.get()
+    if mask is not None and x.dim() >= 2 and tuple(x.shape[:2]) == tuple(mask.shape):
+        x = x[mask]  # [tokens, ...]
+    elif (not channel_axis and mask is not None and x.dim() == 4 and x.shape[0] == mask.shape[0]
+          and x.shape[2] == x.shape[3] == mask.shape[1]):
+        pairs = mask[:, None, :, None] & mask[:, None, None, :]  # real query x real key
+        return x[pairs.expand_as(x)]
+    return x.reshape(-1, x.shape[-1]) if channel_axis else x.reshape(-1)
+
+
+class Observer(torch.nn.Module):
+    """Records the range of the tensor passing through (see module docstring)."""
+
+    def __init__(self, spec: QuantSpec, name: str = "") -> None:
+        super().__init__()
+        self.spec = spec
+        self.name = name
+        self.register_buffer("min_val", torch.empty(0))
+        self.register_buffer("max_val", torch.empty(0))
+        self.register_buffer("samples", torch.empty(0))
+        self.register_buffer("token_max", torch.empty(0))
+        self.register_buffer("token_min", torch.empty(0))
+        self.register_buffer("batches", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            self.observe(x)
+        return x
+
+    @property
+    def per_channel(self) -> bool:
+        return self.spec.granularity is not Granularity.PER_TENSOR
+
+    def observe(self, x: torch.Tensor) -> None:
+        if not torch.isfinite(x).all():
+            raise DataError(f"NaN or inf reached the observer at {self.name or 'an activation'}; "
+                            f"check the calibration inputs and the model's numerics")
+        if self.per_channel and (self.spec.axis % x.dim()) != x.dim() - 1:
+            values = x.detach().movedim(self.spec.axis, -1).reshape(-1, x.shape[self.spec.axis]).float()
+        else:
+            values = _real_values(x.detach(), self.per_channel).float()
+        if values.numel() == 0:
+            return
+        # per-batch reduction
+        if self.per_channel:
+            lo, hi = values.min(0).values, values.max(0).values
+        else:
+            lo, hi = values.min(), values.max()
+        # aggregation across batches
+        first = self.batches.item() == 0
+        if self.spec.estimator is Estimator.RUNNING_MINMAX and not first:
+            m = self.spec.momentum
+            self.min_val, self.max_val = m * self.min_val + (1 - m) * lo, m * self.max_val + (1 - m) * hi
+        elif first:
+            self.min_val, self.max_val = lo, hi
+        else:
+            self.min_val, self.max_val = torch.minimum(self.min_val, lo), torch.maximum(self.max_val, hi)
+        if self.spec.estimator in (Estimator.PERCENTILE, Estimator.MSE):
+            self._keep_samples(values.reshape(-1))
+        if self.spec.estimator is Estimator.TOKEN_QUANTILE:
+            per_token = x.detach().float()
+            per_token = _real_values(per_token, channel_axis=True) if per_token.dim() >= 2 else per_token.reshape(1, -1)
+            self.token_max = torch.cat([self.token_max, per_token.max(1).values])
+            self.token_min = torch.cat([self.token_min, per_token.min(1).values])
+        self.batches += 1
+
+    def _keep_samples(self, flat: torch.Tensor) -> None:
+        budget = self.spec.max_samples
+        merged = torch.cat([self.samples, flat])
+        if merged.numel() > budget:  # uniform subsample, deterministic per observer
+            generator = torch.Generator().manual_seed(int(self.batches.item()))
+            merged = merged[torch.randperm(merged.numel(), generator=generator)[:budget]]
+        self.samples = merged
+
+    @property
+    def calibrated(self) -> bool:
+        return self.batches.item() > 0
+
+    def range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (lo, hi) the estimator chose: scalars, or per-channel vectors."""
+        if not self.calibrated:
+            raise DataError(f"observer {self.name or ''} saw no data: run calibrate() first")
+        est = self.spec.estimator
+        if est is Estimator.PERCENTILE:
+            p = self.spec.percentile / 100.0
+            return torch.quantile(self.samples, 1 - p), torch.quantile(self.samples, p)
+        if est is Estimator.MSE:
+            return mse_range(self.samples, self.min_val, self.max_val, self.spec)
+        if est is Estimator.TOKEN_QUANTILE:
+            a = self.spec.token_alpha
+            return torch.quantile(self.token_min, 1 - a), torch.quantile(self.token_max, a)
+        return self.min_val, self.max_val
+
+    def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        lo, hi = self.range()
+        if self.spec.granularity is Granularity.PER_GROUP:
+            groups = group_index(lo.numel(), self.spec.groups, self.spec.permutation)
+            glo = torch.full((self.spec.groups,), float("inf")).scatter_reduce(0, groups, lo, "amin")
+            ghi = torch.full((self.spec.groups,), float("-inf")).scatter_reduce(0, groups, hi, "amax")
+            scale, zero_point = qparams_from_range(glo, ghi, self.spec)
+            return scale[groups], zero_point[groups]
+        return qparams_from_range(lo, hi, self.spec)
+
+    def extra_repr(self) -> str:
+        return f"{self.name}: {self.spec.describe()}"
+
+
+def mse_range(samples: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec,
+              grid: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shrink [lo, hi] by the factor in (0, 1] that minimises the fake-quant MSE on ``samples``."""
+    best, best_err = (lo, hi), float("inf")
+    for i in range(grid, 0, -1):
+        c = i / grid
+        scale, zp = qparams_from_range(lo * c, hi * c, spec)
+        err = float((fake_quantize(samples, scale, zp, spec) - samples).pow(2).mean())
+        if err < best_err:
+            best, best_err = (lo * c, hi * c), err
+    return best
+
+
+class FakeQuantize(torch.nn.Module):
+    """Quantize-dequantize with fixed parameters; ``enabled=False`` makes it the identity."""
+
+    def __init__(self, spec: QuantSpec, scale: torch.Tensor, zero_point: torch.Tensor, name: str = "") -> None:
+        super().__init__()
+        self.spec = spec
+        self.name = name
+        self.enabled = True
+        self.register_buffer("scale", scale.detach().clone().float())
+        self.register_buffer("zero_point", zero_point.detach().clone().to(torch.int32))
+
+    @classmethod
+    def from_observer(cls, observer: Observer) -> FakeQuantize:
+        scale, zero_point = observer.qparams()
+        return cls(observer.spec, scale, zero_point, observer.name)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        return fake_quantize(x, self.scale, self.zero_point, self.spec)
+
+    def extra_repr(self) -> str:
+        return f"{self.name}: {self.spec.describe()}"

@@ -1,0 +1,88 @@
+"""Quantization policies: which tensors get quantizers, with which spec, and which stay wider.
+
+A policy is data (a frozen dataclass), not code: the observer-placement pass reads it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+from ..graph.roles import Role
+from .spec import QuantSpec, activation_spec, weight_spec
+
+FULL_ROLES = frozenset({
+    Role.LINEAR_INPUT, Role.LINEAR_OUTPUT, Role.NORM_OUTPUT, Role.RESIDUAL_SUM, Role.EMBEDDING_SUM,
+    Role.ATTN_SCORES, Role.ATTN_PROBS, Role.ATTN_CONTEXT,
+})
+LINEAR_INPUT_ROLES = frozenset({Role.LINEAR_INPUT})
+
+
+@dataclasses.dataclass(frozen=True)
+class Override:
+    """Tensors with ``role`` use ``spec`` instead of the default (``None``: keep them float)."""
+
+    role: Role
+    spec: QuantSpec | None
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantPolicy:
+    name: str
+    roles: frozenset[Role]
+    activation: QuantSpec
+    weight: QuantSpec | None
+    overrides: tuple[Override, ...] = ()
+
+    def spec_for(self, roles: frozenset[Role]) -> tuple[QuantSpec | None, str | None]:
+        """The spec of a tensor with these roles (the widest override wins) and why it differs."""
+        chosen = [o for o in self.overrides if o.role in roles]
+        if not chosen:
+            return self.activation, None
+        float_ones = [o for o in chosen if o.spec is None]
+        if float_ones:
+            return None, float_ones[0].reason
+        widest = max(chosen, key=lambda o: o.spec.bits)  # type: ignore[union-attr]
+        return widest.spec, widest.reason
+
+    def observed(self, roles: frozenset[Role]) -> bool:
+        return bool(roles & self.roles)
+
+
+@dataclasses.dataclass(frozen=True)
+class BitWidths:
+    weights: int
+    activations: int
+
+    def __str__(self) -> str:
+        return f"W{self.weights}A{self.activations}"
+
+
+def parse_bits(text: str | int) -> BitWidths:
+    """``"W8A8"``, ``"w4a8"`` or ``8`` (same for both)."""
+    if isinstance(text, int) or str(text).isdigit():
+        bits = int(text)
+        return BitWidths(bits, bits)
+    match = re.fullmatch(r"[wW](\d+)[aA](\d+)", str(text))
+    if not match:
+        raise ValueError(f"bit widths look like W8A8 or 8, got {text!r}")
+    return BitWidths(int(match.group(1)), int(match.group(2)))
+
+
+def make_policy(name: str, bits: BitWidths | str | int = "W8A8") -> QuantPolicy:
+    """Named policies: ``full`` (Bondarenko et al.'s quantizer placement), ``linear-inputs``
+    (what int8 GEMM backends need) and ``mp16`` (full, with FFN input/output and residual
+    sums at 16 bit: the paper's W8A{8,16})."""
+    bits = bits if isinstance(bits, BitWidths) else parse_bits(bits)
+    act, weights = activation_spec(bits.activations), weight_spec(bits.weights)
+    if name == "full":
+        return QuantPolicy("full", FULL_ROLES, act, weights)
+    if name == "linear-inputs":
+        return QuantPolicy("linear-inputs", LINEAR_INPUT_ROLES, act, weights)
+    if name == "mp16":
+        wide = act.with_(bits=16)
+        why = "mixed precision W8A{8,16}: outlier-carrying residual-stream tensor kept at 16 bit"
+        overrides = tuple(Override(r, wide, why) for r in (Role.FFN_INPUT, Role.FFN_OUTPUT, Role.RESIDUAL_SUM))
+        return QuantPolicy("mp16", FULL_ROLES, act, weights, overrides)
+    raise ValueError(f"unknown policy {name!r}; choose full, linear-inputs or mp16")

@@ -1,0 +1,93 @@
+"""Quantization specs: frozen, validated descriptions of how one tensor is quantized."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+
+class Granularity(enum.Enum):
+    PER_TENSOR = "per_tensor"
+    PER_CHANNEL = "per_channel"
+    PER_GROUP = "per_group"  # K groups of channels along ``axis`` (PEG), optionally permuted
+
+
+class Estimator(enum.Enum):
+    MINMAX = "minmax"  # min/max over all calibration data
+    RUNNING_MINMAX = "running_minmax"  # exponential moving average of per-batch min/max
+    PERCENTILE = "percentile"  # the p-th / (100-p)-th percentile of the values
+    MSE = "mse"  # clipping range minimising the quantization MSE on the collected data
+    TOKEN_QUANTILE = "token_quantile"  # alpha-quantile of per-token max/min (token-wise clipping)
+
+
+_PER_TENSOR_ONLY = (Estimator.PERCENTILE, Estimator.MSE, Estimator.TOKEN_QUANTILE)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantSpec:
+    """How to quantize one tensor.
+
+    ``signed`` defaults to ``symmetric``: symmetric grids are signed (int8: -128..127, scale from
+    max |x| / 127), asymmetric ones unsigned (uint8: 0..255 with a zero point).
+    """
+
+    bits: int = 8
+    symmetric: bool = False
+    signed: bool | None = None
+    granularity: Granularity = Granularity.PER_TENSOR
+    axis: int = -1
+    groups: int = 1
+    permutation: tuple[int, ...] | None = None
+    estimator: Estimator = Estimator.MINMAX
+    percentile: float = 99.99
+    momentum: float = 0.9
+    token_alpha: float = 1.0
+    max_samples: int = 1 << 20  # values kept for percentile / MSE estimation
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.bits, int) or not 2 <= self.bits <= 16:
+            raise ValueError(f"bits must be an integer in 2..16, got {self.bits!r}")
+        if self.signed is None:
+            object.__setattr__(self, "signed", self.symmetric)
+        if self.granularity is Granularity.PER_GROUP:
+            if self.groups < 1:
+                raise ValueError(f"groups must be >= 1, got {self.groups}")
+            if self.permutation is not None and sorted(self.permutation) != list(range(len(self.permutation))):
+                raise ValueError("permutation must be a bijection of 0..n-1")
+        elif self.groups != 1 or self.permutation is not None:
+            raise ValueError("groups and permutation need granularity=PER_GROUP")
+        if self.estimator in _PER_TENSOR_ONLY and self.granularity is not Granularity.PER_TENSOR:
+            raise ValueError(f"estimator {self.estimator.value} supports per-tensor granularity only")
+        if not 50.0 < self.percentile <= 100.0:
+            raise ValueError(f"percentile must be in (50, 100], got {self.percentile}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
+        if not 0.0 < self.token_alpha <= 1.0:
+            raise ValueError(f"token_alpha must be in (0, 1], got {self.token_alpha}")
+
+    @property
+    def qmin(self) -> int:
+        return -(1 << (self.bits - 1)) if self.signed else 0
+
+    @property
+    def qmax(self) -> int:
+        return (1 << (self.bits - 1)) - 1 if self.signed else (1 << self.bits) - 1
+
+    def with_(self, **changes: object) -> QuantSpec:
+        return dataclasses.replace(self, **changes)
+
+    def describe(self) -> str:
+        kind = "sym" if self.symmetric else "asym"
+        gran = {Granularity.PER_TENSOR: "per-tensor", Granularity.PER_CHANNEL: f"per-channel(axis {self.axis})",
+                Granularity.PER_GROUP: f"per-group(K={self.groups})"}[self.granularity]
+        return f"{'int' if self.signed else 'uint'}{self.bits} {kind} {gran} {self.estimator.value}"
+
+
+def weight_spec(bits: int = 8) -> QuantSpec:
+    """Default for Linear weights: symmetric, per output channel, min-max."""
+    return QuantSpec(bits=bits, symmetric=True, granularity=Granularity.PER_CHANNEL, axis=0)
+
+
+def activation_spec(bits: int = 8, estimator: Estimator = Estimator.MINMAX) -> QuantSpec:
+    """Default for activations: asymmetric per-tensor (the paper's static scheme)."""
+    return QuantSpec(bits=bits, symmetric=False, estimator=estimator)
