@@ -82,6 +82,28 @@ def _analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_accuracy(args: argparse.Namespace) -> int:
+    from .benchmarks import accuracy, print_table, write_json
+    from .passes.recipes import get_recipe
+    from .quantizers.policy import parse_bits
+
+    recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
+    try:
+        for r in recipes:
+            get_recipe(r)
+        for b in args.bits:
+            parse_bits(b)
+    except ValueError as exc:
+        raise OutlierFXError(str(exc)) from exc
+    result = accuracy(args.model, args.bits, recipes, policy=args.policy)
+    print()
+    print_table(result)
+    if args.json:
+        write_json(result, args.json)
+        print(f"wrote {args.json}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="outlierfx", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -100,6 +122,14 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--out", help="output directory (default ./outlierfx-analyze-MODEL)")
     analyze.add_argument("--force", action="store_true", help="write into a non-empty output directory")
     analyze.set_defaults(func=_analyze)
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
+    acc = bench.add_parser("accuracy", help="quality of recipes x bit widths against FP32")
+    acc.add_argument("--model", default="minilm", help="minilm, smollm2 or a local Hugging Face folder")
+    acc.add_argument("--bits", nargs="+", default=["W8A8"], help="e.g. W8A8 W6A6 W4A8 (8 means W8A8)")
+    acc.add_argument("--recipes", default="naive,mp16", help="comma-separated recipe names")
+    acc.add_argument("--policy", default=None, help="override the recipe's policy: full, linear-inputs, mp16")
+    acc.add_argument("--json", help="write machine-readable results here")
+    acc.set_defaults(func=_bench_accuracy)
     return parser
 
 

@@ -1,0 +1,76 @@
+"""``outlierfx bench accuracy``: quality of each recipe x bit width against FP32."""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from . import corpus
+from .api import quantize
+from .evaluate import DecoderEval, EncoderEval
+from .models import encode, load
+from .quantizers.policy import parse_bits
+
+CALIBRATION = {"encoder": {"samples": 64, "max_length": 128, "batch": 8},
+               "decoder": {"samples": 32, "max_length": 256, "batch": 4}}
+
+
+def calibration_batches(loaded, samples: int, max_length: int, batch: int) -> list[dict[str, torch.Tensor]]:
+    texts = corpus.wikipedia("calibration")[:samples]
+    return [encode(loaded, texts[i : i + batch], max_length) for i in range(0, len(texts), batch)]
+
+
+def accuracy(model_name: str, bits: Sequence[str], recipes: Sequence[str], policy: str | None = None,
+             progress: bool = True) -> dict[str, Any]:
+    loaded = load(model_name)
+    settings = CALIBRATION[loaded.kind]
+    batches = calibration_batches(loaded, **settings)
+    evaluator = EncoderEval.build(loaded) if loaded.kind == "encoder" else DecoderEval.build(loaded)
+    model = loaded.model.eval()
+    reference = evaluator.embeddings(model) if loaded.kind == "encoder" else None
+    rows = [{"model": model_name, "recipe": "fp32", "bits": "FP32", "backend": "fake-quant",
+             "metrics": evaluator.metrics(model, None)}]
+    if progress:
+        print(_format_row(rows[0]), flush=True)
+    for width in bits:
+        for recipe in recipes:
+            start = time.perf_counter()
+            qmodel, report = quantize(model, batches, recipe=recipe, bits=width, policy=policy, progress=False)
+            metrics = evaluator.metrics(qmodel, reference)
+            metrics["calibration_s"] = round(report.calibration_seconds, 2)
+            metrics["quantize_s"] = round(time.perf_counter() - start, 2)
+            row = {"model": model_name, "recipe": recipe, "bits": str(parse_bits(width)), "backend": "fake-quant",
+                   "policy": report.policy, "metrics": metrics}
+            rows.append(row)
+            if progress:
+                print(_format_row(row), flush=True)
+    env = {"torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
+           "calibration": settings, "calibration_text": "wikipedia calibration split"}
+    return {"rows": rows, "env": env}
+
+
+def _format_row(row: dict[str, Any]) -> str:
+    metrics = "  ".join(f"{k}={v:.4f}" if isinstance(v, float) and k not in ("calibration_s", "quantize_s")
+                        else f"{k}={v}" for k, v in row["metrics"].items())
+    return f"{row['model']:8} {row['recipe']:8} {row['bits']:6} {row.get('policy', ''):13} {metrics}"
+
+
+def print_table(result: dict[str, Any]) -> None:
+    rows = result["rows"]
+    keys = [k for k in rows[0]["metrics"]]
+    print(f"{'model':8} {'recipe':8} {'bits':6} " + " ".join(f"{k:>10}" for k in keys) + f" {'calib s':>8}")
+    for row in rows:
+        m = row["metrics"]
+        cal = m.get("calibration_s", "")
+        print(f"{row['model']:8} {row['recipe']:8} {row['bits']:6} " + " ".join(f"{m[k]:10.4f}" for k in keys)
+              + f" {cal:>8}")
+
+
+def write_json(result: dict[str, Any], path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)

@@ -1,0 +1,159 @@
+"""Observer placement, calibration errors, fake-quant models and the quantize() API."""
+
+import collections
+
+import pytest
+import torch
+from hypothesis import given, settings
+
+import outlierfx
+from outlierfx.errors import DataError
+from outlierfx.graph.roles import Role, tensor_roles
+from outlierfx.graph.view import GraphView
+from outlierfx.passes.insert_observers import InsertObservers, observers
+from outlierfx.quantizers.calibrate import calibrate
+from outlierfx.quantizers.policy import make_policy, parse_bits
+from outlierfx.testing import build_model, transformer_models
+
+
+def _observed_roles(result):
+    """Roles of the observed tensors, checking each planned observer really reads its tensor."""
+    observed_inputs = {n.args[0].name for n in result.graph_module.graph.nodes
+                       if n.op == "call_module" and n.target.startswith("outlierfx_observer_")}
+    counts = collections.Counter()
+    for point in result.plan.points:
+        if point.spec is not None:
+            assert point.node.name in observed_inputs
+            counts.update(point.roles)
+    return counts
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2", "llama"])
+def test_full_policy_places_observers_where_the_policy_says(family):
+    layers = 2
+    g = build_model(family, layers=layers)
+    gm = outlierfx.capture(g.model, g.inputs)
+    result = InsertObservers("full")(gm)
+    counts = _observed_roles(result)
+    linears = sum(1 for n in gm.graph.nodes if n.target is torch.ops.aten.linear.default)
+    assert counts[Role.LINEAR_OUTPUT] == linears
+    assert counts[Role.NORM_OUTPUT] == 2 * layers + 1
+    assert counts[Role.RESIDUAL_SUM] == 2 * layers
+    assert counts[Role.ATTN_SCORES] == counts[Role.ATTN_PROBS] == counts[Role.ATTN_CONTEXT] == layers
+    assert counts[Role.EMBEDDING_SUM] == 1
+    # one observer per tensor, even when it feeds several Linears (Q, K, V)
+    assert len(observers(result.graph_module)) == sum(p.spec is not None for p in result.plan.points)
+
+
+def test_linear_inputs_policy_observes_only_linear_inputs():
+    g = build_model("llama", layers=2)
+    gm = outlierfx.capture(g.model, g.inputs)
+    result = InsertObservers("linear-inputs")(gm)
+    inputs = {n.args[0] for n in gm.graph.nodes if n.target is torch.ops.aten.linear.default}
+    observed = [n.args[0] for n in result.graph_module.graph.nodes
+                if n.op == "call_module" and n.target.startswith("outlierfx_observer_")]
+    assert {n.name for n in observed} == {n.name for n in inputs}
+    float_points = [p for p in result.plan.points if p.spec is None]
+    assert float_points and all("does not quantize" in p.reason for p in float_points)
+
+
+def test_observers_do_not_change_outputs_and_scores_ignore_the_mask():
+    g = build_model("bert", layers=1, batch=3, seq=10)
+    gm = outlierfx.capture(g.model, g.inputs)
+    observed = InsertObservers("full")(gm).graph_module
+    calibrate(observed, [g.inputs], progress=False)
+    scores = [m for name, m in observers(observed).items()
+              if any(Role.ATTN_SCORES in r for n, r in tensor_roles(GraphView(gm)).items() if name.endswith(n.name))]
+    assert scores and all(float(o.min_val) > -1e4 and float(o.max_val) < 1e4 for o in scores)
+
+
+@settings(max_examples=15)
+@given(g=transformer_models())
+def test_16_bit_fake_quant_matches_float(g):
+    qmodel, report = outlierfx.quantize(g.model, [g.inputs], recipe="naive", bits="W16A16", progress=False)
+    with torch.no_grad():
+        ref = g.model(**g.inputs)
+        out = qmodel(**g.inputs)
+    key = "last_hidden_state" if hasattr(ref, "last_hidden_state") else "logits"
+    ref, out = getattr(ref, key), getattr(out, key)
+    # 16-bit per-tensor grids on every activation and weight: error within 1e-2 of the output's max
+    assert (ref - out).abs().max() <= 1e-2 * ref.abs().max()
+    assert report.audit.entries[-1].error_vs_previous.max_rel <= 1e-2
+
+
+def test_8_bit_is_worse_than_16_bit_and_the_model_is_untouched():
+    g = build_model("gpt2", layers=2)
+    state = {k: v.clone() for k, v in g.model.state_dict().items()}
+    errors = []
+    for bits in ("W16A16", "W8A8", "W4A4"):
+        qmodel, _ = outlierfx.quantize(g.model, [g.inputs], bits=bits, progress=False)
+        with torch.no_grad():
+            errors.append(float((qmodel(**g.inputs).logits - g.model(**g.inputs).logits).abs().max()))
+    assert errors[0] < errors[1] < errors[2]
+    assert all(torch.equal(v, g.model.state_dict()[k]) for k, v in state.items())
+
+
+def test_mixed_precision_report_lists_every_wider_tensor():
+    g = build_model("bert", layers=2)
+    qmodel, report = outlierfx.quantize(g.model, [g.inputs], recipe="mp16", progress=False)
+    rows = report.not_at_target()
+    assert len(rows) == 2 * 2 + 2 * 2  # per block: FFN input + FFN output, two residual sums (one shared with FFN in)
+    assert all(r["quantization"].startswith("uint16") and "16 bit" in r["why"] for r in rows)
+    assert "tensors not at W8A8" in report.to_text()
+    assert report.as_dict()["recipe"] == "mp16"
+
+
+def test_weights_are_on_the_integer_grid():
+    g = build_model("llama", layers=1)
+    qmodel, _ = outlierfx.quantize(g.model, [g.inputs], bits="W4A8", progress=False)
+    for node in qmodel.graph.nodes:
+        if node.target is torch.ops.aten.linear.default:
+            weight = _fetch(qmodel, str(node.args[1].target))
+            scale = weight.abs().max(1).values / 7
+            codes = weight / scale[:, None].clamp_min(1e-12)
+            assert torch.allclose(codes, codes.round(), atol=1e-3)
+
+
+def _fetch(module, target):
+    for part in target.split("."):
+        module = getattr(module, part)
+    return module
+
+
+def test_calibration_errors_are_clear():
+    g = build_model("bert")
+    gm = InsertObservers("full")(outlierfx.capture(g.model, g.inputs)).graph_module
+    with pytest.raises(DataError, match="calibration set is empty"):
+        calibrate(gm, [], progress=False)
+    bad = dict(g.inputs, input_ids=g.inputs["input_ids"][0])
+    with pytest.raises(DataError, match="same rank and dtype"):
+        calibrate(gm, [bad], progress=False)
+    with pytest.raises(DataError, match="has inputs"):
+        calibrate(gm, [{"input_ids": g.inputs["input_ids"]}], progress=False)
+    with pytest.raises(DataError, match="expected a dict"):
+        calibrate(gm, [g.inputs["input_ids"]], progress=False)
+    with pytest.raises(DataError, match="no observers"):
+        calibrate(outlierfx.capture(g.model, g.inputs), [g.inputs], progress=False)
+
+
+def test_nan_activations_are_rejected():
+    g = build_model("llama", layers=1)
+    gm = InsertObservers("full")(outlierfx.capture(g.model, g.inputs)).graph_module
+    with torch.no_grad():
+        for name, p in list(gm.named_parameters()):
+            if name.endswith("q_proj.weight"):
+                setattr(_fetch(gm, name.rsplit(".", 1)[0]), "weight", torch.nn.Parameter(torch.full_like(p, float("nan"))))
+    with pytest.raises(DataError, match="NaN or inf reached the observer"):
+        calibrate(gm, [g.inputs], progress=False)
+
+
+def test_quantize_rejects_unknown_names_and_empty_data():
+    g = build_model("bert")
+    with pytest.raises(DataError, match="empty"):
+        outlierfx.quantize(g.model, [])
+    with pytest.raises(ValueError, match="unknown recipe"):
+        outlierfx.quantize(g.model, [g.inputs], recipe="magic")
+    with pytest.raises(ValueError, match="W8A8"):
+        parse_bits("eight")
+    with pytest.raises(ValueError, match="unknown policy"):
+        make_policy("most")
