@@ -33,12 +33,12 @@ def probe(
 ) -> None:
     """Execute ``gm`` on ``inputs`` and call ``callback(node, value)`` for each watched node."""
     args, kwargs = inputs
-    flat = _flatten_inputs(gm, args, kwargs)
+    flat = flatten_inputs(gm, args, kwargs)
     with torch.no_grad():
         _Probe(gm, set(nodes), callback).run(*flat)
 
 
-def _flatten_inputs(gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> list[Any]:
+def flatten_inputs(gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> list[Any]:
     """Placeholder values in order, flattened the way the graph's calling convention does."""
     info = getattr(gm.graph._codegen, "pytree_info", None)
     spec = info.in_spec if info is not None else None

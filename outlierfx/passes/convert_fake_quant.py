@@ -19,7 +19,7 @@ from ..graph.attrs import fetch_attr, replace_input_tensor
 from ..graph.ops import OpKind, op_kind
 from ..quantizers.fake_quant import quantize_weight
 from ..quantizers.observers import FakeQuantize, Observer
-from ..quantizers.spec import QuantSpec
+from ..quantizers.spec import Granularity, QuantSpec
 from .base import GraphPass
 
 
@@ -28,10 +28,14 @@ class ConvertPlan:
     activations: tuple[str, ...]  # observer module names
     weights: tuple[torch.fx.Node, ...]  # Linear nodes whose weight is quantized
     weight_spec: QuantSpec | None
+    grouped: tuple[tuple[str, int, tuple[int, ...]], ...] = ()  # (quantizer, K, channel permutation)
 
     def summary(self) -> str:
         spec = self.weight_spec.describe() if self.weight_spec else "float"
-        return f"{len(self.activations)} activation quantizers; {len(self.weights)} Linear weights ({spec})"
+        line = f"{len(self.activations)} activation quantizers; {len(self.weights)} Linear weights ({spec})"
+        if self.grouped:
+            line += f"; {len(self.grouped)} grouped (PEG, K={self.grouped[0][1]}), permutations in the JSON report"
+        return line
 
 
 class ConvertToFakeQuant(GraphPass[ConvertPlan]):
@@ -46,7 +50,9 @@ class ConvertToFakeQuant(GraphPass[ConvertPlan]):
             if not getattr(gm, name).calibrated:
                 raise PassError(f"observer {name} is not calibrated; run calibrate() before converting")
         linears = tuple(n for n in gm.graph.nodes if op_kind(n) is OpKind.LINEAR and self.weight_spec is not None)
-        return ConvertPlan(names, linears, self.weight_spec)
+        grouped = tuple((name, getattr(gm, name).spec.groups, getattr(gm, name).permutation() or ())
+                        for name in names if getattr(gm, name).spec.granularity is Granularity.PER_GROUP)
+        return ConvertPlan(names, linears, self.weight_spec, grouped)
 
     def apply(self, gm: torch.fx.GraphModule, plan: ConvertPlan) -> bool:
         for name in plan.activations:

@@ -13,6 +13,7 @@ import torch
 import torch.fx
 
 from ..graph import meta
+from ..graph.ops import preserves_last_axis
 from ..graph.roles import Role, tensor_roles
 from ..graph.view import GraphView
 from ..quantizers.observers import Observer
@@ -58,8 +59,11 @@ class InsertObservers(GraphPass[InsertObserversPlan]):
 
     def analyze(self, gm: torch.fx.GraphModule) -> InsertObserversPlan:
         points = []
+        outputs = _graph_outputs(gm)
         for node, roles in tensor_roles(GraphView(gm)).items():
-            if self.policy.observed(roles):
+            if node in outputs and not self.policy.quantize_outputs:
+                spec, reason = None, "model output: read in float outside the graph, quantizing it saves nothing"
+            elif self.policy.observed(roles):
                 spec, reason = self.policy.spec_for(roles)
             else:
                 names = ", ".join(sorted(r.value for r in roles))
@@ -73,7 +77,7 @@ class InsertObservers(GraphPass[InsertObserversPlan]):
             if point.spec is None:
                 continue
             name = OBSERVER_PREFIX + point.node.name
-            gm.add_module(name, Observer(point.spec, meta.module_path(point.node) or point.node.name))
+            gm.add_module(name, Observer(point.spec, meta.module_path(point.node) or point.node.name, point.roles))
             users = list(point.node.users)
             with gm.graph.inserting_after(point.node):
                 observed = gm.graph.call_module(name, (point.node,))
@@ -82,6 +86,18 @@ class InsertObservers(GraphPass[InsertObserversPlan]):
             for user in users:
                 user.replace_input_with(point.node, observed)
         return any(p.spec is not None for p in plan.points)
+
+
+def _graph_outputs(gm: torch.fx.GraphModule) -> set[torch.fx.Node]:
+    """Nodes whose value is returned by the graph (directly or through layout-only ops)."""
+    found, stack = set(), list(gm.graph.output_node().all_input_nodes)
+    while stack:
+        node = stack.pop()
+        found.add(node)
+        if node.op == "call_function" and node.args and isinstance(node.args[0], torch.fx.Node) \
+                and preserves_last_axis(node, node.args[0]):
+            stack.append(node.args[0])
+    return found
 
 
 def observers(gm: torch.fx.GraphModule) -> dict[str, Observer]:

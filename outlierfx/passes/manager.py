@@ -13,6 +13,7 @@ from ..errors import PassError
 from ..graph import meta
 from ..graph.compare import OutputError, output_error, run
 from ..graph.shapes import propagate_values
+from ..quantizers.observers import observation_paused
 from .audit import AuditEntry, AuditTrail, GraphDiff
 from .base import GraphPass, PassResult
 
@@ -56,7 +57,7 @@ class PassManager:
         inputs = self.sample_inputs or gm.meta.get(meta.GM_EXAMPLE_INPUTS)
         if self.check_outputs and inputs is None:
             raise PassError("check_outputs needs sample_inputs (the graph carries no captured example inputs)")
-        reference = run(gm, inputs) if self.check_outputs else None
+        reference = self._run(gm, inputs) if self.check_outputs else None
         previous_out = reference
         audit = AuditTrail()
         done: list[str] = []
@@ -82,7 +83,7 @@ class PassManager:
                 except Exception as exc:
                     raise PassError(f"{context} left an invalid graph: {type(exc).__name__}: {exc}") from exc
                 if self.check_outputs:
-                    out = run(new, inputs)
+                    out = self._run(new, inputs)
                     err_prev = output_error(previous_out, out)
                     err_ref = output_error(reference, out)
                     self._enforce(p, context, err_prev)
@@ -101,6 +102,11 @@ class PassManager:
             gm = new
             done.append(name)
         return PipelineResult(gm, audit)
+
+    @staticmethod
+    def _run(gm: torch.fx.GraphModule, inputs: tuple[tuple, dict]) -> Any:
+        with observation_paused():  # checks must not feed calibration statistics
+            return run(gm, inputs)
 
     @staticmethod
     def _enforce(p: Pass, context: str, error: OutputError) -> None:

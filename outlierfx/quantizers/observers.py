@@ -25,6 +25,19 @@ from .spec import Estimator, Granularity, QuantSpec
 _TOKEN_MASK: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar("outlierfx_token_mask", default=None)
 
 
+_PAUSED: contextvars.ContextVar[bool] = contextvars.ContextVar("outlierfx_observers_paused", default=False)
+
+
+@contextlib.contextmanager
+def observation_paused() -> Iterator[None]:
+    """Run a graph without observers recording (e.g. the pass manager's equivalence checks)."""
+    token = _PAUSED.set(True)
+    try:
+        yield
+    finally:
+        _PAUSED.reset(token)
+
+
 @contextlib.contextmanager
 def token_mask(mask: torch.Tensor | None) -> Iterator[None]:
     """Tell observers which tokens are real (``mask[b, s] != 0``) while a batch runs."""
@@ -50,10 +63,11 @@ def _real_values(x: torch.Tensor, channel_axis: bool) -> torch.Tensor:
 class Observer(torch.nn.Module):
     """Records the range of the tensor passing through (see module docstring)."""
 
-    def __init__(self, spec: QuantSpec, name: str = "") -> None:
+    def __init__(self, spec: QuantSpec, name: str = "", roles: frozenset = frozenset()) -> None:
         super().__init__()
         self.spec = spec
         self.name = name
+        self.roles = roles  # what the tensor is (outlierfx.graph.roles.Role), for later passes
         self.register_buffer("min_val", torch.empty(0))
         self.register_buffer("max_val", torch.empty(0))
         self.register_buffer("samples", torch.empty(0))
@@ -62,8 +76,9 @@ class Observer(torch.nn.Module):
         self.register_buffer("batches", torch.zeros((), dtype=torch.long))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            self.observe(x)
+        if not _PAUSED.get():
+            with torch.no_grad():
+                self.observe(x)
         return x
 
     @property
@@ -96,7 +111,7 @@ class Observer(torch.nn.Module):
             self.min_val, self.max_val = torch.minimum(self.min_val, lo), torch.maximum(self.max_val, hi)
         if self.spec.estimator in (Estimator.PERCENTILE, Estimator.MSE):
             self._keep_samples(values.reshape(-1))
-        if self.spec.estimator is Estimator.TOKEN_QUANTILE:
+        if not self.per_channel:  # per-token extremes: token-wise clipping reads them later
             per_token = x.detach().float()
             per_token = _real_values(per_token, channel_axis=True) if per_token.dim() >= 2 else per_token.reshape(1, -1)
             self.token_max = torch.cat([self.token_max, per_token.max(1).values])
@@ -110,6 +125,24 @@ class Observer(torch.nn.Module):
             generator = torch.Generator().manual_seed(int(self.batches.item()))
             merged = merged[torch.randperm(merged.numel(), generator=generator)[:budget]]
         self.samples = merged
+
+    def with_spec(self, spec: QuantSpec) -> Observer:
+        """A new observer with the same statistics and another spec (e.g. a clipping alpha)."""
+        if (spec.granularity is Granularity.PER_TENSOR) != (self.spec.granularity is Granularity.PER_TENSOR):
+            raise ValueError("with_spec cannot switch between per-tensor and per-channel statistics")
+        new = Observer(spec, self.name, self.roles)
+        for name, buffer in self.named_buffers(recurse=False):
+            setattr(new, name, buffer)
+        return new
+
+    def permutation(self) -> tuple[int, ...] | None:
+        """The channel order of a grouped quantizer: given, or sorted by calibrated range."""
+        if self.spec.granularity is not Granularity.PER_GROUP:
+            return None
+        if self.spec.sort_channels:
+            lo, hi = self.range()
+            return tuple(int(i) for i in torch.argsort(hi - lo, stable=True))
+        return self.spec.permutation
 
     @property
     def calibrated(self) -> bool:
@@ -133,7 +166,7 @@ class Observer(torch.nn.Module):
     def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         lo, hi = self.range()
         if self.spec.granularity is Granularity.PER_GROUP:
-            groups = group_index(lo.numel(), self.spec.groups, self.spec.permutation)
+            groups = group_index(lo.numel(), self.spec.groups, self.permutation())
             glo = torch.full((self.spec.groups,), float("inf")).scatter_reduce(0, groups, lo, "amin")
             ghi = torch.full((self.spec.groups,), float("-inf")).scatter_reduce(0, groups, hi, "amax")
             scale, zero_point = qparams_from_range(glo, ghi, self.spec)
@@ -145,7 +178,7 @@ class Observer(torch.nn.Module):
 
 
 def mse_range(samples: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec,
-              grid: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
+              grid: int = 50) -> tuple[torch.Tensor, torch.Tensor]:
     """Shrink [lo, hi] by the factor in (0, 1] that minimises the fake-quant MSE on ``samples``."""
     best, best_err = (lo, hi), float("inf")
     for i in range(grid, 0, -1):

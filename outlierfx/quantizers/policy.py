@@ -34,6 +34,7 @@ class QuantPolicy:
     activation: QuantSpec
     weight: QuantSpec | None
     overrides: tuple[Override, ...] = ()
+    quantize_outputs: bool = False  # the model's outputs (logits, hidden states) leave the graph in float
 
     def spec_for(self, roles: frozenset[Role]) -> tuple[QuantSpec | None, str | None]:
         """The spec of a tensor with these roles (the widest override wins) and why it differs."""

@@ -38,11 +38,12 @@ class QuantSpec:
     axis: int = -1
     groups: int = 1
     permutation: tuple[int, ...] | None = None
+    sort_channels: bool = False  # PER_GROUP: permutation = channels sorted by calibrated range (PEG)
     estimator: Estimator = Estimator.MINMAX
     percentile: float = 99.99
     momentum: float = 0.9
     token_alpha: float = 1.0
-    max_samples: int = 1 << 20  # values kept for percentile / MSE estimation
+    max_samples: int = 1 << 18  # values kept for percentile / MSE estimation (a uniform subsample)
 
     def __post_init__(self) -> None:
         if not isinstance(self.bits, int) or not 2 <= self.bits <= 16:
@@ -54,8 +55,10 @@ class QuantSpec:
                 raise ValueError(f"groups must be >= 1, got {self.groups}")
             if self.permutation is not None and sorted(self.permutation) != list(range(len(self.permutation))):
                 raise ValueError("permutation must be a bijection of 0..n-1")
-        elif self.groups != 1 or self.permutation is not None:
-            raise ValueError("groups and permutation need granularity=PER_GROUP")
+            if self.sort_channels and self.permutation is not None:
+                raise ValueError("give either a permutation or sort_channels=True, not both")
+        elif self.groups != 1 or self.permutation is not None or self.sort_channels:
+            raise ValueError("groups, permutation and sort_channels need granularity=PER_GROUP")
         if self.estimator in _PER_TENSOR_ONLY and self.granularity is not Granularity.PER_TENSOR:
             raise ValueError(f"estimator {self.estimator.value} supports per-tensor granularity only")
         if not 50.0 < self.percentile <= 100.0:
@@ -79,7 +82,7 @@ class QuantSpec:
     def describe(self) -> str:
         kind = "sym" if self.symmetric else "asym"
         gran = {Granularity.PER_TENSOR: "per-tensor", Granularity.PER_CHANNEL: f"per-channel(axis {self.axis})",
-                Granularity.PER_GROUP: f"per-group(K={self.groups})"}[self.granularity]
+                Granularity.PER_GROUP: f"per-group(K={self.groups}{', sorted' if self.sort_channels else ''})"}[self.granularity]
         return f"{'int' if self.signed else 'uint'}{self.bits} {kind} {gran} {self.estimator.value}"
 
 

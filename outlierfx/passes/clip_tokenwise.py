@@ -1,0 +1,195 @@
+"""ClipTokenwise: Outlier Suppression's token-wise clipping, coarse stage (Wei et al. 2022).
+
+Every per-tensor activation observer has recorded each token's max and min. A clipping ratio
+alpha sets the quantizer range to the alpha-quantile of the per-token maxima (and the
+(1-alpha)-quantile of the minima): the few tokens with huge values are clipped, the many
+ordinary ones keep a fine grid. Alpha is chosen to minimise the MSE of the *final* model output
+against the unquantized graph on calibration batches.
+
+Beyond the reference (one alpha shared by all quantizers): after the global search, alpha is
+refined greedily block by block. Each candidate for block b reuses the cached values at block
+b's input, so only blocks b.. are recomputed. A range is never widened beyond min-max.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.fx
+
+from ..errors import PassError
+from ..graph.compare import float_leaves
+from ..graph.copy import copy_graph_module
+from ..graph.probe import flatten_inputs
+from ..graph.view import GraphView
+from ..quantizers.observers import FakeQuantize, Observer
+from ..quantizers.spec import Estimator, Granularity
+from .base import GraphPass
+
+SPAN_BY_BITS = {8: 0.1, 7: 0.2, 6: 0.3, 5: 0.6, 4: 0.9}
+
+
+@dataclasses.dataclass(frozen=True)
+class ClipPlan:
+    alphas: Mapping[str, float]  # observer module -> chosen alpha (1.0: min-max)
+    candidates: tuple[float, ...]
+    global_alpha: float
+    loss_unclipped: float
+    loss_global: float
+    loss_final: float
+    search_seconds: float
+    evaluations: int
+
+    def summary(self) -> str:
+        clipped = sum(a < 1.0 for a in self.alphas.values())
+        return (f"token-wise clipping: global alpha {self.global_alpha:.2f}, then per block; {clipped}/"
+                f"{len(self.alphas)} quantizers clipped; output MSE {self.loss_unclipped:.4g} -> {self.loss_global:.4g} "
+                f"(global) -> {self.loss_final:.4g} (per block); {self.evaluations} evaluations in "
+                f"{self.search_seconds:.1f}s")
+
+
+class ClipTokenwise(GraphPass[ClipPlan]):
+    output_rel_tol = 0.0  # observers keep returning their input; only their ranges change
+
+    def __init__(self, batches: Sequence[Mapping[str, torch.Tensor]], candidates: Sequence[float] | None = None,
+                 per_block: bool = True, max_batches: int = 4, steps: int = 10) -> None:
+        if not batches:
+            raise ValueError("token-wise clipping needs calibration batches to search on")
+        self.batches = [dict(b) for b in list(batches)[:max_batches]]
+        self.candidates = tuple(candidates) if candidates is not None else None
+        self.per_block = per_block
+        self.steps = steps
+
+    def _grid(self, bits: int) -> tuple[float, ...]:
+        if self.candidates is not None:
+            return tuple(sorted(set(self.candidates) | {1.0}, reverse=True))
+        span = SPAN_BY_BITS.get(bits, 0.1 if bits > 8 else 0.9)
+        return tuple(round(1.0 - span * i / self.steps, 4) for i in range(self.steps + 1))
+
+    def analyze(self, gm: torch.fx.GraphModule) -> ClipPlan:
+        start = time.perf_counter()
+        names = [n for n, m in gm.named_children() if isinstance(m, Observer)
+                 and m.spec.granularity is Granularity.PER_TENSOR]
+        if not names:
+            raise PassError("no per-tensor activation observers to clip; run InsertObservers first")
+        observers = {n: getattr(gm, n) for n in names}
+        if not all(o.calibrated and o.token_max.numel() for o in observers.values()):
+            raise PassError("token-wise clipping needs calibrated observers; run calibrate() first")
+        bits = max(o.spec.bits for o in observers.values())
+        grid = self._grid(bits)
+        search = _Search(gm, self.batches, observers, grid)
+        loss_unclipped = search.loss()
+        # coarse: one alpha for all quantizers
+        global_losses = {a: search.loss({n: a for n in names}) for a in grid}
+        global_alpha = min(global_losses, key=global_losses.get)
+        choice = {n: global_alpha for n in names}
+        loss = global_losses[global_alpha]
+        loss_global = loss
+        if self.per_block:
+            for block_names, boundary in search.blocks(names):
+                cache = search.cached_env(choice, boundary)
+                best_alpha, best_loss = choice[block_names[0]], loss
+                for a in grid:
+                    if a == best_alpha:
+                        continue
+                    trial = dict(choice, **{n: a for n in block_names})
+                    trial_loss = search.loss(trial, cache)
+                    if trial_loss < best_loss:
+                        best_alpha, best_loss = a, trial_loss
+                choice.update({n: best_alpha for n in block_names})
+                loss = best_loss
+        return ClipPlan(choice, grid, global_alpha, loss_unclipped, loss_global, loss,
+                        time.perf_counter() - start, search.evaluations)
+
+    def apply(self, gm: torch.fx.GraphModule, plan: ClipPlan) -> bool:
+        for name, alpha in plan.alphas.items():
+            old: Observer = getattr(gm, name)
+            setattr(gm, name, old.with_spec(old.spec.with_(estimator=Estimator.TOKEN_QUANTILE, token_alpha=alpha)))
+        return any(a < 1.0 for a in plan.alphas.values())
+
+
+class _Search:
+    """Evaluates clipping choices on a fake-quant copy of the observed graph."""
+
+    def __init__(self, gm: torch.fx.GraphModule, batches: list[dict], observers: Mapping[str, Observer],
+                 grid: tuple[float, ...]) -> None:
+        self.work = copy_graph_module(gm)
+        for name, module in gm.named_children():
+            if isinstance(module, Observer):
+                setattr(self.work, name, FakeQuantize.from_observer(module))
+        self.params = {
+            name: {a: obs.with_spec(obs.spec.with_(estimator=Estimator.TOKEN_QUANTILE, token_alpha=a)).qparams()
+                   for a in grid}
+            for name, obs in observers.items()
+        }
+        self.inputs = [flatten_inputs(self.work, (), b) for b in batches]
+        self.order = {n: i for i, n in enumerate(self.work.graph.nodes)}
+        self.evaluations = 0
+        with torch.no_grad():
+            for fq in self._fake_quants():
+                fq.enabled = False
+            self.reference = [float_leaves(torch.fx.Interpreter(self.work).run(*x)) for x in self.inputs]
+            for fq in self._fake_quants():
+                fq.enabled = True
+
+    def _fake_quants(self) -> list[FakeQuantize]:
+        return [m for m in self.work.children() if isinstance(m, FakeQuantize)]
+
+    def _set(self, choice: Mapping[str, float]) -> None:
+        for name, options in self.params.items():
+            fq: FakeQuantize = getattr(self.work, name)
+            scale, zero_point = options[choice.get(name, 1.0)]
+            fq.scale, fq.zero_point = scale.float(), zero_point
+
+    def loss(self, choice: Mapping[str, float] | None = None, cache: list[dict] | None = None) -> float:
+        self._set(choice or {})
+        self.evaluations += 1
+        total = 0.0
+        with torch.no_grad():
+            for i, x in enumerate(self.inputs):
+                env = dict(cache[i]) if cache is not None else None
+                out = float_leaves(torch.fx.Interpreter(self.work).run(*x, initial_env=env))
+                total += sum(float((o - r).pow(2).mean()) for o, r in zip(out, self.reference[i]))
+        return total / len(self.inputs)
+
+    def blocks(self, names: Sequence[str]) -> list[tuple[list[str], int]]:
+        """Quantizers grouped by transformer block, with the graph position where each block starts."""
+        ends = [self.order[b.sublayers[-1].add] for b in GraphView(self.work).blocks]
+        if not ends:
+            return []
+        node_of = {n.target: n for n in self.work.graph.nodes if n.op == "call_module"}
+        groups: list[list[str]] = [[] for _ in ends]
+        for name in names:
+            position = self.order[node_of[name]]
+            index = next((i for i, end in enumerate(ends) if position <= end), len(ends) - 1)
+            groups[index].append(name)
+        starts = [0] + [end + 1 for end in ends[:-1]]
+        return [(g, s) for g, s in zip(groups, starts) if g]
+
+    def cached_env(self, choice: Mapping[str, float], boundary: int) -> list[dict] | None:
+        """Values of nodes before ``boundary`` that later nodes read, under ``choice``."""
+        if boundary == 0:
+            return None
+        self._set(choice)
+        before = [n for n in self.work.graph.nodes if self.order[n] < boundary]
+        needed = {n for n in before if n.op == "placeholder" or any(self.order[u] >= boundary for u in n.users)}
+        caches = []
+        with torch.no_grad():
+            for x in self.inputs:
+                captured: dict = {}
+
+                class _Capture(torch.fx.Interpreter):
+                    def run_node(self, n: torch.fx.Node) -> object:
+                        value = super().run_node(n)
+                        if n in needed:
+                            captured[n] = value
+                        return value
+
+                _Capture(self.work).run(*x)
+                # Every node before the boundary is pre-filled (None where nothing downstream reads
+                # it), so the interpreter starts computing at the boundary.
+                caches.append({n: captured.get(n) for n in before})
+        return caches

@@ -1,0 +1,78 @@
+"""GroupChannels: per-embedding-group (PEG) quantization, Bondarenko et al. 2021.
+
+For the residual-stream tensors that carry structured outliers (by default the FFN input, the
+FFN output and the residual sums), the hidden dimension is split into K groups, each with its
+own scale and zero point. Channels are sorted by their calibrated range (max - min), aggregated
+over *all* calibration batches, before being cut into balanced contiguous groups, so the few
+outlier channels share a group. The permutation is an index vector, never a d x d matrix;
+K = 1 is exactly per-tensor and K = d exactly per-channel.
+
+The pass runs after InsertObservers and before calibration: it gives the chosen observers a
+per-group spec (they then collect per-channel statistics). The permutation itself is known
+after calibration; ConvertToFakeQuant records it in its plan.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.fx
+
+from ..errors import PassError
+from ..graph.roles import Role
+from ..quantizers.observers import Observer
+from ..quantizers.spec import Estimator, Granularity
+from .base import GraphPass
+
+PEG_ROLES = frozenset({Role.FFN_INPUT, Role.FFN_OUTPUT, Role.RESIDUAL_SUM})
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupedTensor:
+    observer: str
+    tensor: str
+    roles: frozenset[Role]
+    groups: int
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupChannelsPlan:
+    groups: int
+    sort_channels: bool
+    tensors: tuple[GroupedTensor, ...]
+
+    def summary(self) -> str:
+        order = "sorted by calibrated range" if self.sort_channels else "in natural order"
+        return f"PEG: {len(self.tensors)} tensors split into K={self.groups} channel groups ({order})"
+
+
+class GroupChannels(GraphPass[GroupChannelsPlan]):
+    output_rel_tol = 0.0  # only observer specs change
+
+    def __init__(self, groups: int = 6, roles: frozenset[Role] = PEG_ROLES, sort_channels: bool = True) -> None:
+        if groups < 1:
+            raise ValueError(f"groups must be >= 1, got {groups}")
+        self.groups = groups
+        self.roles = frozenset(roles)
+        self.sort_channels = sort_channels
+
+    def analyze(self, gm: torch.fx.GraphModule) -> GroupChannelsPlan:
+        chosen = []
+        for name, module in gm.named_children():
+            if not isinstance(module, Observer) or not (module.roles & self.roles):
+                continue
+            if module.calibrated:
+                raise PassError(f"observer {name} is already calibrated; GroupChannels must run before calibrate()")
+            if module.spec.granularity is not Granularity.PER_TENSOR:
+                continue
+            chosen.append(GroupedTensor(name, module.name, module.roles, self.groups))
+        return GroupChannelsPlan(self.groups, self.sort_channels, tuple(chosen))
+
+    def apply(self, gm: torch.fx.GraphModule, plan: GroupChannelsPlan) -> bool:
+        for item in plan.tensors:
+            old: Observer = getattr(gm, item.observer)
+            spec = old.spec.with_(granularity=Granularity.PER_GROUP, axis=-1, groups=item.groups,
+                                  sort_channels=self.sort_channels, estimator=Estimator.MINMAX)
+            setattr(gm, item.observer, Observer(spec, old.name, old.roles))  # a new module: the input keeps its own
+        return bool(plan.tensors)
