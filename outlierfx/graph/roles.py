@@ -53,7 +53,7 @@ def tensor_roles(view: GraphView) -> dict[torch.fx.Node, frozenset[Role]]:
     for res in view.residual_adds:
         add(res.add, Role.RESIDUAL_SUM)
         if res.kind == "mlp":
-            inner = view.between(res.shortcut, res.branch) | {res.branch}
+            inner = view.between(res.origin, res.branch) | {res.branch}
             add(res.branch, Role.FFN_OUTPUT)
             linears = [n for n in inner if is_kind(n, OpKind.LINEAR)]
             for node in linears:  # the FFN's first Linears: no other FFN Linear upstream

@@ -29,6 +29,7 @@ class ResidualAdd:
     shortcut: torch.fx.Node
     branch: torch.fx.Node
     kind: str  # "attention" or "mlp"
+    origin: torch.fx.Node  # where the branch leaves the stream (the shortcut, or the node a scaled shortcut reads)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,7 +95,7 @@ class GraphView:
                 inner = self.between(origin, branch) | {branch}
                 if any(is_kind(n, OpKind.LINEAR) for n in inner):
                     kind = "attention" if any(is_kind(n, OpKind.SOFTMAX) for n in inner) else "mlp"
-                    found.append(ResidualAdd(node, shortcut, branch, kind))
+                    found.append(ResidualAdd(node, shortcut, branch, kind, origin))
                     break
         return tuple(found)
 
@@ -151,7 +152,7 @@ class GraphView:
         for i, group in enumerate(groups):
             members = set()
             for res in group:
-                members |= self.between(res.shortcut, res.branch) | {res.branch, res.add}
+                members |= self.between(res.origin, res.branch) | {res.branch, res.add}
             norms = tuple(sorted((n for n in members if op_kind(n) in NORM_KINDS), key=self.order.__getitem__))
             paths = [meta.module_path(n) for n in members if is_kind(n, OpKind.LINEAR)]
             blocks.append(Block(i, _common_path(paths), tuple(group), norms))

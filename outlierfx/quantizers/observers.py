@@ -160,7 +160,9 @@ class Observer(torch.nn.Module):
             return mse_range(self.samples, self.min_val, self.max_val, self.spec)
         if est is Estimator.TOKEN_QUANTILE:
             a = self.spec.token_alpha
-            return torch.quantile(self.token_min, 1 - a), torch.quantile(self.token_max, a)
+            lo, hi = torch.quantile(self.token_min, 1 - a), torch.quantile(self.token_max, a)
+            # per-token rows of attention tensors include padded keys: never leave [min, max]
+            return torch.maximum(lo, self.min_val), torch.minimum(hi, self.max_val)
         return self.min_val, self.max_val
 
     def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
