@@ -19,7 +19,7 @@ def _demo(args: argparse.Namespace) -> int:
     from .models import encode, load
 
     torch.manual_seed(0)
-    print("outlierfx demo: capture the packaged all-MiniLM-L6-v2 and map its structure")
+    print("outlierfx demo: capture the packaged all-MiniLM-L6-v2, map its structure, quantize it")
     loaded = load("minilm")
     print(f"  loaded {loaded.name} in {loaded.load_seconds:.1f}s")
     sentences = corpus.wikipedia("calibration")[: args.batch]
@@ -37,6 +37,24 @@ def _demo(args: argparse.Namespace) -> int:
     print("\n".join("  " + line for line in view.describe().splitlines()))
     print(f"  residual stream: {len(view.residual_stream)} tensors "
           f"({sum(1 for s in view.norm_sites if s.is_post_ln)} norms also feed a residual shortcut: post-LN)")
+
+    from .api import quantize
+    from .evaluate import EncoderEval
+
+    print("\nquantizing (simulated W8A8) with the naive and best recipes; calibration on 64 Wikipedia paragraphs")
+    texts = corpus.wikipedia("calibration")[:64]
+    calibration = [encode(loaded, texts[i : i + 8], args.seq) for i in range(0, len(texts), 8)]
+    evaluator = EncoderEval.build(loaded, sentences=64)
+    reference = evaluator.embeddings(loaded.model)
+    fp32 = evaluator.lee50(loaded.model)
+    print(f"  FP32: Lee-50 correlation {fp32:.4f}")
+    for recipe in ("naive", "best"):
+        qmodel, qreport = quantize(loaded.model, calibration, recipe=recipe, bits="W8A8", progress=True)
+        metrics = evaluator.metrics(qmodel, reference)
+        print(f"  {recipe:5}: embedding cosine vs FP32 {metrics['cosine']:.4f}, Lee-50 {metrics['lee50']:.4f} "
+              f"(calibration {qreport.calibration_seconds:.1f}s)")
+    print("\naudit trail of the best recipe:")
+    print("\n".join("  " + line for line in qreport.to_text().splitlines()[:12]))
     return 0
 
 

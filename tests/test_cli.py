@@ -12,6 +12,8 @@ def test_demo_runs_and_reports_the_structure():
     assert result.returncode == 0, result.stderr
     assert "6 transformer blocks, 12 residual adds, 13 norm sites" in result.stdout
     assert "canonical ops: linear=37, layer_norm=13" in result.stdout
+    assert "naive: embedding cosine vs FP32" in result.stdout and "best : embedding cosine" in result.stdout
+    assert "1. InsertObservers" in result.stdout
 
 
 def test_unknown_command_fails_cleanly():

@@ -48,16 +48,19 @@ def token_mask(mask: torch.Tensor | None) -> Iterator[None]:
         _TOKEN_MASK.reset(token)
 
 
-def _real_values(x: torch.Tensor, channel_axis: bool) -> torch.Tensor:
-    """The observed values of real tokens: ``[N, C]`` if ``channel_axis`` else a flat vector."""
+def _token_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``x`` as rows of real tokens ``[N, C]`` (padding dropped), and for ``[batch, heads, seq,
+    seq]`` attention tensors the mask of real keys for those rows (None otherwise)."""
     mask = _TOKEN_MASK.get()
     if mask is not None and x.dim() >= 2 and tuple(x.shape[:2]) == tuple(mask.shape):
-        x = x[mask]  # [tokens, ...]
-    elif (not channel_axis and mask is not None and x.dim() == 4 and x.shape[0] == mask.shape[0]
-          and x.shape[2] == x.shape[3] == mask.shape[1]):
-        pairs = mask[:, None, :, None] & mask[:, None, None, :]  # real query x real key
-        return x[pairs.expand_as(x)]
-    return x.reshape(-1, x.shape[-1]) if channel_axis else x.reshape(-1)
+        rows = x if bool(mask.all()) else x[mask]
+        return rows.reshape(-1, x.shape[-1]), None
+    if mask is not None and x.dim() == 4 and x.shape[0] == mask.shape[0] and x.shape[2] == x.shape[3] == mask.shape[1]:
+        rows = x.transpose(1, 2)[mask]  # [real queries, heads, keys]
+        keys = mask[:, None, :].expand(-1, x.shape[2], -1)[mask]  # [real queries, keys]
+        keys = keys[:, None, :].expand_as(rows)
+        return rows.reshape(-1, x.shape[-1]), keys.reshape(-1, x.shape[-1])
+    return x.reshape(-1, x.shape[-1]) if x.dim() else x.reshape(1, 1), None
 
 
 class Observer(torch.nn.Module):
@@ -86,20 +89,28 @@ class Observer(torch.nn.Module):
         return self.spec.granularity is not Granularity.PER_TENSOR
 
     def observe(self, x: torch.Tensor) -> None:
-        if not torch.isfinite(x).all():
+        x = x.detach()
+        axis = self.spec.axis % x.dim() if x.dim() else 0
+        if self.per_channel and axis != x.dim() - 1:
+            rows, keys = x.movedim(axis, -1).reshape(-1, x.shape[axis]), None
+        else:
+            rows, keys = _token_rows(x)
+        if rows.numel() == 0:
+            return
+        rows = rows.float()
+        # per-batch reduction: per channel, or per token (rows) and then per tensor
+        if self.per_channel:
+            lo, hi = torch.aminmax(rows, dim=0)
+        elif keys is None:
+            row_lo, row_hi = torch.aminmax(rows, dim=1)
+            lo, hi = row_lo.min(), row_hi.max()
+        else:  # attention rows: ignore padded keys
+            row_lo = torch.where(keys, rows, torch.inf).amin(1)
+            row_hi = torch.where(keys, rows, -torch.inf).amax(1)
+            lo, hi = row_lo.min(), row_hi.max()
+        if not (bool(torch.isfinite(lo).all()) and bool(torch.isfinite(hi).all())):  # NaN propagates into min/max
             raise DataError(f"NaN or inf reached the observer at {self.name or 'an activation'}; "
                             f"check the calibration inputs and the model's numerics")
-        if self.per_channel and (self.spec.axis % x.dim()) != x.dim() - 1:
-            values = x.detach().movedim(self.spec.axis, -1).reshape(-1, x.shape[self.spec.axis]).float()
-        else:
-            values = _real_values(x.detach(), self.per_channel).float()
-        if values.numel() == 0:
-            return
-        # per-batch reduction
-        if self.per_channel:
-            lo, hi = values.min(0).values, values.max(0).values
-        else:
-            lo, hi = values.min(), values.max()
         # aggregation across batches
         first = self.batches.item() == 0
         if self.spec.estimator is Estimator.RUNNING_MINMAX and not first:
@@ -109,13 +120,11 @@ class Observer(torch.nn.Module):
             self.min_val, self.max_val = lo, hi
         else:
             self.min_val, self.max_val = torch.minimum(self.min_val, lo), torch.maximum(self.max_val, hi)
-        if self.spec.estimator in (Estimator.PERCENTILE, Estimator.MSE):
-            self._keep_samples(values.reshape(-1))
         if not self.per_channel:  # per-token extremes: token-wise clipping reads them later
-            per_token = x.detach().float()
-            per_token = _real_values(per_token, channel_axis=True) if per_token.dim() >= 2 else per_token.reshape(1, -1)
-            self.token_max = torch.cat([self.token_max, per_token.max(1).values])
-            self.token_min = torch.cat([self.token_min, per_token.min(1).values])
+            self.token_max = torch.cat([self.token_max, row_hi])
+            self.token_min = torch.cat([self.token_min, row_lo])
+        if self.spec.estimator in (Estimator.PERCENTILE, Estimator.MSE):
+            self._keep_samples(rows.reshape(-1) if keys is None else rows[keys])
         self.batches += 1
 
     def _keep_samples(self, flat: torch.Tensor) -> None:
