@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 import outlierfx
 from outlierfx.analysis import analyze_outliers, format_table, plot_heatmaps

@@ -1,6 +1,5 @@
 """capture() on generated BERT / GPT-2 / Llama models: exact outputs and canonical ops."""
 
-import pytest
 import torch
 from hypothesis import given, settings
 

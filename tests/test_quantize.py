@@ -142,7 +142,7 @@ def test_nan_activations_are_rejected():
     with torch.no_grad():
         for name, p in list(gm.named_parameters()):
             if name.endswith("q_proj.weight"):
-                setattr(_fetch(gm, name.rsplit(".", 1)[0]), "weight", torch.nn.Parameter(torch.full_like(p, float("nan"))))
+                _fetch(gm, name.rsplit(".", 1)[0]).weight = torch.nn.Parameter(torch.full_like(p, float("nan")))
     with pytest.raises(DataError, match="NaN or inf reached the observer"):
         calibrate(gm, [g.inputs], progress=False)
 

@@ -1,7 +1,6 @@
 """capture() on the packaged pretrained checkpoints (slow: loads real weights)."""
 
 import pytest
-import torch
 
 import outlierfx
 from outlierfx import corpus
