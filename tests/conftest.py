@@ -1,7 +1,13 @@
 import os
 
 import pytest
+import torch
 from hypothesis import HealthCheck, settings
+
+# Under pytest-xdist each worker is its own process: one intra-op thread per worker avoids
+# oversubscribing the cores (OpenMP spin-waiting makes oversubscribed runs several times slower).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 # Exporting a generated model takes ~1 s: no per-example deadline; examples are few but real.
 settings.register_profile(
