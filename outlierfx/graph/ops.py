@@ -7,7 +7,6 @@ After :func:`~outlierfx.graph.canonicalize.canonicalize`, every concept below is
 from __future__ import annotations
 
 import enum
-import operator
 from collections.abc import Iterator
 
 import torch
@@ -139,7 +138,3 @@ def users_through_layout_ops(node: torch.fx.Node) -> Iterator[tuple[torch.fx.Nod
                 stack.append(user)
             else:
                 yield user, current
-
-
-def is_getitem(node: torch.fx.Node) -> bool:
-    return node.op == "call_function" and node.target is operator.getitem

@@ -66,7 +66,3 @@ class ConvertToFakeQuant(GraphPass[ConvertPlan]):
             replace_input_tensor(gm, linear, weight_node, quantized[target], "_quantized")
             linear.meta[meta.CREATED_BY] = linear.meta.get(meta.CREATED_BY, type(self).__name__)
         return bool(plan.activations or plan.weights)
-
-
-def fake_quantizers(gm: torch.fx.GraphModule) -> dict[str, FakeQuantize]:
-    return {name: m for name, m in gm.named_children() if isinstance(m, FakeQuantize)}
