@@ -3,7 +3,6 @@
 import pytest
 import torch
 from hypothesis import given, settings
-from hypothesis import strategies as st
 
 import outlierfx
 from outlierfx.graph import meta
@@ -143,10 +142,9 @@ def test_amplifying_mode_keeps_damping_channels():
     assert_equivalent(g.model, MigrateGamma(channels="amplifying")(gm).graph_module, g.inputs, tol=TOL)
 
 
-@given(st.sampled_from(["bad"]))
-def test_invalid_options_are_rejected(mode):
+def test_invalid_options_are_rejected():
     with pytest.raises(ValueError, match="channels must be"):
-        MigrateGamma(channels=mode)
+        MigrateGamma(channels="bad")
     with pytest.raises(ValueError, match="min_gamma_ratio"):
         MigrateGamma(min_gamma_ratio=2.0)
 

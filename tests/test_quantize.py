@@ -8,6 +8,7 @@ from hypothesis import given, settings
 
 import outlierfx
 from outlierfx.errors import DataError
+from outlierfx.graph.attrs import fetch_attr, set_attr
 from outlierfx.graph.roles import Role, tensor_roles
 from outlierfx.graph.view import GraphView
 from outlierfx.passes.insert_observers import InsertObservers, observers
@@ -113,16 +114,10 @@ def test_weights_are_on_the_integer_grid():
     qmodel, _ = outlierfx.quantize(g.model, [g.inputs], bits="W4A8", progress=False)
     for node in qmodel.graph.nodes:
         if node.target is torch.ops.aten.linear.default:
-            weight = _fetch(qmodel, str(node.args[1].target))
+            weight = fetch_attr(qmodel, str(node.args[1].target))
             scale = weight.abs().max(1).values / 7
             codes = weight / scale[:, None].clamp_min(1e-12)
             assert torch.allclose(codes, codes.round(), atol=1e-3)
-
-
-def _fetch(module, target):
-    for part in target.split("."):
-        module = getattr(module, part)
-    return module
 
 
 def test_calibration_errors_are_clear():
@@ -147,7 +142,7 @@ def test_nan_activations_are_rejected():
     with torch.no_grad():
         for name, p in list(gm.named_parameters()):
             if name.endswith("q_proj.weight"):
-                _fetch(gm, name.rsplit(".", 1)[0]).weight = torch.nn.Parameter(torch.full_like(p, float("nan")))
+                set_attr(gm, name, torch.nn.Parameter(torch.full_like(p, float("nan"))))
     with pytest.raises(DataError, match="NaN or inf reached the observer"):
         calibrate(gm, [g.inputs], progress=False)
 

@@ -44,7 +44,8 @@ def test_pre_ln_norms_feed_only_linears(family):
     assert len(view.norm_sites[-1].linears) == 1  # final norm -> lm_head
     # The residual stream starts at the embeddings and chains through the adds.
     stream = view.residual_stream
-    assert stream[0].target is not None and all(r.add in stream for r in view.residual_adds)
+    assert stream[0] is view.residual_adds[0].shortcut  # the embedding output opens the stream
+    assert all(r.add in stream for r in view.residual_adds)
     assert view.blocks[0].path in ("transformer.h.0", "model.layers.0")
 
 

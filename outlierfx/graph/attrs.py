@@ -51,6 +51,13 @@ def unique_attr_name(gm: torch.nn.Module, base: str) -> str:
         name = f"{base}_{i}"
 
 
+def is_shared_attr(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+    """Whether the tensor of ``get_attr`` node ``node`` is read by more than one op (tied weights)."""
+    return len(node.users) > 1 or any(
+        n is not node and n.op == "get_attr" and n.target == node.target for n in gm.graph.nodes
+    )
+
+
 def replace_input_tensor(
     gm: torch.fx.GraphModule, consumer: torch.fx.Node, old: torch.fx.Node, value: torch.Tensor, suffix: str
 ) -> torch.fx.Node:
@@ -62,9 +69,7 @@ def replace_input_tensor(
     ``<target><suffix>`` is created so the other readers keep the original.
     """
     target = str(old.target)
-    shared = len(old.users) > 1 or any(
-        n is not old and n.op == "get_attr" and n.target == target for n in gm.graph.nodes
-    )
+    shared = is_shared_attr(gm, old)
     wrapped = torch.nn.Parameter(value, requires_grad=False) if isinstance(fetch_attr(gm, target), torch.nn.Parameter) \
         else value
     if not shared:

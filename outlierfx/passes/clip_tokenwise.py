@@ -23,7 +23,7 @@ import torch.fx
 from ..errors import PassError
 from ..graph.compare import float_leaves
 from ..graph.copy import copy_graph_module
-from ..graph.probe import flatten_inputs
+from ..graph.probe import flatten_inputs, probe
 from ..graph.view import GraphView
 from ..quantizers.observers import FakeQuantize, Observer
 from ..quantizers.spec import Estimator, Granularity
@@ -125,6 +125,7 @@ class _Search:
                    for a in grid}
             for name, obs in observers.items()
         }
+        self.batches = batches
         self.inputs = [flatten_inputs(self.work, (), b) for b in batches]
         self.order = {n: i for i, n in enumerate(self.work.graph.nodes)}
         self.evaluations = 0
@@ -177,19 +178,10 @@ class _Search:
         before = [n for n in self.work.graph.nodes if self.order[n] < boundary]
         needed = {n for n in before if n.op == "placeholder" or any(self.order[u] >= boundary for u in n.users)}
         caches = []
-        with torch.no_grad():
-            for x in self.inputs:
-                captured: dict = {}
-
-                class _Capture(torch.fx.Interpreter):
-                    def run_node(self, n: torch.fx.Node) -> object:
-                        value = super().run_node(n)
-                        if n in needed:
-                            captured[n] = value
-                        return value
-
-                _Capture(self.work).run(*x)
-                # Every node before the boundary is pre-filled (None where nothing downstream reads
-                # it), so the interpreter starts computing at the boundary.
-                caches.append({n: captured.get(n) for n in before})
+        for batch in self.batches:
+            captured: dict = {}
+            probe(self.work, needed, ((), batch), captured.__setitem__)
+            # Every node before the boundary is pre-filled (None where nothing downstream reads
+            # it), so the interpreter starts computing at the boundary.
+            caches.append({n: captured.get(n) for n in before})
         return caches

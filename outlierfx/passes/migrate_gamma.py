@@ -27,7 +27,7 @@ import torch.fx
 
 from ..errors import PassError
 from ..graph import meta
-from ..graph.attrs import fetch_attr, replace_input_tensor, set_attr, unique_attr_name
+from ..graph.attrs import fetch_attr, is_shared_attr, replace_input_tensor, set_attr, unique_attr_name
 from ..graph.ops import aten
 from .base import GraphPass
 from .detect_norms import NormSitePlan, analyze_norm_sites
@@ -99,7 +99,7 @@ class MigrateGamma(GraphPass[MigrateGammaPlan]):
             if len(kept) == gamma.numel():
                 skipped.append((site.norm, "no channel qualifies for migration (see the thresholds)"))
                 continue
-            tied = tuple(str(lin.args[1].target) for lin in site.linears if _is_shared(gm, lin.args[1]))
+            tied = tuple(str(lin.args[1].target) for lin in site.linears if is_shared_attr(gm, lin.args[1]))
             migrations.append(GammaMigration(site, kept, tied))
         return MigrateGammaPlan(tuple(migrations), tuple(skipped), self.min_gamma_ratio, self.max_offset, self.channels)
 
@@ -160,10 +160,6 @@ class MigrateGamma(GraphPass[MigrateGammaPlan]):
                 meta.inherit(scaled, norm, NAME)
                 consumer.replace_input_with(operand, scaled)
         _drop_if_unused(gm, site.gamma)
-
-
-def _is_shared(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
-    return len(node.users) > 1 or sum(1 for n in gm.graph.nodes if n.op == "get_attr" and n.target == node.target) > 1
 
 
 def _drop_if_unused(gm: torch.fx.GraphModule, node: torch.fx.Node) -> None:
