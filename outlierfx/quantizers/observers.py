@@ -204,10 +204,12 @@ def mse_range(samples: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, spec: Q
 class FakeQuantize(torch.nn.Module):
     """Quantize-dequantize with fixed parameters; ``enabled=False`` makes it the identity."""
 
-    def __init__(self, spec: QuantSpec, scale: torch.Tensor, zero_point: torch.Tensor, name: str = "") -> None:
+    def __init__(self, spec: QuantSpec, scale: torch.Tensor, zero_point: torch.Tensor, name: str = "",
+                 roles: frozenset = frozenset()) -> None:
         super().__init__()
         self.spec = spec
         self.name = name
+        self.roles = roles  # what the tensor is (outlierfx.graph.roles.Role), kept from the observer
         self.enabled = True
         self.register_buffer("scale", scale.detach().clone().float())
         self.register_buffer("zero_point", zero_point.detach().clone().to(torch.int32))
@@ -215,7 +217,7 @@ class FakeQuantize(torch.nn.Module):
     @classmethod
     def from_observer(cls, observer: Observer) -> FakeQuantize:
         scale, zero_point = observer.qparams()
-        return cls(observer.spec, scale, zero_point, observer.name)
+        return cls(observer.spec, scale, zero_point, observer.name, observer.roles)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
