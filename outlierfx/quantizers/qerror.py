@@ -7,8 +7,8 @@ largest absolute error and the share of values clipped at the ends of the intege
 
 The error is *local*: the input of each quantizer is the tensor the quantized graph really
 computes there (upstream quantization noise included), and its error is the difference between
-that input and its quantize-dequantize output. Padding tokens are left out (the same masking the
-observers use during calibration).
+that input and its quantize-dequantize output. Padding is left out: the attention mask selects
+real tokens, and real query/key pairs in attention tensors (see :func:`real_values`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch.fx
 from ..errors import DataError
 from ..graph.view import GraphView
 from .fake_quant import _broadcast
-from .observers import FakeQuantize, _token_rows, token_mask
+from .observers import FakeQuantize
 from .spec import Granularity
 
 
@@ -49,9 +49,29 @@ class TensorQuantError:
         return out
 
 
+def real_values(x: torch.Tensor, mask: torch.Tensor | None, roles: frozenset = frozenset()) -> torch.Tensor:
+    """Boolean mask (``x``'s shape) of the values that belong to real tokens, given the
+    attention mask ``[batch, seq]``: token rows of ``[batch, seq, ...]`` tensors, real
+    query/key pairs of attention scores and probabilities ``[batch, heads, seq, seq]``, real
+    query rows of the attention context ``[batch, heads, seq, head_dim]`` (told apart by role)."""
+    if mask is None:
+        return torch.ones_like(x, dtype=torch.bool)
+    m = mask.bool()
+    values = {getattr(r, "value", r) for r in roles}
+    attention = x.dim() == 4 and x.shape[0] == m.shape[0] and x.shape[2] == m.shape[1]
+    if attention and "attention_context" in values:
+        return m[:, None, :, None].expand_as(x)
+    if attention and x.shape[3] == m.shape[1] and (values & {"attention_scores", "attention_probs"} or not values):
+        return (m[:, None, :, None] & m[:, None, None, :]).expand_as(x)
+    if x.dim() >= 2 and tuple(x.shape[:2]) == tuple(m.shape):
+        return m.reshape(*m.shape, *([1] * (x.dim() - 2))).expand_as(x)
+    return torch.ones_like(x, dtype=torch.bool)
+
+
 class _Accumulator:
     def __init__(self, module: FakeQuantize) -> None:
         self.module = module
+        self.mask: torch.Tensor | None = None  # attention mask of the batch running now
         self.signal = 0.0
         self.noise = 0.0
         self.max_abs = 0.0
@@ -60,32 +80,20 @@ class _Accumulator:
 
     def __call__(self, module: FakeQuantize, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
         x = inputs[0].detach()
-        y = output.detach()
-        spec = module.spec
-        last_axis = x.dim() == 0 or spec.granularity is Granularity.PER_TENSOR or spec.axis % x.dim() == x.dim() - 1
-        if last_axis:  # per-tensor or per-(last-axis)-channel: keep only real tokens
-            rows, keys = _token_rows(x)
-            out_rows, _ = _token_rows(y)
-            if keys is not None:
-                rows, out_rows = rows[keys], out_rows[keys]
-            scale, zero_point = module.scale, module.zero_point
-            if spec.granularity is not Granularity.PER_TENSOR and keys is not None:  # flattened: lost the channel
-                scale = zero_point = None
-        else:  # per-channel on another axis: the whole tensor, channel params broadcast in place
-            rows, out_rows = x, y
-            scale, zero_point = _broadcast(module.scale, x, spec.axis), _broadcast(module.zero_point, x, spec.axis)
-        if rows.numel() == 0:
+        real = real_values(x, self.mask, module.roles)
+        values, diff = x[real].double(), (output.detach().double() - x.double())[real]
+        if values.numel() == 0:
             return
-        rows, out_rows = rows.double(), out_rows.double()
-        diff = out_rows - rows
-        self.signal += float(rows.pow(2).sum())
+        self.signal += float(values.pow(2).sum())
         self.noise += float(diff.pow(2).sum())
         self.max_abs = max(self.max_abs, float(diff.abs().max()))
-        self.count += rows.numel()
-        if scale is not None and module.enabled:
-            lo = (spec.qmin - zero_point.double()) * scale.double()
-            hi = (spec.qmax - zero_point.double()) * scale.double()
-            self.clipped += int(((rows < lo) | (rows > hi)).sum())
+        self.count += values.numel()
+        if module.enabled:  # saturated: the integer code falls outside [qmin, qmax] before clamping
+            spec, scale, zero_point = module.spec, module.scale, module.zero_point
+            if spec.granularity is not Granularity.PER_TENSOR and x.dim():
+                scale, zero_point = _broadcast(scale, x, spec.axis), _broadcast(zero_point, x, spec.axis)
+            codes = torch.round(x / scale) + zero_point
+            self.clipped += int(((codes < spec.qmin) | (codes > spec.qmax))[real].sum())
 
     def result(self, tensor_block: str) -> TensorQuantError:
         m = self.module
@@ -146,8 +154,9 @@ def quantization_errors(
     try:
         with torch.no_grad():
             for batch in batches:
-                with token_mask(batch.get("attention_mask")):
-                    qmodel(**batch)
+                for acc in accumulators.values():
+                    acc.mask = batch.get("attention_mask")
+                qmodel(**batch)
     finally:
         for handle in handles:
             handle.remove()

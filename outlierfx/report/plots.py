@@ -47,7 +47,7 @@ def _short(row: TensorQuantError) -> str:
     return f"{name} [{role}]" if role else name
 
 
-def quant_error_figure(rows: Sequence[TensorQuantError], title: str, columns: int = 4) -> bytes:
+def quant_error_figure(rows: Sequence[TensorQuantError], title: str, columns: int = 3) -> bytes:
     """One horizontal bar chart per layer (transformer block): SQNR of each quantized tensor."""
     plt = _pyplot()
     blocks: dict[str, list[TensorQuantError]] = {}
@@ -59,7 +59,7 @@ def quant_error_figure(rows: Sequence[TensorQuantError], title: str, columns: in
     columns = max(1, min(columns, len(blocks)))
     grid_rows = math.ceil(len(blocks) / columns)
     tallest = max(len(v) for v in blocks.values())
-    fig, axes = plt.subplots(grid_rows, columns, figsize=(4.6 * columns, 0.8 + grid_rows * (0.6 + 0.22 * tallest)),
+    fig, axes = plt.subplots(grid_rows, columns, figsize=(4.4 * columns, 0.8 + grid_rows * (0.6 + 0.17 * tallest)),
                              squeeze=False, constrained_layout=True)
     for ax, (block, members) in zip(axes.flat, blocks.items()):
         values = [r.sqnr_db if math.isfinite(r.sqnr_db) else top for r in members]
@@ -70,8 +70,8 @@ def quant_error_figure(rows: Sequence[TensorQuantError], title: str, columns: in
         ax.barh(positions, values, color=colours)
         for pos, r in zip(positions, members):
             if not math.isfinite(r.sqnr_db):
-                ax.text(top, pos, " exact", va="center", ha="right", fontsize=6, color="white")
-        ax.set_yticks(list(positions), [_short(r) for r in members], fontsize=6)
+                ax.text(top, pos, "exact ", va="center", ha="right", fontsize=7, color="white")
+        ax.set_yticks(list(positions), [_short(r) for r in members], fontsize=7)
         ax.invert_yaxis()  # graph order, top to bottom
         ax.set_xlim(bottom, top)
         ax.axvline(LOW_DB, color="#c0392b", lw=0.6, ls="--")
