@@ -13,7 +13,7 @@ import torch
 from . import corpus
 from .api import quantize
 from .evaluate import DecoderEval, EncoderEval
-from .models import encode, load
+from .models import load
 from .quantizers.policy import parse_bits
 
 CALIBRATION = {"encoder": {"samples": 64, "max_length": 128, "batch": 8},
@@ -21,8 +21,9 @@ CALIBRATION = {"encoder": {"samples": 64, "max_length": 128, "batch": 8},
 
 
 def calibration_batches(loaded, samples: int, max_length: int, batch: int) -> list[dict[str, torch.Tensor]]:
-    texts = corpus.wikipedia("calibration")[:samples]
-    return [encode(loaded, texts[i : i + batch], max_length) for i in range(0, len(texts), batch)]
+    """Batches of the packaged Wikipedia calibration split (``samples`` paragraphs)."""
+    return corpus.calibration_batches(loaded, corpus.wikipedia("calibration")[:samples], max_length, batch,
+                                      min_tokens=0, source="the Wikipedia calibration split")
 
 
 def accuracy(model_name: str, bits: Sequence[str], recipes: Sequence[str], policy: str | None = None,

@@ -132,15 +132,59 @@ def _build_smollm2_cache(target: pathlib.Path) -> None:
         shutil.rmtree(partial, ignore_errors=True)
 
 
+# Files a saved Hugging Face tokenizer consists of (at least one of them); without any,
+# AutoTokenizer quietly builds an empty vocabulary that maps every word to [UNK].
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model",
+                   "sentencepiece.bpe.model", "*.tiktoken")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _check_weight_files(folder: pathlib.Path) -> None:
+    """Read the header of every safetensors file (cheap) so a corrupt or truncated one is named."""
+    from safetensors import SafetensorError, safe_open
+
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                f.keys()
+        except (SafetensorError, OSError) as exc:
+            raise DataError(f"{path} is not a valid safetensors file ({_first_line(exc)}); "
+                            f"save or copy the model again") from exc
+
+
+def _unknown_name(name: str) -> DataError:
+    import difflib
+
+    close = difflib.get_close_matches(name.lower(), PACKAGED_MODELS, n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else \
+        " (there is no model hub here: save a Hugging Face model to a folder and pass its path)"
+    return DataError(f"{name!r} is neither a packaged model ({', '.join(PACKAGED_MODELS)}) nor a directory{hint}")
+
+
 def load_directory(path: str | os.PathLike) -> LoadedModel:
-    """Load a local Hugging Face model folder: a causal LM if its config says so, else an encoder."""
+    """Load a local Hugging Face model folder: a causal LM if its config says so, else an encoder.
+
+    Raises :class:`DataError` naming the problem for a missing folder, a folder without
+    ``config.json`` or tokenizer files, unreadable config/weights/tokenizer, and a tokenizer
+    whose vocabulary is larger than the model's embedding.
+    """
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     folder = pathlib.Path(path)
+    if not folder.exists():
+        raise _unknown_name(str(path))
     if not folder.is_dir():
-        raise DataError(f"{str(path)!r} is neither a packaged model ({', '.join(PACKAGED_MODELS)}) nor a directory")
+        raise DataError(f"{folder} is a file, not a model directory (pass the folder that holds config.json)")
     if not (folder / "config.json").is_file():
         raise DataError(f"{folder} is not a Hugging Face model directory (it has no config.json)")
+    if not any(any(folder.glob(pattern)) for pattern in TOKENIZER_FILES):
+        raise DataError(f"{folder} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
+                        f"save one there with tokenizer.save_pretrained()")
+    _check_weight_files(folder)
     start = time.perf_counter()
     with _offline():
         try:
@@ -149,9 +193,13 @@ def load_directory(path: str | os.PathLike) -> LoadedModel:
             cls = AutoModelForCausalLM if decoder else AutoModel
             model = cls.from_pretrained(folder, dtype=torch.float32).eval()
             tokenizer = AutoTokenizer.from_pretrained(folder)
-        except (OSError, ValueError, RuntimeError, KeyError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise DataError(f"cannot load the model in {folder}: {first}") from exc
+        except Exception as exc:  # unreadable user files raise anything (a garbage pickle: IndexError)
+            raise DataError(f"cannot load the model in {folder}: {_first_line(exc)}") from exc
+    embedding = model.get_input_embeddings()
+    rows = getattr(embedding, "num_embeddings", None)
+    if rows is not None and len(tokenizer) > rows:
+        raise DataError(f"the tokenizer in {folder} has {len(tokenizer)} tokens but the model embeds only {rows}; "
+                        f"the two do not belong together")
     return LoadedModel(folder.name, model, tokenizer, "decoder" if decoder else "encoder", time.perf_counter() - start)
 
 
