@@ -150,7 +150,8 @@ def test_minilm_report_renders_in_headless_chromium(minilm, tmp_path):
         speed={"fp32": {"latency_ms": 40.1}, "int8": {"latency_ms": 20.3}})
     data = json.loads(json_path.read_text())
     rows = data["quantization_errors"]
-    assert len(rows) == 93 and {r["block"] for r in rows} >= {f"encoder.layer.{i}" for i in range(6)}
+    assert len(rows) == sum(isinstance(m, FakeQuantize) for m in qmodel.children()) > 80
+    assert {r["block"] for r in rows} >= {f"encoder.layer.{i}" for i in range(6)}
     assert len(data["outliers"]["before"]) == 25  # 13 norm outputs + 12 residual sums
     assert data["outliers"]["before"][0]["top_channels"][0] == 99  # MiniLM's known outlier dimension
     page = html_path.read_text()
