@@ -48,3 +48,27 @@ def flatten_inputs(gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> list[
             raise DataError(f"the graph was captured with inputs {expected}, got {sorted(kwargs)}")
         kwargs = {k: kwargs[k] for k in expected}
     return pytree.tree_leaves((args, kwargs))
+
+
+def values_read_after(gm: torch.fx.GraphModule, boundary: int) -> list[torch.fx.Node]:
+    """Nodes before position ``boundary`` whose value a node at or after it reads (placeholders
+    always included): what to cache to resume execution at ``boundary``."""
+    nodes = list(gm.graph.nodes)
+    order = {n: i for i, n in enumerate(nodes)}
+    return [n for n in nodes[:boundary]
+            if n.op == "placeholder" or any(order[u] >= boundary for u in n.users)]
+
+
+def run_nodes(gm: torch.fx.GraphModule, env: dict[torch.fx.Node, Any], start: int, stop: torch.fx.Node
+              ) -> dict[torch.fx.Node, Any]:
+    """Evaluate the nodes from position ``start`` through ``stop``, reading earlier values from
+    ``env`` (e.g. cached with :func:`values_read_after`); returns the extended environment.
+    Runs under the caller's autograd mode, so a segment of the graph can be trained."""
+    interpreter = torch.fx.Interpreter(gm, garbage_collect_values=False)
+    interpreter.env = dict(env)
+    for node in list(gm.graph.nodes)[start:]:
+        if node not in interpreter.env:
+            interpreter.env[node] = interpreter.run_node(node)
+        if node is stop:
+            break
+    return interpreter.env

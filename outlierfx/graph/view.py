@@ -102,16 +102,22 @@ class GraphView:
     def _shortcut_origin(self, shortcut: torch.fx.Node, branch: torch.fx.Node, max_steps: int = 8) -> torch.fx.Node | None:
         """Where the shortcut leaves the stream: ``shortcut`` itself if the branch descends from it,
         else the nearest such node up a chain of single-input ops (e.g. the per-channel multiply
-        that gamma migration puts on a post-LN shortcut)."""
+        that gamma migration or Quadapter puts on a post-LN shortcut; parameters, and values
+        computed from parameters only, do not count as inputs)."""
         node = shortcut
         for _ in range(max_steps):
             if node is not branch and nx.has_path(self.digraph, node, branch):
                 return node
-            tensor_inputs = [n for n in node.all_input_nodes if n.op != "get_attr"]
+            tensor_inputs = [n for n in node.all_input_nodes if not self._is_constant(n)]
             if node.op != "call_function" or len(tensor_inputs) != 1:
                 return None
             node = tensor_inputs[0]
         return None
+
+    def _is_constant(self, node: torch.fx.Node) -> bool:
+        """A parameter, or a value computed from parameters only (no graph input upstream)."""
+        return node.op == "get_attr" or (node.op == "call_function" and not any(
+            n.op == "placeholder" for n in nx.ancestors(self.digraph, node)))
 
     @functools.cached_property
     def residual_stream(self) -> tuple[torch.fx.Node, ...]:

@@ -9,6 +9,10 @@ and after calibration; and the default placement policy.
 - ``os+peg``: both.
 - ``clip``, ``peg+clip``: ablations (clipping without gamma migration).
 - ``best``: what the measurements in the README recommend (today: PEG with K=24).
+- ``quadapter``: learned per-channel scales at the norm -> Linear edges (Park et al. 2022),
+  trained block by block on the calibration batches, then folded; ``os+quadapter`` after gamma
+  migration and token-wise clipping. Training assumes 8-bit weights (``quadapter_recipe``
+  makes variants with other weight specs and inits).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from .base import GraphPass
 from .clip_tokenwise import ClipTokenwise
 from .group_channels import GroupChannels
 from .migrate_gamma import MigrateGamma
+from .quadapter import FoldQuadapter, InsertQuadapter, TrainQuadapter
 
 Batches = Sequence[Mapping[str, torch.Tensor]]
 
@@ -73,6 +78,22 @@ RECIPES: dict[str, Recipe] = {
 }
 RECIPES["best"] = Recipe("best", "recommended at W8A8: PEG with K=24 sorted groups (measured best all-8-bit "
                                  "recipe on MiniLM, see README)", observe=lambda: [GroupChannels(groups=24)])
+
+
+def quadapter_recipe(name: str = "quadapter", os: bool = False, **train: object) -> Recipe:
+    """A Quadapter recipe; ``train`` goes to :class:`TrainQuadapter` (``weight``, ``init``, ``lr``...)."""
+
+    def finish(batches: Batches) -> list[GraphPass]:
+        return [*(_clip(batches) if os else []), InsertQuadapter(), TrainQuadapter(batches, **train),  # type: ignore[arg-type]
+                FoldQuadapter()]
+
+    what = "gamma migration + token-wise clipping + Quadapter" if os else "Quadapter"
+    return Recipe(name, f"{what}: per-channel scales at norm -> Linear edges, trained block-wise, folded",
+                  _migrate if os else _none, _none, finish)
+
+
+RECIPES["quadapter"] = quadapter_recipe("quadapter")
+RECIPES["os+quadapter"] = quadapter_recipe("os+quadapter", os=True)
 
 
 def get_recipe(name: str) -> Recipe:
