@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import os
 
 import networkx as nx
@@ -90,7 +91,7 @@ class GraphView:
                 continue
             for shortcut, branch in ((a, b), (b, a)):
                 origin = self._shortcut_origin(shortcut, branch)
-                if origin is None:
+                if origin is None or not self._carries_activations(origin):
                     continue
                 inner = self.between(origin, branch) | {branch}
                 if any(is_kind(n, OpKind.LINEAR) for n in inner):
@@ -113,6 +114,16 @@ class GraphView:
                 return None
             node = tensor_inputs[0]
         return None
+
+    def _carries_activations(self, node: torch.fx.Node) -> bool:
+        """Whether ``node`` holds model activations: it descends from an embedding, a Linear or
+        a float input. An attention mask made from the integer ``attention_mask`` does not,
+        although later layers' scores descend from it (with one head the two even share a
+        shape)."""
+        for n in itertools.chain((node,), nx.ancestors(self.digraph, node)):
+            if is_kind(n, OpKind.EMBEDDING, OpKind.LINEAR) or (n.op == "placeholder" and is_float_tensor(n)):
+                return True
+        return False
 
     def _is_constant(self, node: torch.fx.Node) -> bool:
         """A parameter, or a value computed from parameters only (no graph input upstream)."""

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 import torch
 
 from ..errors import DataError
+from ..graph.roles import Role
 from .fake_quant import fake_quantize, group_index, qparams_from_range
 from .spec import Estimator, Granularity, QuantSpec
 
@@ -48,18 +49,28 @@ def token_mask(mask: torch.Tensor | None) -> Iterator[None]:
         _TOKEN_MASK.reset(token)
 
 
-def _token_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+_ATTENTION_MATRICES = frozenset({Role.ATTN_SCORES, Role.ATTN_PROBS})
+
+
+def _token_rows(x: torch.Tensor, roles: frozenset = frozenset()) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``x`` as rows of real tokens ``[N, C]`` (padding dropped), and for ``[batch, heads, seq,
-    seq]`` attention tensors the mask of real keys for those rows (None otherwise)."""
+    seq]`` attention tensors the mask of real keys for those rows (None otherwise).
+
+    The tensor's roles tell attention matrices apart (a context ``[batch, heads, seq, head_dim]``
+    has the same shape when head_dim equals the length); without roles the shape decides."""
     mask = _TOKEN_MASK.get()
-    if mask is not None and x.dim() >= 2 and tuple(x.shape[:2]) == tuple(mask.shape):
-        rows = x if bool(mask.all()) else x[mask]
-        return rows.reshape(-1, x.shape[-1]), None
-    if mask is not None and x.dim() == 4 and x.shape[0] == mask.shape[0] and x.shape[2] == x.shape[3] == mask.shape[1]:
+    attention = bool(roles & _ATTENTION_MATRICES) if roles else True
+    # attention [batch, heads, seq, seq] first: with as many heads as tokens it also matches
+    # the [batch, seq, ...] test below
+    if mask is not None and attention and x.dim() == 4 and x.shape[0] == mask.shape[0] \
+            and x.shape[2] == x.shape[3] == mask.shape[1]:
         rows = x.transpose(1, 2)[mask]  # [real queries, heads, keys]
         keys = mask[:, None, :].expand(-1, x.shape[2], -1)[mask]  # [real queries, keys]
         keys = keys[:, None, :].expand_as(rows)
         return rows.reshape(-1, x.shape[-1]), keys.reshape(-1, x.shape[-1])
+    if mask is not None and x.dim() >= 3 and tuple(x.shape[:2]) == tuple(mask.shape):  # [batch, seq, hidden...]
+        rows = x if bool(mask.all()) else x[mask]
+        return rows.reshape(-1, x.shape[-1]), None
     return x.reshape(-1, x.shape[-1]) if x.dim() else x.reshape(1, 1), None
 
 
@@ -94,7 +105,7 @@ class Observer(torch.nn.Module):
         if self.per_channel and axis != x.dim() - 1:
             rows, keys = x.movedim(axis, -1).reshape(-1, x.shape[axis]), None
         else:
-            rows, keys = _token_rows(x)
+            rows, keys = _token_rows(x, self.roles)
         if rows.numel() == 0:
             return
         rows = rows.float()
