@@ -101,7 +101,7 @@ def quantize(
     gm = capture(model, dict(batches[0]))
     prepared = PassManager([*chosen.prepare(), InsertObservers(quant_policy), *chosen.observe()])(gm)
     seconds = calibrate(prepared.graph_module, batches, progress=progress)
-    converted = PassManager([*chosen.finish(batches), ConvertToFakeQuant(quant_policy.weight)])(prepared.graph_module)
+    converted = PassManager([*chosen.finish(batches), ConvertToFakeQuant(quant_policy.weight, quant_policy.embedding)])(prepared.graph_module)
     audit = AuditTrail(prepared.audit.entries + converted.audit.entries)
     placement = next(e.plan for e in audit.entries if isinstance(e.plan, InsertObserversPlan))
     report = QuantizationReport(chosen.name, str(widths), quant_policy.name, audit, placement, seconds, len(batches))

@@ -60,5 +60,9 @@ def inherit(new: torch.fx.Node, like: torch.fx.Node, created_by: str) -> None:
     new.meta[MODULE_PATH] = module_path(like)
     new.meta[CREATED_BY] = created_by
 
+WEIGHT_QUANT = "outlierfx_weight_quant"
+"""Set by ``ConvertToFakeQuant`` on Linear and embedding nodes whose weight it quantized: the
+:class:`~outlierfx.quantizers.spec.QuantSpec` (lowering reads it to build integer weights)."""
+
 NORM_ROLE = "outlierfx_norm_role"
 """Set by ``DetectNorms`` on norm nodes: a :class:`outlierfx.passes.detect_norms.NormSitePlan`."""

@@ -45,6 +45,12 @@ class GraphPass(abc.ABC, Generic[PlanT]):
     def name(self) -> str:
         return type(self).__name__
 
+    @property
+    def propagates_values(self) -> bool:
+        """Whether new nodes get ``meta["val"]`` after :meth:`apply` (False where fake tensors
+        cannot run the result, e.g. packed int8 kernels)."""
+        return True
+
     def requires(self, gm: torch.fx.GraphModule) -> None:
         """Raise :class:`~outlierfx.errors.PassError` if ``gm`` is not a valid input."""
 
@@ -67,6 +73,7 @@ class GraphPass(abc.ABC, Generic[PlanT]):
         if modified:
             work.graph.lint()
             work.recompile()
-            propagate_values(work)  # new nodes get shapes, so passes chain without a manager
+            if self.propagates_values:
+                propagate_values(work)  # new nodes get shapes, so passes chain without a manager
         self.ensures(work)
         return PassResult(work, modified, plan)

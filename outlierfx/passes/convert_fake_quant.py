@@ -1,5 +1,6 @@
 """ConvertToFakeQuant: calibrated observers become quantize-dequantize modules, and Linear
-weights are replaced by their quantized values (per the policy's weight spec).
+weights and embedding tables are replaced by their quantized values (per the policy's weight
+and embedding specs). Each such node records its spec under ``meta.WEIGHT_QUANT``.
 
 The result simulates an integer backend: activations and weights take only values on their
 integer grids. Biases stay float (backends keep them in int32 at scale s_x * s_w, which is
@@ -29,10 +30,14 @@ class ConvertPlan:
     weights: tuple[torch.fx.Node, ...]  # Linear nodes whose weight is quantized
     weight_spec: QuantSpec | None
     grouped: tuple[tuple[str, int, tuple[int, ...]], ...] = ()  # (quantizer, K, channel permutation)
+    embeddings: tuple[torch.fx.Node, ...] = ()  # embedding lookups whose table is quantized
+    embedding_spec: QuantSpec | None = None
 
     def summary(self) -> str:
         spec = self.weight_spec.describe() if self.weight_spec else "float"
         line = f"{len(self.activations)} activation quantizers; {len(self.weights)} Linear weights ({spec})"
+        if self.embeddings and self.embedding_spec is not None:
+            line += f"; {len(self.embeddings)} embedding tables ({self.embedding_spec.describe()}, rows)"
         if self.grouped:
             line += f"; {len(self.grouped)} grouped (PEG, K={self.grouped[0][1]}), permutations in the JSON report"
         return line
@@ -41,8 +46,9 @@ class ConvertPlan:
 class ConvertToFakeQuant(GraphPass[ConvertPlan]):
     output_rel_tol = None  # quantization changes numerics on purpose; the error is recorded
 
-    def __init__(self, weight_spec: QuantSpec | None) -> None:
+    def __init__(self, weight_spec: QuantSpec | None, embedding_spec: QuantSpec | None = None) -> None:
         self.weight_spec = weight_spec
+        self.embedding_spec = embedding_spec
 
     def analyze(self, gm: torch.fx.GraphModule) -> ConvertPlan:
         names = tuple(name for name, m in gm.named_children() if isinstance(m, Observer))
@@ -52,17 +58,24 @@ class ConvertToFakeQuant(GraphPass[ConvertPlan]):
         linears = tuple(n for n in gm.graph.nodes if op_kind(n) is OpKind.LINEAR and self.weight_spec is not None)
         grouped = tuple((name, getattr(gm, name).spec.groups, getattr(gm, name).permutation() or ())
                         for name in names if getattr(gm, name).spec.granularity is Granularity.PER_GROUP)
-        return ConvertPlan(names, linears, self.weight_spec, grouped)
+        embeddings = tuple(n for n in gm.graph.nodes if op_kind(n) is OpKind.EMBEDDING
+                           and isinstance(n.args[0], torch.fx.Node) and n.args[0].op == "get_attr"
+                           and self.embedding_spec is not None)
+        return ConvertPlan(names, linears, self.weight_spec, grouped, embeddings, self.embedding_spec)
 
     def apply(self, gm: torch.fx.GraphModule, plan: ConvertPlan) -> bool:
         for name in plan.activations:
             setattr(gm, name, FakeQuantize.from_observer(getattr(gm, name)))
-        quantized: dict[str, torch.Tensor] = {}  # a tied weight is quantized once
-        for linear in plan.weights:
-            weight_node = linear.args[1]
-            target = str(weight_node.target)
-            if target not in quantized:
-                quantized[target] = quantize_weight(fetch_attr(gm, target), plan.weight_spec)[0]
-            replace_input_tensor(gm, linear, weight_node, quantized[target], "_quantized")
-            linear.meta[meta.CREATED_BY] = linear.meta.get(meta.CREATED_BY, type(self).__name__)
-        return bool(plan.activations or plan.weights)
+        # A tied table (lm_head = embedding) is quantized once per spec: at equal specs
+        # (per-row int8 both) the two readers keep sharing one tensor.
+        quantized: dict[tuple[str, QuantSpec], torch.Tensor] = {}
+        work = [(n, 1, plan.weight_spec) for n in plan.weights] + [(n, 0, plan.embedding_spec) for n in plan.embeddings]
+        for node, index, spec in work:
+            weight_node = node.args[index]
+            key = (str(weight_node.target), spec)
+            if key not in quantized:
+                quantized[key] = quantize_weight(fetch_attr(gm, key[0]), spec)[0]
+            replace_input_tensor(gm, node, weight_node, quantized[key], "_quantized")
+            node.meta[meta.WEIGHT_QUANT] = spec
+            node.meta[meta.CREATED_BY] = node.meta.get(meta.CREATED_BY, type(self).__name__)
+        return bool(plan.activations or plan.weights or plan.embeddings)

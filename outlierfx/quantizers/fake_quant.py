@@ -46,15 +46,36 @@ def _broadcast(param: torch.Tensor, x: torch.Tensor, axis: int) -> torch.Tensor:
     return param.reshape(shape)
 
 
+def _integers(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: QuantSpec
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if spec.granularity is not Granularity.PER_TENSOR:
+        scale, zero_point = _broadcast(scale, x, spec.axis), _broadcast(zero_point, x, spec.axis)
+    # x * (1 / scale), as torch's quantize kernels compute it: the integer codes then agree with
+    # a lowered model's even at rounding ties.
+    return torch.clamp(torch.round(x * (1.0 / scale)) + zero_point, spec.qmin, spec.qmax), scale, zero_point
+
+
 def fake_quantize(
     x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: QuantSpec
 ) -> torch.Tensor:
     """Quantize-dequantize ``x``. Per-tensor params are scalars; per-channel and per-group
     params hold one value per channel along ``spec.axis`` (groups already expanded)."""
-    if spec.granularity is not Granularity.PER_TENSOR:
-        scale, zero_point = _broadcast(scale, x, spec.axis), _broadcast(zero_point, x, spec.axis)
-    q = torch.clamp(torch.round(x / scale) + zero_point, spec.qmin, spec.qmax)
+    q, scale, zero_point = _integers(x, scale, zero_point, spec)
     return ((q - zero_point) * scale).to(x.dtype)
+
+
+def integer_dtype(spec: QuantSpec) -> torch.dtype:
+    """The smallest integer dtype holding the spec's grid (int8/uint8 up to 8 bits)."""
+    if spec.bits <= 8:
+        return torch.int8 if spec.signed else torch.uint8
+    return torch.int16 if spec.signed and spec.bits <= 16 else torch.int32
+
+
+def quantize_to_integers(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: QuantSpec
+                         ) -> torch.Tensor:
+    """The integer codes of ``x`` (what an int8 kernel stores): ``fake_quantize`` without the
+    dequantization, as :func:`integer_dtype`."""
+    return _integers(x, scale, zero_point, spec)[0].to(integer_dtype(spec))
 
 
 def quantize_weight(weight: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -1,0 +1,486 @@
+"""Lower: a calibrated fake-quant graph becomes a graph of integer kernels.
+
+Two stages, both exact up to rounding ties (one quantization step at most, per lowered op):
+
+1. Reference form (every backend). Each ``FakeQuantize`` becomes ``quantize -> dequantize``
+   of torch's ``quantized_decomposed`` library (uint8/int8 codes between them), each quantized
+   Linear weight an int8 tensor behind ``dequantize_per_channel``, each quantized embedding
+   table an int8 table whose gathered rows are scaled. This is the form inductor's x86 int8
+   patterns match (``backend="inductor"``: compile it with :func:`outlierfx.compile_int8`).
+   A Linear reading a PEG-grouped activation becomes K sub-GEMMs over contiguous channel
+   groups, each with its own activation scale, summed in float; the group permutation is
+   folded into the weight columns, so only the input is gathered, once.
+2. torch.ao engines (``fbgemm``, ``x86``, ``qnnpack``). ``quantize -> Linear -> quantize``
+   becomes one :class:`~outlierfx.quantizers.backends.QuantizedLinear` (int8 GEMM with the
+   requantization fused); a Linear whose output stays float uses the engine's float-output int8
+   GEMM (fbgemm/x86) or, on qnnpack, which has none, a float GEMM on the dequantized weight
+   (listed as a fallback). Quantize-dequantize pairs left around other ops become torch's fused
+   fake-quantize kernels: those ops run in float on values that are exactly on the int8 grid.
+
+Quantizers wider than 8 bit (the ``mp16`` policy) have no integer kernel and stay simulated;
+the plan lists them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import torch
+import torch.fx
+
+from ..errors import PassError
+from ..graph import meta
+from ..graph.attrs import del_attr, fetch_attr, set_attr, unique_attr_name
+from ..graph.ops import OpKind, op_kind, tensor_val
+from ..quantizers.backends import AO_ENGINES, QuantizedLinear, check_backend, has_float_output_kernel
+from ..quantizers.fake_quant import integer_dtype, quantize_to_integers, quantize_weight
+from ..quantizers.observers import FakeQuantize
+from ..quantizers.spec import Granularity, QuantSpec
+from .base import GraphPass
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    import torch.ao.quantization.fx._decomposed  # registers the quantized_decomposed ops
+
+qd = torch.ops.quantized_decomposed
+aten = torch.ops.aten
+Q_TENSOR, DQ_TENSOR = qd.quantize_per_tensor.default, qd.dequantize_per_tensor.default
+Q_CHANNEL, DQ_CHANNEL = qd.quantize_per_channel.default, qd.dequantize_per_channel.default
+LINEAR_MODULE_PREFIX = "outlierfx_int8_linear_"
+
+
+@dataclasses.dataclass(frozen=True)
+class LoweredLinear:
+    node: str
+    module_path: str
+    kernel: str  # e.g. "int8 GEMM, requantized output", "6 int8 sub-GEMMs (PEG)", "float GEMM (...)"
+
+    @property
+    def is_int8(self) -> bool:
+        return "int8" in self.kernel
+
+
+@dataclasses.dataclass(frozen=True)
+class LowerPlan:
+    backend: str
+    linears: tuple[LoweredLinear, ...]
+    activations: int  # quantizers lowered to integer quantize/dequantize
+    embeddings: int  # int8 embedding tables
+    simulated: tuple[tuple[str, str], ...]  # (tensor, why) quantizers with no integer kernel
+
+    def summary(self) -> str:
+        int8 = sum(1 for lin in self.linears if lin.is_int8)
+        kinds: dict[str, int] = {}
+        for lin in self.linears:
+            kinds[lin.kernel] = kinds.get(lin.kernel, 0) + 1
+        lines = [f"backend {self.backend}: {int8}/{len(self.linears)} Linears on int8 kernels; "
+                 f"{self.activations} activation quantizers as integer quantize/dequantize; "
+                 f"{self.embeddings} int8 embedding tables"]
+        lines += [f"  {n} x {kernel}" for kernel, n in sorted(kinds.items())]
+        if self.simulated:
+            lines.append(f"  {len(self.simulated)} quantizers without an integer kernel stay simulated "
+                         f"(e.g. {self.simulated[0][0]}: {self.simulated[0][1]})")
+        return "\n".join(lines)
+
+
+class Lower(GraphPass[LowerPlan]):
+    """Lower a fake-quant graph (the model ``outlierfx.quantize`` returns) to integer kernels.
+
+    ``backend``: ``"x86"`` (default on x86 CPUs), ``"fbgemm"``, ``"qnnpack"`` (ARM; also runs on
+    x86, slowly), ``"reference"`` or ``"inductor"`` (the decomposed form, for torch.compile).
+    """
+
+    output_rel_tol = None  # rounding ties may move a value by one step; the error is recorded
+
+    def __init__(self, backend: str = "x86") -> None:
+        self.backend = check_backend(backend)
+
+    @property
+    def propagates_values(self) -> bool:
+        return self.backend not in AO_ENGINES  # fake tensors cannot run packed int8 kernels
+
+    def requires(self, gm: torch.fx.GraphModule) -> None:
+        if not any(isinstance(m, FakeQuantize) for m in gm.modules()):
+            raise PassError("the graph has no fake quantizers: lower the model outlierfx.quantize() returns")
+
+    def analyze(self, gm: torch.fx.GraphModule) -> LowerPlan:
+        linears, simulated, activations = [], [], 0
+        for node in gm.graph.nodes:
+            module = _fake_quantizer(gm, node)
+            if module is not None and module.enabled:
+                if module.spec.bits > 8:
+                    simulated.append((module.name or node.name, f"{module.spec.bits}-bit: no integer kernel"))
+                else:
+                    activations += 1
+            if op_kind(node) is OpKind.LINEAR:
+                linears.append(LoweredLinear(node.name, meta.module_path(node), self._kernel(gm, node)))
+        embeddings = sum(1 for n in gm.graph.nodes if op_kind(n) is OpKind.EMBEDDING and meta.WEIGHT_QUANT in n.meta)
+        return LowerPlan(self.backend, tuple(linears), activations, embeddings, tuple(simulated))
+
+    def _kernel(self, gm: torch.fx.GraphModule, linear: torch.fx.Node) -> str:
+        if meta.WEIGHT_QUANT not in linear.meta:
+            return "float GEMM (weight not quantized by the policy)"
+        source = linear.args[0]
+        module = _fake_quantizer(gm, source) if isinstance(source, torch.fx.Node) else None
+        if module is None or not module.enabled:
+            return "float GEMM on int8 weights (input not quantized by the policy)"
+        if module.spec.bits > 8:
+            return f"float GEMM on int8 weights (input simulated at {module.spec.bits} bit)"
+        grouped = module.spec.granularity is not Granularity.PER_TENSOR
+        if self.backend in AO_ENGINES and not has_float_output_kernel(self.backend):
+            if grouped:
+                return f"float GEMM on int8 weights ({self.backend} has no float-output int8 GEMM for PEG groups)"
+            if _output_quantizer(gm, linear, full_range=True) is None:
+                return f"float GEMM on int8 weights (output stays float; {self.backend} has no float-output int8 GEMM)"
+        if grouped:
+            return f"{len(_groups(module)[0])} int8 sub-GEMMs (PEG groups), float sum"
+        if _output_quantizer(gm, linear, full_range=True) is not None:
+            return "int8 GEMM, requantized uint8 output"
+        return "int8 GEMM, float output"
+
+    def apply(self, gm: torch.fx.GraphModule, plan: LowerPlan) -> bool:
+        kernels = {lin.node: lin.kernel for lin in plan.linears}
+        _ReferenceLowering(gm, kernels).run()
+        if self.backend in AO_ENGINES:
+            _AoLowering(gm, self.backend, kernels).run()
+        _remove_unused_attrs(gm)
+        return True
+
+
+def _fake_quantizer(gm: torch.fx.GraphModule, node: torch.fx.Node) -> FakeQuantize | None:
+    if node.op != "call_module":
+        return None
+    module = gm.get_submodule(str(node.target))
+    return module if isinstance(module, FakeQuantize) else None
+
+
+def _output_quantizer(gm: torch.fx.GraphModule, node: torch.fx.Node, full_range: bool) -> FakeQuantize | None:
+    """The per-tensor 8-bit quantizer that is the only reader of ``node``, if any."""
+    if len(node.users) != 1:
+        return None
+    module = _fake_quantizer(gm, next(iter(node.users)))
+    if module is None or not module.enabled or module.spec.granularity is not Granularity.PER_TENSOR:
+        return None
+    if full_range and (module.spec.signed or module.spec.bits != 8):
+        return None
+    return module
+
+
+def _groups(module: FakeQuantize) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """The channel groups of a grouped quantizer (channels sharing scale and zero point, in
+    channel order), with each group's scale and zero point."""
+    pairs = torch.stack([module.scale.double(), module.zero_point.double()], 1)
+    unique, inverse = torch.unique(pairs, dim=0, return_inverse=True)
+    groups = [torch.nonzero(inverse == g).flatten() for g in range(unique.shape[0])]
+    return groups, unique[:, 0].float(), unique[:, 1].to(torch.int64)
+
+
+class _ReferenceLowering:
+    """Stage 1: FakeQuantize -> quantized_decomposed q/dq; int8 weights and embedding tables."""
+
+    def __init__(self, gm: torch.fx.GraphModule, kernels: dict[str, str]) -> None:
+        self.gm, self.graph, self.kernels = gm, gm.graph, kernels
+        self.weights: dict[str, tuple[str, str, str, QuantSpec]] = {}  # target -> int8, scale, zp attrs
+
+    def run(self) -> None:
+        grouped_inputs: dict[torch.fx.Node, FakeQuantize] = {}
+        for node in list(self.graph.nodes):
+            module = _fake_quantizer(self.gm, node)
+            if module is not None:
+                dq = self._activation(node, module)
+                if dq is not None and module.spec.granularity is not Granularity.PER_TENSOR:
+                    grouped_inputs[dq] = module
+        for node in list(self.graph.nodes):
+            if op_kind(node) is OpKind.LINEAR and meta.WEIGHT_QUANT in node.meta:
+                source = node.args[0]
+                if source in grouped_inputs and "sub-GEMMs" in self.kernels.get(node.name, ""):
+                    self._split_linear(node, grouped_inputs[source])
+                else:
+                    node.update_arg(1, self._weight(node, node.args[1], node.meta[meta.WEIGHT_QUANT]))
+            elif op_kind(node) is OpKind.EMBEDDING and meta.WEIGHT_QUANT in node.meta:
+                self._embedding(node)
+        self.graph.eliminate_dead_code()
+
+    def _buffer(self, base: str, value: torch.Tensor) -> torch.fx.Node:
+        name = unique_attr_name(self.gm, base)
+        set_attr(self.gm, name, value)
+        return self.graph.get_attr(name)
+
+    def _activation(self, node: torch.fx.Node, module: FakeQuantize) -> torch.fx.Node | None:
+        x = node.args[0]
+        if not module.enabled:
+            node.replace_all_uses_with(x)
+            self.graph.erase_node(node)
+            return None
+        spec = module.spec
+        if spec.bits > 8:
+            return None
+        dtype = integer_dtype(spec)
+        with self.graph.inserting_before(node):
+            if spec.granularity is Granularity.PER_TENSOR:
+                qparams = (float(module.scale), int(module.zero_point), spec.qmin, spec.qmax, dtype)
+                q = self.graph.call_function(Q_TENSOR, (x, *qparams))
+                dq = self.graph.call_function(DQ_TENSOR, (q, *qparams))
+            else:
+                axis = spec.axis % tensor_val(x).dim()
+                scale = self._buffer(f"{node.target}_scale", module.scale.float())
+                zero_point = self._buffer(f"{node.target}_zero_point", module.zero_point.to(torch.int64))
+                qparams = (scale, zero_point, axis, spec.qmin, spec.qmax, dtype)
+                q = self.graph.call_function(Q_CHANNEL, (x, *qparams))
+                dq = self.graph.call_function(DQ_CHANNEL, (q, *qparams))
+        for new in (q, dq):
+            meta.inherit(new, node, "Lower")
+        node.replace_all_uses_with(dq)
+        self.graph.erase_node(node)
+        del_attr(self.gm, str(node.target))
+        return dq
+
+    def _integer_weight(self, target: str, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+        """int8 codes and per-row scales of a weight ConvertToFakeQuant put on the grid.
+
+        Re-quantizing an on-grid tensor recovers its codes exactly (the scale to the last ulp)."""
+        if spec.granularity is not Granularity.PER_CHANNEL or spec.axis % 2 != 0 or not spec.symmetric \
+                or spec.bits > 8:
+            raise PassError(f"{target}: lowering needs symmetric per-row weights of <= 8 bits, got {spec.describe()}")
+        weight = fetch_attr(self.gm, target).detach()
+        _, scale, zero_point = quantize_weight(weight, spec)
+        codes = quantize_to_integers(weight, scale, zero_point, spec)
+        if not torch.allclose(codes.float() * scale[:, None], weight, rtol=1e-5, atol=0.0):
+            raise PassError(f"{target} is not on an int{spec.bits} grid; was the graph converted by ConvertToFakeQuant?")
+        return codes, scale.float()
+
+    def _weight_attrs(self, weight: torch.fx.Node, spec: QuantSpec) -> tuple[str, str, str, QuantSpec]:
+        target = str(weight.target)
+        if target not in self.weights:
+            codes, scale = self._integer_weight(target, spec)
+            names = []
+            for suffix, value in (("_int8", codes), ("_scale", scale), ("_zero_point", torch.zeros_like(scale, dtype=torch.int64))):
+                name = unique_attr_name(self.gm, target + suffix)
+                set_attr(self.gm, name, value)
+                names.append(name)
+            self.weights[target] = (*names, spec)
+        return self.weights[target]
+
+    def _dequantized_weight(self, attrs: tuple[str, str, str, QuantSpec], codes: str | None = None) -> torch.fx.Node:
+        int8, scale, zero_point, spec = attrs
+        args = (self.graph.get_attr(codes or int8), self.graph.get_attr(scale), self.graph.get_attr(zero_point),
+                0, spec.qmin, spec.qmax, torch.int8)
+        return self.graph.call_function(DQ_CHANNEL, args)
+
+    def _weight(self, linear: torch.fx.Node, weight: torch.fx.Node, spec: QuantSpec) -> torch.fx.Node:
+        attrs = self._weight_attrs(weight, spec)
+        with self.graph.inserting_before(linear):
+            return self._dequantized_weight(attrs)
+
+    def _split_linear(self, linear: torch.fx.Node, module: FakeQuantize) -> None:
+        """``x @ W^T`` with x quantized per channel group -> sum over groups of ``x_g @ W_g^T``,
+        each ``x_g`` quantized per tensor with its group's parameters."""
+        spec: QuantSpec = linear.meta[meta.WEIGHT_QUANT]
+        dq = linear.args[0]
+        x = dq.args[0].args[0]  # the float tensor before the grouped quantize
+        bias = linear.args[2] if len(linear.args) > 2 else linear.kwargs.get("bias")
+        groups, scales, zero_points = _groups(module)
+        attrs = self._weight_attrs(linear.args[1], spec)
+        codes = fetch_attr(self.gm, attrs[0])
+        order = torch.cat(groups)
+        act = module.spec
+        before = set(self.graph.nodes)
+        with self.graph.inserting_before(linear):
+            gathered = self.graph.call_function(aten.index_select.default,
+                                                (x, -1, self._buffer(f"{linear.name}_channel_order", order)))
+            total, start = None, 0
+            for g, channels in enumerate(groups):
+                end = start + channels.numel()
+                part = self.graph.call_function(aten.slice.Tensor, (gathered, -1, start, end))
+                qparams = (float(scales[g]), int(zero_points[g]), act.qmin, act.qmax, integer_dtype(act))
+                q = self.graph.call_function(Q_TENSOR, (part, *qparams))
+                xg = self.graph.call_function(DQ_TENSOR, (q, *qparams))
+                columns = unique_attr_name(self.gm, f"{attrs[0]}_group{g}")
+                set_attr(self.gm, columns, codes[:, channels].contiguous())
+                wg = self._dequantized_weight(attrs, columns)
+                out = self.graph.call_function(aten.linear.default, (xg, wg, bias if g == 0 else None))
+                out.meta[meta.WEIGHT_QUANT] = spec
+                total = out if total is None else self.graph.call_function(aten.add.Tensor, (total, out))
+                start = end
+        for new in self.graph.nodes:
+            if new not in before:
+                meta.inherit(new, linear, "Lower")  # the sub-GEMMs read as the Linear they replace
+        linear.replace_all_uses_with(total)
+        self.graph.erase_node(linear)
+
+    def _embedding(self, node: torch.fx.Node) -> None:
+        spec: QuantSpec = node.meta[meta.WEIGHT_QUANT]
+        weight, indices = node.args[0], node.args[1]
+        int8, scale, _, _ = self._weight_attrs(weight, spec)
+        with self.graph.inserting_before(node):
+            codes = self.graph.call_function(aten.embedding.default, (self.graph.get_attr(int8), indices))
+            rows = self.graph.call_function(aten._to_copy.default, (codes,), {"dtype": torch.float32})
+            scale_rows = unique_attr_name(self.gm, scale + "_rows")
+            set_attr(self.gm, scale_rows, fetch_attr(self.gm, scale)[:, None].contiguous())
+            row_scale = self.graph.call_function(aten.embedding.default, (self.graph.get_attr(scale_rows), indices))
+            value = self.graph.call_function(aten.mul.Tensor, (rows, row_scale))
+        for new in (codes, rows, row_scale, value):
+            meta.inherit(new, node, "Lower")
+        node.replace_all_uses_with(value)
+        self.graph.erase_node(node)
+
+
+class _AoLowering:
+    """Stage 2: quantized values flow as ``quint8`` tensors between the ops torch.ao engines
+    run in int8 (Linear, add, layer_norm), with the requantization to the next quantizer's
+    grid fused into each kernel; float ops read a dequantized copy, made once per value."""
+
+    def __init__(self, gm: torch.fx.GraphModule, engine: str, kernels: dict[str, str]) -> None:
+        self.gm, self.graph, self.engine, self.kernels = gm, gm.graph, engine, kernels
+        self.quantized: dict[torch.fx.Node, torch.fx.Node] = {}  # q node -> node giving its quint8 tensor
+
+    def run(self) -> None:
+        for node in list(self.graph.nodes):
+            if node.op != "call_function":
+                continue
+            if node.target is aten.linear.default:
+                self._linear(node)
+            elif node.target in (aten.add.Tensor, aten.layer_norm.default):
+                self._elementwise(node)
+        for node in list(self.graph.nodes):
+            if node.op == "call_function" and node.target in (DQ_TENSOR, DQ_CHANNEL) and node.args[0].op != "get_attr":
+                self._float_view(node)
+        for node in list(self.graph.nodes):  # weights of float fallbacks: dequantized once, now
+            if node.op == "call_function" and node.target is DQ_CHANNEL and node.args[0].op == "get_attr":
+                self._constant_weight(node)
+        self.graph.eliminate_dead_code()
+
+    # -- int8 values ---------------------------------------------------------------------------
+    @staticmethod
+    def _uint8_value(node: object) -> torch.fx.Node | None:
+        """The full-range uint8 per-tensor quantize node behind a dequantize node."""
+        if _is_call(node, DQ_TENSOR) and _is_call(node.args[0], Q_TENSOR) \
+                and tuple(node.args[0].args[3:6]) == (0, 255, torch.uint8):
+            return node.args[0]
+        return None
+
+    @staticmethod
+    def _output_value(node: torch.fx.Node) -> torch.fx.Node | None:
+        """The full-range uint8 quantize node that is the only reader of ``node``."""
+        if len(node.users) != 1:
+            return None
+        q = next(iter(node.users))
+        return q if _is_call(q, Q_TENSOR) and tuple(q.args[3:6]) == (0, 255, torch.uint8) else None
+
+    def _quint8(self, q: torch.fx.Node, before: torch.fx.Node) -> torch.fx.Node:
+        """The quint8 tensor of value ``q``: the int8 op that produced it, or one quantize."""
+        if q not in self.quantized:
+            with self.graph.inserting_after(q):
+                node = self.graph.call_function(torch.quantize_per_tensor, (q.args[0], q.args[1], q.args[2], torch.quint8))
+            meta.inherit(node, q, "Lower")
+            self.quantized[q] = node
+        return self.quantized[q]
+
+    def _produce(self, q_out: torch.fx.Node, node: torch.fx.Node) -> None:
+        self.quantized[q_out] = node
+
+    def _linear(self, linear: torch.fx.Node) -> None:
+        x_dq, w_dq = linear.args[0], linear.args[1]
+        bias = linear.args[2] if len(linear.args) > 2 else linear.kwargs.get("bias")
+        if not (_is_call(x_dq, DQ_TENSOR) and _is_call(x_dq.args[0], Q_TENSOR) and _is_call(w_dq, DQ_CHANNEL)):
+            return
+        q_x = x_dq.args[0]
+        scale, zero_point, qmin, qmax, dtype = q_x.args[1:6]
+        if dtype != torch.uint8 or w_dq.args[0].op != "get_attr":
+            return
+        q_out = self._output_value(linear)
+        if q_out is None and not has_float_output_kernel(self.engine):
+            return  # float fallback (listed in the plan)
+        codes = fetch_attr(self.gm, str(w_dq.args[0].target))
+        w_scale = fetch_attr(self.gm, str(w_dq.args[1].target))
+        bias_value = fetch_attr(self.gm, str(bias.target)) if isinstance(bias, torch.fx.Node) else None
+        out = None if q_out is None else (q_out.args[1], q_out.args[2])
+        module = QuantizedLinear(codes, w_scale, bias_value, (scale, zero_point, qmin, qmax), out, self.engine)
+        name = unique_attr_name(self.gm, LINEAR_MODULE_PREFIX + linear.name)
+        self.gm.add_module(name, module)
+        # int8 in, int8 out when the input is a full-range uint8 value; else the float input
+        source = self._quint8(q_x, linear) if out is not None and self._uint8_value(x_dq) is not None else q_x.args[0]
+        with self.graph.inserting_before(linear):
+            call = self.graph.call_module(name, (source,))
+        meta.inherit(call, linear, "Lower")
+        if q_out is None:
+            linear.replace_all_uses_with(call)
+        else:
+            self._produce(q_out, call)
+
+    def _elementwise(self, node: torch.fx.Node) -> None:
+        """add / layer_norm with int8 inputs and an int8 output -> torch.ao's quantized kernel."""
+        q_out = self._output_value(node)
+        if q_out is None:
+            return
+        if node.target is aten.add.Tensor:
+            if len(node.args) != 2 or node.kwargs:
+                return
+            inputs = [self._uint8_value(a) for a in node.args]
+            if any(q is None for q in inputs):
+                return
+            args = (*(self._quint8(q, node) for q in inputs), q_out.args[1], q_out.args[2])
+            target = torch.ops.quantized.add.default
+        else:
+            q_in = self._uint8_value(node.args[0])
+            if q_in is None:
+                return
+            args = list(node.args) + [None] * (5 - len(node.args))
+            shape, weight, bias = args[1], args[2], args[3]
+            eps = args[4] if args[4] is not None else node.kwargs.get("eps", 1e-5)
+            args = (self._quint8(q_in, node), shape, weight, bias, eps, q_out.args[1], q_out.args[2])
+            target = torch.ops.quantized.layer_norm.default
+        with self.graph.inserting_before(node):
+            call = self.graph.call_function(target, args)
+        meta.inherit(call, node, "Lower")
+        self._produce(q_out, call)
+
+    # -- float views -------------------------------------------------------------------------
+    def _float_view(self, dq: torch.fx.Node) -> None:
+        """A dequantize read by float ops: dequantize the int8 tensor if there is one, else one
+        fused fake-quantize kernel on the float value."""
+        q = dq.args[0]
+        if not dq.users:
+            return
+        if q in self.quantized:
+            with self.graph.inserting_before(dq):
+                new = self.graph.call_method("dequantize", (self.quantized[q],))
+        elif dq.target is DQ_TENSOR:
+            x, scale, zero_point, qmin, qmax, _ = q.args
+            with self.graph.inserting_before(dq):
+                new = self.graph.call_function(torch.fake_quantize_per_tensor_affine, (x, scale, zero_point, qmin, qmax))
+        else:
+            x, scale, zero_point, axis, qmin, qmax, _ = q.args
+            zp32 = unique_attr_name(self.gm, str(zero_point.target) + "_int32")
+            set_attr(self.gm, zp32, fetch_attr(self.gm, str(zero_point.target)).to(torch.int32))
+            with self.graph.inserting_before(dq):
+                new = self.graph.call_function(torch.fake_quantize_per_channel_affine,
+                                               (x, scale, self.graph.get_attr(zp32), axis, qmin, qmax))
+        meta.inherit(new, dq, "Lower")
+        dq.replace_all_uses_with(new)
+
+    def _constant_weight(self, dq: torch.fx.Node) -> None:
+        codes, scale = (fetch_attr(self.gm, str(a.target)) for a in dq.args[:2])
+        name = unique_attr_name(self.gm, str(dq.args[0].target) + "_dequantized")
+        set_attr(self.gm, name, codes.float() * scale[:, None])
+        with self.graph.inserting_before(dq):
+            new = self.graph.get_attr(name)
+        dq.replace_all_uses_with(new)
+
+
+def _is_call(node: object, target: object) -> bool:
+    return isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target is target
+
+
+def _remove_unused_attrs(gm: torch.fx.GraphModule) -> None:
+    """Drop tensors no node reads (the float weights the int8 copies replaced), keeping the
+    buffers of modules the graph calls."""
+    gm.graph.eliminate_dead_code()
+    gm.delete_all_unused_submodules()
+    used = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
+    called = {str(n.target) + "." for n in gm.graph.nodes if n.op == "call_module"}
+    for name, _ in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)):
+        if name not in used and not any(name.startswith(prefix) for prefix in called):
+            del_attr(gm, name)
+
