@@ -41,7 +41,11 @@ def probe(
 def flatten_inputs(gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> list[Any]:
     """Placeholder values in order, flattened the way the graph's calling convention does."""
     info = getattr(gm.graph._codegen, "pytree_info", None)
-    spec = info.in_spec if info is not None else None
+    return flatten_with_spec(info.in_spec if info is not None else None, args, kwargs)
+
+
+def flatten_with_spec(spec: pytree.TreeSpec | None, args: tuple, kwargs: dict) -> list[Any]:
+    """``(args, kwargs)`` flattened in the order of an input spec (keyword order may differ)."""
     if spec is not None and spec.num_children == 2 and kwargs:
         expected = list(spec.child(1).context)
         if set(expected) != set(kwargs):

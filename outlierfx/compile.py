@@ -1,0 +1,70 @@
+"""The non-deprecated int8 path: the lowered reference form compiled by torch.compile/inductor.
+
+torch 2.13 deprecates quantized tensors (the torch.ao engines). Inductor instead pattern-matches
+``dequantize -> linear -> quantize`` in the ``quantized_decomposed`` form that
+:class:`~outlierfx.passes.lower.Lower` emits into fused oneDNN int8 kernels
+(``onednn.qlinear_pointwise``) when weights are frozen as constants, and fuses the remaining
+quantize/dequantize ops into the neighbouring elementwise kernels.
+
+Two entry points:
+
+- :func:`compile_int8`: a fake-quant model (what ``outlierfx.quantize`` returns) -> compiled int8.
+- the ``"outlierfx"`` torch.compile backend: ``torch.compile(qmodel, backend="outlierfx")``
+  lowers every outlierfx quantizer dynamo meets to integer quantize/dequantize ops and hands
+  the graph to inductor with freezing on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch._inductor.config
+import torch.fx
+
+from .passes.lower import Lower
+
+INDUCTOR_OPTIONS = {"freezing": True}  # weights as constants: what the int8 GEMM patterns need
+
+
+class CompiledInt8(torch.nn.Module):
+    """A torch.compile'd int8 graph whose (re)compilations run with freezing on.
+
+    Freezing must be set in inductor's global config while compiling: passed as
+    ``torch.compile(options=...)`` it does not reach the int8 weight-prepacking patterns
+    (torch 2.13: ``onednn.qlinear_prepack`` is then left on a graph input and fails)."""
+
+    def __init__(self, reference: torch.fx.GraphModule, dynamic: bool | None = None) -> None:
+        super().__init__()
+        self.reference = reference
+        self.compiled = torch.compile(reference, dynamic=dynamic)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        with torch._inductor.config.patch(INDUCTOR_OPTIONS), torch.no_grad():
+            return self.compiled(*args, **kwargs)
+
+
+def compile_int8(model: torch.fx.GraphModule, *, dynamic: bool | None = None) -> CompiledInt8:
+    """Lower a fake-quant graph to the reference int8 form and compile it with inductor.
+
+    Compilation happens on the first call (tens of seconds for a small model on 2 cores)."""
+    return CompiledInt8(Lower("inductor")(model).graph_module, dynamic)
+
+
+def outlierfx_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Any:
+    """torch.compile backend: inductor with freezing, for graphs already lowered by outlierfx
+    (``Lower("inductor")``) or any float graph (compiled as inductor would)."""
+    from torch._inductor import compile_fx
+
+    with torch._inductor.config.patch(INDUCTOR_OPTIONS):
+        return compile_fx.compile_fx(gm, example_inputs)
+
+
+def register_backend() -> None:
+    """Make ``torch.compile(..., backend="outlierfx")`` available (idempotent)."""
+    from torch._dynamo import list_backends
+    from torch._dynamo.backends.registry import register_backend as register
+
+    if "outlierfx" not in list_backends(exclude_tags=()):
+        register(name="outlierfx")(outlierfx_backend)
