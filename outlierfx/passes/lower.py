@@ -58,7 +58,7 @@ class LoweredLinear:
 
     @property
     def is_int8(self) -> bool:
-        return "int8" in self.kernel
+        return not self.kernel.startswith("float")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,177 @@
+"""Lowering fake-quant graphs to integer kernels: per-op numerics on every backend, PEG as
+grouped GEMMs, the compiled path, save/load, and size on disk."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import given, settings
+
+import outlierfx
+from outlierfx.errors import PassError
+from outlierfx.graph.compare import output_error
+from outlierfx.graph.probe import probe
+from outlierfx.passes.lower import Lower
+from outlierfx.quantizers.backends import BackendError, QuantizedLinear, check_backend
+from outlierfx.serialize import load_quantized, save_quantized, size_on_disk_mb
+from outlierfx.testing import build_model, transformer_models
+
+ENGINES = ("fbgemm", "x86", "qnnpack")
+
+
+def _quantized_linears(gm):
+    return {n: gm.get_submodule(str(n.target)) for n in gm.graph.nodes
+            if n.op == "call_module" and isinstance(gm.get_submodule(str(n.target)), QuantizedLinear)}
+
+
+def _fake_quant_reference(module: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
+    """What the fake-quant graph computes for this Linear: float math on grid values."""
+    x = x.dequantize() if x.is_quantized else torch.fake_quantize_per_tensor_affine(
+        x, module.in_scale, module.in_zero_point, module.in_qmin, module.in_qmax)
+    weight = module.weight_int8.float() * module.weight_scale.float()[:, None]
+    y = torch.nn.functional.linear(x, weight, module.bias)
+    if module.out_qparams is not None:
+        y = torch.fake_quantize_per_tensor_affine(y, *module.out_qparams, 0, 255)
+    return y
+
+
+def _assert_each_int8_linear_within_one_step(lowered, inputs):
+    modules = _quantized_linears(lowered)
+    assert modules, "no Linear was lowered to an int8 kernel"
+    seen = {}
+    probe(lowered, [n.args[0] for n in modules], ((), inputs), lambda n, v: seen.__setitem__(n, v))
+    for node, module in modules.items():
+        x = seen[node.args[0]]
+        with torch.no_grad():
+            out = module(x)
+            out = out.dequantize() if out.is_quantized else out
+            ref = _fake_quant_reference(module, x)
+        step = module.out_qparams[0] if module.out_qparams else 1e-4 * float(ref.abs().max()) + 1e-6
+        assert float((out - ref).abs().max()) <= step * 1.001 + 1e-6, (node.name, module)
+
+
+@settings(max_examples=6)
+@given(g=transformer_models(outliers=False))
+def test_int8_linears_match_fake_quant_within_one_step_on_every_engine(g):
+    qmodel, _ = outlierfx.quantize(g.model, [g.inputs], recipe="naive", bits="W8A8", progress=False)
+    for engine in ENGINES:
+        result = Lower(engine)(qmodel)
+        plan = result.plan
+        assert result.modified and plan.backend == engine
+        int8 = [lin for lin in plan.linears if lin.is_int8]
+        # every Linear whose input is quantized runs in int8 (qnnpack: those with an int8 output)
+        assert len(int8) == len(_quantized_linears(result.graph_module)) > 0
+        if engine != "qnnpack":
+            assert len(int8) == len(plan.linears)
+        _assert_each_int8_linear_within_one_step(result.graph_module, g.inputs)
+
+
+@settings(max_examples=6)
+@given(g=transformer_models())
+def test_reference_form_equals_fake_quant(g):
+    qmodel, _ = outlierfx.quantize(g.model, [g.inputs], recipe="naive", bits="W8A8", progress=False)
+    lowered = Lower("reference")(qmodel).graph_module
+    assert not any(isinstance(m, outlierfx.quantizers.observers.FakeQuantize) for m in lowered.modules())
+    with torch.no_grad():
+        error = output_error(qmodel(**g.inputs), lowered(**g.inputs))
+    assert error.within(1e-5)
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_peg_linears_become_grouped_int8_gemms_equal_to_fake_quant(family):
+    g = build_model(family, hidden=32, layers=2)
+    qmodel, _ = outlierfx.quantize(g.model, [g.inputs], recipe="peg", bits="W8A8", progress=False)
+    result = Lower("reference")(qmodel)
+    grouped = [lin for lin in result.plan.linears if "sub-GEMMs" in lin.kernel]
+    assert grouped, result.plan.summary()
+    with torch.no_grad():
+        error = output_error(qmodel(**g.inputs), result.graph_module(**g.inputs))
+    assert error.within(1e-5)  # only the float summation order differs
+    # the permutation is folded into weight columns: one gather per grouped input, no scatter
+    gathers = [n for n in result.graph_module.graph.nodes if n.target is torch.ops.aten.index_select.default]
+    assert len(gathers) == len(grouped)
+    x86 = Lower("x86")(qmodel).graph_module
+    _assert_each_int8_linear_within_one_step(x86, g.inputs)
+
+
+def test_k1_groups_lower_to_one_gemm_per_linear():
+    from outlierfx.passes.group_channels import GroupChannels
+    from outlierfx.passes.recipes import RECIPES, Recipe
+
+    g = build_model("gpt2", hidden=16, layers=1)
+    RECIPES["_k1"] = Recipe("_k1", "test", observe=lambda: [GroupChannels(groups=1)])
+    try:
+        qmodel, _ = outlierfx.quantize(g.model, [g.inputs], recipe="_k1", bits="W8A8", progress=False)
+    finally:
+        del RECIPES["_k1"]
+    plan = Lower("reference")(qmodel).plan
+    assert all("1 int8 sub-GEMMs" in lin.kernel for lin in plan.linears if "sub-GEMMs" in lin.kernel)
+
+
+def test_bad_inputs_are_named():
+    g = build_model("gpt2", hidden=16, layers=1)
+    gm = outlierfx.capture(g.model, g.inputs)
+    with pytest.raises(PassError, match="no fake quantizers"):
+        Lower("x86")(gm)
+    with pytest.raises(BackendError, match="unknown backend"):
+        check_backend("tensorrt")
+
+
+def test_saved_model_reloads_in_a_new_process_with_identical_outputs(tmp_path):
+    g = build_model("bert", hidden=32, layers=2)
+    qmodel, _ = outlierfx.quantize(g.model, [g.inputs], recipe="naive", bits="W8A8", progress=False)
+    lowered = Lower("x86")(qmodel).graph_module
+    path = save_quantized(lowered, tmp_path / "int8", {"recipe": "naive"})
+    torch.save(dict(g.inputs), tmp_path / "inputs.pt")
+    with torch.no_grad():
+        torch.save(lowered(**g.inputs).last_hidden_state, tmp_path / "expected.pt")
+    with pytest.raises(outlierfx.OutlierFXError, match="exists"):
+        save_quantized(lowered, tmp_path / "int8")
+    script = (
+        "import sys, torch\n"
+        "from outlierfx.serialize import load_quantized\n"
+        f"model = load_quantized({str(path.parent)!r})\n"
+        f"inputs = torch.load({str(tmp_path / 'inputs.pt')!r})\n"
+        f"expected = torch.load({str(tmp_path / 'expected.pt')!r})\n"
+        "with torch.no_grad():\n"
+        "    out = model(**inputs).last_hidden_state\n"
+        "sys.exit(0 if torch.equal(out, expected) else 1)\n"
+    )
+    assert subprocess.run([sys.executable, "-c", script], timeout=300).returncode == 0
+    assert json.loads((path.parent / "outlierfx.json").read_text())["recipe"] == "naive"
+    assert load_quantized(path.parent)(**g.inputs).last_hidden_state.shape == (*g.inputs["input_ids"].shape, 32)
+
+
+def test_compiled_int8_matches_the_reference_form():
+    from outlierfx.compile import compile_int8
+
+    g = build_model("bert", hidden=32, layers=2)
+    qmodel, _ = outlierfx.quantize(g.model, [g.inputs], recipe="naive", bits="W8A8", progress=False)
+    compiled = compile_int8(qmodel)
+    with torch.no_grad():
+        ref = Lower("reference")(qmodel).graph_module(**g.inputs).last_hidden_state
+        out = compiled(**g.inputs).last_hidden_state
+    real = g.inputs["attention_mask"].bool()
+    cosine = torch.nn.functional.cosine_similarity(ref[real], out[real], dim=-1)
+    assert float(cosine.min()) >= 0.999
+
+
+@pytest.mark.slow
+def test_minilm_lowered_keeps_quality_and_is_under_a_third_of_the_size(minilm, tmp_path):
+    from outlierfx.benchmarks import CALIBRATION, calibration_batches
+    from outlierfx.evaluate import EncoderEval
+
+    batches = calibration_batches(minilm, **CALIBRATION["encoder"])[:4]
+    qmodel, _ = outlierfx.quantize(minilm.model, batches, recipe="best", bits="W8A8", progress=False)
+    lowered = Lower("x86")(qmodel).graph_module
+    evaluator = EncoderEval.build(minilm, sentences=32)
+    reference = evaluator.embeddings(minilm.model)
+    fake = evaluator.metrics(qmodel, reference)["cosine"]
+    real = evaluator.metrics(lowered, reference)["cosine"]
+    assert real >= fake - 0.002, (fake, real)
+    path = save_quantized(lowered, tmp_path / "minilm-int8")
+    fp32 = tmp_path / "fp32.pt"
+    torch.save(minilm.model.state_dict(), fp32)
+    assert size_on_disk_mb(path) <= 0.3 * size_on_disk_mb(fp32)
