@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import pathlib
 import sys
 import time
 from collections.abc import Sequence
@@ -14,47 +15,79 @@ def _demo(args: argparse.Namespace) -> int:
     import torch
 
     from . import corpus
+    from .api import lower, quantize
+    from .evaluate import EncoderEval
     from .graph import capture, meta
     from .graph.view import GraphView
     from .models import encode, load
+    from .quantizers.backends import default_backend
+    from .report import build_report
+    from .serialize import save_quantized, size_on_disk_mb
+    from .speed import speed_inputs
 
     torch.manual_seed(0)
-    print("outlierfx demo: capture the packaged all-MiniLM-L6-v2, map its structure, quantize it")
+    out = pathlib.Path(args.out)
+    backend = default_backend()
+    print(f"outlierfx demo: all-MiniLM-L6-v2 -> int8 ({backend}) with the 'best' recipe, W8A8; "
+          f"{torch.get_num_threads()} threads")
     loaded = load("minilm")
     print(f"  loaded {loaded.name} in {loaded.load_seconds:.1f}s")
-    sentences = corpus.wikipedia("calibration")[: args.batch]
-    inputs = encode(loaded, sentences, args.seq)
-    start = time.perf_counter()
-    gm = capture(loaded.model, inputs)
-    report = gm.meta[meta.GM_CAPTURE_REPORT]
-    print(f"  captured in {time.perf_counter() - start:.1f}s (export {report.export_seconds:.1f}s): "
-          f"{report.num_nodes} nodes; max |error| vs the model {report.error.max_abs:.2e} "
-          f"({report.error.max_rel:.1e} of max |output|) on {tuple(inputs['input_ids'].shape)} tokens")
-    rewrites = ", ".join(f"{k} x{v}" for k, v in report.rewrites.items() if v)
-    print(f"  canonicalization: {rewrites}")
-    print("  canonical ops: " + ", ".join(f"{k}={v}" for k, v in report.op_counts.items() if v))
-    view = GraphView(gm)
-    print("\n".join("  " + line for line in view.describe().splitlines()))
-    print(f"  residual stream: {len(view.residual_stream)} tensors "
-          f"({sum(1 for s in view.norm_sites if s.is_post_ln)} norms also feed a residual shortcut: post-LN)")
-
-    from .api import quantize
-    from .evaluate import EncoderEval
-
-    print("\nquantizing (simulated W8A8) with the naive and best recipes; calibration on 64 Wikipedia paragraphs")
     texts = corpus.wikipedia("calibration")[:64]
     calibration = [encode(loaded, texts[i : i + 8], args.seq) for i in range(0, len(texts), 8)]
+    start = time.perf_counter()
+    gm = capture(loaded.model, calibration[0])
+    report = gm.meta[meta.GM_CAPTURE_REPORT]
+    view = GraphView(gm)
+    print(f"  captured in {time.perf_counter() - start:.1f}s: {report.num_nodes} nodes, {len(view.blocks)} blocks, "
+          f"{len(view.residual_adds)} residual adds, {len(view.norm_sites)} norms; max |error| vs the model "
+          f"{report.error.max_abs:.1e}")
+
+    print("\n1. quantize: capture, passes, calibration on 64 Wikipedia paragraphs")
+    start = time.perf_counter()
+    fake, qreport = quantize(loaded.model, calibration, recipe="best", bits="W8A8", progress=True)
+    int8, qreport = lower(fake, qreport, backend)
+    print(f"  done in {time.perf_counter() - start:.1f}s")
+    print("\n".join("  " + line for line in qreport.audit.to_text().splitlines() if line.strip()))
+
+    print("\n2. quality on 64 held-out Wikipedia paragraphs and the Lee-50 similarity benchmark")
     evaluator = EncoderEval.build(loaded, sentences=64)
     reference = evaluator.embeddings(loaded.model)
-    fp32 = evaluator.lee50(loaded.model)
-    print(f"  FP32: Lee-50 correlation {fp32:.4f}")
-    for recipe in ("naive", "best"):
-        qmodel, qreport = quantize(loaded.model, calibration, recipe=recipe, bits="W8A8", progress=True)
-        metrics = evaluator.metrics(qmodel, reference)
-        print(f"  {recipe:5}: embedding cosine vs FP32 {metrics['cosine']:.4f}, Lee-50 {metrics['lee50']:.4f} "
-              f"(calibration {qreport.calibration_seconds:.1f}s)")
-    print("\naudit trail of the best recipe:")
-    print("\n".join("  " + line for line in qreport.to_text().splitlines()[:12]))
+    quality = {"FP32": evaluator.metrics(loaded.model, reference),
+               "fake-quant W8A8": evaluator.metrics(fake, reference),
+               f"int8 ({backend})": evaluator.metrics(int8, reference)}
+    for name, m in quality.items():
+        print(f"  {name:18} embedding cosine vs FP32 {m['cosine']:.4f}   Lee-50 correlation {m['lee50']:.4f}")
+
+    print(f"\n3. latency: batch 8 x {args.seq} tokens, median of {args.rounds} interleaved runs")
+    inputs = speed_inputs(loaded, 8, args.seq)
+    times: dict[str, list[float]] = {"FP32": [], f"int8 ({backend})": []}
+    with torch.no_grad():
+        loaded.model(**inputs), int8(**inputs)  # warm-up
+        for _ in range(args.rounds):
+            for name, model in (("FP32", loaded.model), (f"int8 ({backend})", int8)):
+                t = time.perf_counter()
+                model(**inputs)
+                times[name].append(time.perf_counter() - t)
+    median = {k: sorted(v)[len(v) // 2] * 1000 for k, v in times.items()}
+    fp32_ms = median["FP32"]
+    for name, ms in median.items():
+        print(f"  {name:18} {ms:8.1f} ms   x{ms / fp32_ms:.2f} of FP32")
+
+    print("\n4. size on disk and the audit report")
+    saved = save_quantized(int8, out / "model-int8", {"recipe": "best", "bits": "W8A8", "backend": backend},
+                           overwrite=True)
+    fp32_path = out / "fp32-state-dict.pt"
+    torch.save(loaded.model.state_dict(), fp32_path)
+    fp32_mb = size_on_disk_mb(fp32_path)
+    fp32_path.unlink()
+    int8_mb = size_on_disk_mb(saved)
+    print(f"  FP32 {fp32_mb:.1f} MB -> int8 {int8_mb:.1f} MB (x{int8_mb / fp32_mb:.2f}); saved to {saved}")
+    speed = {name: {"latency_ms": round(ms, 2), "ratio_vs_fp32": round(ms / fp32_ms, 3)} for name, ms in median.items()}
+    speed["FP32"]["size_mb"], speed[f"int8 ({backend})"]["size_mb"] = round(fp32_mb, 1), round(int8_mb, 1)
+    html, js = build_report(out, model=loaded.model, qmodel=fake, report=qreport, batches=calibration[:4],
+                            tokenizer=loaded.tokenizer, quality=quality, speed=speed, model_name=loaded.name,
+                            progress=True, overwrite=True)
+    print(f"  audit report: {html} (and {js.name})")
     return 0
 
 
@@ -122,13 +155,77 @@ def _bench_accuracy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quantize(args: argparse.Namespace) -> int:
+    import json
+
+    from . import corpus
+    from .api import lower, quantize
+    from .models import load
+    from .quantizers.backends import check_backend, default_backend
+    from .report import build_report
+    from .serialize import save_quantized
+
+    out = pathlib.Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
+        raise OutlierFXError(f"output directory {out} exists and is not empty; choose another --out or pass --force")
+    backend = check_backend(args.backend or default_backend())
+    loaded = load(args.model)
+    if args.calibration:
+        texts, source = corpus.from_text_file(args.calibration), args.calibration
+    else:
+        texts, source = corpus.wikipedia("calibration")[: args.samples], "the packaged Wikipedia calibration split"
+    batches = corpus.calibration_batches(loaded, texts[: args.samples], max_length=args.seq, batch_size=args.batch,
+                                         source=source)
+    print(f"quantizing {loaded.name} ({args.recipe}, {args.bits}, backend {backend}) on {len(batches)} batches "
+          f"from {source}")
+    fake, report = quantize(loaded.model, batches, recipe=args.recipe, bits=args.bits, policy=args.policy, progress=True)
+    model, report = lower(fake, report, backend)
+    saved = save_quantized(model.reference if backend == "inductor" else model, out,
+                           {"model": loaded.name, "recipe": args.recipe, "bits": args.bits, "backend": backend},
+                           overwrite=args.force)
+    (out / "quantization.json").write_text(json.dumps(report.as_dict(), indent=1, default=str))
+    html, _ = build_report(out, model=loaded.model, qmodel=fake, report=report, batches=batches[:4],
+                           tokenizer=loaded.tokenizer, model_name=loaded.name, progress=True, overwrite=args.force)
+    print(report.to_text())
+    print(f"wrote {saved}, {html} and {out / 'quantization.json'}")
+    return 0
+
+
+def _bench_speed(args: argparse.Namespace) -> int:
+    from .benchmarks import write_json
+    from .quantizers.backends import check_backend
+    from .speed import speed
+
+    backends = [check_backend(b.strip()) for b in args.backends.split(",") if b.strip()]
+    result = speed(args.model, recipe=args.recipe, bits=args.bits, backends=backends, policy=args.policy,
+                   threads=args.threads, rounds=args.rounds, peers=not args.no_peers)
+    if args.json:
+        write_json(result, args.json)
+        print(f"wrote {args.json}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="outlierfx", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="run the main job on the packaged MiniLM (no arguments needed)")
-    demo.add_argument("--batch", type=int, default=8, help="sentences in the example batch")
     demo.add_argument("--seq", type=int, default=128, help="max tokens per sentence")
+    demo.add_argument("--rounds", type=int, default=10, help="timed runs per model")
+    demo.add_argument("--out", default="outlierfx-demo", help="where the int8 model and the report go")
     demo.set_defaults(func=_demo)
+    quant = sub.add_parser("quantize", help="quantize a model to int8 and save it with its audit report")
+    quant.add_argument("model", help="minilm, smollm2, or a local Hugging Face model folder")
+    quant.add_argument("--recipe", default="best", help="naive, mp16, os, peg, os+peg, best, ... (default best)")
+    quant.add_argument("--bits", default="W8A8", help="e.g. W8A8 (default), W6A6, W4A8")
+    quant.add_argument("--backend", default=None, help="x86 (default on x86), fbgemm, qnnpack, inductor, reference")
+    quant.add_argument("--policy", default=None, help="override the recipe's policy: full, linear-inputs, mp16")
+    quant.add_argument("--calibration", help="a text file (paragraphs separated by blank lines); default: Wikipedia")
+    quant.add_argument("--samples", type=int, default=64, help="calibration paragraphs (default 64)")
+    quant.add_argument("--batch", type=int, default=8, help="paragraphs per calibration batch")
+    quant.add_argument("--seq", type=int, default=128, help="max tokens per paragraph")
+    quant.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
+    quant.add_argument("--force", action="store_true", help="write into a non-empty output directory")
+    quant.set_defaults(func=_quantize)
     analyze = sub.add_parser("analyze", help="outlier report (table, PNG heatmap, JSON) before/after gamma migration")
     analyze.add_argument("model", nargs="?", default=None, help="minilm, smollm2, or a local Hugging Face model folder")
     analyze.add_argument("--model", dest="model_opt", help=argparse.SUPPRESS)
@@ -148,6 +245,17 @@ def build_parser() -> argparse.ArgumentParser:
     acc.add_argument("--policy", default=None, help="override the recipe's policy: full, linear-inputs, mp16")
     acc.add_argument("--json", help="write machine-readable results here")
     acc.set_defaults(func=_bench_accuracy)
+    spd = bench.add_parser("speed", help="latency, quality and size of FP32 and each int8 path (and peers)")
+    spd.add_argument("--model", default="minilm", help="minilm (batch 8 x 128) or smollm2 (1 x 256 prefill)")
+    spd.add_argument("--recipe", default="best")
+    spd.add_argument("--bits", default="W8A8")
+    spd.add_argument("--backends", default="x86,fbgemm,inductor", help="comma-separated int8 paths of ours")
+    spd.add_argument("--policy", default=None, help="override the recipe's policy: full, linear-inputs, mp16")
+    spd.add_argument("--threads", type=int, default=2)
+    spd.add_argument("--rounds", type=int, default=10, help="interleaved timed rounds (median reported)")
+    spd.add_argument("--no-peers", action="store_true", help="skip torch.ao dynamic and torchao PT2E")
+    spd.add_argument("--json", help="write machine-readable results here")
+    spd.set_defaults(func=_bench_speed)
     return parser
 
 

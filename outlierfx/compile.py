@@ -6,17 +6,15 @@ torch 2.13 deprecates quantized tensors (the torch.ao engines). Inductor instead
 (``onednn.qlinear_pointwise``) when weights are frozen as constants, and fuses the remaining
 quantize/dequantize ops into the neighbouring elementwise kernels.
 
-Two entry points:
-
-- :func:`compile_int8`: a fake-quant model (what ``outlierfx.quantize`` returns) -> compiled int8.
-- the ``"outlierfx"`` torch.compile backend: ``torch.compile(qmodel, backend="outlierfx")``
-  lowers every outlierfx quantizer dynamo meets to integer quantize/dequantize ops and hands
-  the graph to inductor with freezing on.
+Entry points: :func:`compile_int8` (a fake-quant model, as ``outlierfx.quantize`` returns it ->
+compiled int8) and ``outlierfx.quantize(..., backend="inductor")``, which does the same in one
+call. A custom ``torch.compile(backend=...)`` cannot do this: inductor decides which weights are
+frozen constants while dynamo traces, before a backend function runs, so the int8 weight
+prepacking fails on weights that arrive as graph inputs (measured with torch 2.13).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -50,21 +48,3 @@ def compile_int8(model: torch.fx.GraphModule, *, dynamic: bool | None = None) ->
 
     Compilation happens on the first call (tens of seconds for a small model on 2 cores)."""
     return CompiledInt8(Lower("inductor")(model).graph_module, dynamic)
-
-
-def outlierfx_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Any:
-    """torch.compile backend: inductor with freezing, for graphs already lowered by outlierfx
-    (``Lower("inductor")``) or any float graph (compiled as inductor would)."""
-    from torch._inductor import compile_fx
-
-    with torch._inductor.config.patch(INDUCTOR_OPTIONS):
-        return compile_fx.compile_fx(gm, example_inputs)
-
-
-def register_backend() -> None:
-    """Make ``torch.compile(..., backend="outlierfx")`` available (idempotent)."""
-    from torch._dynamo import list_backends
-    from torch._dynamo.backends.registry import register_backend as register
-
-    if "outlierfx" not in list_backends(exclude_tags=()):
-        register(name="outlierfx")(outlierfx_backend)

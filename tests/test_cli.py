@@ -1,21 +1,78 @@
-"""The command line, end to end."""
+"""The command line, end to end on the packaged MiniLM: exit codes and the files written."""
 
+import json
+import re
 import subprocess
 import sys
 
 import pytest
 
 
+def _run(*args, cwd=None, timeout=900):
+    return subprocess.run([sys.executable, "-m", "outlierfx", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd)
+
+
 @pytest.mark.slow
-def test_demo_runs_and_reports_the_structure():
-    result = subprocess.run([sys.executable, "-m", "outlierfx", "demo"], capture_output=True, text=True, timeout=600)
+def test_demo_quantizes_to_int8_and_writes_model_and_report(tmp_path):
+    result = _run("demo", "--rounds", "3", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "6 transformer blocks, 12 residual adds, 13 norm sites" in result.stdout
-    assert "canonical ops: linear=37, layer_norm=13" in result.stdout
-    assert "naive: embedding cosine vs FP32" in result.stdout and "best : embedding cosine" in result.stdout
-    assert "1. InsertObservers" in result.stdout
+    out = result.stdout
+    assert "12 residual adds, 13 norms" in out
+    assert "4. Lower" in out and "37/37 Linears on int8 kernels" in out
+    cosine = float(re.search(r"int8 \(\w+\)\s+embedding cosine vs FP32 (\d\.\d+)", out).group(1))
+    assert cosine >= 0.98  # measured 0.987 (best recipe, W8A8); naive gives 0.86
+    ratio = float(re.search(r"FP32 [\d.]+ MB -> int8 [\d.]+ MB \(x([\d.]+)\)", out).group(1))
+    assert ratio <= 0.3
+    demo = tmp_path / "outlierfx-demo"
+    assert (demo / "model-int8" / "model.pt").is_file()
+    assert "<img" in (demo / "report.html").read_text()
+    assert json.loads((demo / "report.json").read_text())
+
+
+@pytest.mark.slow
+def test_quantize_saves_a_loadable_int8_model_and_never_overwrites(tmp_path):
+    out = tmp_path / "int8"
+    result = _run("quantize", "minilm", "--recipe", "naive", "--samples", "16", "--backend", "fbgemm", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert {"model.pt", "outlierfx.json", "quantization.json", "report.html", "report.json"} <= {
+        p.name for p in out.iterdir()}
+    info = json.loads((out / "outlierfx.json").read_text())
+    assert info["backend"] == "fbgemm" and info["recipe"] == "naive"
+    assert json.loads((out / "quantization.json").read_text())["backend"] == "fbgemm"
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    again = _run("quantize", "minilm", "--out", str(out))
+    assert again.returncode == 2 and "exists and is not empty" in again.stderr
+    assert "Traceback" not in again.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+
+    check = ("import torch\nfrom outlierfx.serialize import load_quantized\nfrom outlierfx.models import load, encode\n"
+             f"m = load_quantized({str(out)!r}); x = encode(load('minilm'), ['A sentence.', 'Two more words.'], 16)\n"
+             "print(tuple(m(**x).last_hidden_state.shape))\n")
+    loaded = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=300)
+    assert loaded.returncode == 0 and "(2," in loaded.stdout, loaded.stderr
+
+
+def test_quantize_refuses_an_unknown_backend_in_one_line(tmp_path):
+    result = _run("quantize", "minilm", "--backend", "tensorrt", "--out", str(tmp_path / "q"))
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "unknown backend 'tensorrt'" in result.stderr
+    assert not (tmp_path / "q").exists()
+
+
+@pytest.mark.slow
+def test_bench_speed_writes_rows_with_latency_quality_and_size(tmp_path):
+    path = tmp_path / "speed.json"
+    result = _run("bench", "speed", "--model", "minilm", "--recipe", "naive", "--backends", "x86", "--no-peers",
+                  "--rounds", "2", "--json", str(path))
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(path.read_text())["rows"]
+    assert [(r["recipe"], r["backend"]) for r in rows] == [("fp32", "eager"), ("fp32", "inductor"), ("naive", "x86")]
+    for row in rows:
+        assert row["metrics"]["latency_ms"] > 0 and 0 < row["metrics"]["cosine"] <= 1.0001
+    assert rows[2]["metrics"]["size_ratio_vs_fp32"] <= 0.3
 
 
 def test_unknown_command_fails_cleanly():
-    result = subprocess.run([sys.executable, "-m", "outlierfx", "frobnicate"], capture_output=True, text=True)
+    result = _run("frobnicate")
     assert result.returncode != 0 and "invalid choice" in result.stderr

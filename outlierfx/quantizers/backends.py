@@ -18,6 +18,11 @@ import torch
 
 from ..errors import OutlierFXError
 
+# torch 2.13 warns on every quantized tensor it creates (and prints the graph line that did it);
+# choosing these engines is choosing quantized tensors, and the README says so once.
+warnings.filterwarnings("ignore", message=r".*quantized tensor creation functions.*")
+warnings.filterwarnings("ignore", message=r".*quantized tensors are deprecated.*")
+
 AO_ENGINES = ("fbgemm", "x86", "qnnpack")
 BACKENDS = ("reference", "inductor", *AO_ENGINES)
 # Engines whose packed weights implement a float-output int8 GEMM (input quantized inside).

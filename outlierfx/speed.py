@@ -1,0 +1,180 @@
+"""``outlierfx bench speed``: latency, quality and size of FP32 and each int8 path, in one process.
+
+Every candidate runs on the same inputs, interleaved (one call of each per round, so drift in
+the machine's speed hits all of them alike), with a fixed thread count; the median over rounds
+is reported with its ratio to FP32 eager. Each row carries its quality (embedding cosine /
+Lee-50, or perplexity) and its size on disk. Peers run in the same process where installed:
+torch.ao ``quantize_dynamic`` always, torchao's PT2E ``X86InductorQuantizer`` if ``torchao``
+is importable.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import platform
+import statistics
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from . import corpus
+from .api import quantize
+from .benchmarks import CALIBRATION, calibration_batches
+from .compile import compile_int8
+from .evaluate import DecoderEval, EncoderEval
+from .models import LoadedModel, encode, load
+from .passes.lower import Lower
+from .serialize import save_quantized, size_on_disk_mb
+
+SHAPES = {"encoder": (8, 128), "decoder": (1, 256)}  # (batch, sequence): MiniLM batch, SmolLM2 prefill
+
+
+@dataclasses.dataclass
+class Candidate:
+    name: str
+    backend: str
+    model: Callable[..., Any]
+    size_mb: float | None = None
+    setup_s: float = 0.0  # quantize + lower (+ first-call compilation)
+    times: list[float] = dataclasses.field(default_factory=list)
+
+
+def speed_inputs(loaded: LoadedModel, batch: int, seq: int) -> dict[str, torch.Tensor]:
+    """``batch`` sequences of exactly ``seq`` real tokens (no padding), from held-out text."""
+    if loaded.kind == "decoder":
+        ids = DecoderEval.build(loaded, window=seq, windows=batch).wiki
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    texts = [t for t in corpus.wikipedia("evaluation") if len(t.split()) > 2 * seq][:batch]
+    inputs = encode(loaded, texts, seq)
+    if inputs["input_ids"].shape != (batch, seq):
+        raise RuntimeError(f"could not build {batch} x {seq} unpadded inputs")
+    return inputs
+
+
+def _state_size_mb(model: torch.nn.Module) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = f"{tmp}/model.pt"
+        torch.save(model.state_dict(), path)
+        return size_on_disk_mb(path)
+
+
+def _torchao_pt2e(model: torch.nn.Module, batches: Sequence[dict[str, torch.Tensor]]) -> Callable[..., Any] | None:
+    """torchao PT2E static int8 with X86InductorQuantizer + inductor (None if not installed)."""
+    try:
+        import torchao.quantization.pt2e.quantize_pt2e as pt2e
+        from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+            X86InductorQuantizer,
+            get_default_x86_inductor_quantization_config,
+        )
+    except ImportError:
+        return None
+    quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())
+    dims = {k: {0: torch.export.Dim.AUTO, 1: torch.export.Dim.AUTO} for k in batches[0]}
+    with torch.no_grad():
+        exported = torch.export.export(model, (), dict(batches[0]), dynamic_shapes=dims, strict=False).module()
+    prepared = pt2e.prepare_pt2e(exported, quantizer)
+    with torch.no_grad():
+        for batch in batches:
+            prepared(**batch)
+    converted = pt2e.convert_pt2e(prepared)
+    with torch._inductor.config.patch(freezing=True):
+        return torch.compile(converted)
+
+
+def speed(model_name: str, recipe: str = "best", bits: str = "W8A8", backends: Sequence[str] = ("x86", "fbgemm", "inductor"),
+          policy: str | None = None, threads: int = 2, rounds: int = 10, peers: bool = True,
+          quality: bool = True, progress: bool = True) -> dict[str, Any]:
+    torch.set_num_threads(threads)
+    loaded = load(model_name)
+    model = loaded.model.eval()
+    batch, seq = SHAPES[loaded.kind]
+    inputs = speed_inputs(loaded, batch, seq)
+    calibration = calibration_batches(loaded, **CALIBRATION[loaded.kind])
+    say = print if progress else (lambda *a, **k: None)
+
+    candidates = [Candidate("fp32", "eager", model, _state_size_mb(model))]
+    start = time.perf_counter()
+    compiled_fp32 = torch.compile(copy.deepcopy(model))
+    with torch.no_grad():
+        compiled_fp32(**inputs)
+    candidates.append(Candidate("fp32", "inductor", compiled_fp32, candidates[0].size_mb, time.perf_counter() - start))
+
+    start = time.perf_counter()
+    fake, report = quantize(model, calibration, recipe=recipe, bits=bits, policy=policy, progress=progress)
+    quantize_s = time.perf_counter() - start
+    say(f"quantized ({recipe}, {bits}) in {quantize_s:.1f}s")
+    for backend in backends:
+        start = time.perf_counter()
+        if backend == "inductor":
+            lowered = compile_int8(fake)
+            with torch.no_grad():
+                lowered(**inputs)  # compiles
+            saved = lowered.reference
+        else:
+            saved = lowered = Lower(backend)(fake).graph_module
+        setup = quantize_s + time.perf_counter() - start
+        with tempfile.TemporaryDirectory() as tmp:
+            size = size_on_disk_mb(save_quantized(saved, tmp))
+        candidates.append(Candidate(recipe, backend, lowered, size, setup))
+        say(f"lowered to {backend} in {time.perf_counter() - start:.1f}s")
+    if peers:
+        start = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dynamic = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear}, dtype=torch.qint8)
+        candidates.append(Candidate("torch.ao dynamic", "fbgemm", dynamic, _state_size_mb(dynamic),
+                                    time.perf_counter() - start))
+        start = time.perf_counter()
+        pt2e = _torchao_pt2e(copy.deepcopy(model), calibration[:4])
+        if pt2e is not None:
+            with torch.no_grad():
+                pt2e(**inputs)
+            candidates.append(Candidate("torchao pt2e x86", "inductor", pt2e, None, time.perf_counter() - start))
+
+    with torch.no_grad():
+        for c in candidates:  # warm-up
+            c.model(**inputs)
+        for _ in range(rounds):
+            for c in candidates:
+                t = time.perf_counter()
+                c.model(**inputs)
+                c.times.append(time.perf_counter() - t)
+
+    evaluator = None
+    reference = None
+    if quality:
+        evaluator = EncoderEval.build(loaded, sentences=64) if loaded.kind == "encoder" else DecoderEval.build(loaded)
+        reference = evaluator.embeddings(model) if loaded.kind == "encoder" else None
+    base = statistics.median(candidates[0].times)
+    rows = []
+    for c in candidates:
+        latency = statistics.median(c.times)
+        metrics: dict[str, Any] = {"latency_ms": round(latency * 1000, 2), "latency_ratio_vs_fp32": round(latency / base, 3)}
+        if c.size_mb is not None:
+            metrics["size_mb"] = round(c.size_mb, 1)
+            metrics["size_ratio_vs_fp32"] = round(c.size_mb / candidates[0].size_mb, 3)
+        if evaluator is not None:
+            with torch.no_grad():
+                metrics.update({k: round(v, 4) for k, v in evaluator.metrics(c.model, reference).items()})
+        metrics["setup_s"] = round(c.setup_s, 1)
+        row = {"model": model_name, "recipe": c.name, "bits": "FP32" if c.name == "fp32" else bits,
+               "backend": c.backend, "metrics": metrics}
+        rows.append(row)
+        say(format_row(row))
+    env = {"torch": torch.__version__, "python": platform.python_version(), "threads": threads, "rounds": rounds,
+           "batch": batch, "seq": seq, "cpu": platform.processor() or platform.machine(),
+           "policy": report.policy}
+    return {"rows": rows, "env": env}
+
+
+def format_row(row: dict[str, Any]) -> str:
+    m = row["metrics"]
+    quality = "  ".join(f"{k} {m[k]}" for k in ("cosine", "lee50", "ppl_wiki", "ppl_news") if k in m)
+    size = f"{m['size_mb']:7.1f} MB" if "size_mb" in m else "      - MB"
+    return (f"{row['recipe']:18} {row['backend']:9} {m['latency_ms']:9.1f} ms  x{m['latency_ratio_vs_fp32']:.3f}  "
+            f"{size}  {quality}")
