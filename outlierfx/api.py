@@ -14,6 +14,7 @@ from .errors import DataError
 from .graph import capture, meta
 from .passes.audit import AuditTrail
 from .passes.convert_fake_quant import ConvertToFakeQuant
+from .passes.fuse_attention import FuseAttention
 from .passes.insert_observers import InsertObservers, InsertObserversPlan
 from .passes.lower import Lower
 from .passes.manager import PassManager
@@ -126,9 +127,10 @@ def quantize(
 
 def lower(qmodel: torch.fx.GraphModule, report: QuantizationReport, backend: str = "x86") -> QuantizationResult:
     """Lower a fake-quant model from :func:`quantize` to ``backend``; the report gains the
-    ``Lower`` pass (its plan: which Linears run in int8, which fall back to float, and why)."""
+    ``FuseAttention`` pass (attention chains with no quantizer inside become one fused kernel)
+    and the ``Lower`` pass (which Linears run in int8, which fall back to float, and why)."""
     check_backend(backend)
-    lowered = PassManager([Lower(backend)])(qmodel)
+    lowered = PassManager([FuseAttention(), Lower(backend)])(qmodel)
     audit = AuditTrail(report.audit.entries + lowered.audit.entries)
     model: torch.nn.Module = lowered.graph_module
     if backend == "inductor":

@@ -21,6 +21,7 @@ import torch
 import torch._inductor.config
 import torch.fx
 
+from .passes.fuse_attention import FuseAttention
 from .passes.lower import Lower
 
 INDUCTOR_OPTIONS = {"freezing": True}  # weights as constants: what the int8 GEMM patterns need
@@ -47,4 +48,5 @@ def compile_int8(model: torch.fx.GraphModule, *, dynamic: bool | None = None) ->
     """Lower a fake-quant graph to the reference int8 form and compile it with inductor.
 
     Compilation happens on the first call (tens of seconds for a small model on 2 cores)."""
-    return CompiledInt8(Lower("inductor")(model).graph_module, dynamic)
+    fused = FuseAttention()(model).graph_module  # attention without quantizers: one fused kernel
+    return CompiledInt8(Lower("inductor")(fused).graph_module, dynamic)
