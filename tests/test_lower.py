@@ -96,7 +96,7 @@ def test_peg_linears_become_grouped_int8_gemms_equal_to_fake_quant(family):
     _assert_each_int8_linear_within_one_step(x86, g.inputs)
 
 
-def test_k1_groups_lower_to_one_gemm_per_linear():
+def test_k1_groups_lower_exactly_like_per_tensor():
     from outlierfx.passes.group_channels import GroupChannels
     from outlierfx.passes.recipes import RECIPES, Recipe
 
@@ -106,8 +106,13 @@ def test_k1_groups_lower_to_one_gemm_per_linear():
         qmodel, _ = outlierfx.quantize(g.model, [g.inputs], recipe="_k1", bits="W8A8", progress=False)
     finally:
         del RECIPES["_k1"]
-    plan = Lower("reference")(qmodel).plan
-    assert all("1 int8 sub-GEMMs" in lin.kernel for lin in plan.linears if "sub-GEMMs" in lin.kernel)
+    naive, _ = outlierfx.quantize(g.model, [g.inputs], recipe="naive", bits="W8A8", progress=False)
+    assert [lin.kernel for lin in Lower("x86")(qmodel).plan.linears] == \
+        [lin.kernel for lin in Lower("x86")(naive).plan.linears]
+    lowered = Lower("reference")(qmodel).graph_module
+    assert not any(n.target is torch.ops.aten.index_select.default for n in lowered.graph.nodes)
+    with torch.no_grad():
+        assert output_error(naive(**g.inputs), lowered(**g.inputs)).within(1e-6)
 
 
 def test_bad_inputs_are_named():

@@ -48,6 +48,7 @@ aten = torch.ops.aten
 Q_TENSOR, DQ_TENSOR = qd.quantize_per_tensor.default, qd.dequantize_per_tensor.default
 Q_CHANNEL, DQ_CHANNEL = qd.quantize_per_channel.default, qd.dequantize_per_channel.default
 LINEAR_MODULE_PREFIX = "outlierfx_int8_linear_"
+_NDIM = "outlierfx_lower_ndim"  # rank of a per-channel quantized tensor (stage 2 has no fake shapes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,7 +128,7 @@ class Lower(GraphPass[LowerPlan]):
             return "float GEMM on int8 weights (input not quantized by the policy)"
         if module.spec.bits > 8:
             return f"float GEMM on int8 weights (input simulated at {module.spec.bits} bit)"
-        grouped = module.spec.granularity is not Granularity.PER_TENSOR
+        grouped = not _single_grid(module)
         if self.backend in AO_ENGINES and not has_float_output_kernel(self.backend):
             if grouped:
                 return f"float GEMM on int8 weights ({self.backend} has no float-output int8 GEMM for PEG groups)"
@@ -162,11 +163,20 @@ def _output_quantizer(gm: torch.fx.GraphModule, node: torch.fx.Node, full_range:
     if len(node.users) != 1:
         return None
     module = _fake_quantizer(gm, next(iter(node.users)))
-    if module is None or not module.enabled or module.spec.granularity is not Granularity.PER_TENSOR:
+    if module is None or not module.enabled or not _single_grid(module):
         return None
     if full_range and (module.spec.signed or module.spec.bits != 8):
         return None
     return module
+
+
+def _single_grid(module: FakeQuantize) -> bool:
+    """Whether every channel uses the same scale and zero point (per tensor, or PEG with K=1):
+    then it lowers as a per-tensor quantizer, with int8 kernels end to end."""
+    if module.spec.granularity is Granularity.PER_TENSOR:
+        return True
+    return bool((module.scale == module.scale.flatten()[0]).all() and
+                (module.zero_point == module.zero_point.flatten()[0]).all())
 
 
 def _groups(module: FakeQuantize) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
@@ -191,7 +201,7 @@ class _ReferenceLowering:
             module = _fake_quantizer(self.gm, node)
             if module is not None:
                 dq = self._activation(node, module)
-                if dq is not None and module.spec.granularity is not Granularity.PER_TENSOR:
+                if dq is not None and not _single_grid(module):
                     grouped_inputs[dq] = module
         for node in list(self.graph.nodes):
             if op_kind(node) is OpKind.LINEAR and meta.WEIGHT_QUANT in node.meta:
@@ -220,8 +230,8 @@ class _ReferenceLowering:
             return None
         dtype = integer_dtype(spec)
         with self.graph.inserting_before(node):
-            if spec.granularity is Granularity.PER_TENSOR:
-                qparams = (float(module.scale), int(module.zero_point), spec.qmin, spec.qmax, dtype)
+            if _single_grid(module):  # per tensor, or groups that share one grid (K=1)
+                qparams = (float(module.scale.flatten()[0]), int(module.zero_point.flatten()[0]), spec.qmin, spec.qmax, dtype)
                 q = self.graph.call_function(Q_TENSOR, (x, *qparams))
                 dq = self.graph.call_function(DQ_TENSOR, (q, *qparams))
             else:
@@ -230,6 +240,7 @@ class _ReferenceLowering:
                 zero_point = self._buffer(f"{node.target}_zero_point", module.zero_point.to(torch.int64))
                 qparams = (scale, zero_point, axis, spec.qmin, spec.qmax, dtype)
                 q = self.graph.call_function(Q_CHANNEL, (x, *qparams))
+                q.meta[_NDIM] = tensor_val(x).dim()
                 dq = self.graph.call_function(DQ_CHANNEL, (q, *qparams))
         for new in (q, dq):
             meta.inherit(new, node, "Lower")
@@ -464,13 +475,25 @@ class _AoLowering:
                 raise PassError("per-channel activation grids narrower than 8 bit have no integer kernel")
             scale, zero_point = params[0], params[1]
             x = self.graph.call_function(torch.clamp, (x, (qmin - zero_point) * scale, (qmax - zero_point) * scale))
+        if not per_tensor:  # elementwise, as fake_quantize computes it: ~20x faster than quantize_per_channel
+            return self._channel_fake_quantize(x, q.meta[_NDIM], *params)
         qdtype = torch.qint8 if dtype == torch.int8 else torch.quint8
-        if per_tensor:
-            quantized = self.graph.call_function(torch.quantize_per_tensor, (x, params[0], params[1], qdtype))
-        else:
-            quantized = self.graph.call_function(torch.quantize_per_channel,
-                                                 (x, params[0], params[1], params[2], qdtype))
+        quantized = self.graph.call_function(torch.quantize_per_tensor, (x, params[0], params[1], qdtype))
         return self.graph.call_method("dequantize", (quantized,))
+
+    def _channel_fake_quantize(self, x: torch.fx.Node, ndim: int, scale: torch.fx.Node, zero_point: torch.fx.Node,
+                               axis: int, qmin: int, qmax: int, dtype: torch.dtype) -> torch.fx.Node:
+        scale_value = fetch_attr(self.gm, str(scale.target)).float()
+        shape = [-1] + [1] * (ndim - 1 - axis)  # broadcast along ``axis``
+        constants = {}
+        for name, value in (("inverse_scale", 1.0 / scale_value), ("zero_point_float",
+                            fetch_attr(self.gm, str(zero_point.target)).float()), ("scale_float", scale_value)):
+            constants[name] = self.graph.get_attr(_constant(self.gm, f"{scale.target}_{name}", value.reshape(shape)))
+        call = self.graph.call_function
+        codes = call(aten.clamp.default, (call(aten.add.Tensor, (call(aten.round.default, (
+            call(aten.mul.Tensor, (x, constants["inverse_scale"])),)), constants["zero_point_float"])), qmin, qmax))
+        return call(aten.mul.Tensor, (call(aten.sub.Tensor, (codes, constants["zero_point_float"])),
+                                      constants["scale_float"]))
 
     def _constant_weight(self, dq: torch.fx.Node) -> None:
         codes, scale = (fetch_attr(self.gm, str(a.target)) for a in dq.args[:2])
