@@ -33,15 +33,21 @@ def float_leaves(outputs: Any) -> list[torch.Tensor]:
     return [t for t in pytree.tree_leaves(outputs) if isinstance(t, torch.Tensor) and t.dtype.is_floating_point]
 
 
-def output_error(reference: Any, actual: Any) -> OutputError:
+def output_error(reference: Any, actual: Any, token_mask: torch.Tensor | None = None) -> OutputError:
+    """Largest difference over the float outputs; with ``token_mask`` (``[batch, seq]``, e.g. the
+    attention mask) outputs shaped ``[batch, seq, ...]`` are compared at real tokens only:
+    padded positions carry no meaning and a quantized graph leaves them anywhere."""
     ref_leaves, act_leaves = float_leaves(reference), float_leaves(actual)
     if len(ref_leaves) != len(act_leaves):
         raise ValueError(f"outputs differ in structure: {len(ref_leaves)} vs {len(act_leaves)} float tensors")
     max_abs, ref_max, nonfinite = 0.0, 0.0, 0
+    keep = None if token_mask is None else token_mask.bool()
     for ref, act in zip(ref_leaves, act_leaves):
         if ref.shape != act.shape:
             raise ValueError(f"output shapes differ: {tuple(ref.shape)} vs {tuple(act.shape)}")
         ref, act = ref.detach(), act.detach()
+        if keep is not None and ref.dim() >= 2 and tuple(ref.shape[:2]) == tuple(keep.shape):
+            ref, act = ref[keep], act[keep]
         if bool(torch.isfinite(ref).all()) and bool(torch.isfinite(act).all()):  # the common, fast path
             if ref.numel():
                 max_abs = max(max_abs, float((ref - act).abs().max()))

@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
 import torch.fx
 
 from ..errors import PassError
@@ -84,8 +85,10 @@ class PassManager:
                     raise PassError(f"{context} left an invalid graph: {type(exc).__name__}: {exc}") from exc
                 if self.check_outputs:
                     out = self._run(new, inputs)
-                    err_prev = output_error(previous_out, out)
-                    err_ref = output_error(reference, out)
+                    mask = inputs[1].get("attention_mask")  # padded positions are compared out
+                    mask = mask if isinstance(mask, torch.Tensor) else None
+                    err_prev = output_error(previous_out, out, mask)
+                    err_ref = output_error(reference, out, mask)
                     self._enforce(p, context, err_prev)
                     previous_out = out
             audit = audit.appended(
