@@ -76,3 +76,25 @@ def test_bench_speed_writes_rows_with_latency_quality_and_size(tmp_path):
 def test_unknown_command_fails_cleanly():
     result = _run("frobnicate")
     assert result.returncode != 0 and "invalid choice" in result.stderr
+
+
+@pytest.mark.slow
+def test_bench_accuracy_writes_the_fp32_and_recipe_rows(tmp_path):
+    path = tmp_path / "acc.json"
+    result = _run("bench", "accuracy", "--model", "minilm", "--bits", "W8A8", "--recipes", "naive", "--json", str(path))
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(path.read_text())["rows"]
+    assert [(r["recipe"], r["bits"]) for r in rows] == [("fp32", "FP32"), ("naive", "W8A8")]
+    assert rows[0]["metrics"]["cosine"] == 1.0 and 0.5 < rows[1]["metrics"]["cosine"] < 1.0
+
+
+def test_a_backend_this_cpu_lacks_is_refused_by_name(monkeypatch, tmp_path, capsys):
+    import torch
+
+    from outlierfx.cli import main
+
+    monkeypatch.setattr(type(torch.backends.quantized), "supported_engines", property(lambda self: ["qnnpack"]))
+    assert main(["quantize", "minilm", "--backend", "fbgemm", "--out", str(tmp_path / "q")]) == 2
+    err = capsys.readouterr().err
+    assert "backend 'fbgemm' is not available on this CPU (this torch build has: qnnpack)" in err
+    assert err.count("\n") == 1 and not (tmp_path / "q").exists()
