@@ -180,3 +180,13 @@ def test_minilm_lowered_keeps_quality_and_is_under_a_third_of_the_size(minilm, t
     fp32 = tmp_path / "fp32.pt"
     torch.save(minilm.model.state_dict(), fp32)
     assert size_on_disk_mb(path) <= 0.3 * size_on_disk_mb(fp32)
+
+
+def test_a_tied_embedding_and_lm_head_share_one_int8_table(tmp_path):
+    g = build_model("llama", hidden=32, layers=1, vocab=96, tied=True)
+    qmodel, _ = outlierfx.quantize(g.model, [g.inputs], recipe="naive", bits="W8A8", progress=False)
+    for backend in ("reference", "x86"):
+        lowered = Lower(backend)(qmodel).graph_module
+        tables = {t.untyped_storage().data_ptr() for t in lowered.state_dict().values()
+                  if t.dtype == torch.int8 and tuple(t.shape) == (96, 32)}
+        assert len(tables) == 1, backend

@@ -193,7 +193,7 @@ class _ReferenceLowering:
 
     def __init__(self, gm: torch.fx.GraphModule, kernels: dict[str, str]) -> None:
         self.gm, self.graph, self.kernels = gm, gm.graph, kernels
-        self.weights: dict[str, tuple[str, str, str, QuantSpec]] = {}  # target -> int8, scale, zp attrs
+        self.weights: dict[tuple, tuple[str, str, str, QuantSpec]] = {}  # (memory, shape, spec) -> int8, scale, zp
 
     def run(self) -> None:
         grouped_inputs: dict[torch.fx.Node, FakeQuantize] = {}
@@ -265,15 +265,18 @@ class _ReferenceLowering:
 
     def _weight_attrs(self, weight: torch.fx.Node, spec: QuantSpec) -> tuple[str, str, str, QuantSpec]:
         target = str(weight.target)
-        if target not in self.weights:
+        # keyed by the tensor: a tied table (lm_head = embedding) may sit under two names
+        tensor = fetch_attr(self.gm, target)
+        key = (tensor.data_ptr(), tuple(tensor.shape), spec)
+        if key not in self.weights:
             codes, scale = self._integer_weight(target, spec)
             names = []
             for suffix, value in (("_int8", codes), ("_scale", scale), ("_zero_point", torch.zeros_like(scale, dtype=torch.int64))):
                 name = unique_attr_name(self.gm, target + suffix)
                 set_attr(self.gm, name, value)
                 names.append(name)
-            self.weights[target] = (*names, spec)
-        return self.weights[target]
+            self.weights[key] = (*names, spec)
+        return self.weights[key]
 
     def _dequantized_weight(self, attrs: tuple[str, str, str, QuantSpec], codes: str | None = None) -> torch.fx.Node:
         int8, scale, zero_point, spec = attrs
