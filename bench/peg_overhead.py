@@ -35,8 +35,8 @@ def main() -> None:
     evaluator = EncoderEval.build(loaded, sentences=64)
     reference = evaluator.embeddings(loaded.model)
     models = {"fp32": loaded.model}
-    qmodel, report = outlierfx.quantize(loaded.model, batches, recipe="naive", backend="x86", progress=False)
-    models["naive (per-tensor)"] = qmodel
+    models["naive (per-tensor)"] = outlierfx.quantize(loaded.model, batches, recipe="naive", backend="x86",
+                                                       progress=False).model
     for k in (int(g) for g in args.groups.split(",")):
         RECIPES[f"peg{k}"] = Recipe(f"peg{k}", f"PEG K={k}", observe=lambda k=k: [GroupChannels(groups=k)])
         models[f"peg K={k}"] = outlierfx.quantize(loaded.model, batches, recipe=f"peg{k}", backend="x86",
