@@ -8,8 +8,6 @@ also carries the embedding cosine vs FP32 (64 held-out Wikipedia paragraphs).
 
 import argparse
 import json
-import statistics
-import time
 
 import torch
 
@@ -19,7 +17,7 @@ from outlierfx.evaluate import EncoderEval
 from outlierfx.models import load
 from outlierfx.passes.group_channels import GroupChannels
 from outlierfx.passes.recipes import RECIPES, Recipe
-from outlierfx.speed import speed_inputs
+from outlierfx.speed import interleaved_medians, speed_inputs
 
 
 def main() -> None:
@@ -41,20 +39,11 @@ def main() -> None:
         RECIPES[f"peg{k}"] = Recipe(f"peg{k}", f"PEG K={k}", observe=lambda k=k: [GroupChannels(groups=k)])
         models[f"peg K={k}"] = outlierfx.quantize(loaded.model, batches, recipe=f"peg{k}", backend="x86",
                                                   progress=False).model
-    times = {name: [] for name in models}
-    with torch.no_grad():
-        for model in models.values():
-            model(**inputs)
-        for _ in range(args.rounds):
-            for name, model in models.items():
-                start = time.perf_counter()
-                model(**inputs)
-                times[name].append(time.perf_counter() - start)
-    base = statistics.median(times["fp32"])
-    naive = statistics.median(times["naive (per-tensor)"])
+    medians = interleaved_medians(models, inputs, args.rounds)
+    base, naive = medians["fp32"], medians["naive (per-tensor)"]
     rows = []
     for name, model in models.items():
-        latency = statistics.median(times[name])
+        latency = medians[name]
         cosine = evaluator.metrics(model, reference)["cosine"]
         rows.append({"model": "minilm", "recipe": name, "backend": "eager" if name == "fp32" else "x86",
                      "metrics": {"latency_ms": round(latency * 1000, 2), "latency_ratio_vs_fp32": round(latency / base, 3),

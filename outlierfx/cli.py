@@ -23,7 +23,7 @@ def _demo(args: argparse.Namespace) -> int:
     from .quantizers.backends import default_backend
     from .report import build_report
     from .serialize import save_quantized, size_on_disk_mb
-    from .speed import speed_inputs
+    from .speed import interleaved_medians, speed_inputs, state_size_mb
 
     torch.manual_seed(0)
     out = pathlib.Path(args.out)
@@ -60,15 +60,8 @@ def _demo(args: argparse.Namespace) -> int:
 
     print(f"\n3. latency: batch 8 x {args.seq} tokens, median of {args.rounds} interleaved runs")
     inputs = speed_inputs(loaded, 8, args.seq)
-    times: dict[str, list[float]] = {"FP32": [], f"int8 ({backend})": []}
-    with torch.no_grad():
-        loaded.model(**inputs), int8(**inputs)  # warm-up
-        for _ in range(args.rounds):
-            for name, model in (("FP32", loaded.model), (f"int8 ({backend})", int8)):
-                t = time.perf_counter()
-                model(**inputs)
-                times[name].append(time.perf_counter() - t)
-    median = {k: sorted(v)[len(v) // 2] * 1000 for k, v in times.items()}
+    seconds = interleaved_medians({"FP32": loaded.model, f"int8 ({backend})": int8}, inputs, args.rounds)
+    median = {name: s * 1000 for name, s in seconds.items()}
     fp32_ms = median["FP32"]
     for name, ms in median.items():
         print(f"  {name:18} {ms:8.1f} ms   x{ms / fp32_ms:.2f} of FP32")
@@ -76,10 +69,7 @@ def _demo(args: argparse.Namespace) -> int:
     print("\n4. size on disk and the audit report")
     saved = save_quantized(int8, out / "model-int8", {"recipe": "best", "bits": "W8A8", "backend": backend},
                            overwrite=True)
-    fp32_path = out / "fp32-state-dict.pt"
-    torch.save(loaded.model.state_dict(), fp32_path)
-    fp32_mb = size_on_disk_mb(fp32_path)
-    fp32_path.unlink()
+    fp32_mb = state_size_mb(loaded.model)
     int8_mb = size_on_disk_mb(saved)
     print(f"  FP32 {fp32_mb:.1f} MB -> int8 {int8_mb:.1f} MB (x{int8_mb / fp32_mb:.2f}); saved to {saved}")
     speed = {name: {"latency_ms": round(ms, 2), "ratio_vs_fp32": round(ms / fp32_ms, 3)} for name, ms in median.items()}

@@ -17,7 +17,7 @@ import statistics
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -41,7 +41,6 @@ class Candidate:
     model: Callable[..., Any]
     size_mb: float | None = None
     setup_s: float = 0.0  # quantize + lower (+ first-call compilation)
-    times: list[float] = dataclasses.field(default_factory=list)
 
 
 def speed_inputs(loaded: LoadedModel, batch: int, seq: int) -> dict[str, torch.Tensor]:
@@ -56,7 +55,24 @@ def speed_inputs(loaded: LoadedModel, batch: int, seq: int) -> dict[str, torch.T
     return inputs
 
 
-def _state_size_mb(model: torch.nn.Module) -> float:
+def interleaved_medians(models: Mapping[str, Callable[..., Any]], inputs: Mapping[str, torch.Tensor],
+                        rounds: int) -> dict[str, float]:
+    """Median seconds per call of each model: one warm-up call each, then ``rounds`` rounds of
+    one call per model, so drift in the machine's speed hits all of them alike."""
+    times: dict[str, list[float]] = {name: [] for name in models}
+    with torch.no_grad():
+        for model in models.values():
+            model(**inputs)
+        for _ in range(rounds):
+            for name, model in models.items():
+                start = time.perf_counter()
+                model(**inputs)
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def state_size_mb(model: torch.nn.Module) -> float:
+    """Size on disk of ``model``'s state dict saved with ``torch.save``."""
     with tempfile.TemporaryDirectory() as tmp:
         path = f"{tmp}/model.pt"
         torch.save(model.state_dict(), path)
@@ -95,7 +111,7 @@ def speed(model_name: str, recipe: str = "best", bits: str = "W8A8", backends: S
     calibration = calibration_batches(loaded, **CALIBRATION[loaded.kind])
     say = print if progress else (lambda *a, **k: None)
 
-    candidates = [Candidate("fp32", "eager", model, _state_size_mb(model))]
+    candidates = [Candidate("fp32", "eager", model, state_size_mb(model))]
     start = time.perf_counter()
     compiled_fp32 = torch.compile(copy.deepcopy(model))
     with torch.no_grad():
@@ -125,7 +141,7 @@ def speed(model_name: str, recipe: str = "best", bits: str = "W8A8", backends: S
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             dynamic = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear}, dtype=torch.qint8)
-        candidates.append(Candidate("torch.ao dynamic", "fbgemm", dynamic, _state_size_mb(dynamic),
+        candidates.append(Candidate("torch.ao dynamic", "fbgemm", dynamic, state_size_mb(dynamic),
                                     time.perf_counter() - start))
         start = time.perf_counter()
         pt2e = _torchao_pt2e(copy.deepcopy(model), calibration[:4])
@@ -134,24 +150,17 @@ def speed(model_name: str, recipe: str = "best", bits: str = "W8A8", backends: S
                 pt2e(**inputs)
             candidates.append(Candidate("torchao pt2e x86", "inductor", pt2e, None, time.perf_counter() - start))
 
-    with torch.no_grad():
-        for c in candidates:  # warm-up
-            c.model(**inputs)
-        for _ in range(rounds):
-            for c in candidates:
-                t = time.perf_counter()
-                c.model(**inputs)
-                c.times.append(time.perf_counter() - t)
+    medians = interleaved_medians({str(i): c.model for i, c in enumerate(candidates)}, inputs, rounds)
 
     evaluator = None
     reference = None
     if quality:
         evaluator = EncoderEval.build(loaded, sentences=64) if loaded.kind == "encoder" else DecoderEval.build(loaded)
         reference = evaluator.embeddings(model) if loaded.kind == "encoder" else None
-    base = statistics.median(candidates[0].times)
+    base = medians["0"]
     rows = []
-    for c in candidates:
-        latency = statistics.median(c.times)
+    for i, c in enumerate(candidates):
+        latency = medians[str(i)]
         metrics: dict[str, Any] = {"latency_ms": round(latency * 1000, 2), "latency_ratio_vs_fp32": round(latency / base, 3)}
         if c.size_mb is not None:
             metrics["size_mb"] = round(c.size_mb, 1)

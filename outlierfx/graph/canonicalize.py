@@ -356,14 +356,16 @@ def normalize_aliases(gm: torch.fx.GraphModule) -> int:
 
 
 def remove_dead_code(gm: torch.fx.GraphModule) -> int:
-    """Remove unused nodes (e.g. an unused pooler) and the attributes only they referenced."""
+    """Remove unused nodes (e.g. an unused pooler) and the attributes only they referenced
+    (the tensors of modules the graph calls, such as quantizers, stay)."""
     before = len(gm.graph.nodes)
     gm.graph.eliminate_dead_code()
-    used = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
-    for name, _ in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)):
-        if name not in used:
-            del_attr(gm, name)
     gm.delete_all_unused_submodules()
+    used = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
+    called = tuple(str(n.target) + "." for n in gm.graph.nodes if n.op == "call_module")
+    for name, _ in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)):
+        if name not in used and not name.startswith(called):
+            del_attr(gm, name)
     return before - len(gm.graph.nodes)
 
 

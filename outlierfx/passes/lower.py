@@ -32,6 +32,7 @@ import torch.fx
 from ..errors import PassError
 from ..graph import meta
 from ..graph.attrs import del_attr, fetch_attr, set_attr, unique_attr_name
+from ..graph.canonicalize import remove_dead_code
 from ..graph.ops import OpKind, op_kind, tensor_val
 from ..quantizers.backends import AO_ENGINES, QuantizedLinear, check_backend, has_float_output_kernel
 from ..quantizers.fake_quant import integer_dtype, quantize_to_integers, quantize_weight
@@ -55,7 +56,8 @@ _NDIM = "outlierfx_lower_ndim"  # rank of a per-channel quantized tensor (stage 
 class LoweredLinear:
     node: str
     module_path: str
-    kernel: str  # e.g. "int8 GEMM, requantized output", "6 int8 sub-GEMMs (PEG)", "float GEMM (...)"
+    kernel: str  # e.g. "int8 GEMM, requantized uint8 output", "6 int8 sub-GEMMs (PEG)", "float GEMM (...)"
+    groups: int = 0  # > 0: split into this many int8 sub-GEMMs over PEG channel groups
 
     @property
     def is_int8(self) -> bool:
@@ -115,39 +117,40 @@ class Lower(GraphPass[LowerPlan]):
                 else:
                     activations += 1
             if op_kind(node) is OpKind.LINEAR:
-                linears.append(LoweredLinear(node.name, meta.module_path(node), self._kernel(gm, node)))
+                linears.append(LoweredLinear(node.name, meta.module_path(node), *self._kernel(gm, node)))
         embeddings = sum(1 for n in gm.graph.nodes if op_kind(n) is OpKind.EMBEDDING and meta.WEIGHT_QUANT in n.meta)
         return LowerPlan(self.backend, tuple(linears), activations, embeddings, tuple(simulated))
 
-    def _kernel(self, gm: torch.fx.GraphModule, linear: torch.fx.Node) -> str:
+    def _kernel(self, gm: torch.fx.GraphModule, linear: torch.fx.Node) -> tuple[str, int]:
+        """The kernel a Linear gets, and its number of PEG sub-GEMMs (0: not split)."""
         if meta.WEIGHT_QUANT not in linear.meta:
-            return "float GEMM (weight not quantized by the policy)"
+            return "float GEMM (weight not quantized by the policy)", 0
         source = linear.args[0]
         module = _fake_quantizer(gm, source) if isinstance(source, torch.fx.Node) else None
         if module is None or not module.enabled:
-            return "float GEMM on int8 weights (input not quantized by the policy)"
+            return "float GEMM on int8 weights (input not quantized by the policy)", 0
         if module.spec.bits > 8:
-            return f"float GEMM on int8 weights (input simulated at {module.spec.bits} bit)"
+            return f"float GEMM on int8 weights (input simulated at {module.spec.bits} bit)", 0
         grouped = not _single_grid(module)
         if self.backend in AO_ENGINES and not has_float_output_kernel(self.backend):
             if grouped:
-                return f"float GEMM on int8 weights ({self.backend} has no float-output int8 GEMM for PEG groups)"
-            if _output_quantizer(gm, linear, full_range=True) is None:
-                return f"float GEMM on int8 weights (output stays float; {self.backend} has no float-output int8 GEMM)"
+                return f"float GEMM on int8 weights ({self.backend} has no float-output int8 GEMM for PEG groups)", 0
+            if _output_quantizer(gm, linear) is None:
+                return f"float GEMM on int8 weights (output stays float; {self.backend} has no float-output int8 GEMM)", 0
         if grouped:
-            return f"{len(_groups(module)[0])} int8 sub-GEMMs (PEG groups), float sum"
-        if _output_quantizer(gm, linear, full_range=True) is not None:
-            return "int8 GEMM, requantized uint8 output"
-        return "int8 GEMM, float output"
+            groups = len(_groups(module)[0])
+            return f"{groups} int8 sub-GEMMs (PEG groups), float sum", groups
+        if _output_quantizer(gm, linear) is not None:
+            return "int8 GEMM, requantized uint8 output", 0
+        return "int8 GEMM, float output", 0
 
     def apply(self, gm: torch.fx.GraphModule, plan: LowerPlan) -> bool:
-        kernels = {lin.node: lin.kernel for lin in plan.linears}
-        _ReferenceLowering(gm, kernels).run()
+        _ReferenceLowering(gm, {lin.node for lin in plan.linears if lin.groups}).run()
         if self.backend in AO_ENGINES:
-            _AoLowering(gm, self.backend, kernels).run()
+            _AoLowering(gm, self.backend).run()
         elif self.backend == "inductor":
             _separate_float_readers(gm)
-        _remove_unused_attrs(gm)
+        remove_dead_code(gm)  # the float weights the int8 copies replaced
         return True
 
 
@@ -158,14 +161,14 @@ def _fake_quantizer(gm: torch.fx.GraphModule, node: torch.fx.Node) -> FakeQuanti
     return module if isinstance(module, FakeQuantize) else None
 
 
-def _output_quantizer(gm: torch.fx.GraphModule, node: torch.fx.Node, full_range: bool) -> FakeQuantize | None:
-    """The per-tensor 8-bit quantizer that is the only reader of ``node``, if any."""
+def _output_quantizer(gm: torch.fx.GraphModule, node: torch.fx.Node) -> FakeQuantize | None:
+    """The full-range uint8 per-tensor quantizer that is the only reader of ``node``, if any."""
     if len(node.users) != 1:
         return None
     module = _fake_quantizer(gm, next(iter(node.users)))
     if module is None or not module.enabled or not _single_grid(module):
         return None
-    if full_range and (module.spec.signed or module.spec.bits != 8):
+    if module.spec.signed or module.spec.bits != 8:
         return None
     return module
 
@@ -191,8 +194,8 @@ def _groups(module: FakeQuantize) -> tuple[list[torch.Tensor], torch.Tensor, tor
 class _ReferenceLowering:
     """Stage 1: FakeQuantize -> quantized_decomposed q/dq; int8 weights and embedding tables."""
 
-    def __init__(self, gm: torch.fx.GraphModule, kernels: dict[str, str]) -> None:
-        self.gm, self.graph, self.kernels = gm, gm.graph, kernels
+    def __init__(self, gm: torch.fx.GraphModule, split: set[str]) -> None:
+        self.gm, self.graph, self.split = gm, gm.graph, split  # names of the Linears to split per PEG group
         self.weights: dict[tuple, tuple[str, str, str, QuantSpec]] = {}  # (memory, shape, spec) -> int8, scale, zp
 
     def run(self) -> None:
@@ -206,7 +209,7 @@ class _ReferenceLowering:
         for node in list(self.graph.nodes):
             if op_kind(node) is OpKind.LINEAR and meta.WEIGHT_QUANT in node.meta:
                 source = node.args[0]
-                if source in grouped_inputs and "sub-GEMMs" in self.kernels.get(node.name, ""):
+                if node.name in self.split and source in grouped_inputs:
                     self._split_linear(node, grouped_inputs[source])
                 else:
                     node.update_arg(1, self._weight(node, node.args[1], node.meta[meta.WEIGHT_QUANT]))
@@ -347,8 +350,8 @@ class _AoLowering:
     run in int8 (Linear, add, layer_norm), with the requantization to the next quantizer's
     grid fused into each kernel; float ops read a dequantized copy, made once per value."""
 
-    def __init__(self, gm: torch.fx.GraphModule, engine: str, kernels: dict[str, str]) -> None:
-        self.gm, self.graph, self.engine, self.kernels = gm, gm.graph, engine, kernels
+    def __init__(self, gm: torch.fx.GraphModule, engine: str) -> None:
+        self.gm, self.graph, self.engine = gm, gm.graph, engine
         self.quantized: dict[torch.fx.Node, torch.fx.Node] = {}  # q node -> node giving its quint8 tensor
 
     def run(self) -> None:
@@ -384,7 +387,7 @@ class _AoLowering:
         q = next(iter(node.users))
         return q if _is_call(q, Q_TENSOR) and tuple(q.args[3:6]) == (0, 255, torch.uint8) else None
 
-    def _quint8(self, q: torch.fx.Node, before: torch.fx.Node) -> torch.fx.Node:
+    def _quint8(self, q: torch.fx.Node) -> torch.fx.Node:
         """The quint8 tensor of value ``q``: the int8 op that produced it, or one quantize."""
         if q not in self.quantized:
             with self.graph.inserting_after(q):
@@ -392,9 +395,6 @@ class _AoLowering:
             meta.inherit(node, q, "Lower")
             self.quantized[q] = node
         return self.quantized[q]
-
-    def _produce(self, q_out: torch.fx.Node, node: torch.fx.Node) -> None:
-        self.quantized[q_out] = node
 
     def _linear(self, linear: torch.fx.Node) -> None:
         x_dq, w_dq = linear.args[0], linear.args[1]
@@ -416,14 +416,14 @@ class _AoLowering:
         name = unique_attr_name(self.gm, LINEAR_MODULE_PREFIX + linear.name)
         self.gm.add_module(name, module)
         # int8 in, int8 out when the input is a full-range uint8 value; else the float input
-        source = self._quint8(q_x, linear) if out is not None and self._uint8_value(x_dq) is not None else q_x.args[0]
+        source = self._quint8(q_x) if out is not None and self._uint8_value(x_dq) is not None else q_x.args[0]
         with self.graph.inserting_before(linear):
             call = self.graph.call_module(name, (source,))
         meta.inherit(call, linear, "Lower")
         if q_out is None:
             linear.replace_all_uses_with(call)
         else:
-            self._produce(q_out, call)
+            self.quantized[q_out] = call
 
     def _elementwise(self, node: torch.fx.Node) -> None:
         """add / layer_norm with int8 inputs and an int8 output -> torch.ao's quantized kernel."""
@@ -436,7 +436,7 @@ class _AoLowering:
             inputs = [self._uint8_value(a) for a in node.args]
             if any(q is None for q in inputs):
                 return
-            args = (*(self._quint8(q, node) for q in inputs), q_out.args[1], q_out.args[2])
+            args = (*(self._quint8(q) for q in inputs), q_out.args[1], q_out.args[2])
             target = torch.ops.quantized.add.default
         else:
             q_in = self._uint8_value(node.args[0])
@@ -445,12 +445,12 @@ class _AoLowering:
             args = list(node.args) + [None] * (5 - len(node.args))
             shape, weight, bias = args[1], args[2], args[3]
             eps = args[4] if args[4] is not None else node.kwargs.get("eps", 1e-5)
-            args = (self._quint8(q_in, node), shape, weight, bias, eps, q_out.args[1], q_out.args[2])
+            args = (self._quint8(q_in), shape, weight, bias, eps, q_out.args[1], q_out.args[2])
             target = torch.ops.quantized.layer_norm.default
         with self.graph.inserting_before(node):
             call = self.graph.call_function(target, args)
         meta.inherit(call, node, "Lower")
-        self._produce(q_out, call)
+        self.quantized[q_out] = call
 
     # -- float views -------------------------------------------------------------------------
     def _float_view(self, dq: torch.fx.Node) -> None:
@@ -542,16 +542,3 @@ def _constant(gm: torch.fx.GraphModule, base: str, value: torch.Tensor) -> str:
 
 def _is_call(node: object, target: object) -> bool:
     return isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target is target
-
-
-def _remove_unused_attrs(gm: torch.fx.GraphModule) -> None:
-    """Drop tensors no node reads (the float weights the int8 copies replaced), keeping the
-    buffers of modules the graph calls."""
-    gm.graph.eliminate_dead_code()
-    gm.delete_all_unused_submodules()
-    used = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
-    called = {str(n.target) + "." for n in gm.graph.nodes if n.op == "call_module"}
-    for name, _ in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)):
-        if name not in used and not any(name.startswith(prefix) for prefix in called):
-            del_attr(gm, name)
-
