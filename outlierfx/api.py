@@ -115,7 +115,7 @@ def quantize(
     gm = capture(model, dict(batches[0]))
     prepared = PassManager([*chosen.prepare(), InsertObservers(quant_policy), *chosen.observe()])(gm)
     seconds = calibrate(prepared.graph_module, batches, progress=progress)
-    finish = [*chosen.finish(batches), ConvertToFakeQuant(quant_policy.weight, quant_policy.embedding)]
+    finish = [*chosen.finish(batches, quant_policy, progress), ConvertToFakeQuant(quant_policy.weight, quant_policy.embedding)]
     converted = PassManager(finish)(prepared.graph_module)
     audit = AuditTrail(prepared.audit.entries + converted.audit.entries)
     placement = next(e.plan for e in audit.entries if isinstance(e.plan, InsertObserversPlan))

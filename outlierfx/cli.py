@@ -128,7 +128,7 @@ def _bench_accuracy(args: argparse.Namespace) -> int:
     from .passes.recipes import get_recipe
     from .quantizers.policy import parse_bits
 
-    recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
+    recipes = [r.strip() + ("+lsq" if args.fine else "") for r in args.recipes.split(",") if r.strip()]
     try:
         for r in recipes:
             get_recipe(r)
@@ -151,6 +151,7 @@ def _quantize(args: argparse.Namespace) -> int:
     from . import corpus
     from .api import lower, quantize
     from .models import load
+    from .passes.recipes import get_recipe
     from .quantizers.backends import check_backend, default_backend
     from .report import build_report
     from .serialize import save_quantized
@@ -159,6 +160,11 @@ def _quantize(args: argparse.Namespace) -> int:
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
         raise OutlierFXError(f"output directory {out} exists and is not empty; choose another --out or pass --force")
     backend = check_backend(args.backend or default_backend())
+    recipe = args.recipe + ("+lsq" if args.fine else "")
+    try:
+        get_recipe(recipe)
+    except ValueError as exc:
+        raise OutlierFXError(str(exc)) from exc
     loaded = load(args.model)
     if args.calibration:
         texts, source = corpus.from_text_file(args.calibration), args.calibration
@@ -166,12 +172,12 @@ def _quantize(args: argparse.Namespace) -> int:
         texts, source = corpus.wikipedia("calibration")[: args.samples], "the packaged Wikipedia calibration split"
     batches = corpus.calibration_batches(loaded, texts[: args.samples], max_length=args.seq, batch_size=args.batch,
                                          source=source)
-    print(f"quantizing {loaded.name} ({args.recipe}, {args.bits}, backend {backend}) on {len(batches)} batches "
+    print(f"quantizing {loaded.name} ({recipe}, {args.bits}, backend {backend}) on {len(batches)} batches "
           f"from {source}")
-    fake, report = quantize(loaded.model, batches, recipe=args.recipe, bits=args.bits, policy=args.policy, progress=True)
+    fake, report = quantize(loaded.model, batches, recipe=recipe, bits=args.bits, policy=args.policy, progress=True)
     model, report = lower(fake, report, backend)
     saved = save_quantized(model.reference if backend == "inductor" else model, out,
-                           {"model": loaded.name, "recipe": args.recipe, "bits": args.bits, "backend": backend},
+                           {"model": loaded.name, "recipe": recipe, "bits": args.bits, "backend": backend},
                            overwrite=args.force)
     (out / "quantization.json").write_text(json.dumps(report.as_dict(), indent=1, default=str))
     html, _ = build_report(out, model=loaded.model, qmodel=fake, report=report, batches=batches[:4],
@@ -209,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--bits", default="W8A8", help="e.g. W8A8 (default), W6A6, W4A8")
     quant.add_argument("--backend", default=None, help="x86 (default on x86), fbgemm, qnnpack, inductor, reference")
     quant.add_argument("--policy", default=None, help="override the recipe's policy: full, linear-inputs, mp16")
+    quant.add_argument("--fine", action="store_true",
+                       help="add the fine stage: learn every activation range against the output (recipe+lsq)")
     quant.add_argument("--calibration", help="a text file (paragraphs separated by blank lines); default: Wikipedia")
     quant.add_argument("--samples", type=int, default=64, help="calibration paragraphs (default 64)")
     quant.add_argument("--batch", type=int, default=8, help="paragraphs per calibration batch")
@@ -233,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     acc.add_argument("--bits", nargs="+", default=["W8A8"], help="e.g. W8A8 W6A6 W4A8 (8 means W8A8)")
     acc.add_argument("--recipes", default="naive,mp16", help="comma-separated recipe names")
     acc.add_argument("--policy", default=None, help="override the recipe's policy: full, linear-inputs, mp16")
+    acc.add_argument("--fine", action="store_true", help="run every recipe with the fine stage (recipe+lsq)")
     acc.add_argument("--json", help="write machine-readable results here")
     acc.set_defaults(func=_bench_accuracy)
     spd = bench.add_parser("speed", help="latency, quality and size of FP32 and each int8 path (and peers)")

@@ -33,6 +33,18 @@ def float_leaves(outputs: Any) -> list[torch.Tensor]:
     return [t for t in pytree.tree_leaves(outputs) if isinstance(t, torch.Tensor) and t.dtype.is_floating_point]
 
 
+def masked_mse(actual: Any, reference: Any, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Sum over the float outputs of the mean squared difference (differentiable in ``actual``);
+    outputs shaped ``[batch, seq, ...]`` count real tokens only when ``token_mask`` is given."""
+    total = torch.zeros(())
+    keep = None if token_mask is None or bool(token_mask.all()) else token_mask.bool()
+    for act, ref in zip(float_leaves(actual), float_leaves(reference)):
+        if keep is not None and act.dim() >= 2 and tuple(act.shape[:2]) == tuple(keep.shape):
+            act, ref = act[keep], ref[keep]
+        total = total + (act - ref).pow(2).mean()
+    return total
+
+
 def output_error(reference: Any, actual: Any, token_mask: torch.Tensor | None = None) -> OutputError:
     """Largest difference over the float outputs; with ``token_mask`` (``[batch, seq]``, e.g. the
     attention mask) outputs shaped ``[batch, seq, ...]`` are compared at real tokens only:

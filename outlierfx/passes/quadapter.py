@@ -40,7 +40,7 @@ import torch.fx
 from ..errors import PassError
 from ..graph import meta
 from ..graph.attrs import del_attr, fetch_attr, is_shared_attr, replace_input_tensor, set_attr, unique_attr_name
-from ..graph.compare import float_leaves
+from ..graph.compare import masked_mse
 from ..graph.copy import copy_graph_module
 from ..graph.ops import NORM_KINDS, OpKind, aten, is_kind, op_kind, tensor_val, users_through_layout_ops
 from ..graph.probe import flatten_inputs, probe, run_nodes, values_read_after
@@ -439,15 +439,6 @@ class TrainQuadapterPlan:
                 f"plateau) in {self.seconds:.1f}s; weights unchanged: {self.weights_unchanged}")
 
 
-def _masked_mse(out: object, target: object, mask: torch.Tensor | None) -> torch.Tensor:
-    total = torch.zeros(())
-    for o, t in zip(float_leaves(out), float_leaves(target)):
-        if mask is not None and o.dim() >= 2 and tuple(o.shape[:2]) == tuple(mask.shape) and not bool(mask.all()):
-            o, t = o[mask.bool()], t[mask.bool()]
-        total = total + (o - t).pow(2).mean()
-    return total
-
-
 def _fingerprint(gm: torch.fx.GraphModule) -> dict[str, tuple[int, float, float]]:
     """Version counter and checksums of every model tensor (scales and quantizer state excluded)."""
     skip = {name for name, m in gm.named_modules() if isinstance(m, QUANTIZERS)}
@@ -599,7 +590,7 @@ class TrainQuadapter(GraphPass[TrainQuadapterPlan]):
 
         def loss_of(i: int) -> torch.Tensor:
             env = run_nodes(student.gm, student.caches[i], start, stop)
-            return _masked_mse(env[stop], targets[i], masks[i])
+            return masked_mse(env[stop], targets[i], masks[i])
 
         with torch.no_grad():
             before = sum(float(loss_of(i)) for i in range(len(targets))) / len(targets)
@@ -638,7 +629,7 @@ class TrainQuadapter(GraphPass[TrainQuadapterPlan]):
             for p, value in zip(params, chosen):
                 p.copy_(value)
         outs = student.advance(end)
-        after = sum(float(_masked_mse(o, t, m)) for o, t, m in zip(outs, targets, masks)) / len(targets)
+        after = sum(float(masked_mse(o, t, m)) for o, t, m in zip(outs, targets, masks)) / len(targets)
         return BlockFit(index, tuple(targets_of), before, after, steps, early)
 
     def _smoothquant_init(self, work: torch.fx.GraphModule, sites: list[_Site]) -> None:

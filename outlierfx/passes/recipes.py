@@ -11,8 +11,10 @@ and after calibration; and the default placement policy.
 - ``best``: what the measurements in the README recommend (today: PEG with K=24).
 - ``quadapter``: learned per-channel scales at the norm -> Linear edges (Park et al. 2022),
   trained block by block on the calibration batches, then folded; ``os+quadapter`` after gamma
-  migration and token-wise clipping. Training assumes 8-bit weights (``quadapter_recipe``
-  makes variants with other weight specs and inits).
+  migration and token-wise clipping. Training uses the policy's weight spec (``quadapter_recipe``
+  makes variants with other inits and settings).
+- ``<recipe>+lsq``: any recipe followed by the fine stage, :class:`LearnRanges` (every
+  activation range learned against the model output, LSQ+ style), e.g. ``os+lsq``, ``peg+lsq``.
 """
 
 from __future__ import annotations
@@ -26,10 +28,12 @@ from ..quantizers.policy import BitWidths, QuantPolicy, make_policy
 from .base import GraphPass
 from .clip_tokenwise import ClipTokenwise
 from .group_channels import GroupChannels
+from .learn_ranges import LearnRanges
 from .migrate_gamma import MigrateGamma
 from .quadapter import FoldQuadapter, InsertQuadapter, TrainQuadapter
 
 Batches = Sequence[Mapping[str, torch.Tensor]]
+FINE_SUFFIX = "+lsq"
 
 
 def _none(*_: object) -> list[GraphPass]:
@@ -42,7 +46,8 @@ class Recipe:
     description: str
     prepare: Callable[[], list[GraphPass]] = _none  # before observers
     observe: Callable[[], list[GraphPass]] = _none  # on observers, before calibration
-    finish: Callable[[Batches], list[GraphPass]] = _none  # after calibration, before conversion
+    # after calibration, before conversion: (batches, the policy applied, show progress bars)
+    finish: Callable[[Batches, QuantPolicy, bool], list[GraphPass]] = _none
     default_policy: str = "full"
 
     def policy(self, bits: BitWidths, policy: str | QuantPolicy | None) -> QuantPolicy:
@@ -59,7 +64,7 @@ def _peg() -> list[GraphPass]:
     return [GroupChannels(groups=6)]
 
 
-def _clip(batches: Batches) -> list[GraphPass]:
+def _clip(batches: Batches, _policy: QuantPolicy, _progress: bool = False) -> list[GraphPass]:
     return [ClipTokenwise(batches)]
 
 
@@ -83,8 +88,9 @@ RECIPES["best"] = Recipe("best", "recommended at W8A8: PEG with K=24 sorted grou
 def quadapter_recipe(name: str = "quadapter", os: bool = False, **train: object) -> Recipe:
     """A Quadapter recipe; ``train`` goes to :class:`TrainQuadapter` (``weight``, ``init``, ``lr``...)."""
 
-    def finish(batches: Batches) -> list[GraphPass]:
-        return [*(_clip(batches) if os else []), InsertQuadapter(), TrainQuadapter(batches, **train),  # type: ignore[arg-type]
+    def finish(batches: Batches, policy: QuantPolicy, progress: bool = True) -> list[GraphPass]:
+        settings = {"weight": policy.weight, "progress": progress, **train}
+        return [*(_clip(batches, policy) if os else []), InsertQuadapter(), TrainQuadapter(batches, **settings),  # type: ignore[arg-type]
                 FoldQuadapter()]
 
     what = "gamma migration + token-wise clipping + Quadapter" if os else "Quadapter"
@@ -96,7 +102,22 @@ RECIPES["quadapter"] = quadapter_recipe("quadapter")
 RECIPES["os+quadapter"] = quadapter_recipe("os+quadapter", os=True)
 
 
+def with_fine_stage(base: Recipe, name: str | None = None, **learn: object) -> Recipe:
+    """``base`` followed by :class:`LearnRanges` (``learn`` goes to it: steps, lr, ...)."""
+
+    def finish(batches: Batches, policy: QuantPolicy, progress: bool = True) -> list[GraphPass]:
+        settings = {"progress": progress, **learn}
+        return [*base.finish(batches, policy, progress),
+                LearnRanges(batches, policy.weight, policy.embedding, **settings)]  # type: ignore[arg-type]
+
+    return dataclasses.replace(base, name=name or base.name + FINE_SUFFIX, finish=finish,
+                               description=f"{base.description}, then ranges learned against the output (LSQ+)")
+
+
 def get_recipe(name: str) -> Recipe:
-    if name not in RECIPES:
-        raise ValueError(f"unknown recipe {name!r}; available: {', '.join(RECIPES)}")
-    return RECIPES[name]
+    """A registered recipe, or ``<registered>+lsq`` for one followed by the fine stage."""
+    if name in RECIPES:
+        return RECIPES[name]
+    if name.endswith(FINE_SUFFIX) and name[: -len(FINE_SUFFIX)] in RECIPES:
+        return with_fine_stage(RECIPES[name[: -len(FINE_SUFFIX)]])
+    raise ValueError(f"unknown recipe {name!r}; available: {', '.join(RECIPES)} (each also as <name>{FINE_SUFFIX})")

@@ -88,6 +88,8 @@ class Observer(torch.nn.Module):
         self.register_buffer("token_max", torch.empty(0))
         self.register_buffer("token_min", torch.empty(0))
         self.register_buffer("batches", torch.zeros((), dtype=torch.long))
+        self.register_buffer("learned_lo", torch.empty(0))  # Estimator.LEARNED: set by LearnRanges
+        self.register_buffer("learned_hi", torch.empty(0))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not _PAUSED.get():
@@ -146,6 +148,13 @@ class Observer(torch.nn.Module):
             merged = merged[torch.randperm(merged.numel(), generator=generator)[:budget]]
         self.samples = merged
 
+    def with_learned_range(self, lo: torch.Tensor, hi: torch.Tensor) -> Observer:
+        """A new observer with the same statistics whose range is ``[lo, hi]`` (scalars, or one
+        value per channel for per-channel and per-group specs)."""
+        new = self.with_spec(self.spec.with_(estimator=Estimator.LEARNED))
+        new.learned_lo, new.learned_hi = lo.detach().clone().float(), hi.detach().clone().float()
+        return new
+
     def with_spec(self, spec: QuantSpec) -> Observer:
         """A new observer with the same statistics and another spec (e.g. a clipping alpha)."""
         if (spec.granularity is Granularity.PER_TENSOR) != (self.spec.granularity is Granularity.PER_TENSOR):
@@ -159,9 +168,8 @@ class Observer(torch.nn.Module):
         """The channel order of a grouped quantizer: given, or sorted by calibrated range."""
         if self.spec.granularity is not Granularity.PER_GROUP:
             return None
-        if self.spec.sort_channels:
-            lo, hi = self.range()
-            return tuple(int(i) for i in torch.argsort(hi - lo, stable=True))
+        if self.spec.sort_channels:  # by the calibrated min-max range, whatever the estimator
+            return tuple(int(i) for i in torch.argsort(self.max_val - self.min_val, stable=True))
         return self.spec.permutation
 
     @property
@@ -183,6 +191,10 @@ class Observer(torch.nn.Module):
             lo, hi = torch.quantile(self.token_min, 1 - a), torch.quantile(self.token_max, a)
             # per-token rows of attention tensors include padded keys: never leave [min, max]
             return torch.maximum(lo, self.min_val), torch.minimum(hi, self.max_val)
+        if est is Estimator.LEARNED:
+            if not self.learned_lo.numel():
+                raise DataError(f"observer {self.name or ''} has a learned estimator but no learned range")
+            return self.learned_lo, self.learned_hi
         return self.min_val, self.max_val
 
     def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,6 +18,7 @@ class Estimator(enum.Enum):
     PERCENTILE = "percentile"  # the p-th / (100-p)-th percentile of the values
     MSE = "mse"  # clipping range minimising the quantization MSE on the collected data
     TOKEN_QUANTILE = "token_quantile"  # alpha-quantile of per-token max/min (token-wise clipping)
+    LEARNED = "learned"  # a range learned against the model's output (LearnRanges, LSQ+ style)
 
 
 _PER_TENSOR_ONLY = (Estimator.PERCENTILE, Estimator.MSE, Estimator.TOKEN_QUANTILE)

@@ -1,0 +1,186 @@
+"""LearnRanges: the fine stage of Outlier Suppression's token-wise clipping, LSQ+ style.
+
+After calibration (and, in ``os`` recipes, the coarse clipping search) every activation
+quantizer's range [lo, hi] becomes a learnable pair, and Adam moves them to minimise the MSE of
+the final model output against the unquantized model on the calibration batches (the true loss
+is checked every ``check_every`` steps and the best ranges seen are kept). The model runs
+with its weights quantized as ConvertToFakeQuant will quantize them, so the ranges learn to
+absorb the weight error too. Rounding is straight-through; the scale and zero point follow from
+[lo, hi] exactly as :func:`~outlierfx.quantizers.fake_quant.qparams_from_range` computes them,
+so the gradient w.r.t. the range is LSQ+'s (Bhalgat et al. 2020) and the forward pass is
+bit-identical to the converted model.
+
+Grouped (PEG) quantizers learn one range per group; per-channel ones one per channel. Model
+weights never change (they get no gradient). If training does not lower the calibration loss,
+the pass keeps the ranges it started from and says so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.fx
+
+from ..errors import PassError
+from ..graph.compare import masked_mse
+from ..graph.copy import copy_graph_module
+from ..quantizers.fake_quant import MIN_SCALE, _broadcast, group_index
+from ..quantizers.observers import FakeQuantize, Observer, observation_paused
+from ..quantizers.spec import Granularity, QuantSpec
+from .base import GraphPass
+from .convert_fake_quant import ConvertToFakeQuant
+
+
+def _round_ste(t: torch.Tensor) -> torch.Tensor:
+    return t + (torch.round(t) - t).detach()
+
+
+class LearnableRange(torch.nn.Module):
+    """Fake quantization whose range [lo, hi] is a parameter (one value per tensor, group or channel).
+
+    ``lo = lo0 + width * u_lo`` (and likewise hi) with ``u`` learned from 0: Adam's steps are then
+    relative to each quantizer's own range, whatever its magnitude.
+    """
+
+    def __init__(self, observer: Observer) -> None:
+        super().__init__()
+        self.spec: QuantSpec = observer.spec
+        self.name = observer.name
+        lo, hi = (t.detach().float() for t in observer.range())
+        if self.spec.granularity is Granularity.PER_GROUP:
+            index = group_index(lo.numel(), self.spec.groups, observer.permutation())
+            lo = torch.full((self.spec.groups,), math.inf).scatter_reduce(0, index, lo, "amin")
+            hi = torch.full((self.spec.groups,), -math.inf).scatter_reduce(0, index, hi, "amax")
+        else:
+            index = torch.arange(lo.numel()) if lo.dim() else torch.zeros((), dtype=torch.long)
+        self.register_buffer("index", index)  # channel -> learned value
+        self.register_buffer("lo0", lo)
+        self.register_buffer("hi0", hi)
+        self.register_buffer("width", (hi - lo).abs().clamp_min(MIN_SCALE))
+        self.u_lo = torch.nn.Parameter(torch.zeros_like(lo))
+        self.u_hi = torch.nn.Parameter(torch.zeros_like(hi))
+
+    def bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The current range, expanded to one value per channel (scalars for per-tensor)."""
+        lo, hi = self.lo0 + self.width * self.u_lo, self.hi0 + self.width * self.u_hi
+        if lo.dim():
+            lo, hi = lo[self.index], hi[self.index]
+        return lo, hi
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        spec = self.spec
+        lo, hi = self.bounds()
+        lo, hi = torch.clamp(lo, max=0.0), torch.clamp(hi, min=0.0)  # the grid holds 0 exactly
+        if spec.symmetric:
+            scale = (torch.maximum(-lo, hi) / spec.qmax).clamp_min(MIN_SCALE)
+            zero_point = torch.zeros_like(scale)
+        else:
+            scale = ((hi - lo) / (spec.qmax - spec.qmin)).clamp_min(MIN_SCALE)
+            zero_point = torch.clamp(spec.qmin - _round_ste(lo / scale), spec.qmin, spec.qmax)
+        if scale.dim():
+            scale, zero_point = _broadcast(scale, x, spec.axis), _broadcast(zero_point, x, spec.axis)
+        q = torch.clamp(_round_ste(x * (1.0 / scale)) + zero_point, spec.qmin, spec.qmax)
+        return ((q - zero_point) * scale).to(x.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class LearnRangesPlan:
+    ranges: Mapping[str, tuple[torch.Tensor, torch.Tensor]]  # observer -> learned (lo, hi), per channel if grouped
+    parameters: int
+    steps: int
+    best_step: int  # the step whose ranges are kept (0: the starting ranges)
+    loss_start: float  # output MSE vs the unquantized model, calibration batches
+    loss_end: float  # with the kept ranges
+    kept_start: bool  # training never lowered the loss: the starting ranges stay
+    seconds: float
+
+    def summary(self) -> str:
+        verdict = "kept the starting ranges (no improvement)" if self.kept_start else "learned ranges applied"
+        return (f"learned {self.parameters} range parameters of {len(self.ranges)} quantizers, {self.steps} "
+                f"steps (kept step {self.best_step}): output MSE {self.loss_start:.4g} -> {self.loss_end:.4g}, {verdict}, {self.seconds:.1f}s")
+
+
+class LearnRanges(GraphPass[LearnRangesPlan]):
+    """Learn every activation quantizer's range against the model output (see module docstring).
+
+    Runs on calibrated observers, before :class:`ConvertToFakeQuant`; ``weight_spec`` and
+    ``embedding_spec`` must be the ones the conversion will use.
+    """
+
+    output_rel_tol = 0.0  # observers keep returning their input; only their ranges change
+
+    def __init__(self, batches: Sequence[Mapping[str, torch.Tensor]], weight_spec: QuantSpec | None,
+                 embedding_spec: QuantSpec | None = None, steps: int = 200, lr: float = 5e-3,
+                 max_batches: int = 8, check_every: int = 20, progress: bool = False) -> None:
+        if not batches:
+            raise ValueError("learning ranges needs calibration batches")
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        self.batches = [dict(b) for b in list(batches)[:max_batches]]
+        self.weight_spec, self.embedding_spec = weight_spec, embedding_spec
+        self.steps, self.lr, self.check_every, self.progress = steps, lr, check_every, progress
+
+    def analyze(self, gm: torch.fx.GraphModule) -> LearnRangesPlan:
+        start = time.perf_counter()
+        observers = {n: m for n, m in gm.named_children() if isinstance(m, Observer)}
+        if not observers:
+            raise PassError("no activation observers to learn ranges for; run InsertObservers first")
+        if not all(o.calibrated for o in observers.values()):
+            raise PassError("LearnRanges needs calibrated observers; run calibrate() first")
+        with torch.no_grad(), observation_paused():
+            targets = [gm(**b) for b in self.batches]
+        work = ConvertToFakeQuant(self.weight_spec, self.embedding_spec)(copy_graph_module(gm)).graph_module
+        learnable = {n: LearnableRange(o) for n, o in observers.items()}
+        for name, module in learnable.items():
+            if not isinstance(getattr(work, name), FakeQuantize):
+                raise PassError(f"{name} did not become a fake quantizer")
+            setattr(work, name, module)
+        params = [p for m in learnable.values() for p in (m.u_lo, m.u_hi)]
+        masks = [b.get("attention_mask") for b in self.batches]
+
+        def loss_of(i: int) -> torch.Tensor:
+            return masked_mse(work(**self.batches[i]), targets[i], masks[i])
+
+        def full_loss() -> float:
+            with torch.no_grad():
+                return sum(float(loss_of(i)) for i in range(len(self.batches))) / len(self.batches)
+
+        def snapshot() -> dict[str, tuple[torch.Tensor, ...]]:
+            return {n: tuple(t.detach().clone() for t in m.bounds()) for n, m in learnable.items()}
+
+        # STE gradients ignore rounding jumps: check the true loss now and then, keep the best
+        loss_start = best_loss = full_loss()
+        best, best_step = snapshot(), 0
+        check_every = max(self.check_every, len(self.batches))
+        optimizer = torch.optim.Adam(params, lr=self.lr)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, self.steps)
+        steps = range(1, self.steps + 1)
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            steps = tqdm(steps, desc="learning quantizer ranges", unit="step")
+        for step in steps:
+            loss = loss_of(step % len(self.batches))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward(inputs=params)
+            optimizer.step()
+            schedule.step()
+            if step % check_every == 0 or step == self.steps:
+                current = full_loss()
+                if current < best_loss:
+                    best_loss, best, best_step = current, snapshot(), step
+                if self.progress:
+                    steps.set_postfix(loss=f"{current:.4g}", best=f"{best_loss:.4g}")  # type: ignore[union-attr]
+        return LearnRangesPlan(best, sum(p.numel() for p in params), self.steps, best_step, loss_start, best_loss,
+                               best_step == 0, time.perf_counter() - start)
+
+    def apply(self, gm: torch.fx.GraphModule, plan: LearnRangesPlan) -> bool:
+        if plan.kept_start:
+            return False
+        for name, (lo, hi) in plan.ranges.items():
+            setattr(gm, name, getattr(gm, name).with_learned_range(lo, hi))
+        return not plan.kept_start
