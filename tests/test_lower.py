@@ -115,6 +115,29 @@ def test_k1_groups_lower_exactly_like_per_tensor():
         assert output_error(naive(**g.inputs), lowered(**g.inputs)).within(1e-6)
 
 
+def test_a_linear_with_more_groups_than_pay_off_runs_as_a_float_gemm():
+    from outlierfx.passes.group_channels import CHANNEL_ROLES, GroupChannels
+    from outlierfx.passes.lower import MAX_SUB_GEMMS
+    from outlierfx.passes.recipes import RECIPES, Recipe
+
+    g = build_model("bert", hidden=96, heads=4, ffn=128, layers=1)
+    RECIPES["_per_channel"] = Recipe("_per_channel", "test",
+                                     observe=lambda: [GroupChannels(groups=None, roles=CHANNEL_ROLES)])
+    try:
+        qmodel, report = outlierfx.quantize(g.model, [g.inputs], recipe="_per_channel", bits="W8A8", progress=False)
+    finally:
+        del RECIPES["_per_channel"]
+    assert {k for _, k, _ in report.audit.entries[-1].plan.grouped} == {96, 128}  # K = each tensor's channels
+    result = Lower("reference")(qmodel)
+    kernels = [lin.kernel for lin in result.plan.linears]
+    assert 96 > MAX_SUB_GEMMS and all("float GEMM on int8 weights (input in" in k for k in kernels), kernels
+    assert not any(lin.groups for lin in result.plan.linears)
+    with torch.no_grad():
+        assert output_error(qmodel(**g.inputs), result.graph_module(**g.inputs)).within(1e-5)
+        x86 = Lower("x86")(qmodel).graph_module
+        assert output_error(qmodel(**g.inputs), x86(**g.inputs), g.inputs["attention_mask"]).within(0.05)
+
+
 def test_bad_inputs_are_named():
     g = build_model("gpt2", hidden=16, layers=1)
     gm = outlierfx.capture(g.model, g.inputs)
@@ -169,7 +192,7 @@ def test_minilm_lowered_keeps_quality_and_is_under_a_third_of_the_size(minilm, t
     from outlierfx.evaluate import EncoderEval
 
     batches = calibration_batches(minilm, **CALIBRATION["encoder"])[:4]
-    qmodel, _ = outlierfx.quantize(minilm.model, batches, recipe="best", bits="W8A8", progress=False)
+    qmodel, _ = outlierfx.quantize(minilm.model, batches, recipe="peg", bits="W8A8", progress=False)
     lowered = Lower("x86")(qmodel).graph_module
     evaluator = EncoderEval.build(minilm, sentences=32)
     reference = evaluator.embeddings(minilm.model)

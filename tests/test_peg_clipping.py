@@ -123,6 +123,10 @@ def test_recipes_run_end_to_end(recipe):
     if "peg" in recipe or recipe == "best":
         assert "GroupChannels" in names
         convert = report.audit.entries[-1].plan
-        assert convert.grouped and all(sorted(p) == list(range(32)) for _, _, p in convert.grouped)
+        assert convert.grouped and all(sorted(p) == list(range(len(p))) and len(p) in (32, 64)
+                                       for _, _, p in convert.grouped)  # hidden or FFN channels
+    if recipe == "best":  # one range per channel on every channel-axis tensor, then the fine stage
+        assert all(k == len(p) for _, k, p in report.audit.entries[-1].plan.grouped)
+        assert names[-2] == "LearnRanges"
     with torch.no_grad():
         assert torch.isfinite(qmodel(**g.inputs).last_hidden_state).all()

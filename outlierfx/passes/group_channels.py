@@ -20,12 +20,15 @@ import torch
 import torch.fx
 
 from ..errors import PassError
+from ..graph.ops import tensor_val
 from ..graph.roles import Role
 from ..quantizers.observers import Observer
 from ..quantizers.spec import Estimator, Granularity
 from .base import GraphPass
 
 PEG_ROLES = frozenset({Role.FFN_INPUT, Role.FFN_OUTPUT, Role.RESIDUAL_SUM})
+# every activation whose last axis is a channel axis (all but the attention matrices and contexts)
+CHANNEL_ROLES = PEG_ROLES | {Role.LINEAR_INPUT, Role.LINEAR_OUTPUT, Role.NORM_OUTPUT, Role.EMBEDDING_SUM}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,20 +41,22 @@ class GroupedTensor:
 
 @dataclasses.dataclass(frozen=True)
 class GroupChannelsPlan:
-    groups: int
+    groups: int | None  # None: one group per channel
     sort_channels: bool
     tensors: tuple[GroupedTensor, ...]
 
     def summary(self) -> str:
         order = "sorted by calibrated range" if self.sort_channels else "in natural order"
-        return f"PEG: {len(self.tensors)} tensors split into K={self.groups} channel groups ({order})"
+        k = "one group per channel" if self.groups is None else f"K={self.groups} channel groups"
+        return f"PEG: {len(self.tensors)} tensors split into {k} ({order})"
 
 
 class GroupChannels(GraphPass[GroupChannelsPlan]):
     output_rel_tol = 0.0  # only observer specs change
 
-    def __init__(self, groups: int = 6, roles: frozenset[Role] = PEG_ROLES, sort_channels: bool = True) -> None:
-        if groups < 1:
+    def __init__(self, groups: int | None = 6, roles: frozenset[Role] = PEG_ROLES, sort_channels: bool = True) -> None:
+        """``groups=None`` gives every channel its own range (K = the tensor's channel count)."""
+        if groups is not None and groups < 1:
             raise ValueError(f"groups must be >= 1, got {groups}")
         self.groups = groups
         self.roles = frozenset(roles)
@@ -66,7 +71,14 @@ class GroupChannels(GraphPass[GroupChannelsPlan]):
                 raise PassError(f"observer {name} is already calibrated; GroupChannels must run before calibrate()")
             if module.spec.granularity is not Granularity.PER_TENSOR:
                 continue
-            chosen.append(GroupedTensor(name, module.name, module.roles, self.groups))
+            groups = self.groups
+            if groups is None:
+                node = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == name)
+                value = tensor_val(node)
+                if value is None or value.dim() == 0:
+                    raise PassError(f"{name}: per-channel groups need the tensor's shape (run shape propagation)")
+                groups = int(value.shape[-1])
+            chosen.append(GroupedTensor(name, module.name, module.roles, groups))
         return GroupChannelsPlan(self.groups, self.sort_channels, tuple(chosen))
 
     def apply(self, gm: torch.fx.GraphModule, plan: GroupChannelsPlan) -> bool:

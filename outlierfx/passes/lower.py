@@ -139,6 +139,9 @@ class Lower(GraphPass[LowerPlan]):
                 return f"float GEMM on int8 weights (output stays float; {self.backend} has no float-output int8 GEMM)", 0
         if grouped:
             groups = len(_groups(module)[0])
+            if groups > MAX_SUB_GEMMS:
+                return (f"float GEMM on int8 weights (input in {groups} PEG groups: more sub-GEMMs than "
+                        f"{MAX_SUB_GEMMS} cost more than they save)"), 0
             return f"{groups} int8 sub-GEMMs (PEG groups), float sum", groups
         if _output_quantizer(gm, linear) is not None:
             return "int8 GEMM, requantized uint8 output", 0
@@ -152,6 +155,11 @@ class Lower(GraphPass[LowerPlan]):
             _separate_float_readers(gm)
         remove_dead_code(gm)  # the float weights the int8 copies replaced
         return True
+
+
+# A Linear whose input has more PEG groups than this runs as a float GEMM on the int8 weights
+# (its input still quantized per group): K tiny GEMMs plus K-1 adds outweigh one float GEMM.
+MAX_SUB_GEMMS = 64
 
 
 def _fake_quantizer(gm: torch.fx.GraphModule, node: torch.fx.Node) -> FakeQuantize | None:

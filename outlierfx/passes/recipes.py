@@ -8,7 +8,9 @@ and after calibration; and the default placement policy.
   residual sums.
 - ``os+peg``: both.
 - ``clip``, ``peg+clip``: ablations (clipping without gamma migration).
-- ``best``: what the measurements in the README recommend (today: PEG with K=24).
+- ``best``: what the measurements in the README recommend for accuracy (today: one range per
+  channel on every channel-axis activation, then the fine stage). Slow once lowered: a Linear
+  whose input has more than ``lower.MAX_SUB_GEMMS`` groups runs as a float GEMM on int8 weights.
 - ``quadapter``: learned per-channel scales at the norm -> Linear edges (Park et al. 2022),
   trained block by block on the calibration batches, then folded; ``os+quadapter`` after gamma
   migration and token-wise clipping. Training uses the policy's weight spec (``quadapter_recipe``
@@ -27,7 +29,7 @@ import torch
 from ..quantizers.policy import BitWidths, QuantPolicy, make_policy
 from .base import GraphPass
 from .clip_tokenwise import ClipTokenwise
-from .group_channels import GroupChannels
+from .group_channels import CHANNEL_ROLES, GroupChannels
 from .learn_ranges import LearnRanges
 from .migrate_gamma import MigrateGamma
 from .quadapter import FoldQuadapter, InsertQuadapter, TrainQuadapter
@@ -81,10 +83,6 @@ RECIPES: dict[str, Recipe] = {
         Recipe("peg+clip", "PEG + token-wise clipping, no gamma migration", observe=_peg, finish=_clip),
     )
 }
-RECIPES["best"] = Recipe("best", "recommended at W8A8: PEG with K=24 sorted groups (measured best all-8-bit "
-                                 "recipe on MiniLM, see README)", observe=lambda: [GroupChannels(groups=24)])
-
-
 def quadapter_recipe(name: str = "quadapter", os: bool = False, **train: object) -> Recipe:
     """A Quadapter recipe; ``train`` goes to :class:`TrainQuadapter` (``weight``, ``init``, ``lr``...)."""
 
@@ -112,6 +110,13 @@ def with_fine_stage(base: Recipe, name: str | None = None, **learn: object) -> R
 
     return dataclasses.replace(base, name=name or base.name + FINE_SUFFIX, finish=finish,
                                description=f"{base.description}, then ranges learned against the output (LSQ+)")
+
+
+RECIPES["best"] = with_fine_stage(
+    Recipe("best", "recommended for accuracy: every channel-axis activation (residual stream, norm outputs, Linear "
+                   "inputs and outputs) with its own range per channel (PEG with K = channels, sorted)",
+           observe=lambda: [GroupChannels(groups=None, roles=CHANNEL_ROLES)]),
+    name="best")
 
 
 def get_recipe(name: str) -> Recipe:
