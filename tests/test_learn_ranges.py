@@ -74,6 +74,19 @@ def test_learned_ranges_lower_the_output_error_and_leave_weights_alone():
     assert "learned ranges applied" in plan.summary()
 
 
+def test_tied_groups_learn_one_pair_per_quantizer():
+    g = _outlier_model()
+    policy = make_policy("full", "W8A8")
+    gm = _calibrated(g, GroupChannels(groups=None))
+    plan = LearnRanges([g.inputs], policy.weight, policy.embedding, steps=20, tie_groups=True)(gm).plan
+    assert plan.parameters == 2 * len(observers(gm))
+    for name, (lo, hi) in plan.ranges.items():  # every group moved by the same fraction of its width
+        start_lo, start_hi = observers(gm)[name].range()
+        width = (start_hi - start_lo).clamp_min(1e-8)
+        shift = (lo - start_lo) / width
+        assert torch.allclose(shift, shift.flatten()[0].expand_as(shift), atol=1e-4), name
+
+
 def test_no_improvement_keeps_the_starting_ranges_and_says_so():
     g = _outlier_model()
     policy = make_policy("full", "W8A8")

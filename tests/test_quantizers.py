@@ -8,7 +8,13 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from outlierfx.errors import DataError
-from outlierfx.quantizers.fake_quant import fake_quantize, group_index, qparams_from_range, quantize_weight
+from outlierfx.quantizers.fake_quant import (
+    fake_quantize,
+    group_index,
+    qparams_from_range,
+    quantize_weight,
+    range_balanced_sizes,
+)
 from outlierfx.quantizers.observers import FakeQuantize, Observer, token_mask
 from outlierfx.quantizers.spec import Estimator, Granularity, QuantSpec
 
@@ -167,11 +173,11 @@ def test_padding_is_excluded():
     x = torch.randn(2, 5, 4)
     x[1, 3:] = 1e6  # padded positions carry garbage
     mask = torch.tensor([[1] * 5, [1, 1, 1, 0, 0]])
-    lo, hi = _observe(QuantSpec(), [x], mask).range()
+    _lo, hi = _observe(QuantSpec(), [x], mask).range()
     assert float(hi) == float(x[mask.bool()].max())
     scores = torch.randn(2, 3, 5, 5)
     scores[1, :, :, 3:] = 1e6  # scores against padded keys
-    lo, hi = _observe(QuantSpec(), [scores], mask).range()
+    _lo, hi = _observe(QuantSpec(), [scores], mask).range()
     assert float(hi) < 1e3
 
 
@@ -196,6 +202,54 @@ def test_group_index_is_balanced_and_follows_the_permutation(channels, groups, s
     assert sizes.max() - sizes.min() <= 1 and sizes.min() >= 1
     ordered = index[list(perm)]
     assert torch.all(ordered[1:] >= ordered[:-1])  # contiguous in permuted order
+
+
+def _noise(sorted_widths, sizes):
+    """Summed squared step over channels when each group takes its widest member's range."""
+    total, end = 0.0, 0
+    for size in sizes:
+        end += size
+        total += size * float(sorted_widths[end - 1]) ** 2
+    return total
+
+
+def _compositions(n, k):
+    if k == 1:
+        yield (n,)
+        return
+    for first in range(1, n - k + 2):
+        for rest in _compositions(n - first, k - 1):
+            yield (first, *rest)
+
+
+@settings(max_examples=60, deadline=None)
+@given(widths=st.lists(st.floats(0.0, 1e4, allow_nan=False), min_size=1, max_size=9), groups=st.integers(1, 9))
+def test_range_sized_groups_are_optimal_and_never_worse_than_equal_ones(widths, groups):
+    w = torch.tensor(sorted(widths), dtype=torch.float64)
+    groups = min(groups, w.numel())
+    sizes = range_balanced_sizes(w, groups)
+    assert len(sizes) == groups and sum(sizes) == w.numel() and min(sizes) >= 1
+    best = min(_noise(w, c) for c in _compositions(w.numel(), groups))  # exhaustive
+    assert _noise(w, sizes) == pytest.approx(best, rel=1e-9, abs=1e-9)
+    equal = torch.bincount(group_index(w.numel(), groups, None), minlength=groups).tolist()
+    assert _noise(w, sizes) <= _noise(w, equal) * (1 + 1e-12) + 1e-9
+    index = group_index(w.numel(), groups, None, sizes)
+    assert torch.bincount(index, minlength=groups).tolist() == list(sizes)
+
+
+def test_range_sized_groups_isolate_outlier_channels():
+    gen = torch.Generator().manual_seed(0)
+    data = torch.randn(4, 16, 64, generator=gen)
+    data[..., [5, 40]] *= 300.0  # two massive channels
+    obs = Observer(QuantSpec(granularity=Granularity.PER_GROUP, groups=4, sort_channels=True, grouping="range"))
+    obs(data)
+    index = obs.group_index()
+    assert (index == index[5]).sum() <= 2 and (index == index[40]).sum() <= 2
+    scale, _ = obs.qparams()
+    ordinary = [c for c in range(64) if c not in (5, 40)]
+    assert float(scale[ordinary].max()) < float(scale[5]) / 50  # a fine grid for the ordinary channels
+    with pytest.raises(ValueError, match="sort_channels"):
+        QuantSpec(granularity=Granularity.PER_GROUP, groups=4, grouping="range")
 
 
 @settings(max_examples=30)

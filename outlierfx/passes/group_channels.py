@@ -44,23 +44,32 @@ class GroupChannelsPlan:
     groups: int | None  # None: one group per channel
     sort_channels: bool
     tensors: tuple[GroupedTensor, ...]
+    grouping: str = "equal"
 
     def summary(self) -> str:
         order = "sorted by calibrated range" if self.sort_channels else "in natural order"
         k = "one group per channel" if self.groups is None else f"K={self.groups} channel groups"
+        if self.grouping == "range" and self.groups is not None:
+            k += " sized by range"
         return f"PEG: {len(self.tensors)} tensors split into {k} ({order})"
 
 
 class GroupChannels(GraphPass[GroupChannelsPlan]):
     output_rel_tol = 0.0  # only observer specs change
 
-    def __init__(self, groups: int | None = 6, roles: frozenset[Role] = PEG_ROLES, sort_channels: bool = True) -> None:
-        """``groups=None`` gives every channel its own range (K = the tensor's channel count)."""
+    def __init__(self, groups: int | None = 6, roles: frozenset[Role] = PEG_ROLES, sort_channels: bool = True,
+                 grouping: str = "equal") -> None:
+        """``groups=None`` gives every channel its own range (K = the tensor's channel count);
+        ``grouping="range"`` sizes the sorted groups to minimise the summed squared step (outlier
+        channels alone, ordinary ones together) instead of the paper's equal sizes."""
         if groups is not None and groups < 1:
             raise ValueError(f"groups must be >= 1, got {groups}")
         self.groups = groups
         self.roles = frozenset(roles)
         self.sort_channels = sort_channels
+        self.grouping = grouping
+        if grouping not in ("equal", "range") or (grouping == "range" and not sort_channels):
+            raise ValueError(f"grouping must be 'equal' or 'range' (with sorted channels), got {grouping!r}")
 
     def analyze(self, gm: torch.fx.GraphModule) -> GroupChannelsPlan:
         chosen = []
@@ -79,12 +88,13 @@ class GroupChannels(GraphPass[GroupChannelsPlan]):
                     raise PassError(f"{name}: per-channel groups need the tensor's shape (run shape propagation)")
                 groups = int(value.shape[-1])
             chosen.append(GroupedTensor(name, module.name, module.roles, groups))
-        return GroupChannelsPlan(self.groups, self.sort_channels, tuple(chosen))
+        return GroupChannelsPlan(self.groups, self.sort_channels, tuple(chosen), self.grouping)
 
     def apply(self, gm: torch.fx.GraphModule, plan: GroupChannelsPlan) -> bool:
         for item in plan.tensors:
             old: Observer = getattr(gm, item.observer)
             spec = old.spec.with_(granularity=Granularity.PER_GROUP, axis=-1, groups=item.groups,
-                                  sort_channels=self.sort_channels, estimator=Estimator.MINMAX)
+                                  sort_channels=self.sort_channels, grouping=self.grouping,
+                                  estimator=Estimator.MINMAX)
             setattr(gm, item.observer, Observer(spec, old.name, old.roles))  # a new module: the input keeps its own
         return bool(plan.tensors)

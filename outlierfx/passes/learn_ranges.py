@@ -28,7 +28,7 @@ import torch.fx
 from ..errors import PassError
 from ..graph.compare import masked_mse
 from ..graph.copy import copy_graph_module
-from ..quantizers.fake_quant import MIN_SCALE, _broadcast, group_index
+from ..quantizers.fake_quant import MIN_SCALE, _broadcast
 from ..quantizers.observers import FakeQuantize, Observer, observation_paused
 from ..quantizers.spec import Granularity, QuantSpec
 from .base import GraphPass
@@ -43,16 +43,18 @@ class LearnableRange(torch.nn.Module):
     """Fake quantization whose range [lo, hi] is a parameter (one value per tensor, group or channel).
 
     ``lo = lo0 + width * u_lo`` (and likewise hi) with ``u`` learned from 0: Adam's steps are then
-    relative to each quantizer's own range, whatever its magnitude.
+    relative to each quantizer's own range, whatever its magnitude. ``tied``: one ``u`` pair for
+    all groups of the quantizer (each group moves by the same fraction of its own width), which
+    keeps per-channel quantizers from fitting the calibration batches' noise.
     """
 
-    def __init__(self, observer: Observer) -> None:
+    def __init__(self, observer: Observer, tied: bool = False) -> None:
         super().__init__()
         self.spec: QuantSpec = observer.spec
         self.name = observer.name
         lo, hi = (t.detach().float() for t in observer.range())
         if self.spec.granularity is Granularity.PER_GROUP:
-            index = group_index(lo.numel(), self.spec.groups, observer.permutation())
+            index = observer.group_index()
             lo = torch.full((self.spec.groups,), math.inf).scatter_reduce(0, index, lo, "amin")
             hi = torch.full((self.spec.groups,), -math.inf).scatter_reduce(0, index, hi, "amax")
         else:
@@ -61,8 +63,8 @@ class LearnableRange(torch.nn.Module):
         self.register_buffer("lo0", lo)
         self.register_buffer("hi0", hi)
         self.register_buffer("width", (hi - lo).abs().clamp_min(MIN_SCALE))
-        self.u_lo = torch.nn.Parameter(torch.zeros_like(lo))
-        self.u_hi = torch.nn.Parameter(torch.zeros_like(hi))
+        self.u_lo = torch.nn.Parameter(torch.zeros(()) if tied else torch.zeros_like(lo))
+        self.u_hi = torch.nn.Parameter(torch.zeros(()) if tied else torch.zeros_like(hi))
 
     def bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The current range, expanded to one value per channel (scalars for per-tensor)."""
@@ -108,14 +110,16 @@ class LearnRanges(GraphPass[LearnRangesPlan]):
     """Learn every activation quantizer's range against the model output (see module docstring).
 
     Runs on calibrated observers, before :class:`ConvertToFakeQuant`; ``weight_spec`` and
-    ``embedding_spec`` must be the ones the conversion will use.
+    ``embedding_spec`` must be the ones the conversion will use. ``tie_groups``: one learned pair
+    per quantizer instead of one per group (see :class:`LearnableRange`).
     """
 
     output_rel_tol = 0.0  # observers keep returning their input; only their ranges change
 
     def __init__(self, batches: Sequence[Mapping[str, torch.Tensor]], weight_spec: QuantSpec | None,
                  embedding_spec: QuantSpec | None = None, steps: int = 200, lr: float = 5e-3,
-                 max_batches: int = 8, check_every: int = 20, progress: bool = False) -> None:
+                 max_batches: int = 8, check_every: int = 20, tie_groups: bool = False,
+                 progress: bool = False) -> None:
         if not batches:
             raise ValueError("learning ranges needs calibration batches")
         if steps < 1:
@@ -123,6 +127,7 @@ class LearnRanges(GraphPass[LearnRangesPlan]):
         self.batches = [dict(b) for b in list(batches)[:max_batches]]
         self.weight_spec, self.embedding_spec = weight_spec, embedding_spec
         self.steps, self.lr, self.check_every, self.progress = steps, lr, check_every, progress
+        self.tie_groups = tie_groups
 
     def analyze(self, gm: torch.fx.GraphModule) -> LearnRangesPlan:
         start = time.perf_counter()
@@ -134,7 +139,7 @@ class LearnRanges(GraphPass[LearnRangesPlan]):
         with torch.no_grad(), observation_paused():
             targets = [gm(**b) for b in self.batches]
         work = ConvertToFakeQuant(self.weight_spec, self.embedding_spec)(copy_graph_module(gm)).graph_module
-        learnable = {n: LearnableRange(o) for n, o in observers.items()}
+        learnable = {n: LearnableRange(o, tied=self.tie_groups) for n, o in observers.items()}
         for name, module in learnable.items():
             if not isinstance(getattr(work, name), FakeQuantize):
                 raise PassError(f"{name} did not become a fake quantizer")

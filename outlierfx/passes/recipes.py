@@ -8,9 +8,9 @@ and after calibration; and the default placement policy.
   residual sums.
 - ``os+peg``: both.
 - ``clip``, ``peg+clip``: ablations (clipping without gamma migration).
-- ``best``: what the measurements in the README recommend for accuracy (today: one range per
-  channel on every channel-axis activation, then the fine stage). Slow once lowered: a Linear
-  whose input has more than ``lower.MAX_SUB_GEMMS`` groups runs as a float GEMM on int8 weights.
+- ``best``: what the measurements in the README recommend (today: PEG with K=24 range-sized
+  groups on every channel-axis activation; the fine stage lowered the calibration loss but not
+  the held-out quality). Slow once lowered: every Linear becomes 24 int8 sub-GEMMs.
 - ``quadapter``: learned per-channel scales at the norm -> Linear edges (Park et al. 2022),
   trained block by block on the calibration batches, then folded; ``os+quadapter`` after gamma
   migration and token-wise clipping. Training uses the policy's weight spec (``quadapter_recipe``
@@ -112,11 +112,10 @@ def with_fine_stage(base: Recipe, name: str | None = None, **learn: object) -> R
                                description=f"{base.description}, then ranges learned against the output (LSQ+)")
 
 
-RECIPES["best"] = with_fine_stage(
-    Recipe("best", "recommended for accuracy: every channel-axis activation (residual stream, norm outputs, Linear "
-                   "inputs and outputs) with its own range per channel (PEG with K = channels, sorted)",
-           observe=lambda: [GroupChannels(groups=None, roles=CHANNEL_ROLES)]),
-    name="best")
+RECIPES["best"] = Recipe(
+    "best", "recommended: PEG on every channel-axis activation (residual stream, norm outputs, Linear inputs and "
+            "outputs), K=24 sorted groups sized by range (outlier channels get groups of their own)",
+    observe=lambda: [GroupChannels(groups=24, roles=CHANNEL_ROLES, grouping="range")])
 
 
 def get_recipe(name: str) -> Recipe:

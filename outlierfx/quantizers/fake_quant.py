@@ -28,15 +28,50 @@ def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> t
     return scale, zero_point
 
 
-def group_index(channels: int, groups: int, permutation: tuple[int, ...] | None) -> torch.Tensor:
+def group_index(channels: int, groups: int, permutation: tuple[int, ...] | None,
+                sizes: tuple[int, ...] | None = None) -> torch.Tensor:
     """Group of each channel: channels sorted by ``permutation`` are cut into ``groups``
-    contiguous, balanced chunks (sizes differ by at most one)."""
+    contiguous chunks, balanced (sizes differ by at most one) unless ``sizes`` are given."""
     if permutation is not None and len(permutation) != channels:
         raise ValueError(f"permutation has {len(permutation)} entries for {channels} channels")
     order = torch.tensor(permutation) if permutation is not None else torch.arange(channels)
     position = torch.empty(channels, dtype=torch.long)
     position[order] = torch.arange(channels)
-    return position * groups // channels
+    if sizes is None:
+        return position * groups // channels
+    if len(sizes) != groups or sum(sizes) != channels or min(sizes) < 1:
+        raise ValueError(f"group sizes {sizes} do not split {channels} channels into {groups} groups")
+    ends = torch.tensor(sizes).cumsum(0)
+    return torch.bucketize(position, ends, right=True)
+
+
+def range_balanced_sizes(sorted_widths: torch.Tensor, groups: int) -> tuple[int, ...]:
+    """Sizes of ``groups`` contiguous groups over channels sorted by range width (ascending)
+    that minimise the total quantization noise, sum over channels of (its group's width)^2:
+    the few wide outlier channels get small groups of their own, the many narrow ones share.
+    Exact dynamic programming over cut points, O(groups x channels^2) vectorised."""
+    w2 = sorted_widths.double().pow(2)
+    channels = w2.numel()
+    groups = min(groups, channels)
+    j = torch.arange(1, channels + 1, dtype=torch.float64)  # group end (exclusive), 1..C
+    i = torch.arange(0, channels, dtype=torch.float64)  # group start, 0..C-1
+    allowed = i[:, None] < j[None, :]
+    best = torch.full((channels + 1,), float("inf"), dtype=torch.float64)
+    best[0] = 0.0
+    choices = []
+    for _ in range(groups):
+        # cost of a group [i, j): (j - i) * width[j - 1]^2, added to the best split of [0, i)
+        cost = best[:-1, None] + (j[None, :] - i[:, None]) * w2[None, :]
+        cost = torch.where(allowed, cost, torch.inf)
+        value, start = cost.min(0)
+        best = torch.cat([torch.full((1,), float("inf"), dtype=torch.float64), value])
+        choices.append(start)
+    sizes, end = [], channels
+    for start in reversed(choices):
+        begin = int(start[end - 1])
+        sizes.append(end - begin)
+        end = begin
+    return tuple(reversed(sizes))
 
 
 def _broadcast(param: torch.Tensor, x: torch.Tensor, axis: int) -> torch.Tensor:

@@ -20,7 +20,7 @@ import torch
 
 from ..errors import DataError
 from ..graph.roles import Role
-from .fake_quant import fake_quantize, group_index, qparams_from_range
+from .fake_quant import fake_quantize, group_index, qparams_from_range, range_balanced_sizes
 from .spec import Estimator, Granularity, QuantSpec
 
 _TOKEN_MASK: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar("outlierfx_token_mask", default=None)
@@ -172,6 +172,15 @@ class Observer(torch.nn.Module):
             return tuple(int(i) for i in torch.argsort(self.max_val - self.min_val, stable=True))
         return self.spec.permutation
 
+    def group_index(self) -> torch.Tensor:
+        """The group of each channel of a grouped quantizer (sorted, and sized per the spec)."""
+        widths = self.max_val - self.min_val
+        permutation = self.permutation()
+        sizes = None
+        if self.spec.grouping == "range" and self.spec.groups < widths.numel():
+            sizes = range_balanced_sizes(widths[list(permutation)], self.spec.groups)  # type: ignore[arg-type]
+        return group_index(widths.numel(), self.spec.groups, permutation, sizes)
+
     @property
     def calibrated(self) -> bool:
         return self.batches.item() > 0
@@ -200,7 +209,7 @@ class Observer(torch.nn.Module):
     def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         lo, hi = self.range()
         if self.spec.granularity is Granularity.PER_GROUP:
-            groups = group_index(lo.numel(), self.spec.groups, self.permutation())
+            groups = self.group_index()
             glo = torch.full((self.spec.groups,), float("inf")).scatter_reduce(0, groups, lo, "amin")
             ghi = torch.full((self.spec.groups,), float("-inf")).scatter_reduce(0, groups, hi, "amax")
             scale, zero_point = qparams_from_range(glo, ghi, self.spec)

@@ -40,6 +40,9 @@ class QuantSpec:
     groups: int = 1
     permutation: tuple[int, ...] | None = None
     sort_channels: bool = False  # PER_GROUP: permutation = channels sorted by calibrated range (PEG)
+    # PER_GROUP with sort_channels: "equal" groups (the paper), or "range": group sizes that
+    # minimise the summed squared step over channels (outlier channels get groups of their own)
+    grouping: str = "equal"
     estimator: Estimator = Estimator.MINMAX
     percentile: float = 99.99
     momentum: float = 0.9
@@ -58,8 +61,12 @@ class QuantSpec:
                 raise ValueError("permutation must be a bijection of 0..n-1")
             if self.sort_channels and self.permutation is not None:
                 raise ValueError("give either a permutation or sort_channels=True, not both")
-        elif self.groups != 1 or self.permutation is not None or self.sort_channels:
-            raise ValueError("groups, permutation and sort_channels need granularity=PER_GROUP")
+            if self.grouping not in ("equal", "range"):
+                raise ValueError(f"grouping must be 'equal' or 'range', got {self.grouping!r}")
+            if self.grouping == "range" and not self.sort_channels:
+                raise ValueError("grouping='range' sizes groups over sorted channels: it needs sort_channels=True")
+        elif self.groups != 1 or self.permutation is not None or self.sort_channels or self.grouping != "equal":
+            raise ValueError("groups, permutation, sort_channels and grouping need granularity=PER_GROUP")
         if self.estimator in _PER_TENSOR_ONLY and self.granularity is not Granularity.PER_TENSOR:
             raise ValueError(f"estimator {self.estimator.value} supports per-tensor granularity only")
         if not 50.0 < self.percentile <= 100.0:
@@ -83,7 +90,8 @@ class QuantSpec:
     def describe(self) -> str:
         kind = "sym" if self.symmetric else "asym"
         gran = {Granularity.PER_TENSOR: "per-tensor", Granularity.PER_CHANNEL: f"per-channel(axis {self.axis})",
-                Granularity.PER_GROUP: f"per-group(K={self.groups}{', sorted' if self.sort_channels else ''})"}[self.granularity]
+                Granularity.PER_GROUP: f"per-group(K={self.groups}{', sorted' if self.sort_channels else ''}"
+                                       f"{', range-sized' if self.grouping == 'range' else ''})"}[self.granularity]
         return f"{'int' if self.signed else 'uint'}{self.bits} {kind} {gran} {self.estimator.value}"
 
 
