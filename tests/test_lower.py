@@ -79,10 +79,11 @@ def test_reference_form_equals_fake_quant(g):
     assert error.within(1e-5)
 
 
-@pytest.mark.parametrize("family", ["bert", "llama"])
-def test_peg_linears_become_grouped_int8_gemms_equal_to_fake_quant(family):
+@pytest.mark.parametrize(("family", "recipe"), [("bert", "peg"), ("llama", "peg"), ("bert", "best")])
+def test_peg_linears_become_grouped_int8_gemms_equal_to_fake_quant(family, recipe):
+    # best: range-sized groups on every Linear input, MSE-clipped weight rows
     g = build_model(family, hidden=32, layers=2)
-    qmodel, _ = outlierfx.quantize(g.model, [g.inputs], recipe="peg", bits="W8A8", progress=False)
+    qmodel, _ = outlierfx.quantize(g.model, [g.inputs], recipe=recipe, bits="W8A8", progress=False)
     result = Lower("reference")(qmodel)
     grouped = [lin for lin in result.plan.linears if "sub-GEMMs" in lin.kernel]
     assert grouped, result.plan.summary()

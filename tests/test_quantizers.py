@@ -16,7 +16,7 @@ from outlierfx.quantizers.fake_quant import (
     range_balanced_sizes,
 )
 from outlierfx.quantizers.observers import FakeQuantize, Observer, token_mask
-from outlierfx.quantizers.spec import Estimator, Granularity, QuantSpec
+from outlierfx.quantizers.spec import Estimator, Granularity, QuantSpec, weight_spec
 
 
 def np_fake_quant(x, lo, hi, bits, symmetric):
@@ -88,7 +88,9 @@ def test_spec_validation():
     with pytest.raises(ValueError, match="bijection"):
         QuantSpec(granularity=Granularity.PER_GROUP, groups=2, permutation=(0, 0, 1))
     with pytest.raises(ValueError, match="per-tensor"):
-        QuantSpec(granularity=Granularity.PER_CHANNEL, estimator=Estimator.MSE)
+        QuantSpec(granularity=Granularity.PER_CHANNEL, estimator=Estimator.PERCENTILE)
+    with pytest.raises(ValueError, match="per tensor only"):  # weights may clip per row; observers cannot
+        Observer(QuantSpec(granularity=Granularity.PER_CHANNEL, estimator=Estimator.MSE))
     assert QuantSpec(symmetric=True).signed and not QuantSpec().signed
     assert (QuantSpec(bits=4, symmetric=True).qmin, QuantSpec(bits=4).qmax) == (-8, 15)
 
@@ -202,6 +204,22 @@ def test_group_index_is_balanced_and_follows_the_permutation(channels, groups, s
     assert sizes.max() - sizes.min() <= 1 and sizes.min() >= 1
     ordered = index[list(perm)]
     assert torch.all(ordered[1:] >= ordered[:-1])  # contiguous in permuted order
+
+
+@settings(max_examples=30, deadline=None)
+@given(bits=st.integers(3, 8), seed=st.integers(0, 1000), outlier=st.floats(1.0, 50.0))
+def test_mse_weight_rows_never_quantize_worse_than_min_max(bits, seed, outlier):
+    w = torch.randn(6, 40, generator=torch.Generator().manual_seed(seed))
+    w[:, 0] *= outlier  # one heavy column: clipping it can pay off
+    minmax, mse = weight_spec(bits), weight_spec(bits).with_(estimator=Estimator.MSE)
+    q_minmax, _, _ = quantize_weight(w, minmax)
+    q_mse, scale, _ = quantize_weight(w, mse)
+    err_minmax = (q_minmax - w).pow(2).sum(1)
+    err_mse = (q_mse - w).pow(2).sum(1)
+    assert torch.all(err_mse <= err_minmax * (1 + 1e-6) + 1e-12)
+    # the clipped rows stay on their grid, and min-max on them gives their scale back
+    _, recovered, _ = quantize_weight(q_mse, minmax)
+    assert torch.allclose(recovered, scale, rtol=1e-5)
 
 
 def _noise(sorted_widths, sizes):

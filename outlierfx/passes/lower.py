@@ -37,7 +37,7 @@ from ..graph.ops import OpKind, op_kind, tensor_val
 from ..quantizers.backends import AO_ENGINES, QuantizedLinear, check_backend, has_float_output_kernel
 from ..quantizers.fake_quant import integer_dtype, quantize_to_integers, quantize_weight
 from ..quantizers.observers import FakeQuantize
-from ..quantizers.spec import Granularity, QuantSpec
+from ..quantizers.spec import Estimator, Granularity, QuantSpec
 from .base import GraphPass
 
 with warnings.catch_warnings():
@@ -268,7 +268,8 @@ class _ReferenceLowering:
                 or spec.bits > 8:
             raise PassError(f"{target}: lowering needs symmetric per-row weights of <= 8 bits, got {spec.describe()}")
         weight = fetch_attr(self.gm, target).detach()
-        _, scale, zero_point = quantize_weight(weight, spec)
+        # an on-grid row's extreme is its qmax code (a clipped row too): min-max recovers the scale
+        _, scale, zero_point = quantize_weight(weight, spec.with_(estimator=Estimator.MINMAX))
         codes = quantize_to_integers(weight, scale, zero_point, spec)
         if not torch.allclose(codes.float() * scale[:, None], weight, rtol=1e-5, atol=0.0):
             raise PassError(f"{target} is not on an int{spec.bits} grid; was the graph converted by ConvertToFakeQuant?")

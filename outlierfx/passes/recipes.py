@@ -9,7 +9,7 @@ and after calibration; and the default placement policy.
 - ``os+peg``: both.
 - ``clip``, ``peg+clip``: ablations (clipping without gamma migration).
 - ``best``: what the measurements in the README recommend (today: PEG with K=24 range-sized
-  groups on every channel-axis activation; the fine stage lowered the calibration loss but not
+  groups on every channel-axis activation, MSE-clipped weight rows; the fine stage lowered the calibration loss but not
   the held-out quality). Slow once lowered: every Linear becomes 24 int8 sub-GEMMs.
 - ``quadapter``: learned per-channel scales at the norm -> Linear edges (Park et al. 2022),
   trained block by block on the calibration batches, then folded; ``os+quadapter`` after gamma
@@ -27,6 +27,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 
 from ..quantizers.policy import BitWidths, QuantPolicy, make_policy
+from ..quantizers.spec import Estimator
 from .base import GraphPass
 from .clip_tokenwise import ClipTokenwise
 from .group_channels import CHANNEL_ROLES, GroupChannels
@@ -51,11 +52,15 @@ class Recipe:
     # after calibration, before conversion: (batches, the policy applied, show progress bars)
     finish: Callable[[Batches, QuantPolicy, bool], list[GraphPass]] = _none
     default_policy: str = "full"
+    weight_estimator: Estimator = Estimator.MINMAX  # how named policies' Linear weight ranges are set
 
     def policy(self, bits: BitWidths, policy: str | QuantPolicy | None) -> QuantPolicy:
         if isinstance(policy, QuantPolicy):
             return policy
-        return make_policy(policy or self.default_policy, bits)
+        chosen = make_policy(policy or self.default_policy, bits)
+        if chosen.weight is None or self.weight_estimator is chosen.weight.estimator:
+            return chosen
+        return dataclasses.replace(chosen, weight=chosen.weight.with_(estimator=self.weight_estimator))
 
 
 def _migrate() -> list[GraphPass]:
@@ -114,8 +119,10 @@ def with_fine_stage(base: Recipe, name: str | None = None, **learn: object) -> R
 
 RECIPES["best"] = Recipe(
     "best", "recommended: PEG on every channel-axis activation (residual stream, norm outputs, Linear inputs and "
-            "outputs), K=24 sorted groups sized by range (outlier channels get groups of their own)",
-    observe=lambda: [GroupChannels(groups=24, roles=CHANNEL_ROLES, grouping="range")])
+            "outputs), K=24 sorted groups sized by range (outlier channels get groups of their own); "
+            "each weight row clipped to its MSE-optimal range",
+    observe=lambda: [GroupChannels(groups=24, roles=CHANNEL_ROLES, grouping="range")],
+    weight_estimator=Estimator.MSE)
 
 
 def get_recipe(name: str) -> Recipe:

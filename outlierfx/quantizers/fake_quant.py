@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .spec import Granularity, QuantSpec
+from .spec import Estimator, Granularity, QuantSpec
 
 MIN_SCALE = 1e-8
 
@@ -114,13 +114,48 @@ def quantize_to_integers(x: torch.Tensor, scale: torch.Tensor, zero_point: torch
 
 
 def quantize_weight(weight: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fake-quantized weight with its scale and zero point (min-max range per the spec)."""
+    """Fake-quantized weight with its scale and zero point: the min-max range per the spec, or
+    with ``Estimator.MSE`` the range shrunk per row (per tensor) by the factor that minimises
+    that row's squared rounding + clipping error."""
     w = weight.detach()
     if spec.granularity is Granularity.PER_TENSOR:
         lo, hi = w.min(), w.max()
+        rows = w.reshape(1, -1)
     else:
         axis = spec.axis % w.dim()
-        flat = w.movedim(axis, 0).reshape(w.shape[axis], -1)
-        lo, hi = flat.min(1).values, flat.max(1).values
+        rows = w.movedim(axis, 0).reshape(w.shape[axis], -1)
+        lo, hi = rows.min(1).values, rows.max(1).values
+    if spec.estimator is not Estimator.MSE:
+        scale, zero_point = qparams_from_range(lo, hi, spec)
+        return fake_quantize(w, scale, zero_point, spec), scale, zero_point
+    lo, hi = _mse_row_range(rows.float(), lo.float(), hi.float(), spec)
     scale, zero_point = qparams_from_range(lo, hi, spec)
-    return fake_quantize(w, scale, zero_point, spec), scale, zero_point
+    return _clipped_fake_quantize(w, scale, zero_point, spec), scale, zero_point
+
+
+def _clipped_fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: QuantSpec
+                           ) -> torch.Tensor:
+    """``fake_quantize`` for a clipped range. A symmetric grid stays within +-qmax (not down to
+    qmin): the clipped extremes then sit exactly on +-qmax * scale, so the scale can be read back
+    from the quantized weight by min-max (as lowering does)."""
+    if spec.symmetric:
+        restricted = fake_quantize(x, scale, zero_point, spec)
+        bound = scale if spec.granularity is Granularity.PER_TENSOR else _broadcast(scale, x, spec.axis)
+        return torch.clamp(restricted, -spec.qmax * bound, spec.qmax * bound).to(x.dtype)
+    return fake_quantize(x, scale, zero_point, spec)
+
+
+def _mse_row_range(rows: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec,
+                   candidates: int = 40, narrowest: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the range ``c * [lo, hi]`` (c in [narrowest, 1]) with the smallest quantization MSE."""
+    flat = spec.with_(granularity=Granularity.PER_CHANNEL, axis=0) if lo.dim() else spec
+    best_err = torch.full((rows.shape[0],), float("inf"))
+    best_c = torch.ones(rows.shape[0])
+    for c in torch.linspace(1.0, narrowest, candidates).tolist():
+        scale, zero_point = qparams_from_range(lo * c, hi * c, flat)
+        err = (_clipped_fake_quantize(rows, scale, zero_point, flat) - rows).pow(2).sum(1)
+        better = err < best_err
+        best_err, best_c = torch.where(better, err, best_err), torch.where(better, c, best_c)
+    if not lo.dim():
+        best_c = best_c.squeeze(0)
+    return lo * best_c, hi * best_c

@@ -21,7 +21,7 @@ import torch
 from ..errors import DataError
 from ..graph.roles import Role
 from .fake_quant import fake_quantize, group_index, qparams_from_range, range_balanced_sizes
-from .spec import Estimator, Granularity, QuantSpec
+from .spec import SAMPLE_ESTIMATORS, Estimator, Granularity, QuantSpec
 
 _TOKEN_MASK: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar("outlierfx_token_mask", default=None)
 
@@ -79,6 +79,8 @@ class Observer(torch.nn.Module):
 
     def __init__(self, spec: QuantSpec, name: str = "", roles: frozenset = frozenset()) -> None:
         super().__init__()
+        if spec.estimator in SAMPLE_ESTIMATORS and spec.granularity is not Granularity.PER_TENSOR:
+            raise ValueError(f"an activation observer supports estimator {spec.estimator.value} per tensor only")
         self.spec = spec
         self.name = name
         self.roles = roles  # what the tensor is (outlierfx.graph.roles.Role), for later passes

@@ -16,12 +16,14 @@ class Estimator(enum.Enum):
     MINMAX = "minmax"  # min/max over all calibration data
     RUNNING_MINMAX = "running_minmax"  # exponential moving average of per-batch min/max
     PERCENTILE = "percentile"  # the p-th / (100-p)-th percentile of the values
-    MSE = "mse"  # clipping range minimising the quantization MSE on the collected data
+    MSE = "mse"  # clipping range minimising the quantization MSE (activations: per tensor; weights: per row)
     TOKEN_QUANTILE = "token_quantile"  # alpha-quantile of per-token max/min (token-wise clipping)
     LEARNED = "learned"  # a range learned against the model's output (LearnRanges, LSQ+ style)
 
 
-_PER_TENSOR_ONLY = (Estimator.PERCENTILE, Estimator.MSE, Estimator.TOKEN_QUANTILE)
+_PER_TENSOR_ONLY = (Estimator.PERCENTILE, Estimator.TOKEN_QUANTILE)
+# estimators that need samples an activation observer keeps for per-tensor specs only
+SAMPLE_ESTIMATORS = (Estimator.PERCENTILE, Estimator.MSE, Estimator.TOKEN_QUANTILE)
 
 
 @dataclasses.dataclass(frozen=True)
