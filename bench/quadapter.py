@@ -4,7 +4,7 @@
     .venv/bin/python bench/quadapter.py --model smollm2 --bits W8A8 --recipes quadapter:identity --max-steps 40
 
 A recipe ``quadapter:<init>`` / ``os+quadapter:<init>`` trains with that init and with the weight
-spec of the bit width (the registered ``quadapter`` recipe assumes 8-bit weights). Calibration
+spec of the bit width (quantize hands every recipe its policy). Calibration
 and training use the same batches as ``outlierfx bench accuracy``; evaluation is held out.
 """
 
@@ -21,8 +21,6 @@ from outlierfx.benchmarks import CALIBRATION, calibration_batches
 from outlierfx.evaluate import DecoderEval, EncoderEval
 from outlierfx.models import load
 from outlierfx.passes.recipes import RECIPES, quadapter_recipe
-from outlierfx.quantizers.policy import parse_bits
-from outlierfx.quantizers.spec import weight_spec
 
 
 def main() -> None:
@@ -48,15 +46,14 @@ def main() -> None:
         rows.append({"model": args.model, "recipe": "fp32", "bits": "FP32", "metrics": evaluator.metrics(model, None)})
         print(json.dumps(rows[-1]), flush=True)
     for bits in args.bits:
-        widths = parse_bits(bits)
         for name in args.recipes.split(","):
             recipe = name
             if ":" in name:
                 base, init = name.split(":")
-                recipe = f"{name}@{bits}"
+                recipe = name  # trains with the policy's weight bits (quantize passes the policy on)
                 RECIPES[recipe] = quadapter_recipe(recipe, os=base.startswith("os+"), init=init,
-                                                   weight=weight_spec(widths.weights), max_steps=args.max_steps,
-                                                   max_batches=args.max_batches, lr=args.lr, progress=False)
+                                                   max_steps=args.max_steps, max_batches=args.max_batches,
+                                                   lr=args.lr, progress=False)
             start = time.perf_counter()
             qmodel, report = quantize(model, batches, recipe=recipe, bits=bits, progress=False)
             seconds = time.perf_counter() - start
