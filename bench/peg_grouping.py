@@ -31,9 +31,9 @@ def variant_recipe(variant: str) -> Recipe:
     base = variant.removesuffix(FINE_SUFFIX)
     grouping, _, k = base.partition(":")
     if grouping == "channel":
-        make = lambda: [GroupChannels(groups=None, roles=CHANNEL_ROLES)]  # noqa: E731
+        make = lambda: [GroupChannels(groups=None, roles=CHANNEL_ROLES)]
     elif grouping in ("equal", "range") and k.isdigit():
-        make = lambda: [GroupChannels(groups=int(k), roles=CHANNEL_ROLES, grouping=grouping)]  # noqa: E731
+        make = lambda: [GroupChannels(groups=int(k), roles=CHANNEL_ROLES, grouping=grouping)]
     else:
         raise SystemExit(f"unknown variant {variant!r}: use equal:K, range:K or channel, optionally +lsq")
     recipe = Recipe(variant, f"PEG {base} on every channel-axis activation", observe=make)
@@ -54,10 +54,10 @@ def main() -> None:
     if loaded.kind == "encoder":
         evaluator = EncoderEval.build(loaded)
         reference = evaluator.embeddings(model)
-        metrics = lambda m: evaluator.metrics(m, reference)  # noqa: E731
+        metrics = lambda m: evaluator.metrics(m, reference)
     else:
         decoder = DecoderEval.build(loaded, windows=args.windows)
-        metrics = lambda m: {"ppl_wiki": DecoderEval.perplexity(m, decoder.wiki)}  # noqa: E731
+        metrics = lambda m: {"ppl_wiki": DecoderEval.perplexity(m, decoder.wiki)}
     rows = [{"model": args.model, "recipe": "fp32", "bits": "FP32", "metrics": metrics(model)}]
     print(json.dumps(rows[-1]), flush=True)
     for variant in args.variants.split(","):
