@@ -62,6 +62,14 @@ def test_quantize_refuses_an_unknown_backend_in_one_line(tmp_path):
     assert not (tmp_path / "q").exists()
 
 
+def test_fine_stage_flag_names_the_recipe_it_would_run(tmp_path):
+    result = _run("quantize", "minilm", "--recipe", "nope", "--fine", "--out", str(tmp_path / "q"))
+    assert result.returncode == 2 and "unknown recipe 'nope+lsq'" in result.stderr
+    assert not (tmp_path / "q").exists()
+    result = _run("bench", "accuracy", "--recipes", "nope", "--fine")
+    assert result.returncode == 2 and "unknown recipe 'nope+lsq'" in result.stderr
+
+
 @pytest.mark.slow
 def test_bench_speed_writes_rows_with_latency_quality_and_size(tmp_path):
     path = tmp_path / "speed.json"

@@ -362,6 +362,9 @@ class _AoLowering:
     def __init__(self, gm: torch.fx.GraphModule, engine: str) -> None:
         self.gm, self.graph, self.engine = gm, gm.graph, engine
         self.quantized: dict[torch.fx.Node, torch.fx.Node] = {}  # q node -> node giving its quint8 tensor
+        # per-row weight scales in the float64 the engines take, one tensor per source: the K
+        # sub-GEMMs of a PEG-split Linear share their rows' scales (and one copy on disk)
+        self.row_scales: dict[int, torch.Tensor] = {}
 
     def run(self) -> None:
         for node in list(self.graph.nodes):
@@ -419,6 +422,7 @@ class _AoLowering:
             return  # float fallback (listed in the plan)
         codes = fetch_attr(self.gm, str(w_dq.args[0].target))
         w_scale = fetch_attr(self.gm, str(w_dq.args[1].target))
+        w_scale = self.row_scales.setdefault(w_scale.data_ptr(), w_scale.detach().double())
         bias_value = fetch_attr(self.gm, str(bias.target)) if isinstance(bias, torch.fx.Node) else None
         out = None if q_out is None else (q_out.args[1], q_out.args[2])
         module = QuantizedLinear(codes, w_scale, bias_value, (scale, zero_point, qmin, qmax), out, self.engine)

@@ -78,7 +78,7 @@ class QuantizedLinear(torch.nn.Module):
         if out_qparams is None and not has_float_output_kernel(engine):
             raise BackendError(f"engine {engine} has no int8 GEMM with float output")
         self.register_buffer("weight_int8", weight_int8.contiguous())
-        self.register_buffer("weight_scale", weight_scale.detach().double())
+        self.register_buffer("weight_scale", weight_scale.detach().double())  # no copy if already float64
         self.register_buffer("bias", None if bias is None else bias.detach().float())
         self.in_scale, self.in_zero_point, self.in_qmin, self.in_qmax = float(in_qparams[0]), *map(int, in_qparams[1:])
         self.out_qparams = None if out_qparams is None else (float(out_qparams[0]), int(out_qparams[1]))
