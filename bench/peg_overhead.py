@@ -16,6 +16,7 @@ from outlierfx.benchmarks import CALIBRATION, calibration_batches
 from outlierfx.evaluate import EncoderEval
 from outlierfx.models import load
 from outlierfx.passes.group_channels import GroupChannels
+from outlierfx.passes.lower import Lower
 from outlierfx.passes.recipes import RECIPES, Recipe
 from outlierfx.speed import interleaved_medians, speed_inputs
 
@@ -37,8 +38,8 @@ def main() -> None:
                                                        progress=False).model
     for k in (int(g) for g in args.groups.split(",")):
         RECIPES[f"peg{k}"] = Recipe(f"peg{k}", f"PEG K={k}", observe=lambda k=k: [GroupChannels(groups=k)])
-        models[f"peg K={k}"] = outlierfx.quantize(loaded.model, batches, recipe=f"peg{k}", backend="x86",
-                                                  progress=False).model
+        fake = outlierfx.quantize(loaded.model, batches, recipe=f"peg{k}", progress=False).model
+        models[f"peg K={k}"] = Lower("x86", max_sub_gemms=k)(fake).graph_module  # sub-GEMMs whatever the default
     medians = interleaved_medians(models, inputs, args.rounds)
     base, naive = medians["fp32"], medians["naive (per-tensor)"]
     rows = []

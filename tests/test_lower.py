@@ -95,6 +95,12 @@ def test_peg_linears_become_grouped_int8_gemms_equal_to_fake_quant(family, recip
     assert len(gathers) == len(grouped)
     x86 = Lower("x86")(qmodel).graph_module
     _assert_each_int8_linear_within_one_step(x86, g.inputs)
+    # more groups than max_sub_gemms: one float GEMM on the int8 weights, same numerics
+    fallback = Lower("reference", max_sub_gemms=4)(qmodel)
+    assert all(lin.groups == 0 and "float GEMM" in lin.kernel for lin in fallback.plan.linears if "PEG" in lin.kernel)
+    assert any("PEG groups" in lin.kernel for lin in fallback.plan.linears)
+    with torch.no_grad():
+        assert output_error(qmodel(**g.inputs), fallback.graph_module(**g.inputs)).within(1e-5)
 
 
 def test_k1_groups_lower_exactly_like_per_tensor():
