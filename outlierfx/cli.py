@@ -48,8 +48,8 @@ def _demo(args: argparse.Namespace) -> int:
     int8, qreport = lower(fake, qreport, backend)
     print(f"  done in {time.perf_counter() - start:.1f}s")
     print("\n".join("  " + line for line in qreport.audit.to_text().splitlines() if line.strip()))
-    # 'best' keeps one range per channel, so most of its Linears run as float GEMMs once lowered:
-    # the speed route is the plain recipe with quantizers on the Linear inputs only
+    # 'best' lowers every Linear to 24 int8 sub-GEMMs (its PEG groups), slower than FP32 in eager
+    # torch.ao: the speed route is the plain recipe with quantizers on the Linear inputs only
     fast_name = f"int8 fast ({backend})"
     fast, _ = quantize(loaded.model, calibration, recipe="naive", bits="W8A8", policy="linear-inputs",
                        backend=backend, progress=False)
@@ -134,10 +134,10 @@ def _analyze(args: argparse.Namespace) -> int:
 
 def _bench_accuracy(args: argparse.Namespace) -> int:
     from .benchmarks import accuracy, print_table, write_json
-    from .passes.recipes import get_recipe
+    from .passes.recipes import FINE_SUFFIX, get_recipe
     from .quantizers.policy import parse_bits
 
-    recipes = [r.strip() + ("+lsq" if args.fine else "") for r in args.recipes.split(",") if r.strip()]
+    recipes = [r.strip() + (FINE_SUFFIX if args.fine else "") for r in args.recipes.split(",") if r.strip()]
     try:
         for r in recipes:
             get_recipe(r)
@@ -160,7 +160,7 @@ def _quantize(args: argparse.Namespace) -> int:
     from . import corpus
     from .api import lower, quantize
     from .models import load
-    from .passes.recipes import get_recipe
+    from .passes.recipes import FINE_SUFFIX, get_recipe
     from .quantizers.backends import check_backend, default_backend
     from .report import build_report
     from .serialize import save_quantized
@@ -169,7 +169,7 @@ def _quantize(args: argparse.Namespace) -> int:
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
         raise OutlierFXError(f"output directory {out} exists and is not empty; choose another --out or pass --force")
     backend = check_backend(args.backend or default_backend())
-    recipe = args.recipe + ("+lsq" if args.fine else "")
+    recipe = args.recipe + (FINE_SUFFIX if args.fine else "")
     try:
         get_recipe(recipe)
     except ValueError as exc:

@@ -9,8 +9,9 @@ and after calibration; and the default placement policy.
 - ``os+peg``: both.
 - ``clip``, ``peg+clip``: ablations (clipping without gamma migration).
 - ``best``: what the measurements in the README recommend (today: PEG with K=24 range-sized
-  groups on every channel-axis activation, MSE-clipped weight rows; the fine stage lowered the calibration loss but not
-  the held-out quality). Slow once lowered: every Linear becomes 24 int8 sub-GEMMs.
+  groups on every channel-axis activation, MSE-clipped weight rows; the fine stage lowered the
+  calibration loss but not the held-out quality). Slow once lowered: every Linear becomes 24
+  int8 sub-GEMMs.
 - ``quadapter``: learned per-channel scales at the norm -> Linear edges (Park et al. 2022),
   trained block by block on the calibration batches, then folded; ``os+quadapter`` after gamma
   migration and token-wise clipping. Training uses the policy's weight spec (``quadapter_recipe``
@@ -88,6 +89,8 @@ RECIPES: dict[str, Recipe] = {
         Recipe("peg+clip", "PEG + token-wise clipping, no gamma migration", observe=_peg, finish=_clip),
     )
 }
+
+
 def quadapter_recipe(name: str = "quadapter", os: bool = False, **train: object) -> Recipe:
     """A Quadapter recipe; ``train`` goes to :class:`TrainQuadapter` (``weight``, ``init``, ``lr``...)."""
 
