@@ -178,3 +178,53 @@ def test_quadapter_recipes_run_end_to_end(recipe):
     assert not inserted_sites(qmodel)
     with torch.no_grad():
         assert torch.isfinite(qmodel(**g.inputs).logits).all()
+
+
+@settings(max_examples=4)
+@given(g=transformer_models())
+def test_explicit_sites_scale_every_other_linear_input_and_keep_their_multiply(g):
+    """``explicit=True`` adds the attention-output and MLP-output projections' inputs (no norm
+    before them): exact with quantizers off, and after folding ``x * s`` stays as a constant multiply."""
+    observed = _calibrated(g, "W8A4")
+    result = PassManager([InsertQuadapter(explicit=True)])(observed)  # the manager checks equivalence
+    inserted, plan = result.graph_module, result.audit.entries[0].plan
+    explicit = [s for s in plan.sites if s.explicit]
+    assert len(plan.sites) - len(explicit) == _expected_sites(g)
+    assert len(explicit) == 2 * g.config.num_hidden_layers  # o-proj and down-proj inputs
+    assert all(len(s.linears) == 1 and not s.compensated for s in explicit)
+    gen = torch.Generator().manual_seed(1)
+    for p in scale_parameters(inserted).values():
+        p.data = torch.randn(p.shape, generator=gen)
+    assert_equivalent(g.model, inserted, g.inputs, tol=TOL)
+
+    trained = TrainQuadapter([g.inputs], init="smoothquant", alpha=0.8, max_steps=10, progress=False)(
+        inserted).graph_module
+    fold = FoldQuadapter()(trained)
+    assert len(fold.plan.explicit) == len(explicit) and "constant multiplies" in fold.plan.summary()
+    folded = fold.graph_module
+    kept = [n for n in folded.graph.nodes if n.target is torch.ops.aten.mul.Tensor and isinstance(n.args[1], torch.fx.Node)
+            and str(n.args[1].target).startswith("outlierfx_quadapter_scale_")]
+    assert len(kept) == len(explicit) and not inserted_sites(folded)
+    assert all(len(n.users) == 1 and isinstance(folded.get_submodule(str(next(iter(n.users)).target)), Observer)
+               for n in kept)  # each multiply feeds its quantizer only
+    assert_equivalent(g.model, folded, g.inputs, tol=TOL)
+    converted = ConvertToFakeQuant(weight_spec(8))(folded).graph_module
+    assert_equivalent(unfolded_fake_quant(trained), converted, g.inputs, tol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_smooth_recipe_lowers_every_linear_to_one_int8_gemm(family):
+    from outlierfx.graph.compare import output_error
+    from outlierfx.passes.lower import Lower
+
+    g = build_model(family, layers=2, outliers=OutlierSpec(gamma_scale=20.0, channels=(3,)), batch=2, seq=10)
+    qmodel, report = outlierfx.quantize(g.model, [g.inputs], recipe="smooth", progress=False)
+    assert report.policy == "linear-inputs"
+    fold = next(e for e in report.audit if e.pass_name == "FoldQuadapter")
+    assert len(fold.plan.explicit) == 2 * g.config.num_hidden_layers
+    assert all(m.spec.granularity.value == "per_tensor" for m in qmodel.modules() if isinstance(m, FakeQuantize))
+    lowered = Lower("reference")(qmodel)
+    int8 = [lin for lin in lowered.plan.linears if lin.is_int8]
+    assert int8 and not any("sub-GEMMs" in lin.kernel for lin in lowered.plan.linears)
+    with torch.no_grad():  # the explicit x * s runs in float before the quantize step
+        assert output_error(qmodel(**g.inputs), lowered.graph_module(**g.inputs)).within(1e-5)

@@ -42,7 +42,8 @@ from ..graph import meta
 from ..graph.attrs import del_attr, fetch_attr, is_shared_attr, replace_input_tensor, set_attr, unique_attr_name
 from ..graph.compare import masked_mse
 from ..graph.copy import copy_graph_module
-from ..graph.ops import NORM_KINDS, OpKind, aten, is_kind, op_kind, tensor_val, users_through_layout_ops
+from ..graph.ops import (NORM_KINDS, OpKind, aten, is_kind, op_kind, preserves_last_axis, tensor_val,
+                         users_through_layout_ops)
 from ..graph.probe import flatten_inputs, probe, run_nodes, values_read_after
 from ..graph.view import GraphView
 from ..quantizers.fake_quant import _broadcast, fake_quantize, quantize_weight
@@ -61,12 +62,13 @@ QUANTIZERS = (Observer, FakeQuantize)
 
 @dataclasses.dataclass(frozen=True)
 class QuadapterCandidate:
-    norm: torch.fx.Node
+    norm: torch.fx.Node  # the producer: a norm, or (explicit sites) any node
     quantizer: torch.fx.Node  # call_module node of the norm output's Observer / FakeQuantize
     operand: torch.fx.Node  # what the quantizer reads (the norm, or a layout op of it)
     channels: int
     linears: tuple[torch.fx.Node, ...]  # absorb 1/s into their input columns
     compensated: tuple[tuple[torch.fx.Node, torch.fx.Node], ...]  # (consumer, operand) reading Q(xs)/s
+    explicit: bool = False  # the producer cannot absorb s: folding keeps the multiply x * s
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,8 +83,10 @@ class InsertQuadapterPlan:
     def summary(self) -> str:
         linears = sum(len(s.linears) for s in self.sites)
         comp = sum(len(s.compensated) for s in self.sites)
-        head = (f"Quadapter scales at {len(self.sites)} norm -> Linear edges ({self.parameters} parameters) "
-                f"feeding {linears} linears; {comp} shortcut/output edges compensated")
+        explicit = sum(s.explicit for s in self.sites)
+        head = (f"Quadapter scales at {len(self.sites) - explicit} norm -> Linear edges and {explicit} other Linear "
+                f"inputs (explicit x * s) ({self.parameters} parameters) feeding {linears} linears; {comp} "
+                f"shortcut/output edges compensated")
         lines = [head]
         lines += [f"skipped {meta.module_path(n) or n.name}: {why}" for n, why in self.skipped]
         return "\n".join(lines)
@@ -100,8 +104,30 @@ def _block_linears(view: GraphView) -> set[torch.fx.Node]:
     return found
 
 
-def find_candidates(gm: torch.fx.GraphModule, include_head: bool = False) -> InsertQuadapterPlan:
-    """Norm outputs with a quantizer whose consumers can all take a per-channel scale."""
+def producer_through_layout_ops(node: torch.fx.Node) -> torch.fx.Node:
+    """The node whose values ``node`` shows, walking back through last-axis-preserving layout ops."""
+    while node.args and isinstance(node.args[0], torch.fx.Node) and preserves_last_axis(node, node.args[0]):
+        node = node.args[0]
+    return node
+
+
+def _linear_consumers(quantizer: torch.fx.Node) -> list[torch.fx.Node] | None:
+    """The Linears reading ``quantizer`` (through layout ops) as input with a stored weight; None if
+    anything else reads it."""
+    linears = []
+    for user, op in users_through_layout_ops(quantizer):
+        if not (is_kind(user, OpKind.LINEAR) and user.args[0] is op and isinstance(user.args[1], torch.fx.Node)
+                and user.args[1].op == "get_attr"):
+            return None
+        linears.append(user)
+    return linears
+
+
+def find_candidates(gm: torch.fx.GraphModule, include_head: bool = False,
+                    explicit: bool = False) -> InsertQuadapterPlan:
+    """Norm outputs with a quantizer whose consumers can all take a per-channel scale; with
+    ``explicit``, also every other quantized activation read only by Linears (the multiply x * s
+    stays in the graph)."""
     view = GraphView(gm)
     shortcut_of = {r.add: r.shortcut for r in view.residual_adds}
     in_blocks = _block_linears(view) if not include_head else set()
@@ -137,6 +163,27 @@ def find_candidates(gm: torch.fx.GraphModule, include_head: bool = False) -> Ins
             continue
         channels = int(tensor_val(norm).shape[-1])
         sites.append(QuadapterCandidate(norm, quantizer, operand, channels, tuple(linears), tuple(compensated)))
+    if explicit:
+        taken = {site.quantizer for site in sites}
+        for quantizer in gm.graph.nodes:
+            if quantizer in taken or not _is_quantizer(gm, quantizer) or not isinstance(quantizer.args[0], torch.fx.Node):
+                continue
+            operand = quantizer.args[0]
+            producer = producer_through_layout_ops(operand)
+            if op_kind(producer) in NORM_KINDS or not any(is_kind(u, OpKind.LINEAR) for u, _ in
+                                                          users_through_layout_ops(quantizer)):
+                continue  # norms were handled above (or skipped with a reason); not a Linear input
+            linears = _linear_consumers(quantizer)
+            value = tensor_val(operand)
+            if linears is None:
+                skipped.append((producer, "a consumer other than a Linear reads its quantizer"))
+            elif not include_head and any(lin not in in_blocks for lin in linears):
+                skipped.append((producer, "feeds the head (outside the transformer blocks); include_head=True adds it"))
+            elif value is None or value.dim() == 0:
+                skipped.append((producer, "no recorded shape"))
+            else:
+                sites.append(QuadapterCandidate(producer, quantizer, operand, int(value.shape[-1]), tuple(linears),
+                                                (), explicit=True))
     return InsertQuadapterPlan(tuple(sites), tuple(skipped))
 
 
@@ -157,11 +204,13 @@ class _Site:
         return self.input_mul.args[0]
 
     @property
-    def norm(self) -> torch.fx.Node:
-        node = self.operand
-        while op_kind(node) not in NORM_KINDS:
-            node = node.args[0]
-        return node
+    def producer(self) -> torch.fx.Node:
+        return producer_through_layout_ops(self.operand)
+
+    @property
+    def explicit(self) -> bool:
+        """The producer is no norm: folding keeps ``x * s`` as a multiply by a constant."""
+        return op_kind(self.producer) not in NORM_KINDS
 
     @property
     def quantizer(self) -> torch.fx.Node:
@@ -194,13 +243,17 @@ class InsertQuadapter(GraphPass[InsertQuadapterPlan]):
     """Insert identity-initialised scale pairs at every qualifying norm -> Linear edge.
 
     Runs on a graph with activation quantizers (observers, calibrated or not). ``include_head``
-    also takes the final norm -> LM-head edge (the paper uses the block edges only).
+    also takes the final norm -> LM-head edge (the paper uses the block edges only). ``explicit``
+    also takes every other quantized Linear input (GELU/SwiGLU outputs, attention contexts): its
+    producer cannot absorb s, so ``x * s`` stays in the folded graph as a multiply by a constant
+    (fused into the quantize step by inductor) while 1/s still folds into the Linear columns.
     """
 
     output_rel_tol = 1e-5  # x * s / s with s = 1, and exact for any s with quantizers off
 
-    def __init__(self, include_head: bool = False) -> None:
+    def __init__(self, include_head: bool = False, explicit: bool = False) -> None:
         self.include_head = include_head
+        self.explicit = explicit
 
     def requires(self, gm: torch.fx.GraphModule) -> None:
         if not any(isinstance(m, QUANTIZERS) for m in gm.children()):
@@ -209,7 +262,7 @@ class InsertQuadapter(GraphPass[InsertQuadapterPlan]):
             raise PassError("the graph already has Quadapter scales")
 
     def analyze(self, gm: torch.fx.GraphModule) -> InsertQuadapterPlan:
-        return find_candidates(gm, self.include_head)
+        return find_candidates(gm, self.include_head, self.explicit)
 
     def apply(self, gm: torch.fx.GraphModule, plan: InsertQuadapterPlan) -> bool:
         graph = gm.graph
@@ -245,11 +298,14 @@ class FoldQuadapterPlan:
     folded: tuple[tuple[str, str, int], ...]  # (scale attribute, norm module path, linears)
     compensations: int
     tied_weights: tuple[str, ...]
+    explicit: tuple[tuple[str, str, int], ...] = ()  # (scale attribute, producer, linears): x * s kept
 
     def summary(self) -> str:
         line = (f"folded {len(self.folded)} Quadapter scale vectors into norm gamma/beta and "
-                f"{sum(n for _, _, n in self.folded)} Linear weights; {self.compensations} explicit shortcut/output "
-                f"multiplies by 1/s")
+                f"{sum(n for _, _, n in self.folded + self.explicit)} Linear weights; {self.compensations} explicit "
+                f"shortcut/output multiplies by 1/s")
+        if self.explicit:
+            line += f"; {len(self.explicit)} scales stay as constant multiplies before their quantizers"
         if self.tied_weights:
             line += f"; untied {list(self.tied_weights)}"
         return line
@@ -261,15 +317,16 @@ class FoldQuadapter(GraphPass[FoldQuadapterPlan]):
     output_rel_tol = 1e-5
 
     def analyze(self, gm: torch.fx.GraphModule) -> FoldQuadapterPlan:
-        folded, tied, comps = [], [], 0
+        folded, explicit, tied, comps = [], [], [], 0
         for site in inserted_sites(gm):
-            folded.append((site.target, meta.module_path(site.norm), len(site.weight_muls)))
+            where = meta.module_path(site.producer) or site.producer.name
+            (explicit if site.explicit else folded).append((site.target, where, len(site.weight_muls)))
             comps += len(site.compensations)
             for mul in site.weight_muls:
                 weight = mul.args[0]
                 if is_shared_attr(gm, weight):
                     tied.append(str(weight.target))
-        return FoldQuadapterPlan(tuple(folded), comps, tuple(tied))
+        return FoldQuadapterPlan(tuple(folded), comps, tuple(tied), tuple(explicit))
 
     def apply(self, gm: torch.fx.GraphModule, plan: FoldQuadapterPlan) -> bool:
         graph = gm.graph
@@ -277,21 +334,11 @@ class FoldQuadapter(GraphPass[FoldQuadapterPlan]):
             log_s = fetch_attr(gm, site.target).detach()
             scale = torch.exp(log_s)  # the same ops as the graph's, so the folded values are identical
             inverse = torch.reciprocal(scale)
-            norm = site.norm
-            gamma, beta = _affine_params(norm)
-            if gamma is not None:
-                replace_input_tensor(gm, norm, gamma, fetch_attr(gm, str(gamma.target)).detach() * scale, "_quadapter")
-            else:  # no gamma (e.g. fully migrated by MigrateGamma): s becomes the norm's gamma
-                target = unique_attr_name(gm, "outlierfx_quadapter_gamma_" + site.target[len(SCALE_PREFIX):])
-                set_attr(gm, target, torch.nn.Parameter(scale, requires_grad=False))
-                with graph.inserting_before(norm):
-                    new_gamma = graph.get_attr(target)
-                meta.inherit(new_gamma, norm, NAME)
-                norm.args = (*norm.args[:2], new_gamma, *norm.args[3:])
-            if beta is not None:
-                replace_input_tensor(gm, norm, beta, fetch_attr(gm, str(beta.target)).detach() * scale, "_quadapter")
-            site.input_mul.replace_all_uses_with(site.operand)
-            graph.erase_node(site.input_mul)
+            producer = site.producer  # before the fold erases x * s
+            if site.explicit:  # x * s stays, with s a constant
+                self._constant(gm, site.target, producer, "outlierfx_quadapter_scale_", scale, site.scale)
+            else:
+                self._fold_into_norm(gm, site, scale)
             for mul in site.weight_muls:
                 weight = mul.args[0]
                 (linear,) = mul.users
@@ -302,16 +349,41 @@ class FoldQuadapter(GraphPass[FoldQuadapterPlan]):
                 if not weight.users:
                     graph.erase_node(weight)
             if site.compensations:
-                target = unique_attr_name(gm, "outlierfx_quadapter_inverse_" + site.target[len(SCALE_PREFIX):])
-                set_attr(gm, target, inverse)
-                with graph.inserting_before(site.inverse):
-                    constant = graph.get_attr(target)
-                meta.inherit(constant, norm, NAME)
-                site.inverse.replace_all_uses_with(constant)
+                self._constant(gm, site.target, producer, "outlierfx_quadapter_inverse_", inverse, site.inverse)
             for node in (site.inverse, site.scale, site.log_scale):
                 graph.erase_node(node)
             del_attr(gm, site.target)
-        return bool(plan.folded)
+        return bool(plan.folded or plan.explicit)
+
+    @staticmethod
+    def _constant(gm: torch.fx.GraphModule, scale_target: str, producer: torch.fx.Node, prefix: str,
+                  value: torch.Tensor, replaces: torch.fx.Node) -> None:
+        """Every reader of ``replaces`` reads the stored ``value`` instead."""
+        target = unique_attr_name(gm, prefix + scale_target[len(SCALE_PREFIX):])
+        set_attr(gm, target, value)
+        with gm.graph.inserting_before(replaces):
+            constant = gm.graph.get_attr(target)
+        meta.inherit(constant, producer, NAME)
+        replaces.replace_all_uses_with(constant)
+
+    @staticmethod
+    def _fold_into_norm(gm: torch.fx.GraphModule, site: _Site, scale: torch.Tensor) -> None:
+        """s into the norm's gamma (created if it has none) and beta; the multiply x * s goes."""
+        norm = site.producer
+        gamma, beta = _affine_params(norm)
+        if gamma is not None:
+            replace_input_tensor(gm, norm, gamma, fetch_attr(gm, str(gamma.target)).detach() * scale, "_quadapter")
+        else:  # no gamma (e.g. fully migrated by MigrateGamma): s becomes the norm's gamma
+            target = unique_attr_name(gm, "outlierfx_quadapter_gamma_" + site.target[len(SCALE_PREFIX):])
+            set_attr(gm, target, torch.nn.Parameter(scale, requires_grad=False))
+            with gm.graph.inserting_before(norm):
+                new_gamma = gm.graph.get_attr(target)
+            meta.inherit(new_gamma, norm, NAME)
+            norm.args = (*norm.args[:2], new_gamma, *norm.args[3:])
+        if beta is not None:
+            replace_input_tensor(gm, norm, beta, fetch_attr(gm, str(beta.target)).detach() * scale, "_quadapter")
+        site.input_mul.replace_all_uses_with(site.operand)
+        gm.graph.erase_node(site.input_mul)
 
 
 # --------------------------------------------------------------------------- training graph

@@ -16,6 +16,10 @@ and after calibration; and the default placement policy.
   trained block by block on the calibration batches, then folded; ``os+quadapter`` after gamma
   migration and token-wise clipping. Training uses the policy's weight spec (``quadapter_recipe``
   makes variants with other inits and settings).
+- ``smooth``: the speed route's quality recipe (policy ``linear-inputs``): Quadapter scales on
+  every Linear input (``explicit`` sites too), SmoothQuant init with alpha=0.8, trained
+  block-wise, MSE-clipped weight rows; activations stay per tensor, so every Linear lowers to
+  one int8 GEMM.
 - ``<recipe>+lsq``: any recipe followed by the fine stage, :class:`LearnRanges` (every
   activation range learned against the model output, LSQ+ style), e.g. ``os+lsq``, ``peg+lsq``.
 """
@@ -91,13 +95,14 @@ RECIPES: dict[str, Recipe] = {
 }
 
 
-def quadapter_recipe(name: str = "quadapter", os: bool = False, **train: object) -> Recipe:
-    """A Quadapter recipe; ``train`` goes to :class:`TrainQuadapter` (``weight``, ``init``, ``lr``...)."""
+def quadapter_recipe(name: str = "quadapter", os: bool = False, explicit: bool = False, **train: object) -> Recipe:
+    """A Quadapter recipe; ``train`` goes to :class:`TrainQuadapter` (``weight``, ``init``, ``lr``...);
+    ``explicit`` also scales the Linear inputs no norm produces (see :class:`InsertQuadapter`)."""
 
     def finish(batches: Batches, policy: QuantPolicy, progress: bool = True) -> list[GraphPass]:
         settings = {"weight": policy.weight, "progress": progress, **train}
-        return [*(_clip(batches, policy) if os else []), InsertQuadapter(), TrainQuadapter(batches, **settings),  # type: ignore[arg-type]
-                FoldQuadapter()]
+        return [*(_clip(batches, policy) if os else []), InsertQuadapter(explicit=explicit),
+                TrainQuadapter(batches, **settings), FoldQuadapter()]  # type: ignore[arg-type]
 
     what = "gamma migration + token-wise clipping + Quadapter" if os else "Quadapter"
     return Recipe(name, f"{what}: per-channel scales at norm -> Linear edges, trained block-wise, folded",
@@ -106,6 +111,14 @@ def quadapter_recipe(name: str = "quadapter", os: bool = False, **train: object)
 
 RECIPES["quadapter"] = quadapter_recipe("quadapter")
 RECIPES["os+quadapter"] = quadapter_recipe("os+quadapter", os=True)
+
+
+RECIPES["smooth"] = dataclasses.replace(
+    quadapter_recipe("smooth", explicit=True, init="smoothquant", alpha=0.8),
+    description="for int8 GEMM speed: per-channel scales on every Linear input (SmoothQuant init, alpha=0.8; "
+                "folded into norms and Linear columns, an explicit multiply elsewhere), trained block-wise, "
+                "MSE-clipped weight rows; per-tensor activations, so each Linear stays one int8 GEMM",
+    default_policy="linear-inputs", weight_estimator=Estimator.MSE)
 
 
 def with_fine_stage(base: Recipe, name: str | None = None, **learn: object) -> Recipe:
