@@ -42,8 +42,16 @@ from ..graph import meta
 from ..graph.attrs import del_attr, fetch_attr, is_shared_attr, replace_input_tensor, set_attr, unique_attr_name
 from ..graph.compare import masked_mse
 from ..graph.copy import copy_graph_module
-from ..graph.ops import (NORM_KINDS, OpKind, aten, is_kind, op_kind, preserves_last_axis, tensor_val,
-                         users_through_layout_ops)
+from ..graph.ops import (
+    NORM_KINDS,
+    OpKind,
+    aten,
+    is_kind,
+    op_kind,
+    preserves_last_axis,
+    tensor_val,
+    users_through_layout_ops,
+)
 from ..graph.probe import flatten_inputs, probe, run_nodes, values_read_after
 from ..graph.view import GraphView
 from ..quantizers.fake_quant import _broadcast, fake_quantize, quantize_weight
