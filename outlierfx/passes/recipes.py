@@ -20,6 +20,8 @@ and after calibration; and the default placement policy.
   every Linear input (``explicit`` sites too), SmoothQuant init with alpha=0.8, trained
   block-wise, MSE-clipped weight rows; activations stay per tensor, so every Linear lowers to
   one int8 GEMM.
+- ``qat``: ``naive`` ranges, then quantization-aware training of the Linear weights on the
+  calibration batches (:class:`QAT`): the baseline of Quadapter's overfitting claim.
 - ``<recipe>+lsq``: any recipe followed by the fine stage, :class:`LearnRanges` (every
   activation range learned against the model output, LSQ+ style), e.g. ``os+lsq``, ``peg+lsq``.
 """
@@ -38,6 +40,7 @@ from .clip_tokenwise import ClipTokenwise
 from .group_channels import CHANNEL_ROLES, GroupChannels
 from .learn_ranges import LearnRanges
 from .migrate_gamma import MigrateGamma
+from .qat import QAT
 from .quadapter import FoldQuadapter, InsertQuadapter, TrainQuadapter
 
 Batches = Sequence[Mapping[str, torch.Tensor]]
@@ -119,6 +122,16 @@ RECIPES["smooth"] = dataclasses.replace(
                 "folded into norms and Linear columns, an explicit multiply elsewhere), trained block-wise, "
                 "MSE-clipped weight rows; per-tensor activations, so each Linear stays one int8 GEMM",
     default_policy="linear-inputs", weight_estimator=Estimator.MSE)
+
+
+def _qat(batches: Batches, policy: QuantPolicy, progress: bool = False) -> list[GraphPass]:
+    if policy.weight is None:
+        raise ValueError("QAT trains quantized weights; the policy keeps them float")
+    return [QAT(batches, policy.weight, policy.embedding, progress=progress)]
+
+
+RECIPES["qat"] = Recipe("qat", "naive PTQ ranges, then quantization-aware training of every Linear weight on the "
+                               "batches (language-modelling loss; distillation for encoders)", finish=_qat)
 
 
 def with_fine_stage(base: Recipe, name: str | None = None, **learn: object) -> Recipe:
