@@ -9,7 +9,8 @@ from outlierfx.graph.compare import masked_mse
 from outlierfx.passes import PassManager
 from outlierfx.passes.convert_fake_quant import ConvertToFakeQuant
 from outlierfx.passes.insert_observers import InsertObservers
-from outlierfx.passes.qat import QAT, lm_loss
+from outlierfx.passes.qat import QAT
+from outlierfx.passes.training import lm_loss
 from outlierfx.quantizers.calibrate import calibrate
 from outlierfx.quantizers.policy import make_policy
 from outlierfx.testing import OutlierSpec, build_model

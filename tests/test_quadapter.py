@@ -228,3 +228,16 @@ def test_smooth_recipe_lowers_every_linear_to_one_int8_gemm(family):
     assert int8 and not any("sub-GEMMs" in lin.kernel for lin in lowered.plan.linears)
     with torch.no_grad():  # the explicit x * s runs in float before the quantize step
         assert output_error(qmodel(**g.inputs), lowered.graph_module(**g.inputs)).within(1e-5)
+
+
+def test_phase_two_trains_the_scales_end_to_end_on_the_lm_loss():
+    g = build_model("llama", layers=2, outliers=OutlierSpec(gamma_scale=30.0, channels=(3, 17)), batch=2, seq=12)
+    inserted = InsertQuadapter()(_calibrated(g, "W8A4")).graph_module
+    weights = _tensors(inserted)
+    result = TrainQuadapter([g.inputs], max_steps=5, end_to_end_steps=40, end_to_end_lr=5e-2, progress=False)(inserted)
+    plan = result.plan
+    assert plan.end_to_end_loss == "lm" and len(plan.end_to_end) == 41  # before, then one per step (one batch)
+    assert plan.end_to_end[-1] < plan.end_to_end[0] and "phase 2" in plan.summary()
+    assert plan.weights_unchanged
+    for name, value in _tensors(result.graph_module).items():
+        assert torch.equal(value, weights[name]), name

@@ -28,36 +28,14 @@ import torch.fx
 from ..errors import PassError
 from ..graph import meta
 from ..graph.attrs import del_attr, fetch_attr, is_shared_attr, replace_input_tensor, set_attr, unique_attr_name
-from ..graph.compare import masked_mse
 from ..graph.copy import copy_graph_module
 from ..graph.ops import OpKind, op_kind
-from ..quantizers.observers import FakeQuantize, Observer, observation_paused
+from ..quantizers.observers import FakeQuantize, Observer
 from ..quantizers.spec import QuantSpec
 from .base import GraphPass
 from .convert_fake_quant import ConvertToFakeQuant
 from .quadapter import TrainableActivationQuantizer, TrainableWeightQuantizer
-
-Batch = Mapping[str, torch.Tensor]
-
-
-def lm_loss(output: object, batch: Batch) -> torch.Tensor:
-    """Mean next-token cross-entropy over positions whose target token is real (attention mask)."""
-    logits = output.logits  # type: ignore[attr-defined]
-    ids = batch["input_ids"]
-    targets = ids[:, 1:]
-    mask = batch.get("attention_mask")
-    if mask is not None:
-        targets = targets.masked_fill(mask[:, 1:] == 0, -100)
-    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                                             targets.reshape(-1), ignore_index=-100)
-
-
-def task_loss_kind(gm: torch.fx.GraphModule, batch: Batch) -> str:
-    """``"lm"`` for models that return logits on ``input_ids``, else ``"distill"``."""
-    if "input_ids" not in batch:
-        return "distill"
-    with torch.no_grad(), observation_paused():
-        return "lm" if hasattr(gm(**batch), "logits") else "distill"
+from .training import Batch, fit, task_loss
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,8 +75,6 @@ class QAT(GraphPass[QATPlan]):
             raise ValueError("QAT needs training batches")
         if epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {epochs}")
-        if loss not in ("auto", "lm", "distill"):
-            raise ValueError(f"loss must be 'auto', 'lm' or 'distill', got {loss!r}")
         self.batches = [dict(b) for b in batches]
         self.weight_spec, self.embedding_spec = weight_spec, embedding_spec
         self.epochs, self.lr, self.loss, self.progress = epochs, lr, loss, progress
@@ -110,49 +86,15 @@ class QAT(GraphPass[QATPlan]):
 
     def analyze(self, gm: torch.fx.GraphModule) -> QATPlan:
         start = time.perf_counter()
-        kind = task_loss_kind(gm, self.batches[0]) if self.loss == "auto" else self.loss
-        targets = None
-        if kind == "distill":
-            with torch.no_grad(), observation_paused():
-                targets = [gm(**b) for b in self.batches]
+        kind, loss = task_loss(gm, self.batches, self.loss)
         work, trained, frozen = self._training_graph(gm)
         params = [p for pair in trained.values() for p in pair if p is not None]
-
-        def loss_of(batch_index: int) -> torch.Tensor:
-            batch = self.batches[batch_index]
-            out = work(**batch)
-            if kind == "lm":
-                return lm_loss(out, batch)
-            return masked_mse(out, targets[batch_index], batch.get("attention_mask"))  # type: ignore[index]
-
-        with torch.no_grad():
-            losses = [sum(float(loss_of(i)) for i in range(len(self.batches))) / len(self.batches)]
-        total = self.epochs * len(self.batches)
-        optimizer = torch.optim.Adam(params, lr=self.lr)
-        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total)
-        bar = None
-        if self.progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=total, desc="QAT", unit="step")
-        for _ in range(self.epochs):
-            running = 0.0
-            for i in range(len(self.batches)):
-                loss = loss_of(i)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward(inputs=params)
-                optimizer.step()
-                schedule.step()
-                running += float(loss.detach())
-                if bar is not None:
-                    bar.update()
-                    bar.set_postfix(loss=f"{float(loss):.4g}")
-            losses.append(running / len(self.batches))
-        if bar is not None:
-            bar.close()
+        steps = self.epochs * len(self.batches)
+        losses = fit(params, lambda i: loss(work(**self.batches[i]), i), len(self.batches), steps, self.lr, "QAT",
+                     self.progress)
         weights = {name: (w.detach().clone(), None if b is None else b.detach().clone())
                    for name, (w, b) in trained.items()}
-        return QATPlan(weights, tuple(frozen), sum(p.numel() for p in params), kind, tuple(losses), total,
+        return QATPlan(weights, tuple(frozen), sum(p.numel() for p in params), kind, tuple(losses), steps,
                        time.perf_counter() - start)
 
     def _training_graph(self, gm: torch.fx.GraphModule) -> tuple[

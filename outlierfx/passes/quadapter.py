@@ -60,6 +60,7 @@ from ..quantizers.spec import QuantSpec, weight_spec
 from .base import GraphPass
 from .convert_fake_quant import ConvertToFakeQuant
 from .detect_norms import _affine_params
+from .training import fit, task_loss
 
 NAME = "Quadapter"
 SCALE_PREFIX = "outlierfx_quadapter_log_scale_"  # parameter names of the learnable log s
@@ -508,15 +509,21 @@ class TrainQuadapterPlan:
     parameters: int
     weights_unchanged: bool
     seconds: float
+    end_to_end: tuple[float, ...] = ()  # phase 2: task loss before, then per pass through the batches
+    end_to_end_loss: str = ""
 
     def summary(self) -> str:
+        phase2 = ""
+        if self.end_to_end:
+            curve = " -> ".join(f"{v:.4g}" for v in self.end_to_end)
+            phase2 = f"; phase 2 end to end ({self.end_to_end_loss} loss): {curve}"
         before = sum(b.loss_before for b in self.blocks)
         after = sum(b.loss_after for b in self.blocks)
         steps = sum(b.steps for b in self.blocks)
         early = sum(b.stopped_early for b in self.blocks)
         return (f"trained {self.parameters} Quadapter scales ({self.init} init) block by block: summed block MSE "
                 f"{before:.4g} -> {after:.4g} over {len(self.blocks)} blocks, {steps} steps ({early} stopped on "
-                f"plateau) in {self.seconds:.1f}s; weights unchanged: {self.weights_unchanged}")
+                f"plateau){phase2} in {self.seconds:.1f}s; weights unchanged: {self.weights_unchanged}")
 
 
 def _fingerprint(gm: torch.fx.GraphModule) -> dict[str, tuple[int, float, float]]:
@@ -567,6 +574,10 @@ class TrainQuadapter(GraphPass[TrainQuadapterPlan]):
         batches: calibration batches (keyword-input dicts); the first ``max_batches`` are used.
         weight: the weight quantization the model will get (default: 8-bit per-channel symmetric).
         init: ``"identity"`` (s = 1) or ``"smoothquant"`` (``s = max|W|^(1-alpha) / max|x|^alpha``).
+        end_to_end_steps, end_to_end_lr: phase 2 (off by default): after the block-wise phase, the
+            scales learn end to end on the task loss (language modelling for models returning
+            logits, otherwise the output MSE against the unquantized model), Adam with a cosine
+            schedule over that many steps.
         lr, max_steps, patience, min_delta, check_every: Adam on log s, at most ``max_steps`` per
             block. Every ``check_every`` steps (at least one pass over the batches) the mean loss
             of those steps is compared with the best so far: ``patience`` windows in a row
@@ -581,7 +592,7 @@ class TrainQuadapter(GraphPass[TrainQuadapterPlan]):
     def __init__(self, batches: Sequence[Mapping[str, torch.Tensor]], weight: QuantSpec | None = None,
                  init: str = "identity", alpha: float = 0.5, lr: float = 1e-2, max_steps: int = 200,
                  patience: int = 2, min_delta: float = 1e-3, check_every: int = 10, max_batches: int = 8,
-                 progress: bool = True) -> None:
+                 end_to_end_steps: int = 0, end_to_end_lr: float = 1e-3, progress: bool = True) -> None:
         if not batches:
             raise ValueError("Quadapter training needs calibration batches")
         if init not in INITS:
@@ -593,6 +604,7 @@ class TrainQuadapter(GraphPass[TrainQuadapterPlan]):
         self.init, self.alpha, self.lr = init, alpha, lr
         self.max_steps, self.patience, self.min_delta = max_steps, patience, min_delta
         self.check_every = check_every
+        self.end_to_end_steps, self.end_to_end_lr = end_to_end_steps, end_to_end_lr
         self.progress = progress
 
     def requires(self, gm: torch.fx.GraphModule) -> None:
@@ -651,17 +663,22 @@ class TrainQuadapter(GraphPass[TrainQuadapterPlan]):
             if index not in by_segment:
                 student.advance(end)
                 continue
-            fit = self._train_block(index, by_segment[index], scales, student, end, targets, masks)
-            fits.append(fit)
+            block_fit = self._train_block(index, by_segment[index], scales, student, end, targets, masks)
+            fits.append(block_fit)
             if bar is not None:
-                bar.set_postfix(loss=f"{fit.loss_before:.3g}->{fit.loss_after:.3g}", steps=fit.steps)
+                bar.set_postfix(loss=f"{block_fit.loss_before:.3g}->{block_fit.loss_after:.3g}", steps=block_fit.steps)
+        phase2, kind = [], ""
+        if self.end_to_end_steps > 0:
+            kind, loss = task_loss(work, self.batches)
+            phase2 = fit(list(scales.values()), lambda i: loss(quantized(**self.batches[i]), i), len(self.batches),
+                         self.end_to_end_steps, self.end_to_end_lr, "Quadapter phase 2", self.progress)
         unchanged = _fingerprint(gm) == fingerprint and all(
             p.grad is None for name, p in gm.named_parameters() if not name.startswith(SCALE_PREFIX))
         if not unchanged:
             raise PassError("Quadapter training changed a model weight; only the scales may change")
         return TrainQuadapterPlan(self.init, self.alpha, {t: p.detach().clone() for t, p in scales.items()}, observers,
                                   tuple(fits), sum(p.numel() for p in scales.values()), unchanged,
-                                  time.perf_counter() - start_time)
+                                  time.perf_counter() - start_time, tuple(phase2), kind)
 
     def _train_block(self, index: int, targets_of: list[str], scales: Mapping[str, torch.nn.Parameter],
                      student: _Stepper, end: str, targets: list[object], masks: list) -> BlockFit:
