@@ -9,6 +9,10 @@ folded model computes:
   quantizer therefore sees the scaled weight, as it will after folding;
 - a residual shortcut (post-LN, BERT) or the graph output reads ``Q(x * s) * (1/s)``.
 
+With ``explicit=True`` every other quantized Linear input (attention contexts, GELU/SwiGLU
+outputs) gets a pair too: its producer cannot absorb s, so after folding ``x * s`` stays in the
+graph as a multiply by a constant before the quantizer (1/s still folds into the Linear).
+
 ``s = exp(log_s)`` with one learnable ``log_s`` per channel, stored as the parameter
 ``outlierfx_quadapter_log_scale_<norm>``. With quantizers disabled (or observers, which return their input)
 the graph equals the original up to fp32 rounding, for any s.
@@ -18,6 +22,7 @@ FP32 block output and the fake-quantized block output on calibration batches (pa
 excluded); the quantized block reads the output of the already-trained quantized blocks before it.
 Model weights stay frozen (checked), activation quantizer ranges are re-estimated once after
 initialisation (identity, or SmoothQuant-style ``s = max|W|^(1-a) / max|x|^a``) and then fixed.
+Phase 2 (``end_to_end_steps``) then trains the same scales end to end on the task loss.
 
 :class:`FoldQuadapter` moves s into the norm (gamma, beta) and 1/s into the Linear weights
 (tied weights are untied, as in gamma migration); a post-LN shortcut keeps an explicit

@@ -69,7 +69,7 @@ def fit(params: Sequence[torch.nn.Parameter], loss_of: Callable[[int], torch.Ten
             running, count = 0.0, 0
         if bar is not None:
             bar.update()
-            bar.set_postfix(loss=f"{float(loss):.4g}")
+            bar.set_postfix(loss=f"{float(loss.detach()):.4g}")
     if bar is not None:
         bar.close()
     return losses
