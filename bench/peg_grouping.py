@@ -19,9 +19,8 @@ import time
 import torch
 
 from outlierfx.api import quantize
-from outlierfx.benchmarks import CALIBRATION, calibration_batches
+from outlierfx.benchmarks import load_with_calibration
 from outlierfx.evaluate import DecoderEval, EncoderEval
-from outlierfx.models import load
 from outlierfx.passes.group_channels import CHANNEL_ROLES, GroupChannels
 from outlierfx.passes.recipes import FINE_SUFFIX, RECIPES, Recipe, with_fine_stage
 
@@ -48,9 +47,8 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=24, help="SmolLM2 evaluation windows of 256 tokens")
     parser.add_argument("--json")
     args = parser.parse_args()
-    loaded = load(args.model)
+    loaded, batches = load_with_calibration(args.model)
     model = loaded.model.eval()
-    batches = calibration_batches(loaded, **CALIBRATION[loaded.kind])
     if loaded.kind == "encoder":
         evaluator = EncoderEval.build(loaded)
         reference = evaluator.embeddings(model)

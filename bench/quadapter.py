@@ -17,9 +17,8 @@ import time
 import torch
 
 from outlierfx.api import quantize
-from outlierfx.benchmarks import CALIBRATION, calibration_batches
+from outlierfx.benchmarks import load_with_calibration
 from outlierfx.evaluate import DecoderEval, EncoderEval
-from outlierfx.models import load
 from outlierfx.passes.recipes import RECIPES, quadapter_recipe
 
 
@@ -36,8 +35,7 @@ def main() -> None:
     parser.add_argument("--json")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    loaded = load(args.model)
-    batches = calibration_batches(loaded, **CALIBRATION[loaded.kind])
+    loaded, batches = load_with_calibration(args.model)
     evaluator = EncoderEval.build(loaded) if loaded.kind == "encoder" else DecoderEval.build(loaded, windows=args.windows)
     model = loaded.model.eval()
     reference = evaluator.embeddings(model) if loaded.kind == "encoder" else None

@@ -17,9 +17,8 @@ import json
 import torch
 
 from outlierfx.api import quantize
-from outlierfx.benchmarks import CALIBRATION, calibration_batches
+from outlierfx.benchmarks import load_with_calibration
 from outlierfx.evaluate import DecoderEval, EncoderEval
-from outlierfx.models import load
 from outlierfx.quantizers.observers import FakeQuantize
 
 
@@ -33,9 +32,8 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=8)
     parser.add_argument("--json")
     args = parser.parse_args()
-    loaded = load(args.model)
+    loaded, batches = load_with_calibration(args.model)
     model = loaded.model.eval()
-    batches = calibration_batches(loaded, **CALIBRATION[loaded.kind])
     if loaded.kind == "encoder":
         evaluator = EncoderEval.build(loaded, sentences=64)
         reference = evaluator.embeddings(model)

@@ -16,9 +16,8 @@ import json
 import torch
 
 from outlierfx.api import quantize
-from outlierfx.benchmarks import CALIBRATION, calibration_batches
+from outlierfx.benchmarks import load_with_calibration
 from outlierfx.evaluate import EncoderEval
-from outlierfx.models import load
 from outlierfx.passes.recipes import RECIPES, quadapter_recipe
 from outlierfx.quantizers.spec import Estimator
 
@@ -29,9 +28,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=0, help="block-wise training steps after the init")
     parser.add_argument("--json")
     args = parser.parse_args()
-    loaded = load("minilm")
+    loaded, batches = load_with_calibration("minilm")
     model = loaded.model.eval()
-    batches = calibration_batches(loaded, **CALIBRATION[loaded.kind])
     evaluator = EncoderEval.build(loaded, sentences=64)
     reference = evaluator.embeddings(model)
     rows = []

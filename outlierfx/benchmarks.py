@@ -26,11 +26,15 @@ def calibration_batches(loaded, samples: int, max_length: int, batch: int) -> li
                                       min_tokens=0, source="the Wikipedia calibration split")
 
 
+def load_with_calibration(model_name: str):  # -> (LoadedModel, batches)
+    """A packaged (or local) model and its benchmark calibration batches (``CALIBRATION``)."""
+    loaded = load(model_name)
+    return loaded, calibration_batches(loaded, **CALIBRATION[loaded.kind])
+
+
 def accuracy(model_name: str, bits: Sequence[str], recipes: Sequence[str], policy: str | None = None,
              progress: bool = True) -> dict[str, Any]:
-    loaded = load(model_name)
-    settings = CALIBRATION[loaded.kind]
-    batches = calibration_batches(loaded, **settings)
+    loaded, batches = load_with_calibration(model_name)
     evaluator = EncoderEval.build(loaded) if loaded.kind == "encoder" else DecoderEval.build(loaded)
     model = loaded.model.eval()
     reference = evaluator.embeddings(model) if loaded.kind == "encoder" else None
@@ -51,7 +55,7 @@ def accuracy(model_name: str, bits: Sequence[str], recipes: Sequence[str], polic
             if progress:
                 print(_format_row(row), flush=True)
     env = {"torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
-           "calibration": settings, "calibration_text": "wikipedia calibration split"}
+           "calibration": CALIBRATION[loaded.kind], "calibration_text": "wikipedia calibration split"}
     return {"rows": rows, "env": env}
 
 

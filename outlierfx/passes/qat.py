@@ -29,12 +29,11 @@ from ..errors import PassError
 from ..graph import meta
 from ..graph.attrs import del_attr, fetch_attr, is_shared_attr, replace_input_tensor, set_attr, unique_attr_name
 from ..graph.copy import copy_graph_module
-from ..graph.ops import OpKind, op_kind
 from ..quantizers.observers import FakeQuantize, Observer
 from ..quantizers.spec import QuantSpec
 from .base import GraphPass
 from .convert_fake_quant import ConvertToFakeQuant
-from .quadapter import TrainableActivationQuantizer, TrainableWeightQuantizer
+from .quadapter import TrainableActivationQuantizer, TrainableWeightQuantizer, has_stored_weight
 from .training import Batch, fit, task_loss
 
 
@@ -103,8 +102,7 @@ class QAT(GraphPass[QATPlan]):
         work = copy_graph_module(gm)  # tensors are shared with gm: every trained one gets its own copy
         trained, frozen = {}, []
         for node in list(work.graph.nodes):
-            if op_kind(node) is not OpKind.LINEAR or not isinstance(node.args[1], torch.fx.Node) \
-                    or node.args[1].op != "get_attr":
+            if not has_stored_weight(node):
                 continue
             weight = node.args[1]
             tied = is_shared_attr(work, weight)

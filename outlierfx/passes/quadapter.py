@@ -125,13 +125,18 @@ def producer_through_layout_ops(node: torch.fx.Node) -> torch.fx.Node:
     return node
 
 
+def has_stored_weight(linear: torch.fx.Node) -> bool:
+    """A Linear whose weight is a stored tensor (a ``get_attr``), which a pass can rewrite."""
+    return is_kind(linear, OpKind.LINEAR) and isinstance(linear.args[1], torch.fx.Node) \
+        and linear.args[1].op == "get_attr"
+
+
 def _linear_consumers(quantizer: torch.fx.Node) -> list[torch.fx.Node] | None:
     """The Linears reading ``quantizer`` (through layout ops) as input with a stored weight; None if
     anything else reads it."""
     linears = []
     for user, op in users_through_layout_ops(quantizer):
-        if not (is_kind(user, OpKind.LINEAR) and user.args[0] is op and isinstance(user.args[1], torch.fx.Node)
-                and user.args[1].op == "get_attr"):
+        if not (has_stored_weight(user) and user.args[0] is op):
             return None
         linears.append(user)
     return linears
@@ -160,8 +165,7 @@ def find_candidates(gm: torch.fx.GraphModule, include_head: bool = False,
             continue
         linears, compensated, blocker = [], [], None
         for user, op in users_through_layout_ops(quantizer):
-            if is_kind(user, OpKind.LINEAR) and user.args[0] is op and isinstance(user.args[1], torch.fx.Node) \
-                    and user.args[1].op == "get_attr":
+            if has_stored_weight(user) and user.args[0] is op:
                 linears.append(user)
             elif shortcut_of.get(user) is op or user.op == "output":
                 compensated.append((user, op))
