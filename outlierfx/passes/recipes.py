@@ -37,6 +37,7 @@ from ..quantizers.policy import BitWidths, QuantPolicy, make_policy
 from ..quantizers.spec import Estimator
 from .base import GraphPass
 from .clip_tokenwise import ClipTokenwise
+from .gptq import GPTQ
 from .group_channels import CHANNEL_ROLES, GroupChannels
 from .learn_ranges import LearnRanges
 from .migrate_gamma import MigrateGamma
@@ -45,6 +46,7 @@ from .quadapter import FoldQuadapter, InsertQuadapter, TrainQuadapter
 
 Batches = Sequence[Mapping[str, torch.Tensor]]
 FINE_SUFFIX = "+lsq"
+GPTQ_SUFFIX = "+gptq"
 
 
 def _none(*_: object) -> list[GraphPass]:
@@ -154,10 +156,34 @@ RECIPES["best"] = Recipe(
     weight_estimator=Estimator.MSE)
 
 
+def with_gptq(base: Recipe, name: str | None = None, **gptq: object) -> Recipe:
+    """``base`` with its Linear weights rounded by :class:`GPTQ` last (``gptq`` goes to it: damp)."""
+
+    def finish(batches: Batches, policy: QuantPolicy, progress: bool = True) -> list[GraphPass]:
+        if policy.weight is None:
+            raise ValueError("GPTQ rounds quantized weights; the policy keeps them float")
+        return [*base.finish(batches, policy, progress),
+                GPTQ(batches, policy.weight, policy.embedding, **gptq)]  # type: ignore[arg-type]
+
+    return dataclasses.replace(base, name=name or base.name + GPTQ_SUFFIX, finish=finish,
+                               description=f"{base.description}, then weights rounded by GPTQ")
+
+
+_SUFFIXES: dict[str, Callable[[Recipe], Recipe]] = {FINE_SUFFIX: with_fine_stage, GPTQ_SUFFIX: with_gptq}
+
+
 def get_recipe(name: str) -> Recipe:
-    """A registered recipe, or ``<registered>+lsq`` for one followed by the fine stage."""
+    """A registered recipe, optionally followed by suffixes applied left to right:
+    ``+lsq`` (the fine stage, :class:`LearnRanges`) and ``+gptq`` (:class:`GPTQ` weight rounding),
+    e.g. ``os+lsq``, ``smooth+gptq``, ``peg+lsq+gptq``."""
     if name in RECIPES:
         return RECIPES[name]
-    if name.endswith(FINE_SUFFIX) and name[: -len(FINE_SUFFIX)] in RECIPES:
-        return with_fine_stage(RECIPES[name[: -len(FINE_SUFFIX)]])
-    raise ValueError(f"unknown recipe {name!r}; available: {', '.join(RECIPES)} (each also as <name>{FINE_SUFFIX})")
+    for suffix, add in _SUFFIXES.items():
+        if name.endswith(suffix) and len(name) > len(suffix):
+            try:
+                base = get_recipe(name[: -len(suffix)])
+            except ValueError:
+                break
+            return dataclasses.replace(add(base), name=name)
+    raise ValueError(f"unknown recipe {name!r}; available: {', '.join(RECIPES)} "
+                     f"(each also followed by {' and/or '.join(_SUFFIXES)})")

@@ -1,0 +1,116 @@
+"""GPTQ weight rounding: on the conversion's grid, lower layer error than round-to-nearest,
+untouched by conversion and lowering, and a better quantized model."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import outlierfx
+from outlierfx.errors import PassError
+from outlierfx.graph.compare import masked_mse, output_error
+from outlierfx.passes import PassManager
+from outlierfx.passes.convert_fake_quant import ConvertToFakeQuant
+from outlierfx.passes.gptq import GPTQ, gptq_round, layer_error
+from outlierfx.passes.insert_observers import InsertObservers
+from outlierfx.passes.lower import Lower
+from outlierfx.passes.recipes import get_recipe
+from outlierfx.quantizers.calibrate import calibrate
+from outlierfx.quantizers.fake_quant import quantize_weight
+from outlierfx.quantizers.policy import make_policy
+from outlierfx.quantizers.spec import Estimator, weight_spec
+from outlierfx.testing import OutlierSpec, build_model
+
+
+def _correlated_inputs(tokens: int, features: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(features, features, generator=g) / features ** 0.5
+    scales = torch.rand(features, generator=g) * 3 + 0.1
+    return (torch.randn(tokens, features, generator=g) @ mixing) * scales
+
+
+@settings(max_examples=20, deadline=None)
+@given(rows=st.integers(1, 24), cols=st.integers(2, 40), bits=st.sampled_from([4, 6, 8]),
+       estimator=st.sampled_from([Estimator.MINMAX, Estimator.MSE]), seed=st.integers(0, 2**16))
+def test_gptq_weights_lie_on_the_conversion_grid_and_conversion_keeps_them(rows, cols, bits, estimator, seed):
+    spec = weight_spec(bits).with_(estimator=estimator)
+    w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed))
+    x = _correlated_inputs(64, cols, seed)
+    rounded, _ = gptq_round(w, x.T.double() @ x.double(), spec)
+    _, scale, _ = quantize_weight(w, spec)
+    codes = rounded / scale[:, None]
+    assert torch.allclose(codes, codes.round(), atol=1e-4)  # on the grid ConvertToFakeQuant picks
+    assert float(codes.abs().max()) <= spec.qmax + 1e-4
+    # conversion re-derives the same scales (a +-qmax code in every row) and changes nothing;
+    # lowering reads scales back by min-max, so it sees the same grid
+    for readback in (spec, spec.with_(estimator=Estimator.MINMAX)):
+        again = quantize_weight(rounded, readback)[0]
+        assert torch.allclose(again, rounded, rtol=0, atol=1e-6 * float(rounded.abs().max())), readback
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_gptq_lowers_the_layer_output_error_against_round_to_nearest(bits):
+    spec = weight_spec(bits)
+    for seed in range(3):
+        w = torch.randn(48, 64, generator=torch.Generator().manual_seed(seed))
+        x = _correlated_inputs(512, 64, seed + 10)
+        gram = x.T.double() @ x.double()
+        rounded, _ = gptq_round(w, gram, spec)
+        nearest = quantize_weight(w, spec)[0]
+        # the error GPTQ minimises, and the one it should lower, measured directly
+        assert layer_error(w, rounded, gram) < 0.7 * layer_error(w, nearest, gram)
+        assert float(((x @ (w - rounded).T) ** 2).sum()) == pytest.approx(layer_error(w, rounded, gram), rel=1e-6)
+
+
+def _calibrated(g, policy):
+    gm = outlierfx.capture(g.model, g.inputs)
+    observed = PassManager([InsertObservers(policy)])(gm).graph_module
+    calibrate(observed, [g.inputs], progress=False)
+    return observed
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_gptq_pass_fires_leaves_its_input_alone_and_lowers_the_model_error(family):
+    g = build_model(family, layers=2, hidden=32, ffn=64, batch=4, seq=16,
+                    outliers=OutlierSpec(gamma_scale=10.0, channels=(3,)), tied=family == "llama")
+    policy = make_policy("linear-inputs", "W4A8")
+    observed = _calibrated(g, policy)
+    before = {k: v.clone() for k, v in observed.state_dict().items()}
+    result = GPTQ([g.inputs], policy.weight, policy.embedding)(observed)
+    plan = result.plan
+    assert result.modified and plan.linears and set(plan.weights) == {r.node for r in plan.linears}
+    assert sum(r.gptq_error for r in plan.linears) < 0.8 * sum(r.nearest_error for r in plan.linears), plan.summary()
+    if family == "llama":  # the LM head shares the embedding table: left as it was
+        assert [why for _, why in plan.skipped] == ["weight tied to another reader"]
+    for k, v in observed.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    convert = ConvertToFakeQuant(policy.weight, policy.embedding)
+    plain, rounded = convert(observed).graph_module, convert(result.graph_module).graph_module
+    with torch.no_grad():
+        ref = g.model(**g.inputs)
+        ref = ref.logits if family == "llama" else ref.last_hidden_state
+        mask = g.inputs["attention_mask"]
+        errors = [float(masked_mse(m(**g.inputs), ref, mask)) for m in (plain, rounded)]
+    assert errors[1] < errors[0], errors
+    # conversion kept GPTQ's grid points; the reference lowering computes the same model
+    lowered = Lower("reference")(rounded).graph_module
+    with torch.no_grad():
+        assert output_error(rounded(**g.inputs), lowered(**g.inputs)).within(1e-5)
+
+
+def test_gptq_recipe_suffix_and_bad_inputs():
+    g = build_model("gpt2", layers=1, batch=2, seq=8)
+    _, report = outlierfx.quantize(g.model, [g.inputs], recipe="naive+gptq", bits="W4A8", progress=False)
+    assert [e.pass_name for e in report.audit][-2:] == ["GPTQ", "ConvertToFakeQuant"]
+    assert report.recipe == "naive+gptq"
+    assert get_recipe("os+lsq+gptq").name == "os+lsq+gptq"
+    with pytest.raises(ValueError, match="unknown recipe"):
+        get_recipe("nope+gptq")
+    policy = make_policy("full", "W8A8")
+    with pytest.raises(ValueError, match="symmetric"):
+        GPTQ([g.inputs], policy.weight.with_(symmetric=False))
+    with pytest.raises(ValueError, match="batches"):
+        GPTQ([], policy.weight)
+    gm = outlierfx.capture(g.model, g.inputs)
+    with pytest.raises(PassError, match="calibrated"):
+        GPTQ([g.inputs], policy.weight)(PassManager([InsertObservers(policy)])(gm).graph_module)
