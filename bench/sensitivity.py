@@ -27,6 +27,7 @@ def main() -> None:
     parser.add_argument("--model", default="minilm")
     parser.add_argument("--recipe", default="best")
     parser.add_argument("--bits", default="W8A8")
+    parser.add_argument("--policy", help="override the recipe's policy: full, linear-inputs, mp16")
     parser.add_argument("--by", choices=["quantizer", "role"], default="role")
     parser.add_argument("--top", type=int, default=30)
     parser.add_argument("--windows", type=int, default=8)
@@ -47,7 +48,7 @@ def main() -> None:
         def error(m: torch.nn.Module) -> float:
             return DecoderEval.perplexity(m, windows)
         metric = "ppl_wiki"
-    qmodel, _ = quantize(model, batches, recipe=args.recipe, bits=args.bits, progress=False)
+    qmodel, _ = quantize(model, batches, recipe=args.recipe, bits=args.bits, policy=args.policy, progress=False)
     quantizers = {n: m for n, m in qmodel.named_children() if isinstance(m, FakeQuantize)}
     result = {"metric": metric, "fp32": error(model), "all": error(qmodel)}
     for fq in quantizers.values():

@@ -120,6 +120,22 @@ def test_weights_are_on_the_integer_grid():
             assert torch.allclose(codes, codes.round(), atol=1e-3)
 
 
+def test_large_embedding_tables_are_int8_rows_and_tiny_ones_stay_float():
+    g = build_model("bert", layers=1, vocab=96)
+    qmodel, report = outlierfx.quantize(g.model, [g.inputs], bits="W8A8", progress=False)
+    plan = next(e.plan for e in report.audit if e.pass_name == "ConvertToFakeQuant")
+    tables = {str(n.args[0].target): fetch_attr(qmodel, str(n.args[0].target)) for n in qmodel.graph.nodes
+              if n.target is torch.ops.aten.embedding.default}
+    quantized = {name for name, t in tables.items() if not torch.equal(t, g.model.get_parameter(name))}
+    assert quantized == {"embeddings.word_embeddings.weight", "embeddings.position_embeddings.weight"}  # 96, 64 rows
+    for name in quantized:
+        codes = tables[name] / (g.model.get_parameter(name).abs().max(1).values / 127).clamp_min(1e-12)[:, None]
+        assert torch.allclose(codes, codes.round(), atol=1e-3)
+    # the 2-row token-type table: every token adds one of its rows; rounding it would bias them all
+    assert plan.float_tables == (("embeddings.token_type_embeddings.weight", 2),)
+    assert "kept float" in plan.summary()
+
+
 def test_calibration_errors_are_clear():
     g = build_model("bert")
     gm = InsertObservers("full")(outlierfx.capture(g.model, g.inputs)).graph_module

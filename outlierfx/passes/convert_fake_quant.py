@@ -3,7 +3,10 @@ weights and embedding tables are replaced by their quantized values (per the pol
 and embedding specs). Each such node records its spec under ``meta.WEIGHT_QUANT``.
 
 The result simulates an integer backend: activations and weights take only values on their
-integer grids. Biases stay float (backends keep them in int32 at scale s_x * s_w, which is
+integer grids. Embedding tables with fewer than ``small_table_rows`` rows (BERT's token-type
+table: 2 rows) stay float: every token adds one of their few rows, so a row's rounding error
+is a bias repeated on every token (on MiniLM the 2-row table alone costs 1.5e-4 of embedding
+cosine, the 30522-row word table 1.6e-5), and keeping them float costs a few kilobytes. Biases stay float (backends keep them in int32 at scale s_x * s_w, which is
 finer than any activation grid).
 """
 
@@ -32,12 +35,15 @@ class ConvertPlan:
     grouped: tuple[tuple[str, int, tuple[int, ...]], ...] = ()  # (quantizer, K, channel permutation)
     embeddings: tuple[torch.fx.Node, ...] = ()  # embedding lookups whose table is quantized
     embedding_spec: QuantSpec | None = None
+    float_tables: tuple[tuple[str, int], ...] = ()  # (table, rows) kept float: too few rows to pay
 
     def summary(self) -> str:
         spec = self.weight_spec.describe() if self.weight_spec else "float"
         line = f"{len(self.activations)} activation quantizers; {len(self.weights)} Linear weights ({spec})"
         if self.embeddings and self.embedding_spec is not None:
             line += f"; {len(self.embeddings)} embedding tables ({self.embedding_spec.describe()}, rows)"
+        if self.float_tables:
+            line += f"; small tables kept float (a per-token bias when rounded): {list(self.float_tables)}"
         if self.grouped:
             line += f"; {len(self.grouped)} grouped (PEG, K={self.grouped[0][1]}), permutations in the JSON report"
         return line
@@ -46,9 +52,11 @@ class ConvertPlan:
 class ConvertToFakeQuant(GraphPass[ConvertPlan]):
     output_rel_tol = None  # quantization changes numerics on purpose; the error is recorded
 
-    def __init__(self, weight_spec: QuantSpec | None, embedding_spec: QuantSpec | None = None) -> None:
+    def __init__(self, weight_spec: QuantSpec | None, embedding_spec: QuantSpec | None = None,
+                 small_table_rows: int = 64) -> None:
         self.weight_spec = weight_spec
         self.embedding_spec = embedding_spec
+        self.small_table_rows = small_table_rows
 
     def analyze(self, gm: torch.fx.GraphModule) -> ConvertPlan:
         names = tuple(name for name, m in gm.named_children() if isinstance(m, Observer))
@@ -58,10 +66,12 @@ class ConvertToFakeQuant(GraphPass[ConvertPlan]):
         linears = tuple(n for n in gm.graph.nodes if op_kind(n) is OpKind.LINEAR and self.weight_spec is not None)
         grouped = tuple((name, getattr(gm, name).spec.groups, getattr(gm, name).permutation() or ())
                         for name in names if getattr(gm, name).spec.granularity is Granularity.PER_GROUP)
-        embeddings = tuple(n for n in gm.graph.nodes if op_kind(n) is OpKind.EMBEDDING
-                           and isinstance(n.args[0], torch.fx.Node) and n.args[0].op == "get_attr"
-                           and self.embedding_spec is not None)
-        return ConvertPlan(names, linears, self.weight_spec, grouped, embeddings, self.embedding_spec)
+        tables = [n for n in gm.graph.nodes if op_kind(n) is OpKind.EMBEDDING and isinstance(n.args[0], torch.fx.Node)
+                  and n.args[0].op == "get_attr" and self.embedding_spec is not None]
+        rows = {n: fetch_attr(gm, str(n.args[0].target)).shape[0] for n in tables}
+        embeddings = tuple(n for n in tables if rows[n] >= self.small_table_rows)
+        small = tuple((str(n.args[0].target), rows[n]) for n in tables if rows[n] < self.small_table_rows)
+        return ConvertPlan(names, linears, self.weight_spec, grouped, embeddings, self.embedding_spec, small)
 
     def apply(self, gm: torch.fx.GraphModule, plan: ConvertPlan) -> bool:
         for name in plan.activations:
