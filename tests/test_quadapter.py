@@ -220,6 +220,7 @@ def test_smooth_recipe_lowers_every_linear_to_one_int8_gemm(family):
     g = build_model(family, layers=2, outliers=OutlierSpec(gamma_scale=20.0, channels=(3,)), batch=2, seq=10)
     qmodel, report = outlierfx.quantize(g.model, [g.inputs], recipe="smooth", progress=False)
     assert report.policy == "linear-inputs"
+    assert [e.pass_name for e in report.audit][-3:] == ["FoldQuadapter", "GPTQ", "ConvertToFakeQuant"]
     fold = next(e for e in report.audit if e.pass_name == "FoldQuadapter")
     assert len(fold.plan.explicit) == 2 * g.config.num_hidden_layers
     assert all(m.spec.granularity.value == "per_tensor" for m in qmodel.modules() if isinstance(m, FakeQuantize))

@@ -18,7 +18,7 @@ and after calibration; and the default placement policy.
   makes variants with other inits and settings).
 - ``smooth``: the speed route's quality recipe (policy ``linear-inputs``): Quadapter scales on
   every Linear input (``explicit`` sites too), SmoothQuant init with alpha=0.8, trained
-  block-wise, MSE-clipped weight rows; activations stay per tensor, so every Linear lowers to
+  block-wise, MSE-clipped weight rows rounded by GPTQ; activations stay per tensor, so every Linear lowers to
   one int8 GEMM.
 - ``qat``: ``naive`` ranges, then quantization-aware training of the Linear weights on the
   calibration batches (:class:`QAT`): the baseline of Quadapter's overfitting claim.
@@ -121,14 +121,6 @@ RECIPES["quadapter"] = quadapter_recipe("quadapter")
 RECIPES["os+quadapter"] = quadapter_recipe("os+quadapter", os=True)
 
 
-RECIPES["smooth"] = dataclasses.replace(
-    quadapter_recipe("smooth", explicit=True, init="smoothquant", alpha=0.8),
-    description="for int8 GEMM speed: per-channel scales on every Linear input (SmoothQuant init, alpha=0.8; "
-                "folded into norms and Linear columns, an explicit multiply elsewhere), trained block-wise, "
-                "MSE-clipped weight rows; per-tensor activations, so each Linear stays one int8 GEMM",
-    default_policy="linear-inputs", weight_estimator=Estimator.MSE)
-
-
 def _qat(batches: Batches, policy: QuantPolicy, progress: bool = False) -> list[GraphPass]:
     if policy.weight is None:
         raise ValueError("QAT trains quantized weights; the policy keeps them float")
@@ -164,6 +156,12 @@ def with_gptq(base: Recipe, name: str | None = None, **gptq: object) -> Recipe:
                                description=f"{base.description}, then weights rounded by GPTQ")
 
 
+RECIPES["smooth"] = with_gptq(dataclasses.replace(
+    quadapter_recipe("smooth", explicit=True, init="smoothquant", alpha=0.8),
+    description="for int8 GEMM speed: per-channel scales on every Linear input (SmoothQuant init, alpha=0.8; "
+                "folded into norms and Linear columns, an explicit multiply elsewhere), trained block-wise, "
+                "MSE-clipped weight rows; per-tensor activations, so each Linear stays one int8 GEMM",
+    default_policy="linear-inputs", weight_estimator=Estimator.MSE), name="smooth")
 # "best" is measured, not assumed: README "Accuracy" has the ablations behind each part
 RECIPES["best"] = with_gptq(Recipe(
     "best", "recommended: PEG on every channel-axis activation (residual stream, norm outputs, Linear inputs and "
