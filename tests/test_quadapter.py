@@ -30,11 +30,11 @@ from outlierfx.testing import OutlierSpec, assert_equivalent, build_model, trans
 TOL = 1e-5
 
 
-def _calibrated(g, bits="W8A8"):
+def _calibrated(g, bits="W8A8", policy="full"):
     from outlierfx.quantizers.policy import make_policy
 
     gm = outlierfx.capture(g.model, g.inputs)
-    observed = PassManager([InsertObservers(make_policy("full", bits))])(gm).graph_module
+    observed = PassManager([InsertObservers(make_policy(policy, bits))])(gm).graph_module
     calibrate(observed, [g.inputs], progress=False)
     return observed
 
@@ -200,7 +200,10 @@ def test_explicit_sites_scale_every_other_linear_input_and_keep_their_multiply(g
     trained = TrainQuadapter([g.inputs], init="smoothquant", alpha=0.8, max_steps=10, progress=False)(
         inserted).graph_module
     fold = FoldQuadapter()(trained)
-    assert len(fold.plan.explicit) == len(explicit) and "constant multiplies" in fold.plan.summary()
+    # under this (full) policy V and the SwiGLU up projection are quantized outputs: the quantizer
+    # on the way blocks folding s into their rows (test_explicit_scales_fold_into_upstream_rows)
+    assert not fold.plan.into_rows
+    assert len(fold.plan.explicit) == len(explicit)
     folded = fold.graph_module
     kept = [n for n in folded.graph.nodes if n.target is torch.ops.aten.mul.Tensor and isinstance(n.args[1], torch.fx.Node)
             and str(n.args[1].target).startswith("outlierfx_quadapter_scale_")]
@@ -210,6 +213,28 @@ def test_explicit_sites_scale_every_other_linear_input_and_keep_their_multiply(g
     assert_equivalent(g.model, folded, g.inputs, tol=TOL)
     converted = ConvertToFakeQuant(weight_spec(8))(folded).graph_module
     assert_equivalent(unfolded_fake_quant(trained), converted, g.inputs, tol=1e-4)
+
+
+@pytest.mark.parametrize(("family", "options", "per_layer"), [
+    ("bert", {}, 1),  # V's rows; the GELU output keeps x * s
+    ("llama", {}, 2),  # V's rows and SwiGLU's up projection
+    ("llama", {"kv_heads": 2}, 1),  # grouped-query V feeds two heads per channel: up projection only
+    ("gpt2", {}, 0),  # V is a slice of the fused c_attn output; GELU output
+])
+def test_explicit_scales_fold_into_upstream_rows_where_channels_map_one_to_one(family, options, per_layer):
+    g = build_model(family, layers=2, heads=4, hidden=32, batch=2, seq=10, **options)
+    inserted = InsertQuadapter(explicit=True)(_calibrated(g, "W8A8", "linear-inputs")).graph_module
+    gen = torch.Generator().manual_seed(3)
+    for p in scale_parameters(inserted).values():
+        p.data = torch.randn(p.shape, generator=gen)
+    fold = PassManager([FoldQuadapter()])(inserted)  # the manager checks the fold is exact
+    plan = fold.audit.entries[0].plan
+    assert len(plan.into_rows) == per_layer * g.config.num_hidden_layers, plan.summary()
+    folded = fold.graph_module
+    kept = [n for n in folded.graph.nodes if n.target is torch.ops.aten.mul.Tensor and isinstance(n.args[1], torch.fx.Node)
+            and str(n.args[1].target).startswith("outlierfx_quadapter_scale_")]
+    assert len(kept) == len(plan.explicit) - len(plan.into_rows)
+    assert_equivalent(g.model, folded, g.inputs, tol=TOL)
 
 
 @pytest.mark.parametrize("family", ["llama", "bert"])
@@ -223,6 +248,8 @@ def test_smooth_recipe_lowers_every_linear_to_one_int8_gemm(family):
     assert [e.pass_name for e in report.audit][-3:] == ["FoldQuadapter", "GPTQ", "ConvertToFakeQuant"]
     fold = next(e for e in report.audit if e.pass_name == "FoldQuadapter")
     assert len(fold.plan.explicit) == 2 * g.config.num_hidden_layers
+    # V's rows (both are multi-head), and Llama's up projection; BERT's GELU output keeps x * s
+    assert len(fold.plan.into_rows) == (2 if family == "llama" else 1) * g.config.num_hidden_layers
     assert all(m.spec.granularity.value == "per_tensor" for m in qmodel.modules() if isinstance(m, FakeQuantize))
     lowered = Lower("reference")(qmodel)
     int8 = [lin for lin in lowered.plan.linears if lin.is_int8]

@@ -65,6 +65,7 @@ from ..quantizers.spec import QuantSpec, weight_spec
 from .base import GraphPass
 from .convert_fake_quant import ConvertToFakeQuant
 from .detect_norms import _affine_params
+from .scale_upstream import row_scalable_linear, scale_rows, verify_row_folds
 from .training import fit, task_loss
 
 NAME = "Quadapter"
@@ -317,13 +318,19 @@ class FoldQuadapterPlan:
     compensations: int
     tied_weights: tuple[str, ...]
     explicit: tuple[tuple[str, str, int], ...] = ()  # (scale attribute, producer, linears): x * s kept
+    # (scale attribute, producer, upstream Linear's module path, its node): s went into that
+    # Linear's output rows instead
+    into_rows: tuple[tuple[str, str, str, str], ...] = ()
 
     def summary(self) -> str:
         line = (f"folded {len(self.folded)} Quadapter scale vectors into norm gamma/beta and "
                 f"{sum(n for _, _, n in self.folded + self.explicit)} Linear weights; {self.compensations} explicit "
                 f"shortcut/output multiplies by 1/s")
-        if self.explicit:
-            line += f"; {len(self.explicit)} scales stay as constant multiplies before their quantizers"
+        if self.into_rows:
+            line += f"; {len(self.into_rows)} scales folded into the output rows of an upstream Linear"
+        kept = len(self.explicit) - len(self.into_rows)
+        if kept:
+            line += f"; {kept} scales stay as constant multiplies before their quantizers"
         if self.tied_weights:
             line += f"; untied {list(self.tied_weights)}"
         return line
@@ -336,7 +343,9 @@ class FoldQuadapter(GraphPass[FoldQuadapterPlan]):
 
     def analyze(self, gm: torch.fx.GraphModule) -> FoldQuadapterPlan:
         folded, explicit, tied, comps = [], [], [], 0
-        for site in inserted_sites(gm):
+        sites = inserted_sites(gm)
+        rows = self._upstream_folds(gm, [s for s in sites if s.explicit])
+        for site in sites:
             where = meta.module_path(site.producer) or site.producer.name
             (explicit if site.explicit else folded).append((site.target, where, len(site.weight_muls)))
             comps += len(site.compensations)
@@ -344,16 +353,40 @@ class FoldQuadapter(GraphPass[FoldQuadapterPlan]):
                 weight = mul.args[0]
                 if is_shared_attr(gm, weight):
                     tied.append(str(weight.target))
-        return FoldQuadapterPlan(tuple(folded), comps, tuple(tied), tuple(explicit))
+        into_rows = tuple((site.target, meta.module_path(site.producer) or site.producer.name,
+                           meta.module_path(linear) or linear.name, linear.name) for site, linear in rows.values())
+        return FoldQuadapterPlan(tuple(folded), comps, tuple(tied), tuple(explicit), into_rows)
+
+    @staticmethod
+    def _upstream_folds(gm: torch.fx.GraphModule, sites: list[_Site]) -> dict[str, tuple[_Site, torch.fx.Node]]:
+        """Explicit sites whose s can go into an upstream Linear's output rows, checked on the
+        example inputs (see :mod:`.scale_upstream`)."""
+        inputs = gm.meta.get(meta.GM_EXAMPLE_INPUTS)
+        if inputs is None:
+            return {}
+        candidates = {}
+        for site in sites:
+            linear = row_scalable_linear(site.operand, int(fetch_attr(gm, site.target).shape[0]))
+            if linear is not None:
+                candidates[site.target] = (site.input_mul, linear, torch.exp(fetch_attr(gm, site.target).detach()))
+        good = verify_row_folds(gm, candidates, inputs)
+        by_target = {s.target: s for s in sites}
+        return {t: (by_target[t], candidates[t][1]) for t in candidates if t in good}
 
     def apply(self, gm: torch.fx.GraphModule, plan: FoldQuadapterPlan) -> bool:
         graph = gm.graph
+        row_scales: list[tuple[str, torch.Tensor]] = []  # (upstream Linear node, s)
         for site in inserted_sites(gm):
             log_s = fetch_attr(gm, site.target).detach()
             scale = torch.exp(log_s)  # the same ops as the graph's, so the folded values are identical
             inverse = torch.reciprocal(scale)
             producer = site.producer  # before the fold erases x * s
-            if site.explicit:  # x * s stays, with s a constant
+            upstream = {t: node for t, _, _, node in plan.into_rows}
+            if site.target in upstream:  # s goes into the upstream Linear's rows, after this loop
+                row_scales.append((upstream[site.target], scale))
+                site.input_mul.replace_all_uses_with(site.operand)
+                graph.erase_node(site.input_mul)
+            elif site.explicit:  # x * s stays, with s a constant
                 self._constant(gm, site.target, producer, "outlierfx_quadapter_scale_", scale, site.scale)
             else:
                 self._fold_into_norm(gm, site, scale)
@@ -371,6 +404,10 @@ class FoldQuadapter(GraphPass[FoldQuadapterPlan]):
             for node in (site.inverse, site.scale, site.log_scale):
                 graph.erase_node(node)
             del_attr(gm, site.target)
+        # once every 1/s is in its Linear's columns, the upstream weights are stored tensors
+        by_name = {n.name: n for n in graph.nodes}
+        for name, scale in row_scales:
+            scale_rows(gm, by_name[name], scale, "_quadapter")
         return bool(plan.folded or plan.explicit)
 
     @staticmethod
