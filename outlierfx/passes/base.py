@@ -13,8 +13,10 @@ from typing import Any, ClassVar, Generic, TypeVar
 
 import torch.fx
 
+from ..errors import PassError
 from ..graph.copy import copy_graph_module
 from ..graph.shapes import propagate_values
+from ..quantizers.observers import Observer
 
 PlanT = TypeVar("PlanT")
 
@@ -24,6 +26,13 @@ class PassResult:
     graph_module: torch.fx.GraphModule
     modified: bool
     plan: Any = None
+
+
+def require_calibrated_observers(gm: torch.fx.GraphModule, who: str) -> None:
+    """Raise :class:`~outlierfx.errors.PassError` unless ``gm`` has observers and all are calibrated."""
+    observers = [m for m in gm.children() if isinstance(m, Observer)]
+    if not observers or not all(o.calibrated for o in observers):
+        raise PassError(f"{who} needs calibrated observers (run InsertObservers and calibrate() first)")
 
 
 class GraphPass(abc.ABC, Generic[PlanT]):

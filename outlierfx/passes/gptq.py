@@ -28,14 +28,13 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.fx
 
-from ..errors import PassError
 from ..graph import meta
 from ..graph.attrs import fetch_attr, is_shared_attr, replace_input_tensor
 from ..graph.copy import copy_graph_module
 from ..quantizers.fake_quant import quantize_weight
-from ..quantizers.observers import Observer, observation_paused
+from ..quantizers.observers import observation_paused
 from ..quantizers.spec import Granularity, QuantSpec
-from .base import GraphPass
+from .base import GraphPass, require_calibrated_observers
 from .convert_fake_quant import ConvertToFakeQuant
 from .quadapter import has_stored_weight
 from .training import Batch
@@ -179,9 +178,7 @@ class GPTQ(GraphPass[GPTQPlan]):
         self.weight_spec, self.embedding_spec, self.damp = weight_spec, embedding_spec, damp
 
     def requires(self, gm: torch.fx.GraphModule) -> None:
-        observers = [m for m in gm.children() if isinstance(m, Observer)]
-        if not observers or not all(o.calibrated for o in observers):
-            raise PassError("GPTQ needs calibrated observers (run InsertObservers and calibrate() first)")
+        require_calibrated_observers(gm, "GPTQ")
 
     def analyze(self, gm: torch.fx.GraphModule) -> GPTQPlan:
         start = time.perf_counter()

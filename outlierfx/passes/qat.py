@@ -25,13 +25,12 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.fx
 
-from ..errors import PassError
 from ..graph import meta
 from ..graph.attrs import del_attr, fetch_attr, is_shared_attr, replace_input_tensor, set_attr, unique_attr_name
 from ..graph.copy import copy_graph_module
-from ..quantizers.observers import FakeQuantize, Observer
+from ..quantizers.observers import FakeQuantize
 from ..quantizers.spec import QuantSpec
-from .base import GraphPass
+from .base import GraphPass, require_calibrated_observers
 from .convert_fake_quant import ConvertToFakeQuant
 from .quadapter import TrainableActivationQuantizer, TrainableWeightQuantizer, has_stored_weight
 from .training import Batch, fit, task_loss
@@ -79,9 +78,7 @@ class QAT(GraphPass[QATPlan]):
         self.epochs, self.lr, self.loss, self.progress = epochs, lr, loss, progress
 
     def requires(self, gm: torch.fx.GraphModule) -> None:
-        observers = [m for m in gm.children() if isinstance(m, Observer)]
-        if not observers or not all(o.calibrated for o in observers):
-            raise PassError("QAT needs calibrated observers (run InsertObservers and calibrate() first)")
+        require_calibrated_observers(gm, "QAT")
 
     def analyze(self, gm: torch.fx.GraphModule) -> QATPlan:
         start = time.perf_counter()
