@@ -6,8 +6,9 @@ The result simulates an integer backend: activations and weights take only value
 integer grids. Embedding tables with fewer than ``small_table_rows`` rows (BERT's token-type
 table: 2 rows) stay float: every token adds one of their few rows, so a row's rounding error
 is a bias repeated on every token (on MiniLM the 2-row table alone costs 1.5e-4 of embedding
-cosine, the 30522-row word table 1.6e-5), and keeping them float costs a few kilobytes. Biases stay float (backends keep them in int32 at scale s_x * s_w, which is
-finer than any activation grid).
+cosine, the 30522-row word table 1.6e-5), and keeping them float costs a few kilobytes.
+Biases stay float (backends keep them in int32 at scale s_x * s_w, which is finer than any
+activation grid).
 """
 
 from __future__ import annotations

@@ -97,20 +97,20 @@ class _GramRecorder(torch.nn.Module):
         return x
 
 
-def _grid_quantizer(weight: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, int]:
-    """Per-row scale of ``weight`` under ``spec`` (as ConvertToFakeQuant computes it) and qmax."""
+def _row_scales(weight: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Per-row scale of ``weight`` under ``spec``, as ConvertToFakeQuant computes it."""
     _, scale, _ = quantize_weight(weight, spec)
     if spec.granularity is Granularity.PER_TENSOR:
         scale = scale.reshape(1).expand(weight.shape[0])
-    return scale.to(weight.dtype).clone(), spec.qmax
+    return scale.to(weight.dtype)
 
 
 def gptq_round(weight: torch.Tensor, gram: torch.Tensor, spec: QuantSpec, damp: float = 0.01,
                block: int = 128) -> tuple[torch.Tensor, int]:
     """GPTQ-rounded ``weight`` (rows = outputs) on ``spec``'s grid for inputs with Gram matrix
     ``gram``, and how many rows needed their +-qmax code restored."""
-    scale, qmax = _grid_quantizer(weight, spec)
-    step = scale.unsqueeze(1).double()
+    qmax = spec.qmax
+    step = _row_scales(weight, spec).unsqueeze(1).double()
     w = weight.detach().double().clone()
     h = gram.double().clone()
     dead = torch.diagonal(h) == 0

@@ -375,13 +375,13 @@ class FoldQuadapter(GraphPass[FoldQuadapterPlan]):
 
     def apply(self, gm: torch.fx.GraphModule, plan: FoldQuadapterPlan) -> bool:
         graph = gm.graph
+        upstream = {t: node for t, _, _, node in plan.into_rows}  # scale attribute -> Linear node
         row_scales: list[tuple[str, torch.Tensor]] = []  # (upstream Linear node, s)
         for site in inserted_sites(gm):
             log_s = fetch_attr(gm, site.target).detach()
             scale = torch.exp(log_s)  # the same ops as the graph's, so the folded values are identical
             inverse = torch.reciprocal(scale)
             producer = site.producer  # before the fold erases x * s
-            upstream = {t: node for t, _, _, node in plan.into_rows}
             if site.target in upstream:  # s goes into the upstream Linear's rows, after this loop
                 row_scales.append((upstream[site.target], scale))
                 site.input_mul.replace_all_uses_with(site.operand)

@@ -18,8 +18,8 @@ and after calibration; and the default placement policy.
   makes variants with other inits and settings).
 - ``smooth``: the speed route's quality recipe (policy ``linear-inputs``): Quadapter scales on
   every Linear input (``explicit`` sites too), SmoothQuant init with alpha=0.8, trained
-  block-wise, MSE-clipped weight rows rounded by GPTQ; activations stay per tensor, so every Linear lowers to
-  one int8 GEMM.
+  block-wise, MSE-clipped weight rows rounded by GPTQ; activations stay per tensor, so every
+  Linear lowers to one int8 GEMM.
 - ``qat``: ``naive`` ranges, then quantization-aware training of the Linear weights on the
   calibration batches (:class:`QAT`): the baseline of Quadapter's overfitting claim.
 - ``<recipe>+lsq``: any recipe followed by the fine stage, :class:`LearnRanges` (every
