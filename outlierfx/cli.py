@@ -224,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("model", help="minilm, smollm2, or a local Hugging Face model folder")
     quant.add_argument("--recipe", default="best", help="naive, mp16, os, peg, os+peg, best, ... (default best)")
     quant.add_argument("--bits", default="W8A8", help="e.g. W8A8 (default), W6A6, W4A8")
-    quant.add_argument("--backend", default=None, help="x86 (default on x86), fbgemm, qnnpack, inductor, reference")
+    quant.add_argument("--backend", default=None, help="onednn (default on x86 CPUs with VNNI/AMX), x86, fbgemm, qnnpack, inductor, reference")
     quant.add_argument("--policy", default=None, help="override the recipe's policy: full, linear-inputs, mp16")
     quant.add_argument("--fine", action="store_true",
                        help="add the fine stage: learn every activation range against the output (recipe+lsq)")
@@ -259,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     spd.add_argument("--model", default="minilm", help="minilm (batch 8 x 128) or smollm2 (1 x 256 prefill)")
     spd.add_argument("--recipe", default="best")
     spd.add_argument("--bits", default="W8A8")
-    spd.add_argument("--backends", default="x86,fbgemm,inductor", help="comma-separated int8 paths of ours")
+    spd.add_argument("--backends", default="onednn,x86,inductor", help="comma-separated int8 paths of ours")
     spd.add_argument("--policy", default=None, help="override the recipe's policy: full, linear-inputs, mp16")
     spd.add_argument("--threads", type=int, default=2)
     spd.add_argument("--rounds", type=int, default=10, help="interleaved timed rounds (median reported)")

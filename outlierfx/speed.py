@@ -23,12 +23,11 @@ from typing import Any
 import torch
 
 from . import corpus
-from .api import quantize
+from .api import lower, quantize
 from .benchmarks import CALIBRATION, calibration_batches
 from .compile import CompiledInt8, compile_int8
 from .evaluate import DecoderEval, EncoderEval
 from .models import LoadedModel, encode, load
-from .passes.lower import Lower
 from .serialize import save_quantized, size_on_disk_mb
 
 SHAPES = {"encoder": (8, 128), "decoder": (1, 256)}  # (batch, sequence): MiniLM batch, SmolLM2 prefill
@@ -100,7 +99,7 @@ def _torchao_pt2e(model: torch.nn.Module, batches: Sequence[dict[str, torch.Tens
     return CompiledInt8(pt2e.convert_pt2e(prepared))  # compiled with freezing on, as ours
 
 
-def speed(model_name: str, recipe: str = "best", bits: str = "W8A8", backends: Sequence[str] = ("x86", "fbgemm", "inductor"),
+def speed(model_name: str, recipe: str = "best", bits: str = "W8A8", backends: Sequence[str] = ("onednn", "x86", "inductor"),
           policy: str | None = None, threads: int = 2, rounds: int = 10, peers: bool = True,
           quality: bool = True, progress: bool = True) -> dict[str, Any]:
     torch.set_num_threads(threads)
@@ -130,7 +129,7 @@ def speed(model_name: str, recipe: str = "best", bits: str = "W8A8", backends: S
                 lowered(**inputs)  # compiles
             saved = lowered.reference
         else:
-            saved = lowered = Lower(backend)(fake).graph_module
+            saved = lowered = lower(fake, report, backend).model  # FuseAttention, then Lower
         setup = quantize_s + time.perf_counter() - start
         with tempfile.TemporaryDirectory() as tmp:
             size = size_on_disk_mb(save_quantized(saved, tmp))

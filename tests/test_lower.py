@@ -18,7 +18,7 @@ from outlierfx.quantizers.backends import BackendError, QuantizedLinear, check_b
 from outlierfx.serialize import load_quantized, save_quantized, size_on_disk_mb
 from outlierfx.testing import build_model, transformer_models
 
-ENGINES = ("fbgemm", "x86", "qnnpack")
+ENGINES = tuple(e for e in ("fbgemm", "x86", "qnnpack", "onednn") if e in torch.backends.quantized.supported_engines)
 
 
 def _quantized_linears(gm):
@@ -28,10 +28,15 @@ def _quantized_linears(gm):
 
 def _fake_quant_reference(module: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
     """What the fake-quant graph computes for this Linear: float math on grid values."""
-    x = x.dequantize() if x.is_quantized else torch.fake_quantize_per_tensor_affine(
-        x, module.in_scale, module.in_zero_point, module.in_qmin, module.in_qmax)
+    if x.dtype == torch.uint8:  # onednn reads the plain codes
+        x = (x.float() - module.in_zero_point) * module.in_scale
+    else:
+        x = x.dequantize() if x.is_quantized else torch.fake_quantize_per_tensor_affine(
+            x, module.in_scale, module.in_zero_point, module.in_qmin, module.in_qmax)
     weight = module.weight_int8.float() * module.weight_scale.float()[:, None]
     y = torch.nn.functional.linear(x, weight, module.bias)
+    if module.gelu is not None:
+        y = torch.nn.functional.gelu(y, approximate=module.gelu)
     if module.out_qparams is not None:
         y = torch.fake_quantize_per_tensor_affine(y, *module.out_qparams, 0, 255)
     return y
@@ -66,6 +71,29 @@ def test_int8_linears_match_fake_quant_within_one_step_on_every_engine(g):
         if engine != "qnnpack":
             assert len(int8) == len(plan.linears)
         _assert_each_int8_linear_within_one_step(result.graph_module, g.inputs)
+
+
+@pytest.mark.skipif("onednn" not in torch.backends.quantized.supported_engines, reason="no onednn engine")
+@pytest.mark.parametrize("policy", ["full", "linear-inputs"])
+def test_onednn_fuses_gelu_into_the_int8_gemm_and_matches_the_reference_form(policy):
+    g = build_model("bert", hidden=32, layers=2)
+    qmodel, _ = outlierfx.quantize(g.model, [g.inputs], recipe="naive", bits="W8A8", policy=policy, progress=False)
+    result = Lower("onednn")(qmodel)
+    fused = [m for m in _quantized_linears(result.graph_module).values() if m.gelu is not None]
+    planned = [lin for lin in result.plan.linears if "GELU fused" in lin.kernel]
+    if policy == "full":  # the GELU input is quantized: nothing to fuse
+        assert not fused and not planned
+    else:
+        assert len(fused) == len(planned) == 2  # one intermediate dense per layer
+        gelus = [n for n in result.graph_module.graph.nodes if n.target is torch.ops.aten.gelu.default]
+        assert not gelus
+    _assert_each_int8_linear_within_one_step(result.graph_module, g.inputs)
+    reference = Lower("reference")(qmodel).graph_module
+    with torch.no_grad():
+        ref = reference(**g.inputs).last_hidden_state
+        out = result.graph_module(**g.inputs).last_hidden_state
+    real = g.inputs["attention_mask"].bool()
+    assert float(torch.nn.functional.cosine_similarity(ref[real], out[real], dim=-1).min()) >= 0.999
 
 
 @settings(max_examples=6)
@@ -154,10 +182,12 @@ def test_bad_inputs_are_named():
         check_backend("tensorrt")
 
 
-def test_saved_model_reloads_in_a_new_process_with_identical_outputs(tmp_path):
+@pytest.mark.parametrize("engine", [e for e in ("x86", "onednn") if e in ENGINES])
+def test_saved_model_reloads_in_a_new_process_with_identical_outputs(tmp_path, engine):
     g = build_model("bert", hidden=32, layers=2)
-    qmodel, _ = outlierfx.quantize(g.model, [g.inputs], recipe="naive", bits="W8A8", progress=False)
-    lowered = Lower("x86")(qmodel).graph_module
+    qmodel, _ = outlierfx.quantize(g.model, [g.inputs], recipe="naive", bits="W8A8", policy="linear-inputs",
+                                   progress=False)
+    lowered = Lower(engine)(qmodel).graph_module
     path = save_quantized(lowered, tmp_path / "int8", {"recipe": "naive"})
     torch.save(dict(g.inputs), tmp_path / "inputs.pt")
     with torch.no_grad():

@@ -10,11 +10,13 @@ Two stages, both exact up to rounding ties (one quantization step at most, per l
    A Linear reading a PEG-grouped activation becomes K sub-GEMMs over contiguous channel
    groups, each with its own activation scale, summed in float; the group permutation is
    folded into the weight columns, so only the input is gathered, once.
-2. torch.ao engines (``fbgemm``, ``x86``, ``qnnpack``). ``quantize -> Linear -> quantize``
-   becomes one :class:`~outlierfx.quantizers.backends.QuantizedLinear` (int8 GEMM with the
-   requantization fused); a Linear whose output stays float uses the engine's float-output int8
-   GEMM (fbgemm/x86) or, on qnnpack, which has none, a float GEMM on the dequantized weight
-   (listed as a fallback). Quantize-dequantize pairs left around other ops become torch's fused
+2. Eager int8 engines (torch.ao's ``fbgemm``, ``x86``, ``qnnpack``, and ``onednn``).
+   ``quantize -> Linear -> quantize`` becomes one
+   :class:`~outlierfx.quantizers.backends.QuantizedLinear` (int8 GEMM with the requantization
+   fused); a Linear whose output stays float uses the engine's float-output int8 GEMM
+   (fbgemm/x86/onednn; on onednn with a following GELU fused into it) or, on qnnpack, which has
+   none, a float GEMM on the dequantized weight (listed as a fallback). On onednn a value read
+   by several Linears (Q, K, V) is quantized once. Quantize-dequantize pairs left around other ops become torch's fused
    fake-quantize kernels: those ops run in float on values that are exactly on the int8 grid.
 
 Quantizers wider than 8 bit (the ``mp16`` policy) have no integer kernel and stay simulated;
@@ -34,7 +36,7 @@ from ..graph import meta
 from ..graph.attrs import del_attr, fetch_attr, set_attr, unique_attr_name
 from ..graph.canonicalize import remove_dead_code
 from ..graph.ops import OpKind, op_kind, tensor_val
-from ..quantizers.backends import AO_ENGINES, QuantizedLinear, check_backend, has_float_output_kernel
+from ..quantizers.backends import AO_ENGINES, GELU_ENGINES, QuantizedLinear, check_backend, has_float_output_kernel
 from ..quantizers.fake_quant import integer_dtype, quantize_to_integers, quantize_weight
 from ..quantizers.observers import FakeQuantize
 from ..quantizers.spec import Estimator, Granularity, QuantSpec
@@ -90,7 +92,8 @@ class LowerPlan:
 class Lower(GraphPass[LowerPlan]):
     """Lower a fake-quant graph (the model ``outlierfx.quantize`` returns) to integer kernels.
 
-    ``backend``: ``"x86"`` (default on x86 CPUs), ``"fbgemm"``, ``"qnnpack"`` (ARM; also runs on
+    ``backend``: ``"onednn"`` (default on x86 CPUs with AVX512-VNNI or AMX: oneDNN's int8 GEMM in
+    eager mode), ``"x86"``, ``"fbgemm"``, ``"qnnpack"`` (ARM; also runs on
     x86, slowly), ``"reference"`` or ``"inductor"`` (the decomposed form, for torch.compile).
     ``max_sub_gemms``: a Linear whose input has more PEG groups runs as one float GEMM on its
     int8 weights instead of that many int8 sub-GEMMs (same numerics up to summation order).
@@ -148,6 +151,8 @@ class Lower(GraphPass[LowerPlan]):
             return f"{groups} int8 sub-GEMMs (PEG groups), float sum", groups
         if _output_quantizer(gm, linear) is not None:
             return "int8 GEMM, requantized uint8 output", 0
+        if self.backend in GELU_ENGINES and _fusable_gelu(linear) is not None:
+            return "int8 GEMM, float output, GELU fused", 0
         return "int8 GEMM, float output", 0
 
     def apply(self, gm: torch.fx.GraphModule, plan: LowerPlan) -> bool:
@@ -186,6 +191,17 @@ def _output_quantizer(gm: torch.fx.GraphModule, node: torch.fx.Node) -> FakeQuan
     if module.spec.signed or module.spec.bits != 8:
         return None
     return module
+
+
+def _fusable_gelu(linear: torch.fx.Node) -> str | None:
+    """The approximation (``"none"``/``"tanh"``) of the GELU that is the only reader of ``linear``."""
+    if len(linear.users) != 1:
+        return None
+    gelu = next(iter(linear.users))
+    if not _is_call(gelu, aten.gelu.default) or len(gelu.args) != 1:
+        return None
+    approximate = gelu.kwargs.get("approximate", "none")
+    return approximate if approximate in ("none", "tanh") else None
 
 
 def _single_grid(module: FakeQuantize) -> bool:
@@ -432,14 +448,23 @@ class _AoLowering:
         w_scale = self.row_scales.setdefault(w_scale.data_ptr(), w_scale.detach().double())
         bias_value = fetch_attr(self.gm, str(bias.target)) if isinstance(bias, torch.fx.Node) else None
         out = None if q_out is None else (q_out.args[1], q_out.args[2])
-        module = QuantizedLinear(codes, w_scale, bias_value, (scale, zero_point, qmin, qmax), out, self.engine)
+        gelu = _fusable_gelu(linear) if out is None and self.engine in GELU_ENGINES else None
+        module = QuantizedLinear(codes, w_scale, bias_value, (scale, zero_point, qmin, qmax), out, self.engine, gelu)
         name = unique_attr_name(self.gm, LINEAR_MODULE_PREFIX + linear.name)
         self.gm.add_module(name, module)
-        # int8 in, int8 out when the input is a full-range uint8 value; else the float input
-        source = self._quint8(q_x) if out is not None and self._uint8_value(x_dq) is not None else q_x.args[0]
+        full_range = self._uint8_value(x_dq) is not None
+        if full_range and (out is not None or self.engine == "onednn"):
+            # int8 in; onednn: quantized once for every Linear that reads the value (Q, K, V)
+            source = self._quint8(q_x)
+        else:
+            source = q_x.args[0]  # the float input, quantized inside the kernel
         with self.graph.inserting_before(linear):
             call = self.graph.call_module(name, (source,))
         meta.inherit(call, linear, "Lower")
+        if gelu is not None:
+            fused = next(iter(linear.users))
+            fused.replace_all_uses_with(call)
+            self.graph.erase_node(fused)
         if q_out is None:
             linear.replace_all_uses_with(call)
         else:
