@@ -48,8 +48,8 @@ def _demo(args: argparse.Namespace) -> int:
     int8, qreport = lower(fake, qreport, backend)
     print(f"  done in {time.perf_counter() - start:.1f}s")
     print("\n".join("  " + line for line in qreport.audit.to_text().splitlines() if line.strip()))
-    # 'best' lowers every Linear to 24 int8 sub-GEMMs (its PEG groups), slower than FP32 in eager
-    # torch.ao: the speed route quantizes the Linear inputs only, per tensor (one int8 GEMM per
+    # 'best' lowers every Linear to 24 int8 sub-GEMMs (its PEG groups), slower than FP32 on the
+    # eager engines: the speed route quantizes the Linear inputs only, per tensor (one int8 GEMM per
     # Linear), with Quadapter scales on every Linear input ('smooth')
     fast_name = f"int8 fast ({backend})"
     start = time.perf_counter()

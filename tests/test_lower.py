@@ -180,6 +180,21 @@ def test_bad_inputs_are_named():
         Lower("x86")(gm)
     with pytest.raises(BackendError, match="unknown backend"):
         check_backend("tensorrt")
+    weight = torch.zeros(4, 4, dtype=torch.int8)
+    with pytest.raises(BackendError, match="fused GELU"):
+        QuantizedLinear(weight, torch.ones(4), None, (0.1, 128, 0, 255), (0.1, 128), "onednn", gelu="none")
+    with pytest.raises(BackendError, match="fused GELU"):
+        QuantizedLinear(weight, torch.ones(4), None, (0.1, 128, 0, 255), None, "x86", gelu="none")
+
+
+def test_default_backend_is_onednn_only_with_int8_instructions(monkeypatch):
+    from outlierfx.quantizers import backends
+
+    monkeypatch.setattr(backends, "has_int8_instructions", lambda: True)
+    if "onednn" in torch.backends.quantized.supported_engines:
+        assert backends.default_backend() == "onednn"
+    monkeypatch.setattr(backends, "has_int8_instructions", lambda: False)
+    assert backends.default_backend() in ("x86", "qnnpack")
 
 
 @pytest.mark.parametrize("engine", [e for e in ("x86", "onednn") if e in ENGINES])
