@@ -19,8 +19,9 @@ Two stages, both exact up to rounding ties (one quantization step at most, per l
    by several Linears (Q, K, V) is quantized once. Quantize-dequantize pairs left around other ops become torch's fused
    fake-quantize kernels: those ops run in float on values that are exactly on the int8 grid.
 
-Quantizers wider than 8 bit (the ``mp16`` policy) have no integer kernel and stay simulated;
-the plan lists them.
+Quantizers wider than 8 bit (the ``mp16`` policy) have no integer kernel and stay simulated, as do
+quantizers whose first tokens have a grid of their own (``QuantSpec.sink_tokens``: two grids in
+one tensor, not lowered yet); the plan lists them.
 """
 
 from __future__ import annotations
@@ -118,8 +119,9 @@ class Lower(GraphPass[LowerPlan]):
         for node in gm.graph.nodes:
             module = _fake_quantizer(gm, node)
             if module is not None and module.enabled:
-                if module.spec.bits > 8:
-                    simulated.append((module.name or node.name, f"{module.spec.bits}-bit: no integer kernel"))
+                reason = _no_integer_kernel(module)
+                if reason is not None:
+                    simulated.append((module.name or node.name, reason))
                 else:
                     activations += 1
             if op_kind(node) is OpKind.LINEAR:
@@ -135,8 +137,8 @@ class Lower(GraphPass[LowerPlan]):
         module = _fake_quantizer(gm, source) if isinstance(source, torch.fx.Node) else None
         if module is None or not module.enabled:
             return "float GEMM on int8 weights (input not quantized by the policy)", 0
-        if module.spec.bits > 8:
-            return f"float GEMM on int8 weights (input simulated at {module.spec.bits} bit)", 0
+        if _no_integer_kernel(module) is not None:
+            return f"float GEMM on int8 weights (input simulated: {_no_integer_kernel(module)})", 0
         grouped = not _single_grid(module)
         if self.backend in AO_ENGINES and not has_float_output_kernel(self.backend):
             if grouped:
@@ -191,6 +193,15 @@ def _output_quantizer(gm: torch.fx.GraphModule, node: torch.fx.Node) -> FakeQuan
     if module.spec.signed or module.spec.bits != 8:
         return None
     return module
+
+
+def _no_integer_kernel(module: FakeQuantize) -> str | None:
+    """Why this activation quantizer stays simulated in the lowered graph (None: it lowers)."""
+    if module.spec.bits > 8:
+        return f"{module.spec.bits}-bit: no integer kernel"
+    if module.has_sink_grid:
+        return f"first {module.spec.sink_tokens} token(s) on a grid of their own: not lowered yet"
+    return None
 
 
 def _fusable_gelu(linear: torch.fx.Node) -> str | None:
@@ -260,7 +271,7 @@ class _ReferenceLowering:
             self.graph.erase_node(node)
             return None
         spec = module.spec
-        if spec.bits > 8:
+        if _no_integer_kernel(module) is not None:
             return None
         dtype = integer_dtype(spec)
         with self.graph.inserting_before(node):

@@ -473,7 +473,7 @@ class TrainableActivationQuantizer(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.fq.enabled:
             return x
-        return _STEFakeQuantize.apply(x, self.fq.scale, self.fq.zero_point, self.fq.spec)
+        return self.fq.on_grids(x, _STEFakeQuantize.apply)
 
 
 class TrainableWeightQuantizer(torch.nn.Module):

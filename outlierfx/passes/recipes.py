@@ -27,6 +27,10 @@ and after calibration; and the default placement policy.
 - ``<recipe>+gptq``: any recipe with its Linear weights rounded by :class:`GPTQ` last (to the
   grid point that minimises each layer's output error, not the nearest one), e.g.
   ``smooth+gptq``; suffixes chain (``peg+lsq+gptq``).
+- ``<recipe>+sink``: any recipe whose activation quantizers give the first token of each
+  sequence a per-tensor grid of its own (``QuantSpec.sink_tokens``), so the attention-sink
+  token's massive activations stop setting every other token's range. Simulated only: those
+  quantizers are not lowered to integer kernels yet.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ from .quadapter import FoldQuadapter, InsertQuadapter, TrainQuadapter
 Batches = Sequence[Mapping[str, torch.Tensor]]
 FINE_SUFFIX = "+lsq"
 GPTQ_SUFFIX = "+gptq"
+SINK_SUFFIX = "+sink"
 
 
 def _none(*_: object) -> list[GraphPass]:
@@ -66,11 +71,14 @@ class Recipe:
     finish: Callable[[Batches, QuantPolicy, bool], list[GraphPass]] = _none
     default_policy: str = "full"
     weight_estimator: Estimator = Estimator.MINMAX  # how named policies' Linear weight ranges are set
+    sink_tokens: int = 0  # named policies: first positions of each sequence on a grid of their own
 
     def policy(self, bits: BitWidths, policy: str | QuantPolicy | None) -> QuantPolicy:
         if isinstance(policy, QuantPolicy):
             return policy
         chosen = make_policy(policy or self.default_policy, bits)
+        if self.sink_tokens:
+            chosen = chosen.with_sink_tokens(self.sink_tokens)
         if chosen.weight is None or self.weight_estimator is chosen.weight.estimator:
             return chosen
         return dataclasses.replace(chosen, weight=chosen.weight.with_(estimator=self.weight_estimator))
@@ -171,13 +179,21 @@ RECIPES["best"] = with_gptq(Recipe(
     weight_estimator=Estimator.MSE), name="best")
 
 
-_SUFFIXES: dict[str, Callable[[Recipe], Recipe]] = {FINE_SUFFIX: with_fine_stage, GPTQ_SUFFIX: with_gptq}
+def with_sink_token(base: Recipe, name: str | None = None, tokens: int = 1) -> Recipe:
+    """``base`` with the first ``tokens`` positions of each sequence on an activation grid of their own."""
+    return dataclasses.replace(base, name=name or base.name + SINK_SUFFIX, sink_tokens=tokens,
+                               description=f"{base.description}; the first {tokens} token(s) of each sequence "
+                                           f"on an activation grid of their own")
+
+
+_SUFFIXES: dict[str, Callable[[Recipe], Recipe]] = {FINE_SUFFIX: with_fine_stage, GPTQ_SUFFIX: with_gptq,
+                                                    SINK_SUFFIX: with_sink_token}
 
 
 def get_recipe(name: str) -> Recipe:
     """A registered recipe, optionally followed by suffixes applied left to right:
-    ``+lsq`` (the fine stage, :class:`LearnRanges`) and ``+gptq`` (:class:`GPTQ` weight rounding),
-    e.g. ``os+lsq``, ``smooth+gptq``, ``peg+lsq+gptq``."""
+    ``+lsq`` (the fine stage, :class:`LearnRanges`), ``+gptq`` (:class:`GPTQ` weight rounding) and
+    ``+sink`` (the first token on its own activation grid), e.g. ``os+lsq``, ``smooth+sink``."""
     if name in RECIPES:
         return RECIPES[name]
     for suffix, add in _SUFFIXES.items():

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -50,6 +50,17 @@ def token_mask(mask: torch.Tensor | None) -> Iterator[None]:
 
 
 _ATTENTION_MATRICES = frozenset({Role.ATTN_SCORES, Role.ATTN_PROBS})
+
+
+def _token_layout(x: torch.Tensor, roles: frozenset) -> bool:
+    """Whether ``x`` is laid out ``[batch, seq, ...]`` (positions on axis 1): the mask's shape
+    when one is published, else the roles (attention matrices and per-head contexts are not)."""
+    if x.dim() < 3 or roles & _ATTENTION_MATRICES:
+        return False
+    mask = _TOKEN_MASK.get()
+    if mask is not None:
+        return tuple(x.shape[:2]) == tuple(mask.shape)
+    return Role.ATTN_CONTEXT not in roles
 
 
 def _token_rows(x: torch.Tensor, roles: frozenset = frozenset()) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -92,6 +103,8 @@ class Observer(torch.nn.Module):
         self.register_buffer("batches", torch.zeros((), dtype=torch.long))
         self.register_buffer("learned_lo", torch.empty(0))  # Estimator.LEARNED: set by LearnRanges
         self.register_buffer("learned_hi", torch.empty(0))
+        self.register_buffer("sink_min", torch.empty(0))  # spec.sink_tokens: range of the first positions
+        self.register_buffer("sink_max", torch.empty(0))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not _PAUSED.get():
@@ -105,6 +118,23 @@ class Observer(torch.nn.Module):
 
     def observe(self, x: torch.Tensor) -> None:
         x = x.detach()
+        n = self.spec.sink_tokens
+        if n and x.shape[1:2] and x.shape[1] > n and _token_layout(x, self.roles):
+            mask = _TOKEN_MASK.get()
+            self._observe_sink(x[:, :n] if mask is None else x[:, :n][mask[:, :n]])
+            with token_mask(None if mask is None else mask[:, n:]):
+                return self._observe(x[:, n:])
+        return self._observe(x)
+
+    def _observe_sink(self, x: torch.Tensor) -> None:
+        if not x.numel():
+            return
+        lo, hi = torch.aminmax(x.float())
+        if self.sink_min.numel():
+            lo, hi = torch.minimum(self.sink_min, lo), torch.maximum(self.sink_max, hi)
+        self.sink_min, self.sink_max = lo, hi
+
+    def _observe(self, x: torch.Tensor) -> None:
         axis = self.spec.axis % x.dim() if x.dim() else 0
         if self.per_channel and axis != x.dim() - 1:
             rows, keys = x.movedim(axis, -1).reshape(-1, x.shape[axis]), None
@@ -218,6 +248,12 @@ class Observer(torch.nn.Module):
             return scale[groups], zero_point[groups]
         return qparams_from_range(lo, hi, self.spec)
 
+    def sink_qparams(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Scale and zero point of the first ``spec.sink_tokens`` positions (None: not seen)."""
+        if not self.spec.sink_tokens or not self.sink_min.numel():
+            return None
+        return qparams_from_range(self.sink_min, self.sink_max, self.spec.sink_spec())
+
     def extra_repr(self) -> str:
         return f"{self.name}: {self.spec.describe()}"
 
@@ -247,16 +283,36 @@ class FakeQuantize(torch.nn.Module):
         self.enabled = True
         self.register_buffer("scale", scale.detach().clone().float())
         self.register_buffer("zero_point", zero_point.detach().clone().to(torch.int32))
+        self.register_buffer("sink_scale", torch.empty(0))  # the first spec.sink_tokens positions' grid
+        self.register_buffer("sink_zero_point", torch.empty(0, dtype=torch.int32))
 
     @classmethod
     def from_observer(cls, observer: Observer) -> FakeQuantize:
         scale, zero_point = observer.qparams()
-        return cls(observer.spec, scale, zero_point, observer.name, observer.roles)
+        fq = cls(observer.spec, scale, zero_point, observer.name, observer.roles)
+        sink = observer.sink_qparams()
+        if sink is not None:
+            fq.sink_scale, fq.sink_zero_point = sink[0].float(), sink[1].to(torch.int32)
+        return fq
+
+    @property
+    def has_sink_grid(self) -> bool:
+        return bool(self.spec.sink_tokens and self.sink_scale.numel())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return x
-        return fake_quantize(x, self.scale, self.zero_point, self.spec)
+        return self.on_grids(x, fake_quantize)
+
+    def on_grids(self, x: torch.Tensor, quantize: Callable[..., torch.Tensor]) -> torch.Tensor:
+        """``quantize(x, scale, zero_point, spec)`` on the main grid; with a sink grid, the first
+        ``spec.sink_tokens`` positions of a ``[batch, seq, ...]`` tensor on theirs. Positions
+        count from the start of the input (a decode step with a KV cache has no sink token)."""
+        n = self.spec.sink_tokens
+        if not self.has_sink_grid or x.dim() < 3 or x.shape[1] <= n:
+            return quantize(x, self.scale, self.zero_point, self.spec)
+        head = quantize(x[:, :n], self.sink_scale, self.sink_zero_point, self.spec.sink_spec())
+        return torch.cat([head, quantize(x[:, n:], self.scale, self.zero_point, self.spec)], 1)
 
     def extra_repr(self) -> str:
         return f"{self.name}: {self.spec.describe()}"

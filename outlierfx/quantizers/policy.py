@@ -53,6 +53,12 @@ class QuantPolicy:
     def observed(self, roles: frozenset[Role]) -> bool:
         return bool(roles & self.roles)
 
+    def with_sink_tokens(self, n: int) -> QuantPolicy:
+        """Every activation spec with its first ``n`` token positions on a grid of their own."""
+        overrides = tuple(o if o.spec is None else dataclasses.replace(o, spec=o.spec.with_(sink_tokens=n))
+                          for o in self.overrides)
+        return dataclasses.replace(self, activation=self.activation.with_(sink_tokens=n), overrides=overrides)
+
 
 @dataclasses.dataclass(frozen=True)
 class BitWidths:

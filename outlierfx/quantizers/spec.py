@@ -50,12 +50,18 @@ class QuantSpec:
     momentum: float = 0.9
     token_alpha: float = 1.0
     max_samples: int = 1 << 18  # values kept for percentile / MSE estimation (a uniform subsample)
+    # activations laid out [batch, seq, ...]: the first ``sink_tokens`` positions of each sequence
+    # get a per-tensor grid of their own and stay out of the main range (attention-sink tokens
+    # carry massive activations, Sun et al. 2024)
+    sink_tokens: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.bits, int) or not 2 <= self.bits <= 16:
             raise ValueError(f"bits must be an integer in 2..16, got {self.bits!r}")
         if self.signed is None:
             object.__setattr__(self, "signed", self.symmetric)
+        if not isinstance(self.sink_tokens, int) or self.sink_tokens < 0:
+            raise ValueError(f"sink_tokens must be an integer >= 0, got {self.sink_tokens!r}")
         if self.granularity is Granularity.PER_GROUP:
             if self.groups < 1:
                 raise ValueError(f"groups must be >= 1, got {self.groups}")
@@ -94,7 +100,12 @@ class QuantSpec:
         gran = {Granularity.PER_TENSOR: "per-tensor", Granularity.PER_CHANNEL: f"per-channel(axis {self.axis})",
                 Granularity.PER_GROUP: f"per-group(K={self.groups}{', sorted' if self.sort_channels else ''}"
                                        f"{', range-sized' if self.grouping == 'range' else ''})"}[self.granularity]
-        return f"{'int' if self.signed else 'uint'}{self.bits} {kind} {gran} {self.estimator.value}"
+        sink = f", first {self.sink_tokens} token(s) on their own grid" if self.sink_tokens else ""
+        return f"{'int' if self.signed else 'uint'}{self.bits} {kind} {gran} {self.estimator.value}{sink}"
+
+    def sink_spec(self) -> QuantSpec:
+        """The grid of the first ``sink_tokens`` positions: per tensor, min-max, same width."""
+        return QuantSpec(bits=self.bits, symmetric=self.symmetric, signed=self.signed)
 
 
 def weight_spec(bits: int = 8) -> QuantSpec:

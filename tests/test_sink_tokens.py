@@ -1,0 +1,103 @@
+"""The first token on an activation grid of its own (``QuantSpec.sink_tokens``, recipe suffix ``+sink``)."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import outlierfx
+from outlierfx.graph.compare import output_error
+from outlierfx.graph.roles import Role
+from outlierfx.passes.lower import Lower
+from outlierfx.passes.recipes import get_recipe
+from outlierfx.quantizers.fake_quant import fake_quantize, qparams_from_range
+from outlierfx.quantizers.observers import FakeQuantize, Observer, token_mask
+from outlierfx.quantizers.policy import parse_bits
+from outlierfx.quantizers.spec import Granularity, QuantSpec
+from outlierfx.testing import build_model
+
+
+def _calibrated(spec, batches, roles=frozenset({Role.LINEAR_INPUT}), masks=None):
+    observer = Observer(spec, "x", roles)
+    for i, x in enumerate(batches):
+        with token_mask(None if masks is None else masks[i]):
+            observer(x)
+    return observer, FakeQuantize.from_observer(observer)
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 3), seq=st.integers(4, 12), channels=st.integers(1, 8), spike=st.floats(1.0, 1e3),
+       grouped=st.booleans(), seed=st.integers(0, 2**16))
+def test_each_grid_covers_its_own_tokens_and_quantizes_them(n, seq, channels, spike, grouped, seed):
+    gen = torch.Generator().manual_seed(seed)
+    batches = [torch.randn(2, seq, channels, generator=gen) for _ in range(2)]
+    batches[0][:, 0] *= spike  # the sink token's massive activation
+    base = QuantSpec(granularity=Granularity.PER_GROUP, groups=1) if grouped else QuantSpec()
+    observer, fq = _calibrated(base.with_(sink_tokens=n), batches)
+    data = torch.cat(batches)
+    rest_lo, rest_hi = data[:, n:].amin(), data[:, n:].amax()
+    assert torch.allclose(observer.min_val.min(), rest_lo) and torch.allclose(observer.max_val.max(), rest_hi)
+    assert observer.sink_min == data[:, :n].amin() and observer.sink_max == data[:, :n].amax()
+    assert fq.has_sink_grid
+    out = fq(data)
+    sink_scale, sink_zp = qparams_from_range(data[:, :n].amin(), data[:, :n].amax(), base.sink_spec())
+    assert torch.equal(out[:, :n], fake_quantize(data[:, :n], sink_scale, sink_zp, base.sink_spec()))
+    assert torch.equal(out[:, n:], fake_quantize(data[:, n:], fq.scale, fq.zero_point, fq.spec))
+    # neither grid clips its own tokens beyond half a step
+    assert float((out[:, :n] - data[:, :n]).abs().max()) <= float(sink_scale) * 0.5001
+    assert float((out[:, n:] - data[:, n:]).abs().max()) <= float(fq.scale.max()) * 0.5001
+
+
+def test_a_massive_first_token_no_longer_sets_the_other_tokens_step():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 16, 32, generator=gen)
+    x[:, 0, 3] = 500.0
+    _, plain = _calibrated(QuantSpec(), [x])
+    _, sink = _calibrated(QuantSpec(sink_tokens=1), [x])
+    error = {name: float((fq(x)[:, 1:] - x[:, 1:]).pow(2).mean()) for name, fq in (("plain", plain), ("sink", sink))}
+    assert error["sink"] < error["plain"] / 1000
+
+
+def test_padding_and_attention_matrices_are_left_alone():
+    x = torch.randn(2, 6, 4)
+    x[1, 4:] = 1e4  # padded positions of the second sequence
+    mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2])
+    observer, _ = _calibrated(QuantSpec(sink_tokens=1), [x], masks=[mask])
+    assert float(observer.max_val) == float(x[:, 1:][mask[:, 1:].bool()].max())
+    probs = torch.rand(2, 3, 6, 6)  # [batch, heads, seq, seq]: axis 1 is not the position
+    observer, fq = _calibrated(QuantSpec(sink_tokens=1), [probs], roles=frozenset({Role.ATTN_PROBS}))
+    assert not observer.sink_min.numel() and not fq.has_sink_grid
+
+
+def test_sink_tokens_is_validated():
+    with pytest.raises(ValueError, match="sink_tokens"):
+        QuantSpec(sink_tokens=-1)
+
+
+def test_the_suffix_sets_every_activation_spec_and_the_pass_fires_on_llama():
+    recipe = get_recipe("naive+sink")
+    policy = recipe.policy(parse_bits("W8A8"), None)
+    assert policy.activation.sink_tokens == 1
+    assert all(o.spec is None or o.spec.sink_tokens == 1 for o in policy.overrides)
+    assert get_recipe("smooth+sink").name == "smooth+sink"
+
+    g = build_model("llama", hidden=32, layers=2)
+    ids = g.inputs["input_ids"]
+    sink_id = int(ids.max()) + 1  # a token only the first position holds, with a massive embedding
+    ids[:, 0] = sink_id
+    with torch.no_grad():
+        g.model.get_input_embeddings().weight[sink_id] *= 200
+        reference = g.model(**g.inputs).logits[:, 1:]
+    plain, _ = outlierfx.quantize(g.model, [g.inputs], recipe="naive", progress=False)
+    sunk, _ = outlierfx.quantize(g.model, [g.inputs], recipe="naive+sink", progress=False)
+    grids = [m for m in sunk.modules() if isinstance(m, FakeQuantize) and m.has_sink_grid]
+    assert grids  # the residual stream, norm outputs and Linear inputs carry a first-token grid
+    assert not any(m.has_sink_grid for m in sunk.modules() if isinstance(m, FakeQuantize)
+                   and m.roles & {Role.ATTN_SCORES, Role.ATTN_PROBS})
+    # lowering keeps those quantizers simulated, names them, and computes the same outputs
+    lowered = Lower("reference")(sunk)
+    assert any("own" in why for _, why in lowered.plan.simulated)
+    with torch.no_grad():
+        assert output_error(sunk(**g.inputs), lowered.graph_module(**g.inputs)).within(1e-5)
+        errors = [float((m(**g.inputs).logits[:, 1:] - reference).pow(2).mean()) for m in (plain, sunk)]
+    assert errors[1] < errors[0] / 4, errors  # the other tokens get their precision back
