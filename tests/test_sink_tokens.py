@@ -10,6 +10,7 @@ from outlierfx.graph.compare import output_error
 from outlierfx.graph.roles import Role
 from outlierfx.passes.lower import Lower
 from outlierfx.passes.recipes import get_recipe
+from outlierfx.quantizers.backends import QuantizedLinear
 from outlierfx.quantizers.fake_quant import fake_quantize, qparams_from_range
 from outlierfx.quantizers.observers import FakeQuantize, Observer, token_mask
 from outlierfx.quantizers.policy import parse_bits
@@ -101,3 +102,20 @@ def test_the_suffix_sets_every_activation_spec_and_the_pass_fires_on_llama():
         assert output_error(sunk(**g.inputs), lowered.graph_module(**g.inputs)).within(1e-5)
         errors = [float((m(**g.inputs).logits[:, 1:] - reference).pow(2).mean()) for m in (plain, sunk)]
     assert errors[1] < errors[0] / 4, errors  # the other tokens get their precision back
+
+
+@pytest.mark.parametrize("engine", [e for e in ("x86", "onednn") if e in torch.backends.quantized.supported_engines])
+def test_linear_inputs_with_first_token_grids_lower_to_two_int8_gemms(engine):
+    g = build_model("bert", hidden=32, layers=2)
+    qmodel, _ = outlierfx.quantize(g.model, [g.inputs], recipe="naive+sink", policy="linear-inputs", progress=False)
+    result = Lower(engine)(qmodel)
+    split = [lin for lin in result.plan.linears if "own input grid" in lin.kernel]
+    assert split and all(lin.is_int8 for lin in result.plan.linears), result.plan.summary()
+    modules = [m for m in result.graph_module.modules() if isinstance(m, QuantizedLinear) and m.sink is not None]
+    assert len(modules) == len(split)
+    reference = Lower("reference")(qmodel).graph_module
+    with torch.no_grad():
+        ref = reference(**g.inputs).last_hidden_state
+        out = result.graph_module(**g.inputs).last_hidden_state
+    real = g.inputs["attention_mask"].bool()
+    assert float(torch.nn.functional.cosine_similarity(ref[real], out[real], dim=-1).min()) >= 0.999

@@ -137,6 +137,9 @@ class Lower(GraphPass[LowerPlan]):
         module = _fake_quantizer(gm, source) if isinstance(source, torch.fx.Node) else None
         if module is None or not module.enabled:
             return "float GEMM on int8 weights (input not quantized by the policy)", 0
+        if self.backend in AO_ENGINES and _sink_linear_lowers(gm, linear, module, self.backend):
+            gelu = ", GELU fused" if self.backend in GELU_ENGINES and _fusable_gelu(linear) is not None else ""
+            return f"int8 GEMM, float output{gelu}; first token(s) on their own input grid (2 GEMMs)", 0
         if _no_integer_kernel(module) is not None:
             return f"float GEMM on int8 weights (input simulated: {_no_integer_kernel(module)})", 0
         grouped = not _single_grid(module)
@@ -188,7 +191,7 @@ def _output_quantizer(gm: torch.fx.GraphModule, node: torch.fx.Node) -> FakeQuan
     if len(node.users) != 1:
         return None
     module = _fake_quantizer(gm, next(iter(node.users)))
-    if module is None or not module.enabled or not _single_grid(module):
+    if module is None or not module.enabled or not _single_grid(module) or module.has_sink_grid:
         return None
     if module.spec.signed or module.spec.bits != 8:
         return None
@@ -202,6 +205,14 @@ def _no_integer_kernel(module: FakeQuantize) -> str | None:
     if module.has_sink_grid:
         return f"first {module.spec.sink_tokens} token(s) on a grid of their own: not lowered yet"
     return None
+
+
+def _sink_linear_lowers(gm: torch.fx.GraphModule, linear: torch.fx.Node, module: FakeQuantize, engine: str) -> bool:
+    """Whether a Linear reading a first-token-grid quantizer runs as two int8 GEMMs on ``engine``:
+    8-bit unsigned per-tensor main grid, float output on an engine that has one."""
+    spec = module.spec
+    return (module.has_sink_grid and spec.bits <= 8 and not spec.signed and _single_grid(module)
+            and has_float_output_kernel(engine) and _output_quantizer(gm, linear) is None)
 
 
 def _fusable_gelu(linear: torch.fx.Node) -> str | None:
@@ -445,6 +456,11 @@ class _AoLowering:
     def _linear(self, linear: torch.fx.Node) -> None:
         x_dq, w_dq = linear.args[0], linear.args[1]
         bias = linear.args[2] if len(linear.args) > 2 else linear.kwargs.get("bias")
+        sink = _fake_quantizer(self.gm, x_dq) if isinstance(x_dq, torch.fx.Node) else None
+        if sink is not None and sink.enabled and _sink_linear_lowers(self.gm, linear, sink, self.engine) \
+                and self._output_value(linear) is None and _is_call(w_dq, DQ_CHANNEL) and w_dq.args[0].op == "get_attr":
+            self._sink_linear(linear, sink, w_dq, bias)
+            return
         if not (_is_call(x_dq, DQ_TENSOR) and _is_call(x_dq.args[0], Q_TENSOR) and _is_call(w_dq, DQ_CHANNEL)):
             return
         q_x = x_dq.args[0]
@@ -454,21 +470,40 @@ class _AoLowering:
         q_out = self._output_value(linear)
         if q_out is None and not has_float_output_kernel(self.engine):
             return  # float fallback (listed in the plan)
-        codes = fetch_attr(self.gm, str(w_dq.args[0].target))
-        w_scale = fetch_attr(self.gm, str(w_dq.args[1].target))
-        w_scale = self.row_scales.setdefault(w_scale.data_ptr(), w_scale.detach().double())
-        bias_value = fetch_attr(self.gm, str(bias.target)) if isinstance(bias, torch.fx.Node) else None
         out = None if q_out is None else (q_out.args[1], q_out.args[2])
         gelu = _fusable_gelu(linear) if out is None and self.engine in GELU_ENGINES else None
-        module = QuantizedLinear(codes, w_scale, bias_value, (scale, zero_point, qmin, qmax), out, self.engine, gelu)
-        name = unique_attr_name(self.gm, LINEAR_MODULE_PREFIX + linear.name)
-        self.gm.add_module(name, module)
         full_range = self._uint8_value(x_dq) is not None
         if full_range and (out is not None or self.engine == "onednn"):
             # int8 in; onednn: quantized once for every Linear that reads the value (Q, K, V)
             source = self._quint8(q_x)
         else:
             source = q_x.args[0]  # the float input, quantized inside the kernel
+        call = self._replace_linear(linear, w_dq, bias, (scale, zero_point, qmin, qmax), out, gelu, source)
+        if q_out is not None:
+            self.quantized[q_out] = call
+
+    def _sink_linear(self, linear: torch.fx.Node, module: FakeQuantize, w_dq: torch.fx.Node, bias: object) -> None:
+        """A Linear whose input quantizer gives the first tokens their own grid: one int8
+        module that quantizes each part of its float input on its grid (two GEMMs)."""
+        spec = module.spec
+        scale, zero_point = float(module.scale.flatten()[0]), int(module.zero_point.flatten()[0])
+        sink = (spec.sink_tokens, float(module.sink_scale), int(module.sink_zero_point))
+        gelu = _fusable_gelu(linear) if self.engine in GELU_ENGINES else None
+        self._replace_linear(linear, w_dq, bias, (scale, zero_point, spec.qmin, spec.qmax), None, gelu,
+                             linear.args[0].args[0], sink)
+
+    def _replace_linear(self, linear: torch.fx.Node, w_dq: torch.fx.Node, bias: object,
+                        in_qparams: tuple, out: tuple | None, gelu: str | None, source: torch.fx.Node,
+                        sink: tuple[int, float, int] | None = None) -> torch.fx.Node:
+        """Put a :class:`QuantizedLinear` reading ``source`` in place of ``linear`` (and of the
+        GELU fused into it)."""
+        codes = fetch_attr(self.gm, str(w_dq.args[0].target))
+        w_scale = fetch_attr(self.gm, str(w_dq.args[1].target))
+        w_scale = self.row_scales.setdefault(w_scale.data_ptr(), w_scale.detach().double())
+        bias_value = fetch_attr(self.gm, str(bias.target)) if isinstance(bias, torch.fx.Node) else None
+        module = QuantizedLinear(codes, w_scale, bias_value, in_qparams, out, self.engine, gelu, sink)
+        name = unique_attr_name(self.gm, LINEAR_MODULE_PREFIX + linear.name)
+        self.gm.add_module(name, module)
         with self.graph.inserting_before(linear):
             call = self.graph.call_module(name, (source,))
         meta.inherit(call, linear, "Lower")
@@ -476,10 +511,9 @@ class _AoLowering:
             fused = next(iter(linear.users))
             fused.replace_all_uses_with(call)
             self.graph.erase_node(fused)
-        if q_out is None:
+        if out is None:
             linear.replace_all_uses_with(call)
-        else:
-            self.quantized[q_out] = call
+        return call
 
     def _elementwise(self, node: torch.fx.Node) -> None:
         """add / layer_norm with int8 inputs and an int8 output -> torch.ao's quantized kernel."""

@@ -95,7 +95,7 @@ class QuantizedLinear(torch.nn.Module):
 
     def __init__(self, weight_int8: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
                  in_qparams: tuple[float, int, int, int], out_qparams: tuple[float, int] | None, engine: str,
-                 gelu: str | None = None) -> None:
+                 gelu: str | None = None, sink: tuple[int, float, int] | None = None) -> None:
         super().__init__()
         if weight_int8.dtype != torch.int8:
             raise ValueError(f"weight must be int8, got {weight_int8.dtype}")
@@ -110,6 +110,10 @@ class QuantizedLinear(torch.nn.Module):
         self.out_qparams = None if out_qparams is None else (float(out_qparams[0]), int(out_qparams[1]))
         self.engine = engine
         self.gelu = gelu  # GELU approximation ("none" or "tanh") fused into the output, if any
+        if sink is not None and out_qparams is not None:
+            raise BackendError("a first-token input grid needs a float output")
+        # (n, scale, zero point): the first n positions of a [batch, seq, in] input have their own grid
+        self.sink = None if sink is None else (int(sink[0]), float(sink[1]), int(sink[2]))
         self._packed: object | None = None
 
     @property
@@ -136,39 +140,48 @@ class QuantizedLinear(torch.nn.Module):
         the input grid (``onednn`` also takes its plain uint8 codes). Returns the quint8 output
         with ``out_qparams``, else float."""
         packed = self._packed if self._packed is not None else self._pack()
+        if self.sink is not None and x.is_floating_point() and x.dim() >= 3 and x.shape[1] > self.sink[0]:
+            n, scale, zero_point = self.sink
+            head = self._gemm(x[:, :n], packed, scale, zero_point)
+            return torch.cat([head, self._gemm(x[:, n:], packed, self.in_scale, self.in_zero_point)], 1)
+        return self._gemm(x, packed, self.in_scale, self.in_zero_point)
+
+    def _gemm(self, x: torch.Tensor, packed: object, in_scale: float, in_zero_point: int) -> torch.Tensor:
         if self.engine == "onednn":
-            return self._onednn(x, packed)
+            return self._onednn(x, packed, in_scale, in_zero_point)  # type: ignore[arg-type]
         if self.out_qparams is None:
             return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
-                self._clamp_to_grid(x).contiguous(), self.in_scale, self.in_zero_point, packed)
+                self._clamp_to_grid(x, in_scale, in_zero_point).contiguous(), in_scale, in_zero_point, packed)
         if not x.is_quantized:
             x = self.quantize_input(x)
         return torch.ops.quantized.linear(x, packed, *self.out_qparams)
 
-    def _onednn(self, x: torch.Tensor, packed: tuple) -> torch.Tensor:
+    def _onednn(self, x: torch.Tensor, packed: tuple, in_scale: float, in_zero_point: int) -> torch.Tensor:
         """``x``: float, quint8, or the plain uint8 codes of the input grid."""
         if x.dtype != torch.uint8:
-            x = uint8_codes(x if x.dtype == torch.quint8 else self.quantize_input(x))
+            x = uint8_codes(x if x.dtype == torch.quint8 else self.quantize_input(x, in_scale, in_zero_point))
         weight, w_scale, w_zero_point = packed
         out_scale, out_zero_point, dtype = (1.0, 0, torch.float32) if self.out_qparams is None \
             else (*self.out_qparams, torch.uint8)
         post = ("gelu", [], self.gelu) if self.gelu is not None else ("none", [], "")
-        y = torch.ops.onednn.qlinear_pointwise(x, self.in_scale, self.in_zero_point, weight, w_scale, w_zero_point,
+        y = torch.ops.onednn.qlinear_pointwise(x, in_scale, in_zero_point, weight, w_scale, w_zero_point,
                                                 self.bias, out_scale, out_zero_point, dtype, *post)
         return y if self.out_qparams is None else torch._make_per_tensor_quantized_tensor(y, out_scale, out_zero_point)
 
-    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` on this Linear's input grid, as a quint8 tensor (clamped first on a narrower grid)."""
-        return torch.quantize_per_tensor(self._clamp_to_grid(x).contiguous(), self.in_scale, self.in_zero_point,
+    def quantize_input(self, x: torch.Tensor, scale: float | None = None, zero_point: int | None = None
+                       ) -> torch.Tensor:
+        """``x`` on this Linear's input grid (or the given one), as a quint8 tensor (clamped first
+        on a narrower grid)."""
+        scale = self.in_scale if scale is None else scale
+        zero_point = self.in_zero_point if zero_point is None else zero_point
+        return torch.quantize_per_tensor(self._clamp_to_grid(x, scale, zero_point).contiguous(), scale, zero_point,
                                          torch.quint8)
 
-    def _clamp_to_grid(self, x: torch.Tensor) -> torch.Tensor:
+    def _clamp_to_grid(self, x: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
         """A narrower grid (A6, A4) saturates inside uint8: clamp there, so the codes match."""
         if self.in_qmin == 0 and self.in_qmax == 255:
             return x
-        lo = (self.in_qmin - self.in_zero_point) * self.in_scale
-        hi = (self.in_qmax - self.in_zero_point) * self.in_scale
-        return x.clamp(lo, hi)
+        return x.clamp((self.in_qmin - zero_point) * scale, (self.in_qmax - zero_point) * scale)
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
@@ -176,10 +189,12 @@ class QuantizedLinear(torch.nn.Module):
         return state
 
     def __setstate__(self, state: dict) -> None:
-        state.setdefault("gelu", None)  # saved before GELU fusion existed
+        state.setdefault("gelu", None)  # saved before GELU fusion and first-token grids existed
+        state.setdefault("sink", None)
         super().__setstate__(state)
 
     def extra_repr(self) -> str:
         out = f"uint8 out (scale {self.out_qparams[0]:.3g})" if self.out_qparams else "float out"
         gelu = f", GELU ({self.gelu}) fused" if self.gelu is not None else ""
-        return f"{self.in_features} -> {self.out_features}, {self.engine}, {out}{gelu}"
+        sink = f", first {self.sink[0]} token(s) on their own input grid" if self.sink is not None else ""
+        return f"{self.in_features} -> {self.out_features}, {self.engine}, {out}{gelu}{sink}"
