@@ -119,3 +119,27 @@ def test_linear_inputs_with_first_token_grids_lower_to_two_int8_gemms(engine):
         out = result.graph_module(**g.inputs).last_hidden_state
     real = g.inputs["attention_mask"].bool()
     assert float(torch.nn.functional.cosine_similarity(ref[real], out[real], dim=-1).min()) >= 0.999
+
+
+@pytest.mark.skipif("onednn" not in torch.backends.quantized.supported_engines, reason="no onednn engine")
+def test_onednn_corrects_the_first_rows_of_one_gemm_exactly():
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randint(-127, 128, (16, 8), dtype=torch.int8, generator=gen)
+    w_scale = torch.rand(16, generator=gen).double() * 0.01 + 1e-3
+    bias = torch.randn(16, generator=gen)
+    x = torch.randn(2, 5, 8, generator=gen)
+    x[:, 0] *= 50  # the sink token
+    grids = {"main": (0.02, 120), "sink": (0.5, 100)}
+
+    def on_grid(part, scale, zero_point):  # the codes the module computes, dequantized
+        return torch.quantize_per_tensor(part.contiguous(), scale, zero_point, torch.quint8).dequantize()
+
+    dense = weight.float() * w_scale.float()[:, None]
+    expected = torch.cat([torch.nn.functional.linear(on_grid(x[:, :1], *grids["sink"]), dense, bias),
+                          torch.nn.functional.linear(on_grid(x[:, 1:], *grids["main"]), dense, bias)], 1)
+    module = QuantizedLinear(weight, w_scale, bias, (*grids["main"], 0, 255), None, "onednn", sink=(1, *grids["sink"]))
+    with torch.no_grad():
+        out = module(x)
+    assert float((out - expected).abs().max()) <= 1e-4 * float(expected.abs().max())
+    plain = QuantizedLinear(weight, w_scale, bias, (*grids["main"], 0, 255), None, "onednn")
+    assert float((plain(x)[:, :1] - expected[:, :1]).abs().max()) > 1.0  # without the sink grid, row 0 is clipped

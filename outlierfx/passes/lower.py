@@ -138,8 +138,8 @@ class Lower(GraphPass[LowerPlan]):
         if module is None or not module.enabled:
             return "float GEMM on int8 weights (input not quantized by the policy)", 0
         if self.backend in AO_ENGINES and _sink_linear_lowers(gm, linear, module, self.backend):
-            gelu = ", GELU fused" if self.backend in GELU_ENGINES and _fusable_gelu(linear) is not None else ""
-            return f"int8 GEMM, float output{gelu}; first token(s) on their own input grid (2 GEMMs)", 0
+            how = "first-token rows corrected after one GEMM" if self.backend == "onednn" else "2 GEMMs"
+            return f"int8 GEMM, float output; first token(s) on their own input grid ({how})", 0
         if _no_integer_kernel(module) is not None:
             return f"float GEMM on int8 weights (input simulated: {_no_integer_kernel(module)})", 0
         grouped = not _single_grid(module)
@@ -484,12 +484,12 @@ class _AoLowering:
 
     def _sink_linear(self, linear: torch.fx.Node, module: FakeQuantize, w_dq: torch.fx.Node, bias: object) -> None:
         """A Linear whose input quantizer gives the first tokens their own grid: one int8
-        module that quantizes each part of its float input on its grid (two GEMMs)."""
+        module that quantizes each part of its float input on its grid (onednn: one GEMM and an
+        exact correction of the first rows, so no GELU is fused; other engines: two GEMMs)."""
         spec = module.spec
         scale, zero_point = float(module.scale.flatten()[0]), int(module.zero_point.flatten()[0])
         sink = (spec.sink_tokens, float(module.sink_scale), int(module.sink_zero_point))
-        gelu = _fusable_gelu(linear) if self.engine in GELU_ENGINES else None
-        self._replace_linear(linear, w_dq, bias, (scale, zero_point, spec.qmin, spec.qmax), None, gelu,
+        self._replace_linear(linear, w_dq, bias, (scale, zero_point, spec.qmin, spec.qmax), None, None,
                              linear.args[0].args[0], sink)
 
     def _replace_linear(self, linear: torch.fx.Node, w_dq: torch.fx.Node, bias: object,

@@ -110,8 +110,8 @@ class QuantizedLinear(torch.nn.Module):
         self.out_qparams = None if out_qparams is None else (float(out_qparams[0]), int(out_qparams[1]))
         self.engine = engine
         self.gelu = gelu  # GELU approximation ("none" or "tanh") fused into the output, if any
-        if sink is not None and out_qparams is not None:
-            raise BackendError("a first-token input grid needs a float output")
+        if sink is not None and (out_qparams is not None or gelu is not None):
+            raise BackendError("a first-token input grid needs a float output without a fused GELU")
         # (n, scale, zero point): the first n positions of a [batch, seq, in] input have their own grid
         self.sink = None if sink is None else (int(sink[0]), float(sink[1]), int(sink[2]))
         self._packed: object | None = None
@@ -127,7 +127,10 @@ class QuantizedLinear(torch.nn.Module):
     def _pack(self) -> object:
         zeros = torch.zeros(self.out_features, dtype=torch.long)
         if self.engine == "onednn":
-            self._packed = (torch.ops.onednn.qlinear_prepack(self.weight_int8, None), self.weight_scale.float(), zeros)
+            # sum_k W[o, k] * w_scale[o]: corrects the first-token rows of a sink-grid input (see _onednn_sink)
+            row_sums = (self.weight_int8.sum(1, dtype=torch.int64).double() * self.weight_scale).float()
+            self._packed = (torch.ops.onednn.qlinear_prepack(self.weight_int8, None), self.weight_scale.float(), zeros,
+                            row_sums)
             return self._packed
         qweight = torch._make_per_channel_quantized_tensor(self.weight_int8, self.weight_scale, zeros, 0)
         with quantized_engine(self.engine), warnings.catch_warnings():
@@ -141,6 +144,8 @@ class QuantizedLinear(torch.nn.Module):
         with ``out_qparams``, else float."""
         packed = self._packed if self._packed is not None else self._pack()
         if self.sink is not None and x.is_floating_point() and x.dim() >= 3 and x.shape[1] > self.sink[0]:
+            if self.engine == "onednn":
+                return self._onednn_sink(x, packed)  # type: ignore[arg-type]
             n, scale, zero_point = self.sink
             head = self._gemm(x[:, :n], packed, scale, zero_point)
             return torch.cat([head, self._gemm(x[:, n:], packed, self.in_scale, self.in_zero_point)], 1)
@@ -160,13 +165,27 @@ class QuantizedLinear(torch.nn.Module):
         """``x``: float, quint8, or the plain uint8 codes of the input grid."""
         if x.dtype != torch.uint8:
             x = uint8_codes(x if x.dtype == torch.quint8 else self.quantize_input(x, in_scale, in_zero_point))
-        weight, w_scale, w_zero_point = packed
+        weight, w_scale, w_zero_point, _ = packed
         out_scale, out_zero_point, dtype = (1.0, 0, torch.float32) if self.out_qparams is None \
             else (*self.out_qparams, torch.uint8)
         post = ("gelu", [], self.gelu) if self.gelu is not None else ("none", [], "")
         y = torch.ops.onednn.qlinear_pointwise(x, in_scale, in_zero_point, weight, w_scale, w_zero_point,
                                                 self.bias, out_scale, out_zero_point, dtype, *post)
         return y if self.out_qparams is None else torch._make_per_tensor_quantized_tensor(y, out_scale, out_zero_point)
+
+    def _onednn_sink(self, x: torch.Tensor, packed: tuple) -> torch.Tensor:
+        """One GEMM for a first-token-grid input: the codes of the first ``n`` positions come from
+        their own grid, the GEMM reads every row on the main grid, and those ``n`` output rows are
+        corrected exactly: ``y0 = s0/s (y0' - b) + b + s0 (z - z0) sum_k W[:, k] w_scale``."""
+        n, scale0, zero_point0 = self.sink  # type: ignore[misc]
+        quantized = self.quantize_input(x)
+        codes = uint8_codes(quantized)
+        codes[:, :n] = uint8_codes(self.quantize_input(x[:, :n], scale0, zero_point0))
+        y = self._onednn(codes, packed, self.in_scale, self.in_zero_point)
+        bias = self.bias if self.bias is not None else 0.0
+        head = (y[:, :n] - bias) * (scale0 / self.in_scale) + bias
+        y[:, :n] = head + (scale0 * (self.in_zero_point - zero_point0)) * packed[3]
+        return y
 
     def quantize_input(self, x: torch.Tensor, scale: float | None = None, zero_point: int | None = None
                        ) -> torch.Tensor:
