@@ -16,7 +16,7 @@ from outlierfx.graph.probe import probe
 from outlierfx.passes.lower import Lower
 from outlierfx.quantizers.backends import BackendError, QuantizedLinear, check_backend
 from outlierfx.serialize import load_quantized, save_quantized, size_on_disk_mb
-from outlierfx.testing import build_model, transformer_models
+from outlierfx.testing import assert_tokens_close, build_model, transformer_models
 
 ENGINES = tuple(e for e in ("fbgemm", "x86", "qnnpack", "onednn") if e in torch.backends.quantized.supported_engines)
 
@@ -88,12 +88,7 @@ def test_onednn_fuses_gelu_into_the_int8_gemm_and_matches_the_reference_form(pol
         gelus = [n for n in result.graph_module.graph.nodes if n.target is torch.ops.aten.gelu.default]
         assert not gelus
     _assert_each_int8_linear_within_one_step(result.graph_module, g.inputs)
-    reference = Lower("reference")(qmodel).graph_module
-    with torch.no_grad():
-        ref = reference(**g.inputs).last_hidden_state
-        out = result.graph_module(**g.inputs).last_hidden_state
-    real = g.inputs["attention_mask"].bool()
-    assert float(torch.nn.functional.cosine_similarity(ref[real], out[real], dim=-1).min()) >= 0.999
+    assert_tokens_close(Lower("reference")(qmodel).graph_module, result.graph_module, g.inputs)
 
 
 @settings(max_examples=6)
@@ -229,13 +224,7 @@ def test_compiled_int8_matches_the_reference_form():
 
     g = build_model("bert", hidden=32, layers=2)
     qmodel, _ = outlierfx.quantize(g.model, [g.inputs], recipe="naive", bits="W8A8", progress=False)
-    compiled = compile_int8(qmodel)
-    with torch.no_grad():
-        ref = Lower("reference")(qmodel).graph_module(**g.inputs).last_hidden_state
-        out = compiled(**g.inputs).last_hidden_state
-    real = g.inputs["attention_mask"].bool()
-    cosine = torch.nn.functional.cosine_similarity(ref[real], out[real], dim=-1)
-    assert float(cosine.min()) >= 0.999
+    assert_tokens_close(Lower("reference")(qmodel).graph_module, compile_int8(qmodel), g.inputs)
 
 
 @pytest.mark.slow

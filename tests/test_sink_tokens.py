@@ -15,7 +15,7 @@ from outlierfx.quantizers.fake_quant import fake_quantize, qparams_from_range
 from outlierfx.quantizers.observers import FakeQuantize, Observer, token_mask
 from outlierfx.quantizers.policy import parse_bits
 from outlierfx.quantizers.spec import Granularity, QuantSpec
-from outlierfx.testing import build_model
+from outlierfx.testing import assert_tokens_close, build_model
 
 
 def _calibrated(spec, batches, roles=frozenset({Role.LINEAR_INPUT}), masks=None):
@@ -113,12 +113,7 @@ def test_linear_inputs_with_first_token_grids_lower_to_two_int8_gemms(engine):
     assert split and all(lin.is_int8 for lin in result.plan.linears), result.plan.summary()
     modules = [m for m in result.graph_module.modules() if isinstance(m, QuantizedLinear) and m.sink is not None]
     assert len(modules) == len(split)
-    reference = Lower("reference")(qmodel).graph_module
-    with torch.no_grad():
-        ref = reference(**g.inputs).last_hidden_state
-        out = result.graph_module(**g.inputs).last_hidden_state
-    real = g.inputs["attention_mask"].bool()
-    assert float(torch.nn.functional.cosine_similarity(ref[real], out[real], dim=-1).min()) >= 0.999
+    assert_tokens_close(Lower("reference")(qmodel).graph_module, result.graph_module, g.inputs)
 
 
 @pytest.mark.skipif("onednn" not in torch.backends.quantized.supported_engines, reason="no onednn engine")
