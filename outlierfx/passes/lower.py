@@ -16,12 +16,14 @@ Two stages, both exact up to rounding ties (one quantization step at most, per l
    fused); a Linear whose output stays float uses the engine's float-output int8 GEMM
    (fbgemm/x86/onednn; on onednn with a following GELU fused into it) or, on qnnpack, which has
    none, a float GEMM on the dequantized weight (listed as a fallback). On onednn a value read
-   by several Linears (Q, K, V) is quantized once. Quantize-dequantize pairs left around other ops become torch's fused
-   fake-quantize kernels: those ops run in float on values that are exactly on the int8 grid.
+   by several Linears (Q, K, V) is quantized once. Quantize-dequantize pairs left around other
+   ops become torch's fused fake-quantize kernels: those ops run in float on values that are
+   exactly on the int8 grid.
 
 Quantizers wider than 8 bit (the ``mp16`` policy) have no integer kernel and stay simulated, as do
-quantizers whose first tokens have a grid of their own (``QuantSpec.sink_tokens``: two grids in
-one tensor, not lowered yet); the plan lists them.
+quantizers whose first tokens have a grid of their own (``QuantSpec.sink_tokens``); on the eager
+engines a float-output Linear reading such a quantizer still runs in int8, quantizing each part
+of its input on its own grid. The plan lists what stays simulated.
 """
 
 from __future__ import annotations
@@ -140,8 +142,9 @@ class Lower(GraphPass[LowerPlan]):
         if self.backend in AO_ENGINES and _sink_linear_lowers(gm, linear, module, self.backend):
             how = "first-token rows corrected after one GEMM" if self.backend == "onednn" else "2 GEMMs"
             return f"int8 GEMM, float output; first token(s) on their own input grid ({how})", 0
-        if _no_integer_kernel(module) is not None:
-            return f"float GEMM on int8 weights (input simulated: {_no_integer_kernel(module)})", 0
+        simulated = _no_integer_kernel(module)
+        if simulated is not None:
+            return f"float GEMM on int8 weights (input simulated: {simulated})", 0
         grouped = not _single_grid(module)
         if self.backend in AO_ENGINES and not has_float_output_kernel(self.backend):
             if grouped:
@@ -203,13 +206,14 @@ def _no_integer_kernel(module: FakeQuantize) -> str | None:
     if module.spec.bits > 8:
         return f"{module.spec.bits}-bit: no integer kernel"
     if module.has_sink_grid:
-        return f"first {module.spec.sink_tokens} token(s) on a grid of their own: not lowered yet"
+        return f"first {module.spec.sink_tokens} token(s) on a grid of their own (two grids in one tensor)"
     return None
 
 
 def _sink_linear_lowers(gm: torch.fx.GraphModule, linear: torch.fx.Node, module: FakeQuantize, engine: str) -> bool:
-    """Whether a Linear reading a first-token-grid quantizer runs as two int8 GEMMs on ``engine``:
-    8-bit unsigned per-tensor main grid, float output on an engine that has one."""
+    """Whether a Linear reading a first-token-grid quantizer runs in int8 on ``engine`` (onednn:
+    one GEMM and a correction of the first rows; x86/fbgemm: two GEMMs): 8-bit unsigned
+    per-tensor main grid, float output on an engine that has one."""
     spec = module.spec
     return (module.has_sink_grid and spec.bits <= 8 and not spec.signed and _single_grid(module)
             and has_float_output_kernel(engine) and _output_quantizer(gm, linear) is None)

@@ -29,8 +29,9 @@ and after calibration; and the default placement policy.
   ``smooth+gptq``; suffixes chain (``peg+lsq+gptq``).
 - ``<recipe>+sink``: any recipe whose activation quantizers give the first token of each
   sequence a per-tensor grid of its own (``QuantSpec.sink_tokens``), so the attention-sink
-  token's massive activations stop setting every other token's range. Simulated only: those
-  quantizers are not lowered to integer kernels yet.
+  token's massive activations stop setting every other token's range. Lowering: Linears with
+  float output that read them run in int8 on the eager engines; other readers, and PEG groups
+  with a first-token grid, stay simulated.
 """
 
 from __future__ import annotations

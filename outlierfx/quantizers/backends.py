@@ -178,8 +178,7 @@ class QuantizedLinear(torch.nn.Module):
         their own grid, the GEMM reads every row on the main grid, and those ``n`` output rows are
         corrected exactly: ``y0 = s0/s (y0' - b) + b + s0 (z - z0) sum_k W[:, k] w_scale``."""
         n, scale0, zero_point0 = self.sink  # type: ignore[misc]
-        quantized = self.quantize_input(x)
-        codes = uint8_codes(quantized)
+        codes = uint8_codes(self.quantize_input(x))
         codes[:, :n] = uint8_codes(self.quantize_input(x[:, :n], scale0, zero_point0))
         y = self._onednn(codes, packed, self.in_scale, self.in_zero_point)
         bias = self.bias if self.bias is not None else 0.0
