@@ -31,8 +31,12 @@ def _fake_quant_reference(module: QuantizedLinear, x: torch.Tensor) -> torch.Ten
     if x.dtype == torch.uint8:  # onednn reads the plain codes
         x = (x.float() - module.in_zero_point) * module.in_scale
     else:
-        x = x.dequantize() if x.is_quantized else torch.fake_quantize_per_tensor_affine(
+        grid = x.dequantize() if x.is_quantized else torch.fake_quantize_per_tensor_affine(
             x, module.in_scale, module.in_zero_point, module.in_qmin, module.in_qmax)
+        if module.sink is not None and not x.is_quantized:  # the first tokens on their own grid
+            n, scale, zero_point = module.sink
+            grid[:, :n] = torch.fake_quantize_per_tensor_affine(x[:, :n], scale, zero_point, 0, 255)
+        x = grid
     weight = module.weight_int8.float() * module.weight_scale.float()[:, None]
     y = torch.nn.functional.linear(x, weight, module.bias)
     if module.gelu is not None:
@@ -46,13 +50,13 @@ def _assert_each_int8_linear_within_one_step(lowered, inputs):
     modules = _quantized_linears(lowered)
     assert modules, "no Linear was lowered to an int8 kernel"
     seen = {}
-    probe(lowered, [n.args[0] for n in modules], ((), inputs), lambda n, v: seen.__setitem__(n, v))
+    probe(lowered, [a for n in modules for a in n.args], ((), inputs), lambda n, v: seen.__setitem__(n, v))
     for node, module in modules.items():
-        x = seen[node.args[0]]
+        x, *residual = (seen[a] for a in node.args)
         with torch.no_grad():
-            out = module(x)
+            out = module(x, *residual)
             out = out.dequantize() if out.is_quantized else out
-            ref = _fake_quant_reference(module, x)
+            ref = _fake_quant_reference(module, x) + (residual[0] if residual else 0.0)
         step = module.out_qparams[0] if module.out_qparams else 1e-4 * float(ref.abs().max()) + 1e-6
         assert float((out - ref).abs().max()) <= step * 1.001 + 1e-6, (node.name, module)
 
@@ -85,10 +89,48 @@ def test_onednn_fuses_gelu_into_the_int8_gemm_and_matches_the_reference_form(pol
         assert not fused and not planned
     else:
         assert len(fused) == len(planned) == 2  # one intermediate dense per layer
+        assert all(m.out_qparams is not None for m in fused)  # GELU, then requantized for the next GEMM
         gelus = [n for n in result.graph_module.graph.nodes if n.target is torch.ops.aten.gelu.default]
         assert not gelus
     _assert_each_int8_linear_within_one_step(result.graph_module, g.inputs)
     assert_tokens_close(Lower("reference")(qmodel).graph_module, result.graph_module, g.inputs)
+
+
+@pytest.mark.skipif("onednn" not in torch.backends.quantized.supported_engines, reason="no onednn engine")
+@pytest.mark.parametrize(("family", "recipe"), [("bert", "naive"), ("llama", "naive"), ("llama", "naive+sink")])
+def test_onednn_adds_the_residual_inside_the_int8_gemm_and_matches_the_reference_form(family, recipe):
+    g = build_model(family, hidden=32, layers=2)
+    qmodel, _ = outlierfx.quantize(g.model, [g.inputs], recipe=recipe, bits="W8A8", policy="linear-inputs",
+                                   progress=False)
+    result = Lower("onednn")(qmodel)
+    fused = [m for m in _quantized_linears(result.graph_module).values() if m.residual]
+    planned = [lin for lin in result.plan.linears if "residual add fused" in lin.kernel]
+    assert len(fused) == len(planned) == 4  # attention output and FFN output, per layer
+    if recipe.endswith("+sink"):
+        assert all(m.sink is not None for m in fused)
+    lowered_adds = sum(n.target is torch.ops.aten.add.Tensor for n in result.graph_module.graph.nodes)
+    reference = Lower("reference")(qmodel).graph_module
+    assert lowered_adds <= sum(n.target is torch.ops.aten.add.Tensor for n in reference.graph.nodes) - 4
+    _assert_each_int8_linear_within_one_step(result.graph_module, g.inputs)
+    assert_tokens_close(reference, result.graph_module, g.inputs)
+
+
+@pytest.mark.skipif("onednn" not in torch.backends.quantized.supported_engines, reason="no onednn engine")
+def test_fused_residual_is_read_densely_and_broadcasts_fall_back_outside_the_kernel():
+    torch.manual_seed(0)
+    weight = torch.randint(-127, 128, (16, 24), dtype=torch.int8)
+    scale = torch.rand(16, dtype=torch.float64) / 50 + 1e-3
+    bias = torch.randn(16)
+    module = QuantizedLinear(weight, scale, bias, (0.05, 128, 0, 255), None, "onednn", residual=True)
+    plain = QuantizedLinear(weight, scale, bias, (0.05, 128, 0, 255), None, "onednn")
+    x = torch.randn(2, 8, 24)
+    strided = torch.randn(8, 2, 16).transpose(0, 1)  # not contiguous: the kernel must not see it as is
+    row = torch.randn(16)  # broadcast over tokens
+    with torch.no_grad():
+        for residual in (strided, row, strided.contiguous()):
+            torch.testing.assert_close(module(x, residual), plain(x) + residual, rtol=0, atol=1e-5)
+        with pytest.raises(ValueError, match="residual"):
+            module(x)
 
 
 @settings(max_examples=6)

@@ -25,7 +25,7 @@ from outlierfx.passes.quadapter import (
 from outlierfx.quantizers.calibrate import calibrate
 from outlierfx.quantizers.observers import FakeQuantize, Observer
 from outlierfx.quantizers.spec import weight_spec
-from outlierfx.testing import OutlierSpec, assert_equivalent, build_model, transformer_models
+from outlierfx.testing import OutlierSpec, assert_equivalent, assert_tokens_close, build_model, transformer_models
 
 TOL = 1e-5
 
@@ -256,6 +256,12 @@ def test_smooth_recipe_lowers_every_linear_to_one_int8_gemm(family):
     assert int8 and not any("sub-GEMMs" in lin.kernel for lin in lowered.plan.linears)
     with torch.no_grad():  # the explicit x * s runs in float before the quantize step
         assert output_error(qmodel(**g.inputs), lowered.graph_module(**g.inputs)).within(1e-5)
+    if "onednn" in torch.backends.quantized.supported_engines:
+        eager = Lower("onednn")(qmodel).graph_module
+        in_place = [n for n in eager.graph.nodes if n.target is torch.ops.aten.mul_.Tensor]
+        # BERT: each GELU output's x * s, and each post-LN compensation, scale their temporary in place
+        assert len(in_place) == (3 * g.config.num_hidden_layers if family == "bert" else 0)
+        assert_tokens_close(lowered.graph_module, eager, g.inputs)
 
 
 def test_phase_two_trains_the_scales_end_to_end_on_the_lm_loss():

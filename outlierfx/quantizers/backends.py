@@ -31,7 +31,8 @@ AO_ENGINES = ("fbgemm", "x86", "qnnpack", "onednn")
 BACKENDS = ("reference", "inductor", *AO_ENGINES)
 # Engines with an int8 GEMM whose output is float (the int32 accumulator scaled, no requantization).
 _FLOAT_OUTPUT_ENGINES = ("fbgemm", "x86", "onednn")
-GELU_ENGINES = ("onednn",)  # engines that fuse a GELU into the float output of the int8 GEMM
+GELU_ENGINES = ("onednn",)  # engines that fuse a GELU into the int8 GEMM (before any requantization)
+RESIDUAL_ENGINES = ("onednn",)  # engines that add a float residual to it inside the GEMM (a binary post-op)
 
 
 class BackendError(OutlierFXError):
@@ -95,14 +96,14 @@ class QuantizedLinear(torch.nn.Module):
 
     def __init__(self, weight_int8: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
                  in_qparams: tuple[float, int, int, int], out_qparams: tuple[float, int] | None, engine: str,
-                 gelu: str | None = None, sink: tuple[int, float, int] | None = None) -> None:
+                 gelu: str | None = None, sink: tuple[int, float, int] | None = None, residual: bool = False) -> None:
         super().__init__()
         if weight_int8.dtype != torch.int8:
             raise ValueError(f"weight must be int8, got {weight_int8.dtype}")
         if out_qparams is None and not has_float_output_kernel(engine):
             raise BackendError(f"engine {engine} has no int8 GEMM with float output")
-        if gelu is not None and (engine not in GELU_ENGINES or out_qparams is not None or gelu not in ("none", "tanh")):
-            raise BackendError(f"a fused GELU ({gelu!r}) needs a float output on one of {', '.join(GELU_ENGINES)}")
+        if gelu is not None and (engine not in GELU_ENGINES or gelu not in ("none", "tanh")):
+            raise BackendError(f"a fused GELU ({gelu!r}) needs one of {', '.join(GELU_ENGINES)}")
         self.register_buffer("weight_int8", weight_int8.contiguous())
         self.register_buffer("weight_scale", weight_scale.detach().double())  # no copy if already float64
         self.register_buffer("bias", None if bias is None else bias.detach().float())
@@ -114,6 +115,10 @@ class QuantizedLinear(torch.nn.Module):
             raise BackendError("a first-token input grid needs a float output without a fused GELU")
         # (n, scale, zero point): the first n positions of a [batch, seq, in] input have their own grid
         self.sink = None if sink is None else (int(sink[0]), float(sink[1]), int(sink[2]))
+        if residual and (engine not in RESIDUAL_ENGINES or out_qparams is not None or gelu is not None):
+            raise BackendError(f"a fused residual add needs a float output without GELU on one of "
+                               f"{', '.join(RESIDUAL_ENGINES)}")
+        self.residual = residual  # forward takes a second float tensor, added to the output in the kernel
         self._packed: object | None = None
 
     @property
@@ -138,22 +143,34 @@ class QuantizedLinear(torch.nn.Module):
             self._packed = torch.ops.quantized.linear_prepack(qweight, self.bias)
         return self._packed
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """``x``: float, or (with ``out_qparams``, or on ``onednn``) already a quint8 tensor on
-        the input grid (``onednn`` also takes its plain uint8 codes). Returns the quint8 output
-        with ``out_qparams``, else float."""
+        the input grid (``onednn`` also takes its plain uint8 codes). ``residual`` (a module built
+        with ``residual=True``): a float tensor of the output's shape, added inside the kernel.
+        Returns the quint8 output with ``out_qparams``, else float."""
+        if (residual is not None) != self.residual:
+            raise ValueError("pass a residual exactly when the module was built with residual=True")
+        if residual is not None:
+            shape = (*x.shape[:-1], self.out_features)
+            if tuple(residual.shape) != shape or residual.dtype != torch.float32:  # a broadcast: add outside
+                return self._run(x, None) + residual
+            residual = residual.contiguous()  # the post-op reads it densely: a strided view gives wrong sums
+        return self._run(x, residual)
+
+    def _run(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
         packed = self._packed if self._packed is not None else self._pack()
         if self.sink is not None and x.is_floating_point() and x.dim() >= 3 and x.shape[1] > self.sink[0]:
             if self.engine == "onednn":
-                return self._onednn_sink(x, packed)  # type: ignore[arg-type]
+                return self._onednn_sink(x, packed, residual)  # type: ignore[arg-type]
             n, scale, zero_point = self.sink
             head = self._gemm(x[:, :n], packed, scale, zero_point)
             return torch.cat([head, self._gemm(x[:, n:], packed, self.in_scale, self.in_zero_point)], 1)
-        return self._gemm(x, packed, self.in_scale, self.in_zero_point)
+        return self._gemm(x, packed, self.in_scale, self.in_zero_point, residual)
 
-    def _gemm(self, x: torch.Tensor, packed: object, in_scale: float, in_zero_point: int) -> torch.Tensor:
+    def _gemm(self, x: torch.Tensor, packed: object, in_scale: float, in_zero_point: int,
+              residual: torch.Tensor | None = None) -> torch.Tensor:
         if self.engine == "onednn":
-            return self._onednn(x, packed, in_scale, in_zero_point)  # type: ignore[arg-type]
+            return self._onednn(x, packed, in_scale, in_zero_point, residual)  # type: ignore[arg-type]
         if self.out_qparams is None:
             return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
                 self._clamp_to_grid(x, in_scale, in_zero_point).contiguous(), in_scale, in_zero_point, packed)
@@ -161,27 +178,37 @@ class QuantizedLinear(torch.nn.Module):
             x = self.quantize_input(x)
         return torch.ops.quantized.linear(x, packed, *self.out_qparams)
 
-    def _onednn(self, x: torch.Tensor, packed: tuple, in_scale: float, in_zero_point: int) -> torch.Tensor:
-        """``x``: float, quint8, or the plain uint8 codes of the input grid."""
+    def _onednn(self, x: torch.Tensor, packed: tuple, in_scale: float, in_zero_point: int,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``x``: float, quint8, or the plain uint8 codes of the input grid; ``residual``: a
+        contiguous float tensor added to the float output by the kernel."""
         if x.dtype != torch.uint8:
             x = uint8_codes(x if x.dtype == torch.quint8 else self.quantize_input(x, in_scale, in_zero_point))
         weight, w_scale, w_zero_point, _ = packed
         out_scale, out_zero_point, dtype = (1.0, 0, torch.float32) if self.out_qparams is None \
             else (*self.out_qparams, torch.uint8)
         post = ("gelu", [], self.gelu) if self.gelu is not None else ("none", [], "")
-        y = torch.ops.onednn.qlinear_pointwise(x, in_scale, in_zero_point, weight, w_scale, w_zero_point,
-                                                self.bias, out_scale, out_zero_point, dtype, *post)
+        if residual is not None:
+            y = torch.ops.onednn.qlinear_pointwise.binary(x, in_scale, in_zero_point, weight, w_scale, w_zero_point,
+                                                          residual, self.bias, out_scale, out_zero_point, dtype,
+                                                          1.0, 0, "add", 1.0, *post)
+        else:
+            y = torch.ops.onednn.qlinear_pointwise(x, in_scale, in_zero_point, weight, w_scale, w_zero_point,
+                                                    self.bias, out_scale, out_zero_point, dtype, *post)
         return y if self.out_qparams is None else torch._make_per_tensor_quantized_tensor(y, out_scale, out_zero_point)
 
-    def _onednn_sink(self, x: torch.Tensor, packed: tuple) -> torch.Tensor:
+    def _onednn_sink(self, x: torch.Tensor, packed: tuple, residual: torch.Tensor | None = None) -> torch.Tensor:
         """One GEMM for a first-token-grid input: the codes of the first ``n`` positions come from
         their own grid, the GEMM reads every row on the main grid, and those ``n`` output rows are
-        corrected exactly: ``y0 = s0/s (y0' - b) + b + s0 (z - z0) sum_k W[:, k] w_scale``."""
+        corrected exactly: ``y0 = s0/s (y0' - c) + c + s0 (z - z0) sum_k W[:, k] w_scale``, with
+        ``c`` the bias plus the fused residual's first rows."""
         n, scale0, zero_point0 = self.sink  # type: ignore[misc]
         codes = uint8_codes(self.quantize_input(x))
         codes[:, :n] = uint8_codes(self.quantize_input(x[:, :n], scale0, zero_point0))
-        y = self._onednn(codes, packed, self.in_scale, self.in_zero_point)
+        y = self._onednn(codes, packed, self.in_scale, self.in_zero_point, residual)
         bias = self.bias if self.bias is not None else 0.0
+        if residual is not None:
+            bias = bias + residual[:, :n]
         head = (y[:, :n] - bias) * (scale0 / self.in_scale) + bias
         y[:, :n] = head + (scale0 * (self.in_zero_point - zero_point0)) * packed[3]
         return y
@@ -209,10 +236,12 @@ class QuantizedLinear(torch.nn.Module):
     def __setstate__(self, state: dict) -> None:
         state.setdefault("gelu", None)  # saved before GELU fusion and first-token grids existed
         state.setdefault("sink", None)
+        state.setdefault("residual", False)
         super().__setstate__(state)
 
     def extra_repr(self) -> str:
         out = f"uint8 out (scale {self.out_qparams[0]:.3g})" if self.out_qparams else "float out"
         gelu = f", GELU ({self.gelu}) fused" if self.gelu is not None else ""
         sink = f", first {self.sink[0]} token(s) on their own input grid" if self.sink is not None else ""
-        return f"{self.in_features} -> {self.out_features}, {self.engine}, {out}{gelu}{sink}"
+        residual = ", residual add fused" if self.residual else ""
+        return f"{self.in_features} -> {self.out_features}, {self.engine}, {out}{gelu}{sink}{residual}"

@@ -41,14 +41,19 @@ def assert_equivalent(
 
 def assert_tokens_close(reference: torch.nn.Module, candidate: torch.nn.Module, inputs: dict[str, torch.Tensor],
                         min_cosine: float = 0.999) -> float:
-    """Assert every real token's ``last_hidden_state`` of ``candidate`` has cosine at least
-    ``min_cosine`` with ``reference``'s (for int8 graphs, where rounding ties move single values
-    by one step and a relative tolerance is the wrong measure). Returns the lowest cosine."""
+    """Assert every real token's ``last_hidden_state`` (decoders: ``logits``) of ``candidate``
+    has cosine at least ``min_cosine`` with ``reference``'s (for int8 graphs, where rounding ties
+    move single values by one step and a relative tolerance is the wrong measure). Returns the
+    lowest cosine."""
     with torch.no_grad():
-        ref = reference(**inputs).last_hidden_state
-        out = candidate(**inputs).last_hidden_state
+        ref, out = (_per_token(m(**inputs)) for m in (reference, candidate))
     real = inputs["attention_mask"].bool()
     lowest = float(torch.nn.functional.cosine_similarity(ref[real], out[real], dim=-1).min())
     if lowest < min_cosine:
         raise AssertionError(f"a token's hidden state has cosine {lowest:.6f} < {min_cosine} with the reference")
     return lowest
+
+
+def _per_token(output: object) -> torch.Tensor:
+    hidden = getattr(output, "last_hidden_state", None)
+    return hidden if hidden is not None else output.logits  # type: ignore[attr-defined]
