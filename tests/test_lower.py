@@ -55,6 +55,8 @@ def _assert_each_int8_linear_within_one_step(lowered, inputs):
         x, *residual = (seen[a] for a in node.args)
         with torch.no_grad():
             out = module(x, *residual)
+            if module.codes_out:  # plain uint8 codes for the next onednn GEMM
+                out = (out.float() - module.out_qparams[1]) * module.out_qparams[0]
             out = out.dequantize() if out.is_quantized else out
             ref = _fake_quant_reference(module, x) + (residual[0] if residual else 0.0)
         step = module.out_qparams[0] if module.out_qparams else 1e-4 * float(ref.abs().max()) + 1e-6
@@ -89,7 +91,8 @@ def test_onednn_fuses_gelu_into_the_int8_gemm_and_matches_the_reference_form(pol
         assert not fused and not planned
     else:
         assert len(fused) == len(planned) == 2  # one intermediate dense per layer
-        assert all(m.out_qparams is not None for m in fused)  # GELU, then requantized for the next GEMM
+        # GELU, then requantized: the next GEMM reads the plain codes
+        assert all(m.out_qparams is not None and m.codes_out for m in fused)
         gelus = [n for n in result.graph_module.graph.nodes if n.target is torch.ops.aten.gelu.default]
         assert not gelus
     _assert_each_int8_linear_within_one_step(result.graph_module, g.inputs)
@@ -219,7 +222,7 @@ def test_bad_inputs_are_named():
         check_backend("tensorrt")
     weight = torch.zeros(4, 4, dtype=torch.int8)
     with pytest.raises(BackendError, match="fused GELU"):
-        QuantizedLinear(weight, torch.ones(4), None, (0.1, 128, 0, 255), (0.1, 128), "onednn", gelu="none")
+        QuantizedLinear(weight, torch.ones(4), None, (0.1, 128, 0, 255), (0.1, 128), "onednn", gelu="sigmoid")
     with pytest.raises(BackendError, match="fused GELU"):
         QuantizedLinear(weight, torch.ones(4), None, (0.1, 128, 0, 255), None, "x86", gelu="none")
 

@@ -119,6 +119,9 @@ class QuantizedLinear(torch.nn.Module):
             raise BackendError(f"a fused residual add needs a float output without GELU on one of "
                                f"{', '.join(RESIDUAL_ENGINES)}")
         self.residual = residual  # forward takes a second float tensor, added to the output in the kernel
+        # onednn with out_qparams: return the plain uint8 codes (set by Lower when only other onednn
+        # GEMMs read them; wrapping them in a quint8 tensor copies them)
+        self.codes_out = False
         self._packed: object | None = None
 
     @property
@@ -195,7 +198,9 @@ class QuantizedLinear(torch.nn.Module):
         else:
             y = torch.ops.onednn.qlinear_pointwise(x, in_scale, in_zero_point, weight, w_scale, w_zero_point,
                                                     self.bias, out_scale, out_zero_point, dtype, *post)
-        return y if self.out_qparams is None else torch._make_per_tensor_quantized_tensor(y, out_scale, out_zero_point)
+        if self.out_qparams is None or self.codes_out:
+            return y
+        return torch._make_per_tensor_quantized_tensor(y, out_scale, out_zero_point)
 
     def _onednn_sink(self, x: torch.Tensor, packed: tuple, residual: torch.Tensor | None = None) -> torch.Tensor:
         """One GEMM for a first-token-grid input: the codes of the first ``n`` positions come from
@@ -237,10 +242,12 @@ class QuantizedLinear(torch.nn.Module):
         state.setdefault("gelu", None)  # saved before GELU fusion and first-token grids existed
         state.setdefault("sink", None)
         state.setdefault("residual", False)
+        state.setdefault("codes_out", False)
         super().__setstate__(state)
 
     def extra_repr(self) -> str:
         out = f"uint8 out (scale {self.out_qparams[0]:.3g})" if self.out_qparams else "float out"
+        out += " as plain codes" if self.out_qparams and self.codes_out else ""
         gelu = f", GELU ({self.gelu}) fused" if self.gelu is not None else ""
         sink = f", first {self.sink[0]} token(s) on their own input grid" if self.sink is not None else ""
         residual = ", residual add fused" if self.residual else ""
