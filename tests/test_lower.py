@@ -26,23 +26,34 @@ def _quantized_linears(gm):
             if n.op == "call_module" and isinstance(gm.get_submodule(str(n.target)), QuantizedLinear)}
 
 
+def _on_grids(codes: torch.Tensor, grid: tuple, first: tuple | None, n: int) -> torch.Tensor:
+    """Plain uint8 codes as values; the first ``n`` positions on ``first`` if given."""
+    values = (codes.float() - grid[1]) * grid[0]
+    if first is not None and codes.dim() >= 3 and codes.shape[1] > n:
+        values[:, :n] = (codes[:, :n].float() - first[1]) * first[0]
+    return values
+
+
 def _fake_quant_reference(module: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
     """What the fake-quant graph computes for this Linear: float math on grid values."""
-    if x.dtype == torch.uint8:  # onednn reads the plain codes
-        x = (x.float() - module.in_zero_point) * module.in_scale
+    n, *sink = module.sink if module.sink is not None else (0, None)
+    if x.dtype == torch.uint8:  # onednn reads the plain codes (of two grids, with a first-token grid)
+        x = _on_grids(x, (module.in_scale, module.in_zero_point), tuple(sink) if n else None, n)
     else:
         grid = x.dequantize() if x.is_quantized else torch.fake_quantize_per_tensor_affine(
             x, module.in_scale, module.in_zero_point, module.in_qmin, module.in_qmax)
-        if module.sink is not None and not x.is_quantized:  # the first tokens on their own grid
-            n, scale, zero_point = module.sink
-            grid[:, :n] = torch.fake_quantize_per_tensor_affine(x[:, :n], scale, zero_point, 0, 255)
+        if n and not x.is_quantized and x.dim() >= 3 and x.shape[1] > n:  # the first tokens on their own grid
+            grid[:, :n] = torch.fake_quantize_per_tensor_affine(x[:, :n], *sink, 0, 255)
         x = grid
     weight = module.weight_int8.float() * module.weight_scale.float()[:, None]
     y = torch.nn.functional.linear(x, weight, module.bias)
     if module.gelu is not None:
         y = torch.nn.functional.gelu(y, approximate=module.gelu)
     if module.out_qparams is not None:
+        head = y[:, :n].clone() if n and y.dim() >= 3 and y.shape[1] > n else None
         y = torch.fake_quantize_per_tensor_affine(y, *module.out_qparams, 0, 255)
+        if head is not None:
+            y[:, :n] = torch.fake_quantize_per_tensor_affine(head, *(module.sink_out or module.out_qparams), 0, 255)
     return y
 
 
@@ -55,11 +66,13 @@ def _assert_each_int8_linear_within_one_step(lowered, inputs):
         x, *residual = (seen[a] for a in node.args)
         with torch.no_grad():
             out = module(x, *residual)
-            if module.codes_out:  # plain uint8 codes for the next onednn GEMM
-                out = (out.float() - module.out_qparams[1]) * module.out_qparams[0]
+            if out.dtype == torch.uint8:  # plain codes for the next onednn GEMM
+                first = module.sink_out or module.out_qparams if module.sink is not None else None
+                out = _on_grids(out, module.out_qparams, first, module.sink[0] if module.sink else 0)
             out = out.dequantize() if out.is_quantized else out
             ref = _fake_quant_reference(module, x) + (residual[0] if residual else 0.0)
-        step = module.out_qparams[0] if module.out_qparams else 1e-4 * float(ref.abs().max()) + 1e-6
+        step = max(module.out_qparams[0], (module.sink_out or (0.0,))[0]) if module.out_qparams \
+            else 1e-4 * float(ref.abs().max()) + 1e-6
         assert float((out - ref).abs().max()) <= step * 1.001 + 1e-6, (node.name, module)
 
 

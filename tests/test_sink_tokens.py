@@ -109,15 +109,20 @@ def test_linear_inputs_with_first_token_grids_lower_to_two_int8_gemms(engine):
     g = build_model("bert", hidden=32, layers=2)
     qmodel, _ = outlierfx.quantize(g.model, [g.inputs], recipe="naive+sink", policy="linear-inputs", progress=False)
     result = Lower(engine)(qmodel)
-    split = [lin for lin in result.plan.linears if "own input grid" in lin.kernel]
+    split = [lin for lin in result.plan.linears if "first token(s) on their own" in lin.kernel]
     assert split and all(lin.is_int8 for lin in result.plan.linears), result.plan.summary()
     modules = [m for m in result.graph_module.modules() if isinstance(m, QuantizedLinear) and m.sink is not None]
     assert len(modules) == len(split)
+    if engine == "onednn":  # Q, K and V read one set of two-grid codes; the FFN-in GEMM hands its own on
+        from outlierfx.quantizers.backends import two_grid_codes
+        made = [n for n in result.graph_module.graph.nodes if n.target is two_grid_codes]
+        assert len(made) == len(modules) - 3 * g.config.num_hidden_layers  # K, V and the FFN-out GEMM make none
+        assert sum(m.gelu is not None and m.sink_out is not None for m in modules) == g.config.num_hidden_layers
     assert_tokens_close(Lower("reference")(qmodel).graph_module, result.graph_module, g.inputs)
 
 
 @pytest.mark.skipif("onednn" not in torch.backends.quantized.supported_engines, reason="no onednn engine")
-def test_onednn_corrects_the_first_rows_of_one_gemm_exactly():
+def test_onednn_computes_the_first_rows_on_their_own_grid_exactly():
     gen = torch.Generator().manual_seed(0)
     weight = torch.randint(-127, 128, (16, 8), dtype=torch.int8, generator=gen)
     w_scale = torch.rand(16, generator=gen).double() * 0.01 + 1e-3
@@ -138,3 +143,16 @@ def test_onednn_corrects_the_first_rows_of_one_gemm_exactly():
     assert float((out - expected).abs().max()) <= 1e-4 * float(expected.abs().max())
     plain = QuantizedLinear(weight, w_scale, bias, (*grids["main"], 0, 255), None, "onednn")
     assert float((plain(x)[:, :1] - expected[:, :1]).abs().max()) > 1.0  # without the sink grid, row 0 is clipped
+    # GELU and requantization to two output grids, reading the two-grid codes as they are
+    outs = {"main": (0.01, 10), "sink": (0.2, 5)}
+    fused = QuantizedLinear(weight, w_scale, bias, (*grids["main"], 0, 255), outs["main"], "onednn",
+                            gelu="none", sink=(1, *grids["sink"]), sink_out=outs["sink"])
+    gelu = torch.nn.functional.gelu(expected)
+    want = torch.cat([on_grid(gelu[:, :1], *outs["sink"]), on_grid(gelu[:, 1:], *outs["main"])], 1)
+    with torch.no_grad():
+        codes = fused(fused.input_codes(x))
+    assert codes.dtype == torch.uint8
+    got = torch.cat([(codes[:, :1].float() - outs["sink"][1]) * outs["sink"][0],
+                     (codes[:, 1:].float() - outs["main"][1]) * outs["main"][0]], 1)
+    steps = torch.tensor([outs["sink"][0]] + [outs["main"][0]] * 4)[None, :, None]
+    assert bool(((got - want).abs() <= steps * 1.001).all())  # rounding ties: one step at most

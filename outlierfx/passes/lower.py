@@ -49,6 +49,7 @@ from ..quantizers.backends import (
     QuantizedLinear,
     check_backend,
     has_float_output_kernel,
+    two_grid_codes,
 )
 from ..quantizers.fake_quant import integer_dtype, quantize_to_integers, quantize_weight
 from ..quantizers.observers import FakeQuantize
@@ -150,8 +151,14 @@ class Lower(GraphPass[LowerPlan]):
         if module is None or not module.enabled:
             return "float GEMM on int8 weights (input not quantized by the policy)", 0
         if self.backend in AO_ENGINES and _sink_linear_lowers(gm, linear, module, self.backend):
-            how = "first-token rows corrected after one GEMM" if self.backend == "onednn" else "2 GEMMs"
-            return f"int8 GEMM, float output{self._residual_label(linear)}; first token(s) on their own input grid ({how})", 0
+            if self.backend != "onednn":
+                return "int8 GEMM, float output; first token(s) on their own input grid (2 GEMMs)", 0
+            gelu = _fusable_gelu(linear) is not None
+            requantized = _sink_output(gm, next(iter(linear.users)) if gelu else linear, module) is not None
+            kernel = ("int8 GEMM" + (", GELU fused" if gelu else "")
+                      + (", requantized uint8 output" if requantized else ", float output")
+                      + ("" if gelu or requantized else self._residual_label(linear)))
+            return f"{kernel}; first token(s) on their own grid (their rows again, by a batch x n GEMM)", 0
         simulated = _no_integer_kernel(module)
         if simulated is not None:
             return f"float GEMM on int8 weights (input simulated: {simulated})", 0
@@ -233,6 +240,26 @@ def _sink_linear_lowers(gm: torch.fx.GraphModule, linear: torch.fx.Node, module:
     spec = module.spec
     return (module.has_sink_grid and spec.bits <= 8 and not spec.signed and _single_grid(module)
             and has_float_output_kernel(engine) and _output_quantizer(gm, linear) is None)
+
+
+def _sink_output(gm: torch.fx.GraphModule, node: torch.fx.Node, source: FakeQuantize) -> torch.fx.Node | None:
+    """The first-token-grid quantizer that is the only reader of ``node`` (a Linear, or the
+    GELU after it) when onednn can requantize to it: 8-bit unsigned full range, as many first
+    tokens as ``source`` (the Linear's input quantizer), and read only by Linears that lower
+    with it as their input. Those then read the two-grid codes as they are."""
+    if len(node.users) != 1:
+        return None
+    quantizer = next(iter(node.users))
+    module = _fake_quantizer(gm, quantizer)
+    if module is None or not module.enabled or not module.has_sink_grid or not _single_grid(module):
+        return None
+    spec = module.spec
+    if (spec.qmin, spec.qmax, spec.signed, spec.sink_tokens) != (0, 255, False, source.spec.sink_tokens):
+        return None
+    readers = list(quantizer.users)
+    lowers = all(_is_call(r, aten.linear.default) and r.args[0] is quantizer and meta.WEIGHT_QUANT in r.meta
+                 and _sink_linear_lowers(gm, r, module, "onednn") for r in readers)
+    return quantizer if readers and lowers else None
 
 
 def _fusable_gelu(linear: torch.fx.Node) -> str | None:
@@ -448,6 +475,7 @@ class _AoLowering:
     def __init__(self, gm: torch.fx.GraphModule, engine: str) -> None:
         self.gm, self.graph, self.engine = gm, gm.graph, engine
         self.quantized: dict[torch.fx.Node, torch.fx.Node] = {}  # q node -> node giving its quint8 tensor
+        self.two_grid: dict[torch.fx.Node, torch.fx.Node] = {}  # first-token-grid quantizer -> its uint8 codes
         # per-row weight scales in the float64 the engines take, one tensor per source: the K
         # sub-GEMMs of a PEG-split Linear share their rows' scales (and one copy on disk)
         self.row_scales: dict[int, torch.Tensor] = {}
@@ -575,14 +603,42 @@ class _AoLowering:
             self.quantized[q_out] = call
 
     def _sink_linear(self, linear: torch.fx.Node, module: FakeQuantize, w_dq: torch.fx.Node, bias: object) -> None:
-        """A Linear whose input quantizer gives the first tokens their own grid: one int8
-        module that quantizes each part of its float input on its grid (onednn: one GEMM and an
-        exact correction of the first rows, so no GELU is fused; other engines: two GEMMs)."""
+        """A Linear whose input quantizer gives the first tokens their own grid. x86/fbgemm: two
+        GEMMs on the float input. onednn: one GEMM on two-grid uint8 codes (made once for every
+        Linear that reads the value) and a small one for the first tokens' rows; a following
+        GELU, the residual add, and the requantization to a first-token-grid output that only
+        such Linears read go into both."""
         spec = module.spec
-        scale, zero_point = float(module.scale.flatten()[0]), int(module.zero_point.flatten()[0])
+        qparams = (float(module.scale.flatten()[0]), int(module.zero_point.flatten()[0]), spec.qmin, spec.qmax)
         sink = (spec.sink_tokens, float(module.sink_scale), int(module.sink_zero_point))
-        self._replace_linear(linear, w_dq, bias, (scale, zero_point, spec.qmin, spec.qmax), None, None,
-                             linear.args[0].args[0], sink, self._residual(linear))
+        quantizer = linear.args[0]
+        if self.engine != "onednn":
+            self._replace_linear(linear, w_dq, bias, qparams, None, None, quantizer.args[0], sink, self._residual(linear))
+            return
+        gelu = _fusable_gelu(linear)
+        out_node = _sink_output(self.gm, next(iter(linear.users)) if gelu is not None else linear, module)
+        out = sink_out = None
+        if out_node is not None:
+            target = self.gm.get_submodule(str(out_node.target))
+            out = (float(target.scale.flatten()[0]), int(target.zero_point.flatten()[0]))
+            sink_out = (float(target.sink_scale), int(target.sink_zero_point))
+        residual = self._residual(linear) if gelu is None and out is None else None
+        call = self._replace_linear(linear, w_dq, bias, qparams, out, gelu, self._two_grid_codes(quantizer, qparams, sink),
+                                    sink, residual, sink_out)
+        if out_node is not None:
+            self.two_grid[out_node] = call
+
+    def _two_grid_codes(self, quantizer: torch.fx.Node, qparams: tuple, sink: tuple[int, float, int]) -> torch.fx.Node:
+        """The uint8 codes of a first-token-grid quantizer's value: the int8 GEMM that produced
+        them, or one :func:`two_grid_codes` call shared by its readers."""
+        if quantizer not in self.two_grid:
+            scale, zero_point, qmin, qmax = qparams
+            with self.graph.inserting_after(quantizer):
+                node = self.graph.call_function(two_grid_codes, (quantizer.args[0], sink[0], scale, zero_point,
+                                                                 sink[1], sink[2], qmin, qmax))
+            meta.inherit(node, quantizer, "Lower")
+            self.two_grid[quantizer] = node
+        return self.two_grid[quantizer]
 
     def _residual(self, linear: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node] | None:
         return _fusable_residual(linear) if self.engine in RESIDUAL_ENGINES else None
@@ -590,7 +646,8 @@ class _AoLowering:
     def _replace_linear(self, linear: torch.fx.Node, w_dq: torch.fx.Node, bias: object,
                         in_qparams: tuple, out: tuple | None, gelu: str | None, source: torch.fx.Node,
                         sink: tuple[int, float, int] | None = None,
-                        residual: tuple[torch.fx.Node, torch.fx.Node] | None = None) -> torch.fx.Node:
+                        residual: tuple[torch.fx.Node, torch.fx.Node] | None = None,
+                        sink_out: tuple[float, int] | None = None) -> torch.fx.Node:
         """Put a :class:`QuantizedLinear` reading ``source`` in place of ``linear`` (and of the
         GELU, or the residual ``(add, other)``, fused into it)."""
         codes = fetch_attr(self.gm, str(w_dq.args[0].target))
@@ -598,7 +655,7 @@ class _AoLowering:
         w_scale = self.row_scales.setdefault(w_scale.data_ptr(), w_scale.detach().double())
         bias_value = fetch_attr(self.gm, str(bias.target)) if isinstance(bias, torch.fx.Node) else None
         module = QuantizedLinear(codes, w_scale, bias_value, in_qparams, out, self.engine, gelu, sink,
-                                 residual=residual is not None)
+                                 residual=residual is not None, sink_out=sink_out)
         name = unique_attr_name(self.gm, LINEAR_MODULE_PREFIX + linear.name)
         self.gm.add_module(name, module)
         # after ``other`` too: the add's position (``linear`` precedes it)

@@ -144,10 +144,11 @@ def _linear_consumers(quantizer: torch.fx.Node) -> list[torch.fx.Node] | None:
 
 
 def find_candidates(gm: torch.fx.GraphModule, include_head: bool = False,
-                    explicit: bool = False) -> InsertQuadapterPlan:
+                    explicit: bool = False, foldable_only: bool = False) -> InsertQuadapterPlan:
     """Norm outputs with a quantizer whose consumers can all take a per-channel scale; with
     ``explicit``, also every other quantized activation read only by Linears (the multiply x * s
-    stays in the graph)."""
+    stays in the graph), or with ``foldable_only`` just those whose s folds into an upstream
+    Linear's rows (:func:`row_scalable_linear`: attention contexts, SwiGLU products)."""
     view = GraphView(gm)
     shortcut_of = {r.add: r.shortcut for r in view.residual_adds}
     in_blocks = _block_linears(view) if not include_head else set()
@@ -200,6 +201,8 @@ def find_candidates(gm: torch.fx.GraphModule, include_head: bool = False,
                 skipped.append((producer, "feeds the head (outside the transformer blocks); include_head=True adds it"))
             elif value is None or value.dim() == 0:
                 skipped.append((producer, "no recorded shape"))
+            elif foldable_only and row_scalable_linear(operand, int(value.shape[-1])) is None:
+                skipped.append((producer, "s would stay a multiply at run time (foldable_only)"))
             else:
                 sites.append(QuadapterCandidate(producer, quantizer, operand, int(value.shape[-1]), tuple(linears),
                                                 (), explicit=True))
@@ -266,13 +269,16 @@ class InsertQuadapter(GraphPass[InsertQuadapterPlan]):
     also takes every other quantized Linear input (GELU/SwiGLU outputs, attention contexts): its
     producer cannot absorb s, so ``x * s`` stays in the folded graph as a multiply by a constant
     (fused into the quantize step by inductor) while 1/s still folds into the Linear columns.
+    ``foldable_only`` keeps just the explicit sites whose s can go into an upstream Linear's
+    rows, so no multiply is left at run time (and every int8 GEMM keeps its fusions).
     """
 
     output_rel_tol = 1e-5  # x * s / s with s = 1, and exact for any s with quantizers off
 
-    def __init__(self, include_head: bool = False, explicit: bool = False) -> None:
+    def __init__(self, include_head: bool = False, explicit: bool = False, foldable_only: bool = False) -> None:
         self.include_head = include_head
         self.explicit = explicit
+        self.foldable_only = foldable_only
 
     def requires(self, gm: torch.fx.GraphModule) -> None:
         if not any(isinstance(m, QUANTIZERS) for m in gm.children()):
@@ -281,7 +287,7 @@ class InsertQuadapter(GraphPass[InsertQuadapterPlan]):
             raise PassError("the graph already has Quadapter scales")
 
     def analyze(self, gm: torch.fx.GraphModule) -> InsertQuadapterPlan:
-        return find_candidates(gm, self.include_head, self.explicit)
+        return find_candidates(gm, self.include_head, self.explicit, self.foldable_only)
 
     def apply(self, gm: torch.fx.GraphModule, plan: InsertQuadapterPlan) -> bool:
         graph = gm.graph

@@ -112,13 +112,15 @@ RECIPES: dict[str, Recipe] = {
 }
 
 
-def quadapter_recipe(name: str = "quadapter", os: bool = False, explicit: bool = False, **train: object) -> Recipe:
+def quadapter_recipe(name: str = "quadapter", os: bool = False, explicit: bool = False, foldable_only: bool = False,
+                     **train: object) -> Recipe:
     """A Quadapter recipe; ``train`` goes to :class:`TrainQuadapter` (``weight``, ``init``, ``lr``...);
-    ``explicit`` also scales the Linear inputs no norm produces (see :class:`InsertQuadapter`)."""
+    ``explicit`` also scales the Linear inputs no norm produces, ``foldable_only`` only those whose
+    scale folds into an upstream Linear (see :class:`InsertQuadapter`)."""
 
     def finish(batches: Batches, policy: QuantPolicy, progress: bool = True) -> list[GraphPass]:
         settings = {"weight": policy.weight, "progress": progress, **train}
-        return [*(_clip(batches, policy) if os else []), InsertQuadapter(explicit=explicit),
+        return [*(_clip(batches, policy) if os else []), InsertQuadapter(explicit=explicit, foldable_only=foldable_only),
                 TrainQuadapter(batches, **settings), FoldQuadapter()]  # type: ignore[arg-type]
 
     what = "gamma migration + token-wise clipping + Quadapter" if os else "Quadapter"

@@ -86,6 +86,23 @@ def quantized_engine(engine: str) -> Iterator[None]:
         torch.backends.quantized.engine = previous
 
 
+def two_grid_codes(x: torch.Tensor, n: int, scale: float, zero_point: int, sink_scale: float, sink_zero_point: int,
+                   qmin: int = 0, qmax: int = 255) -> torch.Tensor:
+    """uint8 codes of ``x`` on ``(scale, zero_point)``, except the first ``n`` positions of a
+    ``[batch, seq, ...]`` input (longer than ``n``), on ``(sink_scale, sink_zero_point)``: what
+    ``FakeQuantize.on_grids`` simulates. A grid narrower than uint8 saturates at ``[qmin, qmax]``."""
+
+    def codes(v: torch.Tensor, s: float, z: int) -> torch.Tensor:
+        if (qmin, qmax) != (0, 255):
+            v = v.clamp((qmin - z) * s, (qmax - z) * s)
+        return uint8_codes(torch.quantize_per_tensor(v.contiguous(), s, z, torch.quint8))
+
+    out = codes(x, scale, zero_point)
+    if n and x.dim() >= 3 and x.shape[1] > n:
+        out[:, :n] = codes(x[:, :n], sink_scale, sink_zero_point)
+    return out
+
+
 class QuantizedLinear(torch.nn.Module):
     """``y = x W^T + b`` on an int8 kernel: ``x`` is quantized with the calibrated (static)
     ``in_scale``/``in_zero_point`` (uint8 grid ``[in_qmin, in_qmax]``), ``W`` is int8 per output
@@ -96,7 +113,8 @@ class QuantizedLinear(torch.nn.Module):
 
     def __init__(self, weight_int8: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
                  in_qparams: tuple[float, int, int, int], out_qparams: tuple[float, int] | None, engine: str,
-                 gelu: str | None = None, sink: tuple[int, float, int] | None = None, residual: bool = False) -> None:
+                 gelu: str | None = None, sink: tuple[int, float, int] | None = None, residual: bool = False,
+                 sink_out: tuple[float, int] | None = None) -> None:
         super().__init__()
         if weight_int8.dtype != torch.int8:
             raise ValueError(f"weight must be int8, got {weight_int8.dtype}")
@@ -111,10 +129,15 @@ class QuantizedLinear(torch.nn.Module):
         self.out_qparams = None if out_qparams is None else (float(out_qparams[0]), int(out_qparams[1]))
         self.engine = engine
         self.gelu = gelu  # GELU approximation ("none" or "tanh") fused into the output, if any
-        if sink is not None and (out_qparams is not None or gelu is not None):
-            raise BackendError("a first-token input grid needs a float output without a fused GELU")
+        if sink is not None and engine != "onednn" and (out_qparams is not None or gelu is not None):
+            raise BackendError(f"a first-token input grid on {engine} needs a float output without a fused GELU")
         # (n, scale, zero point): the first n positions of a [batch, seq, in] input have their own grid
         self.sink = None if sink is None else (int(sink[0]), float(sink[1]), int(sink[2]))
+        if sink_out is not None and (sink is None or out_qparams is None):
+            raise BackendError("a first-token output grid needs a first-token input grid and a requantized output")
+        # (scale, zero point) of the first n output positions; with a sink input and a requantized
+        # output the module returns plain uint8 codes (two grids fit no quint8 tensor)
+        self.sink_out = None if sink_out is None else (float(sink_out[0]), int(sink_out[1]))
         if residual and (engine not in RESIDUAL_ENGINES or out_qparams is not None or gelu is not None):
             raise BackendError(f"a fused residual add needs a float output without GELU on one of "
                                f"{', '.join(RESIDUAL_ENGINES)}")
@@ -135,10 +158,7 @@ class QuantizedLinear(torch.nn.Module):
     def _pack(self) -> object:
         zeros = torch.zeros(self.out_features, dtype=torch.long)
         if self.engine == "onednn":
-            # sum_k W[o, k] * w_scale[o]: corrects the first-token rows of a sink-grid input (see _onednn_sink)
-            row_sums = (self.weight_int8.sum(1, dtype=torch.int64).double() * self.weight_scale).float()
-            self._packed = (torch.ops.onednn.qlinear_prepack(self.weight_int8, None), self.weight_scale.float(), zeros,
-                            row_sums)
+            self._packed = (torch.ops.onednn.qlinear_prepack(self.weight_int8, None), self.weight_scale.float(), zeros)
             return self._packed
         qweight = torch._make_per_channel_quantized_tensor(self.weight_int8, self.weight_scale, zeros, 0)
         with quantized_engine(self.engine), warnings.catch_warnings():
@@ -162,9 +182,9 @@ class QuantizedLinear(torch.nn.Module):
 
     def _run(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
         packed = self._packed if self._packed is not None else self._pack()
+        if self.sink is not None and self.engine == "onednn" and x.dtype in (torch.float32, torch.uint8):
+            return self._onednn_sink(x, packed, residual)  # type: ignore[arg-type]
         if self.sink is not None and x.is_floating_point() and x.dim() >= 3 and x.shape[1] > self.sink[0]:
-            if self.engine == "onednn":
-                return self._onednn_sink(x, packed, residual)  # type: ignore[arg-type]
             n, scale, zero_point = self.sink
             head = self._gemm(x[:, :n], packed, scale, zero_point)
             return torch.cat([head, self._gemm(x[:, n:], packed, self.in_scale, self.in_zero_point)], 1)
@@ -173,7 +193,10 @@ class QuantizedLinear(torch.nn.Module):
     def _gemm(self, x: torch.Tensor, packed: object, in_scale: float, in_zero_point: int,
               residual: torch.Tensor | None = None) -> torch.Tensor:
         if self.engine == "onednn":
-            return self._onednn(x, packed, in_scale, in_zero_point, residual)  # type: ignore[arg-type]
+            y = self._onednn(x, packed, in_scale, in_zero_point, residual, self.out_qparams)  # type: ignore[arg-type]
+            if self.out_qparams is None or self.codes_out:
+                return y
+            return torch._make_per_tensor_quantized_tensor(y, *self.out_qparams)
         if self.out_qparams is None:
             return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
                 self._clamp_to_grid(x, in_scale, in_zero_point).contiguous(), in_scale, in_zero_point, packed)
@@ -182,41 +205,40 @@ class QuantizedLinear(torch.nn.Module):
         return torch.ops.quantized.linear(x, packed, *self.out_qparams)
 
     def _onednn(self, x: torch.Tensor, packed: tuple, in_scale: float, in_zero_point: int,
-                residual: torch.Tensor | None = None) -> torch.Tensor:
-        """``x``: float, quint8, or the plain uint8 codes of the input grid; ``residual``: a
-        contiguous float tensor added to the float output by the kernel."""
+                residual: torch.Tensor | None, out: tuple[float, int] | None) -> torch.Tensor:
+        """One oneDNN GEMM. ``x``: float, quint8, or plain uint8 codes of the input grid;
+        ``residual``: a contiguous float tensor added to the output by the kernel; ``out``: the
+        uint8 grid to requantize to (plain codes returned), or None for a float output."""
         if x.dtype != torch.uint8:
             x = uint8_codes(x if x.dtype == torch.quint8 else self.quantize_input(x, in_scale, in_zero_point))
-        weight, w_scale, w_zero_point, _ = packed
-        out_scale, out_zero_point, dtype = (1.0, 0, torch.float32) if self.out_qparams is None \
-            else (*self.out_qparams, torch.uint8)
+        weight, w_scale, w_zero_point = packed
+        out_scale, out_zero_point, dtype = (1.0, 0, torch.float32) if out is None else (*out, torch.uint8)
         post = ("gelu", [], self.gelu) if self.gelu is not None else ("none", [], "")
         if residual is not None:
-            y = torch.ops.onednn.qlinear_pointwise.binary(x, in_scale, in_zero_point, weight, w_scale, w_zero_point,
-                                                          residual, self.bias, out_scale, out_zero_point, dtype,
-                                                          1.0, 0, "add", 1.0, *post)
-        else:
-            y = torch.ops.onednn.qlinear_pointwise(x, in_scale, in_zero_point, weight, w_scale, w_zero_point,
-                                                    self.bias, out_scale, out_zero_point, dtype, *post)
-        if self.out_qparams is None or self.codes_out:
-            return y
-        return torch._make_per_tensor_quantized_tensor(y, out_scale, out_zero_point)
+            return torch.ops.onednn.qlinear_pointwise.binary(x, in_scale, in_zero_point, weight, w_scale, w_zero_point,
+                                                             residual, self.bias, out_scale, out_zero_point, dtype,
+                                                             1.0, 0, "add", 1.0, *post)
+        return torch.ops.onednn.qlinear_pointwise(x, in_scale, in_zero_point, weight, w_scale, w_zero_point,
+                                                  self.bias, out_scale, out_zero_point, dtype, *post)
 
     def _onednn_sink(self, x: torch.Tensor, packed: tuple, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """One GEMM for a first-token-grid input: the codes of the first ``n`` positions come from
-        their own grid, the GEMM reads every row on the main grid, and those ``n`` output rows are
-        corrected exactly: ``y0 = s0/s (y0' - c) + c + s0 (z - z0) sum_k W[:, k] w_scale``, with
-        ``c`` the bias plus the fused residual's first rows."""
+        """A first-token-grid input (float, or the codes :func:`two_grid_codes` gives): one GEMM
+        reads every row on the main grid, then the first ``n`` positions' rows are computed again
+        from their own codes and grid (a GEMM of batch x n rows, with the same GELU and residual,
+        requantized to the output's first-token grid) and written over them."""
         n, scale0, zero_point0 = self.sink  # type: ignore[misc]
-        codes = uint8_codes(self.quantize_input(x))
-        codes[:, :n] = uint8_codes(self.quantize_input(x[:, :n], scale0, zero_point0))
-        y = self._onednn(codes, packed, self.in_scale, self.in_zero_point, residual)
-        bias = self.bias if self.bias is not None else 0.0
-        if residual is not None:
-            bias = bias + residual[:, :n]
-        head = (y[:, :n] - bias) * (scale0 / self.in_scale) + bias
-        y[:, :n] = head + (scale0 * (self.in_zero_point - zero_point0)) * packed[3]
+        codes = x if x.dtype == torch.uint8 else self.input_codes(x)
+        y = self._onednn(codes, packed, self.in_scale, self.in_zero_point, residual, self.out_qparams)
+        if codes.dim() >= 3 and codes.shape[1] > n:
+            head_residual = None if residual is None else residual[:, :n].contiguous()
+            y[:, :n] = self._onednn(codes[:, :n].contiguous(), packed, scale0, zero_point0, head_residual,
+                                    self.sink_out or self.out_qparams)
         return y
+
+    def input_codes(self, x: torch.Tensor) -> torch.Tensor:
+        """The plain uint8 codes of a float input on this Linear's grid (grids, with a first-token one)."""
+        n, scale0, zero_point0 = self.sink if self.sink is not None else (0, self.in_scale, self.in_zero_point)
+        return two_grid_codes(x, n, self.in_scale, self.in_zero_point, scale0, zero_point0, self.in_qmin, self.in_qmax)
 
     def quantize_input(self, x: torch.Tensor, scale: float | None = None, zero_point: int | None = None
                        ) -> torch.Tensor:
@@ -243,6 +265,7 @@ class QuantizedLinear(torch.nn.Module):
         state.setdefault("sink", None)
         state.setdefault("residual", False)
         state.setdefault("codes_out", False)
+        state.setdefault("sink_out", None)
         super().__setstate__(state)
 
     def extra_repr(self) -> str:
