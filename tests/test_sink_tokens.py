@@ -113,6 +113,11 @@ def test_linear_inputs_with_first_token_grids_lower_to_two_int8_gemms(engine):
     assert split and all(lin.is_int8 for lin in result.plan.linears), result.plan.summary()
     modules = [m for m in result.graph_module.modules() if isinstance(m, QuantizedLinear) and m.sink is not None]
     assert len(modules) == len(split)
+    # no quantizer stays simulated: what else reads one (the post-LN residual) gets its codes' values
+    gm = result.graph_module
+    assert not result.plan.simulated
+    assert not any(n.op == "call_module" and isinstance(gm.get_submodule(str(n.target)), FakeQuantize)
+                   for n in gm.graph.nodes)
     if engine == "onednn":  # Q, K and V read one set of two-grid codes; the FFN-in GEMM hands its own on
         from outlierfx.quantizers.backends import two_grid_codes
         made = [n for n in result.graph_module.graph.nodes if n.target is two_grid_codes]

@@ -50,6 +50,7 @@ from ..quantizers.backends import (
     check_backend,
     has_float_output_kernel,
     two_grid_codes,
+    two_grid_dequantize,
 )
 from ..quantizers.fake_quant import integer_dtype, quantize_to_integers, quantize_weight
 from ..quantizers.observers import FakeQuantize
@@ -132,7 +133,7 @@ class Lower(GraphPass[LowerPlan]):
         for node in gm.graph.nodes:
             module = _fake_quantizer(gm, node)
             if module is not None and module.enabled:
-                reason = _no_integer_kernel(module)
+                reason = _no_integer_kernel(module, self.backend)
                 if reason is not None:
                     simulated.append((module.name or node.name, reason))
                 else:
@@ -224,22 +225,29 @@ def _output_quantizer(gm: torch.fx.GraphModule, node: torch.fx.Node) -> FakeQuan
     return module
 
 
-def _no_integer_kernel(module: FakeQuantize) -> str | None:
-    """Why this activation quantizer stays simulated in the lowered graph (None: it lowers)."""
+def _no_integer_kernel(module: FakeQuantize, backend: str | None = None) -> str | None:
+    """Why this activation quantizer stays simulated in the lowered graph (None: it lowers).
+    Without ``backend``: in the reference form (stage 1), where two grids in one tensor stay
+    simulated; the eager engines then make them uint8 codes (:func:`_two_grids_lower`)."""
     if module.spec.bits > 8:
         return f"{module.spec.bits}-bit: no integer kernel"
-    if module.has_sink_grid:
+    if module.has_sink_grid and not (backend in AO_ENGINES and _two_grids_lower(module)):
         return f"first {module.spec.sink_tokens} token(s) on a grid of their own (two grids in one tensor)"
     return None
+
+
+def _two_grids_lower(module: FakeQuantize) -> bool:
+    """Whether a first-token-grid quantizer becomes uint8 codes on the eager engines (unsigned,
+    at most 8 bit, one grid per part)."""
+    spec = module.spec
+    return module.has_sink_grid and spec.bits <= 8 and not spec.signed and _single_grid(module)
 
 
 def _sink_linear_lowers(gm: torch.fx.GraphModule, linear: torch.fx.Node, module: FakeQuantize, engine: str) -> bool:
     """Whether a Linear reading a first-token-grid quantizer runs in int8 on ``engine`` (onednn:
     one GEMM and a correction of the first rows; x86/fbgemm: two GEMMs): 8-bit unsigned
     per-tensor main grid, float output on an engine that has one."""
-    spec = module.spec
-    return (module.has_sink_grid and spec.bits <= 8 and not spec.signed and _single_grid(module)
-            and has_float_output_kernel(engine) and _output_quantizer(gm, linear) is None)
+    return _two_grids_lower(module) and has_float_output_kernel(engine) and _output_quantizer(gm, linear) is None
 
 
 def _sink_output(gm: torch.fx.GraphModule, node: torch.fx.Node, source: FakeQuantize) -> torch.fx.Node | None:
@@ -488,6 +496,8 @@ class _AoLowering:
                 self._linear(node)
             elif node.target in (aten.add.Tensor, aten.layer_norm.default):
                 self._elementwise(node)
+        for node in list(self.graph.nodes):  # after the Linears: what still reads a two-grid quantizer
+            self._two_grid_values(node)
         for node in list(self.graph.nodes):
             if node.op == "call_function" and node.target in (DQ_TENSOR, DQ_CHANNEL) and node.args[0].op != "get_attr":
                 self._float_view(node)
@@ -533,6 +543,12 @@ class _AoLowering:
             module = self.gm.get_submodule(str(node.target))
             float_out = isinstance(module, QuantizedLinear) and module.out_qparams is None
             return module.out_features if float_out else None
+        if node.op == "call_function" and node.target is two_grid_dequantize:
+            source = node.args[0]
+            if source.op == "call_module":
+                return self.gm.get_submodule(str(source.target)).out_features
+            value = tensor_val(source.args[0]) if source.target is two_grid_codes else None
+            return int(value.shape[-1]) if value is not None and value.dim() > 0 else None
         if node.op == "call_method" and node.target == "dequantize" and isinstance(node.args[0], torch.fx.Node):
             source = node.args[0]
             if source.op == "call_module":
@@ -627,6 +643,22 @@ class _AoLowering:
                                     sink, residual, sink_out)
         if out_node is not None:
             self.two_grid[out_node] = call
+
+    def _two_grid_values(self, node: torch.fx.Node) -> None:
+        """A first-token-grid quantizer that ops other than int8 GEMMs still read (a post-LN
+        residual add): they read its codes dequantized, made once (or taken from the GEMM that
+        produced them)."""
+        module = _fake_quantizer(self.gm, node)
+        if module is None or not module.enabled or not node.users or not _two_grids_lower(module):
+            return
+        spec = module.spec
+        scale, zero_point = float(module.scale.flatten()[0]), int(module.zero_point.flatten()[0])
+        sink = (spec.sink_tokens, float(module.sink_scale), int(module.sink_zero_point))
+        codes = self._two_grid_codes(node, (scale, zero_point, spec.qmin, spec.qmax), sink)
+        with self.graph.inserting_after(codes):
+            values = self.graph.call_function(two_grid_dequantize, (codes, sink[0], scale, zero_point, *sink[1:]))
+        meta.inherit(values, node, "Lower")
+        node.replace_all_uses_with(values)
 
     def _two_grid_codes(self, quantizer: torch.fx.Node, qparams: tuple, sink: tuple[int, float, int]) -> torch.fx.Node:
         """The uint8 codes of a first-token-grid quantizer's value: the int8 GEMM that produced
