@@ -264,6 +264,25 @@ def test_smooth_recipe_lowers_every_linear_to_one_int8_gemm(family):
         assert_tokens_close(lowered.graph_module, eager, g.inputs)
 
 
+def test_smooth_fold_keeps_only_scales_that_fold_and_lowers_with_every_fusion():
+    from outlierfx.passes.lower import Lower
+
+    g = build_model("bert", layers=2, outliers=OutlierSpec(gamma_scale=20.0, channels=(3,)), batch=2, seq=10)
+    qmodel, report = outlierfx.quantize(g.model, [g.inputs], recipe="smooth-fold", progress=False)
+    insert = next(e for e in report.audit if e.pass_name == "InsertQuadapter")
+    assert any("foldable_only" in why for _, why in insert.plan.skipped)  # the GELU outputs
+    fold = next(e for e in report.audit if e.pass_name == "FoldQuadapter")
+    layers = g.config.num_hidden_layers
+    assert len(fold.plan.explicit) == len(fold.plan.into_rows) == layers  # the attention contexts, into V
+    assert not [n for n in qmodel.graph.nodes if n.target is torch.ops.aten.mul.Tensor and isinstance(n.args[1], torch.fx.Node)
+                and str(n.args[1].target).startswith("outlierfx_quadapter_scale_")]
+    if "onednn" in torch.backends.quantized.supported_engines:
+        lowered = Lower("onednn")(qmodel)
+        kernels = [lin.kernel for lin in lowered.plan.linears]
+        assert kernels.count("int8 GEMM, GELU fused, requantized uint8 output") == layers
+        assert_tokens_close(Lower("reference")(qmodel).graph_module, lowered.graph_module, g.inputs)
+
+
 def test_phase_two_trains_the_scales_end_to_end_on_the_lm_loss():
     g = build_model("llama", layers=2, outliers=OutlierSpec(gamma_scale=30.0, channels=(3, 17)), batch=2, seq=12)
     inserted = InsertQuadapter()(_calibrated(g, "W8A4")).graph_module

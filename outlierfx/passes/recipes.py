@@ -20,6 +20,11 @@ and after calibration; and the default placement policy.
   every Linear input (``explicit`` sites too), SmoothQuant init with alpha=0.8, trained
   block-wise, MSE-clipped weight rows rounded by GPTQ; activations stay per tensor, so every
   Linear lowers to one int8 GEMM.
+- ``smooth-fold``: ``smooth`` with scales only where they fold into a norm or an upstream
+  Linear's rows (``InsertQuadapter(foldable_only=True)``): no multiply is left at run time, so
+  every int8 GEMM keeps its fusions (GELU and requantization on onednn and inductor). On BERT
+  this drops the GELU-output scales; on Llama nothing (SwiGLU's fold into ``up``).
+  ``smooth-fold+sink`` is the eager speed route (README "Speed").
 - ``qat``: ``naive`` ranges, then quantization-aware training of the Linear weights on the
   calibration batches (:class:`QAT`): the baseline of Quadapter's overfitting claim.
 - ``<recipe>+lsq``: any recipe followed by the fine stage, :class:`LearnRanges` (every
@@ -173,6 +178,11 @@ RECIPES["smooth"] = with_gptq(dataclasses.replace(
                 "folded into norms and Linear columns, an explicit multiply elsewhere), trained block-wise, "
                 "MSE-clipped weight rows; per-tensor activations, so each Linear stays one int8 GEMM",
     default_policy="linear-inputs", weight_estimator=Estimator.MSE), name="smooth")
+RECIPES["smooth-fold"] = with_gptq(dataclasses.replace(
+    quadapter_recipe("smooth-fold", explicit=True, foldable_only=True, init="smoothquant", alpha=0.8),
+    description="smooth without run-time multiplies: scales only where they fold (norms, V's and up's rows), so "
+                "each int8 GEMM keeps its GELU/requantize fusions; with +sink the speed route on onednn",
+    default_policy="linear-inputs", weight_estimator=Estimator.MSE), name="smooth-fold")
 # "best" is measured, not assumed: README "Accuracy" has the ablations behind each part
 RECIPES["best"] = with_gptq(Recipe(
     "best", "recommended: PEG on every channel-axis activation (residual stream, norm outputs, Linear inputs and "
