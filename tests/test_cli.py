@@ -25,7 +25,7 @@ def test_demo_quantizes_to_int8_and_writes_model_and_report(tmp_path):
     cosine = float(re.search(r"int8 \(\w+\)\s+embedding cosine vs FP32 (\d\.\d+)", out).group(1))
     assert cosine >= 0.99  # measured 0.997 (best recipe, W8A8); naive gives 0.86
     fast = float(re.search(r"int8 fast \(\w+\)\s+embedding cosine vs FP32 (\d\.\d+)", out).group(1))
-    assert fast >= 0.995  # the speed route (smooth, Linear inputs only): measured 0.9983; naive gives 0.992
+    assert fast >= 0.995  # the speed route (smooth-fold+sink on onednn, smooth elsewhere): measured 0.9986 and 0.9983; naive gives 0.992
     ratio = float(re.search(r"FP32 [\d.]+ MB -> int8 [\d.]+ MB \(x([\d.]+)\)", out).group(1))
     assert ratio <= 0.3
     demo = tmp_path / "outlierfx-demo"

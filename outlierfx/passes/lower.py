@@ -23,10 +23,14 @@ Two stages, both exact up to rounding ties (one quantization step at most, per l
    A per-channel scale the graph keeps (a Quadapter ``x * s`` on a GELU output, a post-LN
    compensation) scales its temporary in place.
 
-Quantizers wider than 8 bit (the ``mp16`` policy) have no integer kernel and stay simulated, as do
-quantizers whose first tokens have a grid of their own (``QuantSpec.sink_tokens``); on the eager
-engines a float-output Linear reading such a quantizer still runs in int8, quantizing each part
-of its input on its own grid. The plan lists what stays simulated.
+Quantizers wider than 8 bit (the ``mp16`` policy) have no integer kernel and stay simulated.
+Quantizers whose first tokens have a grid of their own (``QuantSpec.sink_tokens``) stay
+simulated in the reference form; the eager engines make them two-grid uint8 codes
+(:func:`~outlierfx.quantizers.backends.two_grid_codes`). A float-output Linear reading them runs
+in int8 (x86/fbgemm: two GEMMs; onednn: one GEMM on the codes, shared by Q/K/V, and one of batch
+x n rows for the first tokens, both with the GELU, residual add or requantization to a
+first-token-grid output fused), and other readers get the codes dequantized. The plan lists
+what stays simulated.
 """
 
 from __future__ import annotations
