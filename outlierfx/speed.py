@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import platform
+import random
 import statistics
 import tempfile
 import time
@@ -57,16 +58,20 @@ def speed_inputs(loaded: LoadedModel, batch: int, seq: int) -> dict[str, torch.T
 def interleaved_medians(models: Mapping[str, Callable[..., Any]], inputs: Mapping[str, torch.Tensor],
                         rounds: int) -> dict[str, float]:
     """Median seconds per call of each model: one warm-up call each, then ``rounds`` rounds of
-    one call per model, so drift in the machine's speed hits all of them alike. Each round
-    starts one model later: a model run right after FP32 eager (whose weights evict the caches)
-    measured ~2 ms (7%) slower on MiniLM than in any other position, so no model keeps a seat."""
+    one call per model, so drift in the machine's speed hits all of them alike. Each round runs
+    the models in a new (seeded) random order: a model run right after FP32 eager (whose
+    weights evict the caches) measured ~2 ms (7%) slower on MiniLM than in any other seat, so no
+    model may keep one. (The 2026-11-23 JSON files were measured with each round starting one
+    model later instead, which keeps most neighbours.)"""
     times: dict[str, list[float]] = {name: [] for name in models}
     order = list(models)
+    shuffle = random.Random(0).shuffle
     with torch.no_grad():
         for model in models.values():
             model(**inputs)
-        for r in range(rounds):
-            for name in order[r % len(order):] + order[:r % len(order)]:
+        for _ in range(rounds):
+            shuffle(order)
+            for name in order:
                 start = time.perf_counter()
                 models[name](**inputs)
                 times[name].append(time.perf_counter() - start)
