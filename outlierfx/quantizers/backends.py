@@ -169,7 +169,10 @@ class QuantizedLinear(torch.nn.Module):
     def _pack(self) -> object:
         zeros = torch.zeros(self.out_features, dtype=torch.long)
         if self.engine == "onednn":
-            self._packed = (torch.ops.onednn.qlinear_prepack(self.weight_int8, None), self.weight_scale.float(), zeros)
+            # sum_k W[o, k] w_scale[o]: the closed-form first-row correction of _onednn_sink
+            row_sums = (self.weight_int8.sum(1, dtype=torch.int64).double() * self.weight_scale).float()
+            self._packed = (torch.ops.onednn.qlinear_prepack(self.weight_int8, None), self.weight_scale.float(), zeros,
+                            row_sums)
             return self._packed
         qweight = torch._make_per_channel_quantized_tensor(self.weight_int8, self.weight_scale, zeros, 0)
         with quantized_engine(self.engine), warnings.catch_warnings():
@@ -222,7 +225,7 @@ class QuantizedLinear(torch.nn.Module):
         uint8 grid to requantize to (plain codes returned), or None for a float output."""
         if x.dtype != torch.uint8:
             x = uint8_codes(x if x.dtype == torch.quint8 else self.quantize_input(x, in_scale, in_zero_point))
-        weight, w_scale, w_zero_point = packed
+        weight, w_scale, w_zero_point, _ = packed
         out_scale, out_zero_point, dtype = (1.0, 0, torch.float32) if out is None else (*out, torch.uint8)
         post = ("gelu", [], self.gelu) if self.gelu is not None else ("none", [], "")
         if residual is not None:
@@ -234,16 +237,29 @@ class QuantizedLinear(torch.nn.Module):
 
     def _onednn_sink(self, x: torch.Tensor, packed: tuple, residual: torch.Tensor | None = None) -> torch.Tensor:
         """A first-token-grid input (float, or the codes :func:`two_grid_codes` gives): one GEMM
-        reads every row on the main grid, then the first ``n`` positions' rows are computed again
-        from their own codes and grid (a GEMM of batch x n rows, with the same GELU and residual,
-        requantized to the output's first-token grid) and written over them."""
+        reads every row on the main grid, then the first ``n`` positions' rows are made right.
+
+        - Float output, nothing fused after the affine part: corrected in closed form,
+          ``y0 = s0/s (y0' - c) + c + s0 (z - z0) sum_k W[:, k] w_scale`` with ``c`` the bias
+          plus the residual's first rows (a few small ops: cheaper than a GEMM call).
+        - A GELU or a requantization in the GEMM: computed again from their own codes and grid
+          by a GEMM of batch x n rows with the same post-ops (requantized to the output's
+          first-token grid) and written over them."""
         n, scale0, zero_point0 = self.sink  # type: ignore[misc]
         codes = x if x.dtype == torch.uint8 else self.input_codes(x)
         y = self._onednn(codes, packed, self.in_scale, self.in_zero_point, residual, self.out_qparams)
-        if codes.dim() >= 3 and codes.shape[1] > n:
-            head_residual = None if residual is None else residual[:, :n].contiguous()
-            y[:, :n] = self._onednn(codes[:, :n].contiguous(), packed, scale0, zero_point0, head_residual,
-                                    self.sink_out or self.out_qparams)
+        if codes.dim() < 3 or codes.shape[1] <= n:
+            return y
+        if self.out_qparams is None and self.gelu is None:
+            offset = self.bias if self.bias is not None else 0.0
+            if residual is not None:
+                offset = offset + residual[:, :n]
+            head = (y[:, :n] - offset) * (scale0 / self.in_scale) + offset
+            y[:, :n] = head + (scale0 * (self.in_zero_point - zero_point0)) * packed[3]
+            return y
+        head_residual = None if residual is None else residual[:, :n].contiguous()
+        y[:, :n] = self._onednn(codes[:, :n].contiguous(), packed, scale0, zero_point0, head_residual,
+                                self.sink_out or self.out_qparams)
         return y
 
     def input_codes(self, x: torch.Tensor) -> torch.Tensor:
