@@ -132,6 +132,25 @@ def test_onednn_adds_the_residual_inside_the_int8_gemm_and_matches_the_reference
 
 
 @pytest.mark.skipif("onednn" not in torch.backends.quantized.supported_engines, reason="no onednn engine")
+@pytest.mark.parametrize(("family", "merged_per_layer"), [("bert", 3), ("llama", 5)])
+def test_onednn_runs_linears_that_read_one_input_as_one_gemm(family, merged_per_layer):
+    # BERT: Q, K, V; Llama: Q, K, V and gate, up (float outputs, nothing fused after them)
+    g = build_model(family, hidden=32, layers=2)
+    qmodel, _ = outlierfx.quantize(g.model, [g.inputs], recipe="naive", bits="W8A8", policy="linear-inputs",
+                                   progress=False)
+    result = Lower("onednn")(qmodel)
+    layers = g.config.num_hidden_layers
+    noted = [lin for lin in result.plan.linears if "other Linear(s) reading this input" in lin.kernel]
+    assert len(noted) == merged_per_layer * layers
+    groups = 2 if family == "llama" else 1
+    modules = _quantized_linears(result.graph_module)
+    assert len(modules) == len(result.plan.linears) - (merged_per_layer - groups) * layers
+    assert len({id(m) for m in result.graph_module.modules() if isinstance(m, QuantizedLinear)}) == len(modules)
+    _assert_each_int8_linear_within_one_step(result.graph_module, g.inputs)
+    assert_tokens_close(Lower("reference")(qmodel).graph_module, result.graph_module, g.inputs)
+
+
+@pytest.mark.skipif("onednn" not in torch.backends.quantized.supported_engines, reason="no onednn engine")
 def test_fused_residual_is_read_densely_and_broadcasts_fall_back_outside_the_kernel():
     torch.manual_seed(0)
     weight = torch.randint(-127, 128, (16, 24), dtype=torch.int8)

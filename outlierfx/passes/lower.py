@@ -36,6 +36,7 @@ readers get the codes dequantized. The plan lists what stays simulated.
 from __future__ import annotations
 
 import dataclasses
+import operator
 import warnings
 
 import torch
@@ -145,6 +146,8 @@ class Lower(GraphPass[LowerPlan]):
             if op_kind(node) is OpKind.LINEAR:
                 linears.append(LoweredLinear(node.name, meta.module_path(node), *self._kernel(gm, node)))
         embeddings = sum(1 for n in gm.graph.nodes if op_kind(n) is OpKind.EMBEDDING and meta.WEIGHT_QUANT in n.meta)
+        if self.backend == "onednn":
+            linears = _label_merged(gm, linears)
         return LowerPlan(self.backend, tuple(linears), activations, embeddings, tuple(simulated))
 
     def _kernel(self, gm: torch.fx.GraphModule, linear: torch.fx.Node) -> tuple[str, int]:
@@ -253,6 +256,27 @@ def _sink_linear_lowers(gm: torch.fx.GraphModule, linear: torch.fx.Node, module:
     one GEMM and a correction of the first rows; x86/fbgemm: two GEMMs): 8-bit unsigned
     per-tensor main grid, float output on an engine that has one."""
     return _two_grids_lower(module) and has_float_output_kernel(engine) and _output_quantizer(gm, linear) is None
+
+
+def _label_merged(gm: torch.fx.GraphModule, linears: list[LoweredLinear]) -> list[LoweredLinear]:
+    """The plan's view of ``_merge_siblings``: int8 GEMMs with a plain float output that read
+    the same quantizer run as one."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    groups: dict[torch.fx.Node, list[int]] = {}
+    for i, lin in enumerate(linears):
+        plain = lin.kernel.startswith("int8 GEMM, float output") and "residual" not in lin.kernel and not lin.groups
+        if plain:
+            groups.setdefault(nodes[lin.node].args[0], []).append(i)
+    for members in groups.values():
+        for i in members if len(members) > 1 else ():
+            note = f" (one GEMM with the {len(members) - 1} other Linear(s) reading this input)"
+            linears[i] = dataclasses.replace(linears[i], kernel=linears[i].kernel + note)
+    return linears
+
+
+def _mergeable(module: QuantizedLinear) -> bool:
+    """An onednn GEMM with a float output and nothing fused after it (see ``_merge_siblings``)."""
+    return module.engine == "onednn" and module.out_qparams is None and module.gelu is None and not module.residual
 
 
 def _sink_output(gm: torch.fx.GraphModule, node: torch.fx.Node, source: FakeQuantize) -> torch.fx.Node | None:
@@ -510,9 +534,45 @@ class _AoLowering:
             if node.op == "call_function" and node.target is DQ_CHANNEL and node.args[0].op == "get_attr":
                 self._constant_weight(node)
         self.graph.eliminate_dead_code()
+        if self.engine == "onednn":
+            self._merge_siblings()
         for node in list(self.graph.nodes):
             self._scale_in_place(node)
             self._plain_codes(node)
+
+    def _merge_siblings(self) -> None:
+        """Float-output GEMMs with nothing fused that read the same int8 value (Q, K and V; a
+        gate and up projection) become one GEMM over their stacked weights, its output split
+        (views) among their readers: one call and, with first-token grids, one correction
+        instead of several."""
+        groups: dict[tuple, list[torch.fx.Node]] = {}
+        for node in self.graph.nodes:
+            module = self.gm.get_submodule(str(node.target)) if node.op == "call_module" else None
+            if isinstance(module, QuantizedLinear) and _mergeable(module) and len(node.args) == 1:
+                key = (node.args[0], module.in_scale, module.in_zero_point, module.in_qmin, module.in_qmax, module.sink)
+                groups.setdefault(key, []).append(node)
+        for nodes in groups.values():
+            if len(nodes) < 2:
+                continue
+            modules = [self.gm.get_submodule(str(n.target)) for n in nodes]
+            first = modules[0]
+            biases = [m.bias if m.bias is not None else torch.zeros(m.out_features) for m in modules]
+            merged = QuantizedLinear(torch.cat([m.weight_int8 for m in modules]), torch.cat([m.weight_scale for m in modules]),
+                                     torch.cat(biases), (first.in_scale, first.in_zero_point, first.in_qmin, first.in_qmax),
+                                     None, self.engine, sink=first.sink)
+            name = unique_attr_name(self.gm, LINEAR_MODULE_PREFIX + "merged_" + nodes[0].name)
+            self.gm.add_module(name, merged)
+            with self.graph.inserting_before(nodes[0]):
+                call = self.graph.call_module(name, nodes[0].args)
+                split = self.graph.call_function(torch.split, (call, [m.out_features for m in modules], -1))
+                parts = [self.graph.call_function(operator.getitem, (split, i)) for i in range(len(nodes))]
+            meta.inherit(call, nodes[0], "Lower")
+            for node, part in zip(nodes, parts):
+                meta.inherit(part, node, "Lower")
+                node.replace_all_uses_with(part)
+                target = str(node.target)
+                self.graph.erase_node(node)
+                self.gm.delete_submodule(target)
 
     def _plain_codes(self, node: torch.fx.Node) -> None:
         """An onednn GEMM whose requantized output only onednn GEMMs read hands them the uint8
