@@ -151,6 +151,15 @@ def test_onednn_computes_the_first_rows_on_their_own_grid_exactly():
     assert float((out - expected).abs().max()) <= 1e-4 * float(expected.abs().max())
     plain = QuantizedLinear(weight, w_scale, bias, (*grids["main"], 0, 255), None, "onednn")
     assert float((plain(x)[:, :1] - expected[:, :1]).abs().max()) > 1.0  # without the sink grid, row 0 is clipped
+    # a fused residual whose first row is huge (a Llama's residual stream at the sink token) must
+    # not cost the first row its precision
+    residual = torch.randn(2, 5, 16, generator=gen)
+    residual[:, 0] *= 1e4
+    with_residual = QuantizedLinear(weight, w_scale, bias, (*grids["main"], 0, 255), None, "onednn",
+                                    sink=(1, *grids["sink"]), residual=True)
+    with torch.no_grad():
+        got = with_residual(x, residual) - residual
+    assert float((got - expected).abs().max()) <= 1e-4 * float(expected.abs().max())
     # GELU and requantization to two output grids, reading the two-grid codes as they are
     outs = {"main": (0.01, 10), "sink": (0.2, 5)}
     fused = QuantizedLinear(weight, w_scale, bias, (*grids["main"], 0, 255), outs["main"], "onednn",

@@ -28,9 +28,9 @@ Quantizers whose first tokens have a grid of their own (``QuantSpec.sink_tokens`
 simulated in the reference form; the eager engines make them two-grid uint8 codes
 (:func:`~outlierfx.quantizers.backends.two_grid_codes`). A float-output Linear reading them runs
 in int8 (x86/fbgemm: two GEMMs; onednn: one GEMM on the codes, shared by Q/K/V, whose first
-rows are corrected in closed form, or, where a GELU or the requantization to a first-token-grid
-output is fused, recomputed by a GEMM of batch x n rows with the same post-ops), and other
-readers get the codes dequantized. The plan lists what stays simulated.
+rows are corrected in closed form, or, where a GELU, a residual add or the requantization to a
+first-token-grid output is fused, recomputed by a GEMM of batch x n rows with the same
+post-ops), and other readers get the codes dequantized. The plan lists what stays simulated.
 """
 
 from __future__ import annotations
@@ -166,7 +166,8 @@ class Lower(GraphPass[LowerPlan]):
             kernel = ("int8 GEMM" + (", GELU fused" if gelu else "")
                       + (", requantized uint8 output" if requantized else ", float output")
                       + ("" if gelu or requantized else self._residual_label(linear)))
-            how = "their rows again, by a batch x n GEMM" if gelu or requantized else "their rows corrected in closed form"
+            fused = gelu or requantized or bool(self._residual_label(linear))
+            how = "their rows again, by a batch x n GEMM" if fused else "their rows corrected in closed form"
             return f"{kernel}; first token(s) on their own grid ({how})", 0
         simulated = _no_integer_kernel(module)
         if simulated is not None:

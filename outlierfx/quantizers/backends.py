@@ -239,21 +239,21 @@ class QuantizedLinear(torch.nn.Module):
         """A first-token-grid input (float, or the codes :func:`two_grid_codes` gives): one GEMM
         reads every row on the main grid, then the first ``n`` positions' rows are made right.
 
-        - Float output, nothing fused after the affine part: corrected in closed form,
-          ``y0 = s0/s (y0' - c) + c + s0 (z - z0) sum_k W[:, k] w_scale`` with ``c`` the bias
-          plus the residual's first rows (a few small ops: cheaper than a GEMM call).
-        - A GELU or a requantization in the GEMM: computed again from their own codes and grid
-          by a GEMM of batch x n rows with the same post-ops (requantized to the output's
-          first-token grid) and written over them."""
+        - Float output, nothing fused: corrected in closed form,
+          ``y0 = s0/s (y0' - b) + b + s0 (z - z0) sum_k W[:, k] w_scale`` (a few small ops:
+          cheaper than a GEMM call).
+        - A GELU, a requantization or a residual add in the GEMM: computed again from their own
+          codes and grid by a GEMM of batch x n rows with the same post-ops (requantized to the
+          output's first-token grid) and written over them. (A fused residual would enter the
+          closed form as ``y0' - r0``: the first token's residual-stream values reach 1e3-1e4 on
+          SmolLM2, and that difference loses the digits the correction scales up.)"""
         n, scale0, zero_point0 = self.sink  # type: ignore[misc]
         codes = x if x.dtype == torch.uint8 else self.input_codes(x)
         y = self._onednn(codes, packed, self.in_scale, self.in_zero_point, residual, self.out_qparams)
         if codes.dim() < 3 or codes.shape[1] <= n:
             return y
-        if self.out_qparams is None and self.gelu is None:
+        if self.out_qparams is None and self.gelu is None and residual is None:
             offset = self.bias if self.bias is not None else 0.0
-            if residual is not None:
-                offset = offset + residual[:, :n]
             head = (y[:, :n] - offset) * (scale0 / self.in_scale) + offset
             y[:, :n] = head + (scale0 * (self.in_zero_point - zero_point0)) * packed[3]
             return y
