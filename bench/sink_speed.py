@@ -16,7 +16,7 @@ import json
 import torch
 
 from outlierfx.api import lower, quantize
-from outlierfx.benchmarks import CALIBRATION, calibration_batches
+from outlierfx.benchmarks import CALIBRATION, calibration_batches, write_json
 from outlierfx.evaluate import DecoderEval, EncoderEval
 from outlierfx.models import load
 from outlierfx.speed import SHAPES, interleaved_medians, speed_inputs
@@ -46,8 +46,7 @@ def main() -> None:
     result["args"] = vars(args)
     print(json.dumps(result, indent=1))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+        write_json(result, args.json)
 
 
 if __name__ == "__main__":

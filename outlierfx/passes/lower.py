@@ -163,10 +163,10 @@ class Lower(GraphPass[LowerPlan]):
                 return "int8 GEMM, float output; first token(s) on their own input grid (2 GEMMs)", 0
             gelu = _fusable_gelu(linear) is not None
             requantized = _sink_output(gm, next(iter(linear.users)) if gelu else linear, module) is not None
+            residual = "" if gelu or requantized else self._residual_label(linear)
             kernel = ("int8 GEMM" + (", GELU fused" if gelu else "")
-                      + (", requantized uint8 output" if requantized else ", float output")
-                      + ("" if gelu or requantized else self._residual_label(linear)))
-            fused = gelu or requantized or bool(self._residual_label(linear))
+                      + (", requantized uint8 output" if requantized else ", float output") + residual)
+            fused = gelu or requantized or bool(residual)
             how = "their rows again, by a batch x n GEMM" if fused else "their rows corrected in closed form"
             return f"{kernel}; first token(s) on their own grid ({how})", 0
         simulated = _no_integer_kernel(module)
@@ -340,6 +340,16 @@ def _fusable_residual(linear: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.No
     return add, others[0]
 
 
+def _main_grid(module: FakeQuantize) -> tuple[float, int]:
+    """(scale, zero point) of a single-grid quantizer (per tensor, or PEG groups that share one)."""
+    return float(module.scale.flatten()[0]), int(module.zero_point.flatten()[0])
+
+
+def _sink_grid(module: FakeQuantize) -> tuple[int, float, int]:
+    """(first tokens, scale, zero point) of a quantizer's first-token grid."""
+    return module.spec.sink_tokens, float(module.sink_scale), int(module.sink_zero_point)
+
+
 def _single_grid(module: FakeQuantize) -> bool:
     """Whether every channel uses the same scale and zero point (per tensor, or PEG with K=1):
     then it lowers as a per-tensor quantizer, with int8 kernels end to end."""
@@ -401,7 +411,7 @@ class _ReferenceLowering:
         dtype = integer_dtype(spec)
         with self.graph.inserting_before(node):
             if _single_grid(module):  # per tensor, or groups that share one grid (K=1)
-                qparams = (float(module.scale.flatten()[0]), int(module.zero_point.flatten()[0]), spec.qmin, spec.qmax, dtype)
+                qparams = (*_main_grid(module), spec.qmin, spec.qmax, dtype)
                 q = self.graph.call_function(Q_TENSOR, (x, *qparams))
                 dq = self.graph.call_function(DQ_TENSOR, (q, *qparams))
             else:
@@ -612,25 +622,24 @@ class _AoLowering:
 
     def _fresh_float_channels(self, node: torch.fx.Node) -> int | None:
         """The last-axis size of ``node``'s value if it is a new float32 tensor (an int8 GEMM's
-        float output, or ``dequantize`` of a quint8 tensor whose channels are known), else None."""
+        float output, or codes dequantized), else None."""
         if node.op == "call_module":
             module = self.gm.get_submodule(str(node.target))
             float_out = isinstance(module, QuantizedLinear) and module.out_qparams is None
             return module.out_features if float_out else None
-        if node.op == "call_function" and node.target is two_grid_dequantize:
-            source = node.args[0]
-            if source.op == "call_module":
-                return self.gm.get_submodule(str(source.target)).out_features
-            value = tensor_val(source.args[0]) if source.target is two_grid_codes else None
+        dequantized = (node.op == "call_function" and node.target is two_grid_dequantize) or (
+            node.op == "call_method" and node.target == "dequantize")
+        return self._code_channels(node.args[0]) if dequantized and isinstance(node.args[0], torch.fx.Node) else None
+
+    def _code_channels(self, source: torch.fx.Node) -> int | None:
+        """The last-axis size of int8 codes: the GEMM that produced them, or the float value
+        they were quantized from (when its shape is recorded)."""
+        if source.op == "call_module":
+            module = self.gm.get_submodule(str(source.target))
+            return module.out_features if isinstance(module, QuantizedLinear) else None
+        if source.target in (torch.quantize_per_tensor, two_grid_codes):
+            value = tensor_val(source.args[0])
             return int(value.shape[-1]) if value is not None and value.dim() > 0 else None
-        if node.op == "call_method" and node.target == "dequantize" and isinstance(node.args[0], torch.fx.Node):
-            source = node.args[0]
-            if source.op == "call_module":
-                module = self.gm.get_submodule(str(source.target))
-                return module.out_features if isinstance(module, QuantizedLinear) else None
-            if source.target is torch.quantize_per_tensor:
-                value = tensor_val(source.args[0])
-                return int(value.shape[-1]) if value is not None and value.dim() > 0 else None
         return None
 
     # -- int8 values ---------------------------------------------------------------------------
@@ -698,9 +707,8 @@ class _AoLowering:
         Linear that reads the value) and a small one for the first tokens' rows; a following
         GELU, the residual add, and the requantization to a first-token-grid output that only
         such Linears read go into both."""
-        spec = module.spec
-        qparams = (float(module.scale.flatten()[0]), int(module.zero_point.flatten()[0]), spec.qmin, spec.qmax)
-        sink = (spec.sink_tokens, float(module.sink_scale), int(module.sink_zero_point))
+        qparams = (*_main_grid(module), module.spec.qmin, module.spec.qmax)
+        sink = _sink_grid(module)
         quantizer = linear.args[0]
         if self.engine != "onednn":
             self._replace_linear(linear, w_dq, bias, qparams, None, None, quantizer.args[0], sink, self._residual(linear))
@@ -710,8 +718,7 @@ class _AoLowering:
         out = sink_out = None
         if out_node is not None:
             target = self.gm.get_submodule(str(out_node.target))
-            out = (float(target.scale.flatten()[0]), int(target.zero_point.flatten()[0]))
-            sink_out = (float(target.sink_scale), int(target.sink_zero_point))
+            out, sink_out = _main_grid(target), _sink_grid(target)[1:]
         residual = self._residual(linear) if gelu is None and out is None else None
         call = self._replace_linear(linear, w_dq, bias, qparams, out, gelu, self._two_grid_codes(quantizer, qparams, sink),
                                     sink, residual, sink_out)
@@ -725,10 +732,8 @@ class _AoLowering:
         module = _fake_quantizer(self.gm, node)
         if module is None or not module.enabled or not node.users or not _two_grids_lower(module):
             return
-        spec = module.spec
-        scale, zero_point = float(module.scale.flatten()[0]), int(module.zero_point.flatten()[0])
-        sink = (spec.sink_tokens, float(module.sink_scale), int(module.sink_zero_point))
-        codes = self._two_grid_codes(node, (scale, zero_point, spec.qmin, spec.qmax), sink)
+        (scale, zero_point), sink = _main_grid(module), _sink_grid(module)
+        codes = self._two_grid_codes(node, (scale, zero_point, module.spec.qmin, module.spec.qmax), sink)
         with self.graph.inserting_after(codes):
             values = self.graph.call_function(two_grid_dequantize, (codes, sink[0], scale, zero_point, *sink[1:]))
         meta.inherit(values, node, "Lower")

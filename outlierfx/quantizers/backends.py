@@ -86,6 +86,13 @@ def quantized_engine(engine: str) -> Iterator[None]:
         torch.backends.quantized.engine = previous
 
 
+def clamp_to_grid(x: torch.Tensor, scale: float, zero_point: int, qmin: int, qmax: int) -> torch.Tensor:
+    """A grid narrower than uint8 (A6, A4) saturates inside it: clamp there, so the codes match."""
+    if (qmin, qmax) == (0, 255):
+        return x
+    return x.clamp((qmin - zero_point) * scale, (qmax - zero_point) * scale)
+
+
 def two_grid_codes(x: torch.Tensor, n: int, scale: float, zero_point: int, sink_scale: float, sink_zero_point: int,
                    qmin: int = 0, qmax: int = 255) -> torch.Tensor:
     """uint8 codes of ``x`` on ``(scale, zero_point)``, except the first ``n`` positions of a
@@ -93,9 +100,7 @@ def two_grid_codes(x: torch.Tensor, n: int, scale: float, zero_point: int, sink_
     ``FakeQuantize.on_grids`` simulates. A grid narrower than uint8 saturates at ``[qmin, qmax]``."""
 
     def codes(v: torch.Tensor, s: float, z: int) -> torch.Tensor:
-        if (qmin, qmax) != (0, 255):
-            v = v.clamp((qmin - z) * s, (qmax - z) * s)
-        return uint8_codes(torch.quantize_per_tensor(v.contiguous(), s, z, torch.quint8))
+        return uint8_codes(torch.quantize_per_tensor(clamp_to_grid(v, s, z, qmin, qmax).contiguous(), s, z, torch.quint8))
 
     out = codes(x, scale, zero_point)
     if n and x.dim() >= 3 and x.shape[1] > n:
@@ -277,10 +282,7 @@ class QuantizedLinear(torch.nn.Module):
                                          torch.quint8)
 
     def _clamp_to_grid(self, x: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
-        """A narrower grid (A6, A4) saturates inside uint8: clamp there, so the codes match."""
-        if self.in_qmin == 0 and self.in_qmax == 255:
-            return x
-        return x.clamp((self.in_qmin - zero_point) * scale, (self.in_qmax - zero_point) * scale)
+        return clamp_to_grid(x, scale, zero_point, self.in_qmin, self.in_qmax)
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
