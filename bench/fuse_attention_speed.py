@@ -30,7 +30,7 @@ from outlierfx.quantizers.observers import FakeQuantize
 def main(rounds: int = 15) -> None:
     torch.set_num_threads(2)
     minilm = load("minilm")
-    texts = corpus.wikipedia("calibration")[:64]
+    texts = corpus.wikipedia_sample("calibration", 64)
     calibration = [encode(minilm, texts[i:i + 8], max_length=128) for i in range(0, 64, 8)]
     batch = encode(minilm, corpus.wikipedia("evaluation")[:8], max_length=128)
     print("batch", tuple(batch["input_ids"].shape), flush=True)

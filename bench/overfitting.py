@@ -78,7 +78,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     loaded = load(args.model)
     model = loaded.model.eval()
-    batches = corpus.calibration_batches(loaded, corpus.wikipedia("calibration")[: args.train], 256, args.batch)
+    batches = corpus.calibration_batches(loaded, corpus.wikipedia_sample("calibration", args.train), 256, args.batch)
     evaluator = DecoderEval.build(loaded, windows=args.windows)
     rows = [{"method": "fp32", "train": train_perplexity(model, batches), **evaluator.metrics(model)}]
     print(json.dumps(rows[-1]), flush=True)

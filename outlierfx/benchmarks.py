@@ -22,7 +22,7 @@ CALIBRATION = {"encoder": {"samples": 64, "max_length": 128, "batch": 8},
 
 def calibration_batches(loaded, samples: int, max_length: int, batch: int) -> list[dict[str, torch.Tensor]]:
     """Batches of the packaged Wikipedia calibration split (``samples`` paragraphs)."""
-    return corpus.calibration_batches(loaded, corpus.wikipedia("calibration")[:samples], max_length, batch,
+    return corpus.calibration_batches(loaded, corpus.wikipedia_sample("calibration", samples), max_length, batch,
                                       min_tokens=0, source="the Wikipedia calibration split")
 
 

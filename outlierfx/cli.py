@@ -32,7 +32,7 @@ def _demo(args: argparse.Namespace) -> int:
           f"{torch.get_num_threads()} threads")
     loaded = load("minilm")
     print(f"  loaded {loaded.name} in {loaded.load_seconds:.1f}s")
-    texts = corpus.wikipedia("calibration")[:64]
+    texts = corpus.wikipedia_sample("calibration", 64)
     calibration = [encode(loaded, texts[i : i + 8], args.seq) for i in range(0, len(texts), 8)]
     start = time.perf_counter()
     gm = capture(loaded.model, calibration[0])
@@ -42,7 +42,7 @@ def _demo(args: argparse.Namespace) -> int:
           f"{len(view.residual_adds)} residual adds, {len(view.norm_sites)} norms; max |error| vs the model "
           f"{report.error.max_abs:.1e}")
 
-    print("\n1. quantize: capture, passes, calibration on 64 Wikipedia paragraphs")
+    print("\n1. quantize: capture, passes, calibration on 64 Wikipedia paragraphs (one per article)")
     start = time.perf_counter()
     fake, qreport = quantize(loaded.model, calibration, recipe="best", bits="W8A8", progress=True)
     int8, qreport = lower(fake, qreport, backend)
@@ -109,7 +109,7 @@ def _analyze(args: argparse.Namespace) -> int:
     if out.exists() and any(out.iterdir()) and not args.force:
         raise OutlierFXError(f"output directory {out} exists and is not empty; choose another --out or pass --force")
     loaded = load(args.model)
-    texts = corpus.wikipedia("calibration")[: args.samples]
+    texts = corpus.wikipedia_sample("calibration", args.samples)
     batches = [encode(loaded, texts[i : i + args.batch], args.seq) for i in range(0, len(texts), args.batch)]
     print(f"analyzing {loaded.name}: {len(texts)} Wikipedia calibration paragraphs, <= {args.seq} tokens each")
     gm = capture(loaded.model, batches[0])
@@ -180,10 +180,10 @@ def _quantize(args: argparse.Namespace) -> int:
         raise OutlierFXError(str(exc)) from exc
     loaded = load(args.model)
     if args.calibration:
-        texts, source = corpus.from_text_file(args.calibration), args.calibration
+        texts, source = corpus.evenly_spaced(corpus.from_text_file(args.calibration), args.samples), args.calibration
     else:
-        texts, source = corpus.wikipedia("calibration")[: args.samples], "the packaged Wikipedia calibration split"
-    batches = corpus.calibration_batches(loaded, texts[: args.samples], max_length=args.seq, batch_size=args.batch,
+        texts, source = corpus.wikipedia_sample("calibration", args.samples), "the packaged Wikipedia calibration split"
+    batches = corpus.calibration_batches(loaded, texts, max_length=args.seq, batch_size=args.batch,
                                          source=source)
     print(f"quantizing {loaded.name} ({recipe}, {args.bits}, backend {backend}) on {len(batches)} batches "
           f"from {source}")
@@ -231,7 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--fine", action="store_true",
                        help="add the fine stage: learn every activation range against the output (recipe+lsq)")
     quant.add_argument("--calibration", help="a text file (paragraphs separated by blank lines); default: Wikipedia")
-    quant.add_argument("--samples", type=int, default=64, help="calibration paragraphs (default 64)")
+    quant.add_argument("--samples", type=int, default=64, 
+                       help="calibration paragraphs (default 64), spread over the articles or the file")
     quant.add_argument("--batch", type=int, default=8, help="paragraphs per calibration batch")
     quant.add_argument("--seq", type=int, default=128, help="max tokens per paragraph")
     quant.add_argument("--out", required=True, help="output directory (must not exist or be empty)")

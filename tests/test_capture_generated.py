@@ -15,29 +15,12 @@ def _targets(gm):
     return {n.target for n in gm.graph.nodes if n.op == "call_function"}
 
 
-def _assert_as_exact_as_the_model(g, gm):
-    """The captured graph agrees with the model within TOL, or, where fp32 rounding alone is near
-    TOL (large injected outliers), it is as close to the float64 model as the fp32 model is."""
-    try:
-        assert_equivalent(g.model, gm, g.inputs, tol=TOL)
-        return
-    except AssertionError:
-        pass
-    import copy
-
-    from outlierfx.graph.compare import output_error
-
-    with torch.no_grad():
-        exact = copy.deepcopy(g.model).double()(**g.inputs)
-        model_error = output_error(exact, g.model(**g.inputs))
-        graph_error = output_error(exact, gm(**g.inputs))
-    assert graph_error.nonfinite == 0
-    assert graph_error.max_rel <= 2 * model_error.max_rel + 1e-6, (graph_error, model_error)
-
-
 def _check_capture(g):
-    gm = outlierfx.capture(g.model, g.inputs, check=False)  # checked here, against float64 if needed
-    _assert_as_exact_as_the_model(g, gm)
+    # capture's own check: within TOL of the output's max, or, where fp32 rounding alone is near TOL
+    # (large injected outliers), as close to a float64 copy of the model as the fp32 model is
+    gm = outlierfx.capture(g.model, g.inputs, rel_tol=TOL)
+    report = gm.meta[meta.GM_CAPTURE_REPORT]
+    assert report.error.within(TOL) or report.float_noise is not None
     targets = _targets(gm)
     # Fused ops are gone: attention is explicit, RMSNorm is one node, GPT-2 Conv1D is a linear.
     assert aten.scaled_dot_product_attention.default not in targets

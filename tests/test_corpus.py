@@ -14,6 +14,25 @@ def test_wikipedia_splits_are_disjoint_and_substantial():
     assert not any("[[" in p or "{{" in p or "<ref" in p for p in calibration + evaluation)
 
 
+def test_calibration_sample_spreads_over_articles():
+    sample = corpus.wikipedia_sample("calibration", 64)
+    articles = [set(p) for title, p in corpus._wikipedia_articles() if title in corpus._titles("calibration")]
+    assert len(sample) == 64 and len(set(sample)) == 64
+    assert set(sample) <= set(corpus.wikipedia("calibration"))
+    assert not set(sample) & set(corpus.wikipedia("evaluation"))
+    # one paragraph per article while articles last, then a second from each
+    assert sum(any(p in a for p in sample) for a in articles) == min(64, len(articles))
+    more = corpus.wikipedia_sample("calibration", len(articles) + 5)
+    assert more[: len(articles)] == corpus.wikipedia_sample("calibration", len(articles))
+    assert len(more) == len(articles) + 5
+
+
+def test_evenly_spaced():
+    texts = [str(i) for i in range(10)]
+    assert corpus.evenly_spaced(texts, 5) == ["0", "2", "4", "6", "8"]
+    assert corpus.evenly_spaced(texts, 20) == texts
+
+
 def test_unknown_split():
     with pytest.raises(DataError, match="unknown split"):
         corpus.wikipedia("train")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import copy
 import dataclasses
 import functools
 import inspect
@@ -20,6 +21,7 @@ from typing import Any
 
 import torch
 import torch.fx
+import torch.utils._pytree as pytree
 
 from ..errors import CaptureError, DataError
 from . import meta
@@ -29,7 +31,11 @@ from .ops import OpKind, op_kind
 from .shapes import propagate_values
 
 DEFAULT_REL_TOL = 1e-5
-"""Captured graphs must match the model within this fraction of the output's max magnitude."""
+"""Captured graphs must match the model within this fraction of the output's max magnitude..."""
+FLOAT_NOISE_FACTOR = 4.0
+"""...or, where fp32 rounding alone moves the model further (deep models whose residual stream
+carries massive activations: SmolLM2's 25,000s leave ~1e-3 of rounding in every sum), stay within
+this multiple of the model's own fp32 error against a float64 copy of it."""
 
 Inputs = tuple[tuple[Any, ...], dict[str, Any]]
 
@@ -42,7 +48,8 @@ class CaptureReport:
     rewrites: Mapping[str, int]
     op_counts: Mapping[str, int]
     num_nodes: int
-    error: OutputError | None
+    error: OutputError | None  # graph vs model at real tokens
+    float_noise: float | None = None  # the model's own fp32 vs float64 max abs error, where it was needed
 
     def as_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -144,7 +151,9 @@ def capture(
         example_inputs: a tuple of positional args or a dict of kwargs for ``model``.
         dynamic: keep batch and sequence sizes symbolic so the graph accepts other shapes.
         check: run the model and the graph on ``example_inputs`` and require their outputs to
-            agree within ``rel_tol`` times the output's max magnitude.
+            agree (at real tokens, where an ``attention_mask`` says which) within ``rel_tol`` times
+            the output's max magnitude, or within ``FLOAT_NOISE_FACTOR`` times the model's own
+            fp32 rounding error (measured against a float64 copy) where that is larger.
 
     The graph is called like the model (same arguments, same output structure). Each node keeps
     the user's module path (``outlierfx.graph.meta.module_path(node)``); ``gm.meta`` holds the
@@ -180,15 +189,21 @@ def capture(
     propagate_values(gm, full=True)
     canonicalize_seconds = time.perf_counter() - start
 
-    error = None
+    error, noise = None, None
     if check:
-        error = output_error(reference, run(gm, inputs))
+        mask = _token_mask(inputs)
+        actual = run(gm, inputs)
+        error = output_error(reference, actual, mask)
         if not error.within(rel_tol):
-            raise CaptureError(
-                f"the captured graph of {name} does not reproduce the model: max abs error "
-                f"{error.max_abs:.3g} ({error.max_rel:.3g} of the output's max |value|, "
-                f"tolerance {rel_tol:g}); non-finite values: {error.nonfinite}"
-            )
+            noise, from_float64 = _float64_noise(model, inputs, constants, reference, actual, mask)
+            if error.nonfinite or from_float64 > FLOAT_NOISE_FACTOR * noise:
+                raise CaptureError(
+                    f"the captured graph of {name} does not reproduce the model: max abs error "
+                    f"{error.max_abs:.3g} ({error.max_rel:.3g} of the output's max |value|, tolerance "
+                    f"{rel_tol:g}); against a float64 copy of the model the graph is off by "
+                    f"{from_float64:.3g}, the model itself by {noise:.3g} (allowed: {FLOAT_NOISE_FACTOR:g}x); "
+                    f"non-finite values: {error.nonfinite}"
+                )
     gm.meta[meta.GM_EXAMPLE_INPUTS] = inputs
     gm.meta[meta.GM_CAPTURE_REPORT] = CaptureReport(
         model=name,
@@ -198,8 +213,30 @@ def capture(
         op_counts=count_ops(gm),
         num_nodes=len(gm.graph.nodes),
         error=error,
+        float_noise=noise,
     )
     return gm
+
+
+def _token_mask(inputs: Inputs) -> torch.Tensor | None:
+    """The attention mask when there is a 2-D one: padded positions' outputs carry no meaning."""
+    mask = inputs[1].get("attention_mask")
+    return mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+
+
+def _float64_noise(model: torch.nn.Module, inputs: Inputs, constants: dict[str, Any], reference: Any,
+                   actual: Any, mask: torch.Tensor | None) -> tuple[float, float]:
+    """(the model's fp32 output vs a float64 copy's, the graph's vs the same): how much fp32
+    rounding alone moves this model on these inputs, and how far the graph is from exact."""
+    wide = pytree.tree_map(lambda t: t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t,
+                           inputs)
+    try:
+        twin = copy.deepcopy(model).double()
+        with _tracing_view_of(twin, constants):
+            exact = run(twin, wide)
+    except Exception:  # a model that cannot run in float64 gets no noise allowance  # noqa: BLE001
+        return 0.0, float("inf")
+    return output_error(exact, reference, mask).max_abs, output_error(exact, actual, mask).max_abs
 
 
 def count_ops(gm: torch.fx.GraphModule) -> dict[str, int]:
