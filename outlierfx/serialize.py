@@ -9,6 +9,7 @@ only load files you (or outlierfx) wrote.
 from __future__ import annotations
 
 import json
+import math
 import pathlib
 import warnings
 from typing import Any
@@ -18,12 +19,22 @@ import torch.fx
 import torch.utils._pytree as pytree
 
 from .errors import OutlierFXError
+from .quantizers import backends
 from .graph.copy import copy_graph_module
 from .graph.probe import flatten_with_spec
 
 MODEL_FILE = "model.pt"
 INFO_FILE = "outlierfx.json"
 FORMAT_VERSION = 1
+
+
+class KernelLeafTracer(torch.fx.Tracer):
+    """What torch re-traces a saved graph's code with on load: outlierfx's run-time kernel
+    functions (first-token grids, the attention-mask check) are called, not traced into; their
+    shape and value branches cannot take symbolic inputs."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(autowrap_modules=(math, backends))
 
 
 class SavedModel(torch.nn.Module):
@@ -37,7 +48,7 @@ class SavedModel(torch.nn.Module):
         flat = copy_graph_module(graph_module)
         flat.graph._codegen = torch.fx.graph.CodeGen()
         flat.meta = {}  # capture-time example inputs and reports are not part of the model
-        flat._tracer_cls = None  # export's tracer cannot be rebuilt on load; fx's default can
+        flat._tracer_cls = KernelLeafTracer  # export's tracer cannot be rebuilt on load
         flat._tracer_extras = {}
         flat.recompile()
         self.graph_module = flat

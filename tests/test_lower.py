@@ -13,8 +13,9 @@ import outlierfx
 from outlierfx.errors import PassError
 from outlierfx.graph.compare import output_error
 from outlierfx.graph.probe import probe
+from outlierfx.passes.fuse_attention import FuseAttention
 from outlierfx.passes.lower import Lower
-from outlierfx.quantizers.backends import BackendError, QuantizedLinear, check_backend
+from outlierfx.quantizers.backends import BackendError, QuantizedLinear, check_backend, mask_or_none
 from outlierfx.serialize import load_quantized, save_quantized, size_on_disk_mb
 from outlierfx.testing import assert_tokens_close, build_model, transformer_models
 
@@ -150,6 +151,28 @@ def test_onednn_runs_linears_that_read_one_input_as_one_gemm(family, merged_per_
     assert_tokens_close(Lower("reference")(qmodel).graph_module, result.graph_module, g.inputs)
 
 
+@pytest.mark.parametrize("engine", [e for e in ("onednn", "x86") if e in ENGINES])
+def test_fused_attention_skips_an_all_zero_mask_once_per_forward(engine):
+    g = build_model("bert", hidden=32, layers=2)
+    qmodel, _ = outlierfx.quantize(g.model, [g.inputs], recipe="naive", bits="W8A8", policy="linear-inputs",
+                                   progress=False)
+    fused = FuseAttention()(qmodel).graph_module
+    lowered = Lower(engine)(fused).graph_module
+    checks = [n for n in lowered.graph.nodes if n.target is mask_or_none]
+    attention = [n for n in lowered.graph.nodes if n.target is torch.ops.aten.scaled_dot_product_attention.default]
+    assert len(checks) == 1 and len(attention) == g.config.num_hidden_layers
+    assert all(n.kwargs["attn_mask"] is checks[0] for n in attention)
+    reference = Lower("reference")(fused).graph_module
+    padded = dict(g.inputs, attention_mask=torch.ones_like(g.inputs["attention_mask"]))
+    padded["attention_mask"][0, -3:] = 0
+    for inputs in (dict(g.inputs, attention_mask=torch.ones_like(g.inputs["attention_mask"])), padded):
+        assert_tokens_close(reference, lowered, inputs)
+    assert mask_or_none(torch.zeros(2, 1, 1, 8)) is None
+    bias = torch.zeros(2, 1, 1, 8)
+    bias[1, 0, 0, -1] = torch.finfo(torch.float32).min
+    assert mask_or_none(bias) is bias
+
+
 @pytest.mark.skipif("onednn" not in torch.backends.quantized.supported_engines, reason="no onednn engine")
 def test_fused_residual_is_read_densely_and_broadcasts_fall_back_outside_the_kernel():
     torch.manual_seed(0)
@@ -270,12 +293,13 @@ def test_default_backend_is_onednn_only_with_int8_instructions(monkeypatch):
 
 
 @pytest.mark.parametrize("engine", [e for e in ("x86", "onednn") if e in ENGINES])
-def test_saved_model_reloads_in_a_new_process_with_identical_outputs(tmp_path, engine):
+@pytest.mark.parametrize("recipe", ["naive", "naive+sink"])  # +sink: run-time kernel functions in the graph
+def test_saved_model_reloads_in_a_new_process_with_identical_outputs(tmp_path, engine, recipe):
     g = build_model("bert", hidden=32, layers=2)
-    qmodel, _ = outlierfx.quantize(g.model, [g.inputs], recipe="naive", bits="W8A8", policy="linear-inputs",
+    qmodel, _ = outlierfx.quantize(g.model, [g.inputs], recipe=recipe, bits="W8A8", policy="linear-inputs",
                                    progress=False)
-    lowered = Lower(engine)(qmodel).graph_module
-    path = save_quantized(lowered, tmp_path / "int8", {"recipe": "naive"})
+    lowered = Lower(engine)(FuseAttention()(qmodel).graph_module).graph_module
+    path = save_quantized(lowered, tmp_path / "int8", {"recipe": recipe})
     torch.save(dict(g.inputs), tmp_path / "inputs.pt")
     with torch.no_grad():
         torch.save(lowered(**g.inputs).last_hidden_state, tmp_path / "expected.pt")
@@ -292,7 +316,7 @@ def test_saved_model_reloads_in_a_new_process_with_identical_outputs(tmp_path, e
         "sys.exit(0 if torch.equal(out, expected) else 1)\n"
     )
     assert subprocess.run([sys.executable, "-c", script], timeout=300).returncode == 0
-    assert json.loads((path.parent / "outlierfx.json").read_text())["recipe"] == "naive"
+    assert json.loads((path.parent / "outlierfx.json").read_text())["recipe"] == recipe
     assert load_quantized(path.parent)(**g.inputs).last_hidden_state.shape == (*g.inputs["input_ids"].shape, 32)
 
 

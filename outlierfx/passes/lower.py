@@ -21,7 +21,8 @@ Two stages, both exact up to rounding ties (one quantization step at most, per l
    quantized once. Quantize-dequantize pairs left around other ops become torch's fused
    fake-quantize kernels: those ops run in float on values that are exactly on the int8 grid.
    A per-channel scale the graph keeps (a Quadapter ``x * s`` on a GELU output, a post-LN
-   compensation) scales its temporary in place.
+   compensation) scales its temporary in place. Fused attention skips an all-zero mask at run
+   time (:func:`~outlierfx.quantizers.backends.mask_or_none`).
 
 Quantizers wider than 8 bit (the ``mp16`` policy) have no integer kernel and stay simulated.
 Quantizers whose first tokens have a grid of their own (``QuantSpec.sink_tokens``) stay
@@ -54,6 +55,7 @@ from ..quantizers.backends import (
     QuantizedLinear,
     check_backend,
     has_float_output_kernel,
+    mask_or_none,
     two_grid_codes,
     two_grid_dequantize,
 )
@@ -61,6 +63,7 @@ from ..quantizers.fake_quant import integer_dtype, quantize_to_integers, quantiz
 from ..quantizers.observers import FakeQuantize
 from ..quantizers.spec import Estimator, Granularity, QuantSpec
 from .base import GraphPass
+from .fuse_attention import SDPA
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -558,6 +561,19 @@ class _AoLowering:
         for node in list(self.graph.nodes):
             self._scale_in_place(node)
             self._plain_codes(node)
+        self._skip_zero_masks()
+
+    def _skip_zero_masks(self) -> None:
+        """Fused attention reads its additive mask through :func:`mask_or_none`, once per mask."""
+        checked: dict[torch.fx.Node, torch.fx.Node] = {}
+        for node in list(self.graph.nodes):
+            mask = node.kwargs.get("attn_mask") if _is_call(node, SDPA) else None
+            if not isinstance(mask, torch.fx.Node):
+                continue
+            if mask not in checked:
+                with self.graph.inserting_after(mask):
+                    checked[mask] = self.graph.call_function(mask_or_none, (mask,))
+            node.update_kwarg("attn_mask", checked[mask])
 
     def _merge_siblings(self) -> None:
         """Float-output GEMMs with nothing fused that read the same int8 value (Q, K and V; a

@@ -119,6 +119,14 @@ def two_grid_dequantize(codes: torch.Tensor, n: int, scale: float, zero_point: i
     return values
 
 
+def mask_or_none(bias: torch.Tensor) -> torch.Tensor | None:
+    """An additive attention bias, or ``None`` where it is all zeros (a batch without padding):
+    adding zeros changes no score, and torch's fused attention kernel runs ~10% faster without
+    a mask (MiniLM, 8 x 12 heads x 128 x 32, 2 threads). One check per forward, shared by the
+    layers; data-dependent, so eager engines only."""
+    return None if not bool(bias.any()) else bias
+
+
 class QuantizedLinear(torch.nn.Module):
     """``y = x W^T + b`` on an int8 kernel: ``x`` is quantized with the calibrated (static)
     ``in_scale``/``in_zero_point`` (uint8 grid ``[in_qmin, in_qmax]``), ``W`` is int8 per output
