@@ -19,9 +19,9 @@ import torch.fx
 import torch.utils._pytree as pytree
 
 from .errors import OutlierFXError
-from .quantizers import backends
 from .graph.copy import copy_graph_module
 from .graph.probe import flatten_with_spec
+from .quantizers import backends
 
 MODEL_FILE = "model.pt"
 INFO_FILE = "outlierfx.json"
