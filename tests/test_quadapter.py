@@ -76,6 +76,33 @@ def test_insertion_is_exact_with_quantizers_off_for_any_scale(g):
         assert len(site.weight_muls) + len(site.compensations) == len(list(users_through_layout_ops(site.quantizer)))
 
 
+def test_linear_inputs_leave_post_ln_shortcuts_float_and_quadapter_compensates_them():
+    from outlierfx.graph.view import GraphView
+
+    g = build_model("bert", layers=2, hidden=32, batch=2, seq=10)
+    observed = _calibrated(g, "W8A8", "linear-inputs")
+    shortcuts = [r.shortcut for r in GraphView(observed).residual_adds]
+    # the shortcut reads the float norm output; the norm's observer feeds Linears only
+    post_ln = [n for n in shortcuts if n.target is torch.ops.aten.layer_norm.default]
+    assert len(post_ln) == _expected_sites(g)
+    for norm in post_ln:
+        (observer,) = [u for u in norm.users if u.op == "call_module"]
+        assert all(u.target is torch.ops.aten.linear.default for u in observer.users)
+    result = PassManager([InsertQuadapter()])(observed)  # the manager checks equivalence too
+    inserted, plan = result.graph_module, result.audit.entries[0].plan
+    assert len(plan.sites) == _expected_sites(g)
+    assert sum(len(s.compensated) for s in plan.sites) == _expected_sites(g)
+    sites = inserted_sites(inserted)
+    assert all(c.args[0] is site.input_mul for site in sites for c in site.compensations)  # (x s) / s, not Q(x s) / s
+    gen = torch.Generator().manual_seed(0)
+    for p in scale_parameters(inserted).values():
+        p.data = torch.randn(p.shape, generator=gen) * 2
+    assert_equivalent(g.model, inserted, g.inputs, tol=TOL)
+    folded = PassManager([FoldQuadapter()])(inserted).graph_module
+    assert not inserted_sites(folded)
+    assert_equivalent(g.model, folded, g.inputs, tol=TOL)
+
+
 @settings(max_examples=4)
 @given(g=transformer_models())
 def test_training_moves_only_the_scales_and_folding_keeps_the_trained_outputs(g):

@@ -2,7 +2,10 @@
 
 One observer per tensor (a norm output feeding Q, K and V is observed once), inserted right
 after its producer so that every consumer reads the same quantized value, as on an integer
-backend. Only floating-point tensors are observed (never integer position ids or masks).
+backend; a tensor the policy quantizes only as a Linear input (``linear-inputs``) is read
+quantized by its Linears only, and in float by the rest (a post-LN residual shortcut), as an
+int8 GEMM backend computes it. Only floating-point tensors are observed (never integer
+position ids or masks).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import torch
 import torch.fx
 
 from ..graph import meta
-from ..graph.ops import preserves_last_axis
+from ..graph.ops import OpKind, op_kind, preserves_last_axis
 from ..graph.roles import Role, tensor_roles
 from ..graph.view import GraphView
 from ..quantizers.observers import Observer
@@ -79,6 +82,8 @@ class InsertObservers(GraphPass[InsertObserversPlan]):
             name = OBSERVER_PREFIX + point.node.name
             gm.add_module(name, Observer(point.spec, meta.module_path(point.node) or point.node.name, point.roles))
             users = list(point.node.users)
+            if self.policy.linear_readers_only(point.roles):
+                users = [u for u in users if op_kind(u) is OpKind.LINEAR and u.args[0] is point.node]
             with gm.graph.inserting_after(point.node):
                 observed = gm.graph.call_module(name, (point.node,))
             meta.inherit(observed, point.node, type(self).__name__)

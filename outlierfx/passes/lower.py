@@ -632,9 +632,23 @@ class _AoLowering:
             return
         scale = fetch_attr(self.gm, str(s.target))
         channels = self._fresh_float_channels(x)
-        if len(x.users) != 1 or channels is None or scale.dtype != torch.float32 or tuple(scale.shape) != (channels,):
+        if channels is None and _is_call(x, aten.layer_norm.default) and self._read_before(x, node):
+            channels = int(x.args[1][-1])  # a post-LN shortcut's compensation, after the quantize read x
+        elif len(x.users) != 1:
+            return
+        if channels is None or scale.dtype != torch.float32 or tuple(scale.shape) != (channels,):
             return
         node.target = aten.mul_.Tensor
+
+    def _read_before(self, x: torch.fx.Node, node: torch.fx.Node) -> bool:
+        """Every other reader of ``x`` runs before ``node`` and makes a new tensor of it (codes,
+        an int8 GEMM's output): scaling ``x`` in place at ``node`` changes nothing they see."""
+        order = {n: i for i, n in enumerate(self.graph.nodes)}
+        others = [u for u in x.users if u is not node]
+        return all(order[u] < order[node] and (
+            u.target in (torch.quantize_per_tensor, two_grid_codes, Q_TENSOR)
+            or (u.op == "call_module" and isinstance(self.gm.get_submodule(str(u.target)), QuantizedLinear)))
+            for u in others)
 
     def _fresh_float_channels(self, node: torch.fx.Node) -> int | None:
         """The last-axis size of ``node``'s value if it is a new float32 tensor (an int8 GEMM's

@@ -7,7 +7,8 @@ folded model computes:
 
 - a Linear consumer reads ``W * (1/s)`` (input columns), computed in the graph; its weight
   quantizer therefore sees the scaled weight, as it will after folding;
-- a residual shortcut (post-LN, BERT) or the graph output reads ``Q(x * s) * (1/s)``.
+- a residual shortcut (post-LN, BERT) or the graph output reads ``Q(x * s) * (1/s)``, or
+  ``(x * s) * (1/s)`` where the policy leaves it the float value (``linear-inputs``).
 
 With ``explicit=True`` every other quantized Linear input (attention contexts, GELU/SwiGLU
 outputs) gets a pair too: its producer cannot absorb s, so after folding ``x * s`` stays in the
@@ -157,19 +158,23 @@ def find_candidates(gm: torch.fx.GraphModule, include_head: bool = False,
         if op_kind(norm) not in NORM_KINDS:
             continue
         reads = list(users_through_layout_ops(norm))
-        if len(reads) != 1 or not _is_quantizer(gm, reads[0][0]):
+        quantizers = [(user, op) for user, op in reads if _is_quantizer(gm, user)]
+        if len(quantizers) != 1:
             skipped.append((norm, "its output is not quantized by exactly one quantizer"))
             continue
-        quantizer, operand = reads[0]
+        quantizer, operand = quantizers[0]
+        # float readers beside the quantizer (linear-inputs: a post-LN shortcut) read x * s * (1/s)
+        float_reads = [(user, op) for user, op in reads if user is not quantizer]
         gamma, _ = _affine_params(norm)
         if gamma is not None and gamma.op != "get_attr":
             skipped.append((norm, "gamma is computed, not a parameter s can fold into"))
             continue
         linears, compensated, blocker = [], [], None
-        for user, op in users_through_layout_ops(quantizer):
-            if has_stored_weight(user) and user.args[0] is op:
+        for user, op in [*users_through_layout_ops(quantizer), *float_reads]:
+            quantized = (user, op) not in float_reads
+            if quantized and has_stored_weight(user) and user.args[0] is op:
                 linears.append(user)
-            elif shortcut_of.get(user) is op or user.op == "output":
+            elif (shortcut_of.get(user) is op or user.op == "output") and (quantized or op is operand):
                 compensated.append((user, op))
             else:
                 blocker = f"consumer {user.name} cannot absorb 1/s"
@@ -219,7 +224,7 @@ class _Site:
     input_mul: torch.fx.Node  # x * s, read by the quantizer
     inverse: torch.fx.Node  # 1 / s
     weight_muls: tuple[torch.fx.Node, ...]  # W * (1/s), read by a Linear as its weight
-    compensations: tuple[torch.fx.Node, ...]  # Q(x s) * (1/s) on shortcut / output edges
+    compensations: tuple[torch.fx.Node, ...]  # Q(x s) * (1/s), or (x s) * (1/s), on shortcut / output edges
 
     @property
     def operand(self) -> torch.fx.Node:
@@ -236,8 +241,7 @@ class _Site:
 
     @property
     def quantizer(self) -> torch.fx.Node:
-        (user,) = self.input_mul.users
-        return user
+        return next(u for u in self.input_mul.users if u.op == "call_module")  # beside float compensations
 
 
 def inserted_sites(gm: torch.fx.GraphModule) -> list[_Site]:
@@ -309,8 +313,8 @@ class InsertQuadapter(GraphPass[InsertQuadapterPlan]):
                 meta.inherit(new, linear, NAME)
                 linear.replace_input_with(weight, new)
             for consumer, operand in site.compensated:
-                with graph.inserting_before(consumer):
-                    new = graph.call_function(aten.mul.Tensor, (operand, inverse))
+                with graph.inserting_before(consumer):  # a float reader reads x * s, like the quantizer
+                    new = graph.call_function(aten.mul.Tensor, (scaled if operand is site.operand else operand, inverse))
                 meta.inherit(new, site.norm, NAME)
                 consumer.replace_input_with(operand, new)
         return bool(plan.sites)

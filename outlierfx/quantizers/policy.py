@@ -53,6 +53,12 @@ class QuantPolicy:
     def observed(self, roles: frozenset[Role]) -> bool:
         return bool(roles & self.roles)
 
+    def linear_readers_only(self, roles: frozenset[Role]) -> bool:
+        """The tensor is quantized only as a Linear's input, so only Linears read it quantized,
+        as on an int8 GEMM backend; its other readers (BERT's post-LN residual shortcut) keep
+        the float value."""
+        return (roles & self.roles) == {Role.LINEAR_INPUT}
+
     def with_sink_tokens(self, n: int) -> QuantPolicy:
         """Every activation spec with its first ``n`` token positions on a grid of their own."""
         overrides = tuple(o if o.spec is None else dataclasses.replace(o, spec=o.spec.with_(sink_tokens=n))
