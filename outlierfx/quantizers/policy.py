@@ -88,7 +88,8 @@ def parse_bits(text: str | int) -> BitWidths:
 
 def make_policy(name: str, bits: BitWidths | str | int = "W8A8") -> QuantPolicy:
     """Named policies: ``full`` (Bondarenko et al.'s quantizer placement), ``linear-inputs``
-    (what int8 GEMM backends need) and ``mp16`` (full, with FFN input/output and residual
+    (what int8 GEMM backends need: the Linears read their inputs quantized, other readers of
+    the same tensor read it in float) and ``mp16`` (full, with FFN input/output and residual
     sums at 16 bit: the paper's W8A{8,16})."""
     bits = bits if isinstance(bits, BitWidths) else parse_bits(bits)
     act, weights = activation_spec(bits.activations), weight_spec(bits.weights)
