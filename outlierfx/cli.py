@@ -87,9 +87,10 @@ def _demo(args: argparse.Namespace) -> int:
     speed = {name: {"latency_ms": round(ms, 2), "ratio_vs_fp32": round(ms / fp32_ms, 3)} for name, ms in median.items()}
     speed["FP32"]["size_mb"], speed[f"int8 ({backend})"]["size_mb"] = round(fp32_mb, 1), round(int8_mb, 1)
     speed[fast_name]["size_mb"] = round(state_size_mb(fast), 1)
+    # quantization errors on held-out text: calibrated ranges clip nothing on their own data
     html, js = build_report(out, model=loaded.model, qmodel=fake, report=qreport, batches=calibration[:4],
-                            tokenizer=loaded.tokenizer, quality=quality, speed=speed, model_name=loaded.name,
-                            progress=True, overwrite=True)
+                            error_batches=evaluator.batches[:4], tokenizer=loaded.tokenizer, quality=quality,
+                            speed=speed, model_name=loaded.name, progress=True, overwrite=True)
     print(f"  audit report: {html} (and {js.name})")
     return 0
 

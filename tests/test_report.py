@@ -42,6 +42,24 @@ def test_every_quantizer_gets_a_row_in_graph_order(tiny):
         assert r.rel_mse == pytest.approx(10 ** (-r.sqnr_db / 10))
 
 
+def test_first_token_grids_count_as_their_own_range_when_measuring_clipping():
+    from outlierfx.quantizers.observers import Observer
+    from outlierfx.quantizers.qerror import _Accumulator
+    from outlierfx.quantizers.spec import activation_spec
+
+    x = torch.randn(4, 10, 16, generator=torch.Generator().manual_seed(0))
+    x[:, 0] *= 50  # a sink token far outside the other tokens' range
+    observer = Observer(activation_spec(8).with_(sink_tokens=1))
+    observer(x)
+    fq = FakeQuantize.from_observer(observer)
+    assert fq.has_sink_grid
+    measure = _Accumulator(fq)
+    measure(fq, (x,), fq(x))
+    # min-max on this very tensor: only values a rounded zero point pushes half a step out can clip
+    # (on the main grid alone, most of the first token's 10% of the values would count)
+    assert measure.result("").clipped_fraction < 0.01
+
+
 def test_error_matches_a_direct_measurement_and_grows_at_lower_width(tiny):
     g, qmodel, _ = tiny
     name = next(n for n, m in qmodel.named_children() if isinstance(m, FakeQuantize) and "layer_norm" in n)

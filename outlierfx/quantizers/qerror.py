@@ -93,6 +93,9 @@ class _Accumulator:
             if spec.granularity is not Granularity.PER_TENSOR and x.dim():
                 scale, zero_point = _broadcast(scale, x, spec.axis), _broadcast(zero_point, x, spec.axis)
             codes = torch.round(x / scale) + zero_point
+            n = spec.sink_tokens
+            if module.has_sink_grid and x.dim() >= 3 and x.shape[1] > n:  # the first tokens' own grid
+                codes[:, :n] = torch.round(x[:, :n] / module.sink_scale) + module.sink_zero_point
             self.clipped += int(((codes < spec.qmin) | (codes > spec.qmax))[real].sum())
 
     def result(self, tensor_block: str) -> TensorQuantError:
