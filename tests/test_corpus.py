@@ -27,6 +27,21 @@ def test_calibration_sample_spreads_over_articles():
     assert len(more) == len(articles) + 5
 
 
+def test_calibration_passages_join_an_articles_paragraphs_up_to_a_word_count():
+    passages = corpus.wikipedia_sample("calibration", 32, min_words=200)
+    articles = {title: p for title, p in corpus._wikipedia_articles() if title in corpus._titles("calibration")}
+    assert len(passages) == 32
+    for passage in passages:
+        parts = passage.split("\n")
+        # consecutive paragraphs of one article, stopping as soon as 200 words are reached
+        source = next(p for p in articles.values() if parts[0] in p)
+        start = source.index(parts[0])
+        assert list(source[start:start + len(parts)]) == parts
+        assert sum(len(p.split()) for p in parts[:-1]) < 200
+        assert sum(len(p.split()) for p in parts) >= 200 or start + len(parts) == len(source)
+    assert corpus.wikipedia_sample("calibration", 32, min_words=0) == corpus.wikipedia_sample("calibration", 32)
+
+
 def test_evenly_spaced():
     texts = [str(i) for i in range(10)]
     assert corpus.evenly_spaced(texts, 5) == ["0", "2", "4", "6", "8"]
