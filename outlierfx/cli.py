@@ -232,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--fine", action="store_true",
                        help="add the fine stage: learn every activation range against the output (recipe+lsq)")
     quant.add_argument("--calibration", help="a text file (paragraphs separated by blank lines); default: Wikipedia")
-    quant.add_argument("--samples", type=int, default=64, 
+    quant.add_argument("--samples", type=int, default=64,
                        help="calibration paragraphs (default 64), spread over the articles or the file")
     quant.add_argument("--batch", type=int, default=8, help="paragraphs per calibration batch")
     quant.add_argument("--seq", type=int, default=128, help="max tokens per paragraph")

@@ -16,11 +16,12 @@ def _targets(gm):
 
 
 def _check_capture(g):
-    # capture's own check: within TOL of the output's max, or, where fp32 rounding alone is near TOL
-    # (large injected outliers), as close to a float64 copy of the model as the fp32 model is
+    # within TOL of the output's max, or, where fp32 rounding alone is near TOL (large injected
+    # outliers), within 2x the fp32 model's own distance from a float64 copy (capture allows 4x)
     gm = outlierfx.capture(g.model, g.inputs, rel_tol=TOL)
     report = gm.meta[meta.GM_CAPTURE_REPORT]
-    assert report.error.within(TOL) or report.float_noise is not None
+    if not report.error.within(TOL):
+        assert report.float_error <= 2 * report.float_noise + 1e-6 * report.error.reference_max, report
     targets = _targets(gm)
     # Fused ops are gone: attention is explicit, RMSNorm is one node, GPT-2 Conv1D is a linear.
     assert aten.scaled_dot_product_attention.default not in targets

@@ -631,11 +631,9 @@ class _AoLowering:
         if not (isinstance(x, torch.fx.Node) and isinstance(s, torch.fx.Node) and s.op == "get_attr"):
             return
         scale = fetch_attr(self.gm, str(s.target))
-        channels = self._fresh_float_channels(x)
+        channels = self._fresh_float_channels(x) if len(x.users) == 1 else None
         if channels is None and _is_call(x, aten.layer_norm.default) and self._read_before(x, node):
             channels = int(x.args[1][-1])  # a post-LN shortcut's compensation, after the quantize read x
-        elif len(x.users) != 1:
-            return
         if channels is None or scale.dtype != torch.float32 or tuple(scale.shape) != (channels,):
             return
         node.target = aten.mul_.Tensor
