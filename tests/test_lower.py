@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import outlierfx
 from outlierfx.errors import PassError
@@ -16,6 +17,7 @@ from outlierfx.graph.probe import probe
 from outlierfx.passes.fuse_attention import FuseAttention
 from outlierfx.passes.lower import Lower
 from outlierfx.quantizers.backends import BackendError, QuantizedLinear, check_backend, mask_or_none
+from outlierfx.quantizers.observers import FakeQuantize
 from outlierfx.serialize import load_quantized, save_quantized, size_on_disk_mb
 from outlierfx.testing import assert_tokens_close, build_model, transformer_models
 
@@ -196,7 +198,26 @@ def test_fused_residual_is_read_densely_and_broadcasts_fall_back_outside_the_ker
 def test_reference_form_equals_fake_quant(g):
     qmodel, _ = outlierfx.quantize(g.model, [g.inputs], recipe="naive", bits="W8A8", progress=False)
     lowered = Lower("reference")(qmodel).graph_module
-    assert not any(isinstance(m, outlierfx.quantizers.observers.FakeQuantize) for m in lowered.modules())
+    assert not any(isinstance(m, FakeQuantize) for m in lowered.modules())
+    with torch.no_grad():
+        error = output_error(qmodel(**g.inputs), lowered(**g.inputs))
+    assert error.within(1e-5)
+
+
+@settings(max_examples=6)
+@given(g=transformer_models(outliers=True), policy=st.sampled_from(["full", "linear-inputs"]))
+def test_reference_form_carries_first_token_grids_exactly(g, policy):
+    """+sink: the first rows run beside the main graph on their own grid; nothing stays simulated."""
+    qmodel, _ = outlierfx.quantize(g.model, [g.inputs], recipe="naive+sink", bits="W8A8", policy=policy, progress=False)
+    two_grids = [m for m in qmodel.modules() if isinstance(m, FakeQuantize) and m.has_sink_grid]
+    assert two_grids, "no quantizer has a first-token grid"
+    result = Lower("reference")(qmodel)
+    assert not result.plan.simulated
+    lowered = result.graph_module
+    assert not any(isinstance(m, FakeQuantize) for m in lowered.modules())
+    gemms = [n for n in lowered.graph.nodes if n.target is torch.ops.aten.linear.default]
+    quantized = [lin for lin in result.plan.linears if "first token(s) on their own grid" in lin.kernel]
+    assert quantized and len(gemms) > len(result.plan.linears)  # GEMMs over the first rows too
     with torch.no_grad():
         error = output_error(qmodel(**g.inputs), lowered(**g.inputs))
     assert error.within(1e-5)
@@ -326,6 +347,29 @@ def test_compiled_int8_matches_the_reference_form():
     g = build_model("bert", hidden=32, layers=2)
     qmodel, _ = outlierfx.quantize(g.model, [g.inputs], recipe="naive", bits="W8A8", progress=False)
     assert_tokens_close(Lower("reference")(qmodel).graph_module, compile_int8(qmodel), g.inputs)
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_compiled_first_token_grids_run_as_int8_gemms(family):
+    """A Linear reading a first-token-grid input compiles to int8 GEMMs over all rows and over
+    the first rows (siblings' first rows as one GEMM): inductor prepacks every int8 weight."""
+    from torch._dynamo.utils import counters
+
+    from outlierfx.compile import compile_int8
+
+    g = build_model(family, hidden=32, layers=2)
+    qmodel, _ = outlierfx.quantize(g.model, [g.inputs], recipe="naive+sink", bits="W8A8", policy="linear-inputs",
+                                   progress=False)
+    result = Lower("inductor")(qmodel)
+    assert not result.plan.simulated
+    gemms = [n for n in result.graph_module.graph.nodes if n.target is torch.ops.aten.linear.default
+             and n.args[1].target is torch.ops.quantized_decomposed.dequantize_per_channel.default]
+    first_rows = len(gemms) - len(result.plan.linears)
+    assert first_rows >= 2 * 2, "each layer's QKV and FFN-in GEMMs also run on the first rows"
+    counters.clear()
+    compiled = compile_int8(qmodel)
+    assert_tokens_close(Lower("reference")(qmodel).graph_module, compiled, g.inputs)
+    assert counters["inductor"]["qlinear_weight_prepack_matcher_count"] == len(gemms)
 
 
 @pytest.mark.slow

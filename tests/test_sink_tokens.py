@@ -39,8 +39,13 @@ def test_each_grid_covers_its_own_tokens_and_quantizes_them(n, seq, channels, sp
     rest_lo, rest_hi = data[:, n:].amin(), data[:, n:].amax()
     assert torch.allclose(observer.min_val.min(), rest_lo) and torch.allclose(observer.max_val.max(), rest_hi)
     assert observer.sink_min == data[:, :n].amin() and observer.sink_max == data[:, :n].amax()
-    assert fq.has_sink_grid
     out = fq(data)
+    lo, hi = (fq.spec.qmin - fq.zero_point) * fq.scale, (fq.spec.qmax - fq.zero_point) * fq.scale
+    inside = not grouped and bool(observer.sink_min >= lo.min()) and bool(observer.sink_max <= hi.max())
+    assert fq.has_sink_grid != inside  # a per-tensor main grid that covers the first tokens is theirs too
+    if inside:
+        assert torch.equal(out, fake_quantize(data, fq.scale, fq.zero_point, fq.spec))
+        return
     sink_scale, sink_zp = qparams_from_range(data[:, :n].amin(), data[:, :n].amax(), base.sink_spec())
     assert torch.equal(out[:, :n], fake_quantize(data[:, :n], sink_scale, sink_zp, base.sink_spec()))
     assert torch.equal(out[:, n:], fake_quantize(data[:, n:], fq.scale, fq.zero_point, fq.spec))
@@ -95,18 +100,31 @@ def test_the_suffix_sets_every_activation_spec_and_the_pass_fires_on_llama():
     assert grids  # the residual stream, norm outputs and Linear inputs carry a first-token grid
     assert not any(m.has_sink_grid for m in sunk.modules() if isinstance(m, FakeQuantize)
                    and m.roles & {Role.ATTN_SCORES, Role.ATTN_PROBS})
-    # lowering keeps those quantizers simulated, names them, and computes the same outputs
+    # the reference form runs their first rows beside the main graph, and computes the same outputs
     lowered = Lower("reference")(sunk)
-    assert any("own" in why for _, why in lowered.plan.simulated)
+    assert not lowered.plan.simulated
+    assert any("first token(s) on their own grid" in lin.kernel for lin in lowered.plan.linears)
     with torch.no_grad():
         assert output_error(sunk(**g.inputs), lowered.graph_module(**g.inputs)).within(1e-5)
         errors = [float((m(**g.inputs).logits[:, 1:] - reference).pow(2).mean()) for m in (plain, sunk)]
     assert errors[1] < errors[0] / 4, errors  # the other tokens get their precision back
 
 
+def test_first_tokens_inside_the_main_range_get_no_grid_of_their_own():
+    x = torch.randn(4, 6, 8)
+    inside, _ = _calibrated(QuantSpec(sink_tokens=1), [x * torch.tensor([0.5] + [1.0] * 5)[None, :, None]])
+    assert inside.first_tokens_fit() and inside.sink_qparams() is None
+    spiked = x.clone()
+    spiked[:, 0] *= 30
+    outside, fq = _calibrated(QuantSpec(sink_tokens=1), [spiked])
+    assert outside.sink_qparams() is not None and fq.has_sink_grid
+
+
 @pytest.mark.parametrize("engine", [e for e in ("x86", "onednn") if e in torch.backends.quantized.supported_engines])
-def test_linear_inputs_with_first_token_grids_lower_to_two_int8_gemms(engine):
+def test_linear_inputs_with_first_token_grids_lower_to_two_int8_gemms(engine, monkeypatch):
     g = build_model("bert", hidden=32, layers=2)
+    # every site takes the two-grid path, also where the first token fits the main range
+    monkeypatch.setattr(Observer, "first_tokens_fit", lambda self: False)
     qmodel, _ = outlierfx.quantize(g.model, [g.inputs], recipe="naive+sink", policy="linear-inputs", progress=False)
     result = Lower(engine)(qmodel)
     split = [lin for lin in result.plan.linears if "first token(s) on their own" in lin.kernel]

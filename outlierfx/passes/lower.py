@@ -25,8 +25,11 @@ Two stages, both exact up to rounding ties (one quantization step at most, per l
    time (:func:`~outlierfx.quantizers.backends.mask_or_none`).
 
 Quantizers wider than 8 bit (the ``mp16`` policy) have no integer kernel and stay simulated.
-Quantizers whose first tokens have a grid of their own (``QuantSpec.sink_tokens``) stay
-simulated in the reference form; the eager engines make them two-grid uint8 codes
+Quantizers whose first tokens have a grid of their own (``QuantSpec.sink_tokens``) become, in
+the reference form, a main-grid quantize of the whole tensor plus a quantize of its first rows,
+and the row-wise ops after them run on those rows beside the main graph
+(:mod:`~outlierfx.passes.first_rows`: each Linear one more int8 GEMM of ``batch x n`` rows).
+The eager engines make them two-grid uint8 codes
 (:func:`~outlierfx.quantizers.backends.two_grid_codes`). A float-output Linear reading them runs
 in int8 (x86/fbgemm: two GEMMs; onednn: one GEMM on the codes, shared by Q/K/V, whose first
 rows are corrected in closed form, or, where a GELU, a residual add or the requantization to a
@@ -63,6 +66,7 @@ from ..quantizers.fake_quant import integer_dtype, quantize_to_integers, quantiz
 from ..quantizers.observers import FakeQuantize
 from ..quantizers.spec import Estimator, Granularity, QuantSpec
 from .base import GraphPass
+from .first_rows import FIRST_ROWS_UNREAD, follow_first_rows
 from .fuse_attention import SDPA
 
 with warnings.catch_warnings():
@@ -74,6 +78,7 @@ aten = torch.ops.aten
 Q_TENSOR, DQ_TENSOR = qd.quantize_per_tensor.default, qd.dequantize_per_tensor.default
 Q_CHANNEL, DQ_CHANNEL = qd.quantize_per_channel.default, qd.dequantize_per_channel.default
 LINEAR_MODULE_PREFIX = "outlierfx_int8_linear_"
+REFERENCE_FORMS = ("reference", "inductor")
 _NDIM = "outlierfx_lower_ndim"  # rank of a per-channel quantized tensor (stage 2 has no fake shapes)
 
 
@@ -172,6 +177,9 @@ class Lower(GraphPass[LowerPlan]):
             fused = gelu or requantized or bool(residual)
             how = "their rows again, by a batch x n GEMM" if fused else "their rows corrected in closed form"
             return f"{kernel}; first token(s) on their own grid ({how})", 0
+        if self.backend in REFERENCE_FORMS and _two_grids_split(module):
+            output = "requantized" if _output_quantizer(gm, linear) is not None else "float"
+            return f"int8 GEMM, {output} output; first token(s) on their own grid (their rows again, by a second GEMM)", 0
         simulated = _no_integer_kernel(module)
         if simulated is not None:
             return f"float GEMM on int8 weights (input simulated: {simulated})", 0
@@ -203,7 +211,9 @@ class Lower(GraphPass[LowerPlan]):
         _ReferenceLowering(gm, {lin.node for lin in plan.linears if lin.groups}).run()
         if self.backend in AO_ENGINES:
             _AoLowering(gm, self.backend).run()
-        elif self.backend == "inductor":
+        else:
+            _split_first_tokens(gm)
+        if self.backend == "inductor":
             _separate_float_readers(gm)
         remove_dead_code(gm)  # the float weights the int8 copies replaced
         return True
@@ -239,13 +249,22 @@ def _output_quantizer(gm: torch.fx.GraphModule, node: torch.fx.Node) -> FakeQuan
 
 def _no_integer_kernel(module: FakeQuantize, backend: str | None = None) -> str | None:
     """Why this activation quantizer stays simulated in the lowered graph (None: it lowers).
-    Without ``backend``: in the reference form (stage 1), where two grids in one tensor stay
-    simulated; the eager engines then make them uint8 codes (:func:`_two_grids_lower`)."""
+    Without ``backend``: in stage 1, where two grids in one tensor stay simulated; the eager
+    engines then make them uint8 codes (:func:`_two_grids_lower`), the reference form splits
+    off the first tokens (:func:`_split_first_tokens`)."""
     if module.spec.bits > 8:
         return f"{module.spec.bits}-bit: no integer kernel"
-    if module.has_sink_grid and not (backend in AO_ENGINES and _two_grids_lower(module)):
+    lowers = _two_grids_lower(module) if backend in AO_ENGINES else \
+        backend in REFERENCE_FORMS and _two_grids_split(module)
+    if module.has_sink_grid and not lowers:
         return f"first {module.spec.sink_tokens} token(s) on a grid of their own (two grids in one tensor)"
     return None
+
+
+def _two_grids_split(module: FakeQuantize) -> bool:
+    """Whether the reference form lowers a first-token-grid quantizer as two per-tensor
+    quantize/dequantize pairs (at most 8 bit, one grid per part)."""
+    return module.has_sink_grid and module.spec.bits <= 8 and _single_grid(module)
 
 
 def _two_grids_lower(module: FakeQuantize) -> bool:
@@ -892,6 +911,46 @@ class _AoLowering:
         with self.graph.inserting_before(dq):
             new = self.graph.get_attr(name)
         dq.replace_all_uses_with(new)
+
+
+def _split_first_tokens(gm: torch.fx.GraphModule) -> None:
+    """Reference form of the first-token-grid quantizers that stage 1 left simulated: the whole
+    tensor on the main grid and its first positions again on theirs, carried through the
+    row-wise ops that follow as a pair (:func:`~outlierfx.passes.first_rows.follow_first_rows`),
+    so that the main graph keeps inductor's int8 patterns. Exact for inputs longer than the
+    first positions; an input of exactly that many positions takes the first-token grid, where
+    the fake-quant model keeps the main one."""
+    graph = gm.graph
+    pairs: dict[torch.fx.Node, tuple[torch.fx.Node, int]] = {}
+    for node in list(graph.nodes):
+        module = _fake_quantizer(gm, node)
+        if module is None or not _two_grids_split(module):
+            continue
+        x, spec = node.args[0], module.spec
+        main = (*_main_grid(module), spec.qmin, spec.qmax, integer_dtype(spec))
+        with graph.inserting_before(node):
+            q = graph.call_function(Q_TENSOR, (x, *main))
+            dq = graph.call_function(DQ_TENSOR, (q, *main))
+            created = [q, dq]
+            value = tensor_val(x)
+            if value is None or value.dim() >= 3:  # FakeQuantize has no first-token grid below rank 3
+                n, sink_scale, sink_zero_point = _sink_grid(module)
+                first_spec = spec.sink_spec()
+                first = (sink_scale, sink_zero_point, first_spec.qmin, first_spec.qmax, integer_dtype(first_spec))
+                head = graph.call_function(aten.slice.Tensor, (x, 1, 0, n))
+                q_head = graph.call_function(Q_TENSOR, (head, *first))
+                dq_head = graph.call_function(DQ_TENSOR, (q_head, *first))
+                created += [head, q_head, dq_head]
+                q.meta[FIRST_ROWS_UNREAD] = True
+                pairs[dq] = (dq_head, n)
+        for new in created:
+            meta.inherit(new, node, "Lower")
+        if "val" in node.meta:
+            dq.meta["val"] = node.meta["val"]
+        node.replace_all_uses_with(dq)
+        graph.erase_node(node)
+        del_attr(gm, str(node.target))
+    follow_first_rows(gm, pairs)
 
 
 def _separate_float_readers(gm: torch.fx.GraphModule) -> None:

@@ -249,10 +249,24 @@ class Observer(torch.nn.Module):
         return qparams_from_range(lo, hi, self.spec)
 
     def sink_qparams(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Scale and zero point of the first ``spec.sink_tokens`` positions (None: not seen)."""
-        if not self.spec.sink_tokens or not self.sink_min.numel():
+        """Scale and zero point of the first ``spec.sink_tokens`` positions (None: not seen, or
+        they fit a per-tensor main grid as they are).
+
+        A first-token grid pays for itself where the first tokens would widen the main range
+        (MiniLM's [CLS] triples its GELU outputs' range). Where they fit inside it (most of
+        MiniLM's attention contexts), it would only refine them, at the price of two-grid codes
+        and a second GEMM over their rows in every int8 path."""
+        if not self.spec.sink_tokens or not self.sink_min.numel() or self.first_tokens_fit():
             return None
         return qparams_from_range(self.sink_min, self.sink_max, self.spec.sink_spec())
+
+    def first_tokens_fit(self) -> bool:
+        """Whether a per-tensor main grid covers the first tokens' range without clipping."""
+        if self.spec.granularity is not Granularity.PER_TENSOR:
+            return False
+        scale, zero_point = self.qparams()
+        lo, hi = (self.spec.qmin - zero_point) * scale, (self.spec.qmax - zero_point) * scale
+        return bool((self.sink_min >= lo).all() and (self.sink_max <= hi).all())
 
     def extra_repr(self) -> str:
         return f"{self.name}: {self.spec.describe()}"
