@@ -351,8 +351,8 @@ def test_compiled_int8_matches_the_reference_form():
 
 @pytest.mark.parametrize("family", ["bert", "llama"])
 def test_compiled_first_token_grids_run_as_int8_gemms(family):
-    """A Linear reading a first-token-grid input compiles to int8 GEMMs over all rows and over
-    the first rows (siblings' first rows as one GEMM): inductor prepacks every int8 weight."""
+    """A Linear reading a first-token-grid input compiles to an int8 GEMM over all rows and one
+    over the first rows: inductor prepacks every int8 weight, none runs in float."""
     from torch._dynamo.utils import counters
 
     from outlierfx.compile import compile_int8

@@ -21,7 +21,6 @@ import torch
 import torch.fx
 
 from ..graph import meta
-from ..graph.attrs import fetch_attr, set_attr, unique_attr_name
 from ..graph.ops import tensor_val
 
 aten = torch.ops.aten
@@ -47,7 +46,6 @@ def follow_first_rows(gm: torch.fx.GraphModule, pairs: dict[torch.fx.Node, tuple
     graph = gm.graph
     heads = dict(pairs)
     joined: dict[torch.fx.Node, torch.fx.Node] = {}
-    gemms: list[torch.fx.Node] = []
     for node in list(graph.nodes):
         read = [a for a in node.all_input_nodes if a in heads]
         if not read:
@@ -61,8 +59,6 @@ def follow_first_rows(gm: torch.fx.GraphModule, pairs: dict[torch.fx.Node, tuple
         head = _row_wise_head(graph, node, heads)
         if head is not None:
             heads[node] = (head, heads[read[0]][1])
-            if head.target is aten.linear.default:
-                gemms.append(head)
             continue
         for main in read:
             if main not in joined:
@@ -71,48 +67,6 @@ def follow_first_rows(gm: torch.fx.GraphModule, pairs: dict[torch.fx.Node, tuple
                                                                                       heads[main][1]))
                 meta.inherit(joined[main], main, "Lower")
             node.replace_input_with(main, joined[main])
-    _merge_siblings(gm, gemms)
-
-
-def _merge_siblings(gm: torch.fx.GraphModule, gemms: list[torch.fx.Node]) -> None:
-    """First-row GEMMs that read one input (Q/K/V; gate/up) become one GEMM on their stacked
-    int8 weights, sliced after: a GEMM of ``batch x n`` rows costs its call, not its math
-    (MiniLM, 8 rows: 0.05 ms for 384 outputs, 0.09 ms for 1536)."""
-    readers: dict[torch.fx.Node, list[torch.fx.Node]] = {}
-    for gemm in gemms:
-        weight, bias = gemm.args[1], gemm.args[2] if len(gemm.args) > 2 else None
-        if _is_weight_dequantize(weight) and weight.args[3] == 0 and not gemm.kwargs \
-                and (bias is None or bias.op == "get_attr"):
-            readers.setdefault(gemm.args[0], []).append(gemm)
-    graph = gm.graph
-    for x, group in readers.items():
-        weights = [g.args[1] for g in group]
-        if len(group) < 2 or len({w.args[4:] for w in weights}) != 1:
-            continue
-        stacked = {}
-        for i, part in enumerate(("int8", "scale", "zero_point")):
-            stacked[part] = torch.cat([fetch_attr(gm, str(w.args[i].target)) for w in weights])
-        codes = [fetch_attr(gm, str(w.args[0].target)) for w in weights]
-        stacked["bias"] = torch.cat([fetch_attr(gm, str(g.args[2].target)) if len(g.args) > 2 and g.args[2] is not None
-                                     else torch.zeros(c.shape[0]) for g, c in zip(group, codes, strict=True)])
-        with graph.inserting_before(group[0]):
-            attrs = {}
-            for part, value in stacked.items():
-                name = unique_attr_name(gm, f"{weights[0].args[0].target}_first_rows_{part}")
-                set_attr(gm, name, value)
-                attrs[part] = graph.get_attr(name)
-            weight = graph.call_function(weights[0].target, (attrs["int8"], attrs["scale"], attrs["zero_point"], 0,
-                                                             *weights[0].args[4:]))
-            merged = graph.call_function(aten.linear.default, (x, weight, attrs["bias"]))
-            ends = torch.tensor([c.shape[0] for c in codes]).cumsum(0).tolist()
-            parts = [graph.call_function(aten.slice.Tensor, (merged, -1, end - c.shape[0], end))
-                     for c, end in zip(codes, ends, strict=True)]
-        for gemm, part in zip(group, parts, strict=True):
-            meta.inherit(part, gemm, "Lower")
-            gemm.replace_all_uses_with(part)
-            graph.erase_node(gemm)
-        for node in (weight, merged):
-            meta.inherit(node, group[0], "Lower")
 
 
 def _row_wise_head(graph: torch.fx.Graph, node: torch.fx.Node,

@@ -34,9 +34,10 @@ and after calibration; and the default placement policy.
   ``smooth+gptq``; suffixes chain (``peg+lsq+gptq``).
 - ``<recipe>+sink``: any recipe whose activation quantizers give the first token of each
   sequence a per-tensor grid of its own (``QuantSpec.sink_tokens``), so the attention-sink
-  token's massive activations stop setting every other token's range. Lowering: Linears with
-  float output that read them run in int8 on the eager engines; other readers, and PEG groups
-  with a first-token grid, stay simulated.
+  token's massive activations stop setting every other token's range (only where the first
+  token would widen a per-tensor range). Lowering: Linears that read them run in int8 on the
+  eager engines (float output) and in the reference/inductor form (the first rows as a second,
+  small GEMM); PEG groups with a first-token grid stay simulated.
 """
 
 from __future__ import annotations
