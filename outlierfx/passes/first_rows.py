@@ -74,10 +74,14 @@ def _row_wise_head(graph: torch.fx.Graph, node: torch.fx.Node,
     """``node`` on the first rows, beside it (None where it mixes rows or an input cannot be cut
     to its first rows). Its inputs are pairs, parameters, or tensors whose rows are all right."""
     out = tensor_val(node)
-    sizes = {heads[a][1] for a in node.all_input_nodes if a in heads}
-    if out is None or out.dim() < 3 or len(sizes) != 1 or not _row_wise(node, out.dim()):
+    pairs = [a for a in node.all_input_nodes if a in heads]
+    if out is None or out.dim() < 3 or len({heads[a][1] for a in pairs}) != 1 or not _row_wise(node, out.dim()):
         return None
-    n = sizes.pop()
+    for main in pairs:  # dim 1 is the tokens of every pair: it must stay the output's dim 1
+        value = tensor_val(main)
+        if value is None or value.dim() != out.dim() or value.shape[1] != out.shape[1]:
+            return None
+    n = heads[pairs[0]][1]
     with graph.inserting_before(node):
         firsts = {a: heads[a][0] if a in heads else _first_rows_of(graph, a, n, out) for a in node.all_input_nodes}
     if any(f is None for f in firsts.values()):
