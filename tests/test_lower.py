@@ -313,8 +313,8 @@ def test_default_backend_is_onednn_only_with_int8_instructions(monkeypatch):
     assert backends.default_backend() in ("x86", "qnnpack")
 
 
-@pytest.mark.parametrize("engine", [e for e in ("x86", "onednn") if e in ENGINES])
-@pytest.mark.parametrize("recipe", ["naive", "naive+sink"])  # +sink: run-time kernel functions in the graph
+@pytest.mark.parametrize("engine", [*(e for e in ("x86", "onednn") if e in ENGINES), "inductor"])
+@pytest.mark.parametrize("recipe", ["naive", "naive+sink"])  # +sink: kernel functions, or first-row ops, in the graph
 def test_saved_model_reloads_in_a_new_process_with_identical_outputs(tmp_path, engine, recipe):
     g = build_model("bert", hidden=32, layers=2)
     qmodel, _ = outlierfx.quantize(g.model, [g.inputs], recipe=recipe, bits="W8A8", policy="linear-inputs",
