@@ -124,7 +124,7 @@ def test_first_tokens_inside_the_main_range_get_no_grid_of_their_own():
 def test_linear_inputs_with_first_token_grids_lower_to_two_int8_gemms(engine, monkeypatch):
     g = build_model("bert", hidden=32, layers=2)
     # every site takes the two-grid path, also where the first token fits the main range
-    monkeypatch.setattr(Observer, "first_tokens_fit", lambda self: False)
+    monkeypatch.setattr(Observer, "first_tokens_fit", lambda self, main=None: False)
     qmodel, _ = outlierfx.quantize(g.model, [g.inputs], recipe="naive+sink", policy="linear-inputs", progress=False)
     result = Lower(engine)(qmodel)
     split = [lin for lin in result.plan.linears if "first token(s) on their own" in lin.kernel]

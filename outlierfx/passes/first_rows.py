@@ -82,13 +82,12 @@ def _row_wise_head(graph: torch.fx.Graph, node: torch.fx.Node,
         if value is None or value.dim() != out.dim() or value.shape[1] != out.shape[1]:
             return None
     n = heads[pairs[0]][1]
-    with graph.inserting_before(node):
+    with graph.inserting_before(node):  # cuts an abandoned head leaves behind are dead code
         firsts = {a: heads[a][0] if a in heads else _first_rows_of(graph, a, n, out) for a in node.all_input_nodes}
-    if any(f is None for f in firsts.values()):
-        return None
-    args = torch.fx.node.map_arg(node.args, lambda a: firsts[a])
-    kwargs = torch.fx.node.map_arg(node.kwargs, lambda a: firsts[a])
-    with graph.inserting_before(node):
+        if any(f is None for f in firsts.values()):
+            return None
+        args = torch.fx.node.map_arg(node.args, lambda a: firsts[a])
+        kwargs = torch.fx.node.map_arg(node.kwargs, lambda a: firsts[a])
         if node.target is aten.linear.default:
             weight = _own_weight_dequantize(graph, args[1])
             args = (args[0], weight, *args[2:])

@@ -270,8 +270,7 @@ def _two_grids_split(module: FakeQuantize) -> bool:
 def _two_grids_lower(module: FakeQuantize) -> bool:
     """Whether a first-token-grid quantizer becomes uint8 codes on the eager engines (unsigned,
     at most 8 bit, one grid per part)."""
-    spec = module.spec
-    return module.has_sink_grid and spec.bits <= 8 and not spec.signed and _single_grid(module)
+    return _two_grids_split(module) and not module.spec.signed
 
 
 def _sink_linear_lowers(gm: torch.fx.GraphModule, linear: torch.fx.Node, module: FakeQuantize, engine: str) -> bool:

@@ -248,23 +248,26 @@ class Observer(torch.nn.Module):
             return scale[groups], zero_point[groups]
         return qparams_from_range(lo, hi, self.spec)
 
-    def sink_qparams(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def sink_qparams(self, main: tuple[torch.Tensor, torch.Tensor] | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Scale and zero point of the first ``spec.sink_tokens`` positions (None: not seen, or
         they fit a per-tensor main grid as they are).
 
         A first-token grid pays for itself where the first tokens would widen the main range
         (MiniLM's [CLS] triples its GELU outputs' range). Where they fit inside it (most of
         MiniLM's attention contexts), it would only refine them, at the price of two-grid codes
-        and a second GEMM over their rows in every int8 path."""
-        if not self.spec.sink_tokens or not self.sink_min.numel() or self.first_tokens_fit():
+        and a second GEMM over their rows in every int8 path. ``main``: :meth:`qparams`, where
+        the caller has them (an MSE range is a search)."""
+        if not self.spec.sink_tokens or not self.sink_min.numel() or self.first_tokens_fit(main):
             return None
         return qparams_from_range(self.sink_min, self.sink_max, self.spec.sink_spec())
 
-    def first_tokens_fit(self) -> bool:
-        """Whether a per-tensor main grid covers the first tokens' range without clipping."""
+    def first_tokens_fit(self, main: tuple[torch.Tensor, torch.Tensor] | None = None) -> bool:
+        """Whether a per-tensor main grid (``main``, else :meth:`qparams`) covers the first
+        tokens' range without clipping."""
         if self.spec.granularity is not Granularity.PER_TENSOR:
             return False
-        scale, zero_point = self.qparams()
+        scale, zero_point = main if main is not None else self.qparams()
         lo, hi = (self.spec.qmin - zero_point) * scale, (self.spec.qmax - zero_point) * scale
         return bool((self.sink_min >= lo).all() and (self.sink_max <= hi).all())
 
@@ -304,7 +307,7 @@ class FakeQuantize(torch.nn.Module):
     def from_observer(cls, observer: Observer) -> FakeQuantize:
         scale, zero_point = observer.qparams()
         fq = cls(observer.spec, scale, zero_point, observer.name, observer.roles)
-        sink = observer.sink_qparams()
+        sink = observer.sink_qparams((scale, zero_point))
         if sink is not None:
             fq.sink_scale, fq.sink_zero_point = sink[0].float(), sink[1].to(torch.int32)
         return fq
