@@ -39,6 +39,24 @@ def test_group_channels_targets_the_residual_stream_tensors():
     assert all(s.granularity is Granularity.PER_GROUP and s.groups == 4 and s.sort_channels for s in specs)
 
 
+def test_group_channels_skips_excluded_roles():
+    """roles={LINEAR_INPUT} minus NORM_OUTPUT: the Linear inputs no norm produces (attention
+    context, SwiGLU output, the LM head's slice), every other observer keeps its spec."""
+    g = build_model("llama", layers=2)
+    observed = _observed(g)
+    result = GroupChannels(groups=4, roles=frozenset({Role.LINEAR_INPUT}),
+                           exclude_roles=frozenset({Role.NORM_OUTPUT}))(observed)
+    chosen = {t.observer for t in result.plan.tensors}
+    assert len(chosen) == 2 * 2 + 1
+    for name, module in observed.named_children():
+        if not isinstance(module, Observer):
+            continue
+        wanted = Role.LINEAR_INPUT in module.roles and Role.NORM_OUTPUT not in module.roles
+        assert (name in chosen) == wanted
+        granularity = getattr(result.graph_module, name).spec.granularity
+        assert (granularity is Granularity.PER_GROUP) == wanted
+
+
 def test_peg_with_one_group_is_exactly_per_tensor():
     g = build_model("llama", layers=1)
     policy = make_policy("full", "W8A8")

@@ -321,3 +321,33 @@ def test_phase_two_trains_the_scales_end_to_end_on_the_lm_loss():
     assert plan.weights_unchanged
     for name, value in _tensors(result.graph_module).items():
         assert torch.equal(value, weights[name]), name
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_smooth_peg_scales_norm_edges_and_groups_the_other_linear_inputs(family):
+    """``smooth-peg``: Quadapter at the two norm -> Linear edges of each block, PEG on the two
+    Linear inputs no norm produces (attention context, GELU/SwiGLU output); nothing is both."""
+    from outlierfx.graph.compare import output_error
+    from outlierfx.graph.roles import Role
+    from outlierfx.passes.lower import Lower
+
+    g = build_model(family, layers=2, outliers=OutlierSpec(gamma_scale=20.0, channels=(3,)), batch=2, seq=10)
+    qmodel, report = outlierfx.quantize(g.model, [g.inputs], recipe="smooth-peg", progress=False)
+    layers = g.config.num_hidden_layers
+    entries = {e.pass_name: e for e in report.audit}
+    assert report.policy == "linear-inputs"
+    grouped = entries["GroupChannels"].plan.tensors
+    # and the head's input, a view of a norm output that Quadapter leaves alone (Llama: the LM
+    # head reads a slice of the final norm; BERT: the pooler reads the [CLS] row)
+    assert len(grouped) == 2 * layers + 1
+    assert all(Role.LINEAR_INPUT in t.roles and Role.NORM_OUTPUT not in t.roles for t in grouped)
+    assert len(entries["InsertQuadapter"].plan.sites) == 2 * layers
+    assert not any(site.explicit for site in entries["InsertQuadapter"].plan.sites)
+    assert {str(s.quantizer.target) for s in entries["InsertQuadapter"].plan.sites}.isdisjoint(
+        t.observer for t in grouped)
+    per_group = [m for m in qmodel.modules() if isinstance(m, FakeQuantize) and m.spec.granularity.value == "per_group"]
+    assert len(per_group) == len(grouped)
+    lowered = Lower("reference")(qmodel)
+    assert sum("sub-GEMMs" in lin.kernel for lin in lowered.plan.linears) == len(grouped)
+    with torch.no_grad():  # PEG lowering (K int8 sub-GEMMs) computes what the fake-quant model does
+        assert output_error(qmodel(**g.inputs), lowered.graph_module(**g.inputs)).within(1e-5)

@@ -58,14 +58,18 @@ class GroupChannels(GraphPass[GroupChannelsPlan]):
     output_rel_tol = 0.0  # only observer specs change
 
     def __init__(self, groups: int | None = 6, roles: frozenset[Role] = PEG_ROLES, sort_channels: bool = True,
-                 grouping: str = "equal") -> None:
-        """``groups=None`` gives every channel its own range (K = the tensor's channel count);
-        ``grouping="range"`` sizes the sorted groups to minimise the summed squared step (outlier
-        channels alone, ordinary ones together) instead of the paper's equal sizes."""
+                 grouping: str = "equal", exclude_roles: frozenset[Role] = frozenset()) -> None:
+        """Groups the per-tensor observers with one of ``roles`` and none of ``exclude_roles``
+        (e.g. Linear inputs that are no norm output: ``roles={LINEAR_INPUT}``,
+        ``exclude_roles={NORM_OUTPUT}``). ``groups=None`` gives every channel its own range (K =
+        the tensor's channel count); ``grouping="range"`` sizes the sorted groups to minimise the
+        summed squared step (outlier channels alone, ordinary ones together) instead of the
+        paper's equal sizes."""
         if groups is not None and groups < 1:
             raise ValueError(f"groups must be >= 1, got {groups}")
         self.groups = groups
         self.roles = frozenset(roles)
+        self.exclude_roles = frozenset(exclude_roles)
         self.sort_channels = sort_channels
         self.grouping = grouping
         if grouping not in ("equal", "range") or (grouping == "range" and not sort_channels):
@@ -74,7 +78,7 @@ class GroupChannels(GraphPass[GroupChannelsPlan]):
     def analyze(self, gm: torch.fx.GraphModule) -> GroupChannelsPlan:
         chosen = []
         for name, module in gm.named_children():
-            if not isinstance(module, Observer) or not (module.roles & self.roles):
+            if not isinstance(module, Observer) or not (module.roles & self.roles) or module.roles & self.exclude_roles:
                 continue
             if module.calibrated:
                 raise PassError(f"observer {name} is already calibrated; GroupChannels must run before calibrate()")

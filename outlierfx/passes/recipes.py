@@ -25,6 +25,11 @@ and after calibration; and the default placement policy.
   every int8 GEMM keeps its fusions (GELU and requantization on onednn and inductor). On BERT
   this drops the GELU-output scales; on Llama nothing (SwiGLU's fold into ``up``).
   ``smooth-fold+sink`` is the eager speed route (README "Speed").
+- ``smooth-peg``: Quadapter at the paper's sites (norm -> Linear edges; SmoothQuant init,
+  alpha=0.8, trained block-wise, folded) with PEG (K=24 range-sized groups) on the Linear inputs
+  no norm produces (attention contexts, GELU/SwiGLU outputs: where SmolLM2's ``smooth`` error
+  sits), MSE-clipped weight rows rounded by GPTQ; policy ``linear-inputs``. Accuracy route: the
+  grouped Linears lower to 24 int8 sub-GEMMs each (or stay simulated with ``+sink``).
 - ``qat``: ``naive`` ranges, then quantization-aware training of the Linear weights on the
   calibration batches (:class:`QAT`): the baseline of Quadapter's overfitting claim.
 - ``<recipe>+lsq``: any recipe followed by the fine stage, :class:`LearnRanges` (every
@@ -47,6 +52,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
+from ..graph.roles import Role
 from ..quantizers.policy import BitWidths, QuantPolicy, make_policy
 from ..quantizers.spec import Estimator
 from .base import GraphPass
@@ -184,6 +190,20 @@ RECIPES["smooth-fold"] = with_gptq(dataclasses.replace(
     description="smooth without run-time multiplies: scales only where they fold (norms, V's and up's rows), so "
                 "each int8 GEMM keeps its GELU/requantize fusions; with +sink the speed route on onednn",
     default_policy="linear-inputs", weight_estimator=Estimator.MSE), name="smooth-fold")
+def _peg_unscaled_linear_inputs() -> list[GraphPass]:
+    """Range-sized PEG groups on the Linear inputs that no norm produces (attention contexts,
+    GELU/SwiGLU outputs), which norm-site Quadapter scales do not reach."""
+    return [GroupChannels(groups=24, roles=frozenset({Role.LINEAR_INPUT}), grouping="range",
+                          exclude_roles=frozenset({Role.NORM_OUTPUT}))]
+
+
+RECIPES["smooth-peg"] = with_gptq(dataclasses.replace(
+    quadapter_recipe("smooth-peg", init="smoothquant", alpha=0.8),
+    observe=_peg_unscaled_linear_inputs,
+    description="Quadapter scales at the norm -> Linear edges (SmoothQuant init, alpha=0.8, trained block-wise, "
+                "folded) and K=24 range-sized PEG groups on the other Linear inputs (attention contexts, "
+                "GELU/SwiGLU outputs), MSE-clipped weight rows rounded by GPTQ",
+    default_policy="linear-inputs", weight_estimator=Estimator.MSE), name="smooth-peg")
 # "best" is measured, not assumed: README "Accuracy" has the ablations behind each part
 RECIPES["best"] = with_gptq(Recipe(
     "best", "recommended: PEG on every channel-axis activation (residual stream, norm outputs, Linear inputs and "
