@@ -73,11 +73,12 @@ def _format_row(row: dict[str, Any]) -> str:
 def print_table(result: dict[str, Any]) -> None:
     rows = result["rows"]
     keys = [k for k in rows[0]["metrics"]]
-    print(f"{'model':8} {'recipe':8} {'bits':6} " + " ".join(f"{k:>10}" for k in keys) + f" {'calib s':>8}")
+    width = max(8, *(len(row["recipe"]) for row in rows))  # suffixed names (smooth-peg+sink) stay aligned
+    print(f"{'model':8} {'recipe':{width}} {'bits':6} " + " ".join(f"{k:>10}" for k in keys) + f" {'calib s':>8}")
     for row in rows:
         m = row["metrics"]
         cal = m.get("calibration_s", "")
-        print(f"{row['model']:8} {row['recipe']:8} {row['bits']:6} " + " ".join(f"{m[k]:10.4f}" for k in keys)
+        print(f"{row['model']:8} {row['recipe']:{width}} {row['bits']:6} " + " ".join(f"{m[k]:10.4f}" for k in keys)
               + f" {cal:>8}")
 
 
