@@ -179,17 +179,16 @@ def with_gptq(base: Recipe, name: str | None = None, **gptq: object) -> Recipe:
                                description=f"{base.description}, then weights rounded by GPTQ")
 
 
-RECIPES["smooth"] = with_gptq(dataclasses.replace(
-    quadapter_recipe("smooth", explicit=True, init="smoothquant", alpha=0.8),
-    description="for int8 GEMM speed: per-channel scales on every Linear input (SmoothQuant init, alpha=0.8; "
-                "folded into norms and Linear columns, an explicit multiply elsewhere), trained block-wise, "
-                "MSE-clipped weight rows; per-tensor activations, so each Linear stays one int8 GEMM",
-    default_policy="linear-inputs", weight_estimator=Estimator.MSE), name="smooth")
-RECIPES["smooth-fold"] = with_gptq(dataclasses.replace(
-    quadapter_recipe("smooth-fold", explicit=True, foldable_only=True, init="smoothquant", alpha=0.8),
-    description="smooth without run-time multiplies: scales only where they fold (norms, V's and up's rows), so "
-                "each int8 GEMM keeps its GELU/requantize fusions; with +sink the speed route on onednn",
-    default_policy="linear-inputs", weight_estimator=Estimator.MSE), name="smooth-fold")
+def _smooth_family(name: str, description: str, observe: Callable[[], list[GraphPass]] = _none,
+                   **sites: bool) -> Recipe:
+    """The ``smooth`` recipes: Quadapter scales (``sites`` go to :class:`InsertQuadapter`) with the
+    SmoothQuant init at alpha=0.8, trained block-wise and folded; MSE-clipped weight rows rounded
+    by GPTQ; policy ``linear-inputs``."""
+    return with_gptq(dataclasses.replace(
+        quadapter_recipe(name, init="smoothquant", alpha=0.8, **sites), observe=observe, description=description,
+        default_policy="linear-inputs", weight_estimator=Estimator.MSE), name=name)
+
+
 def _peg_unscaled_linear_inputs() -> list[GraphPass]:
     """Range-sized PEG groups on the Linear inputs that no norm produces (attention contexts,
     GELU/SwiGLU outputs), which norm-site Quadapter scales do not reach. K=48: on SmolLM2
@@ -198,13 +197,20 @@ def _peg_unscaled_linear_inputs() -> list[GraphPass]:
                           exclude_roles=frozenset({Role.NORM_OUTPUT}))]
 
 
-RECIPES["smooth-peg"] = with_gptq(dataclasses.replace(
-    quadapter_recipe("smooth-peg", init="smoothquant", alpha=0.8),
-    observe=_peg_unscaled_linear_inputs,
-    description="Quadapter scales at the norm -> Linear edges (SmoothQuant init, alpha=0.8, trained block-wise, "
-                "folded) and K=48 range-sized PEG groups on the other Linear inputs (attention contexts, "
-                "GELU/SwiGLU outputs), MSE-clipped weight rows rounded by GPTQ",
-    default_policy="linear-inputs", weight_estimator=Estimator.MSE), name="smooth-peg")
+RECIPES["smooth"] = _smooth_family(
+    "smooth", "for int8 GEMM speed: per-channel scales on every Linear input (SmoothQuant init, alpha=0.8; "
+              "folded into norms and Linear columns, an explicit multiply elsewhere), trained block-wise, "
+              "MSE-clipped weight rows; per-tensor activations, so each Linear stays one int8 GEMM",
+    explicit=True)
+RECIPES["smooth-fold"] = _smooth_family(
+    "smooth-fold", "smooth without run-time multiplies: scales only where they fold (norms, V's and up's rows), so "
+                   "each int8 GEMM keeps its GELU/requantize fusions; with +sink the speed route on onednn",
+    explicit=True, foldable_only=True)
+RECIPES["smooth-peg"] = _smooth_family(
+    "smooth-peg", "Quadapter scales at the norm -> Linear edges (SmoothQuant init, alpha=0.8, trained block-wise, "
+                  "folded) and K=48 range-sized PEG groups on the other Linear inputs (attention contexts, "
+                  "GELU/SwiGLU outputs), MSE-clipped weight rows rounded by GPTQ",
+    observe=_peg_unscaled_linear_inputs)
 # "best" is measured, not assumed: README "Accuracy" has the ablations behind each part
 RECIPES["best"] = with_gptq(Recipe(
     "best", "recommended: PEG on every channel-axis activation (residual stream, norm outputs, Linear inputs and "
