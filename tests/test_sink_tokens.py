@@ -12,7 +12,8 @@ from outlierfx.passes.lower import Lower
 from outlierfx.passes.recipes import get_recipe
 from outlierfx.quantizers.backends import QuantizedLinear
 from outlierfx.quantizers.fake_quant import fake_quantize, qparams_from_range
-from outlierfx.quantizers.observers import FakeQuantize, Observer, token_mask
+from outlierfx.quantizers import observers
+from outlierfx.quantizers.observers import SINK_MIN_WIDENING, FakeQuantize, Observer, token_mask
 from outlierfx.quantizers.policy import parse_bits
 from outlierfx.quantizers.spec import Granularity, QuantSpec
 from outlierfx.testing import assert_tokens_close, build_model
@@ -42,10 +43,17 @@ def test_each_grid_covers_its_own_tokens_and_quantizes_them(n, seq, channels, sp
     out = fq(data)
     lo, hi = (fq.spec.qmin - fq.zero_point) * fq.scale, (fq.spec.qmax - fq.zero_point) * fq.scale
     inside = not grouped and bool(observer.sink_min >= lo.min()) and bool(observer.sink_max <= hi.max())
-    assert fq.has_sink_grid != inside  # a per-tensor main grid that covers the first tokens is theirs too
+    # a per-tensor main grid that covers the first tokens is theirs too; it covers them where
+    # they fit the rest's range or widen it by at most SINK_MIN_WIDENING
+    assert fq.has_sink_grid != inside
     if inside:
         assert torch.equal(out, fake_quantize(data, fq.scale, fq.zero_point, fq.spec))
+        rest_scale, _ = qparams_from_range(rest_lo, rest_hi, base)
+        assert float(fq.scale) <= SINK_MIN_WIDENING * float(rest_scale) * (1 + 1e-6)
         return
+    if not grouped:  # a grid of their own only where sharing would coarsen the rest's step too much
+        joined, _ = qparams_from_range(data.amin(), data.amax(), base)
+        assert float(joined) > SINK_MIN_WIDENING * float(fq.scale)
     sink_scale, sink_zp = qparams_from_range(data[:, :n].amin(), data[:, :n].amax(), base.sink_spec())
     assert torch.equal(out[:, :n], fake_quantize(data[:, :n], sink_scale, sink_zp, base.sink_spec()))
     assert torch.equal(out[:, n:], fake_quantize(data[:, n:], fq.scale, fq.zero_point, fq.spec))
@@ -110,21 +118,34 @@ def test_the_suffix_sets_every_activation_spec_and_the_pass_fires_on_llama():
     assert errors[1] < errors[0] / 4, errors  # the other tokens get their precision back
 
 
-def test_first_tokens_inside_the_main_range_get_no_grid_of_their_own():
+def test_first_tokens_get_a_grid_of_their_own_only_where_they_widen_the_range_a_lot():
     x = torch.randn(4, 6, 8)
-    inside, _ = _calibrated(QuantSpec(sink_tokens=1), [x * torch.tensor([0.5] + [1.0] * 5)[None, :, None]])
-    assert inside.first_tokens_fit() and inside.sink_qparams() is None
+    inside, fq = _calibrated(QuantSpec(sink_tokens=1), [x * torch.tensor([0.5] + [1.0] * 5)[None, :, None]])
+    assert inside.sink_qparams() is None and not fq.has_sink_grid
+    assert torch.equal(fq.scale, qparams_from_range(inside.min_val, inside.max_val, fq.spec)[0])  # the rest's grid
+
+    rest = x[:, 1:]
+    near = x.clone()
+    near[:, 0] = rest.amax() * 1.2  # widens the range by less than SINK_MIN_WIDENING: shared, and not clipped
+    shared, fq = _calibrated(QuantSpec(sink_tokens=1), [near])
+    assert shared.sink_qparams() is None and not fq.has_sink_grid
+    scale, zero_point = fq.scale, fq.zero_point
+    assert float((fq.spec.qmax - zero_point) * scale) >= float(near[:, 0].max()) - 1e-6
+    assert float(scale) > float(qparams_from_range(rest.amin(), rest.amax(), fq.spec)[0])
+
     spiked = x.clone()
     spiked[:, 0] *= 30
     outside, fq = _calibrated(QuantSpec(sink_tokens=1), [spiked])
     assert outside.sink_qparams() is not None and fq.has_sink_grid
+    assert torch.equal(fq.scale, qparams_from_range(outside.min_val, outside.max_val, fq.spec)[0])
 
 
 @pytest.mark.parametrize("engine", [e for e in ("x86", "onednn") if e in torch.backends.quantized.supported_engines])
 def test_linear_inputs_with_first_token_grids_lower_to_two_int8_gemms(engine, monkeypatch):
     g = build_model("bert", hidden=32, layers=2)
     # every site takes the two-grid path, also where the first token fits the main range
-    monkeypatch.setattr(Observer, "first_tokens_fit", lambda self, main=None: False)
+    monkeypatch.setattr(Observer, "_fits", lambda self, main: False)
+    monkeypatch.setattr(observers, "SINK_MIN_WIDENING", 0.0)
     qmodel, _ = outlierfx.quantize(g.model, [g.inputs], recipe="naive+sink", policy="linear-inputs", progress=False)
     result = Lower(engine)(qmodel)
     split = [lin for lin in result.plan.linears if "first token(s) on their own" in lin.kernel]
