@@ -36,3 +36,14 @@ def smollm2():
     from outlierfx.models import load
 
     return load("smollm2")
+
+
+
+@pytest.fixture
+def every_first_token_grid():
+    """``+sink`` quantizers keep a first-token grid at every site (see
+    :func:`outlierfx.testing.first_token_grids_everywhere`)."""
+    from outlierfx.testing import first_token_grids_everywhere
+
+    with first_token_grids_everywhere():
+        yield

@@ -19,7 +19,7 @@ from outlierfx.passes.lower import Lower
 from outlierfx.quantizers.backends import BackendError, QuantizedLinear, check_backend, mask_or_none
 from outlierfx.quantizers.observers import FakeQuantize
 from outlierfx.serialize import load_quantized, save_quantized, size_on_disk_mb
-from outlierfx.testing import assert_tokens_close, build_model, transformer_models
+from outlierfx.testing import assert_tokens_close, build_model, first_token_grids_everywhere, transformer_models
 
 ENGINES = tuple(e for e in ("fbgemm", "x86", "qnnpack", "onednn") if e in torch.backends.quantized.supported_engines)
 
@@ -117,7 +117,8 @@ def test_onednn_fuses_gelu_into_the_int8_gemm_and_matches_the_reference_form(pol
 
 @pytest.mark.skipif("onednn" not in torch.backends.quantized.supported_engines, reason="no onednn engine")
 @pytest.mark.parametrize(("family", "recipe"), [("bert", "naive"), ("llama", "naive"), ("llama", "naive+sink")])
-def test_onednn_adds_the_residual_inside_the_int8_gemm_and_matches_the_reference_form(family, recipe):
+def test_onednn_adds_the_residual_inside_the_int8_gemm_and_matches_the_reference_form(family, recipe,
+                                                                                     every_first_token_grid):
     g = build_model(family, hidden=32, layers=2)
     qmodel, _ = outlierfx.quantize(g.model, [g.inputs], recipe=recipe, bits="W8A8", policy="linear-inputs",
                                    progress=False)
@@ -208,7 +209,9 @@ def test_reference_form_equals_fake_quant(g):
 @given(g=transformer_models(outliers=True), policy=st.sampled_from(["full", "linear-inputs"]))
 def test_reference_form_carries_first_token_grids_exactly(g, policy):
     """+sink: the first rows run beside the main graph on their own grid; nothing stays simulated."""
-    qmodel, _ = outlierfx.quantize(g.model, [g.inputs], recipe="naive+sink", bits="W8A8", policy=policy, progress=False)
+    with first_token_grids_everywhere():
+        qmodel, _ = outlierfx.quantize(g.model, [g.inputs], recipe="naive+sink", bits="W8A8", policy=policy,
+                                       progress=False)
     two_grids = [m for m in qmodel.modules() if isinstance(m, FakeQuantize) and m.has_sink_grid]
     assert two_grids, "no quantizer has a first-token grid"
     result = Lower("reference")(qmodel)
@@ -350,7 +353,7 @@ def test_compiled_int8_matches_the_reference_form():
 
 
 @pytest.mark.parametrize("family", ["bert", "llama"])
-def test_compiled_first_token_grids_run_as_int8_gemms(family):
+def test_compiled_first_token_grids_run_as_int8_gemms(family, every_first_token_grid):
     """A Linear reading a first-token-grid input compiles to an int8 GEMM over all rows and one
     over the first rows: inductor prepacks every int8 weight, none runs in float."""
     from torch._dynamo.utils import counters
@@ -369,6 +372,40 @@ def test_compiled_first_token_grids_run_as_int8_gemms(family):
     counters.clear()
     compiled = compile_int8(qmodel)
     assert_tokens_close(Lower("reference")(qmodel).graph_module, compiled, g.inputs)
+    assert counters["inductor"]["qlinear_weight_prepack_matcher_count"] == len(gemms)
+
+
+def test_a_first_token_grid_after_gelu_recomputes_its_rows_so_the_gemm_keeps_its_fusion(every_first_token_grid):
+    """MiniLM's case: only the GELU outputs keep a first-token grid. The reference form gets
+    their first rows from a GEMM over the FFN input's first rows, so each GELU keeps one reader
+    (inductor fuses GELU and quantize into the int8 GEMM) and the outputs stay exact."""
+    from torch._dynamo.utils import counters
+
+    from outlierfx.compile import compile_int8
+
+    g = build_model("bert", hidden=32, layers=2)
+    qmodel, _ = outlierfx.quantize(g.model, [g.inputs], recipe="naive+sink", bits="W8A8", policy="linear-inputs",
+                                   progress=False)
+    kept = 0
+    for node in qmodel.graph.nodes:
+        module = qmodel.get_submodule(node.target) if node.op == "call_module" else None
+        if isinstance(module, FakeQuantize) and module.has_sink_grid:
+            if node.args[0].target is torch.ops.aten.gelu.default:
+                kept += 1
+            else:
+                module.sink_scale = torch.empty(0)
+    assert kept == 2  # one per layer
+    result = Lower("reference")(qmodel)
+    lowered = result.graph_module
+    gelus = [n for n in lowered.graph.nodes if n.target is torch.ops.aten.gelu.default]
+    assert len(gelus) == 2 * kept and all(len(n.users) == 1 for n in gelus)  # main + first rows, one reader each
+    gemms = [n for n in lowered.graph.nodes if n.target is torch.ops.aten.linear.default]
+    # the FFN-in first rows, and the FFN-out first rows that read them
+    assert len(gemms) == len(result.plan.linears) + 2 * kept
+    with torch.no_grad():
+        assert output_error(qmodel(**g.inputs), lowered(**g.inputs)).within(1e-5)
+    counters.clear()
+    assert_tokens_close(lowered, compile_int8(qmodel), g.inputs)
     assert counters["inductor"]["qlinear_weight_prepack_matcher_count"] == len(gemms)
 
 

@@ -12,7 +12,6 @@ from outlierfx.passes.lower import Lower
 from outlierfx.passes.recipes import get_recipe
 from outlierfx.quantizers.backends import QuantizedLinear
 from outlierfx.quantizers.fake_quant import fake_quantize, qparams_from_range
-from outlierfx.quantizers import observers
 from outlierfx.quantizers.observers import SINK_MIN_WIDENING, FakeQuantize, Observer, token_mask
 from outlierfx.quantizers.policy import parse_bits
 from outlierfx.quantizers.spec import Granularity, QuantSpec
@@ -141,11 +140,8 @@ def test_first_tokens_get_a_grid_of_their_own_only_where_they_widen_the_range_a_
 
 
 @pytest.mark.parametrize("engine", [e for e in ("x86", "onednn") if e in torch.backends.quantized.supported_engines])
-def test_linear_inputs_with_first_token_grids_lower_to_two_int8_gemms(engine, monkeypatch):
+def test_linear_inputs_with_first_token_grids_lower_to_two_int8_gemms(engine, every_first_token_grid):
     g = build_model("bert", hidden=32, layers=2)
-    # every site takes the two-grid path, also where the first token fits the main range
-    monkeypatch.setattr(Observer, "_fits", lambda self, main: False)
-    monkeypatch.setattr(observers, "SINK_MIN_WIDENING", 0.0)
     qmodel, _ = outlierfx.quantize(g.model, [g.inputs], recipe="naive+sink", policy="linear-inputs", progress=False)
     result = Lower(engine)(qmodel)
     split = [lin for lin in result.plan.linears if "first token(s) on their own" in lin.kernel]

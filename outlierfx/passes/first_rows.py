@@ -34,6 +34,7 @@ _ELEMENTWISE = {
     aten.relu.default, aten.tanh.default, aten.sigmoid.default, aten.neg.default, aten.rsqrt.default,
     aten.pow.Tensor_Scalar, aten._to_copy.default,
 }
+_ACTIVATIONS = {aten.gelu.default, aten.silu.default, aten.relu.default, aten.tanh.default, aten.sigmoid.default}
 _REDUCTIONS = {aten.mean.dim, aten.sum.dim_IntList, aten.amax.default}
 
 
@@ -67,6 +68,42 @@ def follow_first_rows(gm: torch.fx.GraphModule, pairs: dict[torch.fx.Node, tuple
                                                                                       heads[main][1]))
                 meta.inherit(joined[main], main, "Lower")
             node.replace_input_with(main, joined[main])
+
+
+def first_rows_of_value(graph: torch.fx.Graph, x: torch.fx.Node, n: int) -> torch.fx.Node:
+    """``x[:, :n]``, for the first-token grid of a quantizer that reads ``x``.
+
+    Where ``x`` is a Linear, or an elementwise activation of one (MiniLM's GELU), that nothing
+    else reads, the rows are recomputed from the first rows of the Linear's quantized input
+    instead (a GEMM of ``batch x n`` rows on its own weight dequantize): a slice would give
+    ``x`` a second reader, and inductor then writes the whole float output and quantizes it in
+    a separate kernel instead of fusing the activation and the quantize into the int8 GEMM."""
+    act, linear = (x, x.args[0]) if _is_activation(x) else (None, x)
+    if not (isinstance(linear, torch.fx.Node) and linear.target is aten.linear.default and len(linear.users) == 1):
+        return graph.call_function(aten.slice.Tensor, (x, 1, 0, n))
+    dq = linear.args[0]
+    q = dq.args[0] if isinstance(dq, torch.fx.Node) and dq.target is qd.dequantize_per_tensor.default else None
+    if q is None or q.target is not qd.quantize_per_tensor.default or FIRST_ROWS_UNREAD in q.meta:
+        return graph.call_function(aten.slice.Tensor, (x, 1, 0, n))  # its first rows are not on this grid
+    rows = graph.call_function(aten.slice.Tensor, (q.args[0], 1, 0, n))
+    q_rows = graph.call_function(q.target, (rows, *q.args[1:]))
+    dq_rows = graph.call_function(dq.target, (q_rows, *dq.args[1:]))
+    head = graph.call_function(aten.linear.default, (dq_rows, _own_weight_dequantize(graph, linear.args[1]),
+                                                     *linear.args[2:]), linear.kwargs)
+    if meta.WEIGHT_QUANT in linear.meta:
+        head.meta[meta.WEIGHT_QUANT] = linear.meta[meta.WEIGHT_QUANT]
+    created = [rows, q_rows, dq_rows, head]
+    if act is not None:
+        head = graph.call_function(act.target, (head, *act.args[1:]), act.kwargs)
+        created.append(head)
+    for node in created:
+        meta.inherit(node, x, "Lower")
+    return head
+
+
+def _is_activation(node: torch.fx.Node) -> bool:
+    return node.op == "call_function" and node.target in _ACTIVATIONS and len(node.users) >= 1 \
+        and isinstance(node.args[0], torch.fx.Node)
 
 
 def _row_wise_head(graph: torch.fx.Graph, node: torch.fx.Node,

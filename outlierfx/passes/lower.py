@@ -66,7 +66,7 @@ from ..quantizers.fake_quant import integer_dtype, quantize_to_integers, quantiz
 from ..quantizers.observers import FakeQuantize
 from ..quantizers.spec import Estimator, Granularity, QuantSpec
 from .base import GraphPass
-from .first_rows import FIRST_ROWS_UNREAD, follow_first_rows
+from .first_rows import FIRST_ROWS_UNREAD, first_rows_of_value, follow_first_rows
 from .fuse_attention import SDPA
 
 with warnings.catch_warnings():
@@ -936,7 +936,7 @@ def _split_first_tokens(gm: torch.fx.GraphModule) -> None:
                 n, sink_scale, sink_zero_point = _sink_grid(module)
                 first_spec = spec.sink_spec()
                 first = (sink_scale, sink_zero_point, first_spec.qmin, first_spec.qmax, integer_dtype(first_spec))
-                head = graph.call_function(aten.slice.Tensor, (x, 1, 0, n))
+                head = first_rows_of_value(graph, x, n)
                 q_head = graph.call_function(Q_TENSOR, (head, *first))
                 dq_head = graph.call_function(DQ_TENSOR, (q_head, *first))
                 created += [head, q_head, dq_head]

@@ -8,8 +8,11 @@ exact zeros, and embedding dimensions with large values.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 from typing import Any
+from unittest import mock
 
 import torch
 from hypothesis import strategies as st
@@ -160,3 +163,15 @@ def transformer_models(draw: st.DrawFn, families: tuple[str, ...] = FAMILIES, ou
         seed=draw(st.integers(0, 2**16)),
         **options,
     )
+
+
+@contextlib.contextmanager
+def first_token_grids_everywhere() -> Iterator[None]:
+    """``+sink`` quantizers keep a first-token grid at every site, also where the first tokens
+    fit the main range or widen it by less than ``SINK_MIN_WIDENING`` (generated models have no
+    attention sink): the two-grid paths of the passes get exercised everywhere."""
+    from ..quantizers import observers
+
+    with mock.patch.object(observers.Observer, "_fits", lambda self, main: False), \
+            mock.patch.object(observers, "SINK_MIN_WIDENING", 0.0):
+        yield
