@@ -436,3 +436,25 @@ def test_a_tied_embedding_and_lm_head_share_one_int8_table(tmp_path):
         tables = {t.untyped_storage().data_ptr() for t in lowered.state_dict().values()
                   if t.dtype == torch.int8 and tuple(t.shape) == (96, 32)}
         assert len(tables) == 1, backend
+
+
+@pytest.mark.skipif("onednn" not in torch.backends.quantized.supported_engines, reason="no onednn engine")
+def test_onednn_requantizes_to_a_first_token_output_grid_inside_the_gelu_gemm():
+    """MiniLM's case on onednn: a single-grid FFN input, a first-token grid on the GELU output.
+    The GEMM fuses GELU and requantization to both grids (a batch x n GEMM for the first rows);
+    the FFN output GEMM reads the two-grid codes as they are: no float GELU output is written."""
+    g = build_model("bert", hidden=32, layers=2)
+    with first_token_grids_everywhere():
+        qmodel, _ = outlierfx.quantize(g.model, [g.inputs], recipe="naive+sink", bits="W8A8",
+                                       policy="linear-inputs", progress=False)
+    for node in qmodel.graph.nodes:  # keep the GELU outputs' first-token grids only
+        module = qmodel.get_submodule(node.target) if node.op == "call_module" else None
+        if isinstance(module, FakeQuantize) and module.has_sink_grid and node.args[0].target is not torch.ops.aten.gelu.default:
+            module.sink_scale = torch.empty(0)
+    result = Lower("onednn")(qmodel)
+    planned = [lin for lin in result.plan.linears if "requantized to their own output grid" in lin.kernel]
+    modules = [m for m in _quantized_linears(result.graph_module).values() if m.sink_out is not None]
+    assert len(planned) == len(modules) == 2 and all(m.gelu is not None and m.sink is None for m in modules)
+    assert not [n for n in result.graph_module.graph.nodes if n.target is torch.ops.aten.gelu.default]
+    _assert_each_int8_linear_within_one_step(result.graph_module, g.inputs)
+    assert_tokens_close(Lower("reference")(qmodel).graph_module, result.graph_module, g.inputs)

@@ -40,19 +40,19 @@ def test_each_grid_covers_its_own_tokens_and_quantizes_them(n, seq, channels, sp
     assert torch.allclose(observer.min_val.min(), rest_lo) and torch.allclose(observer.max_val.max(), rest_hi)
     assert observer.sink_min == data[:, :n].amin() and observer.sink_max == data[:, :n].amax()
     out = fq(data)
-    lo, hi = (fq.spec.qmin - fq.zero_point) * fq.scale, (fq.spec.qmax - fq.zero_point) * fq.scale
-    inside = not grouped and bool(observer.sink_min >= lo.min()) and bool(observer.sink_max <= hi.max())
-    # a per-tensor main grid that covers the first tokens is theirs too; it covers them where
-    # they fit the rest's range or widen it by at most SINK_MIN_WIDENING
-    assert fq.has_sink_grid != inside
-    if inside:
+    # per tensor, the first tokens share the main grid where it covers them, or where covering
+    # them widens the rest's range by at most SINK_MIN_WIDENING; groups always give them a grid
+    rest_scale, rest_zp = qparams_from_range(rest_lo, rest_hi, base)
+    joined, _ = qparams_from_range(data.amin(), data.amax(), base)
+    lo, hi = (base.qmin - rest_zp) * rest_scale, (base.qmax - rest_zp) * rest_scale
+    fits = bool(observer.sink_min >= lo) and bool(observer.sink_max <= hi)
+    shared = not grouped and (fits or float(joined) <= SINK_MIN_WIDENING * float(rest_scale))
+    assert fq.has_sink_grid != shared
+    if shared:
         assert torch.equal(out, fake_quantize(data, fq.scale, fq.zero_point, fq.spec))
-        rest_scale, _ = qparams_from_range(rest_lo, rest_hi, base)
+        assert float((out - data).abs().max()) <= float(fq.scale) * 0.5001  # no token clipped
         assert float(fq.scale) <= SINK_MIN_WIDENING * float(rest_scale) * (1 + 1e-6)
         return
-    if not grouped:  # a grid of their own only where sharing would coarsen the rest's step too much
-        joined, _ = qparams_from_range(data.amin(), data.amax(), base)
-        assert float(joined) > SINK_MIN_WIDENING * float(fq.scale)
     sink_scale, sink_zp = qparams_from_range(data[:, :n].amin(), data[:, :n].amax(), base.sink_spec())
     assert torch.equal(out[:, :n], fake_quantize(data[:, :n], sink_scale, sink_zp, base.sink_spec()))
     assert torch.equal(out[:, n:], fake_quantize(data[:, n:], fq.scale, fq.zero_point, fq.spec))
@@ -198,7 +198,7 @@ def test_onednn_computes_the_first_rows_on_their_own_grid_exactly():
     # GELU and requantization to two output grids, reading the two-grid codes as they are
     outs = {"main": (0.01, 10), "sink": (0.2, 5)}
     fused = QuantizedLinear(weight, w_scale, bias, (*grids["main"], 0, 255), outs["main"], "onednn",
-                            gelu="none", sink=(1, *grids["sink"]), sink_out=outs["sink"])
+                            gelu="none", sink=(1, *grids["sink"]), sink_out=(1, *outs["sink"]))
     gelu = torch.nn.functional.gelu(expected)
     want = torch.cat([on_grid(gelu[:, :1], *outs["sink"]), on_grid(gelu[:, 1:], *outs["main"])], 1)
     with torch.no_grad():

@@ -195,6 +195,11 @@ class Lower(GraphPass[LowerPlan]):
                 return (f"float GEMM on int8 weights (input in {groups} PEG groups: more than "
                         f"{self.max_sub_gemms} sub-GEMMs cost more than they save)"), 0
             return f"{groups} int8 sub-GEMMs (PEG groups), float sum", groups
+        if self.backend == "onednn" and (module.spec.qmin, module.spec.qmax, module.spec.signed) == (0, 255, False):
+            gelu = _fusable_gelu(linear) is not None
+            if _sink_output(gm, next(iter(linear.users)) if gelu else linear, None) is not None:
+                return ("int8 GEMM" + (", GELU fused" if gelu else "") + ", requantized uint8 output; first token(s)"
+                        " requantized to their own output grid (their rows again, by a batch x n GEMM)"), 0
         if _output_quantizer(gm, linear) is not None:
             return "int8 GEMM, requantized uint8 output", 0
         if self.backend in GELU_ENGINES and _fusable_gelu(linear) is not None:
@@ -309,11 +314,12 @@ def _mergeable(module: QuantizedLinear) -> bool:
     return module.engine == "onednn" and module.out_qparams is None and module.gelu is None and not module.residual
 
 
-def _sink_output(gm: torch.fx.GraphModule, node: torch.fx.Node, source: FakeQuantize) -> torch.fx.Node | None:
+def _sink_output(gm: torch.fx.GraphModule, node: torch.fx.Node, source: FakeQuantize | None) -> torch.fx.Node | None:
     """The first-token-grid quantizer that is the only reader of ``node`` (a Linear, or the
     GELU after it) when onednn can requantize to it: 8-bit unsigned full range, as many first
-    tokens as ``source`` (the Linear's input quantizer), and read only by Linears that lower
-    with it as their input. Those then read the two-grid codes as they are."""
+    tokens as ``source`` (the Linear's input quantizer, if it has a first-token grid), and read
+    only by Linears that lower with it as their input. Those then read the two-grid codes as
+    they are."""
     if len(node.users) != 1:
         return None
     quantizer = next(iter(node.users))
@@ -321,7 +327,8 @@ def _sink_output(gm: torch.fx.GraphModule, node: torch.fx.Node, source: FakeQuan
     if module is None or not module.enabled or not module.has_sink_grid or not _single_grid(module):
         return None
     spec = module.spec
-    if (spec.qmin, spec.qmax, spec.signed, spec.sink_tokens) != (0, 255, False, source.spec.sink_tokens):
+    tokens = spec.sink_tokens if source is None else source.spec.sink_tokens
+    if (spec.qmin, spec.qmax, spec.signed, spec.sink_tokens) != (0, 255, False, tokens):
         return None
     readers = list(quantizer.users)
     lowers = all(_is_call(r, aten.linear.default) and r.args[0] is quantizer and meta.WEIGHT_QUANT in r.meta
@@ -732,6 +739,13 @@ class _AoLowering:
         gelu = _fusable_gelu(linear) if q_out is None and self.engine in GELU_ENGINES else None
         if gelu is not None:  # Linear -> GELU -> quantize: GELU and requantization both in the GEMM
             q_out = self._output_value(next(iter(linear.users)))
+        sink_node = self._sink_output(linear, gelu) if q_out is None else None
+        if sink_node is not None:  # requantized to a first-token-grid output (MiniLM's GELU outputs)
+            target = self.gm.get_submodule(str(sink_node.target))
+            self.two_grid[sink_node] = self._replace_linear(
+                linear, w_dq, bias, (scale, zero_point, qmin, qmax), _main_grid(target), gelu, self._quint8(q_x),
+                sink_out=_sink_grid(target))
+            return
         if q_out is None and not has_float_output_kernel(self.engine):
             return  # float fallback (listed in the plan)
         out = None if q_out is None else (q_out.args[1], q_out.args[2])
@@ -746,6 +760,12 @@ class _AoLowering:
                                     residual=residual)
         if q_out is not None:
             self.quantized[q_out] = call
+
+    def _sink_output(self, linear: torch.fx.Node, gelu: str | None) -> torch.fx.Node | None:
+        """The first-token-grid quantizer that a single-grid onednn GEMM can requantize to."""
+        if self.engine != "onednn" or self._uint8_value(linear.args[0]) is None:
+            return None
+        return _sink_output(self.gm, next(iter(linear.users)) if gelu is not None else linear, None)
 
     def _sink_linear(self, linear: torch.fx.Node, module: FakeQuantize, w_dq: torch.fx.Node, bias: object) -> None:
         """A Linear whose input quantizer gives the first tokens their own grid. x86/fbgemm: two
@@ -764,7 +784,7 @@ class _AoLowering:
         out = sink_out = None
         if out_node is not None:
             target = self.gm.get_submodule(str(out_node.target))
-            out, sink_out = _main_grid(target), _sink_grid(target)[1:]
+            out, sink_out = _main_grid(target), _sink_grid(target)
         residual = self._residual(linear) if gelu is None and out is None else None
         call = self._replace_linear(linear, w_dq, bias, qparams, out, gelu, self._two_grid_codes(quantizer, qparams, sink),
                                     sink, residual, sink_out)
@@ -804,7 +824,7 @@ class _AoLowering:
                         in_qparams: tuple, out: tuple | None, gelu: str | None, source: torch.fx.Node,
                         sink: tuple[int, float, int] | None = None,
                         residual: tuple[torch.fx.Node, torch.fx.Node] | None = None,
-                        sink_out: tuple[float, int] | None = None) -> torch.fx.Node:
+                        sink_out: tuple[int, float, int] | None = None) -> torch.fx.Node:
         """Put a :class:`QuantizedLinear` reading ``source`` in place of ``linear`` (and of the
         GELU, or the residual ``(add, other)``, fused into it)."""
         codes = fetch_attr(self.gm, str(w_dq.args[0].target))

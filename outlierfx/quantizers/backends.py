@@ -138,7 +138,7 @@ class QuantizedLinear(torch.nn.Module):
     def __init__(self, weight_int8: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
                  in_qparams: tuple[float, int, int, int], out_qparams: tuple[float, int] | None, engine: str,
                  gelu: str | None = None, sink: tuple[int, float, int] | None = None, residual: bool = False,
-                 sink_out: tuple[float, int] | None = None) -> None:
+                 sink_out: tuple[int, float, int] | None = None) -> None:
         super().__init__()
         if weight_int8.dtype != torch.int8:
             raise ValueError(f"weight must be int8, got {weight_int8.dtype}")
@@ -157,11 +157,13 @@ class QuantizedLinear(torch.nn.Module):
             raise BackendError(f"a first-token input grid on {engine} needs a float output without a fused GELU")
         # (n, scale, zero point): the first n positions of a [batch, seq, in] input have their own grid
         self.sink = None if sink is None else (int(sink[0]), float(sink[1]), int(sink[2]))
-        if sink_out is not None and (sink is None or out_qparams is None):
-            raise BackendError("a first-token output grid needs a first-token input grid and a requantized output")
-        # (scale, zero point) of the first n output positions; with a sink input and a requantized
-        # output the module returns plain uint8 codes (two grids fit no quint8 tensor)
-        self.sink_out = None if sink_out is None else (float(sink_out[0]), int(sink_out[1]))
+        if sink_out is not None and (engine != "onednn" or out_qparams is None):
+            raise BackendError("a first-token output grid needs a requantized output on onednn")
+        if sink_out is not None and sink is not None and int(sink_out[0]) != self.sink[0]:
+            raise BackendError("the first-token input and output grids must cover as many positions")
+        # (n, scale, zero point) of the first n output positions; with a requantized output the
+        # module then returns plain uint8 codes (two grids fit no quint8 tensor)
+        self.sink_out = None if sink_out is None else (int(sink_out[0]), float(sink_out[1]), int(sink_out[2]))
         if residual and (engine not in RESIDUAL_ENGINES or out_qparams is not None or gelu is not None):
             raise BackendError(f"a fused residual add needs a float output without GELU on one of "
                                f"{', '.join(RESIDUAL_ENGINES)}")
@@ -211,6 +213,8 @@ class QuantizedLinear(torch.nn.Module):
         packed = self._packed if self._packed is not None else self._pack()
         if self.sink is not None and self.engine == "onednn" and x.dtype in (torch.float32, torch.uint8):
             return self._onednn_sink(x, packed, residual)  # type: ignore[arg-type]
+        if self.sink_out is not None:
+            return self._onednn_sink_out(x, packed)  # type: ignore[arg-type]
         if self.sink is not None and x.is_floating_point() and x.dim() >= 3 and x.shape[1] > self.sink[0]:
             n, scale, zero_point = self.sink
             head = self._gemm(x[:, :n], packed, scale, zero_point)
@@ -272,7 +276,19 @@ class QuantizedLinear(torch.nn.Module):
             return y
         head_residual = None if residual is None else residual[:, :n].contiguous()
         y[:, :n] = self._onednn(codes[:, :n].contiguous(), packed, scale0, zero_point0, head_residual,
-                                self.sink_out or self.out_qparams)
+                                self.sink_out[1:] if self.sink_out else self.out_qparams)
+        return y
+
+    def _onednn_sink_out(self, x: torch.Tensor, packed: tuple) -> torch.Tensor:
+        """One input grid, a first-token output grid (MiniLM's GELU outputs): one GEMM requantizes
+        every row to the main output grid, a ``batch x n`` GEMM over the first input rows (same
+        post-ops) to the first positions' grid, written over them. Plain uint8 codes out."""
+        n = self.sink_out[0]  # type: ignore[index]
+        codes = x if x.dtype == torch.uint8 else uint8_codes(x if x.dtype == torch.quint8 else self.quantize_input(x))
+        y = self._onednn(codes, packed, self.in_scale, self.in_zero_point, None, self.out_qparams)
+        if codes.dim() >= 3 and codes.shape[1] > n:
+            y[:, :n] = self._onednn(codes[:, :n].contiguous(), packed, self.in_scale, self.in_zero_point, None,
+                                    self.sink_out[1:])  # type: ignore[index]
         return y
 
     def input_codes(self, x: torch.Tensor) -> torch.Tensor:
@@ -303,6 +319,8 @@ class QuantizedLinear(torch.nn.Module):
         state.setdefault("residual", False)
         state.setdefault("codes_out", False)
         state.setdefault("sink_out", None)
+        if state["sink_out"] is not None and len(state["sink_out"]) == 2:  # saved as (scale, zero point)
+            state["sink_out"] = (state["sink"][0], *state["sink_out"])
         super().__setstate__(state)
 
     def extra_repr(self) -> str:
@@ -310,5 +328,6 @@ class QuantizedLinear(torch.nn.Module):
         out += " as plain codes" if self.out_qparams and self.codes_out else ""
         gelu = f", GELU ({self.gelu}) fused" if self.gelu is not None else ""
         sink = f", first {self.sink[0]} token(s) on their own input grid" if self.sink is not None else ""
+        sink += f", first {self.sink_out[0]} token(s) requantized to their own grid" if self.sink_out else ""
         residual = ", residual add fused" if self.residual else ""
         return f"{self.in_features} -> {self.out_features}, {self.engine}, {out}{gelu}{sink}{residual}"
