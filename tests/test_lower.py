@@ -16,7 +16,7 @@ from outlierfx.graph.compare import output_error
 from outlierfx.graph.probe import probe
 from outlierfx.passes.fuse_attention import FuseAttention
 from outlierfx.passes.lower import Lower
-from outlierfx.quantizers.backends import BackendError, QuantizedLinear, check_backend, mask_or_none
+from outlierfx.quantizers.backends import BackendError, QuantizedLinear, bf16_attention, check_backend, mask_or_none
 from outlierfx.quantizers.observers import FakeQuantize
 from outlierfx.serialize import load_quantized, save_quantized, size_on_disk_mb
 from outlierfx.testing import assert_tokens_close, build_model, first_token_grids_everywhere, transformer_models
@@ -162,7 +162,8 @@ def test_fused_attention_skips_an_all_zero_mask_once_per_forward(engine):
     fused = FuseAttention()(qmodel).graph_module
     lowered = Lower(engine)(fused).graph_module
     checks = [n for n in lowered.graph.nodes if n.target is mask_or_none]
-    attention = [n for n in lowered.graph.nodes if n.target is torch.ops.aten.scaled_dot_product_attention.default]
+    attention = [n for n in lowered.graph.nodes
+                 if n.target in (torch.ops.aten.scaled_dot_product_attention.default, bf16_attention)]
     assert len(checks) == 1 and len(attention) == g.config.num_hidden_layers
     assert all(n.kwargs["attn_mask"] is checks[0] for n in attention)
     reference = Lower("reference")(fused).graph_module
@@ -458,3 +459,30 @@ def test_onednn_requantizes_to_a_first_token_output_grid_inside_the_gelu_gemm():
     assert not [n for n in result.graph_module.graph.nodes if n.target is torch.ops.aten.gelu.default]
     _assert_each_int8_linear_within_one_step(result.graph_module, g.inputs)
     assert_tokens_close(Lower("reference")(qmodel).graph_module, result.graph_module, g.inputs)
+
+
+@pytest.mark.skipif("onednn" not in torch.backends.quantized.supported_engines, reason="no onednn engine")
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_onednn_runs_attention_in_bf16_where_int8_gemms_write_q_k_v(family):
+    g = build_model(family, hidden=32, layers=2)
+    qmodel, _ = outlierfx.quantize(g.model, [g.inputs], recipe="naive", bits="W8A8", policy="linear-inputs",
+                                   progress=False)
+    fused = FuseAttention()(qmodel).graph_module
+    result = Lower("onednn", bf16_attention=True)(fused)
+    lowered = result.graph_module
+    assert result.plan.bf16_attention and "bfloat16" in result.plan.summary()
+    bf16 = [n for n in lowered.graph.nodes if n.target is bf16_attention]
+    writers = [m for m in _quantized_linears(lowered).values() if m.out_dtype == torch.bfloat16]
+    if family == "bert":  # Q, K, V: one merged GEMM per layer, read through views only
+        assert len(bf16) == len(writers) == g.config.num_hidden_layers
+    else:  # rotary embeddings sit between the Q/K GEMMs and attention: stays float
+        assert not bf16 and not writers
+    padded = dict(g.inputs, attention_mask=torch.ones_like(g.inputs["attention_mask"]))
+    padded["attention_mask"][0, -3:] = 0
+    reference = Lower("reference")(fused).graph_module
+    for inputs in (g.inputs, padded):
+        assert_tokens_close(reference, lowered, inputs)
+    off = Lower("onednn", bf16_attention=False)(fused)
+    assert not off.plan.bf16_attention and not any(n.target is bf16_attention for n in off.graph_module.graph.nodes)
+    with pytest.raises(BackendError, match="onednn"):
+        Lower("x86", bf16_attention=True)

@@ -56,7 +56,9 @@ from ..quantizers.backends import (
     GELU_ENGINES,
     RESIDUAL_ENGINES,
     QuantizedLinear,
+    BackendError,
     check_backend,
+    has_bf16_instructions,
     has_float_output_kernel,
     mask_or_none,
     two_grid_codes,
@@ -66,6 +68,7 @@ from ..quantizers.fake_quant import integer_dtype, quantize_to_integers, quantiz
 from ..quantizers.observers import FakeQuantize
 from ..quantizers.spec import Estimator, Granularity, QuantSpec
 from .base import GraphPass
+from .bf16_attention import use_bf16_attention
 from .first_rows import FIRST_ROWS_UNREAD, first_rows_of_value, follow_first_rows
 from .fuse_attention import SDPA
 
@@ -101,6 +104,7 @@ class LowerPlan:
     activations: int  # quantizers lowered to integer quantize/dequantize
     embeddings: int  # int8 embedding tables
     simulated: tuple[tuple[str, str], ...]  # (tensor, why) quantizers with no integer kernel
+    bf16_attention: bool = False  # fused attention behind int8 Q/K/V GEMMs runs in bfloat16
 
     def summary(self) -> str:
         int8 = sum(1 for lin in self.linears if lin.is_int8)
@@ -111,6 +115,8 @@ class LowerPlan:
                  f"{self.activations} activation quantizers as integer quantize/dequantize; "
                  f"{self.embeddings} int8 embedding tables"]
         lines += [f"  {n} x {kernel}" for kernel, n in sorted(kinds.items())]
+        if self.bf16_attention:
+            lines.append("  fused attention whose Q, K, V come straight from int8 GEMMs: in bfloat16")
         if self.simulated:
             lines.append(f"  {len(self.simulated)} quantizers without an integer kernel stay simulated "
                          f"(e.g. {self.simulated[0][0]}: {self.simulated[0][1]})")
@@ -125,13 +131,21 @@ class Lower(GraphPass[LowerPlan]):
     x86, slowly), ``"reference"`` or ``"inductor"`` (the decomposed form, for torch.compile).
     ``max_sub_gemms``: a Linear whose input has more PEG groups runs as one float GEMM on its
     int8 weights instead of that many int8 sub-GEMMs (same numerics up to summation order).
+    ``bf16_attention`` (onednn; default: where the CPU runs bf16 natively): fused attention whose
+    Q, K and V come straight from int8 GEMMs runs in bfloat16, the GEMMs writing bf16
+    (:mod:`outlierfx.passes.bf16_attention`).
     """
 
     output_rel_tol = None  # rounding ties may move a value by one step; the error is recorded
 
-    def __init__(self, backend: str = "x86", max_sub_gemms: int | None = None) -> None:
+    def __init__(self, backend: str = "x86", max_sub_gemms: int | None = None, bf16_attention: bool | None = None) -> None:
         self.backend = check_backend(backend)
         self.max_sub_gemms = MAX_SUB_GEMMS if max_sub_gemms is None else max_sub_gemms
+        if bf16_attention and self.backend != "onednn":
+            raise BackendError(f"bf16 attention behind int8 GEMMs needs the onednn backend, not {self.backend}")
+        # default: on where oneDNN runs bf16 natively (and so faster than float)
+        self.bf16_attention = self.backend == "onednn" and (has_bf16_instructions() if bf16_attention is None
+                                                            else bf16_attention)
 
     @property
     def propagates_values(self) -> bool:
@@ -156,7 +170,7 @@ class Lower(GraphPass[LowerPlan]):
         embeddings = sum(1 for n in gm.graph.nodes if op_kind(n) is OpKind.EMBEDDING and meta.WEIGHT_QUANT in n.meta)
         if self.backend == "onednn":
             linears = _label_merged(gm, linears)
-        return LowerPlan(self.backend, tuple(linears), activations, embeddings, tuple(simulated))
+        return LowerPlan(self.backend, tuple(linears), activations, embeddings, tuple(simulated), self.bf16_attention)
 
     def _kernel(self, gm: torch.fx.GraphModule, linear: torch.fx.Node) -> tuple[str, int]:
         """The kernel a Linear gets, and its number of PEG sub-GEMMs (0: not split)."""
@@ -215,7 +229,7 @@ class Lower(GraphPass[LowerPlan]):
     def apply(self, gm: torch.fx.GraphModule, plan: LowerPlan) -> bool:
         _ReferenceLowering(gm, {lin.node for lin in plan.linears if lin.groups}).run()
         if self.backend in AO_ENGINES:
-            _AoLowering(gm, self.backend).run()
+            _AoLowering(gm, self.backend, plan.bf16_attention).run()
         else:
             _split_first_tokens(gm)
         if self.backend == "inductor":
@@ -556,8 +570,8 @@ class _AoLowering:
     run in int8 (Linear, add, layer_norm), with the requantization to the next quantizer's
     grid fused into each kernel; float ops read a dequantized copy, made once per value."""
 
-    def __init__(self, gm: torch.fx.GraphModule, engine: str) -> None:
-        self.gm, self.graph, self.engine = gm, gm.graph, engine
+    def __init__(self, gm: torch.fx.GraphModule, engine: str, bf16_attention: bool = False) -> None:
+        self.gm, self.graph, self.engine, self.bf16_attention = gm, gm.graph, engine, bf16_attention
         self.quantized: dict[torch.fx.Node, torch.fx.Node] = {}  # q node -> node giving its quint8 tensor
         self.two_grid: dict[torch.fx.Node, torch.fx.Node] = {}  # first-token-grid quantizer -> its uint8 codes
         # per-row weight scales in the float64 the engines take, one tensor per source: the K
@@ -587,6 +601,8 @@ class _AoLowering:
             self._scale_in_place(node)
             self._plain_codes(node)
         self._skip_zero_masks()
+        if self.bf16_attention:
+            use_bf16_attention(self.gm)
 
     def _skip_zero_masks(self) -> None:
         """Fused attention reads its additive mask through :func:`mask_or_none`, once per mask."""

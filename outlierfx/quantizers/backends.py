@@ -63,6 +63,25 @@ def check_backend(name: str) -> str:
     return name
 
 
+def has_bf16_instructions() -> bool:
+    """Whether oneDNN runs bfloat16 natively on this CPU (AVX512-BF16 or AMX)."""
+    probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return bool(torch.backends.mkldnn.is_available() and probe is not None and probe())
+
+
+def bf16_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                   scale: float | None = None) -> torch.Tensor:
+    """Fused attention in bfloat16 on ``q``/``k``/``v`` that int8 GEMMs wrote in bfloat16;
+    float output (the quantizer of the output projection's input reads it). An additive float
+    mask is clamped to bfloat16's finite range (a float32 lowest value would round to -inf)."""
+    if attn_mask is not None and attn_mask.dtype != torch.bool:
+        attn_mask = attn_mask.clamp(min=torch.finfo(torch.bfloat16).min).to(torch.bfloat16)
+    bf16 = torch.bfloat16
+    out = torch.nn.functional.scaled_dot_product_attention(q.to(bf16), k.to(bf16), v.to(bf16), attn_mask=attn_mask,
+                                                           scale=scale)
+    return out.float()
+
+
 def has_float_output_kernel(engine: str) -> bool:
     return engine in _FLOAT_OUTPUT_ENGINES
 
@@ -171,6 +190,8 @@ class QuantizedLinear(torch.nn.Module):
         # onednn with out_qparams: return the plain uint8 codes (set by Lower when only other onednn
         # GEMMs read them; wrapping them in a quint8 tensor copies them)
         self.codes_out = False
+        # onednn float output: float32, or bfloat16 where only bf16 attention reads it (set by Lower)
+        self.out_dtype = torch.float32
         self._packed: object | None = None
 
     @property
@@ -243,7 +264,7 @@ class QuantizedLinear(torch.nn.Module):
         if x.dtype != torch.uint8:
             x = uint8_codes(x if x.dtype == torch.quint8 else self.quantize_input(x, in_scale, in_zero_point))
         weight, w_scale, w_zero_point, _ = packed
-        out_scale, out_zero_point, dtype = (1.0, 0, torch.float32) if out is None else (*out, torch.uint8)
+        out_scale, out_zero_point, dtype = (1.0, 0, self.out_dtype) if out is None else (*out, torch.uint8)
         post = ("gelu", [], self.gelu) if self.gelu is not None else ("none", [], "")
         if residual is not None:
             return torch.ops.onednn.qlinear_pointwise.binary(x, in_scale, in_zero_point, weight, w_scale, w_zero_point,
@@ -319,12 +340,14 @@ class QuantizedLinear(torch.nn.Module):
         state.setdefault("residual", False)
         state.setdefault("codes_out", False)
         state.setdefault("sink_out", None)
+        state.setdefault("out_dtype", torch.float32)
         if state["sink_out"] is not None and len(state["sink_out"]) == 2:  # saved as (scale, zero point)
             state["sink_out"] = (state["sink"][0], *state["sink_out"])
         super().__setstate__(state)
 
     def extra_repr(self) -> str:
         out = f"uint8 out (scale {self.out_qparams[0]:.3g})" if self.out_qparams else "float out"
+        out += " in bfloat16" if not self.out_qparams and self.out_dtype == torch.bfloat16 else ""
         out += " as plain codes" if self.out_qparams and self.codes_out else ""
         gelu = f", GELU ({self.gelu}) fused" if self.gelu is not None else ""
         sink = f", first {self.sink[0]} token(s) on their own input grid" if self.sink is not None else ""

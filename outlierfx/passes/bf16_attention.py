@@ -1,0 +1,72 @@
+"""Fused attention in bfloat16 behind int8 Q/K/V GEMMs (onednn, CPUs with native bf16).
+
+Under ``linear-inputs`` attention stays float: one fused SDPA call per layer, which took 31-34%
+of the int8 MiniLM's time on onednn (1.4 ms a layer, batch 8 x 128; torch.profiler). On a CPU
+that runs bfloat16 natively (AMX here) the same kernel in bf16 takes about 1.07 ms. Where Q, K
+and V come straight from int8 GEMMs with a float output (through views only), those GEMMs write
+bf16 instead, so nothing is converted on the way in; the context comes back as float32 for the
+quantizer that follows. bf16 keeps 8 bits of mantissa: about 0.4% per element, below the int8
+step of the Q/K/V GEMMs' inputs (MiniLM cosine unchanged to 1e-4; README "Speed").
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx
+
+from ..quantizers.backends import QuantizedLinear, bf16_attention
+from .fuse_attention import SDPA
+
+aten = torch.ops.aten
+# ops that only reshape or select what the GEMM wrote (Q/K/V: split, view into heads, transpose)
+_VIEWS = {aten.view.default, aten.reshape.default, aten.transpose.int, aten.permute.default, aten.split.Tensor,
+          aten.split_with_sizes.default, aten.unsqueeze.default, torch.functional.split, torch.split,
+          operator.getitem}
+
+
+def use_bf16_attention(gm: torch.fx.GraphModule) -> int:
+    """Run each fused attention whose Q, K and V come (through views) from onednn int8 GEMMs with
+    a plain float output, read by nothing but fused attention, as :func:`bf16_attention`; those
+    GEMMs write bfloat16. Returns the number of attention calls converted."""
+    calls = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is SDPA]
+    sources = {call: [_gemm_behind_views(gm, a) for a in call.args[:3]] for call in calls}
+    candidates = {call for call, gemms in sources.items() if all(g is not None for g in gemms)}
+    changed = True
+    while changed:  # a GEMM may also feed attention calls that do not qualify, or other readers
+        changed = False
+        for call in list(candidates):
+            if not all(_read_by_attention_only(g, candidates) for g in sources[call]):
+                candidates.discard(call)
+                changed = True
+    for call in candidates:
+        for gemm in sources[call]:
+            gm.get_submodule(str(gemm.target)).out_dtype = torch.bfloat16
+        call.target = bf16_attention
+    if candidates:
+        gm.recompile()
+    return len(candidates)
+
+
+def _gemm_behind_views(gm: torch.fx.GraphModule, node: object) -> torch.fx.Node | None:
+    while isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target in _VIEWS:
+        node = node.args[0]
+    if not (isinstance(node, torch.fx.Node) and node.op == "call_module"):
+        return None
+    module = gm.get_submodule(str(node.target))
+    plain = isinstance(module, QuantizedLinear) and module.engine == "onednn" and module.out_qparams is None \
+        and module.gelu is None and not module.residual and module.sink is None and module.sink_out is None
+    return node if plain else None
+
+
+def _read_by_attention_only(gemm: torch.fx.Node, calls: set[torch.fx.Node]) -> bool:
+    """Whether every reader of ``gemm`` (through views) is one of ``calls``, as its Q, K or V."""
+    stack = [(gemm, user) for user in gemm.users]
+    while stack:
+        value, user = stack.pop()
+        if user.op == "call_function" and user.target in _VIEWS:
+            stack.extend((user, reader) for reader in user.users)
+        elif user not in calls or value not in user.args[:3] or user.kwargs.get("attn_mask") is value:
+            return False
+    return True
