@@ -376,17 +376,13 @@ def test_compiled_first_token_grids_run_as_int8_gemms(family, every_first_token_
     assert counters["inductor"]["qlinear_weight_prepack_matcher_count"] == len(gemms)
 
 
-def test_a_first_token_grid_after_gelu_recomputes_its_rows_so_the_gemm_keeps_its_fusion(every_first_token_grid):
-    """MiniLM's case: only the GELU outputs keep a first-token grid. The reference form gets
-    their first rows from a GEMM over the FFN input's first rows, so each GELU keeps one reader
-    (inductor fuses GELU and quantize into the int8 GEMM) and the outputs stay exact."""
-    from torch._dynamo.utils import counters
-
-    from outlierfx.compile import compile_int8
-
+def _bert_with_gelu_output_grids_only():
+    """MiniLM's case on a generated BERT (naive+sink, linear-inputs): only the GELU outputs keep
+    a first-token grid. Returns the model and the number of grids kept."""
     g = build_model("bert", hidden=32, layers=2)
-    qmodel, _ = outlierfx.quantize(g.model, [g.inputs], recipe="naive+sink", bits="W8A8", policy="linear-inputs",
-                                   progress=False)
+    with first_token_grids_everywhere():
+        qmodel, _ = outlierfx.quantize(g.model, [g.inputs], recipe="naive+sink", bits="W8A8",
+                                       policy="linear-inputs", progress=False)
     kept = 0
     for node in qmodel.graph.nodes:
         module = qmodel.get_submodule(node.target) if node.op == "call_module" else None
@@ -395,6 +391,18 @@ def test_a_first_token_grid_after_gelu_recomputes_its_rows_so_the_gemm_keeps_its
                 kept += 1
             else:
                 module.sink_scale = torch.empty(0)
+    return g, qmodel, kept
+
+
+def test_a_first_token_grid_after_gelu_recomputes_its_rows_so_the_gemm_keeps_its_fusion():
+    """The reference form gets the GELU outputs' first rows from a GEMM over the FFN input's
+    first rows, so each GELU keeps one reader (inductor fuses GELU and quantize into the int8
+    GEMM) and the outputs stay exact."""
+    from torch._dynamo.utils import counters
+
+    from outlierfx.compile import compile_int8
+
+    g, qmodel, kept = _bert_with_gelu_output_grids_only()
     assert kept == 2  # one per layer
     result = Lower("reference")(qmodel)
     lowered = result.graph_module
@@ -444,18 +452,11 @@ def test_onednn_requantizes_to_a_first_token_output_grid_inside_the_gelu_gemm():
     """MiniLM's case on onednn: a single-grid FFN input, a first-token grid on the GELU output.
     The GEMM fuses GELU and requantization to both grids (a batch x n GEMM for the first rows);
     the FFN output GEMM reads the two-grid codes as they are: no float GELU output is written."""
-    g = build_model("bert", hidden=32, layers=2)
-    with first_token_grids_everywhere():
-        qmodel, _ = outlierfx.quantize(g.model, [g.inputs], recipe="naive+sink", bits="W8A8",
-                                       policy="linear-inputs", progress=False)
-    for node in qmodel.graph.nodes:  # keep the GELU outputs' first-token grids only
-        module = qmodel.get_submodule(node.target) if node.op == "call_module" else None
-        if isinstance(module, FakeQuantize) and module.has_sink_grid and node.args[0].target is not torch.ops.aten.gelu.default:
-            module.sink_scale = torch.empty(0)
+    g, qmodel, kept = _bert_with_gelu_output_grids_only()
     result = Lower("onednn")(qmodel)
     planned = [lin for lin in result.plan.linears if "requantized to their own output grid" in lin.kernel]
     modules = [m for m in _quantized_linears(result.graph_module).values() if m.sink_out is not None]
-    assert len(planned) == len(modules) == 2 and all(m.gelu is not None and m.sink is None for m in modules)
+    assert len(planned) == len(modules) == kept == 2 and all(m.gelu is not None and m.sink is None for m in modules)
     assert not [n for n in result.graph_module.graph.nodes if n.target is torch.ops.aten.gelu.default]
     _assert_each_int8_linear_within_one_step(result.graph_module, g.inputs)
     assert_tokens_close(Lower("reference")(qmodel).graph_module, result.graph_module, g.inputs)

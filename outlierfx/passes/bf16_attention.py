@@ -22,8 +22,7 @@ from .fuse_attention import SDPA
 aten = torch.ops.aten
 # ops that only reshape or select what the GEMM wrote (Q/K/V: split, view into heads, transpose)
 _VIEWS = {aten.view.default, aten.reshape.default, aten.transpose.int, aten.permute.default, aten.split.Tensor,
-          aten.split_with_sizes.default, aten.unsqueeze.default, torch.functional.split, torch.split,
-          operator.getitem}
+          aten.split_with_sizes.default, aten.unsqueeze.default, torch.functional.split, operator.getitem}
 
 
 def use_bf16_attention(gm: torch.fx.GraphModule) -> int:

@@ -102,8 +102,7 @@ def first_rows_of_value(graph: torch.fx.Graph, x: torch.fx.Node, n: int) -> torc
 
 
 def _is_activation(node: torch.fx.Node) -> bool:
-    return node.op == "call_function" and node.target in _ACTIVATIONS and len(node.users) >= 1 \
-        and isinstance(node.args[0], torch.fx.Node)
+    return node.op == "call_function" and node.target in _ACTIVATIONS and isinstance(node.args[0], torch.fx.Node)
 
 
 def _row_wise_head(graph: torch.fx.Graph, node: torch.fx.Node,
