@@ -465,10 +465,7 @@ def test_onednn_requantizes_to_a_first_token_output_grid_inside_the_gelu_gemm():
 @pytest.mark.skipif("onednn" not in torch.backends.quantized.supported_engines, reason="no onednn engine")
 @pytest.mark.parametrize("family", ["bert", "llama"])
 def test_onednn_runs_attention_in_bf16_where_int8_gemms_write_q_k_v(family):
-    g = build_model(family, hidden=32, layers=2)
-    qmodel, _ = outlierfx.quantize(g.model, [g.inputs], recipe="naive", bits="W8A8", policy="linear-inputs",
-                                   progress=False)
-    fused = FuseAttention()(qmodel).graph_module
+    g, fused = _fused_attention_model(family)
     result = Lower("onednn", bf16_attention=True)(fused)
     lowered = result.graph_module
     assert result.plan.bf16_attention and "bfloat16" in result.plan.summary()
@@ -478,12 +475,51 @@ def test_onednn_runs_attention_in_bf16_where_int8_gemms_write_q_k_v(family):
         assert len(bf16) == len(writers) == g.config.num_hidden_layers
     else:  # rotary embeddings sit between the Q/K GEMMs and attention: stays float
         assert not bf16 and not writers
+    _assert_close_to_reference_with_and_without_padding(g, fused, lowered)
+    off = Lower("onednn", bf16_attention=False)(fused)
+    assert not off.plan.bf16_attention and not any(n.target is bf16_attention for n in off.graph_module.graph.nodes)
+    with pytest.raises(BackendError, match="onednn or inductor"):
+        Lower("x86", bf16_attention=True)
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_inductor_runs_attention_in_bf16_where_int8_gemms_write_q_k_v(family):
+    """The compiled form: the Q/K/V GEMMs take input, weight and bias in bfloat16 (inductor folds
+    the casts into its int8 GEMMs, every weight still prepacked) and attention runs in bf16."""
+    from torch._dynamo.utils import counters
+
+    from outlierfx.compile import CompiledInt8
+
+    g, fused = _fused_attention_model(family)
+    result = Lower("inductor", bf16_attention=True)(fused)
+    lowered = result.graph_module
+    bf16 = [n for n in lowered.graph.nodes if n.target is bf16_attention]
+    gemms = [n for n in lowered.graph.nodes if n.target is torch.ops.aten.linear.default]
+    writers = [n for n in gemms if n.args[0].target is torch.ops.aten._to_copy.default]
+    if family == "bert":  # Q, K and V of each layer
+        assert len(bf16) == g.config.num_hidden_layers and len(writers) == 3 * len(bf16)
+        assert all(all(a.kwargs["dtype"] is torch.bfloat16 for a in n.args) for n in writers)
+    else:
+        assert not bf16 and not writers
+    _assert_close_to_reference_with_and_without_padding(g, fused, lowered)
+    counters.clear()
+    compiled = CompiledInt8(lowered)
+    _assert_close_to_reference_with_and_without_padding(g, fused, compiled)
+    assert counters["inductor"]["qlinear_weight_prepack_matcher_count"] == len(gemms)
+    off = Lower("inductor", bf16_attention=False)(fused).graph_module
+    assert not any(n.target is bf16_attention for n in off.graph.nodes)
+
+
+def _fused_attention_model(family):
+    g = build_model(family, hidden=32, layers=2)
+    qmodel, _ = outlierfx.quantize(g.model, [g.inputs], recipe="naive", bits="W8A8", policy="linear-inputs",
+                                   progress=False)
+    return g, FuseAttention()(qmodel).graph_module
+
+
+def _assert_close_to_reference_with_and_without_padding(g, fused, lowered):
     padded = dict(g.inputs, attention_mask=torch.ones_like(g.inputs["attention_mask"]))
     padded["attention_mask"][0, -3:] = 0
     reference = Lower("reference")(fused).graph_module
     for inputs in (g.inputs, padded):
         assert_tokens_close(reference, lowered, inputs)
-    off = Lower("onednn", bf16_attention=False)(fused)
-    assert not off.plan.bf16_attention and not any(n.target is bf16_attention for n in off.graph_module.graph.nodes)
-    with pytest.raises(BackendError, match="onednn"):
-        Lower("x86", bf16_attention=True)

@@ -9,10 +9,10 @@ import outlierfx
 from outlierfx.graph.compare import output_error
 from outlierfx.graph.roles import Role
 from outlierfx.passes.lower import Lower
-from outlierfx.passes.recipes import get_recipe
+from outlierfx.passes.recipes import SPEED_SINK_MIN_WIDENING, get_recipe
 from outlierfx.quantizers.backends import QuantizedLinear
 from outlierfx.quantizers.fake_quant import fake_quantize, qparams_from_range
-from outlierfx.quantizers.observers import SINK_MIN_WIDENING, FakeQuantize, Observer, token_mask
+from outlierfx.quantizers.observers import FakeQuantize, Observer, token_mask
 from outlierfx.quantizers.policy import parse_bits
 from outlierfx.quantizers.spec import Granularity, QuantSpec
 from outlierfx.testing import assert_tokens_close, build_model
@@ -28,30 +28,31 @@ def _calibrated(spec, batches, roles=frozenset({Role.LINEAR_INPUT}), masks=None)
 
 @settings(max_examples=60, deadline=None)
 @given(n=st.integers(1, 3), seq=st.integers(4, 12), channels=st.integers(1, 8), spike=st.floats(1.0, 1e3),
-       grouped=st.booleans(), seed=st.integers(0, 2**16))
-def test_each_grid_covers_its_own_tokens_and_quantizes_them(n, seq, channels, spike, grouped, seed):
+       grouped=st.booleans(), widening=st.sampled_from([0.0, 1.5]), seed=st.integers(0, 2**16))
+def test_each_grid_covers_its_own_tokens_and_quantizes_them(n, seq, channels, spike, grouped, widening, seed):
     gen = torch.Generator().manual_seed(seed)
     batches = [torch.randn(2, seq, channels, generator=gen) for _ in range(2)]
     batches[0][:, 0] *= spike  # the sink token's massive activation
     base = QuantSpec(granularity=Granularity.PER_GROUP, groups=1) if grouped else QuantSpec()
-    observer, fq = _calibrated(base.with_(sink_tokens=n), batches)
+    observer, fq = _calibrated(base.with_(sink_tokens=n, sink_min_widening=widening), batches)
     data = torch.cat(batches)
     rest_lo, rest_hi = data[:, n:].amin(), data[:, n:].amax()
     assert torch.allclose(observer.min_val.min(), rest_lo) and torch.allclose(observer.max_val.max(), rest_hi)
     assert observer.sink_min == data[:, :n].amin() and observer.sink_max == data[:, :n].amax()
     out = fq(data)
-    # per tensor, the first tokens share the main grid where it covers them, or where covering
-    # them widens the rest's range by at most SINK_MIN_WIDENING; groups always give them a grid
+    # with a widening limit, per tensor, the first tokens share the main grid where it covers
+    # them, or where covering them widens the rest's range by at most that; groups always give
+    # them a grid, and so does a spec without a limit
     rest_scale, rest_zp = qparams_from_range(rest_lo, rest_hi, base)
     joined, _ = qparams_from_range(data.amin(), data.amax(), base)
     lo, hi = (base.qmin - rest_zp) * rest_scale, (base.qmax - rest_zp) * rest_scale
     fits = bool(observer.sink_min >= lo) and bool(observer.sink_max <= hi)
-    shared = not grouped and (fits or float(joined) <= SINK_MIN_WIDENING * float(rest_scale))
+    shared = not grouped and widening > 0 and (fits or float(joined) <= widening * float(rest_scale))
     assert fq.has_sink_grid != shared
     if shared:
         assert torch.equal(out, fake_quantize(data, fq.scale, fq.zero_point, fq.spec))
         assert float((out - data).abs().max()) <= float(fq.scale) * 0.5001  # no token clipped
-        assert float(fq.scale) <= SINK_MIN_WIDENING * float(rest_scale) * (1 + 1e-6)
+        assert float(fq.scale) <= widening * float(rest_scale) * (1 + 1e-6)
         return
     sink_scale, sink_zp = qparams_from_range(data[:, :n].amin(), data[:, :n].amax(), base.sink_spec())
     assert torch.equal(out[:, :n], fake_quantize(data[:, :n], sink_scale, sink_zp, base.sink_spec()))
@@ -117,16 +118,18 @@ def test_the_suffix_sets_every_activation_spec_and_the_pass_fires_on_llama():
     assert errors[1] < errors[0] / 4, errors  # the other tokens get their precision back
 
 
-def test_first_tokens_get_a_grid_of_their_own_only_where_they_widen_the_range_a_lot():
+def test_with_a_widening_limit_first_tokens_get_a_grid_of_their_own_only_where_they_widen_the_range_a_lot():
+    limited = QuantSpec(sink_tokens=1, sink_min_widening=SPEED_SINK_MIN_WIDENING)
     x = torch.randn(4, 6, 8)
-    inside, fq = _calibrated(QuantSpec(sink_tokens=1), [x * torch.tensor([0.5] + [1.0] * 5)[None, :, None]])
-    assert inside.sink_qparams() is None and not fq.has_sink_grid
-    assert torch.equal(fq.scale, qparams_from_range(inside.min_val, inside.max_val, fq.spec)[0])  # the rest's grid
+    inside = x * torch.tensor([0.5] + [1.0] * 5)[None, :, None]
+    observer, fq = _calibrated(limited, [inside])
+    assert observer.sink_qparams() is None and not fq.has_sink_grid
+    assert torch.equal(fq.scale, qparams_from_range(observer.min_val, observer.max_val, fq.spec)[0])  # the rest's grid
 
     rest = x[:, 1:]
     near = x.clone()
-    near[:, 0] = rest.amax() * 1.2  # widens the range by less than SINK_MIN_WIDENING: shared, and not clipped
-    shared, fq = _calibrated(QuantSpec(sink_tokens=1), [near])
+    near[:, 0] = rest.amax() * 1.2  # widens the range by less than the limit: shared, and not clipped
+    shared, fq = _calibrated(limited, [near])
     assert shared.sink_qparams() is None and not fq.has_sink_grid
     scale, zero_point = fq.scale, fq.zero_point
     assert float((fq.spec.qmax - zero_point) * scale) >= float(near[:, 0].max()) - 1e-6
@@ -134,9 +137,24 @@ def test_first_tokens_get_a_grid_of_their_own_only_where_they_widen_the_range_a_
 
     spiked = x.clone()
     spiked[:, 0] *= 30
-    outside, fq = _calibrated(QuantSpec(sink_tokens=1), [spiked])
+    outside, fq = _calibrated(limited, [spiked])
     assert outside.sink_qparams() is not None and fq.has_sink_grid
     assert torch.equal(fq.scale, qparams_from_range(outside.min_val, outside.max_val, fq.spec)[0])
+
+    # without a limit (the default, the accuracy recipes) the first token keeps its grid everywhere
+    for data in (inside, near):
+        observer, fq = _calibrated(QuantSpec(sink_tokens=1), [data])
+        assert observer.sink_qparams() is not None and fq.has_sink_grid
+
+
+def test_only_the_speed_route_limits_its_first_token_grids():
+    bits = parse_bits("W8A8")
+    assert get_recipe("smooth-fold+sink").policy(bits, None).activation.sink_min_widening == SPEED_SINK_MIN_WIDENING
+    for name in ("smooth-peg+sink", "naive+sink", "os+sink"):
+        activation = get_recipe(name).policy(bits, None).activation
+        assert activation.sink_tokens == 1 and activation.sink_min_widening == 0.0, name
+    with pytest.raises(ValueError, match="sink_min_widening"):
+        QuantSpec(sink_tokens=1, sink_min_widening=-1.0)
 
 
 @pytest.mark.parametrize("engine", [e for e in ("x86", "onednn") if e in torch.backends.quantized.supported_engines])

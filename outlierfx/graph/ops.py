@@ -138,3 +138,8 @@ def users_through_layout_ops(node: torch.fx.Node) -> Iterator[tuple[torch.fx.Nod
                 stack.append(user)
             else:
                 yield user, current
+
+
+def is_call(node: object, target: object) -> bool:
+    """Whether ``node`` is an FX node calling the function ``target``."""
+    return isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target is target

@@ -50,7 +50,7 @@ from ..errors import PassError
 from ..graph import meta
 from ..graph.attrs import del_attr, fetch_attr, set_attr, unique_attr_name
 from ..graph.canonicalize import remove_dead_code
-from ..graph.ops import OpKind, op_kind, tensor_val
+from ..graph.ops import OpKind, is_call, op_kind, tensor_val
 from ..quantizers.backends import (
     AO_ENGINES,
     GELU_ENGINES,
@@ -68,7 +68,7 @@ from ..quantizers.fake_quant import integer_dtype, quantize_to_integers, quantiz
 from ..quantizers.observers import FakeQuantize
 from ..quantizers.spec import Estimator, Granularity, QuantSpec
 from .base import GraphPass
-from .bf16_attention import use_bf16_attention
+from .bf16_attention import use_bf16_attention, use_bf16_attention_in_reference_form
 from .first_rows import FIRST_ROWS_UNREAD, first_rows_of_value, follow_first_rows
 from .fuse_attention import SDPA
 
@@ -82,6 +82,7 @@ Q_TENSOR, DQ_TENSOR = qd.quantize_per_tensor.default, qd.dequantize_per_tensor.d
 Q_CHANNEL, DQ_CHANNEL = qd.quantize_per_channel.default, qd.dequantize_per_channel.default
 LINEAR_MODULE_PREFIX = "outlierfx_int8_linear_"
 REFERENCE_FORMS = ("reference", "inductor")
+BF16_ATTENTION_BACKENDS = ("onednn", "inductor")  # both run oneDNN's int8 GEMMs, which can write bf16
 _NDIM = "outlierfx_lower_ndim"  # rank of a per-channel quantized tensor (stage 2 has no fake shapes)
 
 
@@ -131,9 +132,9 @@ class Lower(GraphPass[LowerPlan]):
     x86, slowly), ``"reference"`` or ``"inductor"`` (the decomposed form, for torch.compile).
     ``max_sub_gemms``: a Linear whose input has more PEG groups runs as one float GEMM on its
     int8 weights instead of that many int8 sub-GEMMs (same numerics up to summation order).
-    ``bf16_attention`` (onednn; default: where the CPU runs bf16 natively): fused attention whose
-    Q, K and V come straight from int8 GEMMs runs in bfloat16, the GEMMs writing bf16
-    (:mod:`outlierfx.passes.bf16_attention`).
+    ``bf16_attention`` (onednn and inductor; default: where the CPU runs bf16 natively): fused
+    attention whose Q, K and V come straight from int8 GEMMs runs in bfloat16, the GEMMs writing
+    bf16 (:mod:`outlierfx.passes.bf16_attention`).
     """
 
     output_rel_tol = None  # rounding ties may move a value by one step; the error is recorded
@@ -141,11 +142,12 @@ class Lower(GraphPass[LowerPlan]):
     def __init__(self, backend: str = "x86", max_sub_gemms: int | None = None, bf16_attention: bool | None = None) -> None:
         self.backend = check_backend(backend)
         self.max_sub_gemms = MAX_SUB_GEMMS if max_sub_gemms is None else max_sub_gemms
-        if bf16_attention and self.backend != "onednn":
-            raise BackendError(f"bf16 attention behind int8 GEMMs needs the onednn backend, not {self.backend}")
+        if bf16_attention and self.backend not in BF16_ATTENTION_BACKENDS:
+            raise BackendError(f"bf16 attention behind int8 GEMMs needs the onednn or inductor backend, "
+                               f"not {self.backend}")
         # default: on where oneDNN runs bf16 natively (and so faster than float)
-        self.bf16_attention = self.backend == "onednn" and (has_bf16_instructions() if bf16_attention is None
-                                                            else bf16_attention)
+        self.bf16_attention = self.backend in BF16_ATTENTION_BACKENDS and (
+            has_bf16_instructions() if bf16_attention is None else bf16_attention)
 
     @property
     def propagates_values(self) -> bool:
@@ -234,6 +236,8 @@ class Lower(GraphPass[LowerPlan]):
             _split_first_tokens(gm)
         if self.backend == "inductor":
             _separate_float_readers(gm)
+            if plan.bf16_attention:
+                use_bf16_attention_in_reference_form(gm)
         remove_dead_code(gm)  # the float weights the int8 copies replaced
         return True
 
@@ -345,7 +349,7 @@ def _sink_output(gm: torch.fx.GraphModule, node: torch.fx.Node, source: FakeQuan
     if (spec.qmin, spec.qmax, spec.signed, spec.sink_tokens) != (0, 255, False, tokens):
         return None
     readers = list(quantizer.users)
-    lowers = all(_is_call(r, aten.linear.default) and r.args[0] is quantizer and meta.WEIGHT_QUANT in r.meta
+    lowers = all(is_call(r, aten.linear.default) and r.args[0] is quantizer and meta.WEIGHT_QUANT in r.meta
                  and _sink_linear_lowers(gm, r, module, "onednn") for r in readers)
     return quantizer if readers and lowers else None
 
@@ -355,7 +359,7 @@ def _fusable_gelu(linear: torch.fx.Node) -> str | None:
     if len(linear.users) != 1:
         return None
     gelu = next(iter(linear.users))
-    if not _is_call(gelu, aten.gelu.default) or len(gelu.args) != 1:
+    if not is_call(gelu, aten.gelu.default) or len(gelu.args) != 1:
         return None
     approximate = gelu.kwargs.get("approximate", "none")
     return approximate if approximate in ("none", "tanh") else None
@@ -370,7 +374,7 @@ def _fusable_residual(linear: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.No
     if len(linear.users) != 1:
         return None
     add = next(iter(linear.users))
-    if not _is_call(add, aten.add.Tensor) or len(add.args) != 2 or add.kwargs:
+    if not is_call(add, aten.add.Tensor) or len(add.args) != 2 or add.kwargs:
         return None
     others = [a for a in add.args if a is not linear]
     if len(others) != 1 or not isinstance(others[0], torch.fx.Node):
@@ -608,7 +612,7 @@ class _AoLowering:
         """Fused attention reads its additive mask through :func:`mask_or_none`, once per mask."""
         checked: dict[torch.fx.Node, torch.fx.Node] = {}
         for node in list(self.graph.nodes):
-            mask = node.kwargs.get("attn_mask") if _is_call(node, SDPA) else None
+            mask = node.kwargs.get("attn_mask") if is_call(node, SDPA) else None
             if not isinstance(mask, torch.fx.Node):
                 continue
             if mask not in checked:
@@ -666,14 +670,14 @@ class _AoLowering:
         or its post-LN compensation) and ``x`` a fresh temporary nobody else reads (an int8
         GEMM's float output, a dequantized copy) becomes ``x.mul_(s)``: no new activation-sized
         tensor (on MiniLM ``smooth``, 0.345x -> 0.313x of FP32 latency, measured)."""
-        if not _is_call(node, aten.mul.Tensor) or len(node.args) != 2 or node.kwargs:
+        if not is_call(node, aten.mul.Tensor) or len(node.args) != 2 or node.kwargs:
             return
         x, s = node.args
         if not (isinstance(x, torch.fx.Node) and isinstance(s, torch.fx.Node) and s.op == "get_attr"):
             return
         scale = fetch_attr(self.gm, str(s.target))
         channels = self._fresh_float_channels(x) if len(x.users) == 1 else None
-        if channels is None and _is_call(x, aten.layer_norm.default) and self._read_before(x, node):
+        if channels is None and is_call(x, aten.layer_norm.default) and self._read_before(x, node):
             channels = int(x.args[1][-1])  # a post-LN shortcut's compensation, after the quantize read x
         if channels is None or scale.dtype != torch.float32 or tuple(scale.shape) != (channels,):
             return
@@ -715,7 +719,7 @@ class _AoLowering:
     @staticmethod
     def _uint8_value(node: object) -> torch.fx.Node | None:
         """The full-range uint8 per-tensor quantize node behind a dequantize node."""
-        if _is_call(node, DQ_TENSOR) and _is_call(node.args[0], Q_TENSOR) \
+        if is_call(node, DQ_TENSOR) and is_call(node.args[0], Q_TENSOR) \
                 and tuple(node.args[0].args[3:6]) == (0, 255, torch.uint8):
             return node.args[0]
         return None
@@ -726,7 +730,7 @@ class _AoLowering:
         if len(node.users) != 1:
             return None
         q = next(iter(node.users))
-        return q if _is_call(q, Q_TENSOR) and tuple(q.args[3:6]) == (0, 255, torch.uint8) else None
+        return q if is_call(q, Q_TENSOR) and tuple(q.args[3:6]) == (0, 255, torch.uint8) else None
 
     def _quint8(self, q: torch.fx.Node) -> torch.fx.Node:
         """The quint8 tensor of value ``q``: the int8 op that produced it, or one quantize."""
@@ -742,10 +746,10 @@ class _AoLowering:
         bias = linear.args[2] if len(linear.args) > 2 else linear.kwargs.get("bias")
         sink = _fake_quantizer(self.gm, x_dq) if isinstance(x_dq, torch.fx.Node) else None
         if sink is not None and sink.enabled and _sink_linear_lowers(self.gm, linear, sink, self.engine) \
-                and self._output_value(linear) is None and _is_call(w_dq, DQ_CHANNEL) and w_dq.args[0].op == "get_attr":
+                and self._output_value(linear) is None and is_call(w_dq, DQ_CHANNEL) and w_dq.args[0].op == "get_attr":
             self._sink_linear(linear, sink, w_dq, bias)
             return
-        if not (_is_call(x_dq, DQ_TENSOR) and _is_call(x_dq.args[0], Q_TENSOR) and _is_call(w_dq, DQ_CHANNEL)):
+        if not (is_call(x_dq, DQ_TENSOR) and is_call(x_dq.args[0], Q_TENSOR) and is_call(w_dq, DQ_CHANNEL)):
             return
         q_x = x_dq.args[0]
         scale, zero_point, qmin, qmax, dtype = q_x.args[1:6]
@@ -996,10 +1000,10 @@ def _separate_float_readers(gm: torch.fx.GraphModule) -> None:
     The second pair uses the ``.tensor`` overloads so that common-subexpression elimination
     does not merge it back. Values are unchanged; inductor fuses the extra quantize."""
     for dq in list(gm.graph.nodes):
-        if not _is_call(dq, DQ_TENSOR) or not _is_call(dq.args[0], Q_TENSOR):
+        if not is_call(dq, DQ_TENSOR) or not is_call(dq.args[0], Q_TENSOR):
             continue
         readers = list(dq.users)
-        others = [u for u in readers if not _is_call(u, aten.linear.default)]
+        others = [u for u in readers if not is_call(u, aten.linear.default)]
         if not others or len(others) == len(readers):
             continue
         q = dq.args[0]
@@ -1019,7 +1023,3 @@ def _constant(gm: torch.fx.GraphModule, base: str, value: torch.Tensor) -> str:
     name = unique_attr_name(gm, base)
     set_attr(gm, name, value)
     return name
-
-
-def _is_call(node: object, target: object) -> bool:
-    return isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target is target

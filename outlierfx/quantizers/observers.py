@@ -51,14 +51,6 @@ def token_mask(mask: torch.Tensor | None) -> Iterator[None]:
 
 _ATTENTION_MATRICES = frozenset({Role.ATTN_SCORES, Role.ATTN_PROBS})
 
-SINK_MIN_WIDENING = 1.5
-"""A per-tensor quantizer keeps a first-token grid only where covering the first tokens would
-widen its main grid by more than this factor; below it, the main grid covers them. On MiniLM
-(``smooth-fold+sink``) the [CLS] token widens the GELU outputs 2.2-4x and every other tensor at
-most 1.26x; keeping only the four GELU-output grids of the sixteen gave cosine 0.99918 against
-0.99921 with all of them (and 0.99714 with none)."""
-
-
 def _token_layout(x: torch.Tensor, roles: frozenset) -> bool:
     """Whether ``x`` is laid out ``[batch, seq, ...]`` (positions on axis 1): the mask's shape
     when one is published, else the roles (attention matrices and per-head contexts are not)."""
@@ -253,11 +245,11 @@ class Observer(torch.nn.Module):
         """The main grid's scale and zero point, and the first ``spec.sink_tokens`` positions'
         (None: not seen, or they share the main grid).
 
-        A first-token grid pays for itself where the first tokens would widen a per-tensor range
-        a lot (MiniLM's [CLS] triples its GELU outputs' range). Where they fit inside it, or would
-        widen it by at most :data:`SINK_MIN_WIDENING`, the main grid covers them too: a second grid
-        would only refine one token, at the price of two-grid codes and a second GEMM over their
-        rows in every int8 path."""
+        With ``spec.sink_min_widening`` set, a per-tensor quantizer keeps the first-token grid only
+        where it pays: where the first tokens would widen the main range by more than that factor
+        (MiniLM's [CLS] triples its GELU outputs' range). Elsewhere the main grid covers them too:
+        a second grid would only refine one token, at the price of two-grid codes and a second
+        GEMM over their rows in every int8 path."""
         lo, hi = self.range()
         if self.spec.granularity is Granularity.PER_GROUP:
             groups = self.group_index()
@@ -266,15 +258,10 @@ class Observer(torch.nn.Module):
             scale, zero_point = qparams_from_range(glo, ghi, self.spec)
             return (scale[groups], zero_point[groups]), self._sink_grid()
         main, sink = qparams_from_range(lo, hi, self.spec), self._sink_grid()
-        if sink is None or self.per_channel:
+        if sink is None or self.per_channel or not self.spec.sink_min_widening:
             return main, sink
-        if self._fits(main):
-            return main, None
-        joined = torch.minimum(lo, self.sink_min), torch.maximum(hi, self.sink_max)
-        wide = qparams_from_range(*joined, self.spec)
-        if float(wide[0] / main[0]) <= SINK_MIN_WIDENING:
-            return wide, None
-        return main, sink
+        shared = self._shared_grid(main, lo, hi)
+        return (main, sink) if shared is None else (shared, None)
 
     def sink_qparams(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Scale and zero point of the first ``spec.sink_tokens`` positions (see :meth:`grids`)."""
@@ -285,11 +272,16 @@ class Observer(torch.nn.Module):
             return None
         return qparams_from_range(self.sink_min, self.sink_max, self.spec.sink_spec())
 
-    def _fits(self, main: tuple[torch.Tensor, torch.Tensor]) -> bool:
-        """Whether the per-tensor grid ``main`` covers the first tokens' range without clipping."""
+    def _shared_grid(self, main: tuple[torch.Tensor, torch.Tensor], lo: torch.Tensor,
+                     hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The per-tensor grid covering the first tokens as well, where it is ``main`` or widens
+        it by at most ``spec.sink_min_widening``; None where the first tokens need their own."""
         scale, zero_point = main
-        lo, hi = (self.spec.qmin - zero_point) * scale, (self.spec.qmax - zero_point) * scale
-        return bool((self.sink_min >= lo).all() and (self.sink_max <= hi).all())
+        covered = (self.spec.qmin - zero_point) * scale, (self.spec.qmax - zero_point) * scale
+        if bool((self.sink_min >= covered[0]).all() and (self.sink_max <= covered[1]).all()):
+            return main
+        wide = qparams_from_range(torch.minimum(lo, self.sink_min), torch.maximum(hi, self.sink_max), self.spec)
+        return wide if float(wide[0] / scale) <= self.spec.sink_min_widening else None
 
     def extra_repr(self) -> str:
         return f"{self.name}: {self.spec.describe()}"

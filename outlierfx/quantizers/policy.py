@@ -59,11 +59,13 @@ class QuantPolicy:
         the float value."""
         return (roles & self.roles) == {Role.LINEAR_INPUT}
 
-    def with_sink_tokens(self, n: int) -> QuantPolicy:
-        """Every activation spec with its first ``n`` token positions on a grid of their own."""
-        overrides = tuple(o if o.spec is None else dataclasses.replace(o, spec=o.spec.with_(sink_tokens=n))
+    def with_sink_tokens(self, n: int, min_widening: float = 0.0) -> QuantPolicy:
+        """Every activation spec with its first ``n`` token positions on a grid of their own
+        (per tensor: only where they widen the range by more than ``min_widening``, if set)."""
+        sink = {"sink_tokens": n, "sink_min_widening": min_widening}
+        overrides = tuple(o if o.spec is None else dataclasses.replace(o, spec=o.spec.with_(**sink))
                           for o in self.overrides)
-        return dataclasses.replace(self, activation=self.activation.with_(sink_tokens=n), overrides=overrides)
+        return dataclasses.replace(self, activation=self.activation.with_(**sink), overrides=overrides)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -167,11 +167,10 @@ def transformer_models(draw: st.DrawFn, families: tuple[str, ...] = FAMILIES, ou
 
 @contextlib.contextmanager
 def first_token_grids_everywhere() -> Iterator[None]:
-    """``+sink`` quantizers keep a first-token grid at every site, also where the first tokens
-    fit the main range or widen it by less than ``SINK_MIN_WIDENING`` (generated models have no
-    attention sink): the two-grid paths of the passes get exercised everywhere."""
+    """``+sink`` quantizers keep a first-token grid at every site, also where their spec's
+    ``sink_min_widening`` would let the main grid cover the first tokens (generated models have
+    no attention sink): the two-grid paths of the passes get exercised everywhere."""
     from ..quantizers import observers
 
-    with mock.patch.object(observers.Observer, "_fits", lambda self, main: False), \
-            mock.patch.object(observers, "SINK_MIN_WIDENING", 0.0):
+    with mock.patch.object(observers.Observer, "_shared_grid", lambda self, main, lo, hi: None):
         yield
