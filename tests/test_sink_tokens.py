@@ -28,7 +28,7 @@ def _calibrated(spec, batches, roles=frozenset({Role.LINEAR_INPUT}), masks=None)
 
 @settings(max_examples=60, deadline=None)
 @given(n=st.integers(1, 3), seq=st.integers(4, 12), channels=st.integers(1, 8), spike=st.floats(1.0, 1e3),
-       grouped=st.booleans(), widening=st.sampled_from([0.0, 1.5]), seed=st.integers(0, 2**16))
+       grouped=st.booleans(), widening=st.sampled_from([1.0, 1.5]), seed=st.integers(0, 2**16))
 def test_each_grid_covers_its_own_tokens_and_quantizes_them(n, seq, channels, spike, grouped, widening, seed):
     gen = torch.Generator().manual_seed(seed)
     batches = [torch.randn(2, seq, channels, generator=gen) for _ in range(2)]
@@ -40,14 +40,13 @@ def test_each_grid_covers_its_own_tokens_and_quantizes_them(n, seq, channels, sp
     assert torch.allclose(observer.min_val.min(), rest_lo) and torch.allclose(observer.max_val.max(), rest_hi)
     assert observer.sink_min == data[:, :n].amin() and observer.sink_max == data[:, :n].amax()
     out = fq(data)
-    # with a widening limit, per tensor, the first tokens share the main grid where it covers
-    # them, or where covering them widens the rest's range by at most that; groups always give
-    # them a grid, and so does a spec without a limit
+    # per tensor, the first tokens share the main grid where it covers them, or where covering
+    # them widens the rest's range by less than sink_min_widening; groups always give them a grid
     rest_scale, rest_zp = qparams_from_range(rest_lo, rest_hi, base)
     joined, _ = qparams_from_range(data.amin(), data.amax(), base)
     lo, hi = (base.qmin - rest_zp) * rest_scale, (base.qmax - rest_zp) * rest_scale
     fits = bool(observer.sink_min >= lo) and bool(observer.sink_max <= hi)
-    shared = not grouped and widening > 0 and (fits or float(joined) <= widening * float(rest_scale))
+    shared = not grouped and (fits or float(joined) < widening * float(rest_scale))
     assert fq.has_sink_grid != shared
     if shared:
         assert torch.equal(out, fake_quantize(data, fq.scale, fq.zero_point, fq.spec))
@@ -118,7 +117,7 @@ def test_the_suffix_sets_every_activation_spec_and_the_pass_fires_on_llama():
     assert errors[1] < errors[0] / 4, errors  # the other tokens get their precision back
 
 
-def test_with_a_widening_limit_first_tokens_get_a_grid_of_their_own_only_where_they_widen_the_range_a_lot():
+def test_first_tokens_get_a_grid_of_their_own_only_where_they_widen_the_range_enough():
     limited = QuantSpec(sink_tokens=1, sink_min_widening=SPEED_SINK_MIN_WIDENING)
     x = torch.randn(4, 6, 8)
     inside = x * torch.tensor([0.5] + [1.0] * 5)[None, :, None]
@@ -141,10 +140,11 @@ def test_with_a_widening_limit_first_tokens_get_a_grid_of_their_own_only_where_t
     assert outside.sink_qparams() is not None and fq.has_sink_grid
     assert torch.equal(fq.scale, qparams_from_range(outside.min_val, outside.max_val, fq.spec)[0])
 
-    # without a limit (the default, the accuracy recipes) the first token keeps its grid everywhere
-    for data in (inside, near):
-        observer, fq = _calibrated(QuantSpec(sink_tokens=1), [data])
-        assert observer.sink_qparams() is not None and fq.has_sink_grid
+    # by default (the accuracy recipes) the first token keeps its grid wherever it does not fit
+    observer, fq = _calibrated(QuantSpec(sink_tokens=1), [inside])
+    assert observer.sink_qparams() is None and not fq.has_sink_grid
+    observer, fq = _calibrated(QuantSpec(sink_tokens=1), [near])
+    assert observer.sink_qparams() is not None and fq.has_sink_grid
 
 
 def test_only_the_speed_route_limits_its_first_token_grids():
@@ -152,9 +152,9 @@ def test_only_the_speed_route_limits_its_first_token_grids():
     assert get_recipe("smooth-fold+sink").policy(bits, None).activation.sink_min_widening == SPEED_SINK_MIN_WIDENING
     for name in ("smooth-peg+sink", "naive+sink", "os+sink"):
         activation = get_recipe(name).policy(bits, None).activation
-        assert activation.sink_tokens == 1 and activation.sink_min_widening == 0.0, name
+        assert activation.sink_tokens == 1 and activation.sink_min_widening == 1.0, name
     with pytest.raises(ValueError, match="sink_min_widening"):
-        QuantSpec(sink_tokens=1, sink_min_widening=-1.0)
+        QuantSpec(sink_tokens=1, sink_min_widening=0.5)
 
 
 @pytest.mark.parametrize("engine", [e for e in ("x86", "onednn") if e in torch.backends.quantized.supported_engines])

@@ -39,8 +39,9 @@ and after calibration; and the default placement policy.
   ``smooth+gptq``; suffixes chain (``peg+lsq+gptq``).
 - ``<recipe>+sink``: any recipe whose activation quantizers give the first token of each
   sequence a per-tensor grid of its own (``QuantSpec.sink_tokens``), so the attention-sink
-  token's massive activations stop setting every other token's range (``smooth-fold``, the speed
-  route: only where the first token would widen a per-tensor range by more than 1.5x). Lowering: Linears that read them run in int8 on the
+  token's massive activations stop setting every other token's range (per tensor: where it does
+  not fit the other tokens' range; ``smooth-fold``, the speed route: where it would widen that
+  range 1.5x or more). Lowering: Linears that read them run in int8 on the
   eager engines (float output) and in the reference/inductor form (the first rows as a second,
   small GEMM); PEG groups with a first-token grid stay simulated.
 """
@@ -85,8 +86,8 @@ class Recipe:
     default_policy: str = "full"
     weight_estimator: Estimator = Estimator.MINMAX  # how named policies' Linear weight ranges are set
     sink_tokens: int = 0  # named policies: first positions of each sequence on a grid of their own
-    # ... kept only where they widen a per-tensor range by more than this (0: everywhere)
-    sink_min_widening: float = 0.0
+    # ... kept only where they widen a per-tensor range this much or more (1: wherever they do not fit)
+    sink_min_widening: float = 1.0
 
     def policy(self, bits: BitWidths, policy: str | QuantPolicy | None) -> QuantPolicy:
         if isinstance(policy, QuantPolicy):
@@ -207,13 +208,14 @@ RECIPES["smooth"] = _smooth_family(
 # The speed route keeps a first-token grid (+sink) only where it pays for its second GEMM. On
 # MiniLM the [CLS] token widens the GELU outputs 2.2-4x and every other tensor at most 1.26x;
 # only the four GELU-output grids of sixteen gave cosine 0.99918 against 0.99921 with all (0.99714
-# with none). The accuracy recipes keep every grid: on SmolLM2 smooth-peg+sink the 1.5x rule cost
-# wiki perplexity 20.80 against 20.70 (FP32 20.31).
+# with none). The accuracy recipes keep a grid wherever the first tokens do not fit: on SmolLM2
+# smooth-peg+sink (W8A8) the 1.5x rule gave wiki perplexity 20.80, a grid everywhere (also where
+# they fit) 20.85, the default 20.70 (FP32 20.31).
 SPEED_SINK_MIN_WIDENING = 1.5
 RECIPES["smooth-fold"] = dataclasses.replace(_smooth_family(
     "smooth-fold", "smooth without run-time multiplies: scales only where they fold (norms, V's and up's rows), so "
                    "each int8 GEMM keeps its GELU/requantize fusions; with +sink the speed route on onednn "
-                   f"(first-token grids only where they widen a range > {SPEED_SINK_MIN_WIDENING:g}x)",
+                   f"(first-token grids only where they widen a range >= {SPEED_SINK_MIN_WIDENING:g}x)",
     explicit=True, foldable_only=True), sink_min_widening=SPEED_SINK_MIN_WIDENING)
 RECIPES["smooth-peg"] = _smooth_family(
     "smooth-peg", "Quadapter scales at the norm -> Linear edges (SmoothQuant init, alpha=0.8, trained block-wise, "

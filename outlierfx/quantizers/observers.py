@@ -245,11 +245,11 @@ class Observer(torch.nn.Module):
         """The main grid's scale and zero point, and the first ``spec.sink_tokens`` positions'
         (None: not seen, or they share the main grid).
 
-        With ``spec.sink_min_widening`` set, a per-tensor quantizer keeps the first-token grid only
-        where it pays: where the first tokens would widen the main range by more than that factor
-        (MiniLM's [CLS] triples its GELU outputs' range). Elsewhere the main grid covers them too:
-        a second grid would only refine one token, at the price of two-grid codes and a second
-        GEMM over their rows in every int8 path."""
+        A per-tensor quantizer keeps the first-token grid only where the first tokens would widen
+        the main range by ``spec.sink_min_widening`` or more (by default: wherever they do not
+        fit it; MiniLM's [CLS] triples its GELU outputs' range). Elsewhere the main grid covers
+        them too: a second grid would only refine one token, at the price of two-grid codes and
+        a second GEMM over their rows in every int8 path."""
         lo, hi = self.range()
         if self.spec.granularity is Granularity.PER_GROUP:
             groups = self.group_index()
@@ -258,7 +258,7 @@ class Observer(torch.nn.Module):
             scale, zero_point = qparams_from_range(glo, ghi, self.spec)
             return (scale[groups], zero_point[groups]), self._sink_grid()
         main, sink = qparams_from_range(lo, hi, self.spec), self._sink_grid()
-        if sink is None or self.per_channel or not self.spec.sink_min_widening:
+        if sink is None or self.per_channel:
             return main, sink
         shared = self._shared_grid(main, lo, hi)
         return (main, sink) if shared is None else (shared, None)
@@ -275,13 +275,13 @@ class Observer(torch.nn.Module):
     def _shared_grid(self, main: tuple[torch.Tensor, torch.Tensor], lo: torch.Tensor,
                      hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The per-tensor grid covering the first tokens as well, where it is ``main`` or widens
-        it by at most ``spec.sink_min_widening``; None where the first tokens need their own."""
+        it by less than ``spec.sink_min_widening``; None where the first tokens need their own."""
         scale, zero_point = main
         covered = (self.spec.qmin - zero_point) * scale, (self.spec.qmax - zero_point) * scale
         if bool((self.sink_min >= covered[0]).all() and (self.sink_max <= covered[1]).all()):
             return main
         wide = qparams_from_range(torch.minimum(lo, self.sink_min), torch.maximum(hi, self.sink_max), self.spec)
-        return wide if float(wide[0] / scale) <= self.spec.sink_min_widening else None
+        return wide if float(wide[0] / scale) < self.spec.sink_min_widening else None
 
     def extra_repr(self) -> str:
         return f"{self.name}: {self.spec.describe()}"

@@ -59,9 +59,9 @@ class QuantPolicy:
         the float value."""
         return (roles & self.roles) == {Role.LINEAR_INPUT}
 
-    def with_sink_tokens(self, n: int, min_widening: float = 0.0) -> QuantPolicy:
+    def with_sink_tokens(self, n: int, min_widening: float = 1.0) -> QuantPolicy:
         """Every activation spec with its first ``n`` token positions on a grid of their own
-        (per tensor: only where they widen the range by more than ``min_widening``, if set)."""
+        (per tensor: only where they widen the range by more than ``min_widening``)."""
         sink = {"sink_tokens": n, "sink_min_widening": min_widening}
         overrides = tuple(o if o.spec is None else dataclasses.replace(o, spec=o.spec.with_(**sink))
                           for o in self.overrides)

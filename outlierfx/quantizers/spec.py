@@ -55,9 +55,9 @@ class QuantSpec:
     # carry massive activations, Sun et al. 2024)
     sink_tokens: int = 0
     # sink_tokens on a per-tensor spec: keep the first-token grid only where covering those tokens
-    # would widen the main grid by more than this factor (else the main grid covers them and every
-    # int8 path saves a second GEMM over their rows); 0 keeps it everywhere (the accuracy recipes)
-    sink_min_widening: float = 0.0
+    # would widen the main grid by this factor or more (else the main grid covers them and every
+    # int8 path saves a second GEMM over their rows); 1: wherever they do not fit (the default)
+    sink_min_widening: float = 1.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.bits, int) or not 2 <= self.bits <= 16:
@@ -66,8 +66,8 @@ class QuantSpec:
             object.__setattr__(self, "signed", self.symmetric)
         if not isinstance(self.sink_tokens, int) or self.sink_tokens < 0:
             raise ValueError(f"sink_tokens must be an integer >= 0, got {self.sink_tokens!r}")
-        if not self.sink_min_widening >= 0.0:
-            raise ValueError(f"sink_min_widening must be >= 0, got {self.sink_min_widening!r}")
+        if not self.sink_min_widening >= 1.0:
+            raise ValueError(f"sink_min_widening must be >= 1, got {self.sink_min_widening!r}")
         if self.granularity is Granularity.PER_GROUP:
             if self.groups < 1:
                 raise ValueError(f"groups must be >= 1, got {self.groups}")
@@ -107,8 +107,8 @@ class QuantSpec:
                 Granularity.PER_GROUP: f"per-group(K={self.groups}{', sorted' if self.sort_channels else ''}"
                                        f"{', range-sized' if self.grouping == 'range' else ''})"}[self.granularity]
         sink = f", first {self.sink_tokens} token(s) on their own grid" if self.sink_tokens else ""
-        if self.sink_tokens and self.sink_min_widening:
-            sink += f" where they widen the range > {self.sink_min_widening:g}x"
+        if self.sink_tokens and self.sink_min_widening != 1.0:
+            sink += f" where they widen the range >= {self.sink_min_widening:g}x"
         return f"{'int' if self.signed else 'uint'}{self.bits} {kind} {gran} {self.estimator.value}{sink}"
 
     def sink_spec(self) -> QuantSpec:

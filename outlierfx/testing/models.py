@@ -167,9 +167,9 @@ def transformer_models(draw: st.DrawFn, families: tuple[str, ...] = FAMILIES, ou
 
 @contextlib.contextmanager
 def first_token_grids_everywhere() -> Iterator[None]:
-    """``+sink`` quantizers keep a first-token grid at every site, also where their spec's
-    ``sink_min_widening`` would let the main grid cover the first tokens (generated models have
-    no attention sink): the two-grid paths of the passes get exercised everywhere."""
+    """``+sink`` quantizers keep a first-token grid at every site, also where the main grid
+    covers the first tokens or (``sink_min_widening``) may grow to (generated models have no
+    attention sink): the two-grid paths of the passes get exercised everywhere."""
     from ..quantizers import observers
 
     with mock.patch.object(observers.Observer, "_shared_grid", lambda self, main, lo, hi: None):
