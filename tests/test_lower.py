@@ -414,8 +414,11 @@ def test_a_first_token_grid_after_gelu_recomputes_its_rows_so_the_gemm_keeps_its
     with torch.no_grad():
         assert output_error(qmodel(**g.inputs), lowered(**g.inputs)).within(1e-5)
     counters.clear()
-    assert_tokens_close(lowered, compile_int8(qmodel), g.inputs)
-    assert counters["inductor"]["qlinear_weight_prepack_matcher_count"] == len(gemms)
+    compiled = compile_int8(qmodel)
+    assert_tokens_close(lowered, compiled, g.inputs)
+    compiled_gemms = [n for n in compiled.reference.graph.nodes if n.target is torch.ops.aten.linear.default]
+    assert len(compiled_gemms) == len(gemms) - 2 * kept  # Q, K and V of each layer run as one GEMM there
+    assert counters["inductor"]["qlinear_weight_prepack_matcher_count"] == len(compiled_gemms)
 
 
 @pytest.mark.slow
@@ -483,9 +486,11 @@ def test_onednn_runs_attention_in_bf16_where_int8_gemms_write_q_k_v(family):
 
 
 @pytest.mark.parametrize("family", ["bert", "llama"])
-def test_inductor_runs_attention_in_bf16_where_int8_gemms_write_q_k_v(family):
-    """The compiled form: the Q/K/V GEMMs take input, weight and bias in bfloat16 (inductor folds
-    the casts into its int8 GEMMs, every weight still prepacked) and attention runs in bf16."""
+def test_inductor_merges_q_k_v_and_runs_attention_in_bf16(family):
+    """The compiled form: Q, K and V (GEMMs on one input that only attention reads) run as one
+    int8 GEMM on their stacked weights; it takes input, weight and bias in bfloat16 (inductor
+    folds the casts into its int8 GEMM, every weight still prepacked) and attention runs in bf16.
+    On Llama the rotary embedding sits between: nothing merges, attention stays float."""
     from torch._dynamo.utils import counters
 
     from outlierfx.compile import CompiledInt8
@@ -496,11 +501,14 @@ def test_inductor_runs_attention_in_bf16_where_int8_gemms_write_q_k_v(family):
     bf16 = [n for n in lowered.graph.nodes if n.target is bf16_attention]
     gemms = [n for n in lowered.graph.nodes if n.target is torch.ops.aten.linear.default]
     writers = [n for n in gemms if n.args[0].target is torch.ops.aten._to_copy.default]
-    if family == "bert":  # Q, K and V of each layer
-        assert len(bf16) == g.config.num_hidden_layers and len(writers) == 3 * len(bf16)
+    merged = [lin for lin in result.plan.linears if "one GEMM with the 2 other" in lin.kernel]
+    layers = g.config.num_hidden_layers
+    if family == "bert":
+        assert len(bf16) == len(writers) == layers and len(merged) == 3 * layers
+        assert len(gemms) == len(result.plan.linears) - 2 * layers
         assert all(all(a.kwargs["dtype"] is torch.bfloat16 for a in n.args) for n in writers)
     else:
-        assert not bf16 and not writers
+        assert not bf16 and not writers and not merged and len(gemms) == len(result.plan.linears)
     _assert_close_to_reference_with_and_without_padding(g, fused, lowered)
     counters.clear()
     compiled = CompiledInt8(lowered)
@@ -508,6 +516,8 @@ def test_inductor_runs_attention_in_bf16_where_int8_gemms_write_q_k_v(family):
     assert counters["inductor"]["qlinear_weight_prepack_matcher_count"] == len(gemms)
     off = Lower("inductor", bf16_attention=False)(fused).graph_module
     assert not any(n.target is bf16_attention for n in off.graph.nodes)
+    with torch.no_grad():  # the merge alone is exact
+        assert torch.equal(Lower("reference")(fused).graph_module(**g.inputs)[0], off(**g.inputs)[0])
 
 
 def _fused_attention_model(family):

@@ -80,7 +80,7 @@ def _convert(gm: torch.fx.GraphModule, is_gemm: Callable[[torch.fx.Node], bool],
     while changed:  # a GEMM may also feed attention calls that do not qualify, or other readers
         changed = False
         for call in list(candidates):
-            if not all(_read_by_attention_only(g, candidates) for g in sources[call]):
+            if not all(read_by_attention_only(g, candidates) for g in sources[call]):
                 candidates.discard(call)
                 changed = True
     converted = set()
@@ -101,7 +101,7 @@ def _gemm_behind_views(node: object, is_gemm: Callable[[torch.fx.Node], bool]) -
     return node if isinstance(node, torch.fx.Node) and is_gemm(node) else None
 
 
-def _read_by_attention_only(gemm: torch.fx.Node, calls: set[torch.fx.Node]) -> bool:
+def read_by_attention_only(gemm: torch.fx.Node, calls: set[torch.fx.Node]) -> bool:
     """Whether every reader of ``gemm`` (through views) is one of ``calls``, as its Q, K or V."""
     stack = [(gemm, user) for user in gemm.users]
     while stack:

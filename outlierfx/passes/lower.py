@@ -68,7 +68,7 @@ from ..quantizers.fake_quant import integer_dtype, quantize_to_integers, quantiz
 from ..quantizers.observers import FakeQuantize
 from ..quantizers.spec import Estimator, Granularity, QuantSpec
 from .base import GraphPass
-from .bf16_attention import use_bf16_attention, use_bf16_attention_in_reference_form
+from .bf16_attention import read_by_attention_only, use_bf16_attention, use_bf16_attention_in_reference_form
 from .first_rows import FIRST_ROWS_UNREAD, first_rows_of_value, follow_first_rows
 from .fuse_attention import SDPA
 
@@ -170,8 +170,8 @@ class Lower(GraphPass[LowerPlan]):
             if op_kind(node) is OpKind.LINEAR:
                 linears.append(LoweredLinear(node.name, meta.module_path(node), *self._kernel(gm, node)))
         embeddings = sum(1 for n in gm.graph.nodes if op_kind(n) is OpKind.EMBEDDING and meta.WEIGHT_QUANT in n.meta)
-        if self.backend == "onednn":
-            linears = _label_merged(gm, linears)
+        if self.backend in ("onednn", "inductor"):
+            linears = _label_merged(gm, linears, attention_only=self.backend == "inductor")
         return LowerPlan(self.backend, tuple(linears), activations, embeddings, tuple(simulated), self.bf16_attention)
 
     def _kernel(self, gm: torch.fx.GraphModule, linear: torch.fx.Node) -> tuple[str, int]:
@@ -236,6 +236,7 @@ class Lower(GraphPass[LowerPlan]):
             _split_first_tokens(gm)
         if self.backend == "inductor":
             _separate_float_readers(gm)
+            _merge_attention_gemms(gm)
             if plan.bf16_attention:
                 use_bf16_attention_in_reference_form(gm)
         remove_dead_code(gm)  # the float weights the int8 copies replaced
@@ -309,14 +310,18 @@ def _sink_linear_lowers(gm: torch.fx.GraphModule, linear: torch.fx.Node, module:
 MAX_MERGED_WEIGHT = 1 << 20
 
 
-def _label_merged(gm: torch.fx.GraphModule, linears: list[LoweredLinear]) -> list[LoweredLinear]:
-    """The plan's view of ``_merge_siblings``: int8 GEMMs with a plain float output that read
-    the same quantizer run as one (while their weights stay under ``MAX_MERGED_WEIGHT``)."""
+def _label_merged(gm: torch.fx.GraphModule, linears: list[LoweredLinear], attention_only: bool = False
+                  ) -> list[LoweredLinear]:
+    """The plan's view of ``_merge_siblings`` (and, ``attention_only``, of
+    ``_merge_attention_gemms``): int8 GEMMs with a plain float output that read the same
+    quantizer (and only feed fused attention) run as one, while their weights stay under
+    ``MAX_MERGED_WEIGHT``."""
     nodes = {n.name: n for n in gm.graph.nodes}
+    attention = {n for n in gm.graph.nodes if is_call(n, SDPA)}
     groups: dict[torch.fx.Node, list[int]] = {}
     for i, lin in enumerate(linears):
         plain = lin.kernel.startswith("int8 GEMM, float output") and "residual" not in lin.kernel and not lin.groups
-        if plain:
+        if plain and (not attention_only or read_by_attention_only(nodes[lin.node], attention)):
             groups.setdefault(nodes[lin.node].args[0], []).append(i)
     for members in groups.values():
         size = sum(fetch_attr(gm, str(nodes[linears[i].node].args[1].target)).numel()
@@ -1017,6 +1022,54 @@ def _separate_float_readers(gm: torch.fx.GraphModule) -> None:
             meta.inherit(new, dq, "Lower")
         for user in others:
             user.replace_input_with(dq, dq2)
+
+
+def _merge_attention_gemms(gm: torch.fx.GraphModule) -> None:
+    """The reference form of ``_merge_siblings``: int8 GEMMs that read the same quantized value
+    and whose outputs reach nothing but fused attention, through views (Q, K and V), become one
+    GEMM over their stacked int8 weights, split by views. Inductor fuses nothing after such a
+    GEMM, so one call replaces three. Weights another GEMM also reads (first-row GEMMs) stay."""
+    attention = {n for n in gm.graph.nodes if is_call(n, SDPA)}
+    groups: dict[torch.fx.Node, list[torch.fx.Node]] = {}
+    for node in gm.graph.nodes:
+        if is_call(node, aten.linear.default) and is_call(node.args[0], DQ_TENSOR) and _own_int8_weight(node) \
+                and read_by_attention_only(node, attention):
+            groups.setdefault(node.args[0], []).append(node)
+    for nodes in groups.values():
+        weights = [[fetch_attr(gm, str(a.target)) for a in n.args[1].args[:3]] for n in nodes]
+        biases = [n.args[2] if len(n.args) > 2 else None for n in nodes]
+        rows = [w[0].shape[0] for w in weights]
+        if len(nodes) < 2 or sum(w[0].numel() for w in weights) > MAX_MERGED_WEIGHT \
+                or any(b is not None and b.op != "get_attr" for b in biases) \
+                or len({tuple(n.args[1].args[3:]) for n in nodes}) != 1:
+            continue
+        stacked = [torch.cat([w[i] for w in weights]) for i in range(3)]
+        bias = torch.cat([fetch_attr(gm, str(b.target)) if b is not None else torch.zeros(r)
+                          for b, r in zip(biases, rows)])
+        first = nodes[0]
+        with gm.graph.inserting_before(first):
+            names = [_constant(gm, f"{first.name}_merged_{part}", t)
+                     for part, t in zip(("weight_int8", "weight_scale", "weight_zero_point", "bias"), (*stacked, bias))]
+            codes, scale, zero_point, b = (gm.graph.get_attr(name) for name in names)
+            w = gm.graph.call_function(DQ_CHANNEL, (codes, scale, zero_point, *first.args[1].args[3:]))
+            merged = gm.graph.call_function(aten.linear.default, (first.args[0], w, b))
+            parts = gm.graph.call_function(aten.split_with_sizes.default, (merged, rows, -1))
+        meta.inherit(merged, first, "Lower")
+        merged.meta[meta.WEIGHT_QUANT] = first.meta[meta.WEIGHT_QUANT]
+        for i, node in enumerate(nodes):
+            with gm.graph.inserting_before(node):
+                part = gm.graph.call_function(operator.getitem, (parts, i))
+            meta.inherit(part, node, "Lower")
+            node.replace_all_uses_with(part)
+            gm.graph.erase_node(node)
+    gm.graph.eliminate_dead_code()
+
+
+def _own_int8_weight(linear: torch.fx.Node) -> bool:
+    """Whether ``linear`` reads int8 weight codes, scales and zero points that no other node reads."""
+    w = linear.args[1]
+    return is_call(w, DQ_CHANNEL) and len(w.users) == 1 \
+        and all(isinstance(a, torch.fx.Node) and a.op == "get_attr" and len(a.users) == 1 for a in w.args[:3])
 
 
 def _constant(gm: torch.fx.GraphModule, base: str, value: torch.Tensor) -> str:
