@@ -21,7 +21,7 @@ import torch
 import torch.fx
 
 from ..graph import meta
-from ..graph.ops import tensor_val
+from ..graph.ops import is_call, tensor_val
 
 aten = torch.ops.aten
 qd = torch.ops.quantized_decomposed
@@ -79,7 +79,7 @@ def first_rows_of_value(graph: torch.fx.Graph, x: torch.fx.Node, n: int) -> torc
     ``x`` a second reader, and inductor then writes the whole float output and quantizes it in
     a separate kernel instead of fusing the activation and the quantize into the int8 GEMM."""
     act, linear = (x, x.args[0]) if _is_activation(x) else (None, x)
-    if not (isinstance(linear, torch.fx.Node) and linear.target is aten.linear.default and len(linear.users) == 1):
+    if not (is_call(linear, aten.linear.default) and len(linear.users) == 1):
         return graph.call_function(aten.slice.Tensor, (x, 1, 0, n))
     dq = linear.args[0]
     q = dq.args[0] if isinstance(dq, torch.fx.Node) and dq.target is qd.dequantize_per_tensor.default else None

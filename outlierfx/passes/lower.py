@@ -321,7 +321,9 @@ def _label_merged(gm: torch.fx.GraphModule, linears: list[LoweredLinear], attent
     groups: dict[torch.fx.Node, list[int]] = {}
     for i, lin in enumerate(linears):
         plain = lin.kernel.startswith("int8 GEMM, float output") and "residual" not in lin.kernel and not lin.groups
-        if plain and (not attention_only or read_by_attention_only(nodes[lin.node], attention)):
+        # the reference form merges only GEMMs with their own weights: none with first-row GEMMs
+        if plain and (not attention_only or (lin.kernel == "int8 GEMM, float output"
+                                             and read_by_attention_only(nodes[lin.node], attention))):
             groups.setdefault(nodes[lin.node].args[0], []).append(i)
     for members in groups.values():
         size = sum(fetch_attr(gm, str(nodes[linears[i].node].args[1].target)).numel()
@@ -1062,7 +1064,6 @@ def _merge_attention_gemms(gm: torch.fx.GraphModule) -> None:
             meta.inherit(part, node, "Lower")
             node.replace_all_uses_with(part)
             gm.graph.erase_node(node)
-    gm.graph.eliminate_dead_code()
 
 
 def _own_int8_weight(linear: torch.fx.Node) -> bool:

@@ -261,8 +261,7 @@ class QuantizedLinear(torch.nn.Module):
         """One oneDNN GEMM. ``x``: float, quint8, or plain uint8 codes of the input grid;
         ``residual``: a contiguous float tensor added to the output by the kernel; ``out``: the
         uint8 grid to requantize to (plain codes returned), or None for a float output."""
-        if x.dtype != torch.uint8:
-            x = uint8_codes(x if x.dtype == torch.quint8 else self.quantize_input(x, in_scale, in_zero_point))
+        x = self._uint8_input(x, in_scale, in_zero_point)
         weight, w_scale, w_zero_point, _ = packed
         out_scale, out_zero_point, dtype = (1.0, 0, self.out_dtype) if out is None else (*out, torch.uint8)
         post = ("gelu", [], self.gelu) if self.gelu is not None else ("none", [], "")
@@ -305,12 +304,19 @@ class QuantizedLinear(torch.nn.Module):
         every row to the main output grid, a ``batch x n`` GEMM over the first input rows (same
         post-ops) to the first positions' grid, written over them. Plain uint8 codes out."""
         n = self.sink_out[0]  # type: ignore[index]
-        codes = x if x.dtype == torch.uint8 else uint8_codes(x if x.dtype == torch.quint8 else self.quantize_input(x))
+        codes = self._uint8_input(x)  # once: the first rows' GEMM reads them too
         y = self._onednn(codes, packed, self.in_scale, self.in_zero_point, None, self.out_qparams)
         if codes.dim() >= 3 and codes.shape[1] > n:
             y[:, :n] = self._onednn(codes[:, :n].contiguous(), packed, self.in_scale, self.in_zero_point, None,
                                     self.sink_out[1:])  # type: ignore[index]
         return y
+
+    def _uint8_input(self, x: torch.Tensor, scale: float | None = None, zero_point: int | None = None
+                     ) -> torch.Tensor:
+        """``x`` (float, quint8 or uint8 codes) as plain uint8 codes of one input grid."""
+        if x.dtype == torch.uint8:
+            return x
+        return uint8_codes(x if x.dtype == torch.quint8 else self.quantize_input(x, scale, zero_point))
 
     def input_codes(self, x: torch.Tensor) -> torch.Tensor:
         """The plain uint8 codes of a float input on this Linear's grid (grids, with a first-token one)."""
