@@ -125,6 +125,19 @@ def test_clipping_never_widens_ranges_and_lowers_the_output_error():
     assert "token-wise clipping" in plan.summary()
 
 
+def test_clipping_progress_bar_counts_every_evaluation(capsys):
+    g = _token_outlier_model()
+    gm = _observed(g)
+    calibrate(gm, [g.inputs], progress=False)
+    quiet = ClipTokenwise([g.inputs]).analyze(gm)
+    shown = ClipTokenwise([g.inputs], progress=True).analyze(gm)
+    assert shown.alphas == quiet.alphas and shown.loss_final == quiet.loss_final
+    n = shown.evaluations
+    assert n > len(shown.candidates) + 1  # the per-block stage ran
+    err = capsys.readouterr().err
+    assert "token-wise clipping: 100%" in err and f"{n}/{n}" in err
+
+
 def test_clipping_needs_calibration():
     g = build_model("bert", layers=1)
     with pytest.raises(PassError, match="calibrated observers"):

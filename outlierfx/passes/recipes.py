@@ -108,8 +108,8 @@ def _peg() -> list[GraphPass]:
     return [GroupChannels(groups=6)]
 
 
-def _clip(batches: Batches, _policy: QuantPolicy, _progress: bool = False) -> list[GraphPass]:
-    return [ClipTokenwise(batches)]
+def _clip(batches: Batches, _policy: QuantPolicy, progress: bool = False) -> list[GraphPass]:
+    return [ClipTokenwise(batches, progress=progress)]
 
 
 RECIPES: dict[str, Recipe] = {
@@ -135,7 +135,7 @@ def quadapter_recipe(name: str = "quadapter", os: bool = False, explicit: bool =
 
     def finish(batches: Batches, policy: QuantPolicy, progress: bool = True) -> list[GraphPass]:
         settings = {"weight": policy.weight, "progress": progress, **train}
-        return [*(_clip(batches, policy) if os else []), InsertQuadapter(explicit=explicit, foldable_only=foldable_only),
+        return [*(_clip(batches, policy, progress) if os else []), InsertQuadapter(explicit=explicit, foldable_only=foldable_only),
                 TrainQuadapter(batches, **settings), FoldQuadapter()]  # type: ignore[arg-type]
 
     what = "gamma migration + token-wise clipping + Quadapter" if os else "Quadapter"
