@@ -11,7 +11,11 @@ Variants (each with MSE-clipped weight rows rounded by GPTQ, as ``best``):
   channel-axis activation (residual sums, Linear inputs and outputs, embedding sum);
 - ``best-res96`` / ``best-res-channel``: ``best`` with the residual sums and the embedding sum
   split into 96 range-sized groups / one range per channel, K=24 elsewhere;
-- ``best-k48``: ``best`` with 48 groups everywhere.
+- ``best-k48``: ``best`` with 48 groups everywhere;
+- ``migrate``: gamma migration alone (``os`` without token-wise clipping), to tell the two apart;
+- ``os-global`` / ``os+peg-global``: ``os`` / ``os+peg`` with the coarse stage only (one alpha
+  for every quantizer, as the reference implementation), 12 evaluations instead of ~1,500 per-block
+  ones (on SmolLM2 the per-block search takes over an hour on 2 cores under ``full``).
 
 Suffixes (``+sink``, ``+lsq``) work as on registered recipes. Rows as ``outlierfx bench accuracy``.
 """
@@ -24,7 +28,9 @@ import dataclasses
 from outlierfx import benchmarks
 from outlierfx.graph.roles import Role
 from outlierfx.passes import recipes
+from outlierfx.passes.clip_tokenwise import ClipTokenwise
 from outlierfx.passes.group_channels import CHANNEL_ROLES, GroupChannels
+from outlierfx.passes.migrate_gamma import MigrateGamma
 
 RESIDUAL = frozenset({Role.RESIDUAL_SUM, Role.EMBEDDING_SUM})
 
@@ -38,6 +44,10 @@ def _residual_groups(groups: int | None):  # type: ignore[no-untyped-def]
                     GroupChannels(groups=24, roles=CHANNEL_ROLES, grouping="range")]
 
 
+def _global_clip(batches, _policy, progress=False):  # type: ignore[no-untyped-def]
+    return [ClipTokenwise(batches, per_block=False, progress=progress)]
+
+
 VARIANTS = {
     "quadapter-peg": dataclasses.replace(recipes._smooth_family(
         "quadapter-peg", "Quadapter at norm -> Linear edges, K=24 PEG on every other channel-axis activation",
@@ -46,6 +56,9 @@ VARIANTS = {
     "best-res96": _best_with("best-res96", _residual_groups(96)),
     "best-res-channel": _best_with("best-res-channel", _residual_groups(None)),
     "best-k48": _best_with("best-k48", lambda: [GroupChannels(groups=48, roles=CHANNEL_ROLES, grouping="range")]),
+    "migrate": recipes.Recipe("migrate", "gamma migration alone", prepare=lambda: [MigrateGamma()]),
+    "os-global": dataclasses.replace(recipes.RECIPES["os"], name="os-global", finish=_global_clip),
+    "os+peg-global": dataclasses.replace(recipes.RECIPES["os+peg"], name="os+peg-global", finish=_global_clip),
 }
 
 
