@@ -1,31 +1,43 @@
-"""The one-call API: ``quantize(model, calibration, recipe=..., bits=...)``."""
+"""The one-call API: ``qmodel, report = quantize(model, calibration)``, and ``lower``."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import uuid
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
 
 import torch
 import torch.fx
 
-from .errors import DataError
+from .errors import DataError, OutlierFXWarning
 from .graph import capture, meta
 from .passes.audit import AuditTrail
-from .passes.convert_fake_quant import ConvertToFakeQuant
 from .passes.fuse_attention import FuseAttention
-from .passes.insert_observers import InsertObservers, InsertObserversPlan
+from .passes.insert_observers import InsertObserversPlan
 from .passes.lower import Lower
 from .passes.manager import PassManager
-from .passes.recipes import get_recipe
-from .quantizers.backends import check_backend
-from .quantizers.calibrate import calibrate
 from .quantizers.policy import QuantPolicy, parse_bits
+from .recipes import BackendFit, Recipe, backend_fit, choose, run_recipe
+
+
+@dataclasses.dataclass(frozen=True)
+class RunGraphs:
+    """The graphs of a run the audit report reads (never serialized): the captured float graph,
+    which shares the user's weights, and the calibrated fake-quant graph."""
+
+    captured: torch.fx.GraphModule
+    simulated: torch.fx.GraphModule
 
 
 @dataclasses.dataclass(frozen=True)
 class QuantizationReport:
+    """What a :func:`quantize` run did: the recipe (and the preset and why, where one was chosen),
+    the audit trail of every pass, where quantizers went, and, once measured, the end-to-end
+    quality and latency (:meth:`with_measurements`)."""
+
     recipe: str
     bits: str
     policy: str
@@ -34,30 +46,50 @@ class QuantizationReport:
     calibration_seconds: float
     calibration_batches: int
     backend: str = "fake-quant"
+    preset: str | None = None  # "fast" / "accurate" where quantize() chose the recipe
+    why: str | None = None  # why that recipe on that backend
+    backend_fit: BackendFit | None = None  # checked before calibration
+    run_id: str = ""  # the fake-quant graph of this run carries the same id (meta.GM_RUN_ID)
+    quality: Mapping[str, Any] | None = None  # e.g. {"FP32": {...}, "int8 (onednn)": {"cosine": ...}}
+    latency: Mapping[str, Any] | None = None  # e.g. {"FP32": {"latency_ms": ...}, ...}
+    graphs: RunGraphs | None = dataclasses.field(default=None, repr=False, compare=False)
+
+    def kept_float(self) -> list[dict[str, Any]]:
+        """Role-bearing tensors the policy keeps float by design (not quantized at all)."""
+        return [self._row(p) for p in self.placement.points if p.reason is not None and p.spec is None]
 
     def not_at_target(self) -> list[dict[str, Any]]:
-        """Every role-bearing tensor that is not quantized at the target width, and why."""
-        rows = []
-        for p in self.placement.points:
-            if p.reason is None:
-                continue
-            rows.append({
-                "tensor": meta.module_path(p.node) or p.node.name,
-                "node": p.node.name,
+        """Quantized tensors at another width than the target (e.g. ``mp16``'s 16-bit residual sums)."""
+        return [self._row(p) for p in self.placement.points if p.reason is not None and p.spec is not None]
+
+    @staticmethod
+    def _row(p: Any) -> dict[str, Any]:
+        return {"tensor": meta.module_path(p.node) or p.node.name, "node": p.node.name,
                 "roles": sorted(r.value for r in p.roles),
-                "quantization": p.spec.describe() if p.spec else "float",
-                "why": p.reason,
-            })
-        return rows
+                "quantization": p.spec.describe() if p.spec else "float", "why": p.reason}
+
+    def with_measurements(self, quality: Mapping[str, Any] | None = None,
+                          latency: Mapping[str, Any] | None = None) -> QuantizationReport:
+        """This report with the run's end-to-end quality and latency (shown by the audit report)."""
+        return dataclasses.replace(self, quality=quality if quality is not None else self.quality,
+                                   latency=latency if latency is not None else self.latency)
 
     def as_dict(self) -> dict[str, Any]:
+        from .passes.audit import to_jsonable
+
         return {
             "recipe": self.recipe,
+            "preset": self.preset,
+            "why": self.why,
             "bits": self.bits,
             "policy": self.policy,
             "backend": self.backend,
+            "backend_fit": to_jsonable(self.backend_fit),
             "calibration_seconds": self.calibration_seconds,
             "calibration_batches": self.calibration_batches,
+            "quality": to_jsonable(self.quality),
+            "latency": to_jsonable(self.latency),
+            "kept_float": self.kept_float(),
             "not_at_target": self.not_at_target(),
             "audit": self.audit.as_dict(),
         }
@@ -65,15 +97,27 @@ class QuantizationReport:
     def to_json(self) -> str:
         return json.dumps(self.as_dict(), indent=2)
 
+    def headline(self) -> str:
+        """One line: which recipe on which backend, and why it was chosen."""
+        chosen = f"preset {self.preset} -> recipe {self.recipe}" if self.preset else f"recipe {self.recipe}"
+        line = f"{chosen}, {self.bits}, policy {self.policy}, backend {self.backend}"
+        return line + (f" ({self.why})" if self.why else "")
+
     def to_text(self) -> str:
-        rows = self.not_at_target()
-        lines = [f"recipe {self.recipe}, {self.bits}, policy {self.policy}, backend {self.backend}; calibrated on "
-                 f"{self.calibration_batches} batches in {self.calibration_seconds:.1f}s", self.audit.to_text()]
-        if rows:
-            lines.append(f"{len(rows)} tensors not at {self.bits}:")
-            lines += [f"  {r['tensor']} [{', '.join(r['roles'])}]: {r['quantization']} ({r['why']})" for r in rows[:40]]
-            if len(rows) > 40:
-                lines.append(f"  ... {len(rows) - 40} more in the JSON report")
+        lines = [self.headline(), f"calibrated on {self.calibration_batches} batches in "
+                 f"{self.calibration_seconds:.1f}s", self.audit.to_text()]
+        if self.backend_fit is not None and not self.backend_fit.whole_int8:
+            lines.append(self.backend_fit.summary())
+        kept = self.kept_float()
+        if kept:
+            lines.append(f"{len(kept)} tensors kept float by policy {self.policy} (by design; listed in the JSON "
+                         f"report)")
+        wide = self.not_at_target()
+        if wide:
+            lines.append(f"{len(wide)} tensors not at {self.bits}:")
+            lines += [f"  {r['tensor']} [{', '.join(r['roles'])}]: {r['quantization']} ({r['why']})" for r in wide[:40]]
+            if len(wide) > 40:
+                lines.append(f"  ... {len(wide) - 40} more in the JSON report")
         return "\n".join(lines)
 
 
@@ -85,56 +129,82 @@ class QuantizationResult(NamedTuple):
 def quantize(
     model: torch.nn.Module,
     calibration: Iterable[Mapping[str, torch.Tensor]],
-    recipe: str = "naive",
+    recipe: str | Recipe | None = None,
     bits: str | int = "W8A8",
     policy: str | QuantPolicy | None = None,
     backend: str | None = None,
     *,
     progress: bool = True,
 ) -> QuantizationResult:
-    """Capture ``model``, apply ``recipe``, calibrate on ``calibration`` and return the
-    quantized model with its report: ``qmodel, report = quantize(...)``.
+    """Capture ``model``, apply a recipe, calibrate on ``calibration`` and return the quantized
+    model with its report: ``qmodel, report = quantize(model, calibration)``.
 
     ``calibration`` is an iterable of keyword-input dicts (e.g. tokenizer outputs); the first
-    batch is the example for capture. ``backend=None`` returns the fake-quant graph
-    (simulation); ``"x86"``, ``"fbgemm"`` or ``"qnnpack"`` lower it to torch.ao int8 kernels,
-    ``"inductor"`` compiles it to fused oneDNN int8 kernels (on the first call), ``"reference"``
-    gives the integer quantize/dequantize form. The input model is never modified.
+    batch is the example for capture. The input model is never modified.
+
+    The backend comes first. With no ``recipe`` (or ``recipe="fast"``/``"accurate"``, the
+    presets) the model is lowered to ``backend`` (default: this CPU's best,
+    :func:`outlierfx.backends.default_backend`) with the preset chosen for it, and the report
+    says which recipe and why. A named paper recipe (``naive``, ``os``, ``peg``, ``quadapter``,
+    ``smooth-fold+sink``...) or a :class:`~outlierfx.recipes.Recipe` object returns the
+    simulated (fake-quant) model unless ``backend`` is given; ``backend="fake-quant"`` simulates
+    a preset. A recipe whose Linears the backend cannot run as whole int8 GEMMs is flagged
+    before calibration (an :class:`OutlierFXWarning`, and ``report.backend_fit``).
     """
-    batches = list(calibration)
-    if not batches:
-        raise DataError("the calibration set is empty")
-    if backend is not None:
-        check_backend(backend)
-    first_mask = batches[0].get("attention_mask") if isinstance(batches[0], Mapping) else None
-    if isinstance(first_mask, torch.Tensor) and not bool(first_mask.any()):
-        raise DataError("the first calibration batch is all padding (attention_mask is all zeros)")
-    chosen = get_recipe(recipe)
+    batches = _checked_batches(calibration)
+    chosen, target, chosen_preset = choose(recipe, backend)
     widths = parse_bits(bits)
     quant_policy = chosen.policy(widths, policy)
     gm = capture(model, dict(batches[0]))
-    prepared = PassManager([*chosen.prepare(), InsertObservers(quant_policy), *chosen.observe()])(gm)
-    seconds = calibrate(prepared.graph_module, batches, progress=progress)
-    finish = [*chosen.finish(batches, quant_policy, progress), ConvertToFakeQuant(quant_policy.weight, quant_policy.embedding)]
-    converted = PassManager(finish)(prepared.graph_module)
-    audit = AuditTrail(prepared.audit.entries + converted.audit.entries)
-    placement = next(e.plan for e in audit.entries if isinstance(e.plan, InsertObserversPlan))
-    report = QuantizationReport(chosen.name, str(widths), quant_policy.name, audit, placement, seconds, len(batches))
-    if backend is not None:
-        return lower(converted.graph_module, report, backend)
-    return QuantizationResult(converted.graph_module, report)
+    fits: list[BackendFit] = []
+
+    def flag(graph: torch.fx.GraphModule, _placement: InsertObserversPlan) -> None:
+        fit = backend_fit(graph, target, quant_policy.weight)
+        fits.append(fit)
+        if not fit.whole_int8:
+            warnings.warn(f"recipe {chosen.name!r} on {target}: {fit.summary()}", OutlierFXWarning, stacklevel=3)
+
+    run = run_recipe(gm, chosen, quant_policy, batches, progress=progress,
+                     before_calibration=flag if target is not None else None)
+    run_id = uuid.uuid4().hex
+    run.graph_module.meta[meta.GM_RUN_ID] = run_id
+    report = QuantizationReport(chosen.name, str(widths), quant_policy.name, run.audit, run.placement,
+                                run.calibration_seconds, len(batches), preset=chosen_preset.goal.value if chosen_preset else None,
+                                why=chosen_preset.why if chosen_preset else None, backend_fit=fits[0] if fits else None, run_id=run_id,
+                                graphs=RunGraphs(gm, run.graph_module))
+    if target is not None:
+        return lower(run.graph_module, report, target)
+    return QuantizationResult(run.graph_module, report)
 
 
-def lower(qmodel: torch.fx.GraphModule, report: QuantizationReport, backend: str = "x86") -> QuantizationResult:
-    """Lower a fake-quant model from :func:`quantize` to ``backend``; the report gains the
-    ``FuseAttention`` pass (attention chains with no quantizer inside become one fused kernel)
-    and the ``Lower`` pass (which Linears run in int8, which fall back to float, and why)."""
-    check_backend(backend)
+def _checked_batches(calibration: Iterable[Mapping[str, torch.Tensor]]) -> list[Mapping[str, torch.Tensor]]:
+    batches = list(calibration)
+    if not batches:
+        raise DataError("the calibration set is empty")
+    first_mask = batches[0].get("attention_mask") if isinstance(batches[0], Mapping) else None
+    if isinstance(first_mask, torch.Tensor) and not bool(first_mask.any()):
+        raise DataError("the first calibration batch is all padding (attention_mask is all zeros)")
+    return batches
+
+
+def lower(qmodel: torch.fx.GraphModule, report: QuantizationReport, backend: str | None = None
+          ) -> QuantizationResult:
+    """Lower a fake-quant model from :func:`quantize` to ``backend`` (default: this CPU's best);
+    the report gains the ``FuseAttention`` pass (attention chains with no quantizer inside become
+    one fused kernel) and the ``Lower`` pass (which Linears run in int8, which fall back to
+    float, and why). ``report`` must be the one :func:`quantize` returned with ``qmodel``."""
+    from .backends import check_backend, default_backend
+
+    run_id = qmodel.meta.get(meta.GM_RUN_ID) if isinstance(qmodel, torch.fx.GraphModule) else None
+    if run_id is None or run_id != report.run_id:
+        raise DataError(f"this report (recipe {report.recipe!r}) was not made with this model; pass the report "
+                        f"quantize() returned together with it: qmodel, report = quantize(...); lower(qmodel, report)")
+    backend = check_backend(backend or default_backend())
     lowered = PassManager([FuseAttention(), Lower(backend)])(qmodel)
     audit = AuditTrail(report.audit.entries + lowered.audit.entries)
     model: torch.nn.Module = lowered.graph_module
     if backend == "inductor":
-        from .compile import CompiledInt8
+        from .backends.inductor import CompiledInt8
 
         model = CompiledInt8(lowered.graph_module)
     return QuantizationResult(model, dataclasses.replace(report, audit=audit, backend=backend))

@@ -12,86 +12,61 @@ from .errors import OutlierFXError
 
 
 def _demo(args: argparse.Namespace) -> int:
+    """Quantize the packaged MiniLM once with the default preset; at most ~25 lines of output."""
     import torch
 
     from . import corpus
-    from .api import lower, quantize
+    from .api import quantize
+    from .backends import default_backend
     from .evaluate import EncoderEval
-    from .graph import capture, meta
-    from .graph.view import GraphView
     from .models import encode, load
-    from .quantizers.backends import default_backend
     from .report import build_report
     from .serialize import save_quantized, size_on_disk_mb
     from .speed import interleaved_medians, speed_inputs, state_size_mb
 
     torch.manual_seed(0)
     out = pathlib.Path(args.out)
-    backend = default_backend()
-    print(f"outlierfx demo: all-MiniLM-L6-v2 -> int8 ({backend}) with the 'best' recipe, W8A8; "
-          f"{torch.get_num_threads()} threads")
+    backend = args.backend or default_backend()
     loaded = load("minilm")
-    print(f"  loaded {loaded.name} in {loaded.load_seconds:.1f}s")
     texts = corpus.wikipedia_sample("calibration", 64)
     calibration = [encode(loaded, texts[i : i + 8], args.seq) for i in range(0, len(texts), 8)]
+    print(f"outlierfx demo: all-MiniLM-L6-v2 -> int8 on {backend}, {torch.get_num_threads()} threads; calibration: "
+          f"64 Wikipedia paragraphs")
     start = time.perf_counter()
-    gm = capture(loaded.model, calibration[0])
-    report = gm.meta[meta.GM_CAPTURE_REPORT]
-    view = GraphView(gm)
-    print(f"  captured in {time.perf_counter() - start:.1f}s: {report.num_nodes} nodes, {len(view.blocks)} blocks, "
-          f"{len(view.residual_adds)} residual adds, {len(view.norm_sites)} norms; max |error| vs the model "
-          f"{report.error.max_abs:.1e}")
+    int8, report = quantize(loaded.model, calibration, backend=backend, progress=not args.quiet)
+    print(f"  {report.headline()}")
+    lowered = next(e.plan for e in reversed(report.audit.entries) if e.pass_name == "Lower")
+    int8_linears = sum(1 for linear in lowered.linears if linear.is_int8)
+    print(f"  quantized in {time.perf_counter() - start:.0f}s: {int8_linears}/{len(lowered.linears)} Linears on int8 "
+          f"kernels")
+    if backend == "inductor":
+        print("  compiling with inductor (first call)")
 
-    print("\n1. quantize: capture, passes, calibration on 64 Wikipedia paragraphs (one per article)")
-    start = time.perf_counter()
-    fake, qreport = quantize(loaded.model, calibration, recipe="best", bits="W8A8", progress=True)
-    int8, qreport = lower(fake, qreport, backend)
-    print(f"  done in {time.perf_counter() - start:.1f}s")
-    print("\n".join("  " + line for line in qreport.audit.to_text().splitlines() if line.strip()))
-    # 'best' lowers every Linear to 24 int8 sub-GEMMs (its PEG groups), slower than FP32 on the
-    # eager engines: the speed route quantizes the Linear inputs only, per tensor (one int8 GEMM per
-    # Linear), with Quadapter scales where they fold; on onednn the first token gets its own grid
-    # too (its rows cost one small GEMM more per Linear; the torch.ao engines would need two GEMMs)
-    fast_recipe = "smooth-fold+sink" if backend == "onednn" else "smooth"
-    fast_name = f"int8 fast ({backend})"
-    start = time.perf_counter()
-    fast, _ = quantize(loaded.model, calibration, recipe=fast_recipe, bits="W8A8", backend=backend, progress=True)
-    print(f"  speed route for comparison: recipe '{fast_recipe}', policy 'linear-inputs' -> {fast_name} "
-          f"({time.perf_counter() - start:.1f}s)")
-
-    print("\n2. quality on 64 held-out Wikipedia paragraphs and the Lee-50 similarity benchmark")
     evaluator = EncoderEval.build(loaded, sentences=64)
     reference = evaluator.embeddings(loaded.model)
-    quality = {"FP32": evaluator.metrics(loaded.model, reference),
-               "fake-quant W8A8": evaluator.metrics(fake, reference),
-               f"int8 ({backend})": evaluator.metrics(int8, reference),
-               fast_name: evaluator.metrics(fast, reference)}
-    for name, m in quality.items():
-        print(f"  {name:18} embedding cosine vs FP32 {m['cosine']:.4f}   Lee-50 correlation {m['lee50']:.4f}")
-
-    print(f"\n3. latency: batch 8 x {args.seq} tokens, median of {args.rounds} interleaved runs")
+    quality = {"FP32": evaluator.metrics(loaded.model, reference), f"int8 ({backend})": evaluator.metrics(int8, reference)}
+    q = quality[f"int8 ({backend})"]
+    print(f"  quality on 64 held-out paragraphs: embedding cosine vs FP32 {q['cosine']:.4f}; Lee-50 correlation "
+          f"{q['lee50']:.4f} (FP32 {quality['FP32']['lee50']:.4f})")
     inputs = speed_inputs(loaded, 8, args.seq)
-    seconds = interleaved_medians({"FP32": loaded.model, f"int8 ({backend})": int8, fast_name: fast}, inputs,
-                                  args.rounds)
-    median = {name: s * 1000 for name, s in seconds.items()}
-    fp32_ms = median["FP32"]
-    for name, ms in median.items():
-        print(f"  {name:18} {ms:8.1f} ms   x{ms / fp32_ms:.2f} of FP32")
-
-    print("\n4. size on disk and the audit report")
-    saved = save_quantized(int8, out / "model-int8", {"recipe": "best", "bits": "W8A8", "backend": backend},
-                           overwrite=True)
-    fp32_mb = state_size_mb(loaded.model)
-    int8_mb = size_on_disk_mb(saved)
-    print(f"  FP32 {fp32_mb:.1f} MB -> int8 {int8_mb:.1f} MB (x{int8_mb / fp32_mb:.2f}); saved to {saved}")
-    speed = {name: {"latency_ms": round(ms, 2), "ratio_vs_fp32": round(ms / fp32_ms, 3)} for name, ms in median.items()}
-    speed["FP32"]["size_mb"], speed[f"int8 ({backend})"]["size_mb"] = round(fp32_mb, 1), round(int8_mb, 1)
-    speed[fast_name]["size_mb"] = round(state_size_mb(fast), 1)
-    # quantization errors on held-out text: calibrated ranges clip nothing on their own data
-    html, js = build_report(out, model=loaded.model, qmodel=fake, report=qreport, batches=calibration[:4],
-                            error_batches=evaluator.batches[:4], tokenizer=loaded.tokenizer, quality=quality,
-                            speed=speed, model_name=loaded.name, progress=True, overwrite=True)
-    print(f"  audit report: {html} (and {js.name})")
+    seconds = interleaved_medians({"FP32": loaded.model, f"int8 ({backend})": int8}, inputs, args.rounds)
+    fp32_ms, int8_ms = (s * 1000 for s in seconds.values())
+    print(f"  latency, batch 8 x {args.seq}, median of {args.rounds} interleaved runs: FP32 {fp32_ms:.1f} ms, "
+          f"int8 {int8_ms:.1f} ms (x{int8_ms / fp32_ms:.2f})")
+    saved = save_quantized(int8.reference if backend == "inductor" else int8, out / "model-int8",
+                           {"recipe": report.recipe, "bits": report.bits, "backend": backend}, overwrite=True)
+    fp32_mb, int8_mb = state_size_mb(loaded.model), size_on_disk_mb(saved)
+    print(f"  size: FP32 {fp32_mb:.1f} MB -> int8 {int8_mb:.1f} MB (x{int8_mb / fp32_mb:.2f})")
+    latency = {"FP32": {"latency_ms": round(fp32_ms, 2), "ratio_vs_fp32": 1.0, "size_mb": round(fp32_mb, 1)},
+               f"int8 ({backend})": {"latency_ms": round(int8_ms, 2), "ratio_vs_fp32": round(int8_ms / fp32_ms, 3),
+                                     "size_mb": round(int8_mb, 1)}}
+    report = report.with_measurements(quality=quality, latency=latency)
+    if args.verbose:
+        print(report.to_text())
+    html, _ = build_report(out, model=loaded.model, qmodel=int8, report=report, batches=calibration[:4],
+                           error_batches=evaluator.batches[:4], tokenizer=loaded.tokenizer, model_name=loaded.name,
+                           progress=not args.quiet, overwrite=True)
+    print(f"  model: {saved}\n  audit report: {html} (every pass, its plan and its numeric check)")
     return 0
 
 
@@ -137,15 +112,30 @@ def _analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def _recipe_name(args: argparse.Namespace) -> str | None:
+    """The --recipe argument (None: the preset ``fast``) with ``--fine``'s suffix, validated early."""
+    from .recipes import FINE_SUFFIX, PRESETS, get_recipe
+
+    recipe = args.recipe
+    if args.fine:
+        if recipe is None or recipe in PRESETS:
+            raise OutlierFXError("--fine adds the fine stage to a named recipe (e.g. --recipe os --fine); "
+                                 "the presets are complete recipes")
+        recipe += FINE_SUFFIX
+    if recipe is not None:
+        get_recipe(recipe, args.backend)  # a RecipeError (an OutlierFXError) before any model is loaded
+    return recipe
+
+
 def _bench_accuracy(args: argparse.Namespace) -> int:
     from .benchmarks import accuracy, print_table, write_json
-    from .passes.recipes import FINE_SUFFIX, get_recipe
     from .quantizers.policy import parse_bits
+    from .recipes import FINE_SUFFIX, get_recipe
 
     recipes = [r.strip() + (FINE_SUFFIX if args.fine else "") for r in args.recipes.split(",") if r.strip()]
+    for r in recipes:
+        get_recipe(r)  # a RecipeError (an OutlierFXError) before any model is loaded
     try:
-        for r in recipes:
-            get_recipe(r)
         for b in args.bits:
             parse_bits(b)
     except ValueError as exc:
@@ -164,9 +154,8 @@ def _quantize(args: argparse.Namespace) -> int:
 
     from . import corpus
     from .api import lower, quantize
+    from .backends import check_backend, default_backend
     from .models import load
-    from .passes.recipes import FINE_SUFFIX, get_recipe
-    from .quantizers.backends import check_backend, default_backend
     from .report import build_report
     from .serialize import save_quantized
 
@@ -174,11 +163,7 @@ def _quantize(args: argparse.Namespace) -> int:
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
         raise OutlierFXError(f"output directory {out} exists and is not empty; choose another --out or pass --force")
     backend = check_backend(args.backend or default_backend())
-    recipe = args.recipe + (FINE_SUFFIX if args.fine else "")
-    try:
-        get_recipe(recipe)
-    except ValueError as exc:
-        raise OutlierFXError(str(exc)) from exc
+    recipe = _recipe_name(args)
     loaded = load(args.model)
     if args.calibration:
         texts, source = corpus.evenly_spaced(corpus.from_text_file(args.calibration), args.samples), args.calibration
@@ -186,24 +171,24 @@ def _quantize(args: argparse.Namespace) -> int:
         texts, source = corpus.wikipedia_sample("calibration", args.samples), "the packaged Wikipedia calibration split"
     batches = corpus.calibration_batches(loaded, texts, max_length=args.seq, batch_size=args.batch,
                                          source=source)
-    print(f"quantizing {loaded.name} ({recipe}, {args.bits}, backend {backend}) on {len(batches)} batches "
-          f"from {source}")
-    fake, report = quantize(loaded.model, batches, recipe=recipe, bits=args.bits, policy=args.policy, progress=True)
-    model, report = lower(fake, report, backend)
+    print(f"quantizing {loaded.name} ({recipe or 'preset fast'}, {args.bits}, backend {backend}) on {len(batches)} "
+          f"batches from {source}")
+    model, report = quantize(loaded.model, batches, recipe=recipe, bits=args.bits, policy=args.policy,
+                             backend=backend, progress=True)
     saved = save_quantized(model.reference if backend == "inductor" else model, out,
-                           {"model": loaded.name, "recipe": recipe, "bits": args.bits, "backend": backend},
+                           {"model": loaded.name, "recipe": report.recipe, "bits": args.bits, "backend": backend},
                            overwrite=args.force)
     (out / "quantization.json").write_text(json.dumps(report.as_dict(), indent=1, default=str))
-    html, _ = build_report(out, model=loaded.model, qmodel=fake, report=report, batches=batches[:4],
-                           tokenizer=loaded.tokenizer, model_name=loaded.name, progress=True, overwrite=args.force)
-    print(report.to_text())
+    html, _ = build_report(out, report=report, batches=batches[:4], tokenizer=loaded.tokenizer,
+                           model_name=loaded.name, progress=True, overwrite=args.force)
+    print(report.to_text() if args.verbose else report.headline())
     print(f"wrote {saved}, {html} and {out / 'quantization.json'}")
     return 0
 
 
 def _bench_speed(args: argparse.Namespace) -> int:
+    from .backends import check_backend
     from .benchmarks import write_json
-    from .quantizers.backends import check_backend
     from .speed import speed
 
     backends = [check_backend(b.strip()) for b in args.backends.split(",") if b.strip()]
@@ -222,10 +207,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seq", type=int, default=128, help="max tokens per sentence")
     demo.add_argument("--rounds", type=int, default=10, help="timed runs per model")
     demo.add_argument("--out", default="outlierfx-demo", help="where the int8 model and the report go")
+    demo.add_argument("--backend", default=None, help="default: this CPU's best (onednn on x86 with VNNI/AMX)")
+    demo.add_argument("--verbose", action="store_true", help="print every pass's plan")
+    demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(func=_demo)
     quant = sub.add_parser("quantize", help="quantize a model to int8 and save it with its audit report")
     quant.add_argument("model", help="minilm, smollm2, or a local Hugging Face model folder")
-    quant.add_argument("--recipe", default="best", help="naive, mp16, os, peg, os+peg, best, ... (default best)")
+    quant.add_argument("--recipe", default=None,
+                       help="a preset, fast (default) or accurate, or a paper recipe: naive, os, peg, smooth-fold+sink...")
     quant.add_argument("--bits", default="W8A8", help="e.g. W8A8 (default), W6A6, W4A8")
     quant.add_argument("--backend", default=None, help="onednn (default on x86 CPUs with VNNI/AMX), x86, fbgemm, qnnpack, inductor, reference")
     quant.add_argument("--policy", default=None, help="override the recipe's policy: full, linear-inputs, mp16")
@@ -238,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--seq", type=int, default=128, help="max tokens per paragraph")
     quant.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
     quant.add_argument("--force", action="store_true", help="write into a non-empty output directory")
+    quant.add_argument("--verbose", action="store_true", help="print every pass's plan")
     quant.set_defaults(func=_quantize)
     analyze = sub.add_parser("analyze", help="outlier report (table, PNG heatmap, JSON) before/after gamma migration")
     analyze.add_argument("model", nargs="?", default=None, help="minilm, smollm2, or a local Hugging Face model folder")
@@ -261,9 +251,10 @@ def build_parser() -> argparse.ArgumentParser:
     acc.set_defaults(func=_bench_accuracy)
     spd = bench.add_parser("speed", help="latency, quality and size of FP32 and each int8 path (and peers)")
     spd.add_argument("--model", default="minilm", help="minilm (batch 8 x 128) or smollm2 (1 x 256 prefill)")
-    spd.add_argument("--recipe", default="best")
+    spd.add_argument("--recipe", default=None, help="default: each backend's fast preset")
     spd.add_argument("--bits", default="W8A8")
-    spd.add_argument("--backends", default="onednn,x86,inductor", help="comma-separated int8 paths of ours")
+    spd.add_argument("--backends", default="onednn,inductor",
+                     help="comma-separated int8 paths of ours (also x86, fbgemm, qnnpack, reference)")
     spd.add_argument("--policy", default=None, help="override the recipe's policy: full, linear-inputs, mp16")
     spd.add_argument("--threads", type=int, default=2)
     spd.add_argument("--rounds", type=int, default=10, help="interleaved timed rounds (median reported)")

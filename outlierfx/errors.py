@@ -21,3 +21,8 @@ class PassError(OutlierFXError):
 
 class DataError(OutlierFXError):
     """Inputs, calibration data or packaged resources are unusable."""
+
+
+class OutlierFXWarning(UserWarning):
+    """Something the user should know that does not stop the run (e.g. a recipe the backend
+    cannot run as whole int8 GEMMs)."""

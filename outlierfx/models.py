@@ -65,12 +65,19 @@ def package_dir(package: str, pip_name: str) -> pathlib.Path:
 
 @contextlib.contextmanager
 def _offline() -> Iterator[None]:
-    """Make any accidental hub access fail fast instead of hanging on the closed network."""
+    """Make any accidental hub access fail fast instead of hanging on the closed network, and keep
+    transformers' weight-loading bars quiet (loading a packaged model takes seconds)."""
+    from transformers.utils import logging as hf_logging
+
     saved = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
     os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
     try:
         yield
     finally:
+        if bars:
+            hf_logging.enable_progress_bar()
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)

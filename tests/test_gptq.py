@@ -14,7 +14,7 @@ from outlierfx.passes.convert_fake_quant import ConvertToFakeQuant
 from outlierfx.passes.gptq import GPTQ, gptq_round, layer_error
 from outlierfx.passes.insert_observers import InsertObservers
 from outlierfx.passes.lower import Lower
-from outlierfx.passes.recipes import get_recipe
+from outlierfx.recipes import get_recipe
 from outlierfx.quantizers.calibrate import calibrate
 from outlierfx.quantizers.fake_quant import quantize_weight
 from outlierfx.quantizers.policy import make_policy

@@ -13,7 +13,7 @@ from outlierfx.passes.convert_fake_quant import ConvertToFakeQuant
 from outlierfx.passes.group_channels import GroupChannels
 from outlierfx.passes.insert_observers import InsertObservers, observers
 from outlierfx.passes.learn_ranges import LearnableRange, LearnRanges
-from outlierfx.passes.recipes import get_recipe
+from outlierfx.recipes import get_recipe
 from outlierfx.quantizers.calibrate import calibrate
 from outlierfx.quantizers.observers import FakeQuantize, Observer
 from outlierfx.quantizers.policy import make_policy

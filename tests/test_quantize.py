@@ -90,7 +90,7 @@ def test_8_bit_is_worse_than_16_bit_and_the_model_is_untouched():
     state = {k: v.clone() for k, v in g.model.state_dict().items()}
     errors = []
     for bits in ("W16A16", "W8A8", "W4A4"):
-        qmodel, _ = outlierfx.quantize(g.model, [g.inputs], bits=bits, progress=False)
+        qmodel, _ = outlierfx.quantize(g.model, [g.inputs], recipe="naive", bits=bits, progress=False)
         with torch.no_grad():
             errors.append(float((qmodel(**g.inputs).logits - g.model(**g.inputs).logits).abs().max()))
     assert errors[0] < errors[1] < errors[2]
@@ -111,7 +111,7 @@ def test_mixed_precision_report_lists_every_wider_tensor():
 
 def test_weights_are_on_the_integer_grid():
     g = build_model("llama", layers=1)
-    qmodel, _ = outlierfx.quantize(g.model, [g.inputs], bits="W4A8", progress=False)
+    qmodel, _ = outlierfx.quantize(g.model, [g.inputs], recipe="naive", bits="W4A8", progress=False)
     for node in qmodel.graph.nodes:
         if node.target is torch.ops.aten.linear.default:
             weight = fetch_attr(qmodel, str(node.args[1].target))
@@ -122,7 +122,7 @@ def test_weights_are_on_the_integer_grid():
 
 def test_large_embedding_tables_are_int8_rows_and_tiny_ones_stay_float():
     g = build_model("bert", layers=1, vocab=96)
-    qmodel, report = outlierfx.quantize(g.model, [g.inputs], bits="W8A8", progress=False)
+    qmodel, report = outlierfx.quantize(g.model, [g.inputs], recipe="naive", bits="W8A8", progress=False)
     plan = next(e.plan for e in report.audit if e.pass_name == "ConvertToFakeQuant")
     tables = {str(n.args[0].target): fetch_attr(qmodel, str(n.args[0].target)) for n in qmodel.graph.nodes
               if n.target is torch.ops.aten.embedding.default}

@@ -120,10 +120,9 @@ def test_quantization_errors_needs_a_fake_quantized_graph(tiny):
 def test_report_files_are_self_contained_escaped_and_never_overwritten(tiny, tmp_path):
     g, qmodel, report = tiny
     evil = '<script>alert("x")</script>'
-    html_path, json_path = build_report(
-        tmp_path / "out", model=g.model, qmodel=qmodel, report=report, batches=[g.inputs],
-        quality={"fp32": {"cosine": 1.0}, "int8": {"cosine": 0.98, evil: 1}}, speed={"latency_ms": 3.5},
-        model_name=evil)
+    measured = report.with_measurements(quality={"fp32": {"cosine": 1.0}, "int8": {"cosine": 0.98, evil: 1}},
+                                        latency={"latency_ms": 3.5})
+    html_path, json_path = build_report(tmp_path / "out", report=measured, batches=[g.inputs], model_name=evil)
     page = html_path.read_text()
     assert "<script" not in page and html.escape(evil) in page
     assert not re.search(r"""(src|href)=["']?(https?:|//)""", page)  # no external assets
@@ -134,6 +133,7 @@ def test_report_files_are_self_contained_escaped_and_never_overwritten(tiny, tmp
         assert f'id="{anchor}"' in page
     for entry in report.audit:
         assert f"{entry.pass_name}" in page
+    assert "Not measured for this run" not in page and "3.5" in page
     data = json.loads(json_path.read_text())
     assert data["model"] == evil and data["quality"]["int8"]["cosine"] == 0.98
     assert len(data["quantization_errors"]) == sum(isinstance(m, FakeQuantize) for m in qmodel.children())
@@ -161,11 +161,11 @@ def test_minilm_report_renders_in_headless_chromium(minilm, tmp_path):
     _chromium_or_skip()
     batches = calibration_batches(minilm, samples=24, max_length=64, batch=8)
     qmodel, report = outlierfx.quantize(minilm.model, batches[:2], recipe="naive", bits="W8A8", progress=False)
-    html_path, json_path = build_report(
-        tmp_path, model=minilm.model, qmodel=qmodel, report=report, batches=batches[:2], error_batches=batches[2:],
-        tokenizer=minilm.tokenizer, model_name="minilm",
+    report = report.with_measurements(
         quality={"fp32": {"cosine": 1.0, "lee50": 0.6564}, "naive W8A8": {"cosine": 0.8628, "lee50": 0.6106}},
-        speed={"fp32": {"latency_ms": 40.1}, "int8": {"latency_ms": 20.3}})
+        latency={"fp32": {"latency_ms": 40.1}, "int8": {"latency_ms": 20.3}})
+    html_path, json_path = build_report(tmp_path, report=report, batches=batches[:2], error_batches=batches[2:],
+                                        tokenizer=minilm.tokenizer, model_name="minilm")
     data = json.loads(json_path.read_text())
     rows = data["quantization_errors"]
     assert len(rows) == sum(isinstance(m, FakeQuantize) for m in qmodel.children()) > 80

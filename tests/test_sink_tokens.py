@@ -9,7 +9,7 @@ import outlierfx
 from outlierfx.graph.compare import output_error
 from outlierfx.graph.roles import Role
 from outlierfx.passes.lower import Lower
-from outlierfx.passes.recipes import SPEED_SINK_MIN_WIDENING, get_recipe
+from outlierfx.recipes import SPEED_SINK_MIN_WIDENING, get_recipe
 from outlierfx.quantizers.backends import QuantizedLinear
 from outlierfx.quantizers.fake_quant import fake_quantize, qparams_from_range
 from outlierfx.quantizers.observers import FakeQuantize, Observer, token_mask

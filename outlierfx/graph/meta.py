@@ -20,6 +20,10 @@ GM_EXAMPLE_INPUTS = "outlierfx_example_inputs"
 GM_CAPTURE_REPORT = "outlierfx_capture_report"
 """Key in ``GraphModule.meta``: the :class:`~outlierfx.graph.capture.CaptureReport`."""
 
+GM_RUN_ID = "outlierfx_run_id"
+"""Key in ``GraphModule.meta``: the id of the ``quantize()`` run that made the graph (its report
+carries the same id, so a model is never lowered with another run's report)."""
+
 
 def module_path(node: torch.fx.Node) -> str:
     """The user-facing module path of ``node`` ('' for graph inputs and top-level code)."""

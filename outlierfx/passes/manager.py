@@ -10,7 +10,7 @@ from typing import Any
 import torch
 import torch.fx
 
-from ..errors import PassError
+from ..errors import DataError, PassError
 from ..graph import meta
 from ..graph.compare import OutputError, output_error, run
 from ..graph.shapes import propagate_values
@@ -70,6 +70,8 @@ class PassManager:
                 result = p(gm)
             except PassError as exc:
                 raise PassError(f"{context} failed: {exc}") from exc
+            except DataError:
+                raise  # bad input (e.g. calibration data): its message names the problem, not a pass's fault
             except Exception as exc:
                 raise PassError(f"{context} failed: {type(exc).__name__}: {exc}") from exc
             if not isinstance(result, PassResult):

@@ -40,6 +40,21 @@ def observation_paused() -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def quantizers_disabled(gm: torch.nn.Module) -> Iterator[None]:
+    """Run a fake-quant graph in float (every :class:`FakeQuantize` the identity), e.g. to see its
+    activations after the recipe's rewrites; each quantizer's own setting comes back afterwards."""
+    quantizers = [m for m in gm.modules() if isinstance(m, FakeQuantize)]
+    saved = [q.enabled for q in quantizers]
+    for q in quantizers:
+        q.enabled = False
+    try:
+        yield
+    finally:
+        for q, enabled in zip(quantizers, saved):
+            q.enabled = enabled
+
+
+@contextlib.contextmanager
 def token_mask(mask: torch.Tensor | None) -> Iterator[None]:
     """Tell observers which tokens are real (``mask[b, s] != 0``) while a batch runs."""
     token = _TOKEN_MASK.set(None if mask is None else mask.bool())

@@ -24,45 +24,49 @@ __all__ = ["HTML_NAME", "JSON_NAME", "build_report", "find_chromium", "render_ht
 def build_report(
     out_dir: str | os.PathLike,
     *,
-    model: torch.nn.Module,
-    qmodel: torch.fx.GraphModule,
     report: Any,
     batches: Sequence[Mapping[str, torch.Tensor]],
     tokenizer: Any = None,
     error_batches: Sequence[Mapping[str, torch.Tensor]] | None = None,
-    quality: Mapping[str, Any] | None = None,
-    speed: Mapping[str, Any] | None = None,
     model_name: str | None = None,
     title: str | None = None,
     progress: bool = False,
     overwrite: bool = False,
 ) -> tuple[pathlib.Path, pathlib.Path]:
-    """Measure and write the audit report of ``qmodel, report = outlierfx.quantize(model, ...)``.
+    """Measure and write the audit report of ``qmodel, report = outlierfx.quantize(model, ...)``,
+    from the graphs the run kept (nothing is captured or re-run):
 
-    - outliers of the captured ``model`` over ``batches`` (use the calibration batches), and
-      after the recipe's rewrite passes (``Recipe.prepare``; none for ``naive``, ``peg``...);
-    - per-tensor quantization error of the fake-quantized ``qmodel`` over ``error_batches``
-      (default ``batches``);
-    - ``quality`` / ``speed`` tables as given.
+    - outliers of the captured graph over ``batches`` (use the calibration batches), and of the
+      final graph with its quantizers off, where the recipe rewrote anything (gamma migration,
+      Quadapter scales folded into norms and weights...);
+    - per-tensor quantization error of the fake-quant graph over ``error_batches`` (default
+      ``batches``);
+    - the run's quality and latency, where measured (``report.with_measurements``).
 
     Returns the paths of ``report.html`` and ``report.json`` in ``out_dir``.
     """
     from ..analysis import analyze_outliers
-    from ..graph import capture
-    from ..passes import PassManager
-    from ..passes.recipes import get_recipe
+    from ..errors import DataError
+    from ..quantizers.observers import quantizers_disabled
     from ..quantizers.qerror import quantization_errors
 
+    if getattr(report, "graphs", None) is None:
+        raise DataError("this report carries no graphs (it was loaded or built by hand); build the audit report "
+                        "from the report outlierfx.quantize() returned")
     batches = list(batches)
-    gm = capture(model, dict(batches[0]))
-    before = analyze_outliers(gm, batches, tokenizer, progress=progress)
-    rewrites = get_recipe(report.recipe).prepare()
+    captured, simulated = report.graphs.captured, report.graphs.simulated
+    before = analyze_outliers(captured, batches, tokenizer, progress=progress)
+    rewrites = [e.pass_name for e in report.audit if e.modified and e.pass_name in REWRITE_PASSES]
     after = None
     if rewrites:
-        rewritten = PassManager(rewrites)(gm).graph_module
-        after = analyze_outliers(rewritten, batches, tokenizer, progress=progress)
-    label = "after " + " + ".join(type(p).__name__ for p in rewrites) if rewrites else "after the recipe's rewrites"
-    errors = quantization_errors(qmodel, list(error_batches) if error_batches is not None else batches)
+        with quantizers_disabled(simulated):
+            after = analyze_outliers(simulated, batches, tokenizer, progress=progress)
+    label = ("after " + " + ".join(rewrites) + " (quantizers off)") if rewrites else "no rewrite before quantization"
+    errors = quantization_errors(simulated, list(error_batches) if error_batches is not None else batches)
     return write_report(out_dir, report=report, outliers_before=before, outliers_after=after, quant_errors=errors,
-                        quality=quality, speed=speed, title=title, model_name=model_name, after_label=label,
-                        overwrite=overwrite)
+                        quality=report.quality, speed=report.latency, title=title, model_name=model_name,
+                        after_label=label, overwrite=overwrite)
+
+
+# Passes that rewrite the float model (the rest place, calibrate, clip or round quantizers).
+REWRITE_PASSES = ("MigrateGamma", "InsertQuadapter", "FoldQuadapter")

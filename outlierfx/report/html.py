@@ -51,7 +51,8 @@ td.num{text-align:right;font-variant-numeric:tabular-nums;font-family:ui-monospa
 .badge{display:inline-block;padding:1px 8px;border-radius:10px;font-size:12px;font-weight:600}
 .ok{background:#e3f9e5;color:#207227}.warn{background:#fff3c4;color:#8d6708}.bad{background:#ffe3e3;color:#a61b1b}
 .muted{color:#627d98}
-pre{background:#f0f4f8;padding:8px;overflow-x:auto;font-size:12px;max-height:420px}
+pre{background:#f0f4f8;padding:8px;white-space:pre-wrap;overflow-wrap:anywhere;font-size:12px;max-height:420px;
+overflow-y:auto}
 img{max-width:100%;border:1px solid #e4e7eb;margin:6px 0}
 details{margin:4px 0}summary{cursor:pointer;color:#2f6fb0}
 code{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:12px}
@@ -214,7 +215,8 @@ def render_html(report: Any, outliers_before: Sequence[TensorOutliers] | None = 
     not_at_target = report.not_at_target()
     sections: list[tuple[str, str, str]] = []  # (id, heading, body)
 
-    cards = [_card("model", model_name or "-"), _card("recipe", report.recipe), _card("bits", report.bits),
+    cards = [_card("model", model_name or "-"), _card("preset", getattr(report, "preset", None) or "-"),
+             _card("recipe", report.recipe), _card("backend", report.backend), _card("bits", report.bits),
              _card("policy", report.policy), _card("passes", len(report.audit)),
              _card("calibration batches", report.calibration_batches),
              _card("calibration s", round(report.calibration_seconds, 2))]
@@ -223,8 +225,14 @@ def render_html(report: Any, outliers_before: Sequence[TensorOutliers] | None = 
         cards += [_card("quantized tensors", len(quant_errors))]
         if finite:
             cards += [_card("worst SQNR dB", round(min(finite), 1))]
+    kept_float = report.kept_float() if hasattr(report, "kept_float") else []
+    cards.append(_card("kept float by the policy", len(kept_float)))
     cards.append(_card("tensors not at target", len(not_at_target)))
-    sections.append(("summary", "Summary", f'<div class="cards">{"".join(cards)}</div>'))
+    why = getattr(report, "why", None)
+    fit = getattr(report, "backend_fit", None)
+    notes = (f"<p><b>Why this recipe:</b> {_e(why)}</p>" if why else "") + (
+        f"<p><b>Backend fit (checked before calibration):</b> {_e(fit.summary())}</p>" if fit is not None else "")
+    sections.append(("summary", "Summary", f'<div class="cards">{"".join(cards)}</div>{notes}'))
 
     body = []
     if quality:
@@ -281,6 +289,10 @@ def render_html(report: Any, outliers_before: Sequence[TensorOutliers] | None = 
                 f"{_e(report.bits)}:</p>" + _table(["tensor", "node", "roles", "kept as", "why"], rows))
     else:
         body = f"<p>Every tensor with a quantization role is quantized at {_e(report.bits)}.</p>"
+    if kept_float:
+        rows = [[r["tensor"], r["roles"], r["why"]] for r in kept_float]
+        body += (f"<h3>Kept float by policy {_e(report.policy)} (by design)</h3>"
+                 + _table(["tensor", "roles", "why"], rows))
     sections.append(("float", "Tensors not at the target width", body))
 
     toc = "".join(f'<li><a href="#{sid}">{_e(heading)}</a></li>' for sid, heading, _ in sections)

@@ -1,0 +1,64 @@
+"""Presets: the recipe to use for a goal on a backend, chosen from what its kernels run.
+
+The backend comes first. ``fast`` (the default of :func:`outlierfx.quantize`) keeps only the
+transforms that survive lowering as whole int8 GEMMs: per-tensor activation grids, scales folded
+into norms and weights, and a first-token grid only on backends whose kernels run those rows in
+int8 at the cost of one small GEMM. ``accurate`` takes the highest-quality recipe measured and
+pays for it in speed. docs/choosing.md gives the measurements behind both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+from .base import Recipe, UnknownRecipeError
+from .papers import paper_recipe
+
+
+class Goal(enum.Enum):
+    FAST = "fast"
+    ACCURATE = "accurate"
+
+
+PRESETS = tuple(g.value for g in Goal)
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    goal: Goal
+    backend: str
+    recipe: Recipe
+    why: str
+
+
+def _first_token_rows_in_int8(backend: str) -> bool:
+    """Whether a Linear whose input keeps a first-token grid stays one int8 GEMM plus a GEMM of
+    batch x n rows on ``backend`` (onednn, and the reference form inductor compiles); the torch.ao
+    engines run it as two full GEMMs."""
+    from ..backends import get_backend
+
+    return get_backend(backend).capabilities.first_token_rows
+
+
+def preset(goal: str | Goal, backend: str) -> Preset:
+    """The preset for ``goal`` (``fast`` or ``accurate``) on ``backend``, with the reason."""
+    try:
+        goal = Goal(goal)
+    except ValueError:
+        raise UnknownRecipeError(f"unknown preset {goal!r}; presets: {', '.join(PRESETS)}") from None
+    if goal is Goal.ACCURATE:
+        return Preset(goal, backend, paper_recipe("smooth-peg+sink"),
+                      "the highest quality measured (Quadapter scales at the norms, K=48 PEG groups on the other "
+                      "Linear inputs, the first token on its own grid, GPTQ): PEG-grouped Linears run as 48 int8 "
+                      "sub-GEMMs, or as float GEMMs on int8 weights where they keep a first-token grid, so it is "
+                      "several times slower than 'fast'")
+    if _first_token_rows_in_int8(backend):
+        return Preset(goal, backend, paper_recipe("smooth-fold+sink"),
+                      f"every Linear is one int8 GEMM on {backend} with its GELU/requantization fused (smooth-fold: "
+                      "scales folded into norms and weights, none left at run time); the first token gets its own "
+                      "grid where it widens a range >= 1.5x, for one batch x 1-row GEMM more on those Linears")
+    return Preset(goal, backend, paper_recipe("smooth-fold"),
+                  f"every Linear is one int8 GEMM on {backend} with its fusions (smooth-fold: scales folded into "
+                  f"norms and weights); {backend} would run a first-token grid as a second full GEMM, so the first "
+                  "token shares the main grid")
