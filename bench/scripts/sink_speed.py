@@ -2,7 +2,8 @@
 interleaved with FP32 eager in one process (no compiled model in the process), and the
 perplexity of the lowered `naive+sink`:
 
-    .venv/bin/python bench/sink_speed.py --model smollm2 --backend onednn --rounds 6
+    .venv/bin/python bench/scripts/sink_speed.py --model smollm2 --backend onednn --rounds 6 \
+        --json bench/results/smollm2/sink-speed.json
 
 What the first-token grid costs at run time, apart from `outlierfx bench speed` (which also
 compiles FP32 with inductor in the same process).

@@ -7,8 +7,10 @@ model's values: enabled alone, a quantizer may then see float values its range n
 SmolLM2 `best+sink` the residual sums alone gave perplexity 31.1, all quantizers 18.8).
 ``--leave-out`` asks instead what each unit costs in the model as it runs.
 
-    .venv/bin/python bench/sensitivity.py --model minilm --recipe best --by quantizer --top 30
-    .venv/bin/python bench/sensitivity.py --model smollm2 --recipe best --by role --windows 8
+    .venv/bin/python bench/scripts/sensitivity.py --model minilm --recipe best --by quantizer --top 30 \
+        --json bench/results/minilm/sensitivity.json
+    .venv/bin/python bench/scripts/sensitivity.py --model smollm2 --recipe best --by role --windows 8 \
+        --json bench/results/smollm2/sensitivity.json
 
 MiniLM: 1 - embedding cosine vs FP32 on 64 held-out paragraphs; SmolLM2: Wikipedia perplexity
 on ``--windows`` x 256 held-out tokens. Calibration as ``outlierfx bench accuracy``.

@@ -4,7 +4,7 @@ Each row times the :class:`~outlierfx.quantizers.backends.QuantizedLinear` our l
 emits, float input quantized inside, float output: what every Linear of a ``linear-inputs``
 model runs. Median of 50 calls after 5 warm-up calls, 2 threads, one process.
 
-    .venv/bin/python bench/int8_gemm.py [--json bench/results-int8-gemm.json]
+    .venv/bin/python bench/scripts/int8_gemm.py [--json bench/results/kernels/int8-gemm.json]
 
 fbgemm/x86 on the two 384-input shapes is bimodal across processes on this machine (about 0.35x
 or 0.8x FP32, stable within one process); onednn (AMX here) stays at 0.13-0.30x.

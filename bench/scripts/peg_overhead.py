@@ -1,6 +1,6 @@
 """Latency of PEG lowering: K channel groups per grouped activation -> K int8 sub-GEMMs.
 
-    .venv/bin/python bench/peg_overhead.py [--json bench/results-minilm-peg-overhead.json]
+    .venv/bin/python bench/scripts/peg_overhead.py [--json bench/results/minilm/peg-overhead.json]
 
 MiniLM, batch 8 x 128, 2 threads, torch.ao x86 engine, median of interleaved rounds; each row
 also carries the embedding cosine vs FP32 (64 held-out Wikipedia paragraphs).

@@ -4,7 +4,7 @@ Naive W8A8 with the ``linear-inputs`` policy (only Linear inputs quantized, so n
 sits inside attention); batch of 8 evaluation Wikipedia paragraphs truncated to 128 tokens;
 2 threads; the variants run interleaved, one forward each per round; median of ROUNDS rounds.
 
-    .venv/bin/python bench/fuse_attention_speed.py [ROUNDS]
+    .venv/bin/python bench/scripts/fuse_attention_speed.py [ROUNDS]
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Load and capture each packaged real model; print load/export/canonicalize times and the error.
 
-    .venv/bin/python bench/capture_models.py [--json PATH]
+    .venv/bin/python bench/scripts/capture_models.py [--json bench/results/<model>/capture.json]
 """
 
 from __future__ import annotations
