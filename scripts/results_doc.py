@@ -1,21 +1,158 @@
-"""Render a `outlierfx bench ... --json` file as a Markdown table: python bench/to_markdown.py FILE"""
+"""Generate docs/results.md from the benchmark JSON under bench/results/.
 
+    python scripts/results_doc.py           # rewrite docs/results.md
+    python scripts/results_doc.py --check   # exit 1 if docs/results.md is not what this writes
+
+Reads every ``bench/results/**/*.json`` in the schema of DESIGN.md ("Benchmarks print a table
+... --json"): ``{"rows": [{"model", "recipe", "bits", "backend", "metrics": {...}}], "env"}``,
+with FP32 as the row whose recipe is ``fp32``. One table per model and result file, each row
+with its metrics and, for perplexities, the ratio to the file's FP32 row. Files in another shape
+(sensitivity sweeps, kernel microbenchmarks) are listed by path. Only the files' contents go
+into the output (no dates, no environment of this run), so ``--check`` is stable across
+machines. Plain Python: no torch, no model loading.
+"""
+
+from __future__ import annotations
+
+import argparse
 import json
 import sys
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+OUTPUT = REPO / "docs" / "results.md"
+
+SIMULATED_BACKEND = "fake-quant"
+# Metrics shown first, in this order; any other metric follows in the order the file has it.
+LEADING_METRICS = ("cosine", "lee50", "ppl_wiki", "ppl_news", "latency_ms", "latency_ratio_vs_fp32",
+                   "size_mb", "size_ratio_vs_fp32")
+# Perplexities get a "vs FP32" column: the file's FP32 row is the reference they are read against.
+RATIO_METRICS = ("ppl_wiki", "ppl_news")
+HEADER_NAMES = {"latency_ratio_vs_fp32": "latency vs FP32", "size_ratio_vs_fp32": "size vs FP32"}
+ENV_KEYS = ("policy", "threads", "rounds", "batch", "seq", "torch")
+
+Row = dict[str, Any]
 
 
-def main(path: str) -> None:
-    rows = json.load(open(path))["rows"]
-    keys = [k for k in rows[0]["metrics"]]
-    extra = [k for k in ("calibration_s",) if any(k in r["metrics"] for r in rows)]
-    print("| recipe | bits | " + " | ".join(keys + extra) + " |")
-    print("|---" * (2 + len(keys) + len(extra)) + "|")
-    for r in rows:
-        m = r["metrics"]
-        cells = [f"{m[k]:.4f}" if m[k] < 1000 else f"{m[k]:.3g}" for k in keys]
-        cells += [f"{m.get(k, ''):}" for k in extra]
-        print(f"| {r['recipe']} | {r['bits']} | " + " | ".join(cells) + " |")
+def is_table(data: Any) -> bool:
+    """Whether a result file follows the DESIGN schema closely enough to tabulate."""
+    rows = data.get("rows") if isinstance(data, dict) else None
+    return bool(rows) and all(
+        isinstance(r, dict) and "recipe" in r and isinstance(r.get("metrics"), dict) for r in rows)
+
+
+def format_value(value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return "" if value is None else str(value)
+    if isinstance(value, int):
+        return str(value)
+    if abs(value) >= 1000:
+        return f"{value:.3g}"
+    return f"{value:.4f}".rstrip("0").rstrip(".") or "0"
+
+
+def metric_columns(rows: list[Row]) -> list[str]:
+    seen: list[str] = []
+    for row in rows:
+        seen += [k for k in row["metrics"] if k not in seen]
+    return [k for k in LEADING_METRICS if k in seen] + [k for k in seen if k not in LEADING_METRICS]
+
+
+def fp32_row(rows: list[Row]) -> Row | None:
+    return next((r for r in rows if r["recipe"] == "fp32"), None)
+
+
+def backend_label(row: Row) -> str:
+    # Script rows written before "backend" joined the schema (peg_grouping.py, quadapter.py) are
+    # all fake quant; a lowered model always names its backend.
+    backend = row.get("backend")
+    return "simulated" if backend in (SIMULATED_BACKEND, None) else str(backend)
+
+
+def render_table(data: dict[str, Any]) -> list[str]:
+    rows: list[Row] = data["rows"]
+    env = data.get("env") if isinstance(data.get("env"), dict) else {}
+    metrics = metric_columns(rows)
+    reference = fp32_row(rows)
+    with_policy = any("policy" in r for r in rows)
+    header = ["recipe", "bits", "backend"] + (["policy"] if with_policy else [])
+    for key in metrics:
+        header.append(HEADER_NAMES.get(key, key))
+        if key in RATIO_METRICS and reference is not None and key in reference["metrics"]:
+            header.append(f"{key} vs FP32")
+    lines = []
+    described = [f"{k} {env[k]}" for k in ENV_KEYS if isinstance(env.get(k), (str, int, float))]
+    if described:
+        lines += [f"Run with: {', '.join(described)}.", ""]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [str(row["recipe"]), str(row.get("bits") or ""), backend_label(row)]
+        if with_policy:
+            cells.append(str(row.get("policy") or ""))
+        for key in metrics:
+            value = row["metrics"].get(key)
+            cells.append(format_value(value))
+            if key in RATIO_METRICS and reference is not None and key in reference["metrics"]:
+                base = reference["metrics"][key]
+                cells.append(format_value(value / base) if isinstance(value, (int, float)) and base else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def render(results: Path | None = None) -> str:
+    results = RESULTS if results is None else results
+    files = sorted(results.rglob("*.json"))
+    lines = [
+        "# Results",
+        "",
+        "<!-- generated by scripts/results_doc.py from bench/results; do not edit -->",
+        "Generated by `scripts/results_doc.py` from `bench/results/`; do not edit. Regenerate with",
+        "`python scripts/results_doc.py` after adding or replacing a result file",
+        "([bench/README.md](../bench/README.md) gives the command behind each file;",
+        "[experiments/](experiments/) says what each measurement was for).",
+        "",
+        "Backend `simulated`: fake-quant (simulated) quantization, a quality estimate, not a",
+        "result on real kernels. Any other backend: the lowered int8 model on real kernels",
+        "(`eager`/`inductor` FP32 rows are the float references). Perplexity ratios are against the",
+        "file's own FP32 row.",
+    ]
+    others: list[str] = []
+    current_model = None
+    for path in files:
+        relative = path.relative_to(results)
+        data = json.loads(path.read_text())
+        if not is_table(data):
+            others.append(f"- `bench/results/{relative.as_posix()}`")
+            continue
+        model = relative.parts[0] if len(relative.parts) > 1 else "other"
+        if model != current_model:
+            lines += ["", f"## {model}"]
+            current_model = model
+        lines += ["", f"### {relative.stem}", "", f"`bench/results/{relative.as_posix()}`", ""]
+        lines += render_table(data)
+    if others:
+        lines += ["", "## Files in another shape", "",
+                  "Not in the table schema (per-quantizer sensitivity, kernel microbenchmarks, "
+                  "sweeps); the experiment docs quote them:", ""] + others
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true",
+                        help="exit 1 when docs/results.md differs from what this script writes")
+    args = parser.parse_args(argv)
+    text = render()
+    if args.check:
+        if not OUTPUT.exists() or OUTPUT.read_text() != text:
+            print(f"{OUTPUT.relative_to(REPO)} is stale: run python scripts/results_doc.py", file=sys.stderr)
+            return 1
+        return 0
+    OUTPUT.write_text(text)
+    return 0
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    sys.exit(main())
