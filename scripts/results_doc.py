@@ -130,7 +130,7 @@ def render(results: Path | None = None) -> str:
         if model != current_model:
             lines += ["", f"## {model}"]
             current_model = model
-        lines += ["", f"### {relative.stem}", "", f"`bench/results/{relative.as_posix()}`", ""]
+        lines += ["", f"### {model}: {relative.stem}", "", f"`bench/results/{relative.as_posix()}`", ""]
         lines += render_table(data)
     if others:
         lines += ["", "## Files in another shape", "",
