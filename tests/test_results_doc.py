@@ -60,3 +60,8 @@ def test_check_fails_on_a_stale_results_doc(tmp_path, monkeypatch):
     (results / "accuracy.json").write_text(json.dumps({"rows": rows}))
     assert generator.main(["--check"]) == 1
 
+
+def test_readme_is_a_short_page_with_the_ci_test_command():
+    readme = (REPO / "README.md").read_text()
+    assert len(readme.splitlines()) <= README_MAX_LINES
+    assert ci_test_command() in readme
