@@ -4,7 +4,8 @@ The same quantized graph twice, compiled with ``compile_int8``: as built, and wi
 Quadapter constant multiply left in front of a quantizer removed (wrong numerics, same kernels
 otherwise). Interleaved medians in one process; the gap is what folding the rest would gain.
 
-    .venv/bin/python bench/scripts/explicit_mul_cost.py [--rounds 10] [--json bench/results/minilm/explicit-mul-cost.json]
+    .venv/bin/python bench/scripts/explicit_mul_cost.py [--rounds 10] \
+        [--json bench/results/minilm/explicit-mul-cost.json]
 """
 
 from __future__ import annotations

@@ -1,8 +1,10 @@
 """Variants of ``best`` under the ``full`` policy (issue 5's setting: every activation quantized,
 static per tensor outside PEG groups), to see whether any part of it is what misses the targets.
 
-    .venv/bin/python bench/scripts/full_policy_variants.py --model minilm --recipes quadapter-peg,best-res96 --json bench/results/minilm/accuracy-full-variants.json
-    .venv/bin/python bench/scripts/full_policy_variants.py --model smollm2 --recipes best-res96+sink --json bench/results/smollm2/accuracy-full-variants.json
+    .venv/bin/python bench/scripts/full_policy_variants.py --model minilm --recipes quadapter-peg,best-res96 \
+        --json bench/results/minilm/accuracy-full-variants.json
+    .venv/bin/python bench/scripts/full_policy_variants.py --model smollm2 --recipes best-res96+sink \
+        --json bench/results/smollm2/accuracy-full-variants.json
 
 Variants (each with MSE-clipped weight rows rounded by GPTQ, as ``best``):
 

@@ -3,7 +3,8 @@ overfit less than QAT? Each method quantizes SmolLM2 from the same ``--train`` p
 (calibration and training data alike) and is evaluated on those paragraphs (train), on held-out
 Wikipedia (in distribution) and on news articles (out of distribution).
 
-    .venv/bin/python bench/scripts/overfitting.py --methods naive,quadapter,smooth,qat --json bench/results/smollm2/overfitting.json
+    .venv/bin/python bench/scripts/overfitting.py --methods naive,quadapter,smooth,qat \
+        --json bench/results/smollm2/overfitting.json
 
 Methods: ``naive`` (PTQ, no training), ``quadapter`` (norm -> Linear scales, block-wise, then
 phase 2 end to end on the LM loss), ``smooth`` (Quadapter scales on every Linear input),

@@ -1,9 +1,11 @@
 """PEG grouping variants on every channel-axis activation: equal groups (the paper), range-sized
 groups (``grouping="range"``), one range per channel, each optionally with the fine stage.
 
-    .venv/bin/python bench/scripts/peg_grouping.py --model minilm --variants equal:24,equal:48,channel,range:24,range:48 \
+    .venv/bin/python bench/scripts/peg_grouping.py --model minilm \
+        --variants equal:24,equal:48,channel,range:24,range:48 \
         --json bench/results/minilm/peg-grouping.json
-    .venv/bin/python bench/scripts/peg_grouping.py --model smollm2 --windows 8 --variants equal:48,channel,range:24,range:48,range:96 \
+    .venv/bin/python bench/scripts/peg_grouping.py --model smollm2 --windows 8 \
+        --variants equal:48,channel,range:24,range:48,range:96 \
         --json bench/results/smollm2/peg-grouping.json
     .venv/bin/python bench/scripts/peg_grouping.py --model minilm --variants range:24+lsq,channel+lsq
 

@@ -1,8 +1,10 @@
 """Quadapter accuracy on the packaged models: recipes x bit widths, FP32 reference.
 
-    .venv/bin/python bench/scripts/quadapter.py --model minilm --bits W8A8 --recipes naive,quadapter:identity,quadapter:smoothquant \
+    .venv/bin/python bench/scripts/quadapter.py --model minilm --bits W8A8 \
+        --recipes naive,quadapter:identity,quadapter:smoothquant \
         --json bench/results/minilm/quadapter.json
-    .venv/bin/python bench/scripts/quadapter.py --model smollm2 --bits W8A8 --recipes quadapter:identity --max-steps 40 \
+    .venv/bin/python bench/scripts/quadapter.py --model smollm2 --bits W8A8 --recipes quadapter:identity \
+        --max-steps 40 \
         --json bench/results/smollm2/quadapter.json
 
 A recipe ``quadapter:<init>`` / ``os+quadapter:<init>`` trains with that init and with the weight

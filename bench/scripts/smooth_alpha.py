@@ -1,7 +1,8 @@
 """The SmoothQuant alpha of ``smooth``'s initial scales, and which sites get them (MiniLM,
 W8A8, linear-inputs, MSE weight rows, no training: the init alone).
 
-    .venv/bin/python bench/scripts/smooth_alpha.py --alphas 0.5,0.7,0.8,0.9,1.0 --json bench/results/minilm/smooth-alpha.json
+    .venv/bin/python bench/scripts/smooth_alpha.py --alphas 0.5,0.7,0.8,0.9,1.0 \
+        --json bench/results/minilm/smooth-alpha.json
 
 Each row: embedding cosine vs FP32 on 64 held-out paragraphs, with scales at every Linear input
 (``explicit``) and at the norm -> Linear edges only.
