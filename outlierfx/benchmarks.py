@@ -15,6 +15,7 @@ from .api import quantize
 from .evaluate import DecoderEval, EncoderEval
 from .models import load
 from .quantizers.policy import parse_bits
+from .recipes import Recipe
 
 # decoders: passages of >= 200 words fill most 256-token windows (one paragraph each held 111
 # SmolLM2 tokens on average: 3,565 real tokens in 32 windows)
@@ -37,8 +38,11 @@ def load_with_calibration(model_name: str):  # -> (LoadedModel, batches)
     return loaded, calibration_batches(loaded, **CALIBRATION[loaded.kind])
 
 
-def accuracy(model_name: str, bits: Sequence[str], recipes: Sequence[str], policy: str | None = None,
-             progress: bool = True) -> dict[str, Any]:
+def accuracy(model_name: str, bits: Sequence[str], recipes: Sequence[str | Recipe], policy: str | None = None,
+             backend: str | None = None, progress: bool = True) -> dict[str, Any]:
+    """Quality of each recipe (a name, a preset, or a :class:`~outlierfx.recipes.Recipe`) at each
+    bit width against FP32; simulated unless ``backend`` is given (presets: lowered to this CPU's
+    best backend unless ``backend="fake-quant"``)."""
     loaded, batches = load_with_calibration(model_name)
     evaluator = EncoderEval.build(loaded) if loaded.kind == "encoder" else DecoderEval.build(loaded)
     model = loaded.model.eval()
@@ -50,12 +54,15 @@ def accuracy(model_name: str, bits: Sequence[str], recipes: Sequence[str], polic
     for width in bits:
         for recipe in recipes:
             start = time.perf_counter()
-            qmodel, report = quantize(model, batches, recipe=recipe, bits=width, policy=policy, progress=False)
+            qmodel, report = quantize(model, batches, recipe=recipe, bits=width, policy=policy, backend=backend,
+                                      progress=False)
             metrics = evaluator.metrics(qmodel, reference)
             metrics["calibration_s"] = round(report.calibration_seconds, 2)
             metrics["quantize_s"] = round(time.perf_counter() - start, 2)
-            row = {"model": model_name, "recipe": recipe, "bits": str(parse_bits(width)), "backend": "fake-quant",
-                   "policy": report.policy, "metrics": metrics}
+            row = {"model": model_name, "recipe": report.recipe, "bits": str(parse_bits(width)),
+                   "backend": report.backend, "policy": report.policy, "metrics": metrics}
+            if report.preset:
+                row["preset"] = report.preset
             rows.append(row)
             if progress:
                 print(_format_row(row), flush=True)

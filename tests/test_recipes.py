@@ -52,7 +52,7 @@ def test_sink_applies_once_and_chained_suffixes_still_work():
         get_recipe("naive+sink+sink")
     chained = get_recipe("os+lsq+gptq")
     assert [s.name for s in chained.finish] == ["ClipTokenwise", "LearnRanges", "GPTQ"]
-    with pytest.raises(UnknownRecipeError, match="unknown recipe 'nope'"):
+    with pytest.raises(UnknownRecipeError, match="unknown recipe 'nope\\+gptq'"):
         get_recipe("nope+gptq")
 
 
@@ -123,7 +123,8 @@ def test_quantize_with_no_recipe_lowers_the_fast_preset_and_says_why():
     backend = default_backend()
     assert report.preset == "fast" and report.backend == backend
     assert report.recipe == preset("fast", backend).recipe.name and report.why == preset("fast", backend).why
-    assert report.backend_fit.whole_int8 and report.backend_fit.linears == 6
+    assert report.backend_fit.whole_int8
+    assert report.backend_fit.linears == sum(isinstance(m, torch.nn.Linear) for m in g.model.modules())
     assert report.audit.entries[-1].pass_name == "Lower" and "preset fast" in report.headline()
     with torch.no_grad():
         ref, out = g.model(**g.inputs).last_hidden_state, qmodel(**g.inputs).last_hidden_state
