@@ -173,7 +173,7 @@ def quantize(
                                 why=chosen_preset.why if chosen_preset else None, backend_fit=fits[0] if fits else None, run_id=run_id,
                                 graphs=RunGraphs(gm, run.graph_module))
     if target is not None:
-        return lower(run.graph_module, report, target)
+        return lower(run.graph_module, report, target, progress=progress)
     return QuantizationResult(run.graph_module, report)
 
 
@@ -187,8 +187,8 @@ def _checked_batches(calibration: Iterable[Mapping[str, torch.Tensor]]) -> list[
     return batches
 
 
-def lower(qmodel: torch.fx.GraphModule, report: QuantizationReport, backend: str | None = None
-          ) -> QuantizationResult:
+def lower(qmodel: torch.fx.GraphModule, report: QuantizationReport, backend: str | None = None, *,
+          progress: bool = False) -> QuantizationResult:
     """Lower a fake-quant model from :func:`quantize` to ``backend`` (default: this CPU's best);
     the report gains the ``FuseAttention`` pass (attention chains with no quantizer inside become
     one fused kernel) and the ``Lower`` pass (which Linears run in int8, which fall back to
@@ -200,7 +200,7 @@ def lower(qmodel: torch.fx.GraphModule, report: QuantizationReport, backend: str
         raise DataError(f"this report (recipe {report.recipe!r}) was not made with this model; pass the report "
                         f"quantize() returned together with it: qmodel, report = quantize(...); lower(qmodel, report)")
     backend = check_backend(backend or default_backend())
-    lowered = PassManager([FuseAttention(), Lower(backend)])(qmodel)
+    lowered = PassManager([FuseAttention(), Lower(backend)], progress=progress)(qmodel)
     audit = AuditTrail(report.audit.entries + lowered.audit.entries)
     model: torch.nn.Module = lowered.graph_module
     if backend == "inductor":

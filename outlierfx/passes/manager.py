@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 import torch.fx
+from tqdm.auto import tqdm
 
 from ..errors import DataError, PassError
 from ..graph import meta
@@ -39,6 +40,8 @@ class PassManager:
         check_outputs: run the graph before and after each pass on ``sample_inputs`` and record
             the error; a pass that declares ``output_rel_tol`` fails if it exceeds it.
         sample_inputs: ``(args, kwargs)``; defaults to the inputs the graph was captured with.
+        progress: a status bar that names the pass running (calibration, GPTQ, conversion and
+            lowering take from seconds to minutes on a real model).
 
     Any failure raises :class:`PassError` naming the pass and the passes that ran before it.
     """
@@ -49,10 +52,12 @@ class PassManager:
         *,
         check_outputs: bool = True,
         sample_inputs: tuple[tuple[Any, ...], dict[str, Any]] | None = None,
+        progress: bool = False,
     ) -> None:
         self.passes = list(passes)
         self.check_outputs = check_outputs
         self.sample_inputs = sample_inputs
+        self.progress = progress
 
     def __call__(self, gm: torch.fx.GraphModule) -> PipelineResult:
         inputs = self.sample_inputs or gm.meta.get(meta.GM_EXAMPLE_INPUTS)
@@ -62,8 +67,11 @@ class PassManager:
         previous_out = reference
         audit = AuditTrail()
         done: list[str] = []
+        status = tqdm(total=len(self.passes), disable=not self.progress, leave=False, unit="pass",
+                      bar_format="{desc} [pass {n_fmt}/{total_fmt}, {elapsed}]")
         for p in self.passes:
             name = getattr(p, "name", None) or type(p).__name__
+            status.set_description_str(name)
             context = f"pass {name} (after {', '.join(done) if done else 'no earlier passes'})"
             start = time.perf_counter()
             try:
@@ -106,6 +114,8 @@ class PassManager:
             )
             gm = new
             done.append(name)
+            status.update()
+        status.close()
         return PipelineResult(gm, audit)
 
     @staticmethod

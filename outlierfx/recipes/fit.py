@@ -39,24 +39,26 @@ class BackendFit:
 
 def backend_fit(gm: torch.fx.GraphModule, backend: str, weight: QuantSpec | None) -> BackendFit:
     """What ``backend`` will make of each Linear of ``gm`` (observers in, not yet calibrated)."""
-    from ..backends import get_backend
+    from ..backends import FirstTokens, KernelKind, get_backend
 
     chosen = get_backend(backend)
     whole, others = 0, Counter()
     linears = [n for n in gm.graph.nodes if op_kind(n) is OpKind.LINEAR]
     for linear in linears:
-        kernel = chosen.linear_kernel(_input_spec(gm, linear), weight)
-        if kernel.whole_int8_gemm:
+        readers = list(linear.users)
+        output = _observer_spec(gm, readers[0]) if len(readers) == 1 else None
+        kernel = chosen.linear_kernel(_observer_spec(gm, linear.args[0]), weight, output)
+        # a first-token grid the torch.ao engines run as a second full GEMM doubles the cost
+        if kernel.kind is KernelKind.INT8_GEMM and kernel.first_tokens is not FirstTokens.TWO_GEMMS:
             whole += 1
         else:
             others[kernel.describe()] += 1
     return BackendFit(backend, len(linears), whole, tuple(sorted(others.items())))
 
 
-def _input_spec(gm: torch.fx.GraphModule, linear: torch.fx.Node) -> QuantSpec | None:
-    source = linear.args[0]
-    if isinstance(source, torch.fx.Node) and source.op == "call_module":
-        module = gm.get_submodule(str(source.target))
+def _observer_spec(gm: torch.fx.GraphModule, node: object) -> QuantSpec | None:
+    if isinstance(node, torch.fx.Node) and node.op == "call_module":
+        module = gm.get_submodule(str(node.target))
         if isinstance(module, Observer):
             return module.spec
     return None

@@ -33,12 +33,12 @@ class Preset:
 
 
 def _first_token_rows_in_int8(backend: str) -> bool:
-    """Whether a Linear whose input keeps a first-token grid stays one int8 GEMM plus a GEMM of
-    batch x n rows on ``backend`` (onednn, and the reference form inductor compiles); the torch.ao
-    engines run it as two full GEMMs."""
-    from ..backends import get_backend
+    """Whether a Linear whose input keeps a first-token grid stays one int8 GEMM (plus at most a
+    GEMM of batch x n rows) on ``backend``: onednn, and the reference form inductor compiles; the
+    torch.ao engines run it as two full GEMMs, and a backend without the capability in float."""
+    from ..backends import FirstTokens, get_backend
 
-    return get_backend(backend).capabilities.first_token_rows
+    return get_backend(backend).capabilities.first_token_rows not in (FirstTokens.NONE, FirstTokens.TWO_GEMMS)
 
 
 def preset(goal: str | Goal, backend: str) -> Preset:

@@ -39,12 +39,12 @@ def run_recipe(gm: torch.fx.GraphModule, recipe: Recipe, policy: QuantPolicy,
     backend will not run as whole int8 GEMMs); it may raise to stop the run early."""
     context = RunContext(batches, policy, progress)
     prepared = PassManager([*recipe.build(Stage.PREPARE, context), InsertObservers(policy),
-                            *recipe.build(Stage.OBSERVE, context)])(gm)
+                            *recipe.build(Stage.OBSERVE, context)], progress=progress)(gm)
     placement = next(e.plan for e in prepared.audit.entries if isinstance(e.plan, InsertObserversPlan))
     if before_calibration is not None:
         before_calibration(prepared.graph_module, placement)
     calibration = Calibrate(batches, progress=progress)
     finished = PassManager([calibration, *recipe.build(Stage.FINISH, context),
-                            ConvertToFakeQuant(policy.weight, policy.embedding)])(prepared.graph_module)
+                            ConvertToFakeQuant(policy.weight, policy.embedding)], progress=progress)(prepared.graph_module)
     audit = AuditTrail(prepared.audit.entries + finished.audit.entries)
     return RecipeRun(finished.graph_module, audit, placement, calibration.seconds)
