@@ -29,39 +29,69 @@ import dataclasses
 
 from outlierfx import benchmarks
 from outlierfx.graph.roles import Role
-from outlierfx.passes import recipes
 from outlierfx.passes.clip_tokenwise import ClipTokenwise
 from outlierfx.passes.group_channels import CHANNEL_ROLES, GroupChannels
-from outlierfx.passes.migrate_gamma import MigrateGamma
+from outlierfx.quantizers.spec import Estimator
+from outlierfx.recipes import (FINE_SUFFIX, GPTQ_SUFFIX, RECIPES, SINK_SUFFIX, Need, Recipe, Step, step,
+                               with_fine_stage, with_gptq, with_sink_token)
+from outlierfx.recipes.papers import MIGRATE, gptq_step, quadapter_steps
 
 RESIDUAL = frozenset({Role.RESIDUAL_SUM, Role.EMBEDDING_SUM})
+PEG24 = step(GroupChannels, groups=24, roles=CHANNEL_ROLES, grouping="range")
+# ClipTokenwise's coarse stage only: one alpha for every quantizer
+GLOBAL_CLIP = step(ClipTokenwise, {"batches": Need.BATCHES, "progress": Need.PROGRESS}, per_block=False)
 
 
-def _best_with(name: str, observe) -> recipes.Recipe:  # type: ignore[no-untyped-def]
-    return recipes.with_gptq(dataclasses.replace(recipes.RECIPES["best"], name=name, observe=observe), name=name)
+def _best_with(name: str, groups: str, *observe: Step) -> Recipe:
+    """``best`` (its MSE weight rows and GPTQ kept) with other PEG groups."""
+    return dataclasses.replace(RECIPES["best"], name=name, observe=observe, description=f"best with {groups}")
 
 
-def _residual_groups(groups: int | None):  # type: ignore[no-untyped-def]
-    return lambda: [GroupChannels(groups=groups, roles=RESIDUAL, grouping="range" if groups else "equal"),
-                    GroupChannels(groups=24, roles=CHANNEL_ROLES, grouping="range")]
+class GroupResidualChannels(GroupChannels):
+    """GroupChannels under a name of its own: a recipe runs each pass type once, and these variants group
+    the residual stream before (so apart from) the other channel-axis activations."""
 
 
-def _global_clip(batches, _policy, progress=False):  # type: ignore[no-untyped-def]
-    return [ClipTokenwise(batches, per_block=False, progress=progress)]
+def _residual_groups(groups: int | None) -> tuple[Step, Step]:
+    """``groups`` range-sized groups (None: one per channel) on the residual and embedding sums, K=24 elsewhere
+    (GroupChannels leaves alone the observers an earlier grouping took)."""
+    return (step(GroupResidualChannels, groups=groups, roles=RESIDUAL, grouping="range" if groups else "equal"),
+            PEG24)
 
 
-VARIANTS = {
-    "quadapter-peg": dataclasses.replace(recipes._smooth_family(
-        "quadapter-peg", "Quadapter at norm -> Linear edges, K=24 PEG on every other channel-axis activation",
-        observe=lambda: [GroupChannels(groups=24, roles=CHANNEL_ROLES, grouping="range",
-                                       exclude_roles=frozenset({Role.NORM_OUTPUT}))]), default_policy="full"),
-    "best-res96": _best_with("best-res96", _residual_groups(96)),
-    "best-res-channel": _best_with("best-res-channel", _residual_groups(None)),
-    "best-k48": _best_with("best-k48", lambda: [GroupChannels(groups=48, roles=CHANNEL_ROLES, grouping="range")]),
-    "migrate": recipes.Recipe("migrate", "gamma migration alone", prepare=lambda: [MigrateGamma()]),
-    "os-global": dataclasses.replace(recipes.RECIPES["os"], name="os-global", finish=_global_clip),
-    "os+peg-global": dataclasses.replace(recipes.RECIPES["os+peg"], name="os+peg-global", finish=_global_clip),
-}
+def _global_clip(base: str, name: str) -> Recipe:
+    recipe = RECIPES[base]
+    return dataclasses.replace(recipe, name=name, description=f"{recipe.description}, coarse stage only",
+                               finish=(GLOBAL_CLIP,))
+
+
+VARIANTS = {r.name: r for r in (
+    # as smooth-peg (Quadapter scales with the SmoothQuant init, alpha=0.8, MSE weight rows, GPTQ), K=24 PEG
+    Recipe("quadapter-peg", "Quadapter at norm -> Linear edges, K=24 PEG on every other channel-axis activation",
+           observe=(step(GroupChannels, groups=24, roles=CHANNEL_ROLES, grouping="range",
+                         exclude_roles=frozenset({Role.NORM_OUTPUT})),),
+           finish=(*quadapter_steps(init="smoothquant", alpha=0.8), gptq_step()), weight_estimator=Estimator.MSE),
+    _best_with("best-res96", "K=96 on the residual and embedding sums", *_residual_groups(96)),
+    _best_with("best-res-channel", "a range per channel on the residual and embedding sums", *_residual_groups(None)),
+    _best_with("best-k48", "K=48 everywhere", step(GroupChannels, groups=48, roles=CHANNEL_ROLES, grouping="range")),
+    Recipe("migrate", "gamma migration alone", prepare=(MIGRATE,)),
+    _global_clip("os", "os-global"),
+    _global_clip("os+peg", "os+peg-global"),
+)}
+SUFFIXES = {FINE_SUFFIX: with_fine_stage, GPTQ_SUFFIX: with_gptq, SINK_SUFFIX: with_sink_token}
+
+
+def variant(name: str) -> Recipe | str:
+    """A variant with suffixes applied left to right (``best-res96+sink``), else ``name`` as given (a
+    registered recipe or preset, which :func:`outlierfx.benchmarks.accuracy` resolves)."""
+    if name in VARIANTS:
+        return VARIANTS[name]
+    for suffix, add in SUFFIXES.items():
+        if name.endswith(suffix) and len(name) > len(suffix):
+            base = variant(name[: -len(suffix)])
+            if isinstance(base, Recipe):
+                return add(base, name=name)
+    return name
 
 
 def main() -> None:
@@ -71,8 +101,7 @@ def main() -> None:
     parser.add_argument("--bits", nargs="+", default=["W8A8"])
     parser.add_argument("--json")
     args = parser.parse_args()
-    recipes.RECIPES.update(VARIANTS)
-    result = benchmarks.accuracy(args.model, args.bits, args.recipes.split(","), policy="full")
+    result = benchmarks.accuracy(args.model, args.bits, [variant(n) for n in args.recipes.split(",")], policy="full")
     benchmarks.print_table(result)
     if args.json:
         benchmarks.write_json(result, args.json)

@@ -28,8 +28,8 @@ from outlierfx.api import quantize
 from outlierfx.evaluate import DecoderEval
 from outlierfx.models import load
 from outlierfx.passes.qat import QAT
-from outlierfx.passes.recipes import RECIPES, Recipe, quadapter_recipe
 from outlierfx.passes.training import lm_loss
+from outlierfx.recipes import RECIPES, Need, Recipe, quadapter_recipe, step
 
 
 def train_perplexity(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]]) -> float:
@@ -44,17 +44,16 @@ def train_perplexity(model: torch.nn.Module, batches: list[dict[str, torch.Tenso
 
 
 def methods(args: argparse.Namespace) -> dict[str, Recipe]:
-    def qat(batches, policy, progress=False):  # type: ignore[no-untyped-def]
-        return [QAT(batches, policy.weight, policy.embedding, epochs=args.qat_epochs, lr=args.qat_lr,
-                    progress=progress)]
-
+    qat = step(QAT, {"batches": Need.BATCHES, "weight_spec": Need.QUANTIZED_WEIGHTS,
+                     "embedding_spec": Need.EMBEDDING_SPEC, "progress": Need.PROGRESS},
+               epochs=args.qat_epochs, lr=args.qat_lr)
     block = {"max_steps": args.block_steps, "max_batches": len(range(0, args.train, args.batch)),
              "end_to_end_steps": args.phase2_steps, "end_to_end_lr": args.phase2_lr}
     return {
         "naive": RECIPES["naive"],
         "quadapter": quadapter_recipe("quadapter", init="smoothquant", alpha=0.8, **block),
         "smooth": quadapter_recipe("smooth", explicit=True, init="smoothquant", alpha=0.8, **block),
-        "qat": Recipe("qat", "QAT", finish=qat),
+        "qat": Recipe("qat", "QAT", finish=(qat,)),
         "os": RECIPES["os"],
     }
 
@@ -85,9 +84,8 @@ def main() -> None:
     print(json.dumps(rows[-1]), flush=True)
     recipes = methods(args)
     for name in args.methods.split(","):
-        RECIPES[f"overfitting-{name}"] = recipes[name]
         start = time.perf_counter()
-        qmodel, report = quantize(model, batches, recipe=f"overfitting-{name}", bits=args.bits, policy=args.policy,
+        qmodel, report = quantize(model, batches, recipe=recipes[name], bits=args.bits, policy=args.policy,
                                   progress=True)
         seconds = time.perf_counter() - start
         trainers = [e.plan for e in report.audit if e.pass_name in ("QAT", "TrainQuadapter")]

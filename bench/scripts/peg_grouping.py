@@ -26,7 +26,7 @@ from outlierfx.api import quantize
 from outlierfx.benchmarks import load_with_calibration
 from outlierfx.evaluate import DecoderEval, EncoderEval
 from outlierfx.passes.group_channels import CHANNEL_ROLES, GroupChannels
-from outlierfx.passes.recipes import FINE_SUFFIX, RECIPES, Recipe, with_fine_stage
+from outlierfx.recipes import FINE_SUFFIX, Recipe, step, with_fine_stage
 
 
 def variant_recipe(variant: str) -> Recipe:
@@ -34,12 +34,12 @@ def variant_recipe(variant: str) -> Recipe:
     base = variant.removesuffix(FINE_SUFFIX)
     grouping, _, k = base.partition(":")
     if grouping == "channel":
-        make = lambda: [GroupChannels(groups=None, roles=CHANNEL_ROLES)]
+        peg = step(GroupChannels, groups=None, roles=CHANNEL_ROLES)
     elif grouping in ("equal", "range") and k.isdigit():
-        make = lambda: [GroupChannels(groups=int(k), roles=CHANNEL_ROLES, grouping=grouping)]
+        peg = step(GroupChannels, groups=int(k), roles=CHANNEL_ROLES, grouping=grouping)
     else:
         raise SystemExit(f"unknown variant {variant!r}: use equal:K, range:K or channel, optionally +lsq")
-    recipe = Recipe(variant, f"PEG {base} on every channel-axis activation", observe=make)
+    recipe = Recipe(variant, f"PEG {base} on every channel-axis activation", observe=(peg,))
     return with_fine_stage(recipe, name=variant) if variant.endswith(FINE_SUFFIX) else recipe
 
 
@@ -63,9 +63,8 @@ def main() -> None:
     rows = [{"model": args.model, "recipe": "fp32", "bits": "FP32", "metrics": metrics(model)}]
     print(json.dumps(rows[-1]), flush=True)
     for variant in args.variants.split(","):
-        RECIPES[variant] = variant_recipe(variant)
         start = time.perf_counter()
-        qmodel, _ = quantize(model, batches, recipe=variant, bits=args.bits, progress=False)
+        qmodel, _ = quantize(model, batches, recipe=variant_recipe(variant), bits=args.bits, progress=False)
         row = {"model": args.model, "recipe": variant, "bits": args.bits,
                "metrics": {**metrics(qmodel), "quantize_s": round(time.perf_counter() - start, 1)}}
         rows.append(row)

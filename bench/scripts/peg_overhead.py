@@ -17,7 +17,7 @@ from outlierfx.evaluate import EncoderEval
 from outlierfx.models import load
 from outlierfx.passes.group_channels import GroupChannels
 from outlierfx.passes.lower import Lower
-from outlierfx.passes.recipes import RECIPES, Recipe
+from outlierfx.recipes import Recipe, step
 from outlierfx.speed import interleaved_medians, speed_inputs
 
 
@@ -37,8 +37,8 @@ def main() -> None:
     models["naive (per-tensor)"] = outlierfx.quantize(loaded.model, batches, recipe="naive", backend="x86",
                                                        progress=False).model
     for k in (int(g) for g in args.groups.split(",")):
-        RECIPES[f"peg{k}"] = Recipe(f"peg{k}", f"PEG K={k}", observe=lambda k=k: [GroupChannels(groups=k)])
-        fake = outlierfx.quantize(loaded.model, batches, recipe=f"peg{k}", progress=False).model
+        peg = Recipe(f"peg{k}", f"PEG K={k}", observe=(step(GroupChannels, groups=k),))
+        fake = outlierfx.quantize(loaded.model, batches, recipe=peg, progress=False).model
         models[f"peg K={k}"] = Lower("x86", max_sub_gemms=k)(fake).graph_module  # sub-GEMMs whatever the default
     medians = interleaved_medians(models, inputs, args.rounds)
     base, naive = medians["fp32"], medians["naive (per-tensor)"]
@@ -47,13 +47,16 @@ def main() -> None:
         latency = medians[name]
         cosine = evaluator.metrics(model, reference)["cosine"]
         rows.append({"model": "minilm", "recipe": name, "backend": "eager" if name == "fp32" else "x86",
-                     "metrics": {"latency_ms": round(latency * 1000, 2), "latency_ratio_vs_fp32": round(latency / base, 3),
-                                 "latency_ratio_vs_per_tensor": round(latency / naive, 3), "cosine": round(cosine, 4)}})
+                     "metrics": {"latency_ms": round(latency * 1000, 2),
+                                 "latency_ratio_vs_fp32": round(latency / base, 3),
+                                 "latency_ratio_vs_per_tensor": round(latency / naive, 3),
+                                 "cosine": round(cosine, 4)}})
         print(f"{name:20} {latency * 1000:8.1f} ms  x{latency / base:.3f} of FP32  x{latency / naive:.3f} of per-tensor"
               f"  cosine {cosine:.4f}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"rows": rows, "env": {"torch": torch.__version__, "threads": 2, "batch": 8, "seq": 128}}, f, indent=2)
+            json.dump({"rows": rows, "env": {"torch": torch.__version__, "threads": 2, "batch": 8, "seq": 128}}, f,
+                      indent=2)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import torch
 from outlierfx.api import quantize
 from outlierfx.benchmarks import load_with_calibration
 from outlierfx.evaluate import DecoderEval, EncoderEval
-from outlierfx.passes.recipes import RECIPES, quadapter_recipe
+from outlierfx.recipes import quadapter_recipe
 
 
 def main() -> None:
@@ -40,7 +40,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     loaded, batches = load_with_calibration(args.model)
-    evaluator = EncoderEval.build(loaded) if loaded.kind == "encoder" else DecoderEval.build(loaded, windows=args.windows)
+    evaluator = (EncoderEval.build(loaded) if loaded.kind == "encoder"
+                 else DecoderEval.build(loaded, windows=args.windows))
     model = loaded.model.eval()
     reference = evaluator.embeddings(model) if loaded.kind == "encoder" else None
     rows = []
@@ -52,10 +53,9 @@ def main() -> None:
             recipe = name
             if ":" in name:
                 base, init = name.split(":")
-                recipe = name  # trains with the policy's weight bits (quantize passes the policy on)
-                RECIPES[recipe] = quadapter_recipe(recipe, os=base.startswith("os+"), init=init,
-                                                   max_steps=args.max_steps, max_batches=args.max_batches,
-                                                   lr=args.lr, progress=False)
+                # trains with the policy's weight spec and quantize's progress setting (off)
+                recipe = quadapter_recipe(name, os=base.startswith("os+"), init=init, max_steps=args.max_steps,
+                                          max_batches=args.max_batches, lr=args.lr)
             start = time.perf_counter()
             qmodel, report = quantize(model, batches, recipe=recipe, bits=bits, progress=False)
             seconds = time.perf_counter() - start
@@ -71,7 +71,8 @@ def main() -> None:
             print(json.dumps(rows[-1]), flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"rows": rows, "env": {"torch": torch.__version__, "threads": 1, "args": vars(args)}}, f, indent=2)
+            json.dump({"rows": rows, "env": {"torch": torch.__version__, "threads": 1, "args": vars(args)}}, f,
+                      indent=2)
 
 
 if __name__ == "__main__":

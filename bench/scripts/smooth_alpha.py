@@ -19,8 +19,8 @@ import torch
 from outlierfx.api import quantize
 from outlierfx.benchmarks import load_with_calibration
 from outlierfx.evaluate import EncoderEval
-from outlierfx.passes.recipes import RECIPES, quadapter_recipe
 from outlierfx.quantizers.spec import Estimator
+from outlierfx.recipes import quadapter_recipe
 
 
 def main() -> None:
@@ -36,11 +36,10 @@ def main() -> None:
     rows = []
     for alpha in (float(a) for a in args.alphas.split(",")):
         for explicit in (True, False):
-            recipe = quadapter_recipe("smooth-alpha", explicit=explicit, init="smoothquant", alpha=alpha,
-                                      max_steps=args.steps, progress=False)
-            RECIPES["smooth-alpha"] = dataclasses.replace(recipe, default_policy="linear-inputs",
-                                                          weight_estimator=Estimator.MSE)
-            qmodel, _ = quantize(model, batches, recipe="smooth-alpha", bits="W8A8", progress=False)
+            recipe = dataclasses.replace(quadapter_recipe("smooth-alpha", explicit=explicit, init="smoothquant",
+                                                          alpha=alpha, max_steps=args.steps),
+                                         default_policy="linear-inputs", weight_estimator=Estimator.MSE)
+            qmodel, _ = quantize(model, batches, recipe=recipe, bits="W8A8", progress=False)
             cosine = float(torch.nn.functional.cosine_similarity(evaluator.embeddings(qmodel), reference).mean())
             rows.append({"alpha": alpha, "sites": "every Linear input" if explicit else "norm -> Linear",
                          "cosine": round(cosine, 4)})
