@@ -88,6 +88,12 @@ class Step:
     settings: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     supply: Mapping[str, Need] = dataclasses.field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        both = sorted(set(self.settings) & set(self.supply))
+        if both:
+            raise RecipeError(f"{self.pass_type.__name__}: {', '.join(both)} is supplied by the runner at run time; "
+                              f"do not set it in the recipe")
+
     @property
     def name(self) -> str:
         return self.pass_type.__name__
