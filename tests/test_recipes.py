@@ -65,6 +65,13 @@ def test_a_pass_in_the_wrong_stage_or_before_what_it_builds_on_is_refused():
         Recipe("bad", "test", finish=(ClipTokenwise,))
 
 
+def test_a_setting_the_runner_supplies_is_refused_in_the_recipe():
+    from outlierfx.recipes import quadapter_recipe
+
+    with pytest.raises(RecipeError, match="TrainQuadapter: progress is supplied by the runner"):
+        quadapter_recipe("q", progress=False)
+
+
 def test_the_runner_hands_data_to_the_passes_that_need_it():
     batches = [{"input_ids": torch.ones(1, 4, dtype=torch.long)}]
     built = CLIP.build(RunContext(batches, make_policy("full"), progress=True))
