@@ -31,12 +31,12 @@ import torch.fx
 from ..graph import meta
 from ..graph.attrs import fetch_attr, is_shared_attr, replace_input_tensor
 from ..graph.copy import copy_graph_module
+from ..graph.ops import has_stored_weight
 from ..quantizers.fake_quant import quantize_weight
 from ..quantizers.observers import observation_paused
 from ..quantizers.spec import Granularity, QuantSpec
 from .base import GraphPass, require_calibrated_observers
 from .convert_fake_quant import ConvertToFakeQuant
-from .quadapter import has_stored_weight
 from .training import Batch
 
 

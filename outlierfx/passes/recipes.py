@@ -63,7 +63,9 @@ from .group_channels import CHANNEL_ROLES, GroupChannels
 from .learn_ranges import LearnRanges
 from .migrate_gamma import MigrateGamma
 from .qat import QAT
-from .quadapter import FoldQuadapter, InsertQuadapter, TrainQuadapter
+from .fold_quadapter import FoldQuadapter
+from .quadapter import InsertQuadapter
+from .train_quadapter import TrainQuadapter
 
 Batches = Sequence[Mapping[str, torch.Tensor]]
 FINE_SUFFIX = "+lsq"
