@@ -16,7 +16,7 @@ weights that already lie on their grids, each row keeping a code at +-qmax so th
 conversion (and lowering, which reads scales back by min-max) finds the same scale and changes
 nothing. Biases, embedding tables and tied weights (an LM head sharing the embedding table) are
 left alone. Run it after calibration and after any pass that rewrites weights (e.g.
-:class:`FoldQuadapter`), before conversion.
+:class:`~outlierfx.passes.fold_quadapter.FoldQuadapter`), before conversion.
 """
 
 from __future__ import annotations
