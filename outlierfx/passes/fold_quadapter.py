@@ -20,6 +20,7 @@ from .detect_norms import _affine_params
 from .quadapter import NAME, SCALE_PREFIX, ScaleSite, inserted_sites
 from .scale_upstream import row_scalable_linear, scale_rows, verify_row_folds
 
+
 @dataclasses.dataclass(frozen=True)
 class FoldQuadapterPlan:
     folded: tuple[tuple[str, str, int], ...]  # (scale attribute, norm module path, linears)
@@ -147,5 +148,3 @@ class FoldQuadapter(GraphPass[FoldQuadapterPlan]):
             replace_input_tensor(gm, norm, beta, fetch_attr(gm, str(beta.target)).detach() * scale, "_quadapter")
         site.input_mul.replace_all_uses_with(site.operand)
         gm.graph.erase_node(site.input_mul)
-
-

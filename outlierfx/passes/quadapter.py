@@ -103,7 +103,6 @@ def _block_linears(view: GraphView) -> set[torch.fx.Node]:
     return found
 
 
-
 def _linear_consumers(quantizer: torch.fx.Node) -> list[torch.fx.Node] | None:
     """The Linears reading ``quantizer`` (through layout ops) as input with a stored weight; None if
     anything else reads it."""
@@ -289,4 +288,3 @@ class InsertQuadapter(GraphPass[InsertQuadapterPlan]):
                 meta.inherit(new, site.norm, NAME)
                 consumer.replace_input_with(operand, new)
         return bool(plan.sites)
-

@@ -77,7 +77,6 @@ def unfolded_fake_quant(gm: torch.fx.GraphModule, weight: QuantSpec | None = Non
     return converted
 
 
-
 INITS = ("identity", "smoothquant")
 
 
@@ -361,4 +360,3 @@ class TrainQuadapter(GraphPass[TrainQuadapterPlan]):
         for name, observer in plan.observers.items():
             setattr(gm, name, observer)
         return True
-
