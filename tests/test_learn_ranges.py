@@ -12,12 +12,13 @@ from outlierfx.passes import PassManager
 from outlierfx.passes.convert_fake_quant import ConvertToFakeQuant
 from outlierfx.passes.group_channels import GroupChannels
 from outlierfx.passes.insert_observers import InsertObservers, observers
-from outlierfx.passes.learn_ranges import LearnableRange, LearnRanges
+from outlierfx.passes.learn_ranges import LearnRanges
 from outlierfx.recipes import get_recipe
 from outlierfx.quantizers.calibrate import calibrate
 from outlierfx.quantizers.observers import FakeQuantize, Observer
 from outlierfx.quantizers.policy import make_policy
 from outlierfx.quantizers.spec import Estimator, Granularity, QuantSpec
+from outlierfx.quantizers.trainable import LearnableRange
 from outlierfx.testing import OutlierSpec, build_model
 
 

@@ -12,19 +12,13 @@ from outlierfx.graph.probe import probe
 from outlierfx.passes import PassManager
 from outlierfx.passes.convert_fake_quant import ConvertToFakeQuant
 from outlierfx.passes.insert_observers import InsertObservers, observers
-from outlierfx.passes.quadapter import (
-    SCALE_PREFIX,
-    FoldQuadapter,
-    InsertQuadapter,
-    TrainableActivationQuantizer,
-    TrainQuadapter,
-    inserted_sites,
-    scale_parameters,
-    unfolded_fake_quant,
-)
+from outlierfx.passes.fold_quadapter import FoldQuadapter
+from outlierfx.passes.quadapter import SCALE_PREFIX, InsertQuadapter, inserted_sites, scale_parameters
+from outlierfx.passes.train_quadapter import TrainQuadapter, unfolded_fake_quant
 from outlierfx.quantizers.calibrate import calibrate
 from outlierfx.quantizers.observers import FakeQuantize, Observer
 from outlierfx.quantizers.spec import weight_spec
+from outlierfx.quantizers.trainable import TrainableActivationQuantizer
 from outlierfx.testing import OutlierSpec, assert_equivalent, assert_tokens_close, build_model, transformer_models
 
 TOL = 1e-5

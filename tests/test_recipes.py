@@ -12,7 +12,7 @@ from outlierfx.errors import DataError, OutlierFXWarning
 from outlierfx.passes.calibrate import CalibrationPlan
 from outlierfx.passes.clip_tokenwise import ClipTokenwise
 from outlierfx.passes.group_channels import GroupChannels
-from outlierfx.passes.quadapter import FoldQuadapter, InsertQuadapter
+from outlierfx.passes import FoldQuadapter, InsertQuadapter
 from outlierfx.quantizers.observers import Observer
 from outlierfx.quantizers.policy import make_policy
 from outlierfx.recipes import (

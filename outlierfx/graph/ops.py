@@ -140,6 +140,20 @@ def users_through_layout_ops(node: torch.fx.Node) -> Iterator[tuple[torch.fx.Nod
                 yield user, current
 
 
+def producer_through_layout_ops(node: torch.fx.Node) -> torch.fx.Node:
+    """The node whose values ``node`` shows, walking back through last-axis-preserving layout ops."""
+    while node.args and isinstance(node.args[0], torch.fx.Node) and preserves_last_axis(node, node.args[0]):
+        node = node.args[0]
+    return node
+
+
+def has_stored_weight(linear: torch.fx.Node) -> bool:
+    """A Linear whose weight is a stored tensor (a ``get_attr``), which a pass can rewrite."""
+    return is_kind(linear, OpKind.LINEAR) and isinstance(linear.args[1], torch.fx.Node) \
+        and linear.args[1].op == "get_attr"
+
+
+
 def is_call(node: object, target: object) -> bool:
     """Whether ``node`` is an FX node calling the function ``target``."""
     return isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target is target

@@ -16,7 +16,7 @@ weights that already lie on their grids, each row keeping a code at +-qmax so th
 conversion (and lowering, which reads scales back by min-max) finds the same scale and changes
 nothing. Biases, embedding tables and tied weights (an LM head sharing the embedding table) are
 left alone. Run it after calibration and after any pass that rewrites weights (e.g.
-:class:`FoldQuadapter`), before conversion.
+:class:`~outlierfx.passes.fold_quadapter.FoldQuadapter`), before conversion.
 """
 
 from __future__ import annotations
@@ -31,12 +31,12 @@ import torch.fx
 from ..graph import meta
 from ..graph.attrs import fetch_attr, is_shared_attr, replace_input_tensor
 from ..graph.copy import copy_graph_module
+from ..graph.ops import has_stored_weight
 from ..quantizers.fake_quant import quantize_weight
 from ..quantizers.observers import observation_paused
 from ..quantizers.spec import Granularity, QuantSpec
 from .base import GraphPass, require_calibrated_observers
 from .convert_fake_quant import ConvertToFakeQuant
-from .quadapter import has_stored_weight
 from .training import Batch
 
 

@@ -18,7 +18,6 @@ the pass keeps the ranges it started from and says so.
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from collections.abc import Mapping, Sequence
 
@@ -28,65 +27,11 @@ import torch.fx
 from ..errors import PassError
 from ..graph.compare import masked_mse
 from ..graph.copy import copy_graph_module
-from ..quantizers.fake_quant import MIN_SCALE, _broadcast
 from ..quantizers.observers import FakeQuantize, Observer, observation_paused
-from ..quantizers.spec import Granularity, QuantSpec
+from ..quantizers.spec import QuantSpec
+from ..quantizers.trainable import LearnableRange
 from .base import GraphPass
 from .convert_fake_quant import ConvertToFakeQuant
-
-
-def _round_ste(t: torch.Tensor) -> torch.Tensor:
-    return t + (torch.round(t) - t).detach()
-
-
-class LearnableRange(torch.nn.Module):
-    """Fake quantization whose range [lo, hi] is a parameter (one value per tensor, group or channel).
-
-    ``lo = lo0 + width * u_lo`` (and likewise hi) with ``u`` learned from 0: Adam's steps are then
-    relative to each quantizer's own range, whatever its magnitude. ``tied``: one ``u`` pair for
-    all groups of the quantizer (each group moves by the same fraction of its own width), which
-    keeps per-channel quantizers from fitting the calibration batches' noise.
-    """
-
-    def __init__(self, observer: Observer, tied: bool = False) -> None:
-        super().__init__()
-        self.spec: QuantSpec = observer.spec
-        self.name = observer.name
-        lo, hi = (t.detach().float() for t in observer.range())
-        if self.spec.granularity is Granularity.PER_GROUP:
-            index = observer.group_index()
-            lo = torch.full((self.spec.groups,), math.inf).scatter_reduce(0, index, lo, "amin")
-            hi = torch.full((self.spec.groups,), -math.inf).scatter_reduce(0, index, hi, "amax")
-        else:
-            index = torch.arange(lo.numel()) if lo.dim() else torch.zeros((), dtype=torch.long)
-        self.register_buffer("index", index)  # channel -> learned value
-        self.register_buffer("lo0", lo)
-        self.register_buffer("hi0", hi)
-        self.register_buffer("width", (hi - lo).abs().clamp_min(MIN_SCALE))
-        self.u_lo = torch.nn.Parameter(torch.zeros(()) if tied else torch.zeros_like(lo))
-        self.u_hi = torch.nn.Parameter(torch.zeros(()) if tied else torch.zeros_like(hi))
-
-    def bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The current range, expanded to one value per channel (scalars for per-tensor)."""
-        lo, hi = self.lo0 + self.width * self.u_lo, self.hi0 + self.width * self.u_hi
-        if lo.dim():
-            lo, hi = lo[self.index], hi[self.index]
-        return lo, hi
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        spec = self.spec
-        lo, hi = self.bounds()
-        lo, hi = torch.clamp(lo, max=0.0), torch.clamp(hi, min=0.0)  # the grid holds 0 exactly
-        if spec.symmetric:
-            scale = (torch.maximum(-lo, hi) / spec.qmax).clamp_min(MIN_SCALE)
-            zero_point = torch.zeros_like(scale)
-        else:
-            scale = ((hi - lo) / (spec.qmax - spec.qmin)).clamp_min(MIN_SCALE)
-            zero_point = torch.clamp(spec.qmin - _round_ste(lo / scale), spec.qmin, spec.qmax)
-        if scale.dim():
-            scale, zero_point = _broadcast(scale, x, spec.axis), _broadcast(zero_point, x, spec.axis)
-        q = torch.clamp(_round_ste(x * (1.0 / scale)) + zero_point, spec.qmin, spec.qmax)
-        return ((q - zero_point) * scale).to(x.dtype)
 
 
 @dataclasses.dataclass(frozen=True)

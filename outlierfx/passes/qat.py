@@ -28,11 +28,12 @@ import torch.fx
 from ..graph import meta
 from ..graph.attrs import del_attr, fetch_attr, is_shared_attr, replace_input_tensor, set_attr, unique_attr_name
 from ..graph.copy import copy_graph_module
+from ..graph.ops import has_stored_weight
 from ..quantizers.observers import FakeQuantize
 from ..quantizers.spec import QuantSpec
+from ..quantizers.trainable import TrainableActivationQuantizer, TrainableWeightQuantizer
 from .base import GraphPass, require_calibrated_observers
 from .convert_fake_quant import ConvertToFakeQuant
-from .quadapter import TrainableActivationQuantizer, TrainableWeightQuantizer, has_stored_weight
 from .training import Batch, fit, task_loss
 
 

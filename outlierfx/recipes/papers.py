@@ -40,7 +40,9 @@ from ..passes.group_channels import CHANNEL_ROLES, GroupChannels
 from ..passes.learn_ranges import LearnRanges
 from ..passes.migrate_gamma import MigrateGamma
 from ..passes.qat import QAT
-from ..passes.quadapter import FoldQuadapter, InsertQuadapter, TrainQuadapter
+from ..passes.fold_quadapter import FoldQuadapter
+from ..passes.quadapter import InsertQuadapter
+from ..passes.train_quadapter import TrainQuadapter
 from ..quantizers.spec import Estimator
 from .base import Need, Recipe, RecipeError, Step, UnknownRecipeError, step
 
