@@ -19,7 +19,7 @@ from .passes.insert_observers import InsertObservers, InsertObserversPlan
 from .passes.lower import Lower
 from .passes.manager import PassManager
 from .passes.recipes import get_recipe
-from .quantizers.backends import check_backend
+from .backends.registry import check_backend
 from .quantizers.calibrate import calibrate
 from .quantizers.policy import QuantPolicy, parse_bits
 
@@ -134,7 +134,7 @@ def lower(qmodel: torch.fx.GraphModule, report: QuantizationReport, backend: str
     audit = AuditTrail(report.audit.entries + lowered.audit.entries)
     model: torch.nn.Module = lowered.graph_module
     if backend == "inductor":
-        from .compile import CompiledInt8
+        from .backends.inductor import CompiledInt8
 
         model = CompiledInt8(lowered.graph_module)
     return QuantizationResult(model, dataclasses.replace(report, audit=audit, backend=backend))

@@ -20,7 +20,7 @@ def _demo(args: argparse.Namespace) -> int:
     from .graph import capture, meta
     from .graph.view import GraphView
     from .models import encode, load
-    from .quantizers.backends import default_backend
+    from .backends.registry import default_backend
     from .report import build_report
     from .serialize import save_quantized, size_on_disk_mb
     from .speed import interleaved_medians, speed_inputs, state_size_mb
@@ -166,7 +166,7 @@ def _quantize(args: argparse.Namespace) -> int:
     from .api import lower, quantize
     from .models import load
     from .passes.recipes import FINE_SUFFIX, get_recipe
-    from .quantizers.backends import check_backend, default_backend
+    from .backends.registry import check_backend, default_backend
     from .report import build_report
     from .serialize import save_quantized
 
@@ -203,7 +203,7 @@ def _quantize(args: argparse.Namespace) -> int:
 
 def _bench_speed(args: argparse.Namespace) -> int:
     from .benchmarks import write_json
-    from .quantizers.backends import check_backend
+    from .backends.registry import check_backend
     from .speed import speed
 
     backends = [check_backend(b.strip()) for b in args.backends.split(",") if b.strip()]

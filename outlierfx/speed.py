@@ -25,10 +25,11 @@ import torch
 
 from . import corpus
 from .api import lower, quantize
+from .backends.inductor import CompiledInt8
 from .benchmarks import CALIBRATION, calibration_batches
-from .compile import CompiledInt8, compile_int8
 from .evaluate import DecoderEval, EncoderEval
 from .models import LoadedModel, encode, load
+from .passes.lower import compile_int8
 from .serialize import save_quantized, size_on_disk_mb
 
 SHAPES = {"encoder": (8, 128), "decoder": (1, 256)}  # (batch, sequence): MiniLM batch, SmolLM2 prefill
