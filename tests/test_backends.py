@@ -21,7 +21,7 @@ from outlierfx.backends import (
 )
 from outlierfx.passes.lower import Lower
 from outlierfx.quantizers.spec import Granularity, QuantSpec, activation_spec, weight_spec
-from outlierfx.testing import assert_tokens_close, first_token_grids_everywhere
+from outlierfx.testing import first_token_grids_everywhere
 
 HAVE = set(torch.backends.quantized.supported_engines)
 FLOAT = Kernel(KernelKind.INT8_GEMM)
@@ -46,6 +46,14 @@ def _quantized_block(recipe: str):
     with first_token_grids_everywhere():
         qmodel, _ = outlierfx.quantize(Block().eval(), [inputs], recipe=recipe, policy="linear-inputs", progress=False)
     return qmodel, inputs
+
+
+def _assert_tokens_close(reference: torch.nn.Module, candidate: torch.nn.Module, inputs: dict) -> None:
+    """Every token's output within cosine 0.999 of the reference form's (rounding ties move
+    single values by one quantization step)."""
+    with torch.no_grad():
+        ref, out = reference(**inputs), candidate(**inputs)
+    assert float(torch.nn.functional.cosine_similarity(ref, out, dim=-1).min()) >= 0.999
 
 
 def _ops(gm: torch.fx.GraphModule) -> list[str]:
@@ -88,7 +96,7 @@ def test_each_backend_lowers_a_block_to_its_expected_ops(backend):
     ops, kernels = EXPECTED[backend]
     assert _ops(result.graph_module) == ops
     assert [lin.kernel for lin in result.plan.linears] == kernels
-    assert_tokens_close(Lower("reference")(qmodel).graph_module, result.graph_module, inputs)
+    _assert_tokens_close(Lower("reference")(qmodel).graph_module, result.graph_module, inputs)
 
 
 @pytest.mark.parametrize(("backend", "ops", "first_tokens"), [
@@ -111,7 +119,7 @@ def test_first_token_grids_lower_to_the_expected_ops(backend, ops, first_tokens)
     assert _ops(result.graph_module) == ops
     assert [lin.kernel.first_tokens for lin in result.plan.linears] == first_tokens
     assert all(lin.is_int8 for lin in result.plan.linears) and not result.plan.simulated
-    assert_tokens_close(Lower("reference")(qmodel).graph_module, result.graph_module, inputs)
+    _assert_tokens_close(Lower("reference")(qmodel).graph_module, result.graph_module, inputs)
 
 
 def test_peg_groups_lower_to_sub_gemms_or_fall_back_where_there_is_no_float_output_gemm():
@@ -124,7 +132,7 @@ def test_peg_groups_lower_to_sub_gemms_or_fall_back_where_there_is_no_float_outp
                                       *(sub_gemm + ["add.Tensor"]) * (groups - 1),
                                       "gelu.default", "QuantizedLinear", "add.Tensor"]
     assert [lin.kernel for lin in x86.plan.linears] == [Kernel(KernelKind.INT8_SUB_GEMMS, groups=groups), FLOAT]
-    assert_tokens_close(Lower("reference")(qmodel).graph_module, x86.graph_module, inputs)
+    _assert_tokens_close(Lower("reference")(qmodel).graph_module, x86.graph_module, inputs)
     if "qnnpack" in HAVE:
         qnnpack = Lower("qnnpack")(qmodel)
         assert [lin.kernel.fallback for lin in qnnpack.plan.linears] == [Fallback.NO_SUB_GEMMS,
