@@ -19,7 +19,7 @@ from ..backends.base import MAX_SUB_GEMMS
 from ..backends.capabilities import BackendError, Execution
 from ..backends.inductor import CompiledInt8
 from ..backends.kernel import LowerPlan
-from ..backends.registry import get_backend
+from ..backends.registry import BACKENDS, get_backend
 from ..backends.runtime import has_bf16_instructions
 from ..errors import PassError
 from ..graph.canonicalize import remove_dead_code
@@ -50,7 +50,8 @@ class Lower(GraphPass[LowerPlan]):
         self.max_sub_gemms = MAX_SUB_GEMMS if max_sub_gemms is None else max_sub_gemms
         supported = self.target.capabilities.bf16_attention
         if bf16_attention and not supported:
-            raise BackendError(f"bf16 attention behind int8 GEMMs needs the onednn or inductor backend, not {backend}")
+            able = " or ".join(n for n in BACKENDS if get_backend(n).capabilities.bf16_attention)
+            raise BackendError(f"bf16 attention behind int8 GEMMs needs the {able} backend, not {backend}")
         # default: on where oneDNN runs bf16 natively (and so faster than float)
         self.bf16_attention = supported and (has_bf16_instructions() if bf16_attention is None else bf16_attention)
 
