@@ -24,8 +24,8 @@ from .capabilities import Capabilities, PostOp
 from .eager_values import constant_weight, float_view, scale_in_place, skip_zero_masks
 from .grids import fake_quantizer, fusable_gelu, fusable_residual, main_grid, output_quantizer, sink_grid, two_grids_split
 from .int8_linear import QuantizedLinear
-from .runtime import two_grid_codes, two_grid_dequantize
 from .reference import DQ_CHANNEL, DQ_TENSOR, Q_TENSOR, STEP
+from .runtime import two_grid_codes, two_grid_dequantize
 
 aten = torch.ops.aten
 LINEAR_MODULE_PREFIX = "outlierfx_int8_linear_"
@@ -41,7 +41,7 @@ def first_token_input_lowers(gm: torch.fx.GraphModule, linear: torch.fx.Node, mo
 
 
 class EagerLowering:
-    """The eager stage on ``gm`` (already in reference form) for torch.ao engine ``engine``."""
+    """The eager stage on ``gm`` (already in reference form) for engine ``engine`` with ``caps``."""
 
     reads_shared_codes = False  # onednn: a value read by several GEMMs (Q, K, V) is quantized once for all
 
