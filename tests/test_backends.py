@@ -157,6 +157,7 @@ def test_capabilities_say_what_each_backend_runs_in_int8():
     assert caps["qnnpack"].first_token_rows is FirstTokens.NONE
     assert caps["x86"].first_token_rows is FirstTokens.TWO_GEMMS
     assert caps["onednn"].first_token_rows is FirstTokens.CORRECTED
+    assert "PEG groups in float" in caps["qnnpack"].describe() and "compiled" in caps["inductor"].describe()
     with pytest.raises(ValueError, match="sub-GEMMs"):
         dataclasses.replace(caps["x86"], float_output_gemm=False)
 
