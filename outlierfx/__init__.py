@@ -25,7 +25,7 @@ _EXPORTS: dict[str, str] = {
     "RecipeError": "recipes",
     "RunGraphs": "api",
     "capture": "graph",
-    "compile_int8": "backends.inductor",
+    "compile_int8": "passes.lower",
     "default_backend": "backends",
     "load_quantized": "serialize",
     "lower": "api",
@@ -53,7 +53,7 @@ __all__ = sorted(_EXPORTS)
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ imports on demand
     from .api import QuantizationReport, QuantizationResult, RunGraphs, lower, quantize
     from .backends import default_backend
-    from .backends.inductor import compile_int8
+    from .passes.lower import compile_int8
     from .errors import CaptureError, DataError, OutlierFXError, OutlierFXWarning, PassError
     from .graph import capture
     from .recipes import Recipe, RecipeError, preset

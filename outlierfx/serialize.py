@@ -21,7 +21,7 @@ import torch.utils._pytree as pytree
 from .errors import OutlierFXError
 from .graph.copy import copy_graph_module
 from .graph.probe import flatten_with_spec
-from .quantizers import backends
+from .backends import runtime
 
 MODEL_FILE = "model.pt"
 INFO_FILE = "outlierfx.json"
@@ -34,7 +34,7 @@ class KernelLeafTracer(torch.fx.Tracer):
     shape and value branches cannot take symbolic inputs."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(autowrap_modules=(math, backends))
+        super().__init__(autowrap_modules=(math, runtime))
 
 
 class SavedModel(torch.nn.Module):

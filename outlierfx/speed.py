@@ -25,6 +25,7 @@ import torch
 
 from . import corpus
 from .api import lower, quantize
+from .backends.inductor import CompiledInt8
 from .benchmarks import CALIBRATION, calibration_batches
 from .backends.inductor import CompiledInt8
 from .evaluate import DecoderEval, EncoderEval

@@ -16,7 +16,9 @@ from outlierfx.graph.compare import output_error
 from outlierfx.graph.probe import probe
 from outlierfx.passes.fuse_attention import FuseAttention
 from outlierfx.passes.lower import Lower
-from outlierfx.quantizers.backends import BackendError, QuantizedLinear, bf16_attention, check_backend, mask_or_none
+from outlierfx.backends import BackendError, Fallback, FirstTokens, KernelKind, PostOp, check_backend
+from outlierfx.backends.int8_linear import QuantizedLinear
+from outlierfx.backends.runtime import bf16_attention, mask_or_none
 from outlierfx.quantizers.observers import FakeQuantize
 from outlierfx.serialize import load_quantized, save_quantized, size_on_disk_mb
 from outlierfx.testing import assert_tokens_close, build_model, first_token_grids_everywhere, transformer_models
@@ -102,7 +104,7 @@ def test_onednn_fuses_gelu_into_the_int8_gemm_and_matches_the_reference_form(pol
     qmodel, _ = outlierfx.quantize(g.model, [g.inputs], recipe="naive", bits="W8A8", policy=policy, progress=False)
     result = Lower("onednn")(qmodel)
     fused = [m for m in _quantized_linears(result.graph_module).values() if m.gelu is not None]
-    planned = [lin for lin in result.plan.linears if "GELU fused" in lin.kernel]
+    planned = [lin for lin in result.plan.linears if PostOp.GELU in lin.kernel.post_ops]
     if policy == "full":  # the GELU input is quantized: nothing to fuse
         assert not fused and not planned
     else:
@@ -124,7 +126,7 @@ def test_onednn_adds_the_residual_inside_the_int8_gemm_and_matches_the_reference
                                    progress=False)
     result = Lower("onednn")(qmodel)
     fused = [m for m in _quantized_linears(result.graph_module).values() if m.residual]
-    planned = [lin for lin in result.plan.linears if "residual add fused" in lin.kernel]
+    planned = [lin for lin in result.plan.linears if PostOp.RESIDUAL_ADD in lin.kernel.post_ops]
     assert len(fused) == len(planned) == 4  # attention output and FFN output, per layer
     if recipe.endswith("+sink"):
         assert all(m.sink is not None for m in fused)
@@ -144,7 +146,7 @@ def test_onednn_runs_linears_that_read_one_input_as_one_gemm(family, merged_per_
                                    progress=False)
     result = Lower("onednn")(qmodel)
     layers = g.config.num_hidden_layers
-    noted = [lin for lin in result.plan.linears if "other Linear(s) reading this input" in lin.kernel]
+    noted = [lin for lin in result.plan.linears if lin.kernel.merged_with]
     assert len(noted) == merged_per_layer * layers
     groups = 2 if family == "llama" else 1
     modules = _quantized_linears(result.graph_module)
@@ -220,7 +222,7 @@ def test_reference_form_carries_first_token_grids_exactly(g, policy):
     lowered = result.graph_module
     assert not any(isinstance(m, FakeQuantize) for m in lowered.modules())
     gemms = [n for n in lowered.graph.nodes if n.target is torch.ops.aten.linear.default]
-    quantized = [lin for lin in result.plan.linears if "first token(s) on their own grid" in lin.kernel]
+    quantized = [lin for lin in result.plan.linears if lin.kernel.first_tokens is FirstTokens.SECOND_GEMM]
     assert quantized and len(gemms) > len(result.plan.linears)  # GEMMs over the first rows too
     with torch.no_grad():
         error = output_error(qmodel(**g.inputs), lowered(**g.inputs))
@@ -233,7 +235,7 @@ def test_peg_linears_become_grouped_int8_gemms_equal_to_fake_quant(family, recip
     g = build_model(family, hidden=32, layers=2)
     qmodel, _ = outlierfx.quantize(g.model, [g.inputs], recipe=recipe, bits="W8A8", progress=False)
     result = Lower("reference")(qmodel)
-    grouped = [lin for lin in result.plan.linears if "sub-GEMMs" in lin.kernel]
+    grouped = [lin for lin in result.plan.linears if lin.kernel.kind is KernelKind.INT8_SUB_GEMMS]
     assert grouped, result.plan.summary()
     with torch.no_grad():
         error = output_error(qmodel(**g.inputs), result.graph_module(**g.inputs))
@@ -245,22 +247,20 @@ def test_peg_linears_become_grouped_int8_gemms_equal_to_fake_quant(family, recip
     _assert_each_int8_linear_within_one_step(x86, g.inputs)
     # more groups than max_sub_gemms: one float GEMM on the int8 weights, same numerics
     fallback = Lower("reference", max_sub_gemms=4)(qmodel)
-    assert all(lin.groups == 0 and "float GEMM" in lin.kernel for lin in fallback.plan.linears if "PEG" in lin.kernel)
-    assert any("PEG groups" in lin.kernel for lin in fallback.plan.linears)
+    assert not any(lin.kernel.kind is KernelKind.INT8_SUB_GEMMS for lin in fallback.plan.linears)
+    too_many = [lin.kernel for lin in fallback.plan.linears if lin.kernel.fallback is Fallback.TOO_MANY_GROUPS]
+    assert too_many and all(k.kind is KernelKind.FLOAT_GEMM_INT8_WEIGHTS and k.groups > 4 for k in too_many)
     with torch.no_grad():
         assert output_error(qmodel(**g.inputs), fallback.graph_module(**g.inputs)).within(1e-5)
 
 
 def test_k1_groups_lower_exactly_like_per_tensor():
-    from outlierfx.passes.group_channels import GroupChannels
-    from outlierfx.passes.recipes import RECIPES, Recipe
+    from outlierfx.passes import GroupChannels
+    from outlierfx.recipes import Recipe, step
 
     g = build_model("gpt2", hidden=16, layers=1)
-    RECIPES["_k1"] = Recipe("_k1", "test", observe=lambda: [GroupChannels(groups=1)])
-    try:
-        qmodel, _ = outlierfx.quantize(g.model, [g.inputs], recipe="_k1", bits="W8A8", progress=False)
-    finally:
-        del RECIPES["_k1"]
+    k1 = Recipe("k1", "test", observe=(step(GroupChannels, groups=1),))
+    qmodel, _ = outlierfx.quantize(g.model, [g.inputs], recipe=k1, bits="W8A8", progress=False)
     naive, _ = outlierfx.quantize(g.model, [g.inputs], recipe="naive", bits="W8A8", progress=False)
     assert [lin.kernel for lin in Lower("x86")(qmodel).plan.linears] == \
         [lin.kernel for lin in Lower("x86")(naive).plan.linears]
@@ -271,22 +271,18 @@ def test_k1_groups_lower_exactly_like_per_tensor():
 
 
 def test_a_linear_with_more_groups_than_pay_off_runs_as_a_float_gemm():
+    from outlierfx.backends import MAX_SUB_GEMMS
     from outlierfx.passes.group_channels import CHANNEL_ROLES, GroupChannels
-    from outlierfx.passes.lower import MAX_SUB_GEMMS
-    from outlierfx.passes.recipes import RECIPES, Recipe
+    from outlierfx.recipes import Recipe, step
 
     g = build_model("bert", hidden=96, heads=4, ffn=128, layers=1)
-    RECIPES["_per_channel"] = Recipe("_per_channel", "test",
-                                     observe=lambda: [GroupChannels(groups=None, roles=CHANNEL_ROLES)])
-    try:
-        qmodel, report = outlierfx.quantize(g.model, [g.inputs], recipe="_per_channel", bits="W8A8", progress=False)
-    finally:
-        del RECIPES["_per_channel"]
+    per_channel = Recipe("per-channel", "test", observe=(step(GroupChannels, groups=None, roles=CHANNEL_ROLES),))
+    qmodel, report = outlierfx.quantize(g.model, [g.inputs], recipe=per_channel, bits="W8A8", progress=False)
     assert {k for _, k, _ in report.audit.entries[-1].plan.grouped} == {96, 128}  # K = each tensor's channels
     result = Lower("reference")(qmodel)
     kernels = [lin.kernel for lin in result.plan.linears]
-    assert 96 > MAX_SUB_GEMMS and all("float GEMM on int8 weights (input in" in k for k in kernels), kernels
-    assert not any(lin.groups for lin in result.plan.linears)
+    assert 96 > MAX_SUB_GEMMS and all(k.kind is KernelKind.FLOAT_GEMM_INT8_WEIGHTS and k.fallback is
+                                      Fallback.TOO_MANY_GROUPS and k.groups in (96, 128) for k in kernels), kernels
     with torch.no_grad():
         assert output_error(qmodel(**g.inputs), result.graph_module(**g.inputs)).within(1e-5)
         x86 = Lower("x86")(qmodel).graph_module
@@ -308,13 +304,13 @@ def test_bad_inputs_are_named():
 
 
 def test_default_backend_is_onednn_only_with_int8_instructions(monkeypatch):
-    from outlierfx.quantizers import backends
+    from outlierfx.backends import registry
 
-    monkeypatch.setattr(backends, "has_int8_instructions", lambda: True)
+    monkeypatch.setattr(registry, "has_int8_instructions", lambda: True)
     if "onednn" in torch.backends.quantized.supported_engines:
-        assert backends.default_backend() == "onednn"
-    monkeypatch.setattr(backends, "has_int8_instructions", lambda: False)
-    assert backends.default_backend() in ("x86", "qnnpack")
+        assert registry.default_backend() == "onednn"
+    monkeypatch.setattr(registry, "has_int8_instructions", lambda: False)
+    assert registry.default_backend() in ("x86", "qnnpack")
 
 
 @pytest.mark.parametrize("engine", [*(e for e in ("x86", "onednn") if e in ENGINES), "inductor"])
@@ -346,7 +342,7 @@ def test_saved_model_reloads_in_a_new_process_with_identical_outputs(tmp_path, e
 
 
 def test_compiled_int8_matches_the_reference_form():
-    from outlierfx.compile import compile_int8
+    from outlierfx.passes.lower import compile_int8
 
     g = build_model("bert", hidden=32, layers=2)
     qmodel, _ = outlierfx.quantize(g.model, [g.inputs], recipe="naive", bits="W8A8", progress=False)
@@ -359,7 +355,7 @@ def test_compiled_first_token_grids_run_as_int8_gemms(family, every_first_token_
     over the first rows: inductor prepacks every int8 weight, none runs in float."""
     from torch._dynamo.utils import counters
 
-    from outlierfx.compile import compile_int8
+    from outlierfx.passes.lower import compile_int8
 
     g = build_model(family, hidden=32, layers=2)
     qmodel, _ = outlierfx.quantize(g.model, [g.inputs], recipe="naive+sink", bits="W8A8", policy="linear-inputs",
@@ -400,7 +396,7 @@ def test_a_first_token_grid_after_gelu_recomputes_its_rows_so_the_gemm_keeps_its
     GEMM) and the outputs stay exact."""
     from torch._dynamo.utils import counters
 
-    from outlierfx.compile import compile_int8
+    from outlierfx.passes.lower import compile_int8
 
     g, qmodel, kept = _bert_with_gelu_output_grids_only()
     assert kept == 2  # one per layer
@@ -457,7 +453,7 @@ def test_onednn_requantizes_to_a_first_token_output_grid_inside_the_gelu_gemm():
     the FFN output GEMM reads the two-grid codes as they are: no float GELU output is written."""
     g, qmodel, kept = _bert_with_gelu_output_grids_only()
     result = Lower("onednn")(qmodel)
-    planned = [lin for lin in result.plan.linears if "requantized to their own output grid" in lin.kernel]
+    planned = [lin for lin in result.plan.linears if lin.kernel.first_tokens is FirstTokens.OUTPUT_GRID]
     modules = [m for m in _quantized_linears(result.graph_module).values() if m.sink_out is not None]
     assert len(planned) == len(modules) == kept == 2 and all(m.gelu is not None and m.sink is None for m in modules)
     assert not [n for n in result.graph_module.graph.nodes if n.target is torch.ops.aten.gelu.default]
@@ -481,7 +477,7 @@ def test_onednn_runs_attention_in_bf16_where_int8_gemms_write_q_k_v(family):
     _assert_close_to_reference_with_and_without_padding(g, fused, lowered)
     off = Lower("onednn", bf16_attention=False)(fused)
     assert not off.plan.bf16_attention and not any(n.target is bf16_attention for n in off.graph_module.graph.nodes)
-    with pytest.raises(BackendError, match="onednn or inductor"):
+    with pytest.raises(BackendError, match="needs the inductor or onednn backend, not x86"):
         Lower("x86", bf16_attention=True)
 
 
@@ -493,7 +489,7 @@ def test_inductor_merges_q_k_v_and_runs_attention_in_bf16(family):
     On Llama the rotary embedding sits between: nothing merges, attention stays float."""
     from torch._dynamo.utils import counters
 
-    from outlierfx.compile import CompiledInt8
+    from outlierfx.backends.inductor import CompiledInt8
 
     g, fused = _fused_attention_model(family)
     result = Lower("inductor", bf16_attention=True)(fused)
@@ -501,7 +497,7 @@ def test_inductor_merges_q_k_v_and_runs_attention_in_bf16(family):
     bf16 = [n for n in lowered.graph.nodes if n.target is bf16_attention]
     gemms = [n for n in lowered.graph.nodes if n.target is torch.ops.aten.linear.default]
     writers = [n for n in gemms if n.args[0].target is torch.ops.aten._to_copy.default]
-    merged = [lin for lin in result.plan.linears if "one GEMM with the 2 other" in lin.kernel]
+    merged = [lin for lin in result.plan.linears if lin.kernel.merged_with == 2]
     layers = g.config.num_hidden_layers
     if family == "bert":
         assert len(bf16) == len(writers) == layers and len(merged) == 3 * layers

@@ -122,8 +122,6 @@ def _third_party_imports() -> list[str]:
 
 
 def test_importing_every_module_leaves_warning_filters_alone():
-    # Fails until the backends rewrite lands: outlierfx/quantizers/backends.py installs two
-    # process-wide "ignore" filters at import time.
     # torch, numpy and sympy install filters of their own when imported: import every third-party
     # module outlierfx uses first, so the comparison sees only what outlierfx adds.
     result = _run_python(

@@ -5,6 +5,7 @@ import torch
 from hypothesis import given, settings
 
 import outlierfx
+from outlierfx.backends import Kernel, KernelKind, PostOp
 from outlierfx.errors import PassError
 from outlierfx.graph.attrs import fetch_attr
 from outlierfx.graph.ops import users_through_layout_ops
@@ -274,7 +275,7 @@ def test_smooth_recipe_lowers_every_linear_to_one_int8_gemm(family):
     assert all(m.spec.granularity.value == "per_tensor" for m in qmodel.modules() if isinstance(m, FakeQuantize))
     lowered = Lower("reference")(qmodel)
     int8 = [lin for lin in lowered.plan.linears if lin.is_int8]
-    assert int8 and not any("sub-GEMMs" in lin.kernel for lin in lowered.plan.linears)
+    assert int8 and not any(lin.kernel.kind is KernelKind.INT8_SUB_GEMMS for lin in lowered.plan.linears)
     with torch.no_grad():  # the explicit x * s runs in float before the quantize step
         assert output_error(qmodel(**g.inputs), lowered.graph_module(**g.inputs)).within(1e-5)
     if "onednn" in torch.backends.quantized.supported_engines:
@@ -299,8 +300,8 @@ def test_smooth_fold_keeps_only_scales_that_fold_and_lowers_with_every_fusion():
                 and str(n.args[1].target).startswith("outlierfx_quadapter_scale_")]
     if "onednn" in torch.backends.quantized.supported_engines:
         lowered = Lower("onednn")(qmodel)
-        kernels = [lin.kernel for lin in lowered.plan.linears]
-        assert kernels.count("int8 GEMM, GELU fused, requantized uint8 output") == layers
+        gelu_requantized = Kernel(KernelKind.INT8_GEMM, frozenset({PostOp.GELU, PostOp.REQUANTIZE}))
+        assert [lin.kernel for lin in lowered.plan.linears].count(gelu_requantized) == layers
         assert_tokens_close(Lower("reference")(qmodel).graph_module, lowered.graph_module, g.inputs)
 
 
@@ -342,6 +343,6 @@ def test_smooth_peg_scales_norm_edges_and_groups_the_other_linear_inputs(family)
     per_group = [m for m in qmodel.modules() if isinstance(m, FakeQuantize) and m.spec.granularity.value == "per_group"]
     assert len(per_group) == len(grouped)
     lowered = Lower("reference")(qmodel)
-    assert sum("sub-GEMMs" in lin.kernel for lin in lowered.plan.linears) == len(grouped)
+    assert sum(lin.kernel.kind is KernelKind.INT8_SUB_GEMMS for lin in lowered.plan.linears) == len(grouped)
     with torch.no_grad():  # PEG lowering (K int8 sub-GEMMs) computes what the fake-quant model does
         assert output_error(qmodel(**g.inputs), lowered.graph_module(**g.inputs)).within(1e-5)

@@ -9,8 +9,9 @@ import outlierfx
 from outlierfx.graph.compare import output_error
 from outlierfx.graph.roles import Role
 from outlierfx.passes.lower import Lower
+from outlierfx.backends import FirstTokens
+from outlierfx.backends.int8_linear import QuantizedLinear
 from outlierfx.recipes import SPEED_SINK_MIN_WIDENING, get_recipe
-from outlierfx.quantizers.backends import QuantizedLinear
 from outlierfx.quantizers.fake_quant import fake_quantize, qparams_from_range
 from outlierfx.quantizers.observers import FakeQuantize, Observer, token_mask
 from outlierfx.quantizers.policy import parse_bits
@@ -110,7 +111,7 @@ def test_the_suffix_sets_every_activation_spec_and_the_pass_fires_on_llama():
     # the reference form runs their first rows beside the main graph, and computes the same outputs
     lowered = Lower("reference")(sunk)
     assert not lowered.plan.simulated
-    assert any("first token(s) on their own grid" in lin.kernel for lin in lowered.plan.linears)
+    assert any(lin.kernel.first_tokens is FirstTokens.SECOND_GEMM for lin in lowered.plan.linears)
     with torch.no_grad():
         assert output_error(sunk(**g.inputs), lowered.graph_module(**g.inputs)).within(1e-5)
         errors = [float((m(**g.inputs).logits[:, 1:] - reference).pow(2).mean()) for m in (plain, sunk)]
@@ -162,7 +163,7 @@ def test_linear_inputs_with_first_token_grids_lower_to_two_int8_gemms(engine, ev
     g = build_model("bert", hidden=32, layers=2)
     qmodel, _ = outlierfx.quantize(g.model, [g.inputs], recipe="naive+sink", policy="linear-inputs", progress=False)
     result = Lower(engine)(qmodel)
-    split = [lin for lin in result.plan.linears if "first token(s) on their own" in lin.kernel]
+    split = [lin for lin in result.plan.linears if lin.kernel.first_tokens is not FirstTokens.NONE]
     assert split and all(lin.is_int8 for lin in result.plan.linears), result.plan.summary()
     modules = [m for m in result.graph_module.modules() if isinstance(m, QuantizedLinear) and m.sink is not None]
     layers = g.config.num_hidden_layers
@@ -174,7 +175,7 @@ def test_linear_inputs_with_first_token_grids_lower_to_two_int8_gemms(engine, ev
     assert not any(n.op == "call_module" and isinstance(gm.get_submodule(str(n.target)), FakeQuantize)
                    for n in gm.graph.nodes)
     if engine == "onednn":  # codes made for the attention input, the context and the FFN input; the
-        from outlierfx.quantizers.backends import two_grid_codes  # FFN-in GEMM hands its own on
+        from outlierfx.backends.runtime import two_grid_codes  # FFN-in GEMM hands its own on
 
         made = [n for n in result.graph_module.graph.nodes if n.target is two_grid_codes]
         assert len(made) == 3 * layers

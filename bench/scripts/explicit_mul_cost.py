@@ -17,8 +17,8 @@ import torch
 
 from outlierfx.api import quantize
 from outlierfx.benchmarks import load_with_calibration
-from outlierfx.compile import compile_int8
 from outlierfx.graph.copy import copy_graph_module
+from outlierfx.passes.lower import compile_int8
 from outlierfx.speed import interleaved_medians, speed_inputs
 
 CONSTANT_PREFIX = "outlierfx_quadapter_scale_"  # FoldQuadapter's kept x * s constants

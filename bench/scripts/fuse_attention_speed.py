@@ -17,13 +17,12 @@ import torch
 
 import outlierfx
 from outlierfx import corpus
-from outlierfx.compile import compile_int8
 from outlierfx.evaluate import EncoderEval
 from outlierfx.graph.compare import output_error, run
 from outlierfx.models import encode, load
 from outlierfx.passes import PassManager
 from outlierfx.passes.fuse_attention import FuseAttention
-from outlierfx.passes.lower import Lower
+from outlierfx.passes.lower import Lower, compile_int8
 from outlierfx.quantizers.observers import FakeQuantize
 
 

@@ -1,6 +1,6 @@
 """One int8 GEMM per engine against FP32 ``F.linear``: MiniLM's three Linear shapes, batch 8 x 128.
 
-Each row times the :class:`~outlierfx.quantizers.backends.QuantizedLinear` our lowering
+Each row times the :class:`~outlierfx.backends.int8_linear.QuantizedLinear` our lowering
 emits, float input quantized inside, float output: what every Linear of a ``linear-inputs``
 model runs. Median of 50 calls after 5 warm-up calls, 2 threads, one process.
 
@@ -21,7 +21,8 @@ from collections.abc import Callable
 
 import torch
 
-from outlierfx.quantizers.backends import AO_ENGINES, QuantizedLinear, has_float_output_kernel, has_int8_instructions
+from outlierfx.backends.int8_linear import EAGER_ENGINES, FLOAT_OUTPUT_ENGINES, QuantizedLinear
+from outlierfx.backends.runtime import has_int8_instructions
 
 SHAPES = [(1024, 384, 384), (1024, 384, 1536), (1024, 1536, 384)]  # tokens, in, out
 
@@ -42,7 +43,7 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     torch.set_num_threads(2)
-    engines = [e for e in AO_ENGINES if e in torch.backends.quantized.supported_engines and has_float_output_kernel(e)]
+    engines = [e for e in EAGER_ENGINES if e in torch.backends.quantized.supported_engines and e in FLOAT_OUTPUT_ENGINES]
     rows = []
     with torch.no_grad():
         for tokens, d_in, d_out in SHAPES:

@@ -13,6 +13,8 @@ import torch
 import torch.fx
 
 aten = torch.ops.aten
+# fused attention (FuseAttention writes it; the backends lower around it)
+SDPA = aten.scaled_dot_product_attention.default
 
 
 class OpKind(enum.Enum):

@@ -38,12 +38,11 @@ import torch.fx
 
 from ..graph import meta
 from ..graph.attrs import del_attr
-from ..graph.ops import OpKind, op_kind, tensor_val
+from ..graph.ops import SDPA, OpKind, op_kind, tensor_val
 from ..quantizers.observers import FakeQuantize
 from .base import GraphPass
 
 aten = torch.ops.aten
-SDPA = aten.scaled_dot_product_attention.default
 STEP = "FuseAttention"
 
 
@@ -105,7 +104,7 @@ class FuseAttention(GraphPass[FuseAttentionPlan]):
     """Replace each quantizer-free decomposed attention chain by one fused SDPA call.
 
     Run it on the fake-quant graph ``outlierfx.quantize`` returns (or any canonical graph)
-    before :class:`~outlierfx.passes.lower.Lower` / :func:`~outlierfx.compile_int8`.
+    before :class:`~outlierfx.passes.lower.Lower` / :func:`~outlierfx.passes.lower.compile_int8`.
     """
 
     # Exact up to float rounding on the float graph, but quantizers downstream of a chain turn

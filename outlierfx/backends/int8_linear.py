@@ -1,5 +1,4 @@
-"""Integer CPU backends: which torch.ao engines this machine has, and the int8 Linear module
-that runs on them.
+"""The int8 Linear the eager engines run: torch.ao's ``quantized::linear`` and oneDNN's GEMM.
 
 torch.ao's quantized engines (``fbgemm`` and ``x86`` on x86 CPUs, ``qnnpack`` for ARM, also
 built on x86) execute ``quantized::linear`` with per-channel int8 weights and uint8 activations;
@@ -10,140 +9,31 @@ output, and uses AMX/VNNI int8 instructions where the CPU has them (on this proj
 machines about 4x faster than fbgemm per GEMM; ``bench/int8_gemm.py``). Packed weights are
 specific to the engine and the CPU, so :class:`QuantizedLinear` stores the plain int8 weight
 and packs it on first use (also after loading a saved model in a new process).
+
+The engine tables below are what these kernels do; the backends' :class:`Capabilities` read them.
 """
 
 from __future__ import annotations
 
-import contextlib
-import warnings
-from collections.abc import Iterator
-
 import torch
 
-from ..errors import OutlierFXError
+from .capabilities import BackendError, PostOp
+from .runtime import clamp_to_grid, quantized_engine, quantized_tensors_quietly, two_grid_codes, uint8_codes
 
-# torch 2.13 warns on every quantized tensor it creates (and prints the graph line that did it);
-# choosing these engines is choosing quantized tensors, and the README says so once.
-warnings.filterwarnings("ignore", message=r".*quantized tensor creation functions.*")
-warnings.filterwarnings("ignore", message=r".*quantized tensors are deprecated.*")
-
-AO_ENGINES = ("fbgemm", "x86", "qnnpack", "onednn")
-BACKENDS = ("reference", "inductor", *AO_ENGINES)
+EAGER_ENGINES = ("fbgemm", "x86", "qnnpack", "onednn")  # torch.backends.quantized engines
 # Engines with an int8 GEMM whose output is float (the int32 accumulator scaled, no requantization).
-_FLOAT_OUTPUT_ENGINES = ("fbgemm", "x86", "onednn")
-GELU_ENGINES = ("onednn",)  # engines that fuse a GELU into the int8 GEMM (before any requantization)
-RESIDUAL_ENGINES = ("onednn",)  # engines that add a float residual to it inside the GEMM (a binary post-op)
+FLOAT_OUTPUT_ENGINES = ("fbgemm", "x86", "onednn")
+FUSED_POST_OPS = {
+    "fbgemm": frozenset({PostOp.REQUANTIZE}),
+    "x86": frozenset({PostOp.REQUANTIZE}),
+    "qnnpack": frozenset({PostOp.REQUANTIZE}),
+    # a GELU before any requantization; a float residual added in the GEMM (a binary post-op)
+    "onednn": frozenset({PostOp.REQUANTIZE, PostOp.GELU, PostOp.RESIDUAL_ADD}),
+}
 
 
-class BackendError(OutlierFXError):
-    """The requested integer backend is unknown or not available on this CPU."""
-
-
-def default_backend() -> str:
-    """``onednn`` on x86 CPUs with int8 dot-product instructions (VNNI or AMX), ``x86`` on
-    other x86 CPUs, else ``qnnpack`` (ARM)."""
-    engines = torch.backends.quantized.supported_engines
-    if "onednn" in engines and has_int8_instructions():
-        return "onednn"
-    return "x86" if "x86" in engines else "qnnpack"
-
-
-def has_int8_instructions() -> bool:
-    """Whether this CPU has VNNI or AMX int8 instructions (torch's own CPU probe)."""
-    probes = (getattr(torch.cpu, name, None) for name in ("_is_vnni_supported", "_is_amx_tile_supported"))
-    return any(probe is not None and probe() for probe in probes)
-
-
-def check_backend(name: str) -> str:
-    if name not in BACKENDS:
-        raise BackendError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
-    if name in AO_ENGINES and name not in torch.backends.quantized.supported_engines:
-        have = ", ".join(e for e in torch.backends.quantized.supported_engines if e in AO_ENGINES) or "none"
-        raise BackendError(f"backend {name!r} is not available on this CPU (this torch build has: {have})")
-    return name
-
-
-def has_bf16_instructions() -> bool:
-    """Whether oneDNN runs bfloat16 natively on this CPU (AVX512-BF16 or AMX)."""
-    probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
-    return bool(torch.backends.mkldnn.is_available() and probe is not None and probe())
-
-
-def bf16_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
-                   scale: float | None = None) -> torch.Tensor:
-    """Fused attention in bfloat16 on ``q``/``k``/``v`` that int8 GEMMs wrote in bfloat16;
-    float output (the quantizer of the output projection's input reads it). An additive float
-    mask is clamped to bfloat16's finite range (a float32 lowest value would round to -inf)."""
-    if attn_mask is not None and attn_mask.dtype != torch.bool:
-        attn_mask = attn_mask.clamp(min=torch.finfo(torch.bfloat16).min).to(torch.bfloat16)
-    bf16 = torch.bfloat16
-    out = torch.nn.functional.scaled_dot_product_attention(q.to(bf16), k.to(bf16), v.to(bf16), attn_mask=attn_mask,
-                                                           scale=scale)
-    return out.float()
-
-
-def has_float_output_kernel(engine: str) -> bool:
-    return engine in _FLOAT_OUTPUT_ENGINES
-
-
-def uint8_codes(x: torch.Tensor) -> torch.Tensor:
-    """The codes of a quint8 tensor as a plain uint8 tensor on the same memory (``int_repr``
-    copies, at ~50x the cost on a 8 x 128 x 384 activation)."""
-    if x.dtype != torch.quint8:
-        raise TypeError(f"expected a quint8 tensor, got {x.dtype}")
-    codes = torch.empty(0, dtype=torch.uint8, device=x.device)
-    return codes.set_(x.untyped_storage(), x.storage_offset(), x.shape, x.stride())
-
-
-@contextlib.contextmanager
-def quantized_engine(engine: str) -> Iterator[None]:
-    previous = torch.backends.quantized.engine
-    torch.backends.quantized.engine = engine
-    try:
-        yield
-    finally:
-        torch.backends.quantized.engine = previous
-
-
-def clamp_to_grid(x: torch.Tensor, scale: float, zero_point: int, qmin: int, qmax: int) -> torch.Tensor:
-    """A grid narrower than uint8 (A6, A4) saturates inside it: clamp there, so the codes match."""
-    if (qmin, qmax) == (0, 255):
-        return x
-    return x.clamp((qmin - zero_point) * scale, (qmax - zero_point) * scale)
-
-
-def two_grid_codes(x: torch.Tensor, n: int, scale: float, zero_point: int, sink_scale: float, sink_zero_point: int,
-                   qmin: int = 0, qmax: int = 255) -> torch.Tensor:
-    """uint8 codes of ``x`` on ``(scale, zero_point)``, except the first ``n`` positions of a
-    ``[batch, seq, ...]`` input (longer than ``n``), on ``(sink_scale, sink_zero_point)``: what
-    ``FakeQuantize.on_grids`` simulates. A grid narrower than uint8 saturates at ``[qmin, qmax]``."""
-
-    def codes(v: torch.Tensor, s: float, z: int) -> torch.Tensor:
-        return uint8_codes(torch.quantize_per_tensor(clamp_to_grid(v, s, z, qmin, qmax).contiguous(), s, z, torch.quint8))
-
-    out = codes(x, scale, zero_point)
-    if n and x.dim() >= 3 and x.shape[1] > n:
-        out[:, :n] = codes(x[:, :n], sink_scale, sink_zero_point)
-    return out
-
-
-def two_grid_dequantize(codes: torch.Tensor, n: int, scale: float, zero_point: int, sink_scale: float,
-                        sink_zero_point: int) -> torch.Tensor:
-    """The values of :func:`two_grid_codes`' codes, for the float ops that read them (torch's
-    quint8 dequantize kernel: ~30x faster than ``fake_quantize_per_tensor_affine`` here)."""
-    values = torch._make_per_tensor_quantized_tensor(codes, scale, zero_point).dequantize()
-    if n and codes.dim() >= 3 and codes.shape[1] > n:
-        head = codes[:, :n].contiguous()
-        values[:, :n] = torch._make_per_tensor_quantized_tensor(head, sink_scale, sink_zero_point).dequantize()
-    return values
-
-
-def mask_or_none(bias: torch.Tensor) -> torch.Tensor | None:
-    """An additive attention bias, or ``None`` where it is all zeros (a batch without padding):
-    adding zeros changes no score, and torch's fused attention kernel runs ~10% faster without
-    a mask (MiniLM, 8 x 12 heads x 128 x 32, 2 threads). One check per forward, shared by the
-    layers; data-dependent, so eager engines only."""
-    return None if not bool(bias.any()) else bias
+def _fuses(engine: str, post_op: PostOp) -> bool:
+    return post_op in FUSED_POST_OPS[engine]
 
 
 class QuantizedLinear(torch.nn.Module):
@@ -161,10 +51,10 @@ class QuantizedLinear(torch.nn.Module):
         super().__init__()
         if weight_int8.dtype != torch.int8:
             raise ValueError(f"weight must be int8, got {weight_int8.dtype}")
-        if out_qparams is None and not has_float_output_kernel(engine):
+        if out_qparams is None and engine not in FLOAT_OUTPUT_ENGINES:
             raise BackendError(f"engine {engine} has no int8 GEMM with float output")
-        if gelu is not None and (engine not in GELU_ENGINES or gelu not in ("none", "tanh")):
-            raise BackendError(f"a fused GELU ({gelu!r}) needs one of {', '.join(GELU_ENGINES)}")
+        if gelu is not None and (not _fuses(engine, PostOp.GELU) or gelu not in ("none", "tanh")):
+            raise BackendError(f"a fused GELU ({gelu!r}) needs an engine that fuses it, not {engine}")
         self.register_buffer("weight_int8", weight_int8.contiguous())
         self.register_buffer("weight_scale", weight_scale.detach().double())  # no copy if already float64
         self.register_buffer("bias", None if bias is None else bias.detach().float())
@@ -183,9 +73,9 @@ class QuantizedLinear(torch.nn.Module):
         # (n, scale, zero point) of the first n output positions; with a requantized output the
         # module then returns plain uint8 codes (two grids fit no quint8 tensor)
         self.sink_out = None if sink_out is None else (int(sink_out[0]), float(sink_out[1]), int(sink_out[2]))
-        if residual and (engine not in RESIDUAL_ENGINES or out_qparams is not None or gelu is not None):
-            raise BackendError(f"a fused residual add needs a float output without GELU on one of "
-                               f"{', '.join(RESIDUAL_ENGINES)}")
+        if residual and (not _fuses(engine, PostOp.RESIDUAL_ADD) or out_qparams is not None or gelu is not None):
+            raise BackendError(f"a fused residual add needs a float output without GELU on an engine that "
+                               f"fuses it, not {engine}")
         self.residual = residual  # forward takes a second float tensor, added to the output in the kernel
         # onednn with out_qparams: return the plain uint8 codes (set by Lower when only other onednn
         # GEMMs read them; wrapping them in a quint8 tensor copies them)
@@ -210,9 +100,8 @@ class QuantizedLinear(torch.nn.Module):
             self._packed = (torch.ops.onednn.qlinear_prepack(self.weight_int8, None), self.weight_scale.float(), zeros,
                             row_sums)
             return self._packed
-        qweight = torch._make_per_channel_quantized_tensor(self.weight_int8, self.weight_scale, zeros, 0)
-        with quantized_engine(self.engine), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch 2.13 warns that quantized tensors are deprecated
+        with quantized_engine(self.engine), quantized_tensors_quietly():
+            qweight = torch._make_per_channel_quantized_tensor(self.weight_int8, self.weight_scale, zeros, 0)
             self._packed = torch.ops.quantized.linear_prepack(qweight, self.bias)
         return self._packed
 
@@ -223,12 +112,13 @@ class QuantizedLinear(torch.nn.Module):
         Returns the quint8 output with ``out_qparams``, else float."""
         if (residual is not None) != self.residual:
             raise ValueError("pass a residual exactly when the module was built with residual=True")
-        if residual is not None:
-            shape = (*x.shape[:-1], self.out_features)
-            if tuple(residual.shape) != shape or residual.dtype != torch.float32:  # a broadcast: add outside
-                return self._run(x, None) + residual
-            residual = residual.contiguous()  # the post-op reads it densely: a strided view gives wrong sums
-        return self._run(x, residual)
+        with quantized_tensors_quietly():
+            if residual is not None:
+                shape = (*x.shape[:-1], self.out_features)
+                if tuple(residual.shape) != shape or residual.dtype != torch.float32:  # a broadcast: add outside
+                    return self._run(x, None) + residual
+                residual = residual.contiguous()  # the post-op reads it densely: a strided view gives wrong sums
+            return self._run(x, residual)
 
     def _run(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
         packed = self._packed if self._packed is not None else self._pack()

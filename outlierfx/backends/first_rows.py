@@ -1,7 +1,7 @@
 """First-token grids in the reference form: the first rows ride along as a small shadow graph.
 
 A ``+sink`` quantizer puts the first ``n`` positions of a ``[batch, seq, ...]`` activation on a
-grid of their own. In the reference form (:mod:`outlierfx.passes.lower`) it becomes
+grid of their own. In the reference form (:mod:`outlierfx.backends.reference`) it becomes
 
     main = dequantize(quantize(x, main grid))              every row: the int8 GEMM's input
     head = dequantize(quantize(x[:, :n], first grid))      the first rows on their grid

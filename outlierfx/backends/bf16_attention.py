@@ -22,9 +22,9 @@ from collections.abc import Callable
 import torch
 import torch.fx
 
-from ..graph.ops import is_call
-from ..quantizers.backends import QuantizedLinear, bf16_attention
-from .fuse_attention import SDPA
+from ..graph.ops import SDPA, is_call
+from .int8_linear import QuantizedLinear
+from .runtime import bf16_attention
 
 aten = torch.ops.aten
 qd = torch.ops.quantized_decomposed
