@@ -2,7 +2,7 @@
 
 :class:`InputGrid` is the part of an activation quantizer that decides a Linear's kernel. It is
 built from a calibrated :class:`FakeQuantize` (the Lower plan) or from a bare
-:class:`QuantSpec` (before calibration, :meth:`Backend.linear_kernel`), so both decisions go
+:class:`QuantSpec` (before calibration, :meth:`~outlierfx.backends.base.Backend.linear_kernel`), so both decisions go
 through the same code.
 """
 
@@ -120,7 +120,7 @@ def fusable_residual(linear: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Nod
     """``(add, other)`` when ``linear``'s only reader is ``add(linear, other)`` (either order):
     the residual connection after an attention output or FFN projection, which oneDNN adds
     inside the GEMM. Where the recorded shapes show a broadcast or another dtype, no; where
-    there are none (the eager stage runs on a copy without them), :class:`QuantizedLinear`
+    there are none (the eager stage runs on a copy without them), :class:`~outlierfx.backends.int8_linear.QuantizedLinear`
     checks at run time and adds outside the kernel if it must."""
     if len(linear.users) != 1:
         return None

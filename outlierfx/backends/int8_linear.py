@@ -10,7 +10,7 @@ machines about 4x faster than fbgemm per GEMM; ``bench/int8_gemm.py``). Packed w
 specific to the engine and the CPU, so :class:`QuantizedLinear` stores the plain int8 weight
 and packs it on first use (also after loading a saved model in a new process).
 
-The engine tables below are what these kernels do; the backends' :class:`Capabilities` read them.
+The engine tables below are what these kernels do; the backends' :class:`~outlierfx.backends.capabilities.Capabilities` read them.
 """
 
 from __future__ import annotations

@@ -235,7 +235,7 @@ class ReferenceLowering:
 def split_first_tokens(gm: torch.fx.GraphModule) -> None:
     """Reference form of the first-token-grid quantizers that stage 1 left simulated: the whole
     tensor on the main grid and its first positions again on theirs, carried through the
-    row-wise ops that follow as a pair (:func:`~outlierfx.passes.first_rows.follow_first_rows`),
+    row-wise ops that follow as a pair (:func:`~outlierfx.backends.first_rows.follow_first_rows`),
     so that the main graph keeps inductor's int8 patterns. Exact for inputs longer than the
     first positions; an input of exactly that many positions takes the first-token grid, where
     the fake-quant model keeps the main one."""

@@ -11,7 +11,7 @@ its own; the runner (:mod:`outlierfx.recipes.runner`) adds the fixed ones:
 - (``ConvertToFakeQuant``), then lowering to the backend.
 
 Passes that need run-time data (the calibration batches, the policy's weight spec, whether to
-show progress) say so in :attr:`Step.supply`; the runner hands it to them, so a recipe holds no
+show progress) say so in ``Step.supply``; the runner hands it to them, so a recipe holds no
 data and can be built, compared, printed and validated before any model is seen. Composition is
 checked when a recipe is made: a pass in the wrong stage, a pass twice, or a pass before the one
 it builds on is refused with :class:`RecipeError`.
