@@ -104,8 +104,10 @@ def test_mixed_precision_report_lists_every_wider_tensor():
     wide = [r for r in rows if r["quantization"].startswith("uint16")]
     assert len(wide) == 2 * 4  # per block: FFN input, FFN output, two residual sums
     assert all("16 bit" in r["why"] for r in wide)
-    assert [r["quantization"] for r in rows if r not in wide] == ["float"]  # the model output
-    assert "tensors not at W8A8" in report.to_text()
+    assert rows == wide  # the model output is kept float by design, not "not at target"
+    kept = report.kept_float()
+    assert [r["quantization"] for r in kept] == ["float"] and "model output" in kept[0]["why"]
+    assert "tensors not at W8A8" in report.to_text() and "1 tensors kept float by policy mp16" in report.to_text()
     assert report.as_dict()["recipe"] == "mp16"
 
 
