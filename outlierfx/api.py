@@ -97,11 +97,11 @@ class QuantizationReport:
     def to_json(self) -> str:
         return json.dumps(self.as_dict(), indent=2)
 
-    def headline(self) -> str:
-        """One line: which recipe on which backend, and why it was chosen."""
+    def headline(self, why: bool = True) -> str:
+        """One line: which recipe on which backend (and, with ``why``, why it was chosen)."""
         chosen = f"preset {self.preset} -> recipe {self.recipe}" if self.preset else f"recipe {self.recipe}"
         line = f"{chosen}, {self.bits}, policy {self.policy}, backend {self.backend}"
-        return line + (f" ({self.why})" if self.why else "")
+        return line + (f" ({self.why})" if why and self.why else "")
 
     def to_text(self) -> str:
         lines = [self.headline(), f"calibrated on {self.calibration_batches} batches in "
@@ -162,16 +162,16 @@ def quantize(
         fit = backend_fit(graph, target, quant_policy.weight)
         fits.append(fit)
         if not fit.whole_int8:
-            warnings.warn(f"recipe {chosen.name!r} on {target}: {fit.summary()}", OutlierFXWarning, stacklevel=3)
+            warnings.warn(f"recipe {chosen.name!r} on {target}: {fit.summary()}", OutlierFXWarning, stacklevel=4)
 
     run = run_recipe(gm, chosen, quant_policy, batches, progress=progress,
                      before_calibration=flag if target is not None else None)
     run_id = uuid.uuid4().hex
     run.graph_module.meta[meta.GM_RUN_ID] = run_id
-    report = QuantizationReport(chosen.name, str(widths), quant_policy.name, run.audit, run.placement,
-                                run.calibration_seconds, len(batches), preset=chosen_preset.goal.value if chosen_preset else None,
-                                why=chosen_preset.why if chosen_preset else None, backend_fit=fits[0] if fits else None, run_id=run_id,
-                                graphs=RunGraphs(gm, run.graph_module))
+    report = QuantizationReport(
+        chosen.name, str(widths), quant_policy.name, run.audit, run.placement, run.calibration_seconds, len(batches),
+        preset=chosen_preset.goal.value if chosen_preset else None, why=chosen_preset.why if chosen_preset else None,
+        backend_fit=fits[0] if fits else None, run_id=run_id, graphs=RunGraphs(gm, run.graph_module))
     if target is not None:
         return lower(run.graph_module, report, target, progress=progress)
     return QuantizationResult(run.graph_module, report)

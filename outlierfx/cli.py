@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 import pathlib
 import sys
+import textwrap
 import time
+import warnings
 from collections.abc import Sequence
+from typing import Any
 
 from .errors import OutlierFXError
 
@@ -18,14 +21,9 @@ def _demo(args: argparse.Namespace) -> int:
     from . import corpus
     from .api import quantize
     from .backends import default_backend
-    from .evaluate import EncoderEval
     from .models import encode, load
-    from .report import build_report
-    from .serialize import save_quantized, size_on_disk_mb
-    from .speed import interleaved_medians, speed_inputs, state_size_mb
 
     torch.manual_seed(0)
-    out = pathlib.Path(args.out)
     backend = args.backend or default_backend()
     loaded = load("minilm")
     texts = corpus.wikipedia_sample("calibration", 64)
@@ -34,40 +32,52 @@ def _demo(args: argparse.Namespace) -> int:
           f"64 Wikipedia paragraphs")
     start = time.perf_counter()
     int8, report = quantize(loaded.model, calibration, backend=backend, progress=not args.quiet)
-    print(f"  {report.headline()}")
-    lowered = next(e.plan for e in reversed(report.audit.entries) if e.pass_name == "Lower")
-    int8_linears = sum(1 for linear in lowered.linears if linear.is_int8)
-    print(f"  quantized in {time.perf_counter() - start:.0f}s: {int8_linears}/{len(lowered.linears)} Linears on int8 "
-          f"kernels")
-    if backend == "inductor":
-        print("  compiling with inductor (first call)")
-
-    evaluator = EncoderEval.build(loaded, sentences=64)
-    reference = evaluator.embeddings(loaded.model)
-    quality = {"FP32": evaluator.metrics(loaded.model, reference), f"int8 ({backend})": evaluator.metrics(int8, reference)}
-    q = quality[f"int8 ({backend})"]
-    print(f"  quality on 64 held-out paragraphs: embedding cosine vs FP32 {q['cosine']:.4f}; Lee-50 correlation "
-          f"{q['lee50']:.4f} (FP32 {quality['FP32']['lee50']:.4f})")
-    inputs = speed_inputs(loaded, 8, args.seq)
-    seconds = interleaved_medians({"FP32": loaded.model, f"int8 ({backend})": int8}, inputs, args.rounds)
-    fp32_ms, int8_ms = (s * 1000 for s in seconds.values())
-    print(f"  latency, batch 8 x {args.seq}, median of {args.rounds} interleaved runs: FP32 {fp32_ms:.1f} ms, "
-          f"int8 {int8_ms:.1f} ms (x{int8_ms / fp32_ms:.2f})")
-    saved = save_quantized(int8.reference if backend == "inductor" else int8, out / "model-int8",
-                           {"recipe": report.recipe, "bits": report.bits, "backend": backend}, overwrite=True)
-    fp32_mb, int8_mb = state_size_mb(loaded.model), size_on_disk_mb(saved)
-    print(f"  size: FP32 {fp32_mb:.1f} MB -> int8 {int8_mb:.1f} MB (x{int8_mb / fp32_mb:.2f})")
-    latency = {"FP32": {"latency_ms": round(fp32_ms, 2), "ratio_vs_fp32": 1.0, "size_mb": round(fp32_mb, 1)},
-               f"int8 ({backend})": {"latency_ms": round(int8_ms, 2), "ratio_vs_fp32": round(int8_ms / fp32_ms, 3),
-                                     "size_mb": round(int8_mb, 1)}}
-    report = report.with_measurements(quality=quality, latency=latency)
+    _print_quantized(report, time.perf_counter() - start)
+    saved, report = _save_measure_and_report(pathlib.Path(args.out), loaded, int8, report, calibration,
+                                             model_dir="model-int8", rounds=args.rounds, progress=not args.quiet)
     if args.verbose:
         print(report.to_text())
-    html, _ = build_report(out, model=loaded.model, qmodel=int8, report=report, batches=calibration[:4],
-                           error_batches=evaluator.batches[:4], tokenizer=loaded.tokenizer, model_name=loaded.name,
-                           progress=not args.quiet, overwrite=True)
-    print(f"  model: {saved}\n  audit report: {html} (every pass, its plan and its numeric check)")
     return 0
+
+
+def _print_quantized(report: Any, seconds: float) -> None:
+    """The preset and why (wrapped), and how many Linears run on int8 kernels."""
+    print(f"  {report.headline(why=False)}")
+    if report.why:
+        print(textwrap.fill(f"why: {report.why}", width=100, initial_indent="  ", subsequent_indent="    "))
+    if report.backend_fit is not None and not report.backend_fit.whole_int8:
+        print(textwrap.fill(report.backend_fit.summary(), width=100, initial_indent="  ", subsequent_indent="    "))
+    lowered = [e.plan for e in report.audit if e.pass_name == "Lower"]
+    done = f"  quantized in {seconds:.0f}s"
+    if lowered:
+        int8_linears = sum(1 for linear in lowered[-1].linears if linear.is_int8)
+        done += f": {int8_linears}/{len(lowered[-1].linears)} Linears on int8 kernels"
+    print(done)
+
+
+def _save_measure_and_report(out: pathlib.Path, loaded: Any, int8: Any, report: Any, batches: list, *,
+                             model_dir: str | None, rounds: int, progress: bool, measured: bool = True) -> tuple:
+    """Save the int8 model (into ``out/model_dir``, or ``out`` itself), measure it against FP32,
+    write the audit report; print where everything went. Returns (saved folder, measured report)."""
+    from .measure import measure
+    from .report import build_report
+    from .serialize import save_quantized, size_on_disk_mb
+
+    backend = report.backend
+    saved = save_quantized(int8.reference if backend == "inductor" else int8, out / model_dir if model_dir else out,
+                           {"model": loaded.name, "recipe": report.recipe, "bits": report.bits, "backend": backend},
+                           overwrite=True)
+    if measured:
+        if backend == "inductor":
+            print("  compiling the int8 model with inductor (first call; minutes on 2 cores)")
+        label = f"int8 ({backend})"
+        measurement = measure(loaded, int8, label, rounds=rounds, size_mb=size_on_disk_mb(saved))
+        print("\n".join("  " + line for line in measurement.lines(label)))
+        report = report.with_measurements(quality=measurement.quality, latency=measurement.latency)
+    html, _ = build_report(out, report=report, batches=batches[:4], tokenizer=loaded.tokenizer,
+                           model_name=loaded.name, progress=progress, overwrite=True)
+    print(f"  model: {saved}\n  audit report: {html} (every pass, its plan and its numeric check)")
+    return saved, report
 
 
 def _analyze(args: argparse.Namespace) -> int:
@@ -153,11 +163,9 @@ def _quantize(args: argparse.Namespace) -> int:
     import json
 
     from . import corpus
-    from .api import lower, quantize
+    from .api import quantize
     from .backends import check_backend, default_backend
     from .models import load
-    from .report import build_report
-    from .serialize import save_quantized
 
     out = pathlib.Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
@@ -173,16 +181,15 @@ def _quantize(args: argparse.Namespace) -> int:
                                          source=source)
     print(f"quantizing {loaded.name} ({recipe or 'preset fast'}, {args.bits}, backend {backend}) on {len(batches)} "
           f"batches from {source}")
+    start = time.perf_counter()
     model, report = quantize(loaded.model, batches, recipe=recipe, bits=args.bits, policy=args.policy,
                              backend=backend, progress=True)
-    saved = save_quantized(model.reference if backend == "inductor" else model, out,
-                           {"model": loaded.name, "recipe": report.recipe, "bits": args.bits, "backend": backend},
-                           overwrite=args.force)
+    _print_quantized(report, time.perf_counter() - start)
+    _, report = _save_measure_and_report(out, loaded, model, report, batches, model_dir=None, rounds=args.rounds,
+                                         progress=True, measured=not args.no_measure)
     (out / "quantization.json").write_text(json.dumps(report.as_dict(), indent=1, default=str))
-    html, _ = build_report(out, report=report, batches=batches[:4], tokenizer=loaded.tokenizer,
-                           model_name=loaded.name, progress=True, overwrite=args.force)
-    print(report.to_text() if args.verbose else report.headline())
-    print(f"wrote {saved}, {html} and {out / 'quantization.json'}")
+    if args.verbose:
+        print(report.to_text())
     return 0
 
 
@@ -214,9 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
     quant = sub.add_parser("quantize", help="quantize a model to int8 and save it with its audit report")
     quant.add_argument("model", help="minilm, smollm2, or a local Hugging Face model folder")
     quant.add_argument("--recipe", default=None,
-                       help="a preset, fast (default) or accurate, or a paper recipe: naive, os, peg, smooth-fold+sink...")
+                       help="a preset, fast (default) or accurate, or a paper recipe: naive, os, peg, smooth-peg...")
     quant.add_argument("--bits", default="W8A8", help="e.g. W8A8 (default), W6A6, W4A8")
-    quant.add_argument("--backend", default=None, help="onednn (default on x86 CPUs with VNNI/AMX), x86, fbgemm, qnnpack, inductor, reference")
+    quant.add_argument("--backend", default=None,
+                       help="onednn (default on x86 CPUs with VNNI/AMX), x86, fbgemm, qnnpack, inductor, reference")
     quant.add_argument("--policy", default=None, help="override the recipe's policy: full, linear-inputs, mp16")
     quant.add_argument("--fine", action="store_true",
                        help="add the fine stage: learn every activation range against the output (recipe+lsq)")
@@ -228,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
     quant.add_argument("--force", action="store_true", help="write into a non-empty output directory")
     quant.add_argument("--verbose", action="store_true", help="print every pass's plan")
+    quant.add_argument("--no-measure", action="store_true",
+                       help="skip the quality and latency measurement against FP32 (held-out text)")
+    quant.add_argument("--rounds", type=int, default=10, help="timed runs per model for the latency measurement")
     quant.set_defaults(func=_quantize)
     analyze = sub.add_parser("analyze", help="outlier report (table, PNG heatmap, JSON) before/after gamma migration")
     analyze.add_argument("model", nargs="?", default=None, help="minilm, smollm2, or a local Hugging Face model folder")
@@ -267,6 +278,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # The command line owns its process: torch's notice that quantized tensors are deprecated (the
+    # eager int8 engines use them) is not something its user can act on. The library leaves the
+    # filters alone.
+    warnings.filterwarnings("ignore", message=r".*quantized tensor.*deprecated.*", category=UserWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\._inductor\..*")  # compiler internals
     if args.command == "analyze":
         args.model = args.model_opt or args.model
         if not args.model:

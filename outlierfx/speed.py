@@ -202,5 +202,5 @@ def format_row(row: dict[str, Any]) -> str:
     m = row["metrics"]
     quality = "  ".join(f"{k} {m[k]}" for k in ("cosine", "lee50", "ppl_wiki", "ppl_news") if k in m)
     size = f"{m['size_mb']:7.1f} MB" if "size_mb" in m else "      - MB"
-    return (f"{row['recipe']:18} {row['backend']:9} {m['latency_ms']:9.1f} ms  x{m['latency_ratio_vs_fp32']:.3f}  "
+    return (f"{row['recipe']:24} {row['backend']:9} {m['latency_ms']:9.1f} ms  x{m['latency_ratio_vs_fp32']:.3f}  "
             f"{size}  {quality}")

@@ -244,30 +244,3 @@ class EagerLowering:
             call = self.graph.call_function(target, args)
         meta.inherit(call, node, STEP)
         self.quantized[q_out] = call
-
-    def _elementwise(self, node: torch.fx.Node) -> None:
-        """add / layer_norm with int8 inputs and an int8 output -> torch.ao's quantized kernel."""
-        q_out = self._output_value(node)
-        if q_out is None:
-            return
-        if node.target is aten.add.Tensor:
-            if len(node.args) != 2 or node.kwargs:
-                return
-            inputs = [self._uint8_value(a) for a in node.args]
-            if any(q is None for q in inputs):
-                return
-            args = (*(self._quint8(q) for q in inputs), q_out.args[1], q_out.args[2])
-            target = torch.ops.quantized.add.default
-        else:
-            q_in = self._uint8_value(node.args[0])
-            if q_in is None:
-                return
-            args = list(node.args) + [None] * (5 - len(node.args))
-            shape, weight, bias = args[1], args[2], args[3]
-            eps = args[4] if args[4] is not None else node.kwargs.get("eps", 1e-5)
-            args = (self._quint8(q_in), shape, weight, bias, eps, q_out.args[1], q_out.args[2])
-            target = torch.ops.quantized.layer_norm.default
-        with self.graph.inserting_before(node):
-            call = self.graph.call_function(target, args)
-        meta.inherit(call, node, STEP)
-        self.quantized[q_out] = call

@@ -162,7 +162,8 @@ class Recipe:
         """Refuse a pass in the wrong stage, a pass twice, or a pass before the one it builds on."""
         seen: list[str] = []
         for stage, step in self.steps:
-            if not (isinstance(step, Step) and isinstance(step.pass_type, type) and issubclass(step.pass_type, GraphPass)):
+            pass_type = getattr(step, "pass_type", None)
+            if not (isinstance(step, Step) and isinstance(pass_type, type) and issubclass(pass_type, GraphPass)):
                 raise RecipeError(f"recipe {self.name!r}: {step!r} is not a Step of a GraphPass type")
             name = step.name
             if name in seen:

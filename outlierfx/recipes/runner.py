@@ -44,7 +44,7 @@ def run_recipe(gm: torch.fx.GraphModule, recipe: Recipe, policy: QuantPolicy,
     if before_calibration is not None:
         before_calibration(prepared.graph_module, placement)
     calibration = Calibrate(batches, progress=progress)
-    finished = PassManager([calibration, *recipe.build(Stage.FINISH, context),
-                            ConvertToFakeQuant(policy.weight, policy.embedding)], progress=progress)(prepared.graph_module)
+    finish = [calibration, *recipe.build(Stage.FINISH, context), ConvertToFakeQuant(policy.weight, policy.embedding)]
+    finished = PassManager(finish, progress=progress)(prepared.graph_module)
     audit = AuditTrail(prepared.audit.entries + finished.audit.entries)
     return RecipeRun(finished.graph_module, audit, placement, calibration.seconds)
