@@ -26,6 +26,7 @@ import torch
 from . import corpus
 from .api import lower, quantize
 from .backends.inductor import CompiledInt8
+from .backends.runtime import cpu_description
 from .benchmarks import CALIBRATION, calibration_batches
 from .backends.inductor import CompiledInt8
 from .evaluate import DecoderEval, EncoderEval
@@ -193,7 +194,7 @@ def speed(model_name: str, recipe: str | None = None, bits: str = "W8A8", backen
         rows.append(row)
         say(format_row(row))
     env = {"torch": torch.__version__, "python": platform.python_version(), "threads": threads, "rounds": rounds,
-           "batch": batch, "seq": seq, "cpu": platform.processor() or platform.machine(),
+           "batch": batch, "seq": seq, "cpu": cpu_description(),
            "policies": sorted({r.policy for _, r, _ in simulated.values()})}
     return {"rows": rows, "env": env}
 

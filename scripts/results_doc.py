@@ -31,7 +31,7 @@ LEADING_METRICS = ("cosine", "lee50", "ppl_wiki", "ppl_news", "latency_ms", "lat
 # Perplexities get a "vs FP32" column: the file's FP32 row is the reference they are read against.
 RATIO_METRICS = ("ppl_wiki", "ppl_news")
 HEADER_NAMES = {"latency_ratio_vs_fp32": "latency vs FP32", "size_ratio_vs_fp32": "size vs FP32"}
-ENV_KEYS = ("policy", "threads", "rounds", "batch", "seq", "torch")
+ENV_KEYS = ("policy", "threads", "rounds", "batch", "seq", "torch", "cpu")
 
 Row = dict[str, Any]
 

@@ -38,6 +38,24 @@ def has_bf16_instructions() -> bool:
     return bool(torch.backends.mkldnn.is_available() and probe is not None and probe())
 
 
+def cpu_description() -> str:
+    """The CPU model and the int8/bf16 instructions the kernels use, for benchmark records:
+    latency ratios differ by CPU (oneDNN's int8 GEMMs gain most with AMX)."""
+    import pathlib
+    import platform
+
+    model = platform.processor() or platform.machine()
+    cpuinfo = pathlib.Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                 if line.startswith("model name")]
+        model = names[0] if names else model
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    features = [name for name, present in (("VNNI", has_int8_instructions()), ("AMX", amx is not None and amx()),
+                                           ("BF16", has_bf16_instructions())) if present]
+    return f"{model} ({', '.join(features) or 'no VNNI/AMX/BF16'})"
+
+
 @contextlib.contextmanager
 def quantized_engine(engine: str) -> Iterator[None]:
     previous = torch.backends.quantized.engine
