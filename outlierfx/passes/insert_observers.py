@@ -48,9 +48,12 @@ class InsertObserversPlan:
                 counts[r.value] = counts.get(r.value, 0) + 1
         lines = [f"policy {self.policy}: {len(observed)} activation observers ("
                  + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + ")"]
-        wide = [p for p in self.points if p.reason]
+        kept = sum(1 for p in self.points if p.reason and p.spec is None)
+        wide = sum(1 for p in self.points if p.reason and p.spec is not None)
+        if kept:
+            lines.append(f"{kept} role-bearing tensors kept float by the policy (listed in the report)")
         if wide:
-            lines.append(f"{len(wide)} role-bearing tensors not at the default width or float (see the report)")
+            lines.append(f"{wide} tensors at another width than the default (listed in the report)")
         return "\n".join(lines)
 
 
