@@ -11,7 +11,8 @@ from outlierfx.graph.attrs import fetch_attr
 from outlierfx.graph.probe import probe
 from outlierfx.passes import MigrateGamma, PassManager, RotateResidual
 from outlierfx.quantizers.hadamard import hadamard
-from outlierfx.recipes import get_recipe
+from outlierfx.recipes import Recipe, get_recipe
+from outlierfx.recipes.papers import MIGRATE
 from outlierfx.testing import DECODER_FAMILIES, OutlierSpec, assert_equivalent, build_model, transformer_models
 
 TOL = RotateResidual.output_rel_tol  # 1e-5 of the output's max |value|: fp32 rounding, measured <= 2.6e-6
@@ -176,3 +177,18 @@ def test_the_rotate_recipe_and_its_suffixes():
     assert [s.name for s in recipe.prepare] == ["MigrateGamma", "RotateResidual"]
     assert recipe.default_policy == "linear-inputs"
     assert [s.name for s in get_recipe("rotate+sink+gptq").finish] == ["GPTQ"]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_rotate_recipe_quantizes_with_less_error_than_gamma_migration_alone(seed):
+    # fake quant (simulated W8A8), per-tensor activations on every Linear input for both
+    g = build_model("llama", hidden=64, heads=4, layers=2, seed=seed,
+                    outliers=OutlierSpec(gamma_scale=20.0, embedding_scale=100.0, channels=(3, 17)))
+    migrate_only = Recipe("migrate", "gamma migration alone", prepare=(MIGRATE,), default_policy="linear-inputs")
+    reference = g.model(**g.inputs).logits
+    errors = {}
+    for recipe in (migrate_only, "rotate"):
+        qmodel, report = outlierfx.quantize(g.model, [g.inputs], recipe=recipe, bits="W8A8", progress=False)
+        errors[report.recipe] = float((qmodel(**g.inputs).logits - reference).abs().max() / reference.abs().max())
+    assert errors["rotate"] < errors["migrate"], errors
+    assert [(e.pass_name, e.modified) for e in report.audit][:2] == [("MigrateGamma", True), ("RotateResidual", True)]
