@@ -23,6 +23,8 @@ the stream; any other op reading or writing the stream.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.fx
@@ -86,65 +88,12 @@ class RotateResidual(GraphPass[RotateResidualPlan]):
     def analyze(self, gm: torch.fx.GraphModule) -> RotateResidualPlan:
         view = GraphView(gm)
         blockers: list[tuple[str, str]] = []
-        shortcut_of = {r.add: r.shortcut for r in view.residual_adds}
-        adds = set(shortcut_of)
-        stream = adds | set(shortcut_of.values())
-        if not adds:
+        if not view.residual_adds:
             blockers.append(("graph", "no residual stream found"))
-
-        embeddings, writers = [], []
-        for r in view.residual_adds:
-            if is_kind(r.branch, OpKind.LINEAR):
-                writers.append(r.branch)
-            else:
-                blockers.append((_where(r.branch), f"writes the stream through {r.branch.target}, not a Linear"))
-            if r.shortcut in adds:
-                continue
-            if is_kind(r.shortcut, OpKind.EMBEDDING) and r.shortcut.args[0].op == "get_attr":
-                embeddings.append(r.shortcut)
-            elif is_kind(r.origin, OpKind.LAYER_NORM, OpKind.RMS_NORM):
-                blockers.append((_where(r.origin), "post-LN: the stream is a norm output, and LayerNorm does not "
-                                                   "commute with a rotation of its input"))
-            elif is_kind(r.shortcut, OpKind.ADD) and any(is_kind(a, OpKind.EMBEDDING) for a in r.shortcut.args[:2]):
-                blockers.append((_where(r.shortcut), "learned absolute position embeddings are added to the stream"))
-            else:
-                blockers.append((_where(r.shortcut), f"the stream starts at {r.shortcut.target}, not an embedding"))
-
-        sites = {site.norm: site for site in view.norm_sites}
-        readers, outputs, with_gamma = [], [], []
-        for node in sorted(stream, key=view.order.__getitem__):
-            for user in node.users:
-                if shortcut_of.get(user) is node or user.op == "output":
-                    if user.op == "output":
-                        outputs.append((user, node))
-                    continue
-                site = sites.get(user)
-                if site is None or user.args[0] is not node:
-                    blockers.append((_where(user), f"{user.target} reads the stream and cannot absorb a rotation"))
-                elif site.kind is OpKind.LAYER_NORM:
-                    blockers.append((_where(user), "LayerNorm subtracts the mean, which does not commute with a "
-                                                   "rotation of its input (post-LN encoders, GPT-2)"))
-                elif site.is_post_ln:
-                    blockers.append((_where(user), "the norm output is carried on the stream (post-LN)"))
-                else:
-                    if len(user.args) > 2 and user.args[2] is not None:
-                        with_gamma.append(_where(user))
-                    readers += site.linears
-                    for other in site.others:
-                        # the graph output, or an op feeding only the output (MigrateGamma's "* gamma"
-                        # on a base model's last_hidden_state): un-rotate the edge into it
-                        if other.op == "output" or all(u.op == "output" for u in other.users):
-                            outputs.append((other, site.operand(other)))
-                        else:
-                            blockers.append((_where(other), f"{other.target} reads a norm of the stream"))
-
-        uses = [(n, n.args[0], _RIGHT) for n in embeddings] + [(n, n.args[1], _RIGHT) for n in readers]
-        for n in writers:
-            uses.append((n, n.args[1], _LEFT))
-            if len(n.args) > 2 and n.args[2] is not None:
-                uses.append((n, n.args[2], _RIGHT))  # the bias is a row of the output: b Q
-        tied = _check_tensors(gm, uses, blockers)
-        hidden = _hidden_size(stream)
+        embeddings, writers = _sources_and_writers(view, blockers)
+        readers, outputs, with_gamma = _readers(view, blockers)
+        tied = _check_tensors(gm, _tensor_uses(embeddings, readers, writers), blockers)
+        hidden = _hidden_size(_stream(view))
         if blockers:
             return RotateResidualPlan(hidden, self.seed, "", (), (), (), (), (), tuple(dict.fromkeys(blockers)))
         if with_gamma:
@@ -158,7 +107,9 @@ class RotateResidual(GraphPass[RotateResidualPlan]):
         if not plan.applicable:
             return False
         q = plan.rotation
-        for target, how in _rotated_tensors(plan).items():
+        uses = _tensor_uses(plan.embeddings, plan.readers, plan.writers)
+        rotated = {str(tensor.target): how for _, tensor, how in uses}
+        for target, how in rotated.items():
             old = fetch_attr(gm, target)
             value = old.detach().double()
             value = value @ q if how == _RIGHT else q.T @ value
@@ -179,18 +130,85 @@ class RotateResidual(GraphPass[RotateResidualPlan]):
         return True
 
 
-def _rotated_tensors(plan: RotateResidualPlan) -> dict[str, str]:
-    """Each tensor target the plan rotates, and how."""
-    out = {str(n.args[0].target): _RIGHT for n in plan.embeddings}
-    out |= {str(n.args[1].target): _RIGHT for n in plan.readers}
-    for n in plan.writers:
-        out[str(n.args[1].target)] = _LEFT
+def _stream(view: GraphView) -> set[torch.fx.Node]:
+    """The tensors carrying the hidden state: every residual add and every shortcut."""
+    return {r.add for r in view.residual_adds} | {r.shortcut for r in view.residual_adds}
+
+
+def _sources_and_writers(view: GraphView, blockers: list[tuple[str, str]]
+                         ) -> tuple[list[torch.fx.Node], list[torch.fx.Node]]:
+    """The embeddings the stream starts at and the Linears adding into it; ``blockers`` gets
+    whatever else starts or writes the stream."""
+    adds = {r.add for r in view.residual_adds}
+    embeddings, writers = [], []
+    for r in view.residual_adds:
+        if is_kind(r.branch, OpKind.LINEAR):
+            writers.append(r.branch)
+        else:
+            blockers.append((_where(r.branch), f"writes the stream through {r.branch.target}, not a Linear"))
+        if r.shortcut in adds:
+            continue
+        if is_kind(r.shortcut, OpKind.EMBEDDING) and r.shortcut.args[0].op == "get_attr":
+            embeddings.append(r.shortcut)
+        elif is_kind(r.origin, OpKind.LAYER_NORM, OpKind.RMS_NORM):
+            blockers.append((_where(r.origin), "post-LN: the stream is a norm output, and LayerNorm does not "
+                                               "commute with a rotation of its input"))
+        elif is_kind(r.shortcut, OpKind.ADD) and any(is_kind(a, OpKind.EMBEDDING) for a in r.shortcut.args[:2]):
+            blockers.append((_where(r.shortcut), "learned absolute position embeddings are added to the stream"))
+        else:
+            blockers.append((_where(r.shortcut), f"the stream starts at {r.shortcut.target}, not an embedding"))
+    return embeddings, writers
+
+
+def _readers(view: GraphView, blockers: list[tuple[str, str]]
+             ) -> tuple[list[torch.fx.Node], list[tuple[torch.fx.Node, torch.fx.Node]], list[str]]:
+    """The Linears reading an RMSNorm of the stream, the (consumer, operand) edges into the graph
+    output that need ``x @ Q^T``, and the stream norms still carrying gamma; ``blockers`` gets
+    every other reader of the stream."""
+    shortcut_of = {r.add: r.shortcut for r in view.residual_adds}
+    sites = {site.norm: site for site in view.norm_sites}
+    readers, outputs, with_gamma = [], [], []
+    for node in sorted(_stream(view), key=view.order.__getitem__):
+        for user in node.users:
+            if shortcut_of.get(user) is node:
+                continue
+            if user.op == "output":
+                outputs.append((user, node))
+                continue
+            site = sites.get(user)
+            if site is None or user.args[0] is not node:
+                blockers.append((_where(user), f"{user.target} reads the stream and cannot absorb a rotation"))
+            elif site.kind is OpKind.LAYER_NORM:
+                blockers.append((_where(user), "LayerNorm subtracts the mean, which does not commute with a "
+                                               "rotation of its input (post-LN encoders, GPT-2)"))
+            elif site.is_post_ln:
+                blockers.append((_where(user), "the norm output is carried on the stream (post-LN)"))
+            else:
+                if len(user.args) > 2 and user.args[2] is not None:
+                    with_gamma.append(_where(user))
+                readers += site.linears
+                for other in site.others:
+                    # the graph output, or an op feeding only the output (MigrateGamma's "* gamma" on
+                    # a base model's last_hidden_state): un-rotate the edge into it
+                    if other.op == "output" or (other.users and all(u.op == "output" for u in other.users)):
+                        outputs.append((other, site.operand(other)))
+                    else:
+                        blockers.append((_where(other), f"{other.target} reads a norm of the stream"))
+    return readers, outputs, with_gamma
+
+
+def _tensor_uses(embeddings: Sequence[torch.fx.Node], readers: Sequence[torch.fx.Node],
+                 writers: Sequence[torch.fx.Node]) -> list[tuple[torch.fx.Node, Any, str]]:
+    """(consumer, the tensor argument to rotate, how) for every tensor the rotation touches."""
+    uses = [(n, n.args[0], _RIGHT) for n in embeddings] + [(n, n.args[1], _RIGHT) for n in readers]
+    for n in writers:
+        uses.append((n, n.args[1], _LEFT))
         if len(n.args) > 2 and n.args[2] is not None:
-            out[str(n.args[2].target)] = _RIGHT
-    return out
+            uses.append((n, n.args[2], _RIGHT))  # the bias is a row of the output: b Q
+    return uses
 
 
-def _check_tensors(gm: torch.fx.GraphModule, uses: list[tuple[torch.fx.Node, object, str]],
+def _check_tensors(gm: torch.fx.GraphModule, uses: list[tuple[torch.fx.Node, Any, str]],
                    blockers: list[tuple[str, str]]) -> tuple[str, ...]:
     """Every tensor to rotate must be a parameter whose every reader wants the same rotation
     (a tied embedding and lm_head both want E Q). Returns the targets read by several ops."""
