@@ -24,6 +24,7 @@ _EXPORTS: dict[str, str] = {
     # passes, in recipe order
     "DetectNorms": "detect_norms",
     "MigrateGamma": "migrate_gamma",
+    "RotateResidual": "rotate_residual",
     "InsertObservers": "insert_observers",
     "GroupChannels": "group_channels",
     "Calibrate": "calibrate",
@@ -59,6 +60,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ im
     from .migrate_gamma import MigrateGamma
     from .qat import QAT
     from .quadapter import InsertQuadapter
+    from .rotate_residual import RotateResidual
     from .train_quadapter import TrainQuadapter
 
 

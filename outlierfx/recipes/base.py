@@ -118,10 +118,12 @@ def _short(value: Any) -> str:
 # Where the known passes belong, and which pass each builds on (it must come earlier in the
 # recipe). A user's own pass types are free to go anywhere.
 def _stage_rules() -> tuple[dict[str, Stage], dict[str, str]]:
-    stage = {"MigrateGamma": Stage.PREPARE, "DetectNorms": Stage.PREPARE, "GroupChannels": Stage.OBSERVE}
+    stage = {"MigrateGamma": Stage.PREPARE, "DetectNorms": Stage.PREPARE, "RotateResidual": Stage.PREPARE,
+             "GroupChannels": Stage.OBSERVE}
     for name in ("ClipTokenwise", "InsertQuadapter", "TrainQuadapter", "FoldQuadapter", "QAT", "LearnRanges", "GPTQ"):
         stage[name] = Stage.FINISH
-    builds_on = {"TrainQuadapter": "InsertQuadapter", "FoldQuadapter": "InsertQuadapter"}
+    builds_on = {"TrainQuadapter": "InsertQuadapter", "FoldQuadapter": "InsertQuadapter",
+                 "RotateResidual": "MigrateGamma"}
     return stage, builds_on
 
 

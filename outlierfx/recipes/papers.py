@@ -22,6 +22,10 @@ They keep their names for research and audit; users who want a model to run pick
 - ``best``: PEG with K=24 range-sized groups on every channel-axis activation, MSE-clipped
   weight rows rounded by GPTQ, policy ``full`` (the best ``full``-policy recipe measured; every
   Linear lowers to 24 int8 sub-GEMMs).
+- ``rotate``: gamma migration, then the residual stream rotated by a seeded randomized Hadamard
+  matrix folded into the embedding and the Linears around the stream (QuaRot's exact rotation);
+  policy ``linear-inputs``. Models without a rotatable stream (LayerNorm) run it as ``os`` without
+  clipping: the rotation pass does not apply and says why.
 - Suffixes, applied left to right: ``+lsq`` (the fine stage, :class:`~outlierfx.passes.LearnRanges`),
   ``+gptq`` (:class:`~outlierfx.passes.GPTQ` weight rounding), ``+sink`` (the first token of each
   sequence on an activation grid of its own). A suffix that repeats a pass is refused.
@@ -42,6 +46,7 @@ from ..passes.migrate_gamma import MigrateGamma
 from ..passes.qat import QAT
 from ..passes.fold_quadapter import FoldQuadapter
 from ..passes.quadapter import InsertQuadapter
+from ..passes.rotate_residual import RotateResidual
 from ..passes.train_quadapter import TrainQuadapter
 from ..quantizers.spec import Estimator
 from .base import Need, Recipe, RecipeError, Step, UnknownRecipeError, step
@@ -161,6 +166,14 @@ def _registry() -> dict[str, Recipe]:
                        "clipped to its MSE-optimal range, rounded by GPTQ",
                observe=(step(GroupChannels, groups=24, roles=CHANNEL_ROLES, grouping="range"),),
                finish=(gptq_step(),), weight_estimator=Estimator.MSE),
+        Recipe("rotate", "gamma migration, then the residual stream rotated by a seeded randomized Hadamard matrix "
+                         "folded into the embedding and every Linear reading or writing it (exact; RMSNorm decoders "
+                         "only); per-tensor activations on every Linear input",
+               # every channel's gamma must leave the norm for the rotation to be exact; RMSNorm has no
+               # beta, so migrating a tiny gamma only scales Linear columns (LayerNorm offsets stay
+               # guarded by max_offset)
+               prepare=(step(MigrateGamma, min_gamma_ratio=0.0), step(RotateResidual)),
+               default_policy="linear-inputs"),
     ]
     return {r.name: r for r in recipes}
 

@@ -69,4 +69,4 @@ def build_report(
 
 
 # Passes that rewrite the float model (the rest place, calibrate, clip or round quantizers).
-REWRITE_PASSES = ("MigrateGamma", "InsertQuadapter", "FoldQuadapter")
+REWRITE_PASSES = ("MigrateGamma", "RotateResidual", "InsertQuadapter", "FoldQuadapter")

@@ -1,7 +1,8 @@
 """Small transformer models built from transformers' own classes with random configurations.
 
 Families: ``bert`` (post-LN encoder), ``gpt2`` (pre-LN decoder, Conv1D layers) and ``llama``
-(RMSNorm decoder, optional biases, grouped-query attention). Outliers can be injected the way
+(RMSNorm decoder, optional biases, grouped-query attention); ``qwen2`` (q/k/v biases) and
+``mistral`` are the other RMSNorm decoders (``DECODER_FAMILIES``), outside the default mix. Outliers can be injected the way
 they appear in trained models: LayerNorm/RMSNorm gamma with a few huge channels, gamma with
 exact zeros, and embedding dimensions with large values.
 """
@@ -18,6 +19,7 @@ import torch
 from hypothesis import strategies as st
 
 FAMILIES = ("bert", "gpt2", "llama")
+DECODER_FAMILIES = ("llama", "qwen2", "mistral")  # pre-norm RMSNorm decoders
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +46,7 @@ class GeneratedModel:
 
 
 def _config(family: str, hidden: int, heads: int, layers: int, ffn: int, vocab: int, options: dict) -> Any:
-    from transformers import BertConfig, GPT2Config, LlamaConfig
+    from transformers import BertConfig, GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
 
     if family == "bert":
         return BertConfig(vocab_size=vocab, hidden_size=hidden, num_attention_heads=heads, num_hidden_layers=layers,
@@ -59,13 +61,20 @@ def _config(family: str, hidden: int, heads: int, layers: int, ffn: int, vocab: 
                            num_hidden_layers=layers, intermediate_size=ffn, max_position_embeddings=64,
                            attention_bias=options.get("bias", False), mlp_bias=options.get("bias", False),
                            tie_word_embeddings=options.get("tied", False))
-    raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
+    if family in ("qwen2", "mistral"):
+        config_class = Qwen2Config if family == "qwen2" else MistralConfig
+        return config_class(vocab_size=vocab, hidden_size=hidden, num_attention_heads=heads,
+                            num_key_value_heads=options.get("kv_heads", heads), num_hidden_layers=layers,
+                            intermediate_size=ffn, max_position_embeddings=64, sliding_window=None,
+                            tie_word_embeddings=options.get("tied", False))
+    raise ValueError(f"unknown family {family!r}; choose from {FAMILIES + DECODER_FAMILIES[1:]}")
 
 
 def _model_class(family: str) -> type:
-    from transformers import BertModel, GPT2LMHeadModel, LlamaForCausalLM
+    from transformers import BertModel, GPT2LMHeadModel, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
 
-    return {"bert": BertModel, "gpt2": GPT2LMHeadModel, "llama": LlamaForCausalLM}[family]
+    return {"bert": BertModel, "gpt2": GPT2LMHeadModel, "llama": LlamaForCausalLM, "qwen2": Qwen2ForCausalLM,
+            "mistral": MistralForCausalLM}[family]
 
 
 def _norm_weights(model: torch.nn.Module) -> list[torch.Tensor]:
@@ -141,9 +150,10 @@ def transformer_models(draw: st.DrawFn, families: tuple[str, ...] = FAMILIES, ou
     head_dim = draw(st.sampled_from([4, 8, 16]))
     heads = draw(st.sampled_from([1, 2, 4]))
     options: dict[str, Any] = {}
-    if family == "llama":
+    if family in DECODER_FAMILIES:
         options["kv_heads"] = draw(st.sampled_from([h for h in (1, 2, 4) if heads % h == 0]))
-        options["bias"] = draw(st.booleans())
+        if family == "llama":
+            options["bias"] = draw(st.booleans())
         options["tied"] = draw(st.booleans())
     if family == "bert":
         options["act"] = draw(st.sampled_from(["gelu", "relu", "gelu_new"]))
