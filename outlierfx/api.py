@@ -20,7 +20,7 @@ from .passes.insert_observers import InsertObserversPlan
 from .passes.lower import Lower
 from .passes.manager import PassManager
 from .quantizers.policy import QuantPolicy, parse_bits
-from .recipes import BackendFit, Recipe, backend_fit, choose, run_recipe
+from .recipes import SIMULATED, BackendFit, Recipe, backend_fit, choose, run_recipe
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +45,7 @@ class QuantizationReport:
     placement: InsertObserversPlan
     calibration_seconds: float
     calibration_batches: int
-    backend: str = "fake-quant"
+    backend: str = SIMULATED
     preset: str | None = None  # "fast" / "accurate" where quantize() chose the recipe
     why: str | None = None  # why that recipe on that backend
     backend_fit: BackendFit | None = None  # checked before calibration

@@ -25,7 +25,7 @@ from ..graph.compare import float_leaves
 from ..graph.copy import copy_graph_module
 from ..graph.probe import flatten_inputs, probe
 from ..graph.view import GraphView
-from ..quantizers.observers import FakeQuantize, Observer
+from ..quantizers.observers import FakeQuantize, Observer, quantizers_disabled
 from ..quantizers.spec import Estimator, Granularity
 from .base import GraphPass
 
@@ -142,15 +142,8 @@ class _Search:
         self.order = {n: i for i, n in enumerate(self.work.graph.nodes)}
         self.evaluations = 0
         self.on_evaluation: Callable[[], object] = lambda: None
-        with torch.no_grad():
-            for fq in self._fake_quants():
-                fq.enabled = False
+        with torch.no_grad(), quantizers_disabled(self.work):
             self.reference = [float_leaves(torch.fx.Interpreter(self.work).run(*x)) for x in self.inputs]
-            for fq in self._fake_quants():
-                fq.enabled = True
-
-    def _fake_quants(self) -> list[FakeQuantize]:
-        return [m for m in self.work.children() if isinstance(m, FakeQuantize)]
 
     def _set(self, choice: Mapping[str, float]) -> None:
         for name, options in self.params.items():

@@ -117,17 +117,14 @@ def _short(value: Any) -> str:
 
 # Where the known passes belong, and which pass each builds on (it must come earlier in the
 # recipe). A user's own pass types are free to go anywhere.
-def _stage_rules() -> tuple[dict[str, Stage], dict[str, str]]:
-    stage = {"MigrateGamma": Stage.PREPARE, "DetectNorms": Stage.PREPARE, "RotateResidual": Stage.PREPARE,
-             "GroupChannels": Stage.OBSERVE}
-    for name in ("ClipTokenwise", "InsertQuadapter", "TrainQuadapter", "FoldQuadapter", "QAT", "LearnRanges", "GPTQ"):
-        stage[name] = Stage.FINISH
-    builds_on = {"TrainQuadapter": "InsertQuadapter", "FoldQuadapter": "InsertQuadapter",
-                 "RotateResidual": "MigrateGamma"}
-    return stage, builds_on
-
-
-STAGE_OF, BUILDS_ON = _stage_rules()
+STAGE_OF: dict[str, Stage] = {
+    **dict.fromkeys(("MigrateGamma", "DetectNorms", "RotateResidual"), Stage.PREPARE),
+    "GroupChannels": Stage.OBSERVE,
+    **dict.fromkeys(("ClipTokenwise", "InsertQuadapter", "TrainQuadapter", "FoldQuadapter", "QAT", "LearnRanges",
+                     "GPTQ"), Stage.FINISH),
+}
+BUILDS_ON: dict[str, str] = {"TrainQuadapter": "InsertQuadapter", "FoldQuadapter": "InsertQuadapter",
+                             "RotateResidual": "MigrateGamma"}
 
 
 @dataclasses.dataclass(frozen=True)

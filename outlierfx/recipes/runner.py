@@ -43,8 +43,8 @@ def run_recipe(gm: torch.fx.GraphModule, recipe: Recipe, policy: QuantPolicy,
     placement = next(e.plan for e in prepared.audit.entries if isinstance(e.plan, InsertObserversPlan))
     if before_calibration is not None:
         before_calibration(prepared.graph_module, placement)
-    calibration = Calibrate(batches, progress=progress)
-    finish = [calibration, *recipe.build(Stage.FINISH, context), ConvertToFakeQuant(policy.weight, policy.embedding)]
+    finish = [Calibrate(batches, progress=progress), *recipe.build(Stage.FINISH, context), ConvertToFakeQuant(policy.weight, policy.embedding)]
     finished = PassManager(finish, progress=progress)(prepared.graph_module)
     audit = AuditTrail(prepared.audit.entries + finished.audit.entries)
-    return RecipeRun(finished.graph_module, audit, placement, calibration.seconds)
+    calibration_seconds = next(e.seconds for e in finished.audit.entries if e.pass_name == Calibrate.__name__)
+    return RecipeRun(finished.graph_module, audit, placement, calibration_seconds)
