@@ -12,6 +12,8 @@ from collections.abc import Iterator
 import torch
 import torch.fx
 
+from . import hadamard_op  # noqa: F401  (registers torch.ops.outlierfx.hadamard, which rotated graphs call)
+
 aten = torch.ops.aten
 # fused attention (FuseAttention writes it; the backends lower around it)
 SDPA = aten.scaled_dot_product_attention.default

@@ -24,6 +24,8 @@ _EXPORTS: dict[str, str] = {
     # passes, in recipe order
     "DetectNorms": "detect_norms",
     "MigrateGamma": "migrate_gamma",
+    "RotateFFN": "rotate_ffn",
+    "RotateHeads": "rotate_heads",
     "RotateResidual": "rotate_residual",
     "InsertObservers": "insert_observers",
     "GroupChannels": "group_channels",
@@ -60,6 +62,8 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ im
     from .migrate_gamma import MigrateGamma
     from .qat import QAT
     from .quadapter import InsertQuadapter
+    from .rotate_ffn import RotateFFN
+    from .rotate_heads import RotateHeads
     from .rotate_residual import RotateResidual
     from .train_quadapter import TrainQuadapter
 

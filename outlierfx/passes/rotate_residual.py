@@ -24,21 +24,20 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 import torch.fx
 
 from ..errors import PassError
 from ..graph import meta
-from ..graph.attrs import fetch_attr, set_attr, unique_attr_name
+from ..graph.attrs import set_attr, unique_attr_name
 from ..graph.ops import OpKind, aten, is_kind, tensor_val
 from ..graph.view import GraphView
 from ..quantizers.hadamard import hadamard
 from .base import GraphPass
+from .rotation_folding import RIGHT, Use, check_tensors, fold, linear_uses
 
 NAME = "RotateResidual"
-_RIGHT, _LEFT = "W Q", "Q^T W"  # how a tensor is rotated: its last axis reads the stream / its rows write it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +91,7 @@ class RotateResidual(GraphPass[RotateResidualPlan]):
             blockers.append(("graph", "no residual stream found"))
         embeddings, writers = _sources_and_writers(view, blockers)
         readers, outputs, with_gamma = _readers(view, blockers)
-        tied = _check_tensors(gm, _tensor_uses(embeddings, readers, writers), blockers)
+        tied = check_tensors(gm, _tensor_uses(embeddings, readers, writers), blockers, _where)
         hidden = _hidden_size(_stream(view))
         if blockers:
             return RotateResidualPlan(hidden, self.seed, "", (), (), (), (), (), tuple(dict.fromkeys(blockers)))
@@ -108,14 +107,7 @@ class RotateResidual(GraphPass[RotateResidualPlan]):
             return False
         q = plan.rotation
         uses = _tensor_uses(plan.embeddings, plan.readers, plan.writers)
-        rotated = {str(tensor.target): how for _, tensor, how in uses}
-        for target, how in rotated.items():
-            old = fetch_attr(gm, target)
-            value = old.detach().double()
-            value = value @ q if how == _RIGHT else q.T @ value
-            value = value.to(old.dtype)
-            set_attr(gm, target, torch.nn.Parameter(value, requires_grad=False)
-                     if isinstance(old, torch.nn.Parameter) else value)
+        fold(gm, {str(tensor.target): (how, q) for _, tensor, how in uses})
         if plan.unrotated_outputs:
             target = unique_attr_name(gm, "residual_rotation_inverse")
             dtype = tensor_val(plan.unrotated_outputs[0][1]).dtype
@@ -198,36 +190,9 @@ def _readers(view: GraphView, blockers: list[tuple[str, str]]
 
 
 def _tensor_uses(embeddings: Sequence[torch.fx.Node], readers: Sequence[torch.fx.Node],
-                 writers: Sequence[torch.fx.Node]) -> list[tuple[torch.fx.Node, Any, str]]:
+                 writers: Sequence[torch.fx.Node]) -> list[Use]:
     """(consumer, the tensor argument to rotate, how) for every tensor the rotation touches."""
-    uses = [(n, n.args[0], _RIGHT) for n in embeddings] + [(n, n.args[1], _RIGHT) for n in readers]
-    for n in writers:
-        uses.append((n, n.args[1], _LEFT))
-        if len(n.args) > 2 and n.args[2] is not None:
-            uses.append((n, n.args[2], _RIGHT))  # the bias is a row of the output: b Q
-    return uses
-
-
-def _check_tensors(gm: torch.fx.GraphModule, uses: list[tuple[torch.fx.Node, Any, str]],
-                   blockers: list[tuple[str, str]]) -> tuple[str, ...]:
-    """Every tensor to rotate must be a parameter whose every reader wants the same rotation
-    (a tied embedding and lm_head both want E Q). Returns the targets read by several ops."""
-    wanted: dict[str, set[tuple[torch.fx.Node, str]]] = {}
-    for node, tensor, how in uses:
-        if not isinstance(tensor, torch.fx.Node) or tensor.op != "get_attr":
-            blockers.append((_where(node), "its weight or bias is computed, not a parameter"))
-            continue
-        wanted.setdefault(str(tensor.target), set()).add((node, how))
-    readers: dict[str, set[torch.fx.Node]] = {}
-    for n in gm.graph.nodes:
-        if n.op == "get_attr" and str(n.target) in wanted:
-            readers.setdefault(str(n.target), set()).update(n.users)
-    for target, found in wanted.items():
-        if len({how for _, how in found}) > 1:
-            blockers.append((target, "needs two different rotations (read and written by the stream)"))
-        elif readers[target] - {node for node, _ in found}:
-            blockers.append((target, "shared with an op outside the rotated stream"))
-    return tuple(sorted(t for t, r in readers.items() if len(r) > 1))
+    return [(n, n.args[0], RIGHT) for n in embeddings] + linear_uses(readers, writers)
 
 
 def _hidden_size(stream: set[torch.fx.Node]) -> int:

@@ -53,20 +53,69 @@ def hadamard(d: int, seed: int = 0) -> Rotation:
     return Rotation(signs[:, None] * matrix / d**0.5, construction)
 
 
+class KroneckerRotation(NamedTuple):
+    """An orthogonal ``d x d`` rotation ``kron(left, right)``, applied to a vector x without
+    building it: viewed as a ``c x p`` matrix X, ``x kron(L, R)`` is ``L^T X R`` (c + p
+    multiply-adds per element instead of d). What an *online* transform runs."""
+
+    left: Rotation  # c x c (the identity where d has no split into two Hadamard orders)
+    right: Rotation  # p x p
+
+    @property
+    def construction(self) -> str:
+        return f"[{self.left.construction}] x [{self.right.construction}]"
+
+    @property
+    def matrix(self) -> torch.Tensor:
+        return torch.kron(self.left.matrix, self.right.matrix)
+
+
+# Online transforms cost c + p multiply-adds per element; factors stay at most this size (a
+# bound on that cost and on building Paley matrices, not a tuned value).
+MAX_FACTOR = 1024
+
+
+def kronecker_hadamard(d: int, seed: int = 0) -> KroneckerRotation:
+    """A seeded ``d x d`` Hadamard rotation as ``kron(left, right)`` with the smallest ``c + p``
+    (d = 1536: 32 x 48), both at most ``MAX_FACTOR``; where ``d`` has no such split into two
+    known Hadamard orders, the largest known order ``p`` dividing ``d`` with an identity
+    ``left`` (Llama-7B's 11008 = 43 x 256): a block-diagonal rotation, still exact, spreading
+    outliers within blocks of ``p`` channels only."""
+    splits = [(c, d // c) for c in range(1, min(d, MAX_FACTOR) + 1) if d % c == 0 and d // c <= MAX_FACTOR]
+    known = [(c, p) for c, p in splits if _construction(c) and _construction(p)]
+    if known:
+        c, p = min(known, key=lambda split: (split[0] + split[1], split[0]))
+        return KroneckerRotation(hadamard(c, seed), hadamard(p, seed + 1))
+    p = max(p for p in range(1, min(d, MAX_FACTOR) + 1) if d % p == 0 and _construction(p))
+    identity = Rotation(torch.eye(d // p, dtype=torch.float64), "identity")
+    return KroneckerRotation(identity, hadamard(p, seed + 1))
+
+
 def _hadamard_pm1(d: int) -> tuple[torch.Tensor, str] | None:
     """An unnormalized +-1 Hadamard matrix of order ``d`` and how it was built, or None."""
+    found = _construction(d)
+    if found is None:
+        return None
+    name, q, power = found
+    if name == "sylvester":
+        return _sylvester(d), name
+    core = (_paley1 if name == "paley1" else _paley2)(d // power)
+    if power == 1:
+        return core, f"{name}({q})"
+    return torch.kron(core, _sylvester(power)), f"{name}({q}) x sylvester"
+
+
+def _construction(d: int) -> tuple[str, int, int] | None:
+    """How a Hadamard matrix of order ``d`` is built, without building it: (``"sylvester"``,
+    0, d), or (``"paley1"``/``"paley2"``, q, the power of two the Paley core is tensored with)."""
     power = d & -d  # the largest power of two dividing d
     while power >= 1:  # core = d / power: the odd part first, then doubling
         core = d // power
         if core == 1:
-            return _sylvester(d), "sylvester"
-        for build, name in ((_paley1, "paley1"), (_paley2, "paley2")):
-            built = build(core)
-            if built is not None:
-                matrix, q = built
-                if power == 1:
-                    return matrix, f"{name}({q})"
-                return torch.kron(matrix, _sylvester(power)), f"{name}({q}) x sylvester"
+            return "sylvester", 0, d
+        for name, q in (("paley1", _paley1_q(core)), ("paley2", _paley2_q(core))):
+            if q is not None:
+                return name, q, power
         power //= 2
     return None
 
@@ -90,23 +139,27 @@ def _jacobsthal(q: int) -> torch.Tensor:
     return chi[(idx[None, :] - idx[:, None]) % q]
 
 
-def _paley1(order: int) -> tuple[torch.Tensor, int] | None:
+def _paley1_q(order: int) -> int | None:
     q = order - 1
-    if order < 4 or not _is_prime(q) or q % 4 != 3:
-        return None
+    return q if order >= 4 and q % 4 == 3 and _is_prime(q) else None
+
+
+def _paley2_q(order: int) -> int | None:
+    q = order // 2 - 1
+    return q if order % 2 == 0 and q % 4 == 1 and _is_prime(q) else None
+
+
+def _paley1(order: int) -> torch.Tensor:
+    q = order - 1
     s = torch.zeros(order, order, dtype=torch.float64)  # skew conference matrix
     s[0, 1:], s[1:, 0], s[1:, 1:] = 1.0, -1.0, _jacobsthal(q)
-    return torch.eye(order, dtype=torch.float64) + s, q
+    return torch.eye(order, dtype=torch.float64) + s
 
 
-def _paley2(order: int) -> tuple[torch.Tensor, int] | None:
-    if order % 2:
-        return None
+def _paley2(order: int) -> torch.Tensor:
     q = order // 2 - 1
-    if not _is_prime(q) or q % 4 != 1:
-        return None
     c = torch.zeros(q + 1, q + 1, dtype=torch.float64)  # symmetric conference matrix
     c[0, 1:], c[1:, 0], c[1:, 1:] = 1.0, 1.0, _jacobsthal(q)
     plus = torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64)
     zero = torch.tensor([[1.0, -1.0], [-1.0, -1.0]], dtype=torch.float64)
-    return torch.kron(c, plus) + torch.kron((c == 0).to(torch.float64), zero), q
+    return torch.kron(c, plus) + torch.kron((c == 0).to(torch.float64), zero)

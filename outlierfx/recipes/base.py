@@ -118,7 +118,7 @@ def _short(value: Any) -> str:
 # Where the known passes belong, and which pass each builds on (it must come earlier in the
 # recipe). A user's own pass types are free to go anywhere.
 STAGE_OF: dict[str, Stage] = {
-    **dict.fromkeys(("MigrateGamma", "DetectNorms", "RotateResidual"), Stage.PREPARE),
+    **dict.fromkeys(("MigrateGamma", "DetectNorms", "RotateResidual", "RotateHeads", "RotateFFN"), Stage.PREPARE),
     "GroupChannels": Stage.OBSERVE,
     **dict.fromkeys(("ClipTokenwise", "InsertQuadapter", "TrainQuadapter", "FoldQuadapter", "QAT", "LearnRanges",
                      "GPTQ"), Stage.FINISH),

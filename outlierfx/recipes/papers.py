@@ -46,6 +46,8 @@ from ..passes.migrate_gamma import MigrateGamma
 from ..passes.qat import QAT
 from ..passes.fold_quadapter import FoldQuadapter
 from ..passes.quadapter import InsertQuadapter
+from ..passes.rotate_ffn import RotateFFN
+from ..passes.rotate_heads import RotateHeads
 from ..passes.rotate_residual import RotateResidual
 from ..passes.train_quadapter import TrainQuadapter
 from ..quantizers.spec import Estimator
@@ -57,6 +59,10 @@ SINK_SUFFIX = "+sink"
 
 _DATA = {"batches": Need.BATCHES, "progress": Need.PROGRESS}
 MIGRATE = step(MigrateGamma)
+# every channel's gamma must leave the norm for the residual rotation to be exact; RMSNorm has no
+# beta, so migrating a tiny gamma only scales Linear columns (LayerNorm offsets stay guarded by
+# max_offset)
+ROTATIONS = (step(MigrateGamma, min_gamma_ratio=0.0), step(RotateResidual), step(RotateHeads), step(RotateFFN))
 CLIP = step(ClipTokenwise, _DATA)
 PEG6 = step(GroupChannels, groups=6)
 
@@ -166,14 +172,12 @@ def _registry() -> dict[str, Recipe]:
                        "clipped to its MSE-optimal range, rounded by GPTQ",
                observe=(step(GroupChannels, groups=24, roles=CHANNEL_ROLES, grouping="range"),),
                finish=(gptq_step(),), weight_estimator=Estimator.MSE),
-        Recipe("rotate", "gamma migration, then the residual stream rotated by a seeded randomized Hadamard matrix "
-                         "folded into the embedding and every Linear reading or writing it (exact; RMSNorm decoders "
-                         "only); per-tensor activations on every Linear input",
-               # every channel's gamma must leave the norm for the rotation to be exact; RMSNorm has no
-               # beta, so migrating a tiny gamma only scales Linear columns (LayerNorm offsets stay
-               # guarded by max_offset)
-               prepare=(step(MigrateGamma, min_gamma_ratio=0.0), step(RotateResidual)),
-               default_policy="linear-inputs"),
+        Recipe("rotate", "QuaRot's exact rotations: gamma migration, then the residual stream rotated by a seeded "
+                         "randomized Hadamard matrix folded into the embedding and every Linear reading or writing "
+                         "it (RMSNorm decoders only), each attention head's values rotated (folded into the value "
+                         "and output Linears), and an online Hadamard transform before each FFN output Linear; "
+                         "per-tensor activations on every Linear input",
+               prepare=ROTATIONS, default_policy="linear-inputs"),
     ]
     return {r.name: r for r in recipes}
 
