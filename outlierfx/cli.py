@@ -150,7 +150,7 @@ def _bench_accuracy(args: argparse.Namespace) -> int:
             parse_bits(b)
     except ValueError as exc:
         raise OutlierFXError(str(exc)) from exc
-    result = accuracy(args.model, args.bits, recipes, policy=args.policy)
+    result = accuracy(args.model, args.bits, recipes, policy=args.policy, backend=args.backend)
     print()
     print_table(result)
     if args.json:
@@ -258,6 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     acc.add_argument("--recipes", default="naive,mp16", help="comma-separated recipe names")
     acc.add_argument("--policy", default=None, help="override the recipe's policy: full, linear-inputs, mp16")
     acc.add_argument("--fine", action="store_true", help="run every recipe with the fine stage (recipe+lsq)")
+    acc.add_argument("--backend", default=None,
+                     help="lower each model to this backend and score what runs (default: simulated, fake-quant)")
     acc.add_argument("--json", help="write machine-readable results here")
     acc.set_defaults(func=_bench_accuracy)
     spd = bench.add_parser("speed", help="latency, quality and size of FP32 and each int8 path (and peers)")
