@@ -152,10 +152,11 @@ def quantize(
     before calibration (an :class:`OutlierFXWarning`, and ``report.backend_fit``).
     """
     batches = _checked_batches(calibration)
-    chosen, target, chosen_preset = choose(recipe, backend)
     widths = parse_bits(bits)
-    quant_policy = chosen.policy(widths, policy)
+    choose(recipe, backend)[0].policy(widths, policy)  # a bad recipe, backend or policy fails before the capture
     gm = capture(model, dict(batches[0]))
+    chosen, target, chosen_preset = choose(recipe, backend, gm)  # a preset follows the model's structure
+    quant_policy = chosen.policy(widths, policy)
     fits: list[BackendFit] = []
 
     def flag(graph: torch.fx.GraphModule, _placement: InsertObserversPlan) -> None:

@@ -28,8 +28,8 @@ from .api import lower, quantize
 from .backends.inductor import CompiledInt8
 from .backends.runtime import cpu_description
 from .benchmarks import CALIBRATION, calibration_batches
-from .backends.inductor import CompiledInt8
 from .evaluate import DecoderEval, EncoderEval
+from .graph import capture
 from .models import LoadedModel, encode, load
 from .recipes import choose
 from .serialize import save_quantized, size_on_disk_mb
@@ -135,8 +135,9 @@ def speed(model_name: str, recipe: str | None = None, bits: str = "W8A8", backen
     candidates.append(Candidate("fp32", "inductor", compiled_fp32, candidates[0].size_mb, time.perf_counter() - start))
 
     simulated: dict[str, tuple[Any, Any, float]] = {}  # recipe name -> (fake-quant model, report, seconds)
+    graph = capture(model, dict(calibration[0]))  # a preset follows the model's structure
     for backend in backends:
-        chosen, _, chosen_preset = choose(recipe, backend)
+        chosen, _, chosen_preset = choose(recipe, backend, graph)
         if chosen.name not in simulated:
             start = time.perf_counter()
             fake, report = quantize(model, calibration, recipe=chosen, bits=bits, policy=policy, progress=progress)

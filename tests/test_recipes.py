@@ -27,7 +27,7 @@ from outlierfx.recipes import (
     step,
 )
 from outlierfx.recipes.papers import CLIP
-from outlierfx.testing.models import build_model
+from outlierfx.testing.models import OutlierSpec, build_model
 
 
 @pytest.mark.parametrize("name", sorted(RECIPES))
@@ -109,12 +109,19 @@ def test_calibration_leaves_the_graph_it_was_given_untouched():
 
 
 @pytest.mark.parametrize("backend", ["onednn", "inductor", "reference", "x86", "qnnpack"])
-def test_presets_are_chosen_from_what_the_backend_runs(backend):
-    fast = preset("fast", backend)
+def test_presets_are_chosen_from_what_the_backend_runs_and_the_model_structure(backend):
     first_rows = backend in ("onednn", "inductor", "reference")
-    assert fast.recipe.name == ("smooth-fold+sink" if first_rows else "smooth-fold")
-    assert backend in fast.why and "one int8 GEMM" in fast.why
-    assert preset("accurate", backend).recipe.name == "smooth-peg+sink"
+    sink = "+sink" if first_rows else ""
+    encoder, decoder, gpt2 = (build_model(f, layers=1) for f in ("bert", "llama", "gpt2"))
+    graphs = {name: outlierfx.capture(g.model, g.inputs) for name, g in
+              (("bert", encoder), ("llama", decoder), ("gpt2", gpt2))}
+    for fast in (preset("fast", backend), preset("fast", backend, graphs["bert"]), preset("fast", backend, graphs["gpt2"])):
+        assert fast.recipe.name == "smooth-fold" + sink  # LayerNorm: the residual stream does not rotate
+        assert backend in fast.why and "one int8 GEMM" in fast.why
+    rotated = preset("fast", backend, graphs["llama"])
+    assert rotated.recipe.name == "rotate" + sink
+    assert "rotates exactly" in rotated.why and backend in rotated.why and "one int8 GEMM" in rotated.why
+    assert preset("accurate", backend, graphs["llama"]).recipe.name == "smooth-peg+sink"
     assert set(PRESETS) == {"fast", "accurate"}
     with pytest.raises(UnknownRecipeError, match="unknown preset 'fastest'"):
         preset("fastest", backend)
@@ -129,7 +136,8 @@ def test_quantize_with_no_recipe_lowers_the_fast_preset_and_says_why():
         qmodel, report = outlierfx.quantize(g.model, [g.inputs], progress=False)
     backend = default_backend()
     assert report.preset == "fast" and report.backend == backend
-    assert report.recipe == preset("fast", backend).recipe.name and report.why == preset("fast", backend).why
+    chosen = preset("fast", backend, outlierfx.capture(g.model, g.inputs))
+    assert report.recipe == chosen.recipe.name and report.why == chosen.why
     assert report.backend_fit.whole_int8
     assert report.backend_fit.linears == sum(isinstance(m, torch.nn.Linear) for m in g.model.modules())
     assert report.audit.entries[-1].pass_name == "Lower" and "preset fast" in report.headline()
@@ -161,3 +169,23 @@ def test_lower_refuses_a_report_from_another_run():
         outlierfx.lower(peg, naive_report, "reference")
     lowered, report = outlierfx.lower(naive, naive_report, "reference")
     assert report.backend == "reference" and report.audit.entries[-1].pass_name == "Lower"
+
+
+def test_the_default_on_an_rmsnorm_decoder_is_the_rotation_preset_and_runs_whole_int8_gemms():
+    from outlierfx.backends import default_backend
+    from outlierfx.graph.hadamard_op import HADAMARD
+    from outlierfx.graph.ops import is_call
+
+    g = build_model("qwen2", hidden=64, heads=4, layers=2, ffn=96, seq=12,
+                    outliers=OutlierSpec(gamma_scale=50.0, embedding_scale=20.0, channels=(5,)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", OutlierFXWarning)  # the preset runs every Linear as one int8 GEMM
+        qmodel, report = outlierfx.quantize(g.model, [g.inputs], progress=False)
+    assert report.preset == "fast" and report.recipe.startswith("rotate") and report.backend_fit.whole_int8
+    fired = {e.pass_name for e in report.audit.entries if e.modified}
+    assert {"MigrateGamma", "RotateResidual", "RotateHeads", "RotateFFN"} <= fired
+    assert sum(is_call(n, HADAMARD) for n in report.graphs.simulated.graph.nodes) == 2
+    with torch.no_grad():
+        ref, out = g.model(**g.inputs).logits, qmodel(**g.inputs).logits
+    assert torch.nn.functional.cosine_similarity(ref.flatten(), out.flatten(), dim=0) > 0.99
+    assert report.backend == default_backend()

@@ -87,10 +87,7 @@ class RotateResidual(GraphPass[RotateResidualPlan]):
     def analyze(self, gm: torch.fx.GraphModule) -> RotateResidualPlan:
         view = GraphView(gm)
         blockers: list[tuple[str, str]] = []
-        if not view.residual_adds:
-            blockers.append(("graph", "no residual stream found"))
-        embeddings, writers = _sources_and_writers(view, blockers)
-        readers, outputs, with_gamma = _readers(view, blockers)
+        embeddings, writers, readers, outputs, with_gamma = _structure(view, blockers)
         tied = check_tensors(gm, _tensor_uses(embeddings, readers, writers), blockers, _where)
         hidden = _hidden_size(_stream(view))
         if blockers:
@@ -120,6 +117,25 @@ class RotateResidual(GraphPass[RotateResidualPlan]):
                 meta.inherit(restored, operand, NAME)
                 consumer.replace_input_with(operand, restored)
         return True
+
+
+def residual_rotation_blockers(gm: torch.fx.GraphModule) -> tuple[tuple[str, str], ...]:
+    """Where and why the residual stream of ``gm`` cannot be rotated exactly (empty: it can,
+    once norm gamma is migrated): the structural test behind the ``fast`` preset's choice."""
+    blockers: list[tuple[str, str]] = []
+    embeddings, writers, readers, _, _ = _structure(GraphView(gm), blockers)
+    check_tensors(gm, _tensor_uses(embeddings, readers, writers), blockers, _where)
+    return tuple(dict.fromkeys(blockers))
+
+
+def _structure(view: GraphView, blockers: list[tuple[str, str]]):
+    """(embeddings, writers, readers, unrotated outputs, norms with gamma); ``blockers`` gets
+    whatever keeps the rotation from being exact."""
+    if not view.residual_adds:
+        blockers.append(("graph", "no residual stream found"))
+    embeddings, writers = _sources_and_writers(view, blockers)
+    readers, outputs, with_gamma = _readers(view, blockers)
+    return embeddings, writers, readers, outputs, with_gamma
 
 
 def _stream(view: GraphView) -> set[torch.fx.Node]:

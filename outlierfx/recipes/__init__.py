@@ -8,6 +8,8 @@ as given, simulated unless a backend is named.
 
 from __future__ import annotations
 
+import torch.fx
+
 from .base import Need, Recipe, RecipeError, RunContext, Stage, Step, UnknownRecipeError, step
 from .fit import BackendFit, backend_fit
 from .papers import (
@@ -33,14 +35,17 @@ __all__ = ["FINE_SUFFIX", "GPTQ_SUFFIX", "PRESETS", "RECIPES", "SIMULATED", "SIN
            "run_recipe", "step", "with_fine_stage", "with_gptq", "with_sink_token"]
 
 
-def get_recipe(recipe: str | Recipe, backend: str | None = None) -> Recipe:
-    """A recipe object from a preset name (resolved for ``backend``, default this CPU's best), a
-    paper recipe name with suffixes, or a :class:`Recipe` (returned as is)."""
-    return choose(recipe, backend)[0]
+def get_recipe(recipe: str | Recipe, backend: str | None = None, graph: torch.fx.GraphModule | None = None) -> Recipe:
+    """A recipe object from a preset name (resolved for ``backend``, default this CPU's best, and
+    the captured model ``graph``), a paper recipe name with suffixes, or a :class:`Recipe`
+    (returned as is)."""
+    return choose(recipe, backend, graph)[0]
 
 
-def choose(recipe: str | Recipe | None, backend: str | None) -> tuple[Recipe, str | None, Preset | None]:
-    """``(recipe, target backend or None for simulation, the preset if one was chosen)``."""
+def choose(recipe: str | Recipe | None, backend: str | None, graph: torch.fx.GraphModule | None = None
+           ) -> tuple[Recipe, str | None, Preset | None]:
+    """``(recipe, target backend or None for simulation, the preset if one was chosen)``; a
+    preset is resolved for the captured model ``graph`` (see :mod:`.presets`)."""
     from ..backends import check_backend, default_backend
 
     if isinstance(recipe, Recipe):
@@ -49,7 +54,7 @@ def choose(recipe: str | Recipe | None, backend: str | None) -> tuple[Recipe, st
         raise RecipeError(f"recipe must be a name or an outlierfx.recipes.Recipe, not {type(recipe).__name__}")
     if recipe is None or recipe in PRESETS:
         target = _target(backend) if backend is not None else check_backend(default_backend())
-        chosen = preset(recipe or Goal.FAST.value, target or default_backend())
+        chosen = preset(recipe or Goal.FAST.value, target or default_backend(), graph)
         return chosen.recipe, target, chosen
     return paper_recipe(recipe), _target(backend), None
 

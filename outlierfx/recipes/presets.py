@@ -1,16 +1,24 @@
-"""Presets: the recipe to use for a goal on a backend, chosen from what its kernels run.
+"""Presets: the recipe to use for a goal on a backend, chosen from what its kernels run and,
+for ``fast``, from the model's structure.
 
 The backend comes first. ``fast`` (the default of :func:`outlierfx.quantize`) keeps only the
-transforms that survive lowering as whole int8 GEMMs: per-tensor activation grids, scales folded
-into norms and weights, and a first-token grid only on backends whose kernels run those rows in
-int8 at the cost of one small GEMM. ``accurate`` takes the highest-quality recipe measured and
-pays for it in speed. docs/choosing.md gives the measurements behind both.
+transforms that survive lowering as whole int8 GEMMs: per-tensor activation grids, rotations and
+scales folded into weights, and a first-token grid only on backends whose kernels run those rows
+in int8 at the cost of one small GEMM. Where the residual stream can be rotated exactly (pre-norm
+RMSNorm decoders: Llama, Qwen, Mistral...) it takes QuaRot's rotations (``rotate``): no training,
+one online Hadamard per FFN. Elsewhere (LayerNorm models: BERT-style encoders, GPT-2) it takes
+trained scales folded into norms and weights (``smooth-fold``). The test is structural
+(:func:`~outlierfx.passes.rotate_residual.residual_rotation_blockers`), never a model name.
+``accurate`` takes the highest-quality recipe measured and pays for it in speed.
+docs/choosing.md gives the measurements behind both.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+
+import torch.fx
 
 from .base import Recipe, UnknownRecipeError
 from .papers import paper_recipe
@@ -41,8 +49,9 @@ def _first_token_rows_in_int8(backend: str) -> bool:
     return get_backend(backend).capabilities.first_token_rows not in (FirstTokens.NONE, FirstTokens.TWO_GEMMS)
 
 
-def preset(goal: str | Goal, backend: str) -> Preset:
-    """The preset for ``goal`` (``fast`` or ``accurate``) on ``backend``, with the reason."""
+def preset(goal: str | Goal, backend: str, graph: torch.fx.GraphModule | None = None) -> Preset:
+    """The preset for ``goal`` (``fast`` or ``accurate``) on ``backend`` for the captured model
+    ``graph`` (None: a model whose residual stream does not rotate), with the reason."""
     try:
         goal = Goal(goal)
     except ValueError:
@@ -53,7 +62,16 @@ def preset(goal: str | Goal, backend: str) -> Preset:
                       "Linear inputs, the first token on its own grid, GPTQ): PEG-grouped Linears run as 48 int8 "
                       "sub-GEMMs, or as float GEMMs on int8 weights where they keep a first-token grid, so it is "
                       "several times slower than 'fast'")
-    if _first_token_rows_in_int8(backend):
+    sink = _first_token_rows_in_int8(backend)
+    if graph is not None and _rotatable(graph):
+        return Preset(goal, backend, paper_recipe("rotate+sink" if sink else "rotate"),
+                      f"the residual stream rotates exactly (RMSNorm pre-norm), so QuaRot's rotations spread the "
+                      f"outlier channels at no training cost; every Linear is one int8 GEMM on {backend}, plus one "
+                      f"online Hadamard transform before each FFN output Linear"
+                      + ("; the first token gets its own grid, for one batch x 1-row GEMM more" if sink else
+                         f"; {backend} would run a first-token grid as a second full GEMM, so the first token "
+                         f"shares the main grid"))
+    if sink:
         return Preset(goal, backend, paper_recipe("smooth-fold+sink"),
                       f"every Linear is one int8 GEMM on {backend} with its GELU/requantization fused (smooth-fold: "
                       "scales folded into norms and weights, none left at run time); the first token gets its own "
@@ -62,3 +80,9 @@ def preset(goal: str | Goal, backend: str) -> Preset:
                   f"every Linear is one int8 GEMM on {backend} with its fusions (smooth-fold: scales folded into "
                   f"norms and weights); {backend} would run a first-token grid as a second full GEMM, so the first "
                   "token shares the main grid")
+
+
+def _rotatable(graph: torch.fx.GraphModule) -> bool:
+    from ..passes.rotate_residual import residual_rotation_blockers
+
+    return not residual_rotation_blockers(graph)
