@@ -52,6 +52,7 @@ class QuantizationReport:
     run_id: str = ""  # the fake-quant graph of this run carries the same id (meta.GM_RUN_ID)
     quality: Mapping[str, Any] | None = None  # e.g. {"FP32": {...}, "int8 (onednn)": {"cosine": ...}}
     latency: Mapping[str, Any] | None = None  # e.g. {"FP32": {"latency_ms": ...}, ...}
+    notes: tuple[str, ...] = ()  # what the user should know about the run (e.g. a capture with static shapes)
     graphs: RunGraphs | None = dataclasses.field(default=None, repr=False, compare=False)
 
     def kept_float(self) -> list[dict[str, Any]]:
@@ -83,6 +84,7 @@ class QuantizationReport:
             "why": self.why,
             "bits": self.bits,
             "policy": self.policy,
+            "notes": list(self.notes),
             "backend": self.backend,
             "backend_fit": to_jsonable(self.backend_fit),
             "calibration_seconds": self.calibration_seconds,
@@ -104,8 +106,9 @@ class QuantizationReport:
         return line + (f" ({self.why})" if why and self.why else "")
 
     def to_text(self) -> str:
-        lines = [self.headline(), f"calibrated on {self.calibration_batches} batches in "
-                 f"{self.calibration_seconds:.1f}s", self.audit.to_text()]
+        lines = [self.headline(), *(f"note: {note}" for note in self.notes),
+                 f"calibrated on {self.calibration_batches} batches in {self.calibration_seconds:.1f}s",
+                 self.audit.to_text()]
         if self.backend_fit is not None and not self.backend_fit.whole_int8:
             lines.append(self.backend_fit.summary())
         kept = self.kept_float()
@@ -171,7 +174,8 @@ def quantize(
     report = QuantizationReport(
         chosen.name, str(widths), quant_policy.name, run.audit, run.placement, run.calibration_seconds, len(batches),
         preset=chosen_preset.goal.value if chosen_preset else None, why=chosen_preset.why if chosen_preset else None,
-        backend_fit=fits[0] if fits else None, run_id=run_id, graphs=RunGraphs(gm, run.graph_module))
+        backend_fit=fits[0] if fits else None, run_id=run_id, notes=gm.meta[meta.GM_CAPTURE_REPORT].notes,
+        graphs=RunGraphs(gm, run.graph_module))
     if target is not None:
         return lower(run.graph_module, report, target, progress=progress)
     return QuantizationResult(run.graph_module, report)

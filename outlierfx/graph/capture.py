@@ -29,6 +29,7 @@ from .canonicalize import canonicalize
 from .compare import OutputError, output_error, run
 from .ops import OpKind, op_kind
 from .shapes import propagate_values
+from .static_shapes import insert_shape_checks
 
 DEFAULT_REL_TOL = 1e-5
 """Captured graphs must match the model within this fraction of the output's max magnitude..."""
@@ -53,6 +54,7 @@ class CaptureReport:
     # fp32 model itself (the rounding noise) and of the graph
     float_noise: float | None = None
     float_error: float | None = None
+    notes: tuple[str, ...] = ()  # what the user should know about this graph (e.g. static shapes)
 
     def as_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -152,7 +154,10 @@ def capture(
     Args:
         model: a Hugging Face ``PreTrainedModel`` or any ``nn.Module``. It is not modified.
         example_inputs: a tuple of positional args or a dict of kwargs for ``model``.
-        dynamic: keep batch and sequence sizes symbolic so the graph accepts other shapes.
+        dynamic: keep batch and sequence sizes symbolic so the graph accepts other shapes. Where
+            the model needs concrete sizes the graph is captured with the example's shapes
+            instead, and the report's ``notes`` say so; a graph with static shapes raises a
+            :class:`DataError` naming the shapes it takes when called with others.
         check: run the model and the graph on ``example_inputs`` and require their outputs to
             agree (at real tokens, where an ``attention_mask`` says which) within ``rel_tol`` times
             the output's max magnitude, or within ``FLOAT_NOISE_FACTOR`` times the model's own
@@ -171,26 +176,8 @@ def capture(
     name = type(model).__name__
     with _tracing_view_of(model, constants):
         reference = run(model, inputs) if check else None
-        start = time.perf_counter()
-        try:
-            exported = torch.export.export(
-                model,
-                inputs[0],
-                inputs[1],
-                dynamic_shapes=_dynamic_shapes(model, inputs) if dynamic else None,
-                strict=False,
-            )
-        except CaptureError:
-            raise
-        except Exception as exc:  # export raises many unrelated types; all mean "untraceable"
-            raise CaptureError(explain_export_failure(name, exc)) from exc
-        export_seconds = time.perf_counter() - start
-
-    start = time.perf_counter()
-    gm = exported.module()
-    rewrites = canonicalize(gm)
-    propagate_values(gm, full=True)
-    canonicalize_seconds = time.perf_counter() - start
+        traced = _trace(model, inputs, dynamic)
+    gm = traced.graph_module
 
     error, noise, from_float64 = None, None, None
     if check:
@@ -210,16 +197,68 @@ def capture(
     gm.meta[meta.GM_EXAMPLE_INPUTS] = inputs
     gm.meta[meta.GM_CAPTURE_REPORT] = CaptureReport(
         model=name,
-        export_seconds=export_seconds,
-        canonicalize_seconds=canonicalize_seconds,
-        rewrites=rewrites,
+        export_seconds=traced.export_seconds,
+        canonicalize_seconds=traced.canonicalize_seconds,
+        rewrites=traced.rewrites,
         op_counts=count_ops(gm),
         num_nodes=len(gm.graph.nodes),
         error=error,
         float_noise=noise,
         float_error=from_float64,
+        notes=traced.notes,
     )
     return gm
+
+
+@dataclasses.dataclass(frozen=True)
+class _Traced:
+    graph_module: torch.fx.GraphModule
+    rewrites: Mapping[str, int]
+    export_seconds: float
+    canonicalize_seconds: float
+    notes: tuple[str, ...] = ()
+
+
+def _trace(model: torch.nn.Module, inputs: Inputs, dynamic: bool) -> _Traced:
+    """Export and canonicalize, with symbolic batch and sequence sizes where ``dynamic``.
+
+    Where that fails (export, or shape propagation through an op whose shape function takes
+    only concrete sizes), trace again with the example's static shapes; the graph then checks
+    its input shapes and the note says why."""
+    if dynamic:
+        shapes = _dynamic_shapes(model, inputs)
+        try:
+            return _export_canonical(model, inputs, shapes)
+        except Exception as exc:  # noqa: BLE001 - any failure with symbolic sizes: try the static shapes
+            dynamic_failure = exc.__cause__ if isinstance(exc, CaptureError) and exc.__cause__ else exc
+    if not dynamic:
+        return _export_canonical(model, inputs, None)
+    # a failed dynamic export leaves its dynamic-dimension marks on the input tensors, and a
+    # second export of the same tensors would trace them symbolically again: export copies
+    fresh = pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, inputs)
+    traced = _export_canonical(model, fresh, None)
+    where = _user_frame(dynamic_failure)
+    first_line = (str(dynamic_failure).strip().splitlines() or [""])[0]
+    note = (f"captured with static shapes: tracing with dynamic batch and sequence sizes failed"
+            f"{f' at {where}' if where else ''} ({type(dynamic_failure).__name__}: {first_line[:200]}); the graph "
+            f"takes only the example's input shapes and names them when called with others")
+    return dataclasses.replace(traced, notes=(note,))
+
+
+def _export_canonical(model: torch.nn.Module, inputs: Inputs, dynamic_shapes: Any) -> _Traced:
+    start = time.perf_counter()
+    try:
+        exported = torch.export.export(model, inputs[0], inputs[1], dynamic_shapes=dynamic_shapes, strict=False)
+    except Exception as exc:  # export raises many unrelated types; all mean "untraceable"
+        raise CaptureError(explain_export_failure(type(model).__name__, exc)) from exc
+    export_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    gm = exported.module()
+    rewrites = canonicalize(gm)
+    if dynamic_shapes is None:
+        insert_shape_checks(gm)
+    propagate_values(gm, full=True)
+    return _Traced(gm, rewrites, export_seconds, time.perf_counter() - start)
 
 
 def _token_mask(inputs: Inputs) -> torch.Tensor | None:
