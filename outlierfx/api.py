@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import uuid
@@ -158,6 +159,7 @@ def quantize(
     chosen, target, chosen_preset = choose(recipe, backend)
     widths = parse_bits(bits)
     quant_policy = chosen.policy(widths, policy)
+    model, batches, dtype_notes = _in_float32(model, batches)
     gm = capture(model, dict(batches[0]))
     fits: list[BackendFit] = []
 
@@ -174,11 +176,30 @@ def quantize(
     report = QuantizationReport(
         chosen.name, str(widths), quant_policy.name, run.audit, run.placement, run.calibration_seconds, len(batches),
         preset=chosen_preset.goal.value if chosen_preset else None, why=chosen_preset.why if chosen_preset else None,
-        backend_fit=fits[0] if fits else None, run_id=run_id, notes=gm.meta[meta.GM_CAPTURE_REPORT].notes,
+        backend_fit=fits[0] if fits else None, run_id=run_id, notes=dtype_notes + gm.meta[meta.GM_CAPTURE_REPORT].notes,
         graphs=RunGraphs(gm, run.graph_module))
     if target is not None:
         return lower(run.graph_module, report, target, progress=progress)
     return QuantizationResult(run.graph_module, report)
+
+
+def _in_float32(model: torch.nn.Module, batches: list[Mapping[str, torch.Tensor]]
+                ) -> tuple[torch.nn.Module, list[Mapping[str, torch.Tensor]], tuple[str, ...]]:
+    """A float32 copy of a float16/bfloat16 model, and its batches' float tensors in float32.
+
+    Observers need float32 statistics (a bfloat16 sum of squares over a batch loses the small
+    channels next to the outliers) and the int8 kernels take and return float32 activations; the
+    user's model is not changed. Returns the note the report shows, or none for a float32 model."""
+    dtypes = {t.dtype for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()}
+    low = sorted(str(d).removeprefix("torch.") for d in dtypes if d != torch.float32)
+    if not low:
+        return model, batches, ()
+    work = copy.deepcopy(model).float()
+    batches = [{k: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in b.items()}
+               if isinstance(b, Mapping) else b for b in batches]
+    note = (f"the model is in {', '.join(low)}: outlierfx captured, calibrated and quantized a float32 copy of it "
+            f"(float32 statistics; the int8 kernels take float32 activations); the quantized model returns float32")
+    return work, batches, (note,)
 
 
 def _checked_batches(calibration: Iterable[Mapping[str, torch.Tensor]]) -> list[Mapping[str, torch.Tensor]]:

@@ -58,7 +58,8 @@ def decompose_attention(gm: torch.fx.GraphModule) -> int:
             if mask is not None:
                 if tensor_val(mask).dtype == torch.bool:
                     if mask not in bias_of_mask:
-                        with g.inserting_after(mask):
+                        # before the mask's next node, so the bias nodes stay in order
+                        with g.inserting_before(mask.next):
                             bias_nodes: list[torch.fx.Node] = []
 
                             def call_after(target: Callable, *a: object, **kw: object) -> torch.fx.Node:
