@@ -15,6 +15,7 @@ import torch.fx
 
 from .errors import DataError, OutlierFXWarning
 from .graph import capture, meta
+from .graph.inputs import as_keyword_batch, check_keyword_inputs, check_model_weights
 from .passes.audit import AuditTrail
 from .passes.fuse_attention import FuseAttention
 from .passes.insert_observers import InsertObserversPlan
@@ -143,8 +144,10 @@ def quantize(
     """Capture ``model``, apply a recipe, calibrate on ``calibration`` and return the quantized
     model with its report: ``qmodel, report = quantize(model, calibration)``.
 
-    ``calibration`` is an iterable of keyword-input dicts (e.g. tokenizer outputs); the first
-    batch is the example for capture. The input model is never modified.
+    ``calibration`` is an iterable of keyword-input dicts (e.g. tokenizer outputs), or of tuples
+    of positional inputs for a model that takes tensors by position; the first batch is the
+    example for capture. The input model is never modified; a float16/bfloat16 model is
+    quantized through a float32 copy (the report's notes say so).
 
     The backend comes first. With no ``recipe`` (or ``recipe="fast"``/``"accurate"``, the
     presets) the model is lowered to ``backend`` (default: this CPU's best,
@@ -155,12 +158,12 @@ def quantize(
     a preset. A recipe whose Linears the backend cannot run as whole int8 GEMMs is flagged
     before calibration (an :class:`OutlierFXWarning`, and ``report.backend_fit``).
     """
-    batches = _checked_batches(calibration)
+    batches = _checked_batches(model, calibration)
     chosen, target, chosen_preset = choose(recipe, backend)
     widths = parse_bits(bits)
     quant_policy = chosen.policy(widths, policy)
     model, batches, dtype_notes = _in_float32(model, batches)
-    gm = capture(model, dict(batches[0]))
+    gm = capture(model, batches[0])
     fits: list[BackendFit] = []
 
     def flag(graph: torch.fx.GraphModule, _placement: InsertObserversPlan) -> None:
@@ -183,8 +186,8 @@ def quantize(
     return QuantizationResult(run.graph_module, report)
 
 
-def _in_float32(model: torch.nn.Module, batches: list[Mapping[str, torch.Tensor]]
-                ) -> tuple[torch.nn.Module, list[Mapping[str, torch.Tensor]], tuple[str, ...]]:
+def _in_float32(model: torch.nn.Module, batches: list[dict[str, Any]]
+                ) -> tuple[torch.nn.Module, list[dict[str, Any]], tuple[str, ...]]:
     """A float32 copy of a float16/bfloat16 model, and its batches' float tensors in float32.
 
     Observers need float32 statistics (a bfloat16 sum of squares over a batch loses the small
@@ -196,17 +199,24 @@ def _in_float32(model: torch.nn.Module, batches: list[Mapping[str, torch.Tensor]
         return model, batches, ()
     work = copy.deepcopy(model).float()
     batches = [{k: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in b.items()}
-               if isinstance(b, Mapping) else b for b in batches]
+               for b in batches]
     note = (f"the model is in {', '.join(low)}: outlierfx captured, calibrated and quantized a float32 copy of it "
             f"(float32 statistics; the int8 kernels take float32 activations); the quantized model returns float32")
     return work, batches, (note,)
 
 
-def _checked_batches(calibration: Iterable[Mapping[str, torch.Tensor]]) -> list[Mapping[str, torch.Tensor]]:
-    batches = list(calibration)
+def _checked_batches(model: torch.nn.Module, calibration: Iterable[Any]) -> list[dict[str, Any]]:
+    """The calibration batches as keyword inputs, each checked before any tracing (the first is
+    the example for capture)."""
+    if not isinstance(model, torch.nn.Module):
+        raise DataError(f"quantize expects a torch.nn.Module, got {type(model).__name__}")
+    check_model_weights(model)
+    batches = [as_keyword_batch(model, batch, i) for i, batch in enumerate(calibration)]
     if not batches:
         raise DataError("the calibration set is empty")
-    first_mask = batches[0].get("attention_mask") if isinstance(batches[0], Mapping) else None
+    for i, batch in enumerate(batches):
+        check_keyword_inputs(model, batch, f"calibration batch {i}")
+    first_mask = batches[0].get("attention_mask")
     if isinstance(first_mask, torch.Tensor) and not bool(first_mask.any()):
         raise DataError("the first calibration batch is all padding (attention_mask is all zeros)")
     return batches

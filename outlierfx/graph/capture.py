@@ -27,6 +27,7 @@ from ..errors import CaptureError, DataError
 from . import meta
 from .canonicalize import canonicalize
 from .compare import OutputError, output_error, run
+from .inputs import check_keyword_inputs, check_model_weights
 from .ops import OpKind, op_kind
 from .shapes import propagate_values
 from .static_shapes import insert_shape_checks
@@ -84,8 +85,14 @@ def normalize_inputs(model: torch.nn.Module, example_inputs: Any) -> Inputs:
         params = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
         params = {}
+    if params and not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        unknown = sorted(set(kwargs) - set(params))
+        if unknown:
+            raise DataError(f"inputs {unknown} are not parameters of {type(model).__name__}.forward, which takes "
+                            f"{', '.join(params)}; rename or drop them")
     if "use_cache" in params and "use_cache" not in kwargs:
         kwargs["use_cache"] = False
+    check_keyword_inputs(model, kwargs, "example inputs")
     for name, value in list(enumerate(args)) + list(kwargs.items()):
         if isinstance(value, torch.Tensor) and value.dtype.is_floating_point and not torch.isfinite(value).all():
             raise DataError(f"example input {name!r} contains NaN or inf")
@@ -108,9 +115,11 @@ def _dynamic_shapes(model: torch.nn.Module, inputs: Inputs) -> Any:
     bound = signature.bind_partial(*args, **kwargs).arguments
     for name, value in bound.items():
         if signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+            named = [p.name for p in signature.parameters.values() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
             raise CaptureError(
                 f"inputs {sorted(value)} are not named parameters of {type(model).__name__}.forward (they would "
-                f"pass through **{name}, which torch.export cannot give dynamic shapes); drop them "
+                f"pass through **{name}, which torch.export cannot give dynamic shapes); use the names it takes "
+                f"({', '.join(named[:8])}{', ...' if len(named) > 8 else ''}), drop the others "
                 f"(outlierfx.models.model_inputs does) or capture with dynamic=False"
             )
     return {name: spec(value) for name, value in bound.items()}
@@ -169,14 +178,16 @@ def capture(
     """
     if not isinstance(model, torch.nn.Module):
         raise CaptureError(f"capture expects a torch.nn.Module, got {type(model).__name__}")
+    check_model_weights(model)
     full_inputs = normalize_inputs(model, example_inputs)
     args, kwargs = full_inputs
     constants = {k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor)}
     inputs = (args, {k: v for k, v in kwargs.items() if k not in constants})
     name = type(model).__name__
+    shapes = _dynamic_shapes(model, inputs) if dynamic else None  # names inputs export cannot take
     with _tracing_view_of(model, constants):
-        reference = run(model, inputs) if check else None
-        traced = _trace(model, inputs, dynamic)
+        reference = _run_model(model, inputs) if check else None
+        traced = _trace(model, inputs, shapes)
     gm = traced.graph_module
 
     error, noise, from_float64 = None, None, None
@@ -219,14 +230,26 @@ class _Traced:
     notes: tuple[str, ...] = ()
 
 
-def _trace(model: torch.nn.Module, inputs: Inputs, dynamic: bool) -> _Traced:
-    """Export and canonicalize, with symbolic batch and sequence sizes where ``dynamic``.
+def _run_model(model: torch.nn.Module, inputs: Inputs) -> Any:
+    """The model's outputs on the example; a model that fails on them was given the wrong inputs."""
+    try:
+        return run(model, inputs)
+    except Exception as exc:  # noqa: BLE001 - whatever the model raises, the inputs are the cause
+        first_line = (str(exc).strip().splitlines() or [""])[0]
+        raise DataError(
+            f"{type(model).__name__} fails on the example inputs ({type(exc).__name__}: {first_line[:300]}); give it "
+            f"the inputs its forward takes (for a Hugging Face model, the tokenizer's output)"
+        ) from exc
+
+
+def _trace(model: torch.nn.Module, inputs: Inputs, shapes: Any) -> _Traced:
+    """Export and canonicalize, with the symbolic sizes of ``shapes`` (None: static shapes).
 
     Where that fails (export, or shape propagation through an op whose shape function takes
     only concrete sizes), trace again with the example's static shapes; the graph then checks
     its input shapes and the note says why."""
+    dynamic = shapes is not None
     if dynamic:
-        shapes = _dynamic_shapes(model, inputs)
         try:
             return _export_canonical(model, inputs, shapes)
         except Exception as exc:  # noqa: BLE001 - any failure with symbolic sizes: try the static shapes
