@@ -68,6 +68,9 @@ def build_architecture(model_type: str, *, batch: int = 2, seq: int = 8, seed: i
     model = auto.from_config(config, dtype=dtype).eval()
     generator = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(0, config.vocab_size, (batch, seq), generator=generator)
+    pad = getattr(config, "pad_token_id", None)
+    if isinstance(pad, int):  # a real position never holds padding (OLMo-2's padding row is zero)
+        input_ids[input_ids == pad] = (pad + 1) % config.vocab_size
     mask = torch.ones(batch, seq, dtype=torch.long)
     if pad and batch > 1 and seq > 1:
         mask[0, max(1, seq // 2):] = 0

@@ -1,0 +1,37 @@
+"""The architecture matrix (issue 25): every listed transformers architecture, as a tiny
+random-weight model, through capture, naive quantization, onednn lowering and other shapes.
+
+One thread per test (the matrix is CI-fast: ~2-3 min for all rows on one core). The stages not
+run yet are listed in ``outlierfx.testing.matrix.STAGES_NOT_RUN``.
+"""
+
+import pytest
+import torch
+
+from outlierfx.testing.architectures import DECODERS, ENCODERS
+from outlierfx.testing.matrix import STAGES, run_architecture
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.skipif("onednn" not in torch.backends.quantized.supported_engines, reason="no onednn engine")
+@pytest.mark.parametrize("architecture", ENCODERS + DECODERS)
+def test_architecture_passes_every_stage(architecture):
+    row = run_architecture(architecture)
+    assert [o.stage for o in row.outcomes] == list(STAGES) and row.passed, row.summary()
+
+
+def test_the_listed_architectures_are_transformers_model_types_with_the_head_users_load():
+    """Encoders load with AutoModel, decoders with AutoModelForCausalLM: a renamed or dropped
+    model type in a transformers release fails here instead of silently leaving the matrix."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_MAPPING_NAMES
+
+    assert not set(ENCODERS) & set(DECODERS)
+    assert set(ENCODERS + DECODERS) <= set(MODEL_MAPPING_NAMES)
+    assert set(DECODERS) <= set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
