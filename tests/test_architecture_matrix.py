@@ -1,7 +1,8 @@
 """The architecture matrix (issue 25): every listed transformers architecture, as a tiny
-random-weight model, through capture, naive quantization, onednn lowering and other shapes.
+random-weight model, through capture, naive quantization, onednn lowering, other shapes and the
+default preset (the stages: ``outlierfx.testing.matrix``).
 
-One thread per test (the matrix is CI-fast: ~2-3 min for all rows on one core). The stages not
+One thread per test (the matrix is CI-fast: ~5 min for all rows on one core). The stages not
 run yet are listed in ``outlierfx.testing.matrix.STAGES_NOT_RUN``.
 """
 

@@ -27,6 +27,8 @@ TINY_SIZES: dict[str, int] = {
     "num_key_value_heads": 2,  # grouped-query attention where the architecture has it
     "head_dim": 16,  # Gemma and Qwen3 default to a head size of their own
     "intermediate_size": 128,
+    "hidden_dim": 128,  # DistilBERT's name for the feed-forward width
+    "ffn_dim": 128,  # OPT's
     "vocab_size": 128,
     "max_position_embeddings": 64,
 }
