@@ -36,3 +36,22 @@ def test_the_listed_architectures_are_transformers_model_types_with_the_head_use
     assert not set(ENCODERS) & set(DECODERS)
     assert set(ENCODERS + DECODERS) <= set(MODEL_MAPPING_NAMES)
     assert set(DECODERS) <= set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+
+
+def test_the_coverage_doc_is_rendered_from_a_run_of_the_current_matrix():
+    """docs/architectures.md is what scripts/architecture_matrix.py renders of its JSON, and that
+    JSON is a run of today's list and stages (rerun the script after changing either)."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from outlierfx.testing.matrix import STAGES_NOT_RUN
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "architecture_matrix.py"
+    spec = importlib.util.spec_from_file_location("architecture_matrix", script)
+    generator = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(generator)
+    data = json.loads(generator.RESULT.read_text())
+    assert [r["architecture"] for r in data["rows"]] == list(ENCODERS + DECODERS)
+    assert data["stages"] == list(STAGES) and data["not_run"] == list(STAGES_NOT_RUN)
+    assert generator.main(["--check"]) == 0
