@@ -1,9 +1,9 @@
 """The architecture matrix (issue 25): every listed transformers architecture, as a tiny
-random-weight model, through capture, naive quantization, onednn lowering, other shapes and the
-default preset (the stages: ``outlierfx.testing.matrix``).
+random-weight model, through capture, naive quantization, onednn lowering, save/load, other shapes
+and the default preset (the stages: ``outlierfx.testing.matrix``).
 
-One thread per test (the matrix is CI-fast: ~5 min for all rows on one core). The stages not
-run yet are listed in ``outlierfx.testing.matrix.STAGES_NOT_RUN``.
+One thread per test (CI-fast: all rows take ~5 min on one core of a shared machine). The stages
+not run yet are listed in ``outlierfx.testing.matrix.STAGES_NOT_RUN``.
 """
 
 import pytest

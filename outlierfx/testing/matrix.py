@@ -5,6 +5,7 @@ Stages (issue 25; those not run yet are listed in ``STAGES_NOT_RUN``):
 1. ``capture``: the graph equals the model on the example shape and on another batch and length;
 2. ``naive``: ``quantize(recipe="naive", policy="linear-inputs")`` gives a simulated model;
 3. ``lower-onednn``: the onednn int8 model agrees with the simulated one token by token;
+4. ``save-load``: the onednn int8 model saved and loaded gives the same outputs, bit for bit;
 5. ``other-shapes``: the int8 model runs another batch size and sequence length;
 2. ``preset-onednn``: the default preset (``fast``) on onednn runs every Linear as one int8 GEMM
    and gives finite outputs near FP32 on another shape (last, so a failure here leaves the other
@@ -14,6 +15,7 @@ Stages (issue 25; those not run yet are listed in ``STAGES_NOT_RUN``):
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 from collections.abc import Callable
 
 import torch
@@ -30,8 +32,8 @@ PRESET_MIN_MEAN_COSINE = 0.95
 """A sanity floor for the preset against FP32 (mean over real tokens), not a quality claim: it
 catches a broken rewrite (cosine near 0). Random tiny decoders calibrated on one batch of 16
 tokens measured 0.978 (gemma3_text) to 1.0; quality is measured on the packaged real models."""
-STAGES = ("capture", "naive", "lower-onednn", "other-shapes", "preset-onednn")
-STAGES_NOT_RUN = ("lower-inductor", "save-load")
+STAGES = ("capture", "naive", "lower-onednn", "save-load", "other-shapes", "preset-onednn")
+STAGES_NOT_RUN = ("lower-inductor",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +80,16 @@ def run_architecture(model_type: str) -> MatrixRow:
         state["int8"], _ = outlierfx.lower(state["simulated"], state["report"], "onednn")
         assert_tokens_close(state["simulated"], state["int8"], g.inputs, min_cosine=LOWERED_MIN_COSINE)
 
+    def save_load() -> None:
+        from ..serialize import load_quantized, save_quantized
+
+        with tempfile.TemporaryDirectory() as directory:
+            save_quantized(state["int8"], directory)
+            loaded = load_quantized(directory)
+        with torch.no_grad():
+            before, after = (per_token_output(m(**g.inputs)) for m in (state["int8"], loaded))
+        assert torch.equal(before, after), f"max abs difference {float((before - after).abs().max()):.3g}"
+
     def other_shapes() -> None:
         assert_tokens_close(state["simulated"], state["int8"], other, min_cosine=LOWERED_MIN_COSINE)
 
@@ -88,7 +100,8 @@ def run_architecture(model_type: str) -> MatrixRow:
         lowest_mean = _mean_token_cosine(g.model, int8, other)
         assert lowest_mean >= PRESET_MIN_MEAN_COSINE, f"mean per-token cosine against FP32 {lowest_mean:.4f}"
 
-    steps: tuple[Callable[[], None], ...] = (capture, naive, lower_onednn, other_shapes, preset_onednn)
+    steps: tuple[Callable[[], None], ...] = (capture, naive, lower_onednn, save_load, other_shapes,
+                                                   preset_onednn)
     outcomes = []
     for stage, step in zip(STAGES, steps):
         try:
