@@ -248,16 +248,14 @@ def _trace(model: torch.nn.Module, inputs: Inputs, shapes: Any) -> _Traced:
     Where that fails (export, or shape propagation through an op whose shape function takes
     only concrete sizes), trace again with the example's static shapes; the graph then checks
     its input shapes and the note says why."""
-    dynamic = shapes is not None
-    if dynamic:
-        try:
-            return _export_canonical(model, inputs, shapes)
-        except Exception as exc:  # noqa: BLE001 - any failure with symbolic sizes: try the static shapes
-            dynamic_failure = exc.__cause__ if isinstance(exc, CaptureError) and exc.__cause__ else exc
-    if not dynamic:
+    if shapes is None:
         return _export_canonical(model, inputs, None)
-    # a failed dynamic export leaves its dynamic-dimension marks on the input tensors, and a
-    # second export of the same tensors would trace them symbolically again: export copies
+    try:
+        return _export_canonical(model, inputs, shapes)
+    except Exception as exc:  # noqa: BLE001 - any failure with symbolic sizes: try the static shapes
+        dynamic_failure = exc.__cause__ if isinstance(exc, CaptureError) and exc.__cause__ else exc
+    # a failed dynamic export leaves its dynamic-dimension marks on the input tensors, and a second
+    # export of the same tensors would trace them symbolically again: the retry exports copies
     fresh = pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, inputs)
     traced = _export_canonical(model, fresh, None)
     where = _user_frame(dynamic_failure)
