@@ -41,12 +41,14 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _print_quantized(report: Any, seconds: float) -> None:
-    """The preset and why (wrapped), and how many Linears run on int8 kernels."""
+    """The preset and why (wrapped), the report's notes, and how many Linears run on int8 kernels."""
     print(f"  {report.headline(why=False)}")
     if report.why:
         print(textwrap.fill(f"why: {report.why}", width=100, initial_indent="  ", subsequent_indent="    "))
     if report.backend_fit is not None and not report.backend_fit.whole_int8:
         print(textwrap.fill(report.backend_fit.summary(), width=100, initial_indent="  ", subsequent_indent="    "))
+    for note in report.notes:  # e.g. a bfloat16 model quantized through a float32 copy
+        print(textwrap.fill(f"note: {note}", width=100, initial_indent="  ", subsequent_indent="    "))
     lowered = [e.plan for e in report.audit if e.pass_name == "Lower"]
     done = f"  quantized in {seconds:.0f}s"
     if lowered:

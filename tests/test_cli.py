@@ -136,3 +136,17 @@ def test_bad_settings_end_in_one_line_before_any_model_loads(argv, message, tmp_
     lines = [line for line in captured.err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith(f"outlierfx: error: {message}"), captured.err
     assert "Traceback" not in captured.out and not (tmp_path / "q").exists()
+
+
+def test_the_quantize_summary_prints_the_reports_notes(capsys):
+    import torch
+
+    import outlierfx
+    from outlierfx.cli import _print_quantized
+    from outlierfx.testing.architectures import build_architecture
+
+    g = build_architecture("bert", dtype=torch.bfloat16)
+    _, report = outlierfx.quantize(g.model, [g.inputs], recipe="naive", policy="linear-inputs", progress=False)
+    _print_quantized(report, 1.0)
+    out = capsys.readouterr().out
+    assert "note: the model is in bfloat16: outlierfx captured, calibrated and quantized a float32 copy" in out
