@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import uuid
@@ -14,6 +15,7 @@ import torch.fx
 
 from .errors import DataError, OutlierFXWarning
 from .graph import capture, meta
+from .graph.inputs import as_keyword_batch, check_keyword_inputs, check_model_weights
 from .passes.audit import AuditTrail
 from .passes.fuse_attention import FuseAttention
 from .passes.insert_observers import InsertObserversPlan
@@ -52,6 +54,7 @@ class QuantizationReport:
     run_id: str = ""  # the fake-quant graph of this run carries the same id (meta.GM_RUN_ID)
     quality: Mapping[str, Any] | None = None  # e.g. {"FP32": {...}, "int8 (onednn)": {"cosine": ...}}
     latency: Mapping[str, Any] | None = None  # e.g. {"FP32": {"latency_ms": ...}, ...}
+    notes: tuple[str, ...] = ()  # what the user should know about the run (e.g. a capture with static shapes)
     graphs: RunGraphs | None = dataclasses.field(default=None, repr=False, compare=False)
 
     def kept_float(self) -> list[dict[str, Any]]:
@@ -83,6 +86,7 @@ class QuantizationReport:
             "why": self.why,
             "bits": self.bits,
             "policy": self.policy,
+            "notes": list(self.notes),
             "backend": self.backend,
             "backend_fit": to_jsonable(self.backend_fit),
             "calibration_seconds": self.calibration_seconds,
@@ -104,8 +108,9 @@ class QuantizationReport:
         return line + (f" ({self.why})" if why and self.why else "")
 
     def to_text(self) -> str:
-        lines = [self.headline(), f"calibrated on {self.calibration_batches} batches in "
-                 f"{self.calibration_seconds:.1f}s", self.audit.to_text()]
+        lines = [self.headline(), *(f"note: {note}" for note in self.notes),
+                 f"calibrated on {self.calibration_batches} batches in {self.calibration_seconds:.1f}s",
+                 self.audit.to_text()]
         if self.backend_fit is not None and not self.backend_fit.whole_int8:
             lines.append(self.backend_fit.summary())
         kept = self.kept_float()
@@ -139,8 +144,10 @@ def quantize(
     """Capture ``model``, apply a recipe, calibrate on ``calibration`` and return the quantized
     model with its report: ``qmodel, report = quantize(model, calibration)``.
 
-    ``calibration`` is an iterable of keyword-input dicts (e.g. tokenizer outputs); the first
-    batch is the example for capture. The input model is never modified.
+    ``calibration`` is an iterable of keyword-input dicts (e.g. tokenizer outputs), or of tuples
+    of positional inputs for a model that takes tensors by position; the first batch is the
+    example for capture. The input model is never modified; a float16/bfloat16 model is
+    quantized through a float32 copy (the report's notes say so).
 
     The backend comes first. With no ``recipe`` (or ``recipe="fast"``/``"accurate"``, the
     presets) the model is lowered to ``backend`` (default: this CPU's best,
@@ -151,10 +158,11 @@ def quantize(
     a preset. A recipe whose Linears the backend cannot run as whole int8 GEMMs is flagged
     before calibration (an :class:`OutlierFXWarning`, and ``report.backend_fit``).
     """
-    batches = _checked_batches(calibration)
+    batches = _checked_batches(model, calibration)
     widths = parse_bits(bits)
     choose(recipe, backend)[0].policy(widths, policy)  # a bad recipe, backend or policy fails before the capture
-    gm = capture(model, dict(batches[0]))
+    model, batches, dtype_notes = _in_float32(model, batches)
+    gm = capture(model, batches[0])
     chosen, target, chosen_preset = choose(recipe, backend, gm)  # a preset follows the model's structure
     quant_policy = chosen.policy(widths, policy)
     fits: list[BackendFit] = []
@@ -172,17 +180,44 @@ def quantize(
     report = QuantizationReport(
         chosen.name, str(widths), quant_policy.name, run.audit, run.placement, run.calibration_seconds, len(batches),
         preset=chosen_preset.goal.value if chosen_preset else None, why=chosen_preset.why if chosen_preset else None,
-        backend_fit=fits[0] if fits else None, run_id=run_id, graphs=RunGraphs(gm, run.graph_module))
+        backend_fit=fits[0] if fits else None, run_id=run_id, notes=dtype_notes + gm.meta[meta.GM_CAPTURE_REPORT].notes,
+        graphs=RunGraphs(gm, run.graph_module))
     if target is not None:
         return lower(run.graph_module, report, target, progress=progress)
     return QuantizationResult(run.graph_module, report)
 
 
-def _checked_batches(calibration: Iterable[Mapping[str, torch.Tensor]]) -> list[Mapping[str, torch.Tensor]]:
-    batches = list(calibration)
+def _in_float32(model: torch.nn.Module, batches: list[dict[str, Any]]
+                ) -> tuple[torch.nn.Module, list[dict[str, Any]], tuple[str, ...]]:
+    """A float32 copy of a float16/bfloat16 model, and its batches' float tensors in float32.
+
+    Observers need float32 statistics (a bfloat16 sum of squares over a batch loses the small
+    channels next to the outliers) and the int8 kernels take and return float32 activations; the
+    user's model is not changed. Returns the note the report shows, or none for a float32 model."""
+    dtypes = {t.dtype for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()}
+    low = sorted(str(d).removeprefix("torch.") for d in dtypes if d != torch.float32)
+    if not low:
+        return model, batches, ()
+    work = copy.deepcopy(model).float()
+    batches = [{k: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in b.items()}
+               for b in batches]
+    note = (f"the model is in {', '.join(low)}: outlierfx captured, calibrated and quantized a float32 copy of it "
+            f"(float32 statistics; the int8 kernels take float32 activations); the quantized model returns float32")
+    return work, batches, (note,)
+
+
+def _checked_batches(model: torch.nn.Module, calibration: Iterable[Any]) -> list[dict[str, Any]]:
+    """The calibration batches as keyword inputs, each checked before any tracing (the first is
+    the example for capture)."""
+    if not isinstance(model, torch.nn.Module):
+        raise DataError(f"quantize expects a torch.nn.Module, got {type(model).__name__}")
+    check_model_weights(model)
+    batches = [as_keyword_batch(model, batch, i) for i, batch in enumerate(calibration)]
     if not batches:
         raise DataError("the calibration set is empty")
-    first_mask = batches[0].get("attention_mask") if isinstance(batches[0], Mapping) else None
+    for i, batch in enumerate(batches):
+        check_keyword_inputs(model, batch, f"calibration batch {i}")
+    first_mask = batches[0].get("attention_mask")
     if isinstance(first_mask, torch.Tensor) and not bool(first_mask.any()):
         raise DataError("the first calibration batch is all padding (attention_mask is all zeros)")
     return batches

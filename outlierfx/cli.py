@@ -11,7 +11,7 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
-from .errors import OutlierFXError
+from .errors import OutlierFXError, SettingError
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -41,12 +41,14 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _print_quantized(report: Any, seconds: float) -> None:
-    """The preset and why (wrapped), and how many Linears run on int8 kernels."""
+    """The preset and why (wrapped), the report's notes, and how many Linears run on int8 kernels."""
     print(f"  {report.headline(why=False)}")
     if report.why:
         print(textwrap.fill(f"why: {report.why}", width=100, initial_indent="  ", subsequent_indent="    "))
     if report.backend_fit is not None and not report.backend_fit.whole_int8:
         print(textwrap.fill(report.backend_fit.summary(), width=100, initial_indent="  ", subsequent_indent="    "))
+    for note in report.notes:  # e.g. a bfloat16 model quantized through a float32 copy
+        print(textwrap.fill(f"note: {note}", width=100, initial_indent="  ", subsequent_indent="    "))
     lowered = [e.plan for e in report.audit if e.pass_name == "Lower"]
     done = f"  quantized in {seconds:.0f}s"
     if lowered:
@@ -139,17 +141,11 @@ def _recipe_name(args: argparse.Namespace) -> str | None:
 
 def _bench_accuracy(args: argparse.Namespace) -> int:
     from .benchmarks import accuracy, print_table, write_json
-    from .quantizers.policy import parse_bits
     from .recipes import FINE_SUFFIX, get_recipe
 
     recipes = [r.strip() + (FINE_SUFFIX if args.fine else "") for r in args.recipes.split(",") if r.strip()]
     for r in recipes:
         get_recipe(r)  # a RecipeError (an OutlierFXError) before any model is loaded
-    try:
-        for b in args.bits:
-            parse_bits(b)
-    except ValueError as exc:
-        raise OutlierFXError(str(exc)) from exc
     result = accuracy(args.model, args.bits, recipes, policy=args.policy, backend=args.backend)
     print()
     print_table(result)
@@ -277,6 +273,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_POSITIVE_COUNTS = ("samples", "batch", "seq", "rounds", "threads")
+
+
+def _check_settings(args: argparse.Namespace) -> None:
+    """Refuse bad sizes, bit widths and policy names (a SettingError: one line, exit 2) before
+    any model is loaded."""
+    from .quantizers.policy import make_policy, parse_bits
+
+    for name in _POSITIVE_COUNTS:
+        value = getattr(args, name, None)
+        if isinstance(value, int) and value < 1:
+            raise SettingError(f"--{name} must be a positive integer, got {value}")
+    bits = getattr(args, "bits", None)
+    for widths in bits if isinstance(bits, list) else [bits] if bits is not None else []:
+        parse_bits(widths)
+    if getattr(args, "policy", None) is not None:
+        make_policy(args.policy)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -290,6 +305,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.model:
             parser.error("analyze needs a model: minilm, smollm2 or a local Hugging Face folder")
     try:
+        _check_settings(args)
         return int(args.func(args))
     except OutlierFXError as exc:
         print(f"outlierfx: error: {exc}", file=sys.stderr)

@@ -23,6 +23,10 @@ class DataError(OutlierFXError):
     """Inputs, calibration data or packaged resources are unusable."""
 
 
+class SettingError(OutlierFXError, ValueError):
+    """A setting has a value outlierfx does not accept (bit widths, a policy name, a size)."""
+
+
 class OutlierFXWarning(UserWarning):
     """Something the user should know that does not stop the run (e.g. a recipe the backend
     cannot run as whole int8 GEMMs)."""

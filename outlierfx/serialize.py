@@ -18,7 +18,7 @@ import torch
 import torch.fx
 import torch.utils._pytree as pytree
 
-from .errors import OutlierFXError
+from .errors import DataError, OutlierFXError
 from .graph.copy import copy_graph_module
 from .graph.probe import flatten_with_spec
 from .backends import runtime
@@ -66,6 +66,12 @@ def save_quantized(model: torch.fx.GraphModule, directory: str | pathlib.Path, i
                    *, overwrite: bool = False) -> pathlib.Path:
     """Write ``model`` (a fake-quant or lowered GraphModule) to ``directory/model.pt`` with a
     small JSON description. Refuses to replace an existing model unless ``overwrite``."""
+    if not isinstance(model, (torch.fx.GraphModule, SavedModel)):
+        raise DataError(
+            f"save_quantized takes the model outlierfx.quantize (or lower) returned, a GraphModule; got a "
+            f"{type(model).__name__}. Quantize it first: qmodel, report = outlierfx.quantize(model, calibration); for "
+            f"backend='inductor' save qmodel.reference (the compiled model wraps it)"
+        )
     directory = pathlib.Path(directory)
     target = directory / MODEL_FILE
     if target.exists() and not overwrite:

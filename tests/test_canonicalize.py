@@ -166,3 +166,66 @@ def test_unused_outputs_and_their_weights_are_dropped():
     gm = outlierfx.capture(DeadBranch(), (torch.randn(2, 4),))
     assert _targets(gm) == [aten.linear.default]
     assert not any(name.startswith("unused") for name, _ in gm.named_parameters())
+
+
+class MatmulLinear(torch.nn.Module):
+    """A Linear written as a matrix product, as Falcon's FalconLinear does (or with W stored [in, out])."""
+
+    def __init__(self, form, bias):
+        super().__init__()
+        shape = (8, 12) if form == "x @ W" else (12, 8)
+        self.weight = torch.nn.Parameter(torch.randn(shape))
+        self.bias = torch.nn.Parameter(torch.randn(12)) if bias else None
+        self.form = form
+
+    def forward(self, x):
+        w = self.weight
+        product = {"x @ W.T": lambda: x @ w.T, "x @ W.t()": lambda: x @ w.t(),
+                   "x @ W.transpose": lambda: torch.matmul(x, w.transpose(-1, -2)),
+                   "x @ W": lambda: x @ w}[self.form]()
+        return product if self.bias is None else product + self.bias
+
+
+@pytest.mark.parametrize("form", ["x @ W.T", "x @ W.t()", "x @ W.transpose", "x @ W"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_matrix_product_with_a_stored_weight_becomes_linear(form, bias):
+    model = MatmulLinear(form, bias)
+    original = model.weight.detach().clone()
+    x = torch.randn(2, 3, 8)
+    gm = outlierfx.capture(model, (x,))
+    assert _targets(gm) == [aten.linear.default]
+    assert (len(next(iter(n for n in gm.graph.nodes if n.target is aten.linear.default)).args) == 3) == bias
+    assert torch.equal(model.weight, original)
+    assert_equivalent(model, gm, (x,))
+
+
+def test_a_product_of_two_activations_stays_a_matmul():
+    class Scores(torch.nn.Module):
+        def forward(self, q, k):
+            return q @ k.transpose(-1, -2)
+
+    gm = outlierfx.capture(Scores(), (torch.randn(2, 3, 8), torch.randn(2, 3, 8)))
+    assert aten.linear.default not in _targets(gm) and aten.matmul.default in _targets(gm)
+
+
+def test_contiguous_copy_of_a_permuted_tensor_is_kept_for_the_view_after_it():
+    class PermuteView(torch.nn.Module):
+        def forward(self, x):
+            b, s, h, d = x.shape
+            return x.permute(0, 2, 1, 3).contiguous().view(b, h, s * d)
+
+    x = torch.randn(2, 5, 4, 3)
+    gm = outlierfx.capture(PermuteView(), (x,))
+    assert {aten.clone.default, aten.contiguous.default} & set(_targets(gm))
+    assert_equivalent(PermuteView(), gm, (torch.randn(3, 7, 4, 3),))
+
+
+def test_baddbmm_becomes_matmul_scale_and_add():
+    class ScoresWithBias(torch.nn.Module):
+        def forward(self, bias, q, k):
+            return bias.baddbmm(q, k, beta=0.5, alpha=0.25)
+
+    inputs = (torch.randn(6, 1, 5), torch.randn(6, 5, 4), torch.randn(6, 4, 5))
+    gm = outlierfx.capture(ScoresWithBias(), inputs)
+    assert aten.baddbmm.default not in _targets(gm) and aten.matmul.default in _targets(gm)
+    assert_equivalent(ScoresWithBias(), gm, inputs)

@@ -116,3 +116,37 @@ def test_a_backend_this_cpu_lacks_is_refused_by_name(monkeypatch, tmp_path, caps
     err = capsys.readouterr().err
     assert "backend 'fbgemm' is not available on this CPU (this torch build has: qnnpack)" in err
     assert err.count("\n") == 1 and not (tmp_path / "q").exists()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--bits", "W8A17"], "'W8A17' asks for 17-bit activations; each width must be 2..16 bits"),
+    (["--bits", "int8"], "bit widths look like W8A8 (weights and activations) or 8 (both), got 'int8'"),
+    (["--policy", "everything"], "unknown policy 'everything'; choose full, linear-inputs or mp16"),
+    (["--batch", "0"], "--batch must be a positive integer, got 0"),
+    (["--seq", "-1"], "--seq must be a positive integer, got -1"),
+    (["--seq", "0"], "--seq must be a positive integer, got 0"),
+])
+def test_bad_settings_end_in_one_line_before_any_model_loads(argv, message, tmp_path, capsys, monkeypatch):
+    from outlierfx import models
+    from outlierfx.cli import main
+
+    monkeypatch.setattr(models, "load", lambda *a, **k: pytest.fail("loaded a model before checking the settings"))
+    assert main(["quantize", "minilm", "--out", str(tmp_path / "q"), *argv]) == 2
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"outlierfx: error: {message}"), captured.err
+    assert "Traceback" not in captured.out and not (tmp_path / "q").exists()
+
+
+def test_the_quantize_summary_prints_the_reports_notes(capsys):
+    import torch
+
+    import outlierfx
+    from outlierfx.cli import _print_quantized
+    from outlierfx.testing.architectures import build_architecture
+
+    g = build_architecture("bert", dtype=torch.bfloat16)
+    _, report = outlierfx.quantize(g.model, [g.inputs], recipe="naive", policy="linear-inputs", progress=False)
+    _print_quantized(report, 1.0)
+    out = capsys.readouterr().out
+    assert "note: the model is in bfloat16: outlierfx captured, calibrated and quantized a float32 copy" in out

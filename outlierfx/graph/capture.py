@@ -27,8 +27,10 @@ from ..errors import CaptureError, DataError
 from . import meta
 from .canonicalize import canonicalize
 from .compare import OutputError, output_error, run
+from .inputs import check_keyword_inputs, check_model_weights
 from .ops import OpKind, op_kind
 from .shapes import propagate_values
+from .static_shapes import insert_shape_checks
 
 DEFAULT_REL_TOL = 1e-5
 """Captured graphs must match the model within this fraction of the output's max magnitude..."""
@@ -53,6 +55,7 @@ class CaptureReport:
     # fp32 model itself (the rounding noise) and of the graph
     float_noise: float | None = None
     float_error: float | None = None
+    notes: tuple[str, ...] = ()  # what the user should know about this graph (e.g. static shapes)
 
     def as_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -82,8 +85,14 @@ def normalize_inputs(model: torch.nn.Module, example_inputs: Any) -> Inputs:
         params = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
         params = {}
+    if params and not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        unknown = sorted(set(kwargs) - set(params))
+        if unknown:
+            raise DataError(f"inputs {unknown} are not parameters of {type(model).__name__}.forward, which takes "
+                            f"{', '.join(params)}; rename or drop them")
     if "use_cache" in params and "use_cache" not in kwargs:
         kwargs["use_cache"] = False
+    check_keyword_inputs(model, kwargs, "example inputs")
     for name, value in list(enumerate(args)) + list(kwargs.items()):
         if isinstance(value, torch.Tensor) and value.dtype.is_floating_point and not torch.isfinite(value).all():
             raise DataError(f"example input {name!r} contains NaN or inf")
@@ -106,9 +115,11 @@ def _dynamic_shapes(model: torch.nn.Module, inputs: Inputs) -> Any:
     bound = signature.bind_partial(*args, **kwargs).arguments
     for name, value in bound.items():
         if signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+            named = [p.name for p in signature.parameters.values() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
             raise CaptureError(
                 f"inputs {sorted(value)} are not named parameters of {type(model).__name__}.forward (they would "
-                f"pass through **{name}, which torch.export cannot give dynamic shapes); drop them "
+                f"pass through **{name}, which torch.export cannot give dynamic shapes); use the names it takes "
+                f"({', '.join(named[:8])}{', ...' if len(named) > 8 else ''}), drop the others "
                 f"(outlierfx.models.model_inputs does) or capture with dynamic=False"
             )
     return {name: spec(value) for name, value in bound.items()}
@@ -152,7 +163,10 @@ def capture(
     Args:
         model: a Hugging Face ``PreTrainedModel`` or any ``nn.Module``. It is not modified.
         example_inputs: a tuple of positional args or a dict of kwargs for ``model``.
-        dynamic: keep batch and sequence sizes symbolic so the graph accepts other shapes.
+        dynamic: keep batch and sequence sizes symbolic so the graph accepts other shapes. Where
+            the model needs concrete sizes the graph is captured with the example's shapes
+            instead, and the report's ``notes`` say so; a graph with static shapes raises a
+            :class:`DataError` naming the shapes it takes when called with others.
         check: run the model and the graph on ``example_inputs`` and require their outputs to
             agree (at real tokens, where an ``attention_mask`` says which) within ``rel_tol`` times
             the output's max magnitude, or within ``FLOAT_NOISE_FACTOR`` times the model's own
@@ -164,33 +178,17 @@ def capture(
     """
     if not isinstance(model, torch.nn.Module):
         raise CaptureError(f"capture expects a torch.nn.Module, got {type(model).__name__}")
+    check_model_weights(model)
     full_inputs = normalize_inputs(model, example_inputs)
     args, kwargs = full_inputs
     constants = {k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor)}
     inputs = (args, {k: v for k, v in kwargs.items() if k not in constants})
     name = type(model).__name__
+    shapes = _dynamic_shapes(model, inputs) if dynamic else None  # names inputs export cannot take
     with _tracing_view_of(model, constants):
-        reference = run(model, inputs) if check else None
-        start = time.perf_counter()
-        try:
-            exported = torch.export.export(
-                model,
-                inputs[0],
-                inputs[1],
-                dynamic_shapes=_dynamic_shapes(model, inputs) if dynamic else None,
-                strict=False,
-            )
-        except CaptureError:
-            raise
-        except Exception as exc:  # export raises many unrelated types; all mean "untraceable"
-            raise CaptureError(explain_export_failure(name, exc)) from exc
-        export_seconds = time.perf_counter() - start
-
-    start = time.perf_counter()
-    gm = exported.module()
-    rewrites = canonicalize(gm)
-    propagate_values(gm, full=True)
-    canonicalize_seconds = time.perf_counter() - start
+        reference = _run_model(model, inputs) if check else None
+        traced = _trace(model, inputs, shapes)
+    gm = traced.graph_module
 
     error, noise, from_float64 = None, None, None
     if check:
@@ -210,16 +208,78 @@ def capture(
     gm.meta[meta.GM_EXAMPLE_INPUTS] = inputs
     gm.meta[meta.GM_CAPTURE_REPORT] = CaptureReport(
         model=name,
-        export_seconds=export_seconds,
-        canonicalize_seconds=canonicalize_seconds,
-        rewrites=rewrites,
+        export_seconds=traced.export_seconds,
+        canonicalize_seconds=traced.canonicalize_seconds,
+        rewrites=traced.rewrites,
         op_counts=count_ops(gm),
         num_nodes=len(gm.graph.nodes),
         error=error,
         float_noise=noise,
         float_error=from_float64,
+        notes=traced.notes,
     )
     return gm
+
+
+@dataclasses.dataclass(frozen=True)
+class _Traced:
+    graph_module: torch.fx.GraphModule
+    rewrites: Mapping[str, int]
+    export_seconds: float
+    canonicalize_seconds: float
+    notes: tuple[str, ...] = ()
+
+
+def _run_model(model: torch.nn.Module, inputs: Inputs) -> Any:
+    """The model's outputs on the example; a model that fails on them was given the wrong inputs."""
+    try:
+        return run(model, inputs)
+    except Exception as exc:  # noqa: BLE001 - whatever the model raises, the inputs are the cause
+        first_line = (str(exc).strip().splitlines() or [""])[0]
+        raise DataError(
+            f"{type(model).__name__} fails on the example inputs ({type(exc).__name__}: {first_line[:300]}); give it "
+            f"the inputs its forward takes (for a Hugging Face model, the tokenizer's output)"
+        ) from exc
+
+
+def _trace(model: torch.nn.Module, inputs: Inputs, shapes: Any) -> _Traced:
+    """Export and canonicalize, with the symbolic sizes of ``shapes`` (None: static shapes).
+
+    Where that fails (export, or shape propagation through an op whose shape function takes
+    only concrete sizes), trace again with the example's static shapes; the graph then checks
+    its input shapes and the note says why."""
+    if shapes is None:
+        return _export_canonical(model, inputs, None)
+    try:
+        return _export_canonical(model, inputs, shapes)
+    except Exception as exc:  # noqa: BLE001 - any failure with symbolic sizes: try the static shapes
+        dynamic_failure = exc.__cause__ if isinstance(exc, CaptureError) and exc.__cause__ else exc
+    # a failed dynamic export leaves its dynamic-dimension marks on the input tensors, and a second
+    # export of the same tensors would trace them symbolically again: the retry exports copies
+    fresh = pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, inputs)
+    traced = _export_canonical(model, fresh, None)
+    where = _user_frame(dynamic_failure)
+    first_line = (str(dynamic_failure).strip().splitlines() or [""])[0]
+    note = (f"captured with static shapes: tracing with dynamic batch and sequence sizes failed"
+            f"{f' at {where}' if where else ''} ({type(dynamic_failure).__name__}: {first_line[:200]}); the graph "
+            f"takes only the example's input shapes and names them when called with others")
+    return dataclasses.replace(traced, notes=(note,))
+
+
+def _export_canonical(model: torch.nn.Module, inputs: Inputs, dynamic_shapes: Any) -> _Traced:
+    start = time.perf_counter()
+    try:
+        exported = torch.export.export(model, inputs[0], inputs[1], dynamic_shapes=dynamic_shapes, strict=False)
+    except Exception as exc:  # export raises many unrelated types; all mean "untraceable"
+        raise CaptureError(explain_export_failure(type(model).__name__, exc)) from exc
+    export_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    gm = exported.module()
+    rewrites = canonicalize(gm)
+    if dynamic_shapes is None:
+        insert_shape_checks(gm)
+    propagate_values(gm, full=True)
+    return _Traced(gm, rewrites, export_seconds, time.perf_counter() - start)
 
 
 def _token_mask(inputs: Inputs) -> torch.Tensor | None:

@@ -115,10 +115,11 @@ def preserves_last_axis(node: torch.fx.Node, source: torch.fx.Node) -> bool:
         indices = node.args[1]
         if len(indices) >= src.dim() and indices[src.dim() - 1] is not None:
             return False
-    return _same_int(src.shape[-1], out.shape[-1])
+    return same_size(src.shape[-1], out.shape[-1])
 
 
-def _same_int(a: object, b: object) -> bool:
+def same_size(a: object, b: object) -> bool:
+    """Whether two sizes (ints or symbolic sizes) are the same."""
     try:
         return int(a) == int(b)  # type: ignore[call-overload]
     except (TypeError, ValueError, RuntimeError):

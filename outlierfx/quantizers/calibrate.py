@@ -11,6 +11,7 @@ import torch.fx
 
 from ..errors import DataError
 from ..graph import meta
+from ..graph.ops import OpKind, op_kind
 from .observers import Observer, token_mask
 
 
@@ -34,6 +35,17 @@ def _check_batch(i: int, batch: Any, example: tuple[tuple, dict] | None) -> dict
     return dict(batch)
 
 
+def _no_observers_message(gm: torch.fx.GraphModule) -> str:
+    """Why there is nothing to calibrate: a graph in which outlierfx recognised no Linear is not
+    the user's mistake, and the message must not say it is."""
+    if not any(op_kind(n) is OpKind.LINEAR for n in gm.graph.nodes):
+        return ("the graph has no observers because outlierfx recognised no Linear layer in it (it recognises "
+                "nn.Linear, GPT-2's Conv1D and `x @ W.T + b` with a stored weight, after capture); a model without "
+                "Linear layers has nothing for int8 GEMMs to run. If this model's Linears are written another way, "
+                "that is a gap in outlierfx's canonicalization: please report the architecture")
+    return "the graph has no observers; run InsertObservers (or a recipe) on it first"
+
+
 def calibrate(gm: torch.fx.GraphModule, batches: Iterable[Mapping[str, torch.Tensor]], progress: bool = True) -> float:
     """Feed ``batches`` (dicts of keyword inputs) through ``gm``; its observers record ranges.
 
@@ -43,7 +55,7 @@ def calibrate(gm: torch.fx.GraphModule, batches: Iterable[Mapping[str, torch.Ten
     """
     observers = [m for m in gm.modules() if isinstance(m, Observer)]
     if not observers:
-        raise DataError("the graph has no observers; run InsertObservers (or a recipe) first")
+        raise DataError(_no_observers_message(gm))
     batches = list(batches)
     if not batches:
         raise DataError("the calibration set is empty")

@@ -9,7 +9,8 @@ import dataclasses
 import re
 
 from ..graph.roles import Role
-from .spec import QuantSpec, activation_spec, weight_spec
+from ..errors import SettingError
+from .spec import MAX_BITS, MIN_BITS, QuantSpec, activation_spec, weight_spec
 
 FULL_ROLES = frozenset({
     Role.LINEAR_INPUT, Role.LINEAR_OUTPUT, Role.NORM_OUTPUT, Role.RESIDUAL_SUM, Role.EMBEDDING_SUM,
@@ -80,12 +81,17 @@ class BitWidths:
 def parse_bits(text: str | int) -> BitWidths:
     """``"W8A8"``, ``"w4a8"`` or ``8`` (same for both)."""
     if isinstance(text, int) or str(text).isdigit():
-        bits = int(text)
-        return BitWidths(bits, bits)
-    match = re.fullmatch(r"[wW](\d+)[aA](\d+)", str(text))
-    if not match:
-        raise ValueError(f"bit widths look like W8A8 or 8, got {text!r}")
-    return BitWidths(int(match.group(1)), int(match.group(2)))
+        widths = BitWidths(int(text), int(text))
+    else:
+        match = re.fullmatch(r"[wW](\d+)[aA](\d+)", str(text))
+        if not match:
+            raise SettingError(f"bit widths look like W8A8 (weights and activations) or 8 (both), got {text!r}")
+        widths = BitWidths(int(match.group(1)), int(match.group(2)))
+    for what, bits in (("weights", widths.weights), ("activations", widths.activations)):
+        if not MIN_BITS <= bits <= MAX_BITS:
+            raise SettingError(f"{text!r} asks for {bits}-bit {what}; each width must be {MIN_BITS}..{MAX_BITS} bits "
+                               f"(e.g. W8A8, W4A8, W8A16)")
+    return widths
 
 
 def make_policy(name: str, bits: BitWidths | str | int = "W8A8") -> QuantPolicy:
@@ -107,4 +113,4 @@ def make_policy(name: str, bits: BitWidths | str | int = "W8A8") -> QuantPolicy:
         why = "mixed precision W8A{8,16}: outlier-carrying residual-stream tensor kept at 16 bit"
         overrides = tuple(Override(r, wide, why) for r in (Role.FFN_INPUT, Role.FFN_OUTPUT, Role.RESIDUAL_SUM))
         return QuantPolicy("mp16", FULL_ROLES, act, weights, overrides, embedding=table)
-    raise ValueError(f"unknown policy {name!r}; choose full, linear-inputs or mp16")
+    raise SettingError(f"unknown policy {name!r}; choose full, linear-inputs or mp16")

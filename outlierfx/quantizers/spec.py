@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import enum
 
+MIN_BITS, MAX_BITS = 2, 16  # the widths fake quantization simulates (int8 kernels run 8 bits)
+
 
 class Granularity(enum.Enum):
     PER_TENSOR = "per_tensor"
@@ -60,8 +62,8 @@ class QuantSpec:
     sink_min_widening: float = 1.0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.bits, int) or not 2 <= self.bits <= 16:
-            raise ValueError(f"bits must be an integer in 2..16, got {self.bits!r}")
+        if not isinstance(self.bits, int) or not MIN_BITS <= self.bits <= MAX_BITS:
+            raise ValueError(f"bits must be an integer in {MIN_BITS}..{MAX_BITS}, got {self.bits!r}")
         if self.signed is None:
             object.__setattr__(self, "signed", self.symmetric)
         if not isinstance(self.sink_tokens, int) or self.sink_tokens < 0:

@@ -46,7 +46,7 @@ def assert_tokens_close(reference: torch.nn.Module, candidate: torch.nn.Module, 
     move single values by one step and a relative tolerance is the wrong measure). Returns the
     lowest cosine."""
     with torch.no_grad():
-        ref, out = (_per_token(m(**inputs)) for m in (reference, candidate))
+        ref, out = (per_token_output(m(**inputs)) for m in (reference, candidate))
     real = inputs["attention_mask"].bool()
     lowest = float(torch.nn.functional.cosine_similarity(ref[real], out[real], dim=-1).min())
     if lowest < min_cosine:
@@ -54,6 +54,7 @@ def assert_tokens_close(reference: torch.nn.Module, candidate: torch.nn.Module, 
     return lowest
 
 
-def _per_token(output: object) -> torch.Tensor:
+def per_token_output(output: object) -> torch.Tensor:
+    """A model output's per-token tensor: ``last_hidden_state`` (encoders) or ``logits``."""
     hidden = getattr(output, "last_hidden_state", None)
     return hidden if hidden is not None else output.logits  # type: ignore[attr-defined]

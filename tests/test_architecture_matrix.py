@@ -1,0 +1,57 @@
+"""The architecture matrix (issue 25): every listed transformers architecture, as a tiny
+random-weight model, through capture, naive quantization, onednn lowering, save/load, other shapes
+and the default preset (the stages: ``outlierfx.testing.matrix``).
+
+One thread per test (CI-fast: all rows take ~5 min on one core of a shared machine). The stages
+not run yet are listed in ``outlierfx.testing.matrix.STAGES_NOT_RUN``.
+"""
+
+import pytest
+import torch
+
+from outlierfx.testing.architectures import DECODERS, ENCODERS
+from outlierfx.testing.matrix import STAGES, run_architecture
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.skipif("onednn" not in torch.backends.quantized.supported_engines, reason="no onednn engine")
+@pytest.mark.parametrize("architecture", ENCODERS + DECODERS)
+def test_architecture_passes_every_stage(architecture):
+    row = run_architecture(architecture)
+    assert [o.stage for o in row.outcomes] == list(STAGES) and row.passed, row.summary()
+
+
+def test_the_listed_architectures_are_transformers_model_types_with_the_head_users_load():
+    """Encoders load with AutoModel, decoders with AutoModelForCausalLM: a renamed or dropped
+    model type in a transformers release fails here instead of silently leaving the matrix."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_MAPPING_NAMES
+
+    assert not set(ENCODERS) & set(DECODERS)
+    assert set(ENCODERS + DECODERS) <= set(MODEL_MAPPING_NAMES)
+    assert set(DECODERS) <= set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+
+
+def test_the_coverage_doc_is_rendered_from_a_run_of_the_current_matrix():
+    """docs/architectures.md is what scripts/architecture_matrix.py renders of its JSON, and that
+    JSON is a run of today's list and stages (rerun the script after changing either)."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from outlierfx.testing.matrix import STAGES_NOT_RUN
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "architecture_matrix.py"
+    spec = importlib.util.spec_from_file_location("architecture_matrix", script)
+    generator = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(generator)
+    data = json.loads(generator.RESULT.read_text())
+    assert [r["architecture"] for r in data["rows"]] == list(ENCODERS + DECODERS)
+    assert data["stages"] == list(STAGES) and data["not_run"] == list(STAGES_NOT_RUN)
+    assert generator.main(["--check"]) == 0
