@@ -1,0 +1,333 @@
+"""A fake-quant GraphModule as JSON plus tensors, and back, without pickle.
+
+The schema (``docs/saved-format.md`` describes it for readers in other tools):
+
+- ``nodes``: in graph order, ``{"name", "op", "target", "args", "kwargs", "meta"}``. ``op`` is
+  FX's (``placeholder``, ``get_attr``, ``call_function``, ``call_module``, ``output``); a
+  ``call_function`` target is a name from :data:`~outlierfx.serialize.vocabulary.OPS`.
+  Arguments are JSON values where JSON has them (int, float, bool, null, string, list) and
+  tagged objects otherwise: ``{"node": name}``, ``{"tuple": [...]}``, ``{"dtype": "float32"}``,
+  ``{"device": "cpu"}``, ``{"float": "inf"}``. ``meta`` keeps what lowering reads: the user's
+  module path, the pass that made the node, a quantized weight's spec (``weight_quant``) and the
+  value's dtype and shape (``val``; symbolic sizes as their names, e.g. ``"s53"``).
+- ``attributes``: the tensors ``get_attr`` nodes read, by target: ``{"tensor": key}`` or, for
+  quantized weights, ``{"int8": key, "scale": key}`` (codes x per-row scale rebuild the
+  fake-quant weight bit for bit).
+- ``modules``: the ``call_module`` targets, each a fake quantizer with its spec, roles and
+  ``scale``/``zero_point`` (and first-token grid) tensors.
+- ``calling_convention``: the input names and torch pytree specs (``treespec_dumps``) that turn
+  keyword inputs into graph inputs and graph outputs back into a Hugging Face ``ModelOutput``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import importlib
+import math
+from typing import Any
+
+import torch
+import torch.fx
+import torch.utils._pytree as pytree
+from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._dynamo.source import ConstantSource
+
+from ..errors import OutlierFXError
+from ..graph import meta
+from ..graph.attrs import fetch_attr, set_attr
+from ..graph.ops import OpKind, op_kind
+from ..graph.probe import flatten_with_spec
+from ..graph.roles import Role
+from ..graph.shapes import propagate_values
+from ..quantizers.observers import FakeQuantize
+from ..quantizers.spec import Estimator, Granularity, QuantSpec
+from .tensors import TensorWriter, integer_weight, rebuild_weight
+from .vocabulary import OPS, names_by_target
+
+_FQ_BUFFERS = ("scale", "zero_point", "sink_scale", "sink_zero_point")
+_META_STRINGS = {"module_path": meta.MODULE_PATH, "created_by": meta.CREATED_BY}
+
+
+class SavedFormatError(OutlierFXError):
+    """A saved model's files cannot be read by this outlierfx (message: what and how to fix)."""
+
+
+# -- encoding -------------------------------------------------------------------------------------
+def encode_graph(gm: torch.fx.GraphModule, writer: TensorWriter) -> dict[str, Any]:
+    """The JSON document of a fake-quant ``gm``; its tensors go to ``writer``."""
+    names = names_by_target()
+    nodes = [_encode_node(node, names) for node in gm.graph.nodes]
+    weights = _quantized_weights(gm)
+    attributes = {}
+    for target in dict.fromkeys(str(n.target) for n in gm.graph.nodes if n.op == "get_attr"):
+        attributes[target] = _encode_attribute(target, fetch_attr(gm, target), weights.get(target), writer)
+    modules = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and node.target not in modules:
+            modules[node.target] = _encode_module(str(node.target), gm.get_submodule(node.target), writer)
+    info = getattr(gm.graph._codegen, "pytree_info", None)
+    convention = None if info is None else {
+        "inputs": list(info.orig_args), "in_spec": pytree.treespec_dumps(info.in_spec),
+        "out_spec": pytree.treespec_dumps(info.out_spec) if info.out_spec is not None else None}
+    return {"nodes": nodes, "attributes": attributes, "modules": modules, "calling_convention": convention}
+
+
+def encode_value(value: Any, writer: TensorWriter | None = None, name: str = "") -> Any:
+    """A node argument (or, with ``writer``, an example input) as JSON."""
+    if isinstance(value, torch.fx.Node):
+        return {"node": value.name}
+    if isinstance(value, bool) or value is None or isinstance(value, (int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else {"float": repr(value)}
+    if isinstance(value, tuple):
+        return {"tuple": [encode_value(v, writer, f"{name}.{i}") for i, v in enumerate(value)]}
+    if isinstance(value, list):
+        return [encode_value(v, writer, f"{name}.{i}") for i, v in enumerate(value)]
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        return {"dict": {k: encode_value(v, writer, f"{name}.{k}") for k, v in value.items()}}
+    if isinstance(value, torch.dtype):
+        return {"dtype": str(value).removeprefix("torch.")}
+    if isinstance(value, torch.device):
+        return {"device": str(value)}
+    if isinstance(value, (torch.layout, torch.memory_format)):
+        return {type(value).__name__: str(value).removeprefix("torch.")}
+    if isinstance(value, torch.Tensor) and writer is not None:
+        return {"tensor": writer.add(name, value)}
+    raise OutlierFXError(f"cannot save a graph argument of type {type(value).__name__} ({value!r}); "
+                         f"outlierfx.save writes the graphs outlierfx.quantize returns")
+
+
+def _encode_node(node: torch.fx.Node, names: dict[object, str]) -> dict[str, Any]:
+    target: Any = node.target
+    if node.op == "call_function":
+        target = names.get(node.target)
+        if target is None:
+            raise OutlierFXError(f"node {node.name} calls {node.target}, which the saved-graph vocabulary lacks; "
+                                 f"add it to outlierfx.serialize.vocabulary.OPS (one line)")
+    elif node.op not in ("placeholder", "get_attr", "call_module", "output"):
+        raise OutlierFXError(f"node {node.name}: cannot save a {node.op!r} node")
+    saved_meta: dict[str, Any] = {k: node.meta[key] for k, key in _META_STRINGS.items() if key in node.meta}
+    if meta.WEIGHT_QUANT in node.meta:
+        saved_meta["weight_quant"] = encode_spec(node.meta[meta.WEIGHT_QUANT])
+    val = _encode_val(node.meta.get("val"))
+    if val is not None:
+        saved_meta["val"] = val
+    return {"name": node.name, "op": node.op, "target": target, "args": encode_value(list(node.args)),
+            "kwargs": {k: encode_value(v) for k, v in node.kwargs.items()}, "meta": saved_meta}
+
+
+def _encode_val(val: Any) -> Any:
+    if isinstance(val, torch.Tensor):
+        return {"dtype": str(val.dtype).removeprefix("torch."), "shape": [_size(s) for s in val.shape]}
+    if isinstance(val, torch.SymInt):
+        return {"symint": str(val.node.expr)}
+    if isinstance(val, (tuple, list)) and val and all(isinstance(v, torch.Tensor) for v in val):
+        return {"tuple": [_encode_val(v) for v in val]}
+    return None
+
+
+def _size(size: int | torch.SymInt) -> int | str:
+    return str(size.node.expr) if isinstance(size, torch.SymInt) else int(size)
+
+
+def _quantized_weights(gm: torch.fx.GraphModule) -> dict[str, QuantSpec]:
+    """get_attr target -> spec, for the weights ConvertToFakeQuant put on an integer grid."""
+    found = {}
+    for node in gm.graph.nodes:
+        spec = node.meta.get(meta.WEIGHT_QUANT)
+        position = {OpKind.LINEAR: 1, OpKind.EMBEDDING: 0}.get(op_kind(node))  # type: ignore[arg-type]
+        if spec is None or position is None or len(node.args) <= position:
+            continue
+        weight = node.args[position]
+        if isinstance(weight, torch.fx.Node) and weight.op == "get_attr":
+            found[str(weight.target)] = spec
+    return found
+
+
+def _encode_attribute(target: str, tensor: torch.Tensor, spec: QuantSpec | None, writer: TensorWriter
+                      ) -> dict[str, Any]:
+    entry: dict[str, Any] = {"parameter": isinstance(tensor, torch.nn.Parameter),
+                             "requires_grad": bool(tensor.requires_grad)}
+    integer = integer_weight(tensor, spec) if spec is not None else None
+    if integer is None:
+        return {**entry, "tensor": writer.add(target, tensor)}
+    codes, scale = integer
+    return {**entry, "int8": writer.add(f"{target}.int8", codes), "scale": writer.add(f"{target}.scale", scale)}
+
+
+def _encode_module(target: str, module: torch.nn.Module, writer: TensorWriter) -> dict[str, Any]:
+    if type(module) is not FakeQuantize:
+        raise OutlierFXError(f"module {target} is a {type(module).__name__}; a saved graph holds fake quantizers "
+                             f"only (save the model outlierfx.quantize returns, after calibration)")
+    return {"kind": "fake_quantize", "spec": encode_spec(module.spec), "name": module.name,
+            "roles": sorted(r.value for r in module.roles), "enabled": bool(module.enabled),
+            "buffers": {b: writer.add(f"{target}.{b}", getattr(module, b)) for b in _FQ_BUFFERS}}
+
+
+def encode_spec(spec: QuantSpec) -> dict[str, Any]:
+    out = {}
+    for field in dataclasses.fields(spec):
+        value = getattr(spec, field.name)
+        out[field.name] = value.value if isinstance(value, enum.Enum) else list(value) if isinstance(value, tuple) \
+            else value
+    return out
+
+
+# -- decoding -------------------------------------------------------------------------------------
+def decode_spec(fields: dict[str, Any]) -> QuantSpec:
+    known = {f.name for f in dataclasses.fields(QuantSpec)}
+    unknown = set(fields) - known
+    if unknown:
+        raise SavedFormatError(f"quantization spec fields {sorted(unknown)} are unknown to this outlierfx; "
+                               f"upgrade outlierfx to read this model")
+    values = dict(fields)
+    values["granularity"] = Granularity(values["granularity"])
+    values["estimator"] = Estimator(values["estimator"])
+    if values.get("permutation") is not None:
+        values["permutation"] = tuple(values["permutation"])
+    return QuantSpec(**values)
+
+
+def decode_value(value: Any, nodes: dict[str, torch.fx.Node], tensors: dict[str, torch.Tensor] | None = None) -> Any:
+    if isinstance(value, list):
+        return [decode_value(v, nodes, tensors) for v in value]
+    if not isinstance(value, dict):
+        return value
+    if len(value) != 1:
+        raise SavedFormatError(f"unreadable argument {value!r}")
+    (tag, payload), = value.items()
+    if tag == "node":
+        return nodes[payload]
+    if tag == "tuple":
+        return tuple(decode_value(v, nodes, tensors) for v in payload)
+    if tag == "dict":
+        return {k: decode_value(v, nodes, tensors) for k, v in payload.items()}
+    if tag == "float":
+        return float(payload)
+    if tag == "tensor" and tensors is not None:
+        return tensors[payload]
+    if tag in ("dtype", "layout", "memory_format"):
+        found = getattr(torch, payload, None)
+        if isinstance(found, (torch.dtype, torch.layout, torch.memory_format)):
+            return found
+    if tag == "device":
+        return torch.device(payload)
+    raise SavedFormatError(f"unreadable argument {value!r}")
+
+
+def decode_graph(doc: dict[str, Any], tensors: dict[str, torch.Tensor],
+                 example: tuple[tuple, dict]) -> torch.fx.GraphModule:
+    """The fake-quant GraphModule of :func:`encode_graph`'s document, its values propagated
+    with the saved symbolic sizes (``example``: the saved example inputs, for size hints)."""
+    root = torch.nn.Module()
+    for target, entry in doc["attributes"].items():
+        set_attr(root, target, _decode_attribute(entry, tensors))
+    for target, entry in doc["modules"].items():
+        owner = root
+        *path, name = target.split(".")
+        for part in path:
+            if not hasattr(owner, part):
+                owner.add_module(part, torch.nn.Module())
+            owner = getattr(owner, part)
+        owner.add_module(name, _decode_module(target, entry, tensors))
+    graph = torch.fx.Graph()
+    nodes: dict[str, torch.fx.Node] = {}
+    for entry in doc["nodes"]:
+        node = _decode_node(graph, entry, nodes)
+        if node.name != entry["name"]:
+            raise SavedFormatError(f"node name {entry['name']!r} appears twice in the saved graph")
+        nodes[node.name] = node
+    convention = doc["calling_convention"]
+    if convention is not None:
+        _import_output_types(convention["out_spec"])
+        in_spec = pytree.treespec_loads(convention["in_spec"])
+        out_spec = pytree.treespec_loads(convention["out_spec"]) if convention["out_spec"] else None
+        graph._codegen = torch.fx.graph._PyTreeCodeGen(
+            torch.fx.graph._PyTreeInfo(convention["inputs"], in_spec, out_spec))
+    gm = torch.fx.GraphModule(root, graph)
+    graph.lint()
+    _propagate(gm, doc["nodes"], flatten_with_spec(
+        gm.graph._codegen.pytree_info.in_spec if convention is not None else None, *example))
+    return gm
+
+
+def _decode_node(graph: torch.fx.Graph, entry: dict[str, Any], nodes: dict[str, torch.fx.Node]) -> torch.fx.Node:
+    op, target = entry["op"], entry["target"]
+    if op == "call_function":
+        if target not in OPS:
+            raise SavedFormatError(f"the saved graph calls {target!r}, an op this outlierfx does not know; upgrade "
+                                   f"outlierfx (or register the op in outlierfx.serialize.vocabulary.OPS)")
+        target = OPS[target]
+    elif op not in ("placeholder", "get_attr", "call_module", "output"):
+        raise SavedFormatError(f"node {entry['name']}: unknown node kind {op!r}")
+    args = tuple(decode_value(entry["args"], nodes))
+    kwargs = {k: decode_value(v, nodes) for k, v in entry["kwargs"].items()}
+    node = graph.create_node(op, target, args, kwargs, name=entry["name"])
+    saved = entry["meta"]
+    for key, meta_key in _META_STRINGS.items():
+        if key in saved:
+            node.meta[meta_key] = saved[key]
+    if "weight_quant" in saved:
+        node.meta[meta.WEIGHT_QUANT] = decode_spec(saved["weight_quant"])
+    return node
+
+
+def _decode_attribute(entry: dict[str, Any], tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    value = tensors[entry["tensor"]] if "tensor" in entry else rebuild_weight(tensors[entry["int8"]],
+                                                                               tensors[entry["scale"]])
+    if entry["parameter"]:
+        return torch.nn.Parameter(value, requires_grad=entry["requires_grad"])
+    return value
+
+
+def _decode_module(target: str, entry: dict[str, Any], tensors: dict[str, torch.Tensor]) -> FakeQuantize:
+    if entry.get("kind") != "fake_quantize":
+        raise SavedFormatError(f"module {target} is a {entry.get('kind')!r}, unknown to this outlierfx; upgrade it")
+    buffers = {name: tensors[key] for name, key in entry["buffers"].items()}
+    module = FakeQuantize(decode_spec(entry["spec"]), buffers["scale"], buffers["zero_point"], entry["name"],
+                          frozenset(Role(r) for r in entry["roles"]))
+    module.sink_scale, module.sink_zero_point = buffers["sink_scale"], buffers["sink_zero_point"]
+    module.enabled = entry["enabled"]
+    return module
+
+
+def _import_output_types(out_spec: str | None) -> None:
+    """Hugging Face output classes register with torch's pytree when their module is imported:
+    import the ``transformers`` modules the output spec names (and no other module)."""
+    for part in (out_spec or "").split('"type": "')[1:]:
+        module = part.split('"', 1)[0].rsplit(".", 1)[0]
+        if module == "transformers" or module.startswith("transformers."):
+            importlib.import_module(module)
+
+
+def _propagate(gm: torch.fx.GraphModule, saved_nodes: list[dict[str, Any]], flat_inputs: list[Any]) -> None:
+    """``meta["val"]`` of every node, from placeholders with the saved symbolic sizes (one symbol
+    per saved name, the example inputs' sizes as hints); then check the saved dtypes."""
+    env = ShapeEnv()
+    mode = FakeTensorMode(shape_env=env, allow_non_fake_inputs=True)
+    symbols: dict[str, torch.SymInt] = {}
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    saved = {entry["name"]: entry["meta"].get("val") for entry in saved_nodes}
+    for node, example in zip(placeholders, flat_inputs):
+        val = saved.get(node.name)
+        if not isinstance(example, torch.Tensor) or val is None or "shape" not in val:
+            continue
+        sizes = []
+        for size, hint in zip(val["shape"], example.shape):
+            if isinstance(size, str):
+                if size not in symbols:
+                    symbol = env.create_symbol(int(hint), ConstantSource(size), dynamic_dim=DimDynamic.DYNAMIC)
+                    symbols[size] = env.create_symintnode(symbol, hint=int(hint), source=ConstantSource(size))
+                size = symbols[size]
+            sizes.append(size)
+        with mode:
+            node.meta["val"] = torch.empty(sizes, dtype=example.dtype)
+    propagate_values(gm, full=True)
+    for node in gm.graph.nodes:
+        want, got = saved.get(node.name), node.meta.get("val")
+        if want and "dtype" in want and isinstance(got, torch.Tensor) and str(got.dtype) != f"torch.{want['dtype']}":
+            raise SavedFormatError(f"node {node.name} computes {got.dtype} here but was saved as {want['dtype']}: "
+                                   f"the graph does not load the same under this torch; use the torch it was saved with")
