@@ -27,11 +27,11 @@ _EXPORTS: dict[str, str] = {
     "capture": "graph",
     "compile_int8": "passes.lower",
     "default_backend": "backends",
-    "load_quantized": "serialize",
+    "load": "serialize",
     "lower": "api",
     "preset": "recipes",
     "quantize": "api",
-    "save_quantized": "serialize",
+    "save": "serialize",
 }
 
 
@@ -57,7 +57,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ im
     from .errors import CaptureError, DataError, OutlierFXError, OutlierFXWarning, PassError
     from .graph import capture
     from .recipes import Recipe, RecipeError, preset
-    from .serialize import load_quantized, save_quantized
+    from .serialize import load, save
 
 
 def __getattr__(name: str) -> Any:

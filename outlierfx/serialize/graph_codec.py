@@ -43,7 +43,7 @@ from ..graph.roles import Role
 from ..graph.shapes import propagate_values
 from ..quantizers.observers import FakeQuantize
 from ..quantizers.spec import Estimator, Granularity, QuantSpec
-from .tensors import TensorWriter, integer_weight, rebuild_weight
+from .tensors import TensorWriter, integer_weight, rebuild_weight, tensor_identity
 from .vocabulary import OPS, names_by_target
 
 _FQ_BUFFERS = ("scale", "zero_point", "sink_scale", "sink_zero_point")
@@ -59,10 +59,18 @@ def encode_graph(gm: torch.fx.GraphModule, writer: TensorWriter) -> dict[str, An
     """The JSON document of a fake-quant ``gm``; its tensors go to ``writer``."""
     names = names_by_target()
     nodes = [_encode_node(node, names) for node in gm.graph.nodes]
-    weights = _quantized_weights(gm)
+    targets = list(dict.fromkeys(str(n.target) for n in gm.graph.nodes if n.op == "get_attr"))
+    tensors = {target: fetch_attr(gm, target) for target in targets}
+    # a tensor under several names (a tied lm_head and embedding) is one entry, int8 if any reader's is
+    specs = {tensor_identity(tensors[t]): spec for t, spec in _quantized_weights(gm).items()}
+    stored: dict[tuple, dict[str, str]] = {}
     attributes = {}
-    for target in dict.fromkeys(str(n.target) for n in gm.graph.nodes if n.op == "get_attr"):
-        attributes[target] = _encode_attribute(target, fetch_attr(gm, target), weights.get(target), writer)
+    for target, tensor in tensors.items():
+        identity = tensor_identity(tensor)
+        if identity not in stored:
+            stored[identity] = _store_tensor(target, tensor, specs.get(identity), writer)
+        attributes[target] = {"parameter": isinstance(tensor, torch.nn.Parameter),
+                              "requires_grad": bool(tensor.requires_grad), **stored[identity]}
     modules = {}
     for node in gm.graph.nodes:
         if node.op == "call_module" and node.target not in modules:
@@ -147,15 +155,12 @@ def _quantized_weights(gm: torch.fx.GraphModule) -> dict[str, QuantSpec]:
     return found
 
 
-def _encode_attribute(target: str, tensor: torch.Tensor, spec: QuantSpec | None, writer: TensorWriter
-                      ) -> dict[str, Any]:
-    entry: dict[str, Any] = {"parameter": isinstance(tensor, torch.nn.Parameter),
-                             "requires_grad": bool(tensor.requires_grad)}
+def _store_tensor(target: str, tensor: torch.Tensor, spec: QuantSpec | None, writer: TensorWriter) -> dict[str, str]:
     integer = integer_weight(tensor, spec) if spec is not None else None
     if integer is None:
-        return {**entry, "tensor": writer.add(target, tensor)}
+        return {"tensor": writer.add(target, tensor)}
     codes, scale = integer
-    return {**entry, "int8": writer.add(f"{target}.int8", codes), "scale": writer.add(f"{target}.scale", scale)}
+    return {"int8": writer.add(f"{target}.int8", codes), "scale": writer.add(f"{target}.scale", scale)}
 
 
 def _encode_module(target: str, module: torch.nn.Module, writer: TensorWriter) -> dict[str, Any]:
@@ -223,8 +228,9 @@ def decode_graph(doc: dict[str, Any], tensors: dict[str, torch.Tensor],
     """The fake-quant GraphModule of :func:`encode_graph`'s document, its values propagated
     with the saved symbolic sizes (``example``: the saved example inputs, for size hints)."""
     root = torch.nn.Module()
+    rebuilt: dict[tuple[str, str], torch.Tensor] = {}  # one float weight per int8 entry (tied names stay tied)
     for target, entry in doc["attributes"].items():
-        set_attr(root, target, _decode_attribute(entry, tensors))
+        set_attr(root, target, _decode_attribute(entry, tensors, rebuilt))
     for target, entry in doc["modules"].items():
         owner = root
         *path, name = target.split(".")
@@ -275,9 +281,15 @@ def _decode_node(graph: torch.fx.Graph, entry: dict[str, Any], nodes: dict[str, 
     return node
 
 
-def _decode_attribute(entry: dict[str, Any], tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-    value = tensors[entry["tensor"]] if "tensor" in entry else rebuild_weight(tensors[entry["int8"]],
-                                                                               tensors[entry["scale"]])
+def _decode_attribute(entry: dict[str, Any], tensors: dict[str, torch.Tensor],
+                      rebuilt: dict[tuple[str, str], torch.Tensor]) -> torch.Tensor:
+    if "tensor" in entry:
+        value = tensors[entry["tensor"]]
+    else:
+        key = (entry["int8"], entry["scale"])
+        if key not in rebuilt:
+            rebuilt[key] = rebuild_weight(tensors[key[0]], tensors[key[1]])
+        value = rebuilt[key]
     if entry["parameter"]:
         return torch.nn.Parameter(value, requires_grad=entry["requires_grad"])
     return value

@@ -10,6 +10,12 @@ from ..quantizers.fake_quant import quantize_to_integers, quantize_weight
 from ..quantizers.spec import Estimator, Granularity, QuantSpec
 
 
+def tensor_identity(tensor: torch.Tensor) -> tuple:
+    """Equal for two names of the same tensor (same memory, offset, shape, strides and dtype)."""
+    return (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()),
+            tensor.dtype)
+
+
 class TensorWriter:
     """Collects the tensors to write under unique keys. The same tensor (same memory, shape and
     strides) is stored once and read back as one object, so tied weights stay tied."""
@@ -21,8 +27,7 @@ class TensorWriter:
 
     def add(self, name: str, tensor: torch.Tensor) -> str:
         tensor = tensor.detach()
-        identity = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
-                    tuple(tensor.stride()), tensor.dtype)
+        identity = tensor_identity(tensor)
         if identity in self._key_of:
             return self._key_of[identity]
         if tensor.device.type != "cpu":
