@@ -29,7 +29,7 @@ def test_demo_quantizes_once_with_the_fast_preset_and_reports_quality_and_latenc
     assert ratio <= 0.3
     assert "Loading weights" not in result.stderr and "Warning" not in result.stderr  # quiet loads, no notices
     demo = tmp_path / "outlierfx-demo"
-    assert (demo / "model-int8" / "model.pt").is_file()
+    assert (demo / "model-int8" / "model.safetensors").is_file() and not (demo / "model-int8" / "model.pt").exists()
     page = (demo / "report.html").read_text()
     assert "<img" in page and "Not measured for this run" not in page
     data = json.loads((demo / "report.json").read_text())

@@ -5,9 +5,10 @@ name up here and nowhere else (no import by name, no unpickling), so a file can 
 this table lists. The table covers the canonical graphs outlierfx's passes produce before
 lowering (captured with ``torch.export``, canonicalized, fake-quantized, attention fused).
 
-A pass that adds a new kind of node registers its target with one line, e.g.
-``"outlierfx.hadamard": ops.hadamard,`` (a plain function) or ``"aten.foo.default"`` in
-:data:`_ATEN` (a torch operator). Keys are stable: renaming one makes older files unreadable.
+A pass that adds a new kind of node registers its target with one line: a torch operator as
+``"<name>.<overload>"`` in ``_ATEN``, a function of outlierfx's own by its module path inside the
+package, e.g. ``"graph.ops.hadamard": ops.hadamard,`` in :data:`OPS`. Keys are stable: renaming
+one makes older files unreadable.
 """
 
 from __future__ import annotations
