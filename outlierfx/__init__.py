@@ -24,6 +24,7 @@ _EXPORTS: dict[str, str] = {
     "Recipe": "recipes",
     "RecipeError": "recipes",
     "RunGraphs": "api",
+    "SavedFormatError": "errors",
     "capture": "graph",
     "compile_int8": "passes.lower",
     "default_backend": "backends",
@@ -54,7 +55,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ im
     from .api import QuantizationReport, QuantizationResult, RunGraphs, lower, quantize
     from .backends import default_backend
     from .passes.lower import compile_int8
-    from .errors import CaptureError, DataError, OutlierFXError, OutlierFXWarning, PassError
+    from .errors import CaptureError, DataError, OutlierFXError, OutlierFXWarning, PassError, SavedFormatError
     from .graph import capture
     from .recipes import Recipe, RecipeError, preset
     from .serialize import load, save

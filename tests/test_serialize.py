@@ -16,11 +16,10 @@ from safetensors.torch import load_file, save_file
 
 import outlierfx
 from outlierfx.backends import BackendError, check_backend
-from outlierfx.errors import OutlierFXError, OutlierFXWarning
+from outlierfx.errors import OutlierFXError, OutlierFXWarning, SavedFormatError
 from outlierfx.quantizers.observers import FakeQuantize
 from outlierfx.serialize import GRAPH_FILE, MODEL_FILE, TENSORS_FILE, SavedModel
 from outlierfx.serialize import vocabulary
-from outlierfx.serialize.graph_codec import SavedFormatError
 from outlierfx.testing import build_model
 
 ROOT = pathlib.Path(outlierfx.__file__).resolve().parent.parent
@@ -131,6 +130,8 @@ def test_a_planted_pickle_is_never_executed(tmp_path):
     assert not marker.exists()
     # next to a real saved model, the pickle is not even opened
     g, qmodel, _ = _quantized("bert", "reference")
+    with pytest.raises(OutlierFXError, match="model.pt exists"):  # save never deletes a model it did not write
+        outlierfx.save(qmodel, planted)
     folder = outlierfx.save(qmodel, tmp_path / "int8")
     torch.save(_Payload(marker), folder / MODEL_FILE)
     assert torch.equal(_outputs(outlierfx.load(folder), g.inputs, "bert"), _outputs(qmodel, g.inputs, "bert"))

@@ -21,10 +21,10 @@ import torch
 import torch.fx
 
 from .. import __version__
-from ..errors import OutlierFXError, OutlierFXWarning
+from ..errors import OutlierFXError, OutlierFXWarning, SavedFormatError
 from ..graph import meta
 from ..quantizers.observers import FakeQuantize
-from .graph_codec import SavedFormatError, decode_graph, decode_value, encode_graph, encode_value
+from .graph_codec import decode_graph, decode_value, encode_graph, encode_value
 from .legacy import MODEL_FILE, KernelLeafTracer, SavedModel, load_pickled  # noqa: F401  (names old pickles use)
 from .tensors import TensorWriter
 
@@ -46,8 +46,9 @@ def save(model: torch.nn.Module, directory: str | pathlib.Path, *, tokenizer: An
     unless ``overwrite``."""
     source, backend, lowering = _pre_lowering(model)
     folder = pathlib.Path(directory)
-    if (folder / GRAPH_FILE).exists() and not overwrite:
-        raise OutlierFXError(f"{folder / GRAPH_FILE} exists; choose another output directory or pass overwrite=True")
+    existing = [folder / name for name in (GRAPH_FILE, MODEL_FILE) if (folder / name).exists()]
+    if existing and not overwrite:
+        raise OutlierFXError(f"{existing[0]} exists; choose another output directory or pass overwrite=True")
     writer = TensorWriter()
     graph = encode_graph(source, writer)
     example = source.meta.get(meta.GM_EXAMPLE_INPUTS)

@@ -34,7 +34,7 @@ from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch._dynamo.source import ConstantSource
 
-from ..errors import OutlierFXError
+from ..errors import OutlierFXError, SavedFormatError
 from ..graph import meta
 from ..graph.attrs import fetch_attr, set_attr
 from ..graph.ops import OpKind, op_kind
@@ -48,10 +48,6 @@ from .vocabulary import OPS, names_by_target
 
 _FQ_BUFFERS = ("scale", "zero_point", "sink_scale", "sink_zero_point")
 _META_STRINGS = {"module_path": meta.MODULE_PATH, "created_by": meta.CREATED_BY}
-
-
-class SavedFormatError(OutlierFXError):
-    """A saved model's files cannot be read by this outlierfx (message: what and how to fix)."""
 
 
 # -- encoding -------------------------------------------------------------------------------------
