@@ -166,8 +166,14 @@ def _edited(folder: pathlib.Path, edit) -> pathlib.Path:
 
 def test_load_refuses_unknown_ops_and_versions_with_the_fix(tmp_path):
     _, sim, _ = _quantized("bert", None, recipe="naive")
-    for name in ("newer", "format", "torch", "op"):
+    for name in ("newer", "format", "torch", "op", "damaged"):
         outlierfx.save(sim, tmp_path / name)
+    (tmp_path / "damaged" / TENSORS_FILE).write_bytes(b"not safetensors")
+    with pytest.raises(SavedFormatError, match="cannot read .*model.safetensors"):
+        outlierfx.load(tmp_path / "damaged")
+    (tmp_path / "damaged" / GRAPH_FILE).write_text("{truncated")
+    with pytest.raises(SavedFormatError, match="cannot read .*graph.json.*save the model again"):
+        outlierfx.load(tmp_path / "damaged")
     _edited(tmp_path / "newer", lambda d: d.update(format_version=99))
     with pytest.raises(SavedFormatError, match="version 99.*upgrade outlierfx"):
         outlierfx.load(tmp_path / "newer")

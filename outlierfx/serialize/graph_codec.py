@@ -1,22 +1,7 @@
-"""A fake-quant GraphModule as JSON plus tensors, and back, without pickle.
+"""A fake-quant GraphModule as a JSON document plus tensors, and back, without pickle.
 
-The schema (``docs/saved-format.md`` describes it for readers in other tools):
-
-- ``nodes``: in graph order, ``{"name", "op", "target", "args", "kwargs", "meta"}``. ``op`` is
-  FX's (``placeholder``, ``get_attr``, ``call_function``, ``call_module``, ``output``); a
-  ``call_function`` target is a name from :data:`~outlierfx.serialize.vocabulary.OPS`.
-  Arguments are JSON values where JSON has them (int, float, bool, null, string, list) and
-  tagged objects otherwise: ``{"node": name}``, ``{"tuple": [...]}``, ``{"dtype": "float32"}``,
-  ``{"device": "cpu"}``, ``{"float": "inf"}``. ``meta`` keeps what lowering reads: the user's
-  module path, the pass that made the node, a quantized weight's spec (``weight_quant``) and the
-  value's dtype and shape (``val``; symbolic sizes as their names, e.g. ``"s53"``).
-- ``attributes``: the tensors ``get_attr`` nodes read, by target: ``{"tensor": key}`` or, for
-  quantized weights, ``{"int8": key, "scale": key}`` (codes x per-row scale rebuild the
-  fake-quant weight bit for bit).
-- ``modules``: the ``call_module`` targets, each a fake quantizer with its spec, roles and
-  ``scale``/``zero_point`` (and first-token grid) tensors.
-- ``calling_convention``: the input names and torch pytree specs (``treespec_dumps``) that turn
-  keyword inputs into graph inputs and graph outputs back into a Hugging Face ``ModelOutput``.
+The document's schema (nodes, attributes, modules, calling convention) is described in
+``docs/saved-format.md``; :func:`encode_graph` writes it and :func:`decode_graph` reads it.
 """
 
 from __future__ import annotations
@@ -24,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import importlib
+import json
 import math
 from typing import Any
 
@@ -305,10 +291,13 @@ def _decode_module(target: str, entry: dict[str, Any], tensors: dict[str, torch.
 def _import_output_types(out_spec: str | None) -> None:
     """Hugging Face output classes register with torch's pytree when their module is imported:
     import the ``transformers`` modules the output spec names (and no other module)."""
-    for part in (out_spec or "").split('"type": "')[1:]:
-        module = part.split('"', 1)[0].rsplit(".", 1)[0]
+    stack = [json.loads(out_spec)[1]] if out_spec else []
+    while stack:
+        spec = stack.pop()
+        module = (spec.get("type") or "").rpartition(".")[0]
         if module == "transformers" or module.startswith("transformers."):
             importlib.import_module(module)
+        stack.extend(spec.get("children_spec", []))
 
 
 def _propagate(gm: torch.fx.GraphModule, saved_nodes: list[dict[str, Any]], flat_inputs: list[Any]) -> None:
@@ -337,5 +326,5 @@ def _propagate(gm: torch.fx.GraphModule, saved_nodes: list[dict[str, Any]], flat
     for node in gm.graph.nodes:
         want, got = saved.get(node.name), node.meta.get("val")
         if want and "dtype" in want and isinstance(got, torch.Tensor) and str(got.dtype) != f"torch.{want['dtype']}":
-            raise SavedFormatError(f"node {node.name} computes {got.dtype} here but was saved as {want['dtype']}: "
-                                   f"the graph does not load the same under this torch; use the torch it was saved with")
+            raise SavedFormatError(f"node {node.name} computes {got.dtype} here but was saved as {want['dtype']}: the "
+                                   f"graph does not load the same under this torch; use the torch it was saved with")

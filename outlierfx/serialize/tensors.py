@@ -34,7 +34,8 @@ class TensorWriter:
             raise OutlierFXError(f"{name} is on {tensor.device}; move the model to the CPU before saving it")
         storage = identity[0]
         # safetensors refuses two entries over one memory block (slices of one parameter): copy
-        value = tensor.contiguous() if storage not in self._storages else tensor.clone(memory_format=torch.contiguous_format)
+        value = tensor.clone(memory_format=torch.contiguous_format) if storage in self._storages \
+            else tensor.contiguous()
         self._storages.add(storage)
         key = name
         while key in self.tensors:
