@@ -166,8 +166,12 @@ def _edited(folder: pathlib.Path, edit) -> pathlib.Path:
 
 def test_load_refuses_unknown_ops_and_versions_with_the_fix(tmp_path):
     _, sim, _ = _quantized("bert", None, recipe="naive")
-    for name in ("newer", "format", "torch", "op", "damaged"):
+    for name in ("newer", "format", "torch", "op", "damaged", "backend"):
         outlierfx.save(sim, tmp_path / name)
+    _edited(tmp_path / "backend", lambda d: d.update(backend="tensorrt"))  # saved where another backend runs
+    with pytest.raises(BackendError, match="saved for backend 'tensorrt'.*load it with backend="):
+        outlierfx.load(tmp_path / "backend")
+    assert outlierfx.load(tmp_path / "backend", backend="reference") is not None
     (tmp_path / "damaged" / TENSORS_FILE).write_bytes(b"not safetensors")
     with pytest.raises(SavedFormatError, match="cannot read .*model.safetensors"):
         outlierfx.load(tmp_path / "damaged")

@@ -109,11 +109,18 @@ def load(directory: str | pathlib.Path, backend: str | None = None, *, trust_pic
     target = backend or doc["backend"]
     if target in (None, SIMULATED):
         return gm.eval()
-    from ..backends import check_backend
+    from ..backends import BackendError, check_backend, default_backend
     from ..passes.lower import lower_model
 
+    try:
+        check_backend(target)
+    except BackendError as exc:
+        if backend is not None:
+            raise
+        raise BackendError(f"{folder} was saved for backend {target!r}, which this machine cannot run ({exc}); "
+                           f"load it with backend= one it can, e.g. {default_backend()!r}") from exc
     options = doc["lowering"] if target == doc["backend"] and doc["lowering"] else {}
-    model, _ = lower_model(gm, check_backend(target), progress=progress, **options)
+    model, _ = lower_model(gm, target, progress=progress, **options)
     return model.eval()
 
 
