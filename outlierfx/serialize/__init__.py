@@ -19,11 +19,16 @@ from typing import Any
 
 import torch
 import torch.fx
+from safetensors.torch import load_file, save_file
 
 from .. import __version__
+from ..backends import BackendError, check_backend, default_backend
+from ..backends.inductor import CompiledInt8
 from ..errors import OutlierFXError, OutlierFXWarning, SavedFormatError
 from ..graph import meta
+from ..passes.lower import LoweredFrom, lower_model
 from ..quantizers.observers import FakeQuantize
+from ..recipes import SIMULATED
 from .graph_codec import decode_graph, decode_value, encode_graph, encode_value
 from .legacy import MODEL_FILE, KernelLeafTracer, SavedModel, load_pickled  # noqa: F401  (names old pickles use)
 from .tensors import TensorWriter
@@ -64,8 +69,6 @@ def save(model: torch.nn.Module, directory: str | pathlib.Path, *, tokenizer: An
     folder.mkdir(parents=True, exist_ok=True)
     (folder / GRAPH_FILE).unlink(missing_ok=True)  # graph.json last: its presence marks a complete save
     (folder / MODEL_FILE).unlink(missing_ok=True)  # an old pickle must not outlive an overwrite
-    from safetensors.torch import save_file
-
     _atomic(folder / TENSORS_FILE, lambda path: save_file(writer.tensors, str(path), metadata={"format": "pt"}))
     config = source.meta.get(meta.GM_HF_CONFIG)
     if config is not None:
@@ -88,8 +91,6 @@ def load(directory: str | pathlib.Path, backend: str | None = None, *, trust_pic
         return _load_legacy(folder, backend, trust_pickle)
     doc = _read_document(folder / GRAPH_FILE)
     _check_versions(doc, folder)
-    from safetensors.torch import load_file
-
     try:
         tensors = load_file(str(folder / TENSORS_FILE))
     except Exception as exc:
@@ -102,16 +103,11 @@ def load(directory: str | pathlib.Path, backend: str | None = None, *, trust_pic
         raise SavedFormatError(f"{folder / GRAPH_FILE} does not follow format {FORMAT} version "
                                f"{doc['format_version']}: {type(exc).__name__}: {exc}") from exc
     gm.meta[meta.GM_EXAMPLE_INPUTS] = inputs
-    gm.meta.update({meta.GM_HF_CONFIG: (folder / "config.json").read_text()} if (folder / "config.json").is_file()
-                   else {})
-    from ..recipes import SIMULATED
-
+    if (folder / "config.json").is_file():  # saved again, the folder keeps its config
+        gm.meta[meta.GM_HF_CONFIG] = (folder / "config.json").read_text()
     target = backend or doc["backend"]
     if target in (None, SIMULATED):
         return gm.eval()
-    from ..backends import BackendError, check_backend, default_backend
-    from ..passes.lower import lower_model
-
     try:
         check_backend(target)
     except BackendError as exc:
@@ -127,9 +123,6 @@ def load(directory: str | pathlib.Path, backend: str | None = None, *, trust_pic
 def _pre_lowering(model: torch.nn.Module) -> tuple[torch.fx.GraphModule, str | None, dict[str, Any] | None]:
     """The fake-quant graph to save, the backend it was lowered to (None: not lowered) and the
     ``Lower`` options."""
-    from ..backends.inductor import CompiledInt8
-    from ..passes.lower import LoweredFrom
-
     graph = model.reference if isinstance(model, CompiledInt8) else model
     lowered = graph.meta.get(meta.GM_LOWERED_FROM) if isinstance(graph, torch.fx.GraphModule) else None
     if isinstance(lowered, LoweredFrom):
