@@ -3,6 +3,8 @@ compiles and matches the eager model, and runs the kernels docs/torch-compile.md
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch._dynamo
@@ -10,7 +12,7 @@ from torch._inductor.utils import run_and_get_code
 
 import outlierfx
 from outlierfx.backends import BackendError, check_backend
-from outlierfx.testing import assert_tokens_close, build_model
+from outlierfx.testing import assert_tokens_close, build_model, first_token_grids_everywhere
 
 INT8_GEMM = "qlinear_pointwise"  # inductor's oneDNN int8 GEMM in the generated code
 
@@ -26,10 +28,13 @@ def _available(backend: str) -> bool:
 FORMS = ["fake-quant", *(b for b in ("reference", "onednn", "x86", "inductor") if _available(b))]
 
 
-@pytest.fixture(scope="module")
-def simulated():
+@pytest.fixture(scope="module", params=["one grid", "first-token grids"])
+def simulated(request):
+    """The fast preset's recipe; with first-token grids kept everywhere, the eager backends run
+    their first-token kernels (as on MiniLM and SmolLM2), which once crashed inductor."""
     g = build_model("bert", hidden=32, layers=2)
-    sim, report = outlierfx.quantize(g.model, [g.inputs], recipe="smooth-fold+sink", progress=False)
+    with first_token_grids_everywhere() if request.param == "first-token grids" else contextlib.nullcontext():
+        sim, report = outlierfx.quantize(g.model, [g.inputs], recipe="smooth-fold+sink", progress=False)
     return g, sim, report
 
 
