@@ -24,15 +24,16 @@ _EXPORTS: dict[str, str] = {
     "Recipe": "recipes",
     "RecipeError": "recipes",
     "RunGraphs": "api",
+    "SavedFormatError": "errors",
     "SettingError": "errors",
     "capture": "graph",
     "compile_int8": "passes.lower",
     "default_backend": "backends",
-    "load_quantized": "serialize",
+    "load": "serialize",
     "lower": "api",
     "preset": "recipes",
     "quantize": "api",
-    "save_quantized": "serialize",
+    "save": "serialize",
 }
 
 
@@ -55,10 +56,10 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ im
     from .api import QuantizationReport, QuantizationResult, RunGraphs, lower, quantize
     from .backends import default_backend
     from .passes.lower import compile_int8
-    from .errors import CaptureError, DataError, OutlierFXError, OutlierFXWarning, PassError, SettingError
+    from .errors import CaptureError, DataError, OutlierFXError, OutlierFXWarning, PassError, SavedFormatError, SettingError
     from .graph import capture
     from .recipes import Recipe, RecipeError, preset
-    from .serialize import load_quantized, save_quantized
+    from .serialize import load, save
 
 
 def __getattr__(name: str) -> Any:

@@ -17,10 +17,8 @@ from .errors import DataError, OutlierFXWarning
 from .graph import capture, meta
 from .graph.inputs import as_keyword_batch, check_keyword_inputs, check_model_weights
 from .passes.audit import AuditTrail
-from .passes.fuse_attention import FuseAttention
 from .passes.insert_observers import InsertObserversPlan
-from .passes.lower import Lower
-from .passes.manager import PassManager
+from .passes.lower import lower_model
 from .quantizers.policy import QuantPolicy, parse_bits
 from .recipes import SIMULATED, BackendFit, Recipe, backend_fit, choose, run_recipe
 
@@ -177,6 +175,9 @@ def quantize(
                      before_calibration=flag if target is not None else None)
     run_id = uuid.uuid4().hex
     run.graph_module.meta[meta.GM_RUN_ID] = run_id
+    config = getattr(model, "config", None)
+    if hasattr(config, "to_json_string"):  # a Hugging Face model: outlierfx.save writes its config.json
+        run.graph_module.meta[meta.GM_HF_CONFIG] = config.to_json_string()
     report = QuantizationReport(
         chosen.name, str(widths), quant_policy.name, run.audit, run.placement, run.calibration_seconds, len(batches),
         preset=chosen_preset.goal.value if chosen_preset else None, why=chosen_preset.why if chosen_preset else None,
@@ -236,11 +237,6 @@ def lower(qmodel: torch.fx.GraphModule, report: QuantizationReport, backend: str
         raise DataError(f"this report (recipe {report.recipe!r}) was not made with this model; pass the report "
                         f"quantize() returned together with it: qmodel, report = quantize(...); lower(qmodel, report)")
     backend = check_backend(backend or default_backend())
-    lowered = PassManager([FuseAttention(), Lower(backend)], progress=progress)(qmodel)
-    audit = AuditTrail(report.audit.entries + lowered.audit.entries)
-    model: torch.nn.Module = lowered.graph_module
-    if backend == "inductor":
-        from .backends.inductor import CompiledInt8
-
-        model = CompiledInt8(lowered.graph_module)
+    model, lowering = lower_model(qmodel, backend, progress=progress)
+    audit = AuditTrail(report.audit.entries + lowering.entries)
     return QuantizationResult(model, dataclasses.replace(report, audit=audit, backend=backend))

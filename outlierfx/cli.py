@@ -63,17 +63,16 @@ def _save_measure_and_report(out: pathlib.Path, loaded: Any, int8: Any, report: 
     write the audit report; print where everything went. Returns (saved folder, measured report)."""
     from .measure import measure
     from .report import build_report
-    from .serialize import save_quantized, size_on_disk_mb
+    from .serialize import TENSORS_FILE, save, size_on_disk_mb
 
     backend = report.backend
-    saved = save_quantized(int8.reference if backend == "inductor" else int8, out / model_dir if model_dir else out,
-                           {"model": loaded.name, "recipe": report.recipe, "bits": report.bits, "backend": backend},
-                           overwrite=True)
+    saved = save(int8, out / model_dir if model_dir else out, tokenizer=loaded.tokenizer,
+                 info={"model": loaded.name, "recipe": report.recipe, "bits": report.bits}, overwrite=True)
     if measured:
         if backend == "inductor":
             print("  compiling the int8 model with inductor (first call; minutes on 2 cores)")
         label = f"int8 ({backend})"
-        measurement = measure(loaded, int8, label, rounds=rounds, size_mb=size_on_disk_mb(saved))
+        measurement = measure(loaded, int8, label, rounds=rounds, size_mb=size_on_disk_mb(saved / TENSORS_FILE))
         print("\n".join("  " + line for line in measurement.lines(label)))
         report = report.with_measurements(quality=measurement.quality, latency=measurement.latency)
     html, _ = build_report(out, report=report, batches=batches[:4], tokenizer=loaded.tokenizer,

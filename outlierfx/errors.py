@@ -27,6 +27,11 @@ class SettingError(OutlierFXError, ValueError):
     """A setting has a value outlierfx does not accept (bit widths, a policy name, a size)."""
 
 
+class SavedFormatError(OutlierFXError):
+    """A saved model's files cannot be read by this outlierfx and torch (an unknown format
+    version or op, a torch too old for its graph, a damaged file)."""
+
+
 class OutlierFXWarning(UserWarning):
     """Something the user should know that does not stop the run (e.g. a recipe the backend
     cannot run as whole int8 GEMMs)."""

@@ -32,7 +32,7 @@ from .evaluate import DecoderEval, EncoderEval
 from .graph import capture
 from .models import LoadedModel, encode, load
 from .recipes import choose
-from .serialize import save_quantized, size_on_disk_mb
+from .serialize import TENSORS_FILE, save, size_on_disk_mb
 
 # The backends the acceptance targets are stated on: onednn (eager) and inductor (compiled); the
 # torch.ao engines are one --backends away.
@@ -150,10 +150,9 @@ def speed(model_name: str, recipe: str | None = None, bits: str = "W8A8", backen
         lowered = lower(fake, report, backend).model  # FuseAttention, then Lower (inductor: compiled on first call)
         with torch.no_grad():
             lowered(**inputs)
-        saved = lowered.reference if backend == "inductor" else lowered
         setup = quantize_s + time.perf_counter() - start
         with tempfile.TemporaryDirectory() as tmp:
-            size = size_on_disk_mb(save_quantized(saved, tmp))
+            size = size_on_disk_mb(save(lowered, tmp) / TENSORS_FILE)
         label = f"{chosen_preset.goal.value} ({chosen.name})" if chosen_preset else chosen.name
         candidates.append(Candidate(label, backend, lowered, size, setup))
         say(f"lowered to {backend} in {time.perf_counter() - start:.1f}s")

@@ -38,7 +38,7 @@ Stages:
 - **naive**: `quantize(recipe="naive", policy="linear-inputs")` gives the simulated model;
 - **lower-onednn**: the onednn int8 model agrees with the simulated one at every real token
   (cosine >= 0.999);
-- **save-load**: the onednn int8 model saved (`save_quantized`) and loaded (`load_quantized`)
+- **save-load**: the onednn int8 model saved (`outlierfx.save`) and loaded (`outlierfx.load`)
   gives the same outputs, bit for bit;
 - **other-shapes**: the int8 model agrees with the simulated one on batch 3 x 11 as well;
 - **preset-onednn**: the default preset (`fast` on onednn) runs every Linear as one int8 GEMM and

@@ -6,7 +6,7 @@ import torch
 
 import outlierfx
 from outlierfx.errors import CaptureError, DataError
-from outlierfx.serialize import save_quantized
+from outlierfx.serialize import save
 from outlierfx.testing import build_model
 
 NAIVE = {"recipe": "naive", "policy": "linear-inputs", "progress": False}
@@ -76,10 +76,10 @@ def test_a_model_on_the_meta_device_is_named():
         outlierfx.capture(model, (torch.randn(2, 8),))
 
 
-def test_save_quantized_of_a_plain_module_is_named(tmp_path):
-    with pytest.raises(DataError, match=r"save_quantized takes the model outlierfx.quantize \(or lower\) returned.*"
-                                        r"got a Linear\. Quantize it first"):
-        save_quantized(torch.nn.Linear(4, 4), tmp_path / "q")
+def test_save_of_a_plain_module_is_named(tmp_path):
+    with pytest.raises(DataError, match=r"outlierfx.save writes the models outlierfx.quantize and outlierfx.lower "
+                                        r"return; got a Linear\. Quantize it first"):
+        save(torch.nn.Linear(4, 4), tmp_path / "q")
     assert not (tmp_path / "q").exists()
 
 

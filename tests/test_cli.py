@@ -29,7 +29,7 @@ def test_demo_quantizes_once_with_the_fast_preset_and_reports_quality_and_latenc
     assert ratio <= 0.3
     assert "Loading weights" not in result.stderr and "Warning" not in result.stderr  # quiet loads, no notices
     demo = tmp_path / "outlierfx-demo"
-    assert (demo / "model-int8" / "model.pt").is_file()
+    assert (demo / "model-int8" / "model.safetensors").is_file() and not (demo / "model-int8" / "model.pt").exists()
     page = (demo / "report.html").read_text()
     assert "<img" in page and "Not measured for this run" not in page
     data = json.loads((demo / "report.json").read_text())
@@ -44,10 +44,12 @@ def test_quantize_saves_a_loadable_int8_model_and_never_overwrites(tmp_path):
     out = tmp_path / "int8"
     result = _run("quantize", "minilm", "--recipe", "naive", "--samples", "16", "--backend", "fbgemm", "--out", str(out))
     assert result.returncode == 0, result.stderr
-    assert {"model.pt", "outlierfx.json", "quantization.json", "report.html", "report.json"} <= {
-        p.name for p in out.iterdir()}
-    info = json.loads((out / "outlierfx.json").read_text())
-    assert info["backend"] == "fbgemm" and info["recipe"] == "naive"
+    files = {p.name for p in out.iterdir()}
+    assert {"model.safetensors", "graph.json", "config.json", "tokenizer.json", "quantization.json", "report.html",
+            "report.json"} <= files
+    assert not {name for name in files if name.endswith((".pt", ".pkl", ".bin", ".pickle"))}  # no pickle
+    saved = json.loads((out / "graph.json").read_text())
+    assert saved["backend"] == "fbgemm" and saved["info"]["recipe"] == "naive"
     written = json.loads((out / "quantization.json").read_text())
     assert written["backend"] == "fbgemm" and written["quality"]["int8 (fbgemm)"]["cosine"] > 0.8  # measured
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
@@ -56,8 +58,9 @@ def test_quantize_saves_a_loadable_int8_model_and_never_overwrites(tmp_path):
     assert "Traceback" not in again.stderr
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
 
-    check = ("import torch\nfrom outlierfx.serialize import load_quantized\nfrom outlierfx.models import load, encode\n"
-             f"m = load_quantized({str(out)!r}); x = encode(load('minilm'), ['A sentence.', 'Two more words.'], 16)\n"
+    check = ("import outlierfx, transformers\n"  # the folder is self-contained: model, config and tokenizer
+             f"m = outlierfx.load({str(out)!r}); tok = transformers.AutoTokenizer.from_pretrained({str(out)!r})\n"
+             "x = dict(tok(['A sentence.', 'Two more words.'], return_tensors='pt', padding=True))\n"
              "print(tuple(m(**x).last_hidden_state.shape))\n")
     loaded = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=300)
     assert loaded.returncode == 0 and "(2," in loaded.stdout, loaded.stderr

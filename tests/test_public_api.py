@@ -89,7 +89,7 @@ def test_all_covers_the_public_api():
     public = set(outlierfx.__all__)
     # the contract's entry points, and the types and errors they return or raise
     assert {"capture", "quantize", "lower", "QuantizationReport", "QuantizationResult", "compile_int8",
-            "save_quantized", "load_quantized"} <= public
+            "save", "load"} <= public
     for module in (outlierfx.api, outlierfx.errors):
         defined = {name for name, value in vars(module).items()
                    if not name.startswith("_") and getattr(value, "__module__", None) == module.__name__}

@@ -105,6 +105,9 @@ class QuantizedLinear(torch.nn.Module):
             self._packed = torch.ops.quantized.linear_prepack(qweight, self.bias)
         return self._packed
 
+    # torch.compile runs the packed kernel eagerly: traced, a oneDNN GEMM whose packed weight is a
+    # graph input (not a frozen constant) crashes inductor's GEMM + add fusion (torch 2.13)
+    @torch.compiler.disable
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """``x``: float, or (with ``out_qparams``, or on ``onednn``) already a quint8 tensor on
         the input grid (``onednn`` also takes its plain uint8 codes). ``residual`` (a module built

@@ -24,6 +24,14 @@ GM_RUN_ID = "outlierfx_run_id"
 """Key in ``GraphModule.meta``: the id of the ``quantize()`` run that made the graph (its report
 carries the same id, so a model is never lowered with another run's report)."""
 
+GM_HF_CONFIG = "outlierfx_hf_config"
+"""Key in ``GraphModule.meta``: the Hugging Face config of the quantized model as a JSON string
+(``outlierfx.save`` writes it as ``config.json``)."""
+
+GM_LOWERED_FROM = "outlierfx_lowered_from"
+"""Key in a lowered ``GraphModule.meta``: the :class:`~outlierfx.passes.lower.LoweredFrom` (the
+fake-quant graph and the ``Lower`` options), which ``outlierfx.save`` writes instead of kernels."""
+
 
 def module_path(node: torch.fx.Node) -> str:
     """The user-facing module path of ``node`` ('' for graph inputs and top-level code)."""

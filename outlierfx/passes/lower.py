@@ -12,6 +12,8 @@ rounding ties (one quantization step at most, per lowered op).
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.fx
 
@@ -22,10 +24,25 @@ from ..backends.kernel import LowerPlan
 from ..backends.registry import BACKENDS, get_backend
 from ..backends.runtime import has_bf16_instructions
 from ..errors import PassError
+from ..graph import meta
 from ..graph.canonicalize import remove_dead_code
 from ..quantizers.observers import FakeQuantize
-from .base import GraphPass
+from .audit import AuditTrail
+from .base import GraphPass, PassResult
 from .fuse_attention import FuseAttention
+from .manager import PassManager
+
+
+@dataclasses.dataclass(frozen=True)
+class LoweredFrom:
+    """What a lowered graph was made from (``meta.GM_LOWERED_FROM``): the fake-quant graph (it
+    shares the tensors lowering did not replace) and the ``Lower`` options. ``outlierfx.save``
+    writes this, not the kernels, and ``outlierfx.load`` lowers it again."""
+
+    source: torch.fx.GraphModule
+    backend: str
+    max_sub_gemms: int
+    bf16_attention: bool
 
 
 class Lower(GraphPass[LowerPlan]):
@@ -71,6 +88,24 @@ class Lower(GraphPass[LowerPlan]):
         self.target.lower(gm, plan)
         remove_dead_code(gm)  # the float weights the int8 copies replaced
         return True
+
+    def __call__(self, gm: torch.fx.GraphModule) -> PassResult:
+        result = super().__call__(gm)
+        result.graph_module.meta[meta.GM_LOWERED_FROM] = LoweredFrom(gm, self.backend, self.max_sub_gemms,
+                                                                     self.bf16_attention)
+        return result
+
+
+def lower_model(qmodel: torch.fx.GraphModule, backend: str, *, progress: bool = False,
+                max_sub_gemms: int | None = None, bf16_attention: bool | None = None
+                ) -> tuple[torch.nn.Module, AuditTrail]:
+    """``FuseAttention`` then ``Lower(backend)`` under the pass manager's checks: the int8 model
+    (inductor's compiled on first call, as :class:`CompiledInt8`) and the two passes' audit."""
+    lowered = PassManager([FuseAttention(), Lower(backend, max_sub_gemms, bf16_attention)], progress=progress)(qmodel)
+    model: torch.nn.Module = lowered.graph_module
+    if backend == "inductor":
+        model = CompiledInt8(lowered.graph_module)
+    return model, lowered.audit
 
 
 def compile_int8(model: torch.fx.GraphModule, *, dynamic: bool | None = None) -> CompiledInt8:

@@ -81,11 +81,11 @@ def run_architecture(model_type: str) -> MatrixRow:
         assert_tokens_close(state["simulated"], state["int8"], g.inputs, min_cosine=LOWERED_MIN_COSINE)
 
     def save_load() -> None:
-        from ..serialize import load_quantized, save_quantized
+        from ..serialize import load, save
 
         with tempfile.TemporaryDirectory() as directory:
-            save_quantized(state["int8"], directory)
-            loaded = load_quantized(directory)
+            save(state["int8"], directory)  # pickle-free: graph.json + model.safetensors, re-lowered on load
+            loaded = load(directory)
         with torch.no_grad():
             before, after = (per_token_output(m(**g.inputs)) for m in (state["int8"], loaded))
         assert torch.equal(before, after), f"max abs difference {float((before - after).abs().max()):.3g}"

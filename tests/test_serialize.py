@@ -1,0 +1,223 @@
+"""outlierfx.save / outlierfx.load: bit-exact round trips on every backend, in this process and a
+new one; a folder of JSON and safetensors only; no pickle is ever opened without trust_pickle."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import outlierfx
+from outlierfx.backends import BackendError, check_backend
+from outlierfx.errors import OutlierFXError, OutlierFXWarning, SavedFormatError
+from outlierfx.quantizers.observers import FakeQuantize
+from outlierfx.serialize import GRAPH_FILE, MODEL_FILE, TENSORS_FILE, SavedModel
+from outlierfx.serialize import vocabulary
+from outlierfx.testing import build_model
+
+ROOT = pathlib.Path(outlierfx.__file__).resolve().parent.parent
+OUTPUT = {"bert": "last_hidden_state", "llama": "logits"}
+
+
+def _available(backend: str) -> bool:
+    try:
+        check_backend(backend)
+    except BackendError:
+        return False
+    return True
+
+
+BACKENDS = [b for b in ("onednn", "inductor", "x86", "reference") if _available(b)]
+
+
+def _outputs(model, inputs, family):
+    with torch.no_grad():
+        return model(**inputs)[OUTPUT[family]]
+
+
+def _quantized(family: str, backend: str | None, recipe: str | None = None):
+    g = build_model(family, hidden=32, layers=2)
+    qmodel, report = outlierfx.quantize(g.model, [g.inputs], recipe=recipe, backend=backend, progress=False)
+    return g, qmodel, report
+
+
+def _assert_no_pickle(folder: pathlib.Path) -> None:
+    """Every file is JSON or safetensors (read as such, not by name alone)."""
+    for path in folder.iterdir():
+        if path.suffix == ".safetensors":
+            load_file(str(path))
+        else:
+            assert path.suffix == ".json", path.name
+            json.loads(path.read_text())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_reload_is_bit_exact_on_each_backend(tmp_path, family, backend):
+    g, qmodel, report = _quantized(family, backend)  # the backend's fast preset (first-token grids on most)
+    folder = outlierfx.save(qmodel, tmp_path / "int8")
+    assert {p.name for p in folder.iterdir()} == {GRAPH_FILE, TENSORS_FILE, "config.json"}
+    _assert_no_pickle(folder)
+    saved = json.loads((folder / GRAPH_FILE).read_text())
+    assert saved["backend"] == backend and saved["format_version"] == 2
+    assert json.loads((folder / "config.json").read_text())["hidden_size"] == 32
+    attributes = saved["graph"]["attributes"]
+    assert sum("int8" in a for a in attributes.values()) >= 2 * 4  # the Linear weights travel as int8 codes
+    loaded = outlierfx.load(folder)
+    kinds = collections.Counter(type(m).__name__ for m in loaded.modules())
+    assert kinds == collections.Counter(type(m).__name__ for m in qmodel.modules())  # the same kernels
+    assert torch.equal(_outputs(loaded, g.inputs, family), _outputs(qmodel, g.inputs, family))
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_fake_quant_model_reloads_as_is_or_lowered_to_another_backend(tmp_path, family):
+    g, sim, report = _quantized(family, None, recipe="naive+sink")
+    folder = outlierfx.save(sim, tmp_path / "sim")
+    loaded = outlierfx.load(folder)
+    assert any(isinstance(m, FakeQuantize) for m in loaded.modules())
+    assert torch.equal(_outputs(loaded, g.inputs, family), _outputs(sim, g.inputs, family))
+    lowered, _ = outlierfx.lower(sim, report, "reference")
+    relowered = outlierfx.load(folder, backend="reference")
+    assert torch.equal(_outputs(relowered, g.inputs, family), _outputs(lowered, g.inputs, family))
+    # a lowered model saves its fake-quant graph: "fake-quant" brings that back
+    outlierfx.save(lowered, tmp_path / "ref")
+    back = outlierfx.load(tmp_path / "ref", backend="fake-quant")
+    assert any(isinstance(m, FakeQuantize) for m in back.modules())
+
+
+def test_reload_in_a_new_process_is_bit_exact(tmp_path):
+    backend = "onednn" if "onednn" in BACKENDS else "x86"
+    g, qmodel, _ = _quantized("llama", backend)
+    folder = outlierfx.save(qmodel, tmp_path / "int8")
+    save_file({**g.inputs, "expected": _outputs(qmodel, g.inputs, "llama")}, str(tmp_path / "check.safetensors"))
+    script = (
+        "import sys, torch, outlierfx\n"
+        "from safetensors.torch import load_file\n"
+        f"data = load_file({str(tmp_path / 'check.safetensors')!r})\n"
+        f"model = outlierfx.load({str(folder)!r})\n"
+        "with torch.no_grad():\n"
+        "    out = model(input_ids=data['input_ids'], attention_mask=data['attention_mask']).logits\n"
+        "sys.exit(0 if torch.equal(out, data['expected']) else 1)\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+class _Payload:
+    """Unpickling this creates ``marker``: a stand-in for arbitrary code in a crafted model.pt."""
+
+    def __init__(self, marker: pathlib.Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
+
+
+def test_a_planted_pickle_is_never_executed(tmp_path):
+    marker = tmp_path / "payload-ran"
+    planted = tmp_path / "old"
+    planted.mkdir()
+    torch.save(_Payload(marker), planted / MODEL_FILE)  # where the old format kept its model
+    with pytest.raises(OutlierFXError, match="trust_pickle=True"):
+        outlierfx.load(planted)
+    assert not marker.exists()
+    # next to a real saved model, the pickle is not even opened
+    g, qmodel, _ = _quantized("bert", "reference")
+    with pytest.raises(OutlierFXError, match="model.pt exists"):  # save never deletes a model it did not write
+        outlierfx.save(qmodel, planted)
+    folder = outlierfx.save(qmodel, tmp_path / "int8")
+    torch.save(_Payload(marker), folder / MODEL_FILE)
+    assert torch.equal(_outputs(outlierfx.load(folder), g.inputs, "bert"), _outputs(qmodel, g.inputs, "bert"))
+    assert not marker.exists()
+    # the payload is real: opting in runs it (and then finds no model in it)
+    with pytest.warns(OutlierFXWarning, match="unpickling"), pytest.raises(OutlierFXError, match="not a model"):
+        outlierfx.load(planted, trust_pickle=True)
+    assert marker.exists()
+
+
+def test_an_old_pickled_folder_loads_only_with_trust_pickle(tmp_path):
+    class Double(torch.nn.Module):
+        def forward(self, x):
+            return x * 2
+
+    legacy = SavedModel()
+    legacy.graph_module, legacy.in_spec, legacy.out_spec = torch.fx.symbolic_trace(Double()), None, None
+    torch.save(legacy, tmp_path / MODEL_FILE)
+    with pytest.raises(OutlierFXError, match="old pickled format"):
+        outlierfx.load(tmp_path)
+    with pytest.warns(OutlierFXWarning, match="trust_pickle=True"):
+        model = outlierfx.load(tmp_path, trust_pickle=True)
+    assert torch.equal(model(torch.ones(2)), torch.full((2,), 2.0))
+
+
+def _edited(folder: pathlib.Path, edit) -> pathlib.Path:
+    doc = json.loads((folder / GRAPH_FILE).read_text())
+    edit(doc)
+    (folder / GRAPH_FILE).write_text(json.dumps(doc))
+    return folder
+
+
+def test_load_refuses_unknown_ops_and_versions_with_the_fix(tmp_path):
+    _, sim, _ = _quantized("bert", None, recipe="naive")
+    for name in ("newer", "format", "torch", "op", "damaged", "backend"):
+        outlierfx.save(sim, tmp_path / name)
+    _edited(tmp_path / "backend", lambda d: d.update(backend="tensorrt"))  # saved where another backend runs
+    with pytest.raises(BackendError, match="saved for backend 'tensorrt'.*load it with backend="):
+        outlierfx.load(tmp_path / "backend")
+    assert outlierfx.load(tmp_path / "backend", backend="reference") is not None
+    (tmp_path / "damaged" / TENSORS_FILE).write_bytes(b"not safetensors")
+    with pytest.raises(SavedFormatError, match="cannot read .*model.safetensors"):
+        outlierfx.load(tmp_path / "damaged")
+    (tmp_path / "damaged" / GRAPH_FILE).write_text("{truncated")
+    with pytest.raises(SavedFormatError, match="cannot read .*graph.json.*save the model again"):
+        outlierfx.load(tmp_path / "damaged")
+    _edited(tmp_path / "newer", lambda d: d.update(format_version=99))
+    with pytest.raises(SavedFormatError, match="version 99.*upgrade outlierfx"):
+        outlierfx.load(tmp_path / "newer")
+    _edited(tmp_path / "format", lambda d: d.update(format="something-else"))
+    with pytest.raises(SavedFormatError, match="not an outlierfx saved graph"):
+        outlierfx.load(tmp_path / "format")
+    _edited(tmp_path / "torch", lambda d: d.update(torch="99.0.0"))
+    with pytest.raises(SavedFormatError, match="saved with torch 99.0.0.*use torch >= 99.0"):
+        outlierfx.load(tmp_path / "torch")
+
+    def rename_linear(doc):
+        for node in doc["graph"]["nodes"]:
+            if node["target"] == "aten.linear.default":
+                node["target"] = "aten.linear_from_the_future.default"
+
+    _edited(tmp_path / "op", rename_linear)
+    with pytest.raises(SavedFormatError, match="'aten.linear_from_the_future.default'.*upgrade outlierfx"):
+        outlierfx.load(tmp_path / "op")
+    with pytest.raises(OutlierFXError, match="exists"):
+        outlierfx.save(sim, tmp_path / "op")
+
+
+def test_the_vocabulary_table_decides_what_saves(tmp_path, monkeypatch):
+    _, sim, _ = _quantized("bert", None, recipe="naive")
+    monkeypatch.delitem(vocabulary.OPS, "aten.gelu.default")
+    with pytest.raises(OutlierFXError, match="aten.gelu.default.*vocabulary.OPS"):
+        outlierfx.save(sim, tmp_path / "a")
+    monkeypatch.setitem(vocabulary.OPS, "aten.gelu.default", torch.ops.aten.gelu.default)  # one line registers
+    outlierfx.save(sim, tmp_path / "b")
+
+
+def test_a_tied_embedding_and_lm_head_are_saved_once(tmp_path):
+    g = build_model("llama", hidden=32, layers=1, vocab=96, tied=True)
+    qmodel, _ = outlierfx.quantize(g.model, [g.inputs], recipe="naive", backend="reference", progress=False)
+    folder = outlierfx.save(qmodel, tmp_path / "tied")
+    tables = [v for v in load_file(str(folder / TENSORS_FILE)).values() if v.dim() == 2 and v.shape[0] == 96]
+    assert len(tables) == 1
+    assert torch.equal(_outputs(outlierfx.load(folder), g.inputs, "llama"), _outputs(qmodel, g.inputs, "llama"))
+
+
+def test_save_refuses_a_model_outlierfx_did_not_make(tmp_path):
+    with pytest.raises(OutlierFXError, match="outlierfx.quantize"):
+        outlierfx.save(torch.nn.Linear(2, 2), tmp_path)
