@@ -56,3 +56,14 @@ def test_the_pass_manager_checks_the_tolerance_with_massive_ffn_activations():
     assert entry.modified and entry.error_vs_previous.within(TOL)
     assert "online Hadamard transform (d=192 = 12 x 16" in entry.plan.summary()
     assert_equivalent(g.model, result.graph_module, g.inputs, tol=TOL)
+
+
+def test_a_model_with_the_online_transform_saves_without_pickle_and_reloads_bit_exactly(tmp_path):
+    g = build_model("llama", hidden=64, heads=4, layers=2, ffn=96, batch=2, seq=12, pad=False)
+    qmodel, report = outlierfx.quantize(g.model, [g.inputs], recipe="rotate+sink", backend="onednn", progress=False)
+    assert any(is_call(n, HADAMARD) for n in report.graphs.simulated.graph.nodes)
+    outlierfx.save(qmodel, tmp_path / "q")
+    assert "outlierfx.hadamard.default" in (tmp_path / "q" / "graph.json").read_text()
+    loaded = outlierfx.load(tmp_path / "q")
+    with torch.no_grad():
+        assert torch.equal(qmodel(**g.inputs).logits, loaded(**g.inputs).logits)
