@@ -200,12 +200,20 @@ def test_load_refuses_unknown_ops_and_versions_with_the_fix(tmp_path):
         outlierfx.save(sim, tmp_path / "op")
 
 
-def test_the_vocabulary_table_decides_what_saves(tmp_path, monkeypatch):
+def test_the_vocabulary_allows_functional_aten_ops_and_our_own_and_nothing_else(tmp_path, monkeypatch):
+    log = torch.ops.aten.log.default  # in no hand list: MPNet's position buckets call it
+    assert vocabulary.target_of(vocabulary.name_of(log)) is log
+    for refused in (torch.ops.aten.add_.Tensor, torch.ops.aten.copy_.default, print, eval):
+        assert vocabulary.name_of(refused) is None  # mutating, or not an aten op
+    for name in ("aten.add_.Tensor", "aten.copy_.default", "builtins.eval", "aten.__class__.x", "aten.log"):
+        assert vocabulary.target_of(name) is None
     _, sim, _ = _quantized("bert", None, recipe="naive")
-    monkeypatch.delitem(vocabulary.OPS, "aten.gelu.default")
-    with pytest.raises(OutlierFXError, match="aten.gelu.default.*vocabulary.OPS"):
+    gelu = next(n for n in sim.graph.nodes if n.target is torch.ops.aten.gelu.default)
+    own = lambda x: torch.ops.aten.gelu.default(x)  # noqa: E731  (a function of our own, unregistered)
+    gelu.target = own
+    with pytest.raises(OutlierFXError, match="may not call.*vocabulary.OPS"):
         outlierfx.save(sim, tmp_path / "a")
-    monkeypatch.setitem(vocabulary.OPS, "aten.gelu.default", torch.ops.aten.gelu.default)  # one line registers
+    monkeypatch.setitem(vocabulary.OPS, "tests.own_gelu", own)  # one line registers
     outlierfx.save(sim, tmp_path / "b")
 
 

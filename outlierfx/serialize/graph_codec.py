@@ -30,7 +30,7 @@ from ..graph.shapes import propagate_values
 from ..quantizers.observers import FakeQuantize
 from ..quantizers.spec import Estimator, Granularity, QuantSpec
 from .tensors import TensorWriter, integer_weight, rebuild_weight, tensor_identity
-from .vocabulary import OPS, names_by_target
+from .vocabulary import name_of, target_of
 
 _FQ_BUFFERS = ("scale", "zero_point", "sink_scale", "sink_zero_point")
 _META_STRINGS = {"module_path": meta.MODULE_PATH, "created_by": meta.CREATED_BY}
@@ -39,8 +39,7 @@ _META_STRINGS = {"module_path": meta.MODULE_PATH, "created_by": meta.CREATED_BY}
 # -- encoding -------------------------------------------------------------------------------------
 def encode_graph(gm: torch.fx.GraphModule, writer: TensorWriter) -> dict[str, Any]:
     """The JSON document of a fake-quant ``gm``; its tensors go to ``writer``."""
-    names = names_by_target()
-    nodes = [_encode_node(node, names) for node in gm.graph.nodes]
+    nodes = [_encode_node(node) for node in gm.graph.nodes]
     targets = list(dict.fromkeys(str(n.target) for n in gm.graph.nodes if n.op == "get_attr"))
     tensors = {target: fetch_attr(gm, target) for target in targets}
     # a tensor under several names (a tied lm_head and embedding) is one entry, int8 if any reader's is
@@ -90,13 +89,14 @@ def encode_value(value: Any, writer: TensorWriter | None = None, name: str = "")
                          f"outlierfx.save writes the graphs outlierfx.quantize returns")
 
 
-def _encode_node(node: torch.fx.Node, names: dict[object, str]) -> dict[str, Any]:
+def _encode_node(node: torch.fx.Node) -> dict[str, Any]:
     target: Any = node.target
     if node.op == "call_function":
-        target = names.get(node.target)
+        target = name_of(node.target)
         if target is None:
-            raise OutlierFXError(f"node {node.name} calls {node.target}, which the saved-graph vocabulary lacks; "
-                                 f"add it to outlierfx.serialize.vocabulary.OPS (one line)")
+            raise OutlierFXError(f"node {node.name} calls {node.target}, which a saved graph may not call (only "
+                                 f"functional aten ops and outlierfx.serialize.vocabulary.OPS); register an op of "
+                                 f"outlierfx's own there (one line)")
     elif node.op not in ("placeholder", "get_attr", "call_module", "output"):
         raise OutlierFXError(f"node {node.name}: cannot save a {node.op!r} node")
     saved_meta: dict[str, Any] = {k: node.meta[key] for k, key in _META_STRINGS.items() if key in node.meta}
@@ -245,10 +245,12 @@ def decode_graph(doc: dict[str, Any], tensors: dict[str, torch.Tensor],
 def _decode_node(graph: torch.fx.Graph, entry: dict[str, Any], nodes: dict[str, torch.fx.Node]) -> torch.fx.Node:
     op, target = entry["op"], entry["target"]
     if op == "call_function":
-        if target not in OPS:
-            raise SavedFormatError(f"the saved graph calls {target!r}, an op this outlierfx does not know; upgrade "
-                                   f"outlierfx (or register the op in outlierfx.serialize.vocabulary.OPS)")
-        target = OPS[target]
+        resolved = target_of(target)
+        if resolved is None:
+            raise SavedFormatError(f"the saved graph calls {target!r}, an op this outlierfx does not know or does "
+                                   f"not allow (a mutating or non-aten op); upgrade outlierfx, or save the model "
+                                   f"again with this version")
+        target = resolved
     elif op not in ("placeholder", "get_attr", "call_module", "output"):
         raise SavedFormatError(f"node {entry['name']}: unknown node kind {op!r}")
     args = tuple(decode_value(entry["args"], nodes))

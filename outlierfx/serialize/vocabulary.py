@@ -1,14 +1,13 @@
 """The op vocabulary of saved graphs: the functions a saved graph may call, by name.
 
-A saved graph names each ``call_function`` target by its key in :data:`OPS`; loading looks the
-name up here and nowhere else (no import by name, no unpickling), so a file can only call what
-this table lists. The table covers the canonical graphs outlierfx's passes produce before
-lowering (captured with ``torch.export``, canonicalized, fake-quantized, attention fused).
-
-A pass that adds a new kind of node registers its target with one line: a torch operator as
-``"<name>.<overload>"`` in ``_ATEN``, a function of outlierfx's own by its module path inside the
-package, e.g. ``"graph.ops.hadamard": ops.hadamard,`` in :data:`OPS`. Keys are stable: renaming
-one makes older files unreadable.
+A saved graph names each ``call_function`` target; loading resolves the name here and nowhere
+else (no import by name, no unpickling), so a file can only call:
+- a *functional* aten operator, by ``"aten.<name>.<overload>"``: a tensor computation whose
+  schema mutates nothing, so it cannot reach files or run Python. Any of them, not a hand list:
+  the ops a captured graph holds change with the architecture and the torch release (MPNet's
+  relative-position buckets call ``log``, GPT-NeoX splits with ``chunk``);
+- one of outlierfx's own functions or registered torch ops in :data:`OPS` (one line each).
+Names are stable: renaming an entry of :data:`OPS` makes older files unreadable.
 """
 
 from __future__ import annotations
@@ -21,40 +20,37 @@ import torch
 
 from ..graph.hadamard_op import HADAMARD
 
-# aten operators by their ``<name>.<overload>``: the canonical ops (outlierfx.graph.ops) and the
-# layout, arithmetic and mask-building ops export leaves around them in transformer graphs
-_ATEN = (
-    "__and__.Tensor", "__or__.Tensor", "abs.default", "add.Tensor", "alias.default", "any.default", "arange.default",
-    "arange.start", "arange.start_step", "bmm.default", "cat.default", "clamp.default", "clone.default",
-    "contiguous.default", "cos.default", "cumsum.default", "detach.default", "div.Tensor", "dropout.default",
-    "embedding.default", "eq.Scalar", "eq.Tensor", "exp.default", "expand.default", "full.default",
-    "full_like.default", "gather.default", "ge.Scalar", "ge.Tensor", "gelu.default", "gt.Scalar", "gt.Tensor",
-    "index.Tensor", "index_select.default", "layer_norm.default", "le.Scalar", "le.Tensor", "linear.default",
-    "lt.Scalar", "lt.Tensor", "masked_fill.Scalar", "matmul.default", "max.default", "mean.dim", "mm.default",
-    "mul.Scalar", "mul.Tensor", "ne.Scalar", "neg.default", "new_ones.default", "new_zeros.default", "ones.default",
-    "permute.default", "pow.Tensor_Scalar", "relu.default", "repeat.default", "reshape.default",
-    "rms_norm.default", "rsqrt.default", "scaled_dot_product_attention.default", "select.int", "sigmoid.default",
-    "silu.default", "sin.default", "slice.Tensor", "softmax.int", "split.Tensor", "split_with_sizes.default",
-    "sqrt.default", "squeeze.dim", "squeeze.dims", "sub.Tensor", "sum.dim_IntList", "sym_size.int", "tanh.default",
-    "to.device", "to.dtype", "to.dtype_layout", "transpose.int", "tril.default", "triu.default",
-    "type_as.default", "unsqueeze.default", "view.default", "where.Scalar", "where.ScalarOther",
-    "where.ScalarSelf", "where.self", "zeros.default", "zeros_like.default", "_unsafe_view.default",
-)
-
-
-def _aten(name: str) -> Any:
-    op, overload = name.rsplit(".", 1)
-    return getattr(getattr(torch.ops.aten, op), overload)
-
-
 OPS: dict[str, Callable[..., Any]] = {
-    **{f"aten.{name}": _aten(name) for name in _ATEN},
     "operator.getitem": operator.getitem,
     "outlierfx.hadamard.default": HADAMARD,  # RotateFFN's online Hadamard transform
 }
-"""Name -> function: every ``call_function`` target a saved graph may hold."""
+"""Name -> function: the ``call_function`` targets beyond functional aten operators."""
+
+_ATEN = "aten."
 
 
-def names_by_target() -> dict[object, str]:
-    """Function -> vocabulary name, over the table as it is now (entries added after import too)."""
-    return {fn: name for name, fn in OPS.items()}
+def name_of(target: object) -> str | None:
+    """The vocabulary name of a graph node's target, or None where a saved graph may not call it."""
+    for name, fn in OPS.items():
+        if fn is target:
+            return name
+    if _is_functional_aten(target):
+        return f"{_ATEN}{target._schema.name.split('::', 1)[1]}.{target._overloadname}"
+    return None
+
+
+def target_of(name: str) -> Callable[..., Any] | None:
+    """The function a saved name stands for, or None for a name this table does not allow."""
+    if name in OPS:
+        return OPS[name]
+    if not name.startswith(_ATEN) or name.count(".") != 2:
+        return None
+    _, op, overload = name.split(".")
+    packet = getattr(torch.ops.aten, op, None) if not op.startswith("__") or op.endswith("__") else None
+    target = getattr(packet, overload, None) if isinstance(packet, torch._ops.OpOverloadPacket) else None
+    return target if _is_functional_aten(target) else None
+
+
+def _is_functional_aten(target: object) -> bool:
+    return isinstance(target, torch._ops.OpOverload) and target.namespace == "aten" \
+        and not target._schema.is_mutable
