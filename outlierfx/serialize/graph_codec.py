@@ -95,7 +95,7 @@ def _encode_node(node: torch.fx.Node) -> dict[str, Any]:
         target = name_of(node.target)
         if target is None:
             raise OutlierFXError(f"node {node.name} calls {node.target}, which a saved graph may not call (only "
-                                 f"functional aten ops and outlierfx.serialize.vocabulary.OPS); register an op of "
+                                 f"aten ops and outlierfx.serialize.vocabulary.OPS); register an op of "
                                  f"outlierfx's own there (one line)")
     elif node.op not in ("placeholder", "get_attr", "call_module", "output"):
         raise OutlierFXError(f"node {node.name}: cannot save a {node.op!r} node")
@@ -248,7 +248,7 @@ def _decode_node(graph: torch.fx.Graph, entry: dict[str, Any], nodes: dict[str, 
         resolved = target_of(target)
         if resolved is None:
             raise SavedFormatError(f"the saved graph calls {target!r}, an op this outlierfx does not know or does "
-                                   f"not allow (a mutating or non-aten op); upgrade outlierfx, or save the model "
+                                   f"not allow (only aten ops and its own); upgrade outlierfx, or save the model "
                                    f"again with this version")
         target = resolved
     elif op not in ("placeholder", "get_attr", "call_module", "output"):
@@ -269,6 +269,8 @@ def _decode_attribute(entry: dict[str, Any], tensors: dict[str, torch.Tensor],
                       rebuilt: dict[tuple[str, str], torch.Tensor]) -> torch.Tensor:
     if "tensor" in entry:
         value = tensors[entry["tensor"]]
+        if value._is_view():  # safetensors may hand out views of one buffer; graphs may detach_ in place
+            value = value.clone()
     else:
         key = (entry["int8"], entry["scale"])
         if key not in rebuilt:

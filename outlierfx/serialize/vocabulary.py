@@ -2,10 +2,11 @@
 
 A saved graph names each ``call_function`` target; loading resolves the name here and nowhere
 else (no import by name, no unpickling), so a file can only call:
-- a *functional* aten operator, by ``"aten.<name>.<overload>"``: a tensor computation whose
-  schema mutates nothing, so it cannot reach files or run Python. Any of them, not a hand list:
-  the ops a captured graph holds change with the architecture and the torch release (MPNet's
-  relative-position buckets call ``log``, GPT-NeoX splits with ``chunk``);
+- an aten operator, by ``"aten.<name>.<overload>"``: a tensor kernel, which cannot reach files
+  or run Python (an in-place one only changes tensors the file defines anyway). Any of them,
+  not a hand list: the ops a captured graph holds change with the architecture and the torch
+  release (MPNet's relative-position buckets call ``log``, GPT-NeoX splits with ``chunk``, and
+  exported mask code adds in place);
 - one of outlierfx's own functions or registered torch ops in :data:`OPS` (one line each).
 Names are stable: renaming an entry of :data:`OPS` makes older files unreadable.
 """
@@ -22,9 +23,12 @@ from ..graph.hadamard_op import HADAMARD
 
 OPS: dict[str, Callable[..., Any]] = {
     "operator.getitem": operator.getitem,
+    # shape arithmetic on symbolic sizes (BLOOM's ALiBi slopes multiply batch by heads)
+    **{f"operator.{name}": getattr(operator, name) for name in ("add", "sub", "mul", "floordiv", "truediv", "mod",
+                                                                 "neg")},
     "outlierfx.hadamard.default": HADAMARD,  # RotateFFN's online Hadamard transform
 }
-"""Name -> function: the ``call_function`` targets beyond functional aten operators."""
+"""Name -> function: the ``call_function`` targets beyond aten operators."""
 
 _ATEN = "aten."
 
@@ -34,7 +38,7 @@ def name_of(target: object) -> str | None:
     for name, fn in OPS.items():
         if fn is target:
             return name
-    if _is_functional_aten(target):
+    if _is_aten(target):
         return f"{_ATEN}{target._schema.name.split('::', 1)[1]}.{target._overloadname}"
     return None
 
@@ -48,9 +52,8 @@ def target_of(name: str) -> Callable[..., Any] | None:
     _, op, overload = name.split(".")
     packet = getattr(torch.ops.aten, op, None) if not op.startswith("__") or op.endswith("__") else None
     target = getattr(packet, overload, None) if isinstance(packet, torch._ops.OpOverloadPacket) else None
-    return target if _is_functional_aten(target) else None
+    return target if _is_aten(target) else None
 
 
-def _is_functional_aten(target: object) -> bool:
-    return isinstance(target, torch._ops.OpOverload) and target.namespace == "aten" \
-        and not target._schema.is_mutable
+def _is_aten(target: object) -> bool:
+    return isinstance(target, torch._ops.OpOverload) and target.namespace == "aten"
