@@ -177,6 +177,8 @@ def _resolves_in(module: object, target: str) -> bool:
             _resolve(target)
         else:
             head, *rest = target.split(".")
+            if head not in vars(module) and "__getattr__" in vars(module):
+                getattr(module, head, None)  # a lazy package (PEP 562) binds the name on first use
             namespaces = [vars(module)] + [vars(c) for c in vars(module).values() if inspect.isclass(c)]
             owner = next(ns[head] for ns in namespaces if head in ns)
             for attr in rest:

@@ -26,7 +26,7 @@ OPS: dict[str, Callable[..., Any]] = {
     # shape arithmetic on symbolic sizes (BLOOM's ALiBi slopes multiply batch by heads)
     **{f"operator.{name}": getattr(operator, name) for name in ("add", "sub", "mul", "floordiv", "truediv", "mod",
                                                                  "neg")},
-    "outlierfx.hadamard.default": HADAMARD,  # RotateFFN's online Hadamard transform
+    "torch.ops.outlierfx.hadamard.default": HADAMARD,  # RotateFFN's online Hadamard transform
 }
 """Name -> function: the ``call_function`` targets beyond aten operators."""
 
