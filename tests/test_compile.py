@@ -11,21 +11,13 @@ import torch._dynamo
 from torch._inductor.utils import run_and_get_code
 
 import outlierfx
-from outlierfx.backends import BackendError, check_backend
+from outlierfx.backends import runnable_backends
 from outlierfx.testing import assert_tokens_close, build_model, first_token_grids_everywhere
 
 INT8_GEMM = "qlinear_pointwise"  # inductor's oneDNN int8 GEMM in the generated code
 
 
-def _available(backend: str) -> bool:
-    try:
-        check_backend(backend)
-    except BackendError:
-        return False
-    return True
-
-
-FORMS = ["fake-quant", *(b for b in ("reference", "onednn", "x86", "inductor") if _available(b))]
+FORMS = ["fake-quant", *runnable_backends(("reference", "onednn", "x86", "inductor"))]
 
 
 @pytest.fixture(scope="module", params=["one grid", "first-token grids"])

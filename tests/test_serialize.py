@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import outlierfx
-from outlierfx.backends import BackendError, check_backend
+from outlierfx.backends import BackendError, runnable_backends
 from outlierfx.errors import OutlierFXError, OutlierFXWarning, SavedFormatError
 from outlierfx.quantizers.observers import FakeQuantize
 from outlierfx.serialize import GRAPH_FILE, MODEL_FILE, TENSORS_FILE, SavedModel
@@ -26,15 +26,7 @@ ROOT = pathlib.Path(outlierfx.__file__).resolve().parent.parent
 OUTPUT = {"bert": "last_hidden_state", "llama": "logits"}
 
 
-def _available(backend: str) -> bool:
-    try:
-        check_backend(backend)
-    except BackendError:
-        return False
-    return True
-
-
-BACKENDS = [b for b in ("onednn", "inductor", "x86", "reference") if _available(b)]
+BACKENDS = runnable_backends(("onednn", "inductor", "x86", "reference"))
 
 
 def _outputs(model, inputs, family):

@@ -41,3 +41,15 @@ def default_backend() -> str:
     if "onednn" in engines and has_int8_instructions():
         return "onednn"
     return "x86" if "x86" in engines else "qnnpack"
+
+
+def runnable_backends(names: tuple[str, ...] | list[str]) -> list[str]:
+    """Those of ``names`` this machine can run (``check_backend`` accepts), in the given order."""
+    runnable = []
+    for name in names:
+        try:
+            check_backend(name)
+        except BackendError:
+            continue
+        runnable.append(name)
+    return runnable
