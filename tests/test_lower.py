@@ -8,7 +8,10 @@ from hypothesis import strategies as st
 
 import outlierfx
 from outlierfx.errors import PassError
+from outlierfx.graph import meta
+from outlierfx.graph.attrs import fetch_attr
 from outlierfx.graph.compare import output_error
+from outlierfx.graph.ops import OpKind, op_kind
 from outlierfx.graph.probe import probe
 from outlierfx.passes.fuse_attention import FuseAttention
 from outlierfx.passes.lower import Lower
@@ -412,6 +415,20 @@ def test_a_tied_embedding_and_lm_head_share_one_int8_table(tmp_path):
         tables = {t.untyped_storage().data_ptr() for t in lowered.state_dict().values()
                   if t.dtype == torch.int8 and tuple(t.shape) == (96, 32)}
         assert len(tables) == 1, backend
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_an_lm_head_tied_to_the_embedding_reads_the_table_grid_at_w4a8(tied):
+    """At W4A8 the tables stay int8: a tied head reads that one int8 table (no int4 copy of the
+    model's largest matrix); an untied head is a Linear like the others (int4)."""
+    g = build_model("llama", hidden=32, layers=1, vocab=96, tied=tied)
+    gm, _ = outlierfx.quantize(g.model, [g.inputs], recipe="naive", bits="W4A8", progress=False)
+    head = [n for n in gm.graph.nodes if op_kind(n) is OpKind.LINEAR][-1]
+    table = next(n for n in gm.graph.nodes if op_kind(n) is OpKind.EMBEDDING)
+    assert head.meta[meta.WEIGHT_QUANT].bits == (8 if tied else 4)
+    assert table.meta[meta.WEIGHT_QUANT].bits == 8
+    weights = [fetch_attr(gm, str(n.target)) for n in (head.args[1], table.args[0])]
+    assert (weights[0].data_ptr() == weights[1].data_ptr()) is tied  # one stored tensor for both readers
 
 
 @pytest.mark.skipif("onednn" not in torch.backends.quantized.supported_engines, reason="no onednn engine")

@@ -37,12 +37,15 @@ class ConvertPlan:
     embeddings: tuple[torch.fx.Node, ...] = ()  # embedding lookups whose table is quantized
     embedding_spec: QuantSpec | None = None
     float_tables: tuple[tuple[str, int], ...] = ()  # (table, rows) kept float: too few rows to pay
+    tied_heads: tuple[torch.fx.Node, ...] = ()  # Linears reading a quantized table: on the table's grid
 
     def summary(self) -> str:
         spec = self.weight_spec.describe() if self.weight_spec else "float"
         line = f"{len(self.activations)} activation quantizers; {len(self.weights)} Linear weights ({spec})"
         if self.embeddings and self.embedding_spec is not None:
             line += f"; {len(self.embeddings)} embedding tables ({self.embedding_spec.describe()}, rows)"
+        if self.tied_heads:
+            line += f"; {len(self.tied_heads)} Linear(s) tied to an embedding table read its grid (one tensor, stored once)"
         if self.float_tables:
             line += f"; small tables kept float (a per-token bias when rounded): {list(self.float_tables)}"
         if self.grouped:
@@ -72,7 +75,14 @@ class ConvertToFakeQuant(GraphPass[ConvertPlan]):
         rows = {n: fetch_attr(gm, str(n.args[0].target)).shape[0] for n in tables}
         embeddings = tuple(n for n in tables if rows[n] >= self.small_table_rows)
         small = tuple((str(n.args[0].target), rows[n]) for n in tables if rows[n] < self.small_table_rows)
-        return ConvertPlan(names, linears, self.weight_spec, grouped, embeddings, self.embedding_spec, small)
+        # A Linear whose weight is a quantized table (an LM head tied to the embedding) takes the
+        # table's spec: both readers then share one quantized tensor, where a head-only grid (int4
+        # at W4A8, MSE-clipped rows) would store a second copy of the model's largest matrix.
+        quantized_tables = {str(n.args[0].target) for n in embeddings}
+        tied = tuple(n for n in linears if isinstance(n.args[1], torch.fx.Node) and n.args[1].op == "get_attr"
+                     and str(n.args[1].target) in quantized_tables)
+        linears = tuple(n for n in linears if n not in tied)
+        return ConvertPlan(names, linears, self.weight_spec, grouped, embeddings, self.embedding_spec, small, tied)
 
     def apply(self, gm: torch.fx.GraphModule, plan: ConvertPlan) -> bool:
         for name in plan.activations:
@@ -80,7 +90,8 @@ class ConvertToFakeQuant(GraphPass[ConvertPlan]):
         # A tied table (lm_head = embedding) is quantized once per spec: at equal specs
         # (per-row int8 both) the two readers keep sharing one tensor.
         quantized: dict[tuple[str, QuantSpec], torch.Tensor] = {}
-        work = [(n, 1, plan.weight_spec) for n in plan.weights] + [(n, 0, plan.embedding_spec) for n in plan.embeddings]
+        work = ([(n, 1, plan.weight_spec) for n in plan.weights] + [(n, 1, plan.embedding_spec) for n in plan.tied_heads]
+                + [(n, 0, plan.embedding_spec) for n in plan.embeddings])
         for node, index, spec in work:
             weight_node = node.args[index]
             key = (str(weight_node.target), spec)
@@ -89,4 +100,4 @@ class ConvertToFakeQuant(GraphPass[ConvertPlan]):
             replace_input_tensor(gm, node, weight_node, quantized[key], "_quantized")
             node.meta[meta.WEIGHT_QUANT] = spec
             node.meta[meta.CREATED_BY] = node.meta.get(meta.CREATED_BY, type(self).__name__)
-        return bool(plan.activations or plan.weights or plan.embeddings)
+        return bool(plan.activations or plan.weights or plan.tied_heads or plan.embeddings)
