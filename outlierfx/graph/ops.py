@@ -145,6 +145,13 @@ def users_through_layout_ops(node: torch.fx.Node) -> Iterator[tuple[torch.fx.Nod
                 yield user, current
 
 
+def feeds_only_outputs(node: torch.fx.Node) -> bool:
+    """Whether every value of ``node`` leaves the graph as it is (through layout ops only): a
+    model's output head, such as the LM head whose result is the logits."""
+    readers = list(users_through_layout_ops(node))
+    return bool(readers) and all(user.op == "output" for user, _ in readers)
+
+
 def producer_through_layout_ops(node: torch.fx.Node) -> torch.fx.Node:
     """The node whose values ``node`` shows, walking back through last-axis-preserving layout ops."""
     while node.args and isinstance(node.args[0], torch.fx.Node) and preserves_last_axis(node, node.args[0]):

@@ -8,7 +8,8 @@ table: 2 rows) stay float: every token adds one of their few rows, so a row's ro
 is a bias repeated on every token (on MiniLM the 2-row table alone costs 1.5e-4 of embedding
 cosine, the 30522-row word table 1.6e-5), and keeping them float costs a few kilobytes.
 Biases stay float (backends keep them in int32 at scale s_x * s_w, which is finer than any
-activation grid).
+activation grid). Below 8 bits, the model's output head (the LM head) keeps 8-bit weights, as
+embedding tables do (:func:`linear_weight_spec`).
 """
 
 from __future__ import annotations
@@ -21,11 +22,25 @@ import torch.fx
 from ..errors import PassError
 from ..graph import meta
 from ..graph.attrs import fetch_attr, replace_input_tensor
-from ..graph.ops import OpKind, op_kind
+from ..graph.ops import OpKind, feeds_only_outputs, op_kind
 from ..quantizers.fake_quant import quantize_weight
 from ..quantizers.observers import FakeQuantize, Observer
 from ..quantizers.spec import Granularity, QuantSpec
 from .base import GraphPass
+
+
+HEAD_MIN_BITS = 8
+
+
+def linear_weight_spec(linear: torch.fx.Node, weight_spec: QuantSpec) -> QuantSpec:
+    """The weight spec of ``linear``: ``weight_spec``, except that a Linear whose result is a
+    model output (the LM head: its rounding error lands on every logit of every token, and
+    nothing after it can correct it) keeps at least 8 bits. Common practice below 8 bits (GPTQ,
+    AWQ, QuaRot and llm-compressor's W4 schemes leave the head at 8 or 16 bits); a structural
+    rule, not a tuned one. GPTQ rounds with the same spec."""
+    if weight_spec.bits < HEAD_MIN_BITS and feeds_only_outputs(linear):
+        return weight_spec.with_(bits=HEAD_MIN_BITS)
+    return weight_spec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,12 +53,15 @@ class ConvertPlan:
     embedding_spec: QuantSpec | None = None
     float_tables: tuple[tuple[str, int], ...] = ()  # (table, rows) kept float: too few rows to pay
     tied_heads: tuple[torch.fx.Node, ...] = ()  # Linears reading a quantized table: on the table's grid
+    heads: tuple[tuple[torch.fx.Node, QuantSpec], ...] = ()  # output Linears kept wider (linear_weight_spec)
 
     def summary(self) -> str:
         spec = self.weight_spec.describe() if self.weight_spec else "float"
         line = f"{len(self.activations)} activation quantizers; {len(self.weights)} Linear weights ({spec})"
         if self.embeddings and self.embedding_spec is not None:
             line += f"; {len(self.embeddings)} embedding tables ({self.embedding_spec.describe()}, rows)"
+        if self.heads:
+            line += f"; output head(s) at {self.heads[0][1].describe()}: {[n.name for n, _ in self.heads]}"
         if self.tied_heads:
             line += f"; {len(self.tied_heads)} Linear(s) tied to an embedding table read its grid (one tensor, stored once)"
         if self.float_tables:
@@ -82,7 +100,11 @@ class ConvertToFakeQuant(GraphPass[ConvertPlan]):
         tied = tuple(n for n in linears if isinstance(n.args[1], torch.fx.Node) and n.args[1].op == "get_attr"
                      and str(n.args[1].target) in quantized_tables)
         linears = tuple(n for n in linears if n not in tied)
-        return ConvertPlan(names, linears, self.weight_spec, grouped, embeddings, self.embedding_spec, small, tied)
+        specs = {n: linear_weight_spec(n, self.weight_spec) for n in linears} if self.weight_spec is not None else {}
+        heads = tuple((n, spec) for n, spec in specs.items() if spec != self.weight_spec)
+        linears = tuple(n for n in linears if specs[n] == self.weight_spec)
+        return ConvertPlan(names, linears, self.weight_spec, grouped, embeddings, self.embedding_spec, small, tied,
+                           heads)
 
     def apply(self, gm: torch.fx.GraphModule, plan: ConvertPlan) -> bool:
         for name in plan.activations:
@@ -90,7 +112,8 @@ class ConvertToFakeQuant(GraphPass[ConvertPlan]):
         # A tied table (lm_head = embedding) is quantized once per spec: at equal specs
         # (per-row int8 both) the two readers keep sharing one tensor.
         quantized: dict[tuple[str, QuantSpec], torch.Tensor] = {}
-        work = ([(n, 1, plan.weight_spec) for n in plan.weights] + [(n, 1, plan.embedding_spec) for n in plan.tied_heads]
+        work = ([(n, 1, plan.weight_spec) for n in plan.weights] + [(n, 1, spec) for n, spec in plan.heads]
+                + [(n, 1, plan.embedding_spec) for n in plan.tied_heads]
                 + [(n, 0, plan.embedding_spec) for n in plan.embeddings])
         for node, index, spec in work:
             weight_node = node.args[index]
@@ -100,4 +123,4 @@ class ConvertToFakeQuant(GraphPass[ConvertPlan]):
             replace_input_tensor(gm, node, weight_node, quantized[key], "_quantized")
             node.meta[meta.WEIGHT_QUANT] = spec
             node.meta[meta.CREATED_BY] = node.meta.get(meta.CREATED_BY, type(self).__name__)
-        return bool(plan.activations or plan.weights or plan.tied_heads or plan.embeddings)
+        return bool(plan.activations or plan.weights or plan.heads or plan.tied_heads or plan.embeddings)

@@ -36,7 +36,7 @@ from ..quantizers.fake_quant import quantize_weight
 from ..quantizers.observers import observation_paused
 from ..quantizers.spec import Granularity, QuantSpec
 from .base import GraphPass, require_calibrated_observers
-from .convert_fake_quant import ConvertToFakeQuant
+from .convert_fake_quant import ConvertToFakeQuant, linear_weight_spec
 from .training import Batch
 
 
@@ -200,8 +200,9 @@ class GPTQ(GraphPass[GPTQPlan]):
                 skipped.append((node.name, "no calibration token reached it"))
                 continue
             weight = fetch_attr(gm, str(node.args[1].target)).detach()
-            rounded, pinned = gptq_round(weight, gram, self.weight_spec, self.damp)
-            nearest = quantize_weight(weight, self.weight_spec)[0]
+            spec = linear_weight_spec(node, self.weight_spec)  # the grid ConvertToFakeQuant gives it
+            rounded, pinned = gptq_round(weight, gram, spec, self.damp)
+            nearest = quantize_weight(weight, spec)[0]
             weights[node.name] = rounded
             linears.append(RoundedLinear(node.name, meta.module_path(node), weight.shape[1], tokens,
                                          layer_error(weight, nearest, gram) / tokens,

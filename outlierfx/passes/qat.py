@@ -33,7 +33,7 @@ from ..quantizers.observers import FakeQuantize
 from ..quantizers.spec import QuantSpec
 from ..quantizers.trainable import TrainableActivationQuantizer, TrainableWeightQuantizer
 from .base import GraphPass, require_calibrated_observers
-from .convert_fake_quant import ConvertToFakeQuant
+from .convert_fake_quant import ConvertToFakeQuant, linear_weight_spec
 from .training import Batch, fit, task_loss
 
 
@@ -116,7 +116,7 @@ class QAT(GraphPass[QATPlan]):
                     set_attr(work, str(bias.target), b)
                 trained[node.name] = (w, b)
             name = unique_attr_name(work, f"outlierfx_qat_weight_quantizer_{node.name}")
-            work.add_module(name, TrainableWeightQuantizer(self.weight_spec))
+            work.add_module(name, TrainableWeightQuantizer(linear_weight_spec(node, self.weight_spec)))
             with work.graph.inserting_before(node):
                 quantized = work.graph.call_module(name, (weight,))
             meta.inherit(quantized, node, "QAT")
