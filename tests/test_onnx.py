@@ -95,6 +95,17 @@ def test_a_float_graph_exports_as_is(tmp_path):
     assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
 
 
+def test_the_speed_benchmark_runs_fp32_and_int8_in_onnx_runtime():
+    from outlierfx.speed import onnx_runtime_candidates
+
+    g, sim, _ = _quantized("bert", backend=None, recipe="smooth-fold+sink")
+    fp32, int8 = onnx_runtime_candidates(outlierfx.capture(g.model, g.inputs), sim, "smooth-fold+sink", threads=1)
+    assert (fp32.name, int8.name) == ("fp32", "smooth-fold+sink") and fp32.backend == int8.backend == "onnxruntime"
+    _assert_close(fp32.model, g.model, g.inputs, "last_hidden_state")
+    reference, _ = lower_model(sim, "reference")
+    _assert_close(int8.model, reference, g.inputs, "last_hidden_state")
+
+
 def test_cli_exports_a_saved_folder(tmp_path, capsys):
     g, qmodel, _ = _quantized("llama", backend=outlierfx.default_backend())
     folder = outlierfx.save(qmodel, tmp_path / "int8")
