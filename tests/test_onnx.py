@@ -123,13 +123,27 @@ def test_cli_exports_a_saved_folder(tmp_path, capsys):
 
 
 def test_grids_qdq_cannot_express_are_refused_with_the_fix(tmp_path):
+    g, four_bit_weights, _ = _quantized("bert", recipe="naive", bits="W4A8")  # int8 codes on a narrower grid: fine
+    _assert_close(OnnxRuntimeModel(outlierfx.export_onnx(four_bit_weights, tmp_path / "w4.onnx")), four_bit_weights,
+                  g.inputs, "last_hidden_state")
+    (tmp_path / "w4.onnx").unlink()
     _, six_bit, _ = _quantized("bert", recipe="naive", bits="W8A6")
     with pytest.raises(ExportError, match="codes 0..63 .* QuantizeLinear saturates .* 8-bit activations"):
         outlierfx.export_onnx(six_bit, tmp_path / "a6.onnx")
     _, mixed, _ = _quantized("bert", recipe="mp16")
-    with pytest.raises(ExportError, match="stay simulated .* wider than 8 bits"):
+    with pytest.raises(ExportError, match="more than 8 bits .* export a model with 8-bit activations"):
         outlierfx.export_onnx(mixed, tmp_path / "mp16.onnx")
-    assert not (tmp_path / "a6.onnx").exists() and not (tmp_path / "mp16.onnx").exists()
+    _, peg_sink, _ = _quantized("bert", recipe="smooth-peg+sink")  # the accurate preset
+    with pytest.raises(ExportError, match="first tokens .* beside per-channel \\(PEG\\) groups.* 'smooth-peg'"):
+        outlierfx.export_onnx(peg_sink, tmp_path / "accurate.onnx")
+    assert not list(tmp_path.iterdir())
+
+
+def test_peg_groups_export_as_int8_sub_gemms(tmp_path):
+    g, peg, _ = _quantized("bert", recipe="peg")
+    session = OnnxRuntimeModel(outlierfx.export_onnx(peg, tmp_path / "peg.onnx"))
+    _assert_close(session, peg, g.inputs, "last_hidden_state")
+    assert _ort_fused_ops(session.path, tmp_path)["MatMulIntegerToFloat"] > 12  # K sub-GEMMs for grouped inputs
 
 
 def test_onnx_runtime_model_names_missing_inputs(tmp_path):

@@ -63,12 +63,16 @@ def check_exportable(gm: torch.fx.GraphModule) -> None:
     (wider than 8 bits, or a first-token grid beside a per-channel or grouped main grid), or an
     activation grid narrower than its integer type (QuantizeLinear saturates to the whole
     int8/uint8 range, it takes no quant_min/quant_max)."""
-    simulated = [name for name, m in gm.named_modules() if isinstance(m, FakeQuantize) and m.enabled]
+    simulated = [(name, m) for name, m in gm.named_modules() if isinstance(m, FakeQuantize) and m.enabled]
+    wide = [name for name, m in simulated if m.spec.bits > 8]
+    if wide:
+        raise ExportError(f"{_some(wide)} quantize activations to more than 8 bits (policy mp16); their grids stay "
+                          f"simulated and ONNX has no int8 form for them: export a model with 8-bit activations")
     if simulated:
-        raise ExportError(f"{len(simulated)} quantizer(s) stay simulated in the int8 form ({', '.join(simulated[:3])}"
-                          f"{', ...' if len(simulated) > 3 else ''}): wider than 8 bits (policy mp16), or a first-token "
-                          f"grid beside per-channel groups; ONNX has no integer form for them. Export a model quantized "
-                          f"with 8-bit activations on per-tensor grids (e.g. the fast preset, or a recipe without PEG)")
+        raise ExportError(f"{_some([name for name, _ in simulated])} put the first tokens on a grid of their own "
+                          f"beside per-channel (PEG) groups, which stays simulated in the int8 form: export a model "
+                          f"quantized without '+sink' on its PEG recipe (e.g. recipe 'smooth-peg' instead of "
+                          f"'accurate'), or the fast preset")
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target in _QUANTIZE_OPS:
             qmin, qmax, dtype = node.args[-3:]
@@ -76,6 +80,10 @@ def check_exportable(gm: torch.fx.GraphModule) -> None:
                 raise ExportError(f"{meta.module_path(node) or node.name}: an activation grid of codes {qmin}..{qmax} "
                                   f"({dtype}); ONNX QuantizeLinear saturates to the whole int8/uint8 range and would "
                                   f"compute other values. Export a model with 8-bit activations (bits W8A8 or W4A8)")
+
+
+def _some(names: list[str]) -> str:
+    return f"{len(names)} quantizer(s) ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
 
 
 def graph_to_onnx(gm: torch.fx.GraphModule, path: str | os.PathLike) -> pathlib.Path:
