@@ -76,7 +76,9 @@ def test_exported_model_runs_int8_in_onnx_runtime_as_our_reference_form(tmp_path
         assert any(n.target is HADAMARD for n in pre_lowering(qmodel)[0].graph.nodes)
     with torch.no_grad():
         assert [o.name for o in graph.output] == list(qmodel(**g.inputs).keys())  # the ModelOutput's names
-    assert _ort_fused_ops(path, tmp_path)["MatMulIntegerToFloat"] >= linears  # every Linear an int8 GEMM
+    fused = _ort_fused_ops(path, tmp_path)
+    assert fused["MatMulIntegerToFloat"] >= linears  # every Linear an int8 GEMM (+sink: a second one on the first rows)
+    assert fused["DequantizeLinear"] == 0  # no float GEMM on dequantized weights left
 
     session = OnnxRuntimeModel(path)
     for seed, (batch, seq) in enumerate([(2, 8), (3, 13), (1, 1)]):  # dynamic batch and sequence
