@@ -24,8 +24,8 @@ def fold_weight_transposes(model: Any) -> int:
     initializers = {t.name: t for t in graph.initializer}
     producers = {out: node for node in graph.node for out in node.output}
     transposed: dict[str, str] = {}  # codes initializer -> its transposed copy
-    folded = []
-    for node in graph.node:
+    folded: dict[int, Any] = {}  # index of a Transpose -> the dequantize that replaces it
+    for index, node in enumerate(graph.node):
         dq = producers.get(node.input[0]) if node.op_type == "Transpose" and node.input else None
         if dq is None or not _per_row_int8_dequantize(dq, initializers) or _perm(node) != [1, 0]:
             continue
@@ -34,11 +34,11 @@ def fold_weight_transposes(model: Any) -> int:
             array = numpy_helper.to_array(initializers[codes]).T.copy()
             transposed[codes] = f"{codes}_transposed"
             graph.initializer.append(numpy_helper.from_array(array, transposed[codes]))
-        folded.append((node, helper.make_node("DequantizeLinear", [transposed[codes], *dq.input[1:]],
-                                              list(node.output), name=f"{node.name}_dequantize", axis=1)))
-    for transpose, dequantize in folded:
-        graph.node.insert(list(graph.node).index(transpose), dequantize)
-        graph.node.remove(transpose)
+        folded[index] = helper.make_node("DequantizeLinear", [transposed[codes], *dq.input[1:]], list(node.output),
+                                         name=f"{node.name}_dequantize", axis=1)
+    nodes = [folded.get(index, node) for index, node in enumerate(graph.node)]  # graph order kept
+    del graph.node[:]
+    graph.node.extend(nodes)
     _remove_unread(graph)
     return len(folded)
 
