@@ -16,6 +16,7 @@ __version__ = "0.1.0"
 _EXPORTS: dict[str, str] = {
     "CaptureError": "errors",
     "DataError": "errors",
+    "ExportError": "errors",
     "OutlierFXError": "errors",
     "OutlierFXWarning": "errors",
     "PassError": "errors",
@@ -29,6 +30,7 @@ _EXPORTS: dict[str, str] = {
     "capture": "graph",
     "compile_int8": "passes.lower",
     "default_backend": "backends",
+    "export_onnx": "export",
     "load": "serialize",
     "lower": "api",
     "preset": "recipes",
@@ -56,7 +58,9 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ im
     from .api import QuantizationReport, QuantizationResult, RunGraphs, lower, quantize
     from .backends import default_backend
     from .passes.lower import compile_int8
-    from .errors import CaptureError, DataError, OutlierFXError, OutlierFXWarning, PassError, SavedFormatError, SettingError
+    from .errors import (CaptureError, DataError, ExportError, OutlierFXError, OutlierFXWarning, PassError,
+                         SavedFormatError, SettingError)
+    from .export import export_onnx
     from .graph import capture
     from .recipes import Recipe, RecipeError, preset
     from .serialize import load, save

@@ -195,10 +195,25 @@ def _bench_speed(args: argparse.Namespace) -> int:
 
     backends = [check_backend(b.strip()) for b in args.backends.split(",") if b.strip()]
     result = speed(args.model, recipe=args.recipe, bits=args.bits, backends=backends, policy=args.policy,
-                   threads=args.threads, rounds=args.rounds, peers=not args.no_peers)
+                   threads=args.threads, rounds=args.rounds, peers=not args.no_peers, onnx=args.onnx)
     if args.json:
         write_json(result, args.json)
         print(f"wrote {args.json}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .export import export_onnx
+
+    out = pathlib.Path(args.out)
+    if out.exists() and not args.force:
+        raise OutlierFXError(f"{out} exists; choose another --out or pass --force")
+    if not pathlib.Path(args.model).is_dir():
+        raise OutlierFXError(f"{args.model} is not a folder; export a model saved by outlierfx quantize --out "
+                             f"or outlierfx.save")
+    start = time.perf_counter()
+    path = export_onnx(args.model, out)
+    print(f"wrote {path} (QDQ ONNX, {path.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - start:.1f}s")
     return 0
 
 
@@ -235,6 +250,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="skip the quality and latency measurement against FP32 (held-out text)")
     quant.add_argument("--rounds", type=int, default=10, help="timed runs per model for the latency measurement")
     quant.set_defaults(func=_quantize)
+    export = sub.add_parser("export", help="write a saved int8 model as a QDQ ONNX model for ONNX Runtime")
+    export.add_argument("model", help="a folder written by outlierfx quantize --out or outlierfx.save")
+    export.add_argument("--format", choices=["onnx"], default="onnx", help="onnx (QDQ: QuantizeLinear/DequantizeLinear)")
+    export.add_argument("--out", required=True, help="the ONNX file to write")
+    export.add_argument("--force", action="store_true", help="replace an existing --out file")
+    export.set_defaults(func=_export)
     analyze = sub.add_parser("analyze", help="outlier report (table, PNG heatmap, JSON) before/after gamma migration")
     analyze.add_argument("model", nargs="?", default=None, help="minilm, smollm2, or a local Hugging Face model folder")
     analyze.add_argument("--model", dest="model_opt", help=argparse.SUPPRESS)
@@ -267,6 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     spd.add_argument("--threads", type=int, default=2)
     spd.add_argument("--rounds", type=int, default=10, help="interleaved timed rounds (median reported)")
     spd.add_argument("--no-peers", action="store_true", help="skip torch.ao dynamic and torchao PT2E")
+    spd.add_argument("--onnx", action="store_true",
+                     help="also FP32 and the first backend's int8 model exported to ONNX, in ONNX Runtime")
     spd.add_argument("--json", help="write machine-readable results here")
     spd.set_defaults(func=_bench_speed)
     return parser

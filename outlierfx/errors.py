@@ -32,6 +32,11 @@ class SavedFormatError(OutlierFXError):
     version or op, a torch too old for its graph, a damaged file)."""
 
 
+class ExportError(OutlierFXError):
+    """A quantized model has a part the export format has no form for (e.g. an activation grid
+    that ONNX's QuantizeLinear cannot express), or the ONNX packages are missing."""
+
+
 class OutlierFXWarning(UserWarning):
     """Something the user should know that does not stop the run (e.g. a recipe the backend
     cannot run as whole int8 GEMMs)."""

