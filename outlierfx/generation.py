@@ -20,16 +20,22 @@ any quantizer or kernel.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from .api import QuantizationResult, quantize
 from .errors import DataError
-from .graph.kv_cache import CachedDecoder, cache_inputs, empty_cache
-from .graph.inputs import as_keyword_batch
+from .graph.kv_cache import CachedDecoder, cache_inputs, empty_cache, prefill_inputs
+from .graph.inputs import as_keyword_batch, check_keyword_inputs
 from .quantizers.observers import FakeQuantize
 from .recipes import Recipe
+
+
+class CausalLMLogits(NamedTuple):
+    """What :meth:`QuantizedCausalLM.forward` returns: read ``.logits`` as from a transformers model."""
+
+    logits: torch.Tensor  # [batch, tokens, vocab]
 
 
 class QuantizedCausalLM(torch.nn.Module):
@@ -47,10 +53,10 @@ class QuantizedCausalLM(torch.nn.Module):
         self.first_token_rows = first_token_rows
         self.tokenizer = tokenizer
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits ``[batch, tokens, vocab]`` of whole sequences (teacher forced), from an empty cache."""
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> CausalLMLogits:
+        """The logits of whole sequences (teacher forced, from an empty cache), as ``.logits``."""
         with torch.no_grad():
-            return self.graph(**cache_inputs(self.config, input_ids, attention_mask))[0]
+            return CausalLMLogits(self.graph(**cache_inputs(self.config, input_ids, attention_mask))[0])
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                  max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0,
@@ -172,12 +178,10 @@ def quantize_causal_lm(
         raise DataError(f"{type(model).__name__} is not a Hugging Face causal LM (no config or no output "
                         f"embeddings); quantize_causal_lm needs a model that returns next-token logits, e.g. "
                         f"AutoModelForCausalLM; use outlierfx.quantize for other models")
-    batches = []
-    for i, batch in enumerate(calibration):
-        inputs = as_keyword_batch(model, batch, i)
-        if "input_ids" not in inputs:
-            raise DataError(f"calibration batch {i} has no input_ids (it has {sorted(inputs)}); pass tokenizer outputs")
-        batches.append(cache_inputs(config, inputs["input_ids"], inputs.get("attention_mask")))
+    batches = [as_keyword_batch(model, batch, i) for i, batch in enumerate(calibration)]
+    for i, batch in enumerate(batches):  # token ids in the vocabulary: the cache wrapper has no embedding to ask
+        check_keyword_inputs(model, batch, f"calibration batch {i}")
+    batches = [prefill_inputs(config, batch) for batch in batches]
     result = quantize(CachedDecoder(model), batches, recipe, bits, policy, backend, progress=progress)
     rows = first_token_rows(result.report.graphs.simulated)
     return QuantizationResult(QuantizedCausalLM(result.model, config, rows, tokenizer), result.report)

@@ -10,7 +10,7 @@ from outlierfx.errors import DataError
 from outlierfx.generation import QuantizedCausalLM, next_token, quantize_causal_lm
 from outlierfx.graph.kv_cache import CachedDecoder, cache_inputs
 from outlierfx.quantizers.observers import FakeQuantize
-from outlierfx.testing import build_model, first_token_grids_everywhere
+from outlierfx.testing import build_model, first_token_grids_everywhere, word_tokenizer
 
 NEW_TOKENS = 24
 LOGIT_TOL = 1e-4
@@ -54,7 +54,7 @@ def _incremental_vs_full(qmodel, prompt, new_tokens=NEW_TOKENS):
         out = qmodel.generate(prompt, max_new_tokens=new_tokens, eos_token_id=[])
     finally:
         qmodel.graph = recorder.graph
-    full = qmodel(out)
+    full = qmodel(out).logits
     start = prompt.shape[1] - 1
     teacher = full[:, start:-1]  # the scores that chose each new token
     incremental = torch.stack(recorder.seen, 1)
@@ -163,3 +163,18 @@ def test_bad_inputs_name_the_fix():
         qmodel.generate(_prompts().float())
     with pytest.raises(DataError, match="causal LM"):
         quantize_causal_lm(build_model("bert").model, _calibration(), "naive", progress=False)
+
+
+@pytest.mark.parametrize("backend", ["fake-quant", *runnable_backends(["onednn"])])
+def test_a_saved_decoder_loads_with_its_cache_and_tokenizer_and_generates_the_same(tmp_path, backend):
+    g = _model()
+    tokenizer = word_tokenizer()
+    with first_token_grids_everywhere():
+        qmodel, _ = quantize_causal_lm(g.model, _calibration(), "naive+sink", backend=backend, tokenizer=tokenizer,
+                                       progress=False)
+    outlierfx.save(qmodel, tmp_path)
+    loaded = outlierfx.load(tmp_path)
+    assert isinstance(loaded, QuantizedCausalLM) and loaded.first_token_rows == qmodel.first_token_rows == 1
+    assert loaded.tokenizer("w05 w06").input_ids == [5, 6]
+    prompt = _prompts()
+    assert torch.equal(loaded.generate(prompt, max_new_tokens=10), qmodel.generate(prompt, max_new_tokens=10))

@@ -125,3 +125,12 @@ def cache_inputs(config: Any, input_ids: torch.Tensor, attention_mask: torch.Ten
     keys, values = empty_cache(config, batch, length)
     return {"input_ids": input_ids, "attention_mask": filled, "cache_position": torch.arange(tokens),
             "keys": keys, "values": values}
+
+
+def prefill_inputs(config: Any, batch: Any) -> dict[str, Any]:
+    """A prompt-shaped batch (a tokenizer's ``input_ids`` and ``attention_mask``) as the graph's
+    inputs from an empty cache of its own length: how calibration batches reach the graph."""
+    if not isinstance(batch, dict) or "input_ids" not in batch:
+        keys = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
+        raise DataError(f"a decoder's batches need input_ids (got {keys}); pass the tokenizer's output")
+    return cache_inputs(config, batch["input_ids"], batch.get("attention_mask"))
