@@ -21,6 +21,7 @@ _EXPORTS: dict[str, str] = {
     "PassError": "errors",
     "QuantizationReport": "api",
     "QuantizationResult": "api",
+    "QuantizedCausalLM": "generation",
     "Recipe": "recipes",
     "RecipeError": "recipes",
     "RunGraphs": "api",
@@ -33,6 +34,7 @@ _EXPORTS: dict[str, str] = {
     "lower": "api",
     "preset": "recipes",
     "quantize": "api",
+    "quantize_causal_lm": "generation",
     "save": "serialize",
 }
 
@@ -56,6 +58,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ im
     from .api import QuantizationReport, QuantizationResult, RunGraphs, lower, quantize
     from .backends import default_backend
     from .passes.lower import compile_int8
+    from .generation import QuantizedCausalLM, quantize_causal_lm
     from .errors import CaptureError, DataError, OutlierFXError, OutlierFXWarning, PassError, SavedFormatError, SettingError
     from .graph import capture
     from .recipes import Recipe, RecipeError, preset
