@@ -44,19 +44,24 @@ class QuantizedCausalLM(torch.nn.Module):
 
     ``graph`` is the quantized :class:`~outlierfx.graph.kv_cache.CachedDecoder` graph (fake quant
     or lowered); ``first_token_rows`` the number of leading positions on a first-token grid (0:
-    none); ``tokenizer`` the model's own, kept alongside where known."""
+    none); ``tokenizer`` the model's own, kept alongside where known; ``cache_dtype`` the KV
+    cache's dtype (float32, as the quantized graphs compute; float64 for a graph converted with
+    ``.double()``)."""
 
-    def __init__(self, graph: torch.nn.Module, config: Any, first_token_rows: int = 0, tokenizer: Any = None) -> None:
+    def __init__(self, graph: torch.nn.Module, config: Any, first_token_rows: int = 0, tokenizer: Any = None,
+                 cache_dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         self.graph = graph
         self.config = config
         self.first_token_rows = first_token_rows
         self.tokenizer = tokenizer
+        self.cache_dtype = cache_dtype
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> CausalLMLogits:
         """The logits of whole sequences (teacher forced, from an empty cache), as ``.logits``."""
         with torch.no_grad():
-            return CausalLMLogits(self.graph(**cache_inputs(self.config, input_ids, attention_mask))[0])
+            inputs = cache_inputs(self.config, input_ids, attention_mask, dtype=self.cache_dtype)
+            return CausalLMLogits(self.graph(**inputs)[0])
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                  max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0,
@@ -75,6 +80,8 @@ class QuantizedCausalLM(torch.nn.Module):
             raise DataError(f"input_ids must be integer token ids [batch, tokens], got {tuple(input_ids.shape)} "
                             f"{str(input_ids.dtype).removeprefix('torch.')}; pass tokenizer(texts, "
                             f"return_tensors='pt').input_ids")
+        if input_ids.shape[1] == 0:
+            raise DataError("the prompt is empty; give at least one token (e.g. the tokenizer's bos_token_id)")
         if max_new_tokens < 1:
             raise DataError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if attention_mask is not None and bool((attention_mask[:, -1] == 0).any()):
@@ -90,18 +97,19 @@ class QuantizedCausalLM(torch.nn.Module):
         tokens[:, :prompt] = input_ids
         filled = torch.zeros(batch, length, dtype=torch.long)
         filled[:, :prompt] = 1 if attention_mask is None else attention_mask
-        keys, values = empty_cache(self.config, batch, length)
+        keys, values = empty_cache(self.config, batch, length, self.cache_dtype)
         finished = torch.zeros(batch, dtype=torch.bool)
         if streamer is not None:
             streamer.put(input_ids)
-        rows = list(range(prompt))  # the prefill: every prompt token, from position 0
+        rows = self.prefill_rows(prompt)
         with torch.no_grad():
             for column in range(prompt, length):
                 written = filled.clone()
                 written[:, column:] = 0  # columns not yet written are not attended to
                 logits, keys, values = self.graph(input_ids=tokens[:, rows], attention_mask=written,
                                                   cache_position=torch.tensor(rows), keys=keys, values=values)
-                chosen = next_token(logits[:, -1], do_sample, temperature, top_k, top_p)
+                scores = logits[:, rows.index(column - 1)]  # the row of the previous column predicts this one
+                chosen = next_token(scores, do_sample, temperature, top_k, top_p)
                 chosen = torch.where(finished, torch.full_like(chosen, pad), chosen)
                 tokens[:, column] = chosen
                 filled[:, column] = 1
@@ -115,6 +123,15 @@ class QuantizedCausalLM(torch.nn.Module):
         if streamer is not None:
             streamer.end()
         return tokens[:, :length]
+
+    def prefill_rows(self, prompt: int) -> list[int]:
+        """The cache columns the prefill runs: every prompt token from position 0, and, for a
+        prompt no longer than the first-token positions, one padding row after it: fake quant
+        and onednn keep a call of at most ``first_token_rows`` rows on the main grid, so the
+        extra row puts the prompt on the first-token grid as the full-sequence forward does. It
+        reads no column but the prompt's; its logits are not used and the first decode step
+        overwrites its keys and values."""
+        return [*range(prompt), *([prompt] if 0 < prompt <= self.first_token_rows else [])]
 
     def decode_rows(self, column: int) -> list[int]:
         """The cache columns a decode step at ``column`` runs: the first-token positions again

@@ -1,6 +1,8 @@
 """Decoders that generate: one cached graph for prefill and decode (``graph/kv_cache.py``),
 ``quantize_causal_lm`` and ``QuantizedCausalLM.generate`` (``generation.py``)."""
 
+import copy
+
 import pytest
 import torch
 
@@ -16,8 +18,9 @@ NEW_TOKENS = 24
 LOGIT_TOL = 1e-4
 """Incremental vs full-sequence logits, as a fraction of the largest |logit|. Both runs put every
 activation on the same grids; only float rounding can differ (GEMMs of other row counts, a softmax
-over more masked columns) and move a value across a rounding boundary. Measured here: 0 (bitwise
-equal) on fake quant, onednn and the reference form, over 48 new tokens."""
+over more masked columns) and move a value across a rounding boundary. Measured here: at most
+3e-7 (mostly bitwise equal) on fake quant, onednn and the reference form, over 48 new tokens.
+SmolLM2 amplifies such rounding much more (see the slow test at the end)."""
 
 
 def _model(**options):
@@ -34,7 +37,9 @@ def _prompts(batch=2, tokens=5, seed=2):
 
 
 class _LastRowLogits(torch.nn.Module):
-    """Wraps a cached graph and keeps each call's last-row logits (the next-token scores)."""
+    """Wraps a cached graph and keeps each call's next-token scores: the logits of the row that
+    holds the last column written so far (the last row, except after a one-token prompt's
+    padding row)."""
 
     def __init__(self, graph):
         super().__init__()
@@ -42,7 +47,9 @@ class _LastRowLogits(torch.nn.Module):
 
     def forward(self, **inputs):
         out = self.graph(**inputs)
-        self.seen.append(out[0][:, -1].detach().clone())
+        last = int(inputs["attention_mask"][0].nonzero().max())
+        row = int((inputs["cache_position"] == last).nonzero())
+        self.seen.append(out[0][:, row].detach().clone())
         return out
 
 
@@ -80,9 +87,10 @@ def test_greedy_decoding_is_the_argmax_of_the_same_int8_models_full_sequence_log
     with first_token_grids_everywhere():  # the +sink paths, at every quantizer
         qmodel, report = quantize_causal_lm(g.model, _calibration(), "naive+sink", backend=backend, progress=False)
     assert qmodel.first_token_rows == 1 and report.backend == (backend or "fake-quant")
-    generated, teacher, gap = _incremental_vs_full(qmodel, _prompts())
-    assert torch.equal(generated, teacher)
-    assert gap <= LOGIT_TOL
+    for prompt in (_prompts(), _prompts(1, 1)):  # a one-token prompt is all first-token positions
+        generated, teacher, gap = _incremental_vs_full(qmodel, prompt)
+        assert torch.equal(generated, teacher)
+        assert gap <= LOGIT_TOL
 
 
 @pytest.mark.parametrize("backend", ["fake-quant", *runnable_backends(["onednn", "reference"])])
@@ -159,6 +167,8 @@ def test_bad_inputs_name_the_fix():
     right_padded[0, -1] = 0
     with pytest.raises(DataError, match="left-pad"):
         qmodel.generate(_prompts(), right_padded)
+    with pytest.raises(DataError, match="empty"):
+        qmodel.generate(_prompts()[:, :0])
     with pytest.raises(DataError, match="token ids"):
         qmodel.generate(_prompts().float())
     with pytest.raises(DataError, match="causal LM"):
@@ -178,3 +188,23 @@ def test_a_saved_decoder_loads_with_its_cache_and_tokenizer_and_generates_the_sa
     assert loaded.tokenizer("w05 w06").input_ids == [5, 6]
     prompt = _prompts()
     assert torch.equal(loaded.generate(prompt, max_new_tokens=10), qmodel.generate(prompt, max_new_tokens=10))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not runnable_backends(["onednn"]), reason="no onednn engine")
+def test_smollm2_int8_decodes_its_own_teacher_forced_argmax_and_the_cache_is_exact_in_float64(smollm2):
+    from outlierfx import corpus
+
+    batches = corpus.calibration_batches(smollm2, corpus.wikipedia_sample("calibration", 16), max_length=48)
+    qmodel, report = quantize_causal_lm(smollm2.model, batches, backend="onednn", progress=False)
+    assert report.recipe == "rotate+sink" and qmodel.first_token_rows == 1
+    prompt = smollm2.tokenizer(["The history of the city begins in"], return_tensors="pt").input_ids
+    generated, teacher, _ = _incremental_vs_full(qmodel, prompt, 64)
+    assert torch.equal(generated, teacher)
+    # In float32 the two runs round differently (GEMMs of other row counts) and SmolLM2's int8
+    # grids turn that into logit gaps of a few % of the largest logit (measured 0.02-0.08). The
+    # same fake-quant graph in float64 has no such rounding: there the cache and the replayed
+    # first-token row must reproduce the full-sequence logits (measured 2e-15).
+    exact = QuantizedCausalLM(copy.deepcopy(report.graphs.simulated).double(), smollm2.model.config,
+                              qmodel.first_token_rows, cache_dtype=torch.float64)
+    assert _incremental_vs_full(exact, prompt, 8)[2] <= 1e-12

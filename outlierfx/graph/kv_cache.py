@@ -111,10 +111,10 @@ def positions_in_text(filled: torch.Tensor) -> torch.Tensor:
 
 
 def cache_inputs(config: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 max_cache_len: int | None = None) -> dict[str, Any]:
+                 max_cache_len: int | None = None, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     """The graph's inputs for whole sequences from an empty cache (a prefill, a calibration batch,
     a full-sequence forward): tokens at columns ``0..tokens-1`` of a cache of ``max_cache_len``
-    columns (default: just the tokens)."""
+    columns (default: just the tokens) in ``dtype``."""
     batch, tokens = input_ids.shape
     length = tokens if max_cache_len is None else max_cache_len
     if tokens > length:
@@ -122,7 +122,7 @@ def cache_inputs(config: Any, input_ids: torch.Tensor, attention_mask: torch.Ten
                         f"or shorter inputs")
     filled = torch.zeros(batch, length, dtype=torch.long)
     filled[:, :tokens] = 1 if attention_mask is None else attention_mask
-    keys, values = empty_cache(config, batch, length)
+    keys, values = empty_cache(config, batch, length, dtype)
     return {"input_ids": input_ids, "attention_mask": filled, "cache_position": torch.arange(tokens),
             "keys": keys, "values": values}
 
