@@ -53,20 +53,24 @@ class _LastRowLogits(torch.nn.Module):
         return out
 
 
-def _incremental_vs_full(qmodel, prompt, new_tokens=NEW_TOKENS):
-    """(generated tokens, the same model's teacher-forced argmax, largest logit gap / max |logit|)."""
+def _decode_and_teacher_force(qmodel, prompt, new_tokens):
+    """(the new tokens, the scores each step chose them by, the full-sequence scores at the same
+    places): ``[batch, new]``, ``[batch, new, vocab]`` twice."""
     recorder = _LastRowLogits(qmodel.graph)
     qmodel.graph = recorder
     try:
         out = qmodel.generate(prompt, max_new_tokens=new_tokens, eos_token_id=[])
     finally:
         qmodel.graph = recorder.graph
-    full = qmodel(out).logits
-    start = prompt.shape[1] - 1
-    teacher = full[:, start:-1]  # the scores that chose each new token
-    incremental = torch.stack(recorder.seen, 1)
+    teacher = qmodel(out).logits[:, prompt.shape[1] - 1:-1]  # the scores that chose each new token
+    return out[:, prompt.shape[1]:], torch.stack(recorder.seen, 1), teacher
+
+
+def _incremental_vs_full(qmodel, prompt, new_tokens=NEW_TOKENS):
+    """(generated tokens, the same model's teacher-forced argmax, largest logit gap / max |logit|)."""
+    generated, incremental, teacher = _decode_and_teacher_force(qmodel, prompt, new_tokens)
     gap = float((incremental - teacher).abs().max() / teacher.abs().max())
-    return out[:, prompt.shape[1]:], teacher.argmax(-1), gap
+    return generated, teacher.argmax(-1), gap
 
 
 def test_cached_graph_generates_what_transformers_generates():
@@ -192,19 +196,25 @@ def test_a_saved_decoder_loads_with_its_cache_and_tokenizer_and_generates_the_sa
 
 @pytest.mark.slow
 @pytest.mark.skipif(not runnable_backends(["onednn"]), reason="no onednn engine")
-def test_smollm2_int8_decodes_its_own_teacher_forced_argmax_and_the_cache_is_exact_in_float64(smollm2):
+def test_smollm2_int8_greedy_decoding_and_its_cache_exact_in_float64(smollm2):
     from outlierfx import corpus
 
     batches = corpus.calibration_batches(smollm2, corpus.wikipedia_sample("calibration", 16), max_length=48)
     qmodel, report = quantize_causal_lm(smollm2.model, batches, backend="onednn", progress=False)
     assert report.recipe == "rotate+sink" and qmodel.first_token_rows == 1
     prompt = smollm2.tokenizer(["The history of the city begins in"], return_tensors="pt").input_ids
-    generated, teacher, _ = _incremental_vs_full(qmodel, prompt, 64)
-    assert torch.equal(generated, teacher)
-    # In float32 the two runs round differently (GEMMs of other row counts) and SmolLM2's int8
-    # grids turn that into logit gaps of a few % of the largest logit (measured 0.02-0.08). The
-    # same fake-quant graph in float64 has no such rounding: there the cache and the replayed
-    # first-token row must reproduce the full-sequence logits (measured 2e-15).
+    generated, incremental, teacher = _decode_and_teacher_force(qmodel, prompt, 64)
+    # In float32 the two runs round differently (attention GEMMs of other row counts) and
+    # SmolLM2's int8 grids turn last-bit differences into whole grid steps: the logits differ by a
+    # few % of the largest one (measured 2-8%). Greedy decoding then follows the teacher-forced
+    # argmax except where its top two logits lie within that step's gap (measured: 64/64 tokens
+    # equal in one run, 63/64 in another, the other a near-tie).
+    steps = (generated != teacher.argmax(-1))[0].nonzero().flatten().tolist()
+    for step in steps:
+        chosen, best = int(generated[0, step]), int(teacher[0, step].argmax())
+        margin = float(teacher[0, step, best] - teacher[0, step, chosen])
+        assert margin <= float((incremental[0, step] - teacher[0, step]).abs().max()), (step, margin)
     exact = QuantizedCausalLM(copy.deepcopy(report.graphs.simulated).double(), smollm2.model.config,
                               qmodel.first_token_rows, cache_dtype=torch.float64)
     assert _incremental_vs_full(exact, prompt, 8)[2] <= 1e-12
+
