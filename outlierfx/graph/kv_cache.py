@@ -1,21 +1,24 @@
 """A Hugging Face causal LM as one functional graph with a static KV cache.
 
 :class:`CachedDecoder` wraps the model so that the cache is explicit: it takes the new tokens,
-where they go, an additive attention bias and every layer's key and value cache (fixed length
-``max_cache_len``), and returns the logits and the updated caches. Nothing is mutated, so the
-captured graph is a normal FX graph every pass understands, and one graph serves the prompt
-(prefill: all its tokens at once, from position 0) and each decode step (the new token): both
-share one set of quantization parameters and weights by construction.
+the cache columns they go to, which columns hold real tokens, and every layer's key and value
+cache (fixed length ``max_cache_len``), and returns the logits and the updated caches. Nothing is
+mutated, so the captured graph is a normal FX graph every pass understands, and one graph serves
+the prompt (prefill: all its tokens at once, from column 0) and each decode step (the new
+token): both share one set of quantization parameters and weights by construction.
 
-The graph's inputs, built by :func:`cache_inputs`:
+The graph's inputs (:func:`cache_inputs` builds them for whole sequences from an empty cache):
 
 - ``input_ids`` ``[batch, tokens]``;
-- ``position_ids`` ``[batch, tokens]``: each token's position in its own text (left padding
-  does not count), for the rotary embedding;
+- ``attention_mask`` ``[batch, max_cache_len]``: which cache columns hold real tokens once this
+  call's tokens are written (left padding and columns not yet written: 0). The attention bias
+  (:func:`attention_bias`) and each token's position in its own text (:func:`positions_in_text`,
+  for the rotary embedding) are computed from it inside the graph;
 - ``cache_position`` ``[tokens]``: the cache column each token's keys and values are written to;
-- ``attention_bias`` ``[batch, 1, tokens, max_cache_len]``: 0 where a token may attend to a
-  cache column (a real token at or before its own column), the dtype's minimum elsewhere;
 - ``keys`` and ``values``: one ``[batch, kv_heads, max_cache_len, head_dim]`` tensor per layer.
+
+For a prompt-shaped batch ``max_cache_len`` is its length, so ``attention_mask`` is the
+tokenizer's: calibration batches keep their padding mask for the observers.
 """
 
 from __future__ import annotations
