@@ -22,6 +22,7 @@ _EXPORTS: dict[str, str] = {
     "PassError": "errors",
     "QuantizationReport": "api",
     "QuantizationResult": "api",
+    "QuantizedCausalLM": "generation",
     "Recipe": "recipes",
     "RecipeError": "recipes",
     "RunGraphs": "api",
@@ -35,6 +36,7 @@ _EXPORTS: dict[str, str] = {
     "lower": "api",
     "preset": "recipes",
     "quantize": "api",
+    "quantize_causal_lm": "generation",
     "save": "serialize",
 }
 
@@ -61,6 +63,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ im
     from .errors import (CaptureError, DataError, ExportError, OutlierFXError, OutlierFXWarning, PassError,
                          SavedFormatError, SettingError)
     from .export import export_onnx
+    from .generation import QuantizedCausalLM, quantize_causal_lm
     from .graph import capture
     from .recipes import Recipe, RecipeError, preset
     from .serialize import load, save

@@ -60,7 +60,8 @@ def _print_quantized(report: Any, seconds: float) -> None:
 def _save_measure_and_report(out: pathlib.Path, loaded: Any, int8: Any, report: Any, batches: list, *,
                              model_dir: str | None, rounds: int, progress: bool, measured: bool = True) -> tuple:
     """Save the int8 model (into ``out/model_dir``, or ``out`` itself), measure it against FP32,
-    write the audit report; print where everything went. Returns (saved folder, measured report)."""
+    write the audit report; print where everything went. Returns (saved folder, measured report).
+    ``batches``: inputs of the report's graphs (for a decoder with a KV cache, in the cache's form)."""
     from .measure import measure
     from .report import build_report
     from .serialize import TENSORS_FILE, save, size_on_disk_mb
@@ -177,8 +178,16 @@ def _quantize(args: argparse.Namespace) -> int:
     print(f"quantizing {loaded.name} ({recipe or 'preset fast'}, {args.bits}, backend {backend}) on {len(batches)} "
           f"batches from {source}")
     start = time.perf_counter()
-    model, report = quantize(loaded.model, batches, recipe=recipe, bits=args.bits, policy=args.policy,
-                             backend=backend, progress=True)
+    if loaded.kind == "decoder":  # saved with its KV cache: `outlierfx generate` continues prompts with it
+        from .generation import quantize_causal_lm
+        from .graph.kv_cache import prefill_inputs
+
+        model, report = quantize_causal_lm(loaded.model, batches, recipe=recipe, bits=args.bits, policy=args.policy,
+                                           backend=backend, tokenizer=loaded.tokenizer, progress=True)
+        batches = [prefill_inputs(loaded.model.config, batch) for batch in batches]
+    else:
+        model, report = quantize(loaded.model, batches, recipe=recipe, bits=args.bits, policy=args.policy,
+                                 backend=backend, progress=True)
     _print_quantized(report, time.perf_counter() - start)
     _, report = _save_measure_and_report(out, loaded, model, report, batches, model_dir=None, rounds=args.rounds,
                                          progress=True, measured=not args.no_measure)
@@ -186,6 +195,59 @@ def _quantize(args: argparse.Namespace) -> int:
     if args.verbose:
         print(report.to_text())
     return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    """Continue ``--prompt`` with a decoder saved by ``outlierfx quantize``, printing the text as it
+    comes and then the speed of the prompt (prefill) and of the new tokens (decode)."""
+    import torch
+
+    from .generation import QuantizedCausalLM
+    from .serialize import load
+
+    model = load(args.directory, backend=args.backend)
+    if not isinstance(model, QuantizedCausalLM):
+        raise OutlierFXError(f"{args.directory} holds a model without a KV cache, which cannot generate; quantize a "
+                             f"decoder with `outlierfx quantize smollm2 --out DIR` and generate from DIR")
+    if model.tokenizer is None:
+        raise OutlierFXError(f"{args.directory} has no tokenizer files; save the model with its tokenizer "
+                             f"(outlierfx.save(model, DIR, tokenizer=tokenizer))")
+    torch.manual_seed(args.seed)
+    prompt = model.tokenizer(args.prompt, return_tensors="pt").input_ids
+    streamer = _TimedStreamer(model.tokenizer)
+    model.generate(prompt, max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
+                   top_k=args.top_k, top_p=args.top_p, streamer=streamer)
+    print(streamer.summary(prompt.shape[1]))
+    return 0
+
+
+class _TimedStreamer:
+    """Prints the text as tokens arrive (transformers' ``TextStreamer``) and times them: the first
+    new token comes after the prompt's prefill, each later one after one decode step."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        from transformers import TextStreamer
+
+        self.text = TextStreamer(tokenizer)
+        self.times: list[float] = []
+
+    def put(self, value: Any) -> None:  # first the prompt (generation starts), then each new token
+        self.times.append(time.perf_counter())
+        self.text.put(value)
+
+    def end(self) -> None:
+        self.text.end()
+
+    def summary(self, prompt_tokens: int) -> str:
+        new = len(self.times) - 1
+        if new < 1:
+            return "no new tokens"
+        prefill = self.times[1] - self.times[0]
+        line = f"prompt: {prompt_tokens} tokens in {prefill * 1000:.0f} ms"
+        if new > 1:
+            decode = self.times[-1] - self.times[1]
+            line += f"; {new - 1} more tokens at {(new - 1) / decode:.1f} tokens/s ({decode / (new - 1) * 1000:.1f} ms each)"
+        return line
 
 
 def _bench_speed(args: argparse.Namespace) -> int:
@@ -256,6 +318,17 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="the ONNX file to write")
     export.add_argument("--force", action="store_true", help="replace an existing --out file")
     export.set_defaults(func=_export)
+    gen = sub.add_parser("generate", help="continue a prompt with a decoder saved by `outlierfx quantize`")
+    gen.add_argument("directory", help="a folder written by `outlierfx quantize` for a decoder (e.g. smollm2)")
+    gen.add_argument("--prompt", required=True, help="the text to continue")
+    gen.add_argument("--max-new-tokens", type=int, default=64, help="at most this many new tokens (default 64)")
+    gen.add_argument("--sample", action="store_true", help="sample (default: greedy, the most likely token)")
+    gen.add_argument("--temperature", type=float, default=1.0, help="with --sample: divides the logits")
+    gen.add_argument("--top-k", type=int, default=None, help="with --sample: only the k most likely tokens")
+    gen.add_argument("--top-p", type=float, default=None, help="with --sample: the smallest set with this mass")
+    gen.add_argument("--seed", type=int, default=0, help="with --sample: the random seed")
+    gen.add_argument("--backend", default=None, help="default: the backend the model was saved with")
+    gen.set_defaults(func=_generate)
     analyze = sub.add_parser("analyze", help="outlier report (table, PNG heatmap, JSON) before/after gamma migration")
     analyze.add_argument("model", nargs="?", default=None, help="minilm, smollm2, or a local Hugging Face model folder")
     analyze.add_argument("--model", dest="model_opt", help=argparse.SUPPRESS)
@@ -295,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_POSITIVE_COUNTS = ("samples", "batch", "seq", "rounds", "threads")
+_POSITIVE_COUNTS = ("samples", "batch", "seq", "rounds", "threads", "max_new_tokens")
 
 
 def _check_settings(args: argparse.Namespace) -> None:

@@ -103,7 +103,9 @@ def _dynamic_shapes(model: torch.nn.Module, inputs: Inputs) -> Any:
     """Let export decide which tensor dims stay dynamic (batch, sequence) and which specialize."""
     auto = torch.export.Dim.AUTO
 
-    def spec(value: Any) -> Any:
+    def spec(value: Any) -> Any:  # containers of tensors (a KV cache's list per layer) get one spec per tensor
+        if isinstance(value, (list, tuple)) and value and all(isinstance(v, torch.Tensor) for v in value):
+            return type(value)(spec(v) for v in value)
         if isinstance(value, torch.Tensor):
             return {i: auto for i in range(value.dim())}
         return None
@@ -181,7 +183,7 @@ def capture(
     check_model_weights(model)
     full_inputs = normalize_inputs(model, example_inputs)
     args, kwargs = full_inputs
-    constants = {k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor)}
+    constants = {k: v for k, v in kwargs.items() if not _holds_tensors(v)}
     inputs = (args, {k: v for k, v in kwargs.items() if k not in constants})
     name = type(model).__name__
     shapes = _dynamic_shapes(model, inputs) if dynamic else None  # names inputs export cannot take
@@ -219,6 +221,11 @@ def capture(
         notes=traced.notes,
     )
     return gm
+
+
+def _holds_tensors(value: Any) -> bool:
+    """A tensor, or a container of them (a KV cache's list per layer): a graph input, not a flag."""
+    return any(isinstance(leaf, torch.Tensor) for leaf in pytree.tree_leaves(value))
 
 
 @dataclasses.dataclass(frozen=True)

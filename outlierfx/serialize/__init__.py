@@ -48,7 +48,16 @@ def save(model: torch.nn.Module, directory: str | pathlib.Path, *, tokenizer: An
     ``tokenizer``: a Hugging Face tokenizer saved alongside (``save_pretrained``), so the folder
     is self-contained; the model's ``config.json`` is written when ``quantize`` saw one.
     ``info``: extra JSON-able facts to record (e.g. the recipe). Refuses to replace a saved model
-    unless ``overwrite``."""
+    unless ``overwrite``. A :class:`~outlierfx.generation.QuantizedCausalLM` is saved with its
+    KV-cache graph (``"decoder"`` in ``graph.json``) and its own tokenizer unless one is given;
+    :func:`load` gives it back, ready to ``generate``."""
+    from ..generation import QuantizedCausalLM
+
+    decoder = None
+    if isinstance(model, QuantizedCausalLM):
+        decoder = {"kv_cache": "static", "first_token_rows": model.first_token_rows}
+        tokenizer = tokenizer if tokenizer is not None else model.tokenizer
+        model = model.graph
     source, backend, lowering = pre_lowering(model)
     folder = pathlib.Path(directory)
     existing = [folder / name for name in (GRAPH_FILE, MODEL_FILE) if (folder / name).exists()]
@@ -66,6 +75,8 @@ def save(model: torch.nn.Module, directory: str | pathlib.Path, *, tokenizer: An
                                        "example_inputs"),
         "info": info or {}, "graph": graph,
     }
+    if decoder is not None:
+        doc["decoder"] = decoder
     folder.mkdir(parents=True, exist_ok=True)
     (folder / GRAPH_FILE).unlink(missing_ok=True)  # graph.json last: its presence marks a complete save
     (folder / MODEL_FILE).unlink(missing_ok=True)  # an old pickle must not outlive an overwrite
@@ -107,7 +118,7 @@ def load(directory: str | pathlib.Path, backend: str | None = None, *, trust_pic
         gm.meta[meta.GM_HF_CONFIG] = (folder / "config.json").read_text()
     target = backend or doc["backend"]
     if target in (None, SIMULATED):
-        return gm.eval()
+        return _as_saved(gm.eval(), doc, folder)
     try:
         check_backend(target)
     except BackendError as exc:
@@ -117,7 +128,25 @@ def load(directory: str | pathlib.Path, backend: str | None = None, *, trust_pic
                            f"load it with backend= one it can, e.g. {default_backend()!r}") from exc
     options = doc["lowering"] if target == doc["backend"] and doc["lowering"] else {}
     model, _ = lower_model(gm, target, progress=progress, **options)
-    return model.eval()
+    return _as_saved(model.eval(), doc, folder)
+
+
+def _as_saved(model: torch.nn.Module, doc: dict[str, Any], folder: pathlib.Path) -> torch.nn.Module:
+    """The graph as it was saved: a decoder with a KV cache comes back as a
+    :class:`~outlierfx.generation.QuantizedCausalLM` with the folder's config and tokenizer."""
+    decoder = doc.get("decoder")
+    if decoder is None:
+        return model
+    from transformers import AutoConfig, AutoTokenizer
+
+    from ..generation import QuantizedCausalLM
+
+    if not (folder / "config.json").is_file():
+        raise SavedFormatError(f"{folder} holds a decoder with a KV cache but no config.json (the cache is sized "
+                               f"from it); save the model again from quantize_causal_lm on a Hugging Face model")
+    config = AutoConfig.from_pretrained(str(folder))
+    tokenizer = AutoTokenizer.from_pretrained(str(folder)) if (folder / "tokenizer_config.json").is_file() else None
+    return QuantizedCausalLM(model, config, int(decoder["first_token_rows"]), tokenizer)
 
 
 def pre_lowering(model: torch.nn.Module) -> tuple[torch.fx.GraphModule, str | None, dict[str, Any] | None]:

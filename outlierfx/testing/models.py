@@ -131,6 +131,20 @@ def build_model(
     return GeneratedModel(family, model, {"input_ids": input_ids, "attention_mask": mask}, config, outliers)
 
 
+def word_tokenizer(vocab: int = 64, eos: int = 2) -> Any:
+    """A transformers tokenizer for generated models: ``vocab`` words ``w00 .. w{vocab-1}`` split
+    on spaces (``w00`` pads and stands for unknown words, word ``eos`` ends a text, as the
+    generated Llama config's ``eos_token_id``; two digits, so no word starts another). It saves and loads with ``save_pretrained`` and
+    ``AutoTokenizer`` like a real one, so command-line and save tests run without a real model."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = Tokenizer(models.WordLevel({f"w{i:02d}": i for i in range(vocab)}, unk_token="w00"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    words.decoder = decoders.WordPiece()  # joins the words with spaces
+    return PreTrainedTokenizerFast(tokenizer_object=words, unk_token="w00", pad_token="w00", eos_token=f"w{eos:02d}")
+
+
 @st.composite
 def outlier_specs(draw: st.DrawFn) -> OutlierSpec:
     if not draw(st.booleans()):

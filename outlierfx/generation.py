@@ -1,0 +1,204 @@
+"""Quantized causal LMs that generate: ``qmodel, report = quantize_causal_lm(model, calibration)``,
+then ``qmodel.generate(input_ids, max_new_tokens=...)``.
+
+The model is captured once as :class:`~outlierfx.graph.kv_cache.CachedDecoder` (one functional
+graph with an explicit static KV cache), so the prompt (prefill) and every decode step run the
+same quantized graph: one set of quantization parameters and weights. Calibration is unchanged
+(prompt-shaped batches, each from an empty cache of its own length).
+
+First-token grids (``+sink`` recipes) follow the absolute position. Every backend puts the first
+``n`` rows of a call on the first-token grid (fake quant and onednn when a call has more than
+``n`` rows; the reference form and inductor always). A prefill's first rows are positions
+``0..n-1``; a decode step replays them: it runs the cache's first ``n`` tokens again in front of
+the new token, so its rows ``0..n-1`` are again positions ``0..n-1`` (their keys and values are
+rewritten with what the prefill wrote: a causal row ``i < n`` reads only positions ``<= i``) and
+the new token, at a later position, is on the main grid. That costs ``n`` more rows per step (a
+decode step's GEMMs read the whole weight for one row or two alike) and needs no new input to
+any quantizer or kernel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import torch
+
+from .api import QuantizationResult, quantize
+from .errors import DataError
+from .graph.kv_cache import CachedDecoder, cache_inputs, empty_cache, prefill_inputs
+from .graph.inputs import as_keyword_batch, check_keyword_inputs
+from .quantizers.observers import FakeQuantize
+from .recipes import Recipe
+
+
+class CausalLMLogits(NamedTuple):
+    """What :meth:`QuantizedCausalLM.forward` returns: read ``.logits`` as from a transformers model."""
+
+    logits: torch.Tensor  # [batch, tokens, vocab]
+
+
+class QuantizedCausalLM(torch.nn.Module):
+    """A quantized decoder with a KV cache: ``forward`` gives full-sequence logits,
+    :meth:`generate` continues prompts like transformers' ``generate``.
+
+    ``graph`` is the quantized :class:`~outlierfx.graph.kv_cache.CachedDecoder` graph (fake quant
+    or lowered); ``first_token_rows`` the number of leading positions on a first-token grid (0:
+    none); ``tokenizer`` the model's own, kept alongside where known; ``cache_dtype`` the KV
+    cache's dtype (float32, as the quantized graphs compute; float64 for a graph converted with
+    ``.double()``)."""
+
+    def __init__(self, graph: torch.nn.Module, config: Any, first_token_rows: int = 0, tokenizer: Any = None,
+                 cache_dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.graph = graph
+        self.config = config
+        self.first_token_rows = first_token_rows
+        self.tokenizer = tokenizer
+        self.cache_dtype = cache_dtype
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> CausalLMLogits:
+        """The logits of whole sequences (teacher forced, from an empty cache), as ``.logits``."""
+        with torch.no_grad():
+            inputs = cache_inputs(self.config, input_ids, attention_mask, dtype=self.cache_dtype)
+            return CausalLMLogits(self.graph(**inputs)[0])
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                 max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None,
+                 eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
+                 streamer: Any = None) -> torch.Tensor:
+        """The prompts followed by up to ``max_new_tokens`` new tokens, ``[batch, tokens + new]``.
+
+        As transformers' ``generate``: greedy by default, sampling with ``do_sample`` (after
+        ``temperature``, ``top_k`` and ``top_p``; seed with ``torch.manual_seed``); a batch of
+        prompts left-padded, with their ``attention_mask``; a text that produced an
+        ``eos_token_id`` (default: the config's) continues with ``pad_token_id`` and generation
+        stops once every text has; a ``streamer`` (e.g. ``transformers.TextStreamer``) gets the
+        prompt, then each new token."""
+        if input_ids.dim() != 2 or input_ids.dtype.is_floating_point:
+            raise DataError(f"input_ids must be integer token ids [batch, tokens], got {tuple(input_ids.shape)} "
+                            f"{str(input_ids.dtype).removeprefix('torch.')}; pass tokenizer(texts, "
+                            f"return_tensors='pt').input_ids")
+        if input_ids.shape[1] == 0:
+            raise DataError("the prompt is empty; give at least one token (e.g. the tokenizer's bos_token_id)")
+        if max_new_tokens < 1:
+            raise DataError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if attention_mask is not None and bool((attention_mask[:, -1] == 0).any()):
+            raise DataError("the prompts are right-padded (a row's last token is padding); generation continues from "
+                            "each row's last token: left-pad them (tokenizer.padding_side = 'left')")
+        batch, prompt = input_ids.shape
+        length = prompt + max_new_tokens
+        eos = _token_set(eos_token_id if eos_token_id is not None else getattr(self.config, "eos_token_id", None))
+        pad = pad_token_id if pad_token_id is not None else getattr(self.config, "pad_token_id", None)
+        if pad is None:
+            pad = min(eos) if eos else 0
+        tokens = torch.full((batch, length), pad, dtype=torch.long)
+        tokens[:, :prompt] = input_ids
+        filled = torch.zeros(batch, length, dtype=torch.long)
+        filled[:, :prompt] = 1 if attention_mask is None else attention_mask
+        keys, values = empty_cache(self.config, batch, length, self.cache_dtype)
+        finished = torch.zeros(batch, dtype=torch.bool)
+        if streamer is not None:
+            streamer.put(input_ids)
+        rows = self.prefill_rows(prompt)
+        with torch.no_grad():
+            for column in range(prompt, length):
+                written = filled.clone()
+                written[:, column:] = 0  # columns not yet written are not attended to
+                logits, keys, values = self.graph(input_ids=tokens[:, rows], attention_mask=written,
+                                                  cache_position=torch.tensor(rows), keys=keys, values=values)
+                scores = logits[:, rows.index(column - 1)]  # the row of the previous column predicts this one
+                chosen = next_token(scores, do_sample, temperature, top_k, top_p)
+                chosen = torch.where(finished, torch.full_like(chosen, pad), chosen)
+                tokens[:, column] = chosen
+                filled[:, column] = 1
+                if streamer is not None:
+                    streamer.put(chosen)
+                finished |= torch.tensor([int(t) in eos for t in chosen], dtype=torch.bool)
+                if bool(finished.all()):
+                    length = column + 1
+                    break
+                rows = self.decode_rows(column)
+        if streamer is not None:
+            streamer.end()
+        return tokens[:, :length]
+
+    def prefill_rows(self, prompt: int) -> list[int]:
+        """The cache columns the prefill runs: every prompt token from position 0, and, for a
+        prompt no longer than the first-token positions, one padding row after it: fake quant
+        and onednn keep a call of at most ``first_token_rows`` rows on the main grid, so the
+        extra row puts the prompt on the first-token grid as the full-sequence forward does. It
+        reads no column but the prompt's; its logits are not used and the first decode step
+        overwrites its keys and values."""
+        return [*range(prompt), *([prompt] if 0 < prompt <= self.first_token_rows else [])]
+
+    def decode_rows(self, column: int) -> list[int]:
+        """The cache columns a decode step at ``column`` runs: the first-token positions again
+        (see the module docstring), then the new token."""
+        return [*range(min(self.first_token_rows, column)), column]
+
+
+def next_token(logits: torch.Tensor, do_sample: bool, temperature: float = 1.0, top_k: int | None = None,
+               top_p: float | None = None) -> torch.Tensor:
+    """The next token of each row of ``logits`` ``[batch, vocab]``: the argmax, or a sample from
+    the softmax of ``logits / temperature`` restricted to the ``top_k`` most likely tokens and to
+    the smallest set whose probability reaches ``top_p``."""
+    if not do_sample:
+        return logits.argmax(-1)
+    if temperature <= 0:
+        raise DataError(f"temperature must be > 0 when sampling, got {temperature}; use do_sample=False for greedy")
+    scores = logits.float() / temperature
+    if top_k is not None and 0 < top_k < scores.shape[-1]:
+        kth = scores.topk(top_k, dim=-1).values[:, -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        ordered, order = scores.sort(dim=-1, descending=True)
+        before = ordered.softmax(-1).cumsum(-1) - ordered.softmax(-1)  # mass of the more likely tokens
+        drop = (before >= top_p).scatter(-1, order, before >= top_p)
+        scores = scores.masked_fill(drop, float("-inf"))
+    return torch.multinomial(scores.softmax(-1), 1).squeeze(-1)
+
+
+def _token_set(ids: int | Sequence[int] | None) -> frozenset[int]:
+    if ids is None:
+        return frozenset()
+    return frozenset([int(ids)] if isinstance(ids, int) else (int(i) for i in ids))
+
+
+def first_token_rows(graph: torch.nn.Module) -> int:
+    """The number of leading positions any quantizer of a fake-quant ``graph`` keeps on a grid of
+    their own (0: none)."""
+    return max((m.spec.sink_tokens for m in graph.modules() if isinstance(m, FakeQuantize) and m.has_sink_grid),
+               default=0)
+
+
+def quantize_causal_lm(
+    model: torch.nn.Module,
+    calibration: Iterable[Mapping[str, torch.Tensor]],
+    recipe: str | Recipe | None = None,
+    bits: str | int = "W8A8",
+    policy: Any = None,
+    backend: str | None = None,
+    *,
+    tokenizer: Any = None,
+    progress: bool = True,
+) -> QuantizationResult:
+    """:func:`~outlierfx.quantize` for a Hugging Face causal LM, returning a
+    :class:`QuantizedCausalLM` that generates with a KV cache (and its report).
+
+    ``calibration`` as for :func:`~outlierfx.quantize`: batches of ``input_ids`` (and
+    ``attention_mask``); the arguments have the same meaning. ``tokenizer`` is kept on the result."""
+    config = getattr(model, "config", None)
+    if config is None or not callable(getattr(model, "get_output_embeddings", None)) \
+            or model.get_output_embeddings() is None:
+        raise DataError(f"{type(model).__name__} is not a Hugging Face causal LM (no config or no output "
+                        f"embeddings); quantize_causal_lm needs a model that returns next-token logits, e.g. "
+                        f"AutoModelForCausalLM; use outlierfx.quantize for other models")
+    batches = [as_keyword_batch(model, batch, i) for i, batch in enumerate(calibration)]
+    for i, batch in enumerate(batches):  # token ids in the vocabulary: the cache wrapper has no embedding to ask
+        check_keyword_inputs(model, batch, f"calibration batch {i}")
+    batches = [prefill_inputs(config, batch) for batch in batches]
+    result = quantize(CachedDecoder(model), batches, recipe, bits, policy, backend, progress=progress)
+    rows = first_token_rows(result.report.graphs.simulated)
+    return QuantizationResult(QuantizedCausalLM(result.model, config, rows, tokenizer), result.report)
