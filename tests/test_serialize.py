@@ -226,38 +226,13 @@ def test_save_refuses_a_model_outlierfx_did_not_make(tmp_path):
 @pytest.mark.slow
 def test_minilm_reloads_bit_exactly_in_a_new_process_on_each_backend(minilm, tmp_path):
     """Issue 27's round trip on a real model: each backend's preset (x86 has its own), lowered,
-    saved, and loaded by one new process per run of the suite, output for output."""
+    saved, and loaded by one new process, output for output (SmolLM2: bench/scripts/round_trip.py)."""
     from outlierfx.corpus import calibration_batches, wikipedia_sample
     from outlierfx.models import encode
-    from outlierfx.passes.lower import lower_model
-    from outlierfx.serialize import pre_lowering
+    from outlierfx.testing.round_trip import lowered_presets, reload_in_new_process
 
     batches = calibration_batches(minilm, wikipedia_sample("calibration", 16), 128, 8, source="wikipedia")
     inputs = encode(minilm, wikipedia_sample("evaluation", 4), 64)
-    presets: dict[str, torch.nn.Module] = {}  # the backend whose preset it is -> its fake-quant graph
-    folders = {}
-    for backend in BACKENDS:
-        preset_of = "x86" if backend == "x86" else BACKENDS[0]  # onednn, inductor and reference share theirs
-        if preset_of not in presets:
-            qmodel, _ = outlierfx.quantize(minilm.model, batches, backend=preset_of, progress=False)
-            presets[preset_of] = pre_lowering(qmodel)[0]
-        lowered, _ = lower_model(presets[preset_of], backend)
-        folders[backend] = str(outlierfx.save(lowered, tmp_path / backend))
-        expected = _outputs(lowered, inputs, "bert")
-        save_file({**inputs, "expected": expected}, str(tmp_path / f"{backend}.safetensors"))
-    script = (
-        "import sys, torch, outlierfx\n"
-        "from safetensors.torch import load_file\n"
-        "differ = []\n"
-        f"for backend, folder in {folders!r}.items():\n"
-        f"    data = load_file({str(tmp_path)!r} + '/' + backend + '.safetensors')\n"
-        "    expected = data.pop('expected')\n"
-        "    with torch.no_grad():\n"
-        "        out = outlierfx.load(folder)(**data).last_hidden_state\n"
-        "    if not torch.equal(out, expected):\n"
-        "        differ.append(backend)\n"
-        "print('differ:', differ)\n"
-        "sys.exit(1 if differ else 0)\n")
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=1800,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert result.returncode == 0, result.stdout[-500:] + result.stderr[-2000:]
+    results = reload_in_new_process(lowered_presets(minilm.model, batches, BACKENDS), inputs, tmp_path)
+    assert set(results) == set(BACKENDS)
+    assert all(r["bit_exact"] for r in results.values()), results
