@@ -285,6 +285,26 @@ def test_compiled_first_token_grids_run_as_int8_gemms(family, every_first_token_
     assert counters["inductor"]["qlinear_weight_prepack_matcher_count"] == len(gemms)
 
 
+def test_compiled_shared_layers_run_every_gemm_in_int8():
+    """ALBERT's layers share their weights: each GEMM reading a shared int8 weight gets its own
+    dequantize (else CSE merges them and inductor runs every reader as a float GEMM)."""
+    from torch._dynamo.utils import counters
+
+    from outlierfx.passes.lower import lower_model
+    from outlierfx.testing.architectures import build_architecture
+    from outlierfx.testing.lowering import reference_gemms
+
+    g = build_architecture("albert")
+    qmodel, _ = outlierfx.quantize(g.model, [g.inputs], recipe="naive", policy="linear-inputs", progress=False)
+    torch._dynamo.reset()
+    compiled, _ = lower_model(qmodel, "inductor", bf16_attention=False)
+    counters.clear()
+    assert_tokens_close(qmodel, compiled, g.inputs)
+    codes = [str(n.args[1].args[0].target) for n in reference_gemms(compiled.reference)]
+    assert len(set(codes)) == len(codes) and any(c.endswith("_copy") for c in codes)
+    assert counters["inductor"]["qlinear_weight_prepack_matcher_count"] == len(codes)
+
+
 def _bert_with_gelu_output_grids_only():
     """MiniLM's case on a generated BERT (naive+sink, linear-inputs): only the GELU outputs keep
     a first-token grid. Returns the model and the number of grids kept."""
