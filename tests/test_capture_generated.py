@@ -1,4 +1,5 @@
-"""capture() on generated BERT / GPT-2 / Llama models: exact outputs and canonical ops."""
+"""capture() on generated BERT / GPT-2 / Llama models, and ModernBERT / Qwen2 / Gemma with a massive
+first token: exact outputs and canonical ops."""
 
 import torch
 from hypothesis import given, settings
@@ -6,7 +7,7 @@ from hypothesis import given, settings
 import outlierfx
 from outlierfx.graph import OpKind, count_ops, meta
 from outlierfx.graph.ops import aten
-from outlierfx.testing import assert_equivalent, build_model, transformer_models
+from outlierfx.testing import MORE_FAMILIES, RMSNORM_FAMILIES, assert_equivalent, build_model, transformer_models
 
 TOL = 1e-5  # of the output's max magnitude
 
@@ -31,8 +32,10 @@ def _check_capture(g):
     assert counts[OpKind.SOFTMAX.value] == layers
     assert counts[OpKind.MATMUL.value] == 2 * layers
     norms = counts[OpKind.LAYER_NORM.value] + counts[OpKind.RMS_NORM.value]
-    assert norms == 2 * layers + 1  # two per block plus the embedding (BERT) or final (GPT-2, Llama) norm
-    if g.family == "llama":
+    # two per block plus the embedding (BERT) or final (GPT-2, Llama) norm; ModernBERT has both,
+    # and no norm before its first attention
+    assert norms == 2 * layers + 1
+    if g.family in RMSNORM_FAMILIES:
         assert counts[OpKind.RMS_NORM.value] == norms
         assert not targets & {aten.pow.Tensor_Scalar, aten.mean.dim}
     return gm
@@ -53,6 +56,12 @@ def test_capture_preserves_outputs_gpt2(g):
 @settings(max_examples=50)
 @given(g=transformer_models(families=("llama",)))
 def test_capture_preserves_outputs_llama(g):
+    _check_capture(g)
+
+
+@settings(max_examples=15)
+@given(g=transformer_models(families=MORE_FAMILIES, first_token=True))
+def test_capture_preserves_outputs_beyond_bert_gpt2_llama(g):
     _check_capture(g)
 
 

@@ -12,7 +12,6 @@ from outlierfx.graph import meta
 from outlierfx.graph.attrs import fetch_attr
 from outlierfx.graph.compare import output_error
 from outlierfx.graph.ops import OpKind, op_kind
-from outlierfx.graph.probe import probe
 from outlierfx.passes.fuse_attention import FuseAttention
 from outlierfx.passes.lower import Lower
 from outlierfx.backends import BackendError, Fallback, FirstTokens, KernelKind, PostOp, check_backend
@@ -21,63 +20,9 @@ from outlierfx.backends.runtime import bf16_attention, mask_or_none
 from outlierfx.quantizers.observers import FakeQuantize
 from outlierfx.serialize import TENSORS_FILE, size_on_disk_mb
 from outlierfx.testing import assert_tokens_close, build_model, first_token_grids_everywhere, transformer_models
+from outlierfx.testing.lowering import assert_int8_linears_within_one_step, quantized_linears
 
 ENGINES = tuple(e for e in ("fbgemm", "x86", "qnnpack", "onednn") if e in torch.backends.quantized.supported_engines)
-
-
-def _quantized_linears(gm):
-    return {n: gm.get_submodule(str(n.target)) for n in gm.graph.nodes
-            if n.op == "call_module" and isinstance(gm.get_submodule(str(n.target)), QuantizedLinear)}
-
-
-def _on_grids(codes: torch.Tensor, grid: tuple, first: tuple | None, n: int) -> torch.Tensor:
-    """Plain uint8 codes as values; the first ``n`` positions on ``first`` if given."""
-    values = (codes.float() - grid[1]) * grid[0]
-    if first is not None and codes.dim() >= 3 and codes.shape[1] > n:
-        values[:, :n] = (codes[:, :n].float() - first[1]) * first[0]
-    return values
-
-
-def _fake_quant_reference(module: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
-    """What the fake-quant graph computes for this Linear: float math on grid values."""
-    n, *sink = module.sink if module.sink is not None else (0, None)
-    if x.dtype == torch.uint8:  # onednn reads the plain codes (of two grids, with a first-token grid)
-        x = _on_grids(x, (module.in_scale, module.in_zero_point), tuple(sink) if n else None, n)
-    else:
-        grid = x.dequantize() if x.is_quantized else torch.fake_quantize_per_tensor_affine(
-            x, module.in_scale, module.in_zero_point, module.in_qmin, module.in_qmax)
-        if n and not x.is_quantized and x.dim() >= 3 and x.shape[1] > n:  # the first tokens on their own grid
-            grid[:, :n] = torch.fake_quantize_per_tensor_affine(x[:, :n], *sink, 0, 255)
-        x = grid
-    weight = module.weight_int8.float() * module.weight_scale.float()[:, None]
-    y = torch.nn.functional.linear(x, weight, module.bias)
-    if module.gelu is not None:
-        y = torch.nn.functional.gelu(y, approximate=module.gelu)
-    if module.out_qparams is not None:
-        head = y[:, :n].clone() if n and y.dim() >= 3 and y.shape[1] > n else None
-        y = torch.fake_quantize_per_tensor_affine(y, *module.out_qparams, 0, 255)
-        if head is not None:
-            y[:, :n] = torch.fake_quantize_per_tensor_affine(head, *(module.sink_out or module.out_qparams), 0, 255)
-    return y
-
-
-def _assert_each_int8_linear_within_one_step(lowered, inputs):
-    modules = _quantized_linears(lowered)
-    assert modules, "no Linear was lowered to an int8 kernel"
-    seen = {}
-    probe(lowered, [a for n in modules for a in n.args], ((), inputs), lambda n, v: seen.__setitem__(n, v))
-    for node, module in modules.items():
-        x, *residual = (seen[a] for a in node.args)
-        with torch.no_grad():
-            out = module(x, *residual)
-            if out.dtype == torch.uint8:  # plain codes for the next onednn GEMM
-                first = module.sink_out or module.out_qparams if module.sink is not None else None
-                out = _on_grids(out, module.out_qparams, first, module.sink[0] if module.sink else 0)
-            out = out.dequantize() if out.is_quantized else out
-            ref = _fake_quant_reference(module, x) + (residual[0] if residual else 0.0)
-        step = max(module.out_qparams[0], (module.sink_out or (0.0,))[0]) if module.out_qparams \
-            else 1e-4 * float(ref.abs().max()) + 1e-6
-        assert float((out - ref).abs().max()) <= step * 1.001 + 1e-6, (node.name, module)
 
 
 @settings(max_examples=6)
@@ -90,10 +35,10 @@ def test_int8_linears_match_fake_quant_within_one_step_on_every_engine(g):
         assert result.modified and plan.backend == engine
         int8 = [lin for lin in plan.linears if lin.is_int8]
         # every Linear whose input is quantized runs in int8 (qnnpack: those with an int8 output)
-        assert len(int8) == len(_quantized_linears(result.graph_module)) > 0
+        assert len(int8) == len(quantized_linears(result.graph_module)) > 0
         if engine != "qnnpack":
             assert len(int8) == len(plan.linears)
-        _assert_each_int8_linear_within_one_step(result.graph_module, g.inputs)
+        assert_int8_linears_within_one_step(result.graph_module, g.inputs)
 
 
 @pytest.mark.skipif("onednn" not in torch.backends.quantized.supported_engines, reason="no onednn engine")
@@ -102,7 +47,7 @@ def test_onednn_fuses_gelu_into_the_int8_gemm_and_matches_the_reference_form(pol
     g = build_model("bert", hidden=32, layers=2)
     qmodel, _ = outlierfx.quantize(g.model, [g.inputs], recipe="naive", bits="W8A8", policy=policy, progress=False)
     result = Lower("onednn")(qmodel)
-    fused = [m for m in _quantized_linears(result.graph_module).values() if m.gelu is not None]
+    fused = [m for m in quantized_linears(result.graph_module).values() if m.gelu is not None]
     planned = [lin for lin in result.plan.linears if PostOp.GELU in lin.kernel.post_ops]
     if policy == "full":  # the GELU input is quantized: nothing to fuse
         assert not fused and not planned
@@ -112,7 +57,7 @@ def test_onednn_fuses_gelu_into_the_int8_gemm_and_matches_the_reference_form(pol
         assert all(m.out_qparams is not None and m.codes_out for m in fused)
         gelus = [n for n in result.graph_module.graph.nodes if n.target is torch.ops.aten.gelu.default]
         assert not gelus
-    _assert_each_int8_linear_within_one_step(result.graph_module, g.inputs)
+    assert_int8_linears_within_one_step(result.graph_module, g.inputs)
     assert_tokens_close(Lower("reference")(qmodel).graph_module, result.graph_module, g.inputs)
 
 
@@ -124,7 +69,7 @@ def test_onednn_adds_the_residual_inside_the_int8_gemm_and_matches_the_reference
     qmodel, _ = outlierfx.quantize(g.model, [g.inputs], recipe=recipe, bits="W8A8", policy="linear-inputs",
                                    progress=False)
     result = Lower("onednn")(qmodel)
-    fused = [m for m in _quantized_linears(result.graph_module).values() if m.residual]
+    fused = [m for m in quantized_linears(result.graph_module).values() if m.residual]
     planned = [lin for lin in result.plan.linears if PostOp.RESIDUAL_ADD in lin.kernel.post_ops]
     assert len(fused) == len(planned) == 4  # attention output and FFN output, per layer
     if recipe.endswith("+sink"):
@@ -132,7 +77,7 @@ def test_onednn_adds_the_residual_inside_the_int8_gemm_and_matches_the_reference
     lowered_adds = sum(n.target is torch.ops.aten.add.Tensor for n in result.graph_module.graph.nodes)
     reference = Lower("reference")(qmodel).graph_module
     assert lowered_adds <= sum(n.target is torch.ops.aten.add.Tensor for n in reference.graph.nodes) - 4
-    _assert_each_int8_linear_within_one_step(result.graph_module, g.inputs)
+    assert_int8_linears_within_one_step(result.graph_module, g.inputs)
     assert_tokens_close(reference, result.graph_module, g.inputs)
 
 
@@ -148,10 +93,10 @@ def test_onednn_runs_linears_that_read_one_input_as_one_gemm(family, merged_per_
     noted = [lin for lin in result.plan.linears if lin.kernel.merged_with]
     assert len(noted) == merged_per_layer * layers
     groups = 2 if family == "llama" else 1
-    modules = _quantized_linears(result.graph_module)
+    modules = quantized_linears(result.graph_module)
     assert len(modules) == len(result.plan.linears) - (merged_per_layer - groups) * layers
     assert len({id(m) for m in result.graph_module.modules() if isinstance(m, QuantizedLinear)}) == len(modules)
-    _assert_each_int8_linear_within_one_step(result.graph_module, g.inputs)
+    assert_int8_linears_within_one_step(result.graph_module, g.inputs)
     assert_tokens_close(Lower("reference")(qmodel).graph_module, result.graph_module, g.inputs)
 
 
@@ -243,7 +188,7 @@ def test_peg_linears_become_grouped_int8_gemms_equal_to_fake_quant(family, recip
     gathers = [n for n in result.graph_module.graph.nodes if n.target is torch.ops.aten.index_select.default]
     assert len(gathers) == len(grouped)
     x86 = Lower("x86")(qmodel).graph_module
-    _assert_each_int8_linear_within_one_step(x86, g.inputs)
+    assert_int8_linears_within_one_step(x86, g.inputs)
     # more groups than max_sub_gemms: one float GEMM on the int8 weights, same numerics
     fallback = Lower("reference", max_sub_gemms=4)(qmodel)
     assert not any(lin.kernel.kind is KernelKind.INT8_SUB_GEMMS for lin in fallback.plan.linears)
@@ -341,6 +286,26 @@ def test_compiled_first_token_grids_run_as_int8_gemms(family, every_first_token_
     compiled = compile_int8(qmodel)
     assert_tokens_close(Lower("reference")(qmodel).graph_module, compiled, g.inputs)
     assert counters["inductor"]["qlinear_weight_prepack_matcher_count"] == len(gemms)
+
+
+def test_compiled_shared_layers_run_every_gemm_in_int8():
+    """ALBERT's layers share their weights: each GEMM reading a shared int8 weight gets its own
+    dequantize (else CSE merges them and inductor runs every reader as a float GEMM)."""
+    from torch._dynamo.utils import counters
+
+    from outlierfx.passes.lower import lower_model
+    from outlierfx.testing.architectures import build_architecture
+    from outlierfx.testing.lowering import reference_gemms
+
+    g = build_architecture("albert")
+    qmodel, _ = outlierfx.quantize(g.model, [g.inputs], recipe="naive", policy="linear-inputs", progress=False)
+    torch._dynamo.reset()
+    compiled, _ = lower_model(qmodel, "inductor", bf16_attention=False)
+    counters.clear()
+    assert_tokens_close(qmodel, compiled, g.inputs)
+    codes = [str(n.args[1].args[0].target) for n in reference_gemms(compiled.reference)]
+    assert len(set(codes)) == len(codes) and any(c.endswith("_copy") for c in codes)
+    assert counters["inductor"]["qlinear_weight_prepack_matcher_count"] == len(codes)
 
 
 def _bert_with_gelu_output_grids_only():
@@ -444,10 +409,10 @@ def test_onednn_requantizes_to_a_first_token_output_grid_inside_the_gelu_gemm():
     g, qmodel, kept = _bert_with_gelu_output_grids_only()
     result = Lower("onednn")(qmodel)
     planned = [lin for lin in result.plan.linears if lin.kernel.first_tokens is FirstTokens.OUTPUT_GRID]
-    modules = [m for m in _quantized_linears(result.graph_module).values() if m.sink_out is not None]
+    modules = [m for m in quantized_linears(result.graph_module).values() if m.sink_out is not None]
     assert len(planned) == len(modules) == kept == 2 and all(m.gelu is not None and m.sink is None for m in modules)
     assert not [n for n in result.graph_module.graph.nodes if n.target is torch.ops.aten.gelu.default]
-    _assert_each_int8_linear_within_one_step(result.graph_module, g.inputs)
+    assert_int8_linears_within_one_step(result.graph_module, g.inputs)
     assert_tokens_close(Lower("reference")(qmodel).graph_module, result.graph_module, g.inputs)
 
 
@@ -459,7 +424,7 @@ def test_onednn_runs_attention_in_bf16_where_int8_gemms_write_q_k_v(family):
     lowered = result.graph_module
     assert result.plan.bf16_attention and "bfloat16" in result.plan.summary()
     bf16 = [n for n in lowered.graph.nodes if n.target is bf16_attention]
-    writers = [m for m in _quantized_linears(lowered).values() if m.out_dtype == torch.bfloat16]
+    writers = [m for m in quantized_linears(lowered).values() if m.out_dtype == torch.bfloat16]
     if family == "bert":  # Q, K, V: one merged GEMM per layer, read through views only
         assert len(bf16) == len(writers) == g.config.num_hidden_layers
     else:  # rotary embeddings sit between the Q/K GEMMs and attention: stays float

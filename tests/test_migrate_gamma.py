@@ -1,4 +1,5 @@
-"""DetectNorms and MigrateGamma on generated BERT (post-LN), GPT-2 (pre-LN) and Llama (RMSNorm)."""
+"""DetectNorms and MigrateGamma on generated BERT (post-LN), GPT-2 (pre-LN) and Llama (RMSNorm), and
+on ModernBERT, Qwen2 and Gemma with a massive first token."""
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from outlierfx.graph.probe import probe
 from outlierfx.passes import PassManager
 from outlierfx.passes.detect_norms import DetectNorms, NormPlacement
 from outlierfx.passes.migrate_gamma import MigrateGamma
-from outlierfx.testing import OutlierSpec, assert_equivalent, build_model, transformer_models
+from outlierfx.testing import MORE_FAMILIES, OutlierSpec, assert_equivalent, build_model, transformer_models
 
 TOL = 1e-5  # of the output's max |value|: migration is exact up to fp32 rounding
 
@@ -49,6 +50,16 @@ def _gamma_outlier_models():
 @settings(max_examples=40)
 @given(g=transformer_models())
 def test_migration_is_exact_and_fires_on_every_absorbable_site(g):
+    _check_migration(g)
+
+
+@settings(max_examples=12)
+@given(g=transformer_models(families=(*MORE_FAMILIES, "mistral"), first_token=True))
+def test_migration_is_exact_beyond_bert_gpt2_llama(g):
+    _check_migration(g)
+
+
+def _check_migration(g):
     gm = outlierfx.capture(g.model, g.inputs)
     detected = DetectNorms()(gm).plan
     result = MigrateGamma()(gm)
@@ -59,7 +70,12 @@ def test_migration_is_exact_and_fires_on_every_absorbable_site(g):
     migrated = {m.site.norm.name for m in plan.migrations}
     absorbable = {s.norm.name for s in detected.sites if s.absorbable}
     assert migrated == absorbable and result.modified == bool(absorbable)
-    assert len(absorbable) == len(detected.sites)  # these architectures have no blocking consumer
+    if g.family == "gemma":
+        # open: Gemma's RMSNorm gain (1 + weight) is captured as a multiply after a norm without
+        # gamma, so there is nothing to migrate (the gain reaches the Linears unmigrated)
+        assert not absorbable and all("no gamma" in s.blocker for s in detected.sites)
+    else:
+        assert len(absorbable) == len(detected.sites)  # these architectures have no blocking consumer
     for name, tensor in list(result.graph_module.named_parameters()) + list(result.graph_module.named_buffers()):
         assert torch.isfinite(tensor).all(), name
 

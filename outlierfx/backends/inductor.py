@@ -50,6 +50,7 @@ class InductorBackend(ReferenceBackend):
     def lower(self, gm: torch.fx.GraphModule, plan: LowerPlan) -> None:
         super().lower(gm, plan)
         _separate_float_readers(gm)
+        _own_weight_per_gemm(gm)
         _merge_attention_gemms(gm)
         if plan.bf16_attention:
             use_bf16_attention_in_reference_form(gm)
@@ -95,6 +96,35 @@ def _separate_float_readers(gm: torch.fx.GraphModule) -> None:
             meta.inherit(new, dq, STEP)
         for user in others:
             user.replace_input_with(dq, dq2)
+
+
+def _own_weight_per_gemm(gm: torch.fx.GraphModule) -> None:
+    """Give each int8 GEMM a weight dequantize that no other GEMM reads.
+
+    Inductor prepacks a weight into an int8 GEMM only where its dequantize has one reader, and
+    common-subexpression elimination merges identical dequantizes: where one int8 weight feeds
+    several GEMMs (ALBERT shares its layers' weights), every one of them ran as a float GEMM (6
+    of the tiny ALBERT's 10, architecture matrix). The second and later readers get a copy of the
+    int8 codes, so memory is that of an unshared model's int8 weights. The first-row GEMMs of
+    :mod:`.first_rows` keep sharing: their dequantize differs in an argument, CSE keeps it apart."""
+    seen: set[tuple] = set()
+    for linear in list(gm.graph.nodes):
+        dq = linear.args[1] if is_call(linear, aten.linear.default) else None
+        if not is_call(dq, DQ_CHANNEL) or not isinstance(dq.args[0], torch.fx.Node) or dq.args[0].op != "get_attr":
+            continue
+        key = tuple(str(a.target) if isinstance(a, torch.fx.Node) else a for a in dq.args)
+        if key not in seen:
+            seen.add(key)
+            continue
+        codes = fetch_attr(gm, str(dq.args[0].target))
+        with gm.graph.inserting_before(linear):
+            copy = gm.graph.get_attr(add_constant(gm, f"{dq.args[0].target}_copy", codes.clone()))
+            own = gm.graph.call_function(DQ_CHANNEL, (copy, *dq.args[1:]))
+        meta.inherit(own, dq, STEP)
+        linear.replace_input_with(dq, own)
+        if not dq.users:
+            gm.graph.erase_node(dq)
+    gm.graph.lint()
 
 
 def _merge_attention_gemms(gm: torch.fx.GraphModule) -> None:

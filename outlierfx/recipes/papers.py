@@ -116,23 +116,35 @@ def with_sink_token(base: Recipe, name: str | None = None, tokens: int = 1) -> R
                                            f"on an activation grid of their own")
 
 
+# Tuned on MiniLM (the one per-model-tuned constant of the default preset's smooth-fold route,
+# with SPEED_SINK_MIN_WIDENING): the SmoothQuant init s = max|W|^(1-a) / max|x|^a at W8A8,
+# untrained, gave cosine 0.9872 / 0.9975 / 0.9962 at alpha 0.5 / 0.8 / 1.0 with scales at every
+# Linear input (bench/scripts/smooth_alpha.py, bench/results/minilm/smooth-alpha.json). Checked
+# on generated BERT, GPT-2 and ModernBERT with injected outlier channels in
+# tests/test_tuned_constants.py; docs/choosing.md lists the tuned constants.
+SMOOTHQUANT_ALPHA = 0.8
+
+
 def _smooth_family(name: str, description: str, observe: tuple[Step, ...] = (), **sites: bool) -> Recipe:
-    """Quadapter scales (``sites`` go to InsertQuadapter) with the SmoothQuant init at alpha=0.8,
-    trained block-wise and folded; MSE-clipped weight rows rounded by GPTQ; policy ``linear-inputs``."""
+    """Quadapter scales (``sites`` go to InsertQuadapter) with the SmoothQuant init at
+    ``SMOOTHQUANT_ALPHA``, trained block-wise and folded; MSE-clipped weight rows rounded by
+    GPTQ; policy ``linear-inputs``."""
     return Recipe(name, description, observe=observe,
-                  finish=(*quadapter_steps(init="smoothquant", alpha=0.8, **sites), gptq_step()),
+                  finish=(*quadapter_steps(init="smoothquant", alpha=SMOOTHQUANT_ALPHA, **sites), gptq_step()),
                   default_policy="linear-inputs", weight_estimator=Estimator.MSE)
 
 
 # Range-sized PEG groups on the Linear inputs no norm produces (attention contexts, GELU/SwiGLU
-# outputs), which norm-site Quadapter scales do not reach. K=48: on SmolLM2 (+sink, W8A8) 24
-# groups gave wiki perplexity 20.77, 48 gave 20.70 (FP32 20.31).
+# outputs), which norm-site Quadapter scales do not reach. K=48, tuned on SmolLM2 (the
+# ``accurate`` preset's, not the default's): on SmolLM2 (+sink, W8A8) 24 groups gave wiki
+# perplexity 20.77, 48 gave 20.70 (FP32 20.31).
 PEG_UNSCALED_LINEAR_INPUTS = step(GroupChannels, groups=48, roles=frozenset({Role.LINEAR_INPUT}), grouping="range",
                                   exclude_roles=frozenset({Role.NORM_OUTPUT}))
-# The speed route keeps a first-token grid (+sink) only where it pays for its second GEMM. On
-# MiniLM the [CLS] token widens the GELU outputs 2.2-4x and every other tensor at most 1.26x;
-# only the four GELU-output grids of sixteen gave cosine 0.99918 against 0.99921 with all (0.99714
-# with none). The accuracy recipes keep a grid wherever the first tokens do not fit: on SmolLM2
+# The speed route keeps a first-token grid (+sink) only where it pays for its second GEMM. Tuned
+# on MiniLM (checked on generated LayerNorm models with a massive first token in
+# tests/test_tuned_constants.py; docs/choosing.md): the [CLS] token widens the GELU outputs
+# 2.2-4x and every other tensor at most 1.26x; only the four GELU-output grids of sixteen gave
+# cosine 0.99918 against 0.99921 with all (0.99714 with none). The accuracy recipes keep a grid wherever the first tokens do not fit: on SmolLM2
 # smooth-peg+sink (W8A8) the 1.5x rule gave wiki perplexity 20.80, a grid everywhere 20.85, the
 # default 20.70 (FP32 20.31). (docs/experiments/first-token-grids.md)
 SPEED_SINK_MIN_WIDENING = 1.5

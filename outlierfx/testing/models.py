@@ -2,9 +2,14 @@
 
 Families: ``bert`` (post-LN encoder), ``gpt2`` (pre-LN decoder, Conv1D layers) and ``llama``
 (RMSNorm decoder, optional biases, grouped-query attention); ``qwen2`` (q/k/v biases) and
-``mistral`` are the other RMSNorm decoders (``DECODER_FAMILIES``), outside the default mix. Outliers can be injected the way
-they appear in trained models: LayerNorm/RMSNorm gamma with a few huge channels, gamma with
-exact zeros, and embedding dimensions with large values.
+``mistral`` are the other RMSNorm decoders (``DECODER_FAMILIES``), outside the default mix.
+``MORE_FAMILIES`` go beyond the first three: ``modernbert`` (pre-LN encoder without biases,
+rotary embeddings, gated GELU, alternating local/global attention), ``qwen2`` and ``gemma``
+(RMSNorm with a ``1 + weight`` gain, embeddings scaled by sqrt(hidden), gated tanh-GELU, tied
+embeddings by default). Outliers can be injected the way they appear in trained models:
+LayerNorm/RMSNorm gamma with a few huge channels, gamma with exact zeros, embedding dimensions
+with large values, and a massive first token (a token id only position 0 holds, its embedding
+scaled up: the attention-sink activations of trained decoders).
 """
 
 from __future__ import annotations
@@ -20,6 +25,9 @@ from hypothesis import strategies as st
 
 FAMILIES = ("bert", "gpt2", "llama")
 DECODER_FAMILIES = ("llama", "qwen2", "mistral")  # pre-norm RMSNorm decoders
+MORE_FAMILIES = ("modernbert", "qwen2", "gemma")  # an encoder and two decoders beyond FAMILIES
+RMSNORM_FAMILIES = (*DECODER_FAMILIES, "gemma")
+ALL_FAMILIES = (*FAMILIES, *DECODER_FAMILIES[1:], "modernbert", "gemma")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +36,7 @@ class OutlierSpec:
     gamma_zeros: int = 0  # channels per norm whose gamma is set to exactly 0
     embedding_scale: float = 1.0  # factor on a few embedding dimensions
     channels: tuple[int, ...] = ()  # which channels get the outliers
+    first_token_scale: float = 1.0  # factor on the embedding of a token only position 0 holds (1 = none)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,38 +76,67 @@ def _config(family: str, hidden: int, heads: int, layers: int, ffn: int, vocab: 
                             num_key_value_heads=options.get("kv_heads", heads), num_hidden_layers=layers,
                             intermediate_size=ffn, max_position_embeddings=64, sliding_window=None,
                             tie_word_embeddings=options.get("tied", False))
-    raise ValueError(f"unknown family {family!r}; choose from {FAMILIES + DECODER_FAMILIES[1:]}")
+    if family == "modernbert":
+        from transformers import ModernBertConfig
+
+        return ModernBertConfig(vocab_size=vocab, hidden_size=hidden, num_attention_heads=heads,
+                                num_hidden_layers=layers, intermediate_size=ffn, max_position_embeddings=64,
+                                pad_token_id=0, bos_token_id=0, eos_token_id=0, cls_token_id=0, sep_token_id=0,
+                                hidden_activation=options.get("act", "gelu"))
+    if family == "gemma":
+        from transformers import GemmaConfig
+
+        return GemmaConfig(vocab_size=vocab, hidden_size=hidden, num_attention_heads=heads,
+                           num_key_value_heads=options.get("kv_heads", heads), head_dim=hidden // heads,
+                           num_hidden_layers=layers, intermediate_size=ffn, max_position_embeddings=64,
+                           tie_word_embeddings=options.get("tied", True))
+    raise ValueError(f"unknown family {family!r}; choose from {ALL_FAMILIES}")
 
 
 def _model_class(family: str) -> type:
-    from transformers import BertModel, GPT2LMHeadModel, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
+    from transformers import (BertModel, GemmaForCausalLM, GPT2LMHeadModel, LlamaForCausalLM, MistralForCausalLM,
+                              ModernBertModel, Qwen2ForCausalLM)
 
     return {"bert": BertModel, "gpt2": GPT2LMHeadModel, "llama": LlamaForCausalLM, "qwen2": Qwen2ForCausalLM,
-            "mistral": MistralForCausalLM}[family]
+            "mistral": MistralForCausalLM, "modernbert": ModernBertModel, "gemma": GemmaForCausalLM}[family]
 
 
-def _norm_weights(model: torch.nn.Module) -> list[torch.Tensor]:
-    """Gamma of every LayerNorm/RMSNorm module (test-data generation only, not a pass)."""
+def _norm_weights(model: torch.nn.Module) -> list[tuple[torch.Tensor, float]]:
+    """Gamma of every LayerNorm/RMSNorm module and the offset the module adds to it (Gemma's
+    RMSNorm multiplies by ``1 + weight``), measured on an all-ones input (test-data generation
+    only, not a pass)."""
     out = []
     for module in model.modules():
-        if isinstance(module, torch.nn.LayerNorm) or type(module).__name__.endswith("RMSNorm"):
-            if getattr(module, "weight", None) is not None:
-                out.append(module.weight)
+        weight = getattr(module, "weight", None)
+        if weight is None:
+            continue
+        if isinstance(module, torch.nn.LayerNorm):
+            out.append((weight, 0.0))
+        elif type(module).__name__.endswith("RMSNorm"):
+            eps = float(getattr(module, "eps", getattr(module, "variance_epsilon", 0.0)))
+            with torch.no_grad():  # rms of ones is 1: the output is the applied gain over sqrt(1 + eps)
+                gain = module(torch.ones(1, weight.numel())).flatten() * (1.0 + eps) ** 0.5
+            out.append((weight, round(float((gain - weight).mean()))))
     return out
 
 
 def inject_outliers(model: torch.nn.Module, spec: OutlierSpec) -> None:
-    """Give ``model`` (a generated model, owned by the test) the outliers of ``spec``, in place."""
+    """Give ``model`` (a generated model, owned by the test) the outliers of ``spec``, in place.
+    A massive first token scales the last embedding row (``build_model`` puts that id at
+    position 0 only)."""
     channels = list(spec.channels)
     with torch.no_grad():
-        for gamma in _norm_weights(model):
+        for weight, offset in _norm_weights(model):
+            gamma = weight + offset  # the gain the norm applies
             dims = [c % gamma.numel() for c in channels]
             gamma[dims] *= spec.gamma_scale
             if spec.gamma_zeros:
                 free = [c for c in range(gamma.numel()) if c not in dims]
                 gamma[free[: spec.gamma_zeros]] = 0.0
+            weight.copy_(gamma - offset)
         embedding = model.get_input_embeddings().weight
         embedding[:, [c % embedding.shape[1] for c in channels]] *= spec.embedding_scale
+        embedding[-1] *= spec.first_token_scale
 
 
 def build_model(
@@ -124,7 +162,10 @@ def build_model(
     model = _model_class(family)(config).eval()
     inject_outliers(model, outliers)
     generator = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(0, vocab, (batch, seq), generator=generator)
+    first_token = outliers.first_token_scale != 1.0
+    input_ids = torch.randint(0, vocab - 1 if first_token else vocab, (batch, seq), generator=generator)
+    if first_token:
+        input_ids[:, 0] = vocab - 1  # the massive token: position 0 only
     mask = torch.ones(batch, seq, dtype=torch.long)
     if pad and batch > 1 and seq > 1:
         mask[0, max(1, seq // 2):] = 0  # first row right-padded, the rest full
@@ -146,7 +187,9 @@ def word_tokenizer(vocab: int = 64, eos: int = 2) -> Any:
 
 
 @st.composite
-def outlier_specs(draw: st.DrawFn) -> OutlierSpec:
+def outlier_specs(draw: st.DrawFn, first_token: bool = False) -> OutlierSpec:
+    """Outliers or none; ``first_token``: a massive first token too, where outliers are drawn
+    (drawn last, so the draws of ``first_token=False`` stay as they were)."""
     if not draw(st.booleans()):
         return OutlierSpec()
     return OutlierSpec(
@@ -154,22 +197,25 @@ def outlier_specs(draw: st.DrawFn) -> OutlierSpec:
         gamma_zeros=draw(st.integers(0, 2)),
         embedding_scale=draw(st.sampled_from([1.0, 20.0, 100.0])),
         channels=tuple(draw(st.lists(st.integers(0, 63), min_size=1, max_size=3, unique=True))),
+        first_token_scale=draw(st.sampled_from([1.0, 100.0, 1000.0])) if first_token else 1.0,
     )
 
 
 @st.composite
-def transformer_models(draw: st.DrawFn, families: tuple[str, ...] = FAMILIES, outliers: bool = True) -> GeneratedModel:
-    """Hypothesis strategy: a small random transformer of one of ``families`` with inputs."""
+def transformer_models(draw: st.DrawFn, families: tuple[str, ...] = FAMILIES, outliers: bool = True,
+                       first_token: bool = False) -> GeneratedModel:
+    """Hypothesis strategy: a small random transformer of one of ``families`` with inputs
+    (``first_token``: outliers may include a massive first token)."""
     family = draw(st.sampled_from(families))
     head_dim = draw(st.sampled_from([4, 8, 16]))
     heads = draw(st.sampled_from([1, 2, 4]))
     options: dict[str, Any] = {}
-    if family in DECODER_FAMILIES:
+    if family in RMSNORM_FAMILIES:
         options["kv_heads"] = draw(st.sampled_from([h for h in (1, 2, 4) if heads % h == 0]))
         if family == "llama":
             options["bias"] = draw(st.booleans())
         options["tied"] = draw(st.booleans())
-    if family == "bert":
+    if family in ("bert", "modernbert"):
         options["act"] = draw(st.sampled_from(["gelu", "relu", "gelu_new"]))
     if family == "gpt2":
         options["act"] = draw(st.sampled_from(["gelu_new", "gelu", "relu"]))
@@ -182,7 +228,7 @@ def transformer_models(draw: st.DrawFn, families: tuple[str, ...] = FAMILIES, ou
         vocab=64,
         batch=draw(st.integers(1, 3)),
         seq=draw(st.integers(2, 12)),
-        outliers=draw(outlier_specs()) if outliers else OutlierSpec(),
+        outliers=draw(outlier_specs(first_token)) if outliers else OutlierSpec(),
         attn=draw(st.sampled_from(["sdpa", "eager"])),
         seed=draw(st.integers(0, 2**16)),
         **options,
