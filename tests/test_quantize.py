@@ -8,6 +8,7 @@ from hypothesis import given, settings
 
 import outlierfx
 from outlierfx.errors import DataError
+from outlierfx.graph import meta
 from outlierfx.graph.attrs import fetch_attr, set_attr
 from outlierfx.graph.roles import Role, tensor_roles
 from outlierfx.graph.view import GraphView
@@ -129,12 +130,14 @@ def test_mixed_precision_report_lists_every_wider_tensor():
 def test_weights_are_on_the_integer_grid():
     g = build_model("llama", layers=1)
     qmodel, _ = outlierfx.quantize(g.model, [g.inputs], recipe="naive", bits="W4A8", progress=False)
-    for node in qmodel.graph.nodes:
-        if node.target is torch.ops.aten.linear.default:
-            weight = fetch_attr(qmodel, str(node.args[1].target))
-            scale = weight.abs().max(1).values / 7
-            codes = weight / scale[:, None].clamp_min(1e-12)
-            assert torch.allclose(codes, codes.round(), atol=1e-3)
+    linears = [n for n in qmodel.graph.nodes if n.target is torch.ops.aten.linear.default]
+    # every Linear on the int4 grid, except the LM head (8-bit below 8 bits: linear_weight_spec)
+    assert [n.meta[meta.WEIGHT_QUANT].qmax for n in linears] == [7] * (len(linears) - 1) + [127]
+    for node in linears:
+        weight = fetch_attr(qmodel, str(node.args[1].target))
+        scale = weight.abs().max(1).values / node.meta[meta.WEIGHT_QUANT].qmax
+        codes = weight / scale[:, None].clamp_min(1e-12)
+        assert torch.allclose(codes, codes.round(), atol=1e-3)
 
 
 def test_large_embedding_tables_are_int8_rows_and_tiny_ones_stay_float():
