@@ -23,6 +23,10 @@ class OnnxRuntimeModel:
             raise ExportError("running an ONNX model needs the onnxruntime package: pip install 'outlierfx[onnx]'") \
                 from exc
         options = ort.SessionOptions()
+        # ORT's worker threads busy-wait after each run by default: in one process beside torch
+        # (interleaved benchmark rounds) they took the cores from the next model (MiniLM's int8
+        # onednn measured 0.506x FP32 beside ORT, 0.40x alone). Idle workers sleep instead.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if threads is not None:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
