@@ -5,14 +5,11 @@ from __future__ import annotations
 
 import collections
 import json
-import os
 import pathlib
-import subprocess
-import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import outlierfx
 from outlierfx.backends import BackendError, runnable_backends
@@ -22,7 +19,6 @@ from outlierfx.serialize import GRAPH_FILE, MODEL_FILE, TENSORS_FILE, SavedModel
 from outlierfx.serialize import vocabulary
 from outlierfx.testing import build_model
 
-ROOT = pathlib.Path(outlierfx.__file__).resolve().parent.parent
 OUTPUT = {"bert": "last_hidden_state", "llama": "logits"}
 
 
@@ -85,21 +81,12 @@ def test_fake_quant_model_reloads_as_is_or_lowered_to_another_backend(tmp_path, 
 
 
 def test_reload_in_a_new_process_is_bit_exact(tmp_path):
+    from outlierfx.testing.round_trip import reload_in_new_process
+
     backend = "onednn" if "onednn" in BACKENDS else "x86"
     g, qmodel, _ = _quantized("llama", backend)
-    folder = outlierfx.save(qmodel, tmp_path / "int8")
-    save_file({**g.inputs, "expected": _outputs(qmodel, g.inputs, "llama")}, str(tmp_path / "check.safetensors"))
-    script = (
-        "import sys, torch, outlierfx\n"
-        "from safetensors.torch import load_file\n"
-        f"data = load_file({str(tmp_path / 'check.safetensors')!r})\n"
-        f"model = outlierfx.load({str(folder)!r})\n"
-        "with torch.no_grad():\n"
-        "    out = model(input_ids=data['input_ids'], attention_mask=data['attention_mask']).logits\n"
-        "sys.exit(0 if torch.equal(out, data['expected']) else 1)\n")
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert result.returncode == 0, result.stderr[-2000:]
+    results = reload_in_new_process({backend: qmodel}, g.inputs, tmp_path, timeout=300)
+    assert results[backend]["bit_exact"], results
 
 
 class _Payload:

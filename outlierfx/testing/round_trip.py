@@ -9,7 +9,6 @@ import os
 import pathlib
 import subprocess
 import sys
-import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
