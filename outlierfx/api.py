@@ -161,7 +161,7 @@ def quantize(
     choose(recipe, backend)[0].policy(widths, policy)  # a bad recipe, backend or policy fails before the capture
     model, batches, dtype_notes = _in_float32(model, batches)
     gm = capture(model, batches[0])
-    chosen, target, chosen_preset = choose(recipe, backend, gm)  # a preset follows the model's structure
+    chosen, target, chosen_preset = choose(recipe, backend, gm, widths)  # a preset follows the model's structure and bits
     quant_policy = chosen.policy(widths, policy)
     fits: list[BackendFit] = []
 

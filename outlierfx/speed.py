@@ -33,6 +33,7 @@ from .benchmarks import CALIBRATION, calibration_batches
 from .evaluate import DecoderEval, EncoderEval
 from .graph import capture
 from .models import LoadedModel, encode, load
+from .quantizers.policy import parse_bits
 from .recipes import choose
 from .serialize import TENSORS_FILE, save, size_on_disk_mb
 
@@ -158,7 +159,7 @@ def speed(model_name: str, recipe: str | None = None, bits: str = "W8A8", backen
     graph = capture(model, dict(calibration[0]))  # a preset follows the model's structure
     first_int8: tuple[str, Any] | None = None  # (label, fake-quant model): what onnx=True exports
     for backend in backends:
-        chosen, _, chosen_preset = choose(recipe, backend, graph)
+        chosen, _, chosen_preset = choose(recipe, backend, graph, parse_bits(bits))
         if chosen.name not in simulated:
             start = time.perf_counter()
             fake, report = quantize(model, calibration, recipe=chosen, bits=bits, policy=policy, progress=progress)

@@ -189,3 +189,21 @@ def test_the_default_on_an_rmsnorm_decoder_is_the_rotation_preset_and_runs_whole
         ref, out = g.model(**g.inputs).logits, qmodel(**g.inputs).logits
     assert torch.nn.functional.cosine_similarity(ref.flatten(), out.flatten(), dim=0) > 0.99
     assert report.backend == default_backend()
+
+
+def test_below_8_bit_weights_the_fast_preset_rounds_mse_clipped_rows_with_gptq():
+    from outlierfx.backends import default_backend
+    from outlierfx.quantizers.policy import parse_bits
+    from outlierfx.quantizers.spec import Estimator
+
+    g = build_model("llama", layers=1)
+    graph = outlierfx.capture(g.model, g.inputs)
+    at8, at4 = preset("fast", "onednn", graph, parse_bits("W8A8")), preset("fast", "onednn", graph, parse_bits("W4A8"))
+    assert at8 == preset("fast", "onednn", graph)
+    assert at4.recipe.name == "rotate+sink+gptq" and at4.recipe.weight_estimator is Estimator.MSE
+    assert "GPTQ" in at4.why and at4.why.startswith(at8.why)
+    smooth = preset("fast", "onednn", None, parse_bits("W4A8"))  # already GPTQ on MSE rows: unchanged
+    assert smooth == preset("fast", "onednn", None)
+    qmodel, report = outlierfx.quantize(g.model, [g.inputs], bits="W4A8", progress=False)
+    assert report.recipe == "rotate+sink+gptq" and report.backend == default_backend()
+    assert any(e.pass_name == "GPTQ" and e.modified for e in report.audit.entries)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch.fx
 
+from ..quantizers.policy import BitWidths
 from .base import Need, Recipe, RecipeError, RunContext, Stage, Step, UnknownRecipeError, step
 from .fit import BackendFit, backend_fit
 from .papers import (
@@ -42,10 +43,10 @@ def get_recipe(recipe: str | Recipe, backend: str | None = None, graph: torch.fx
     return choose(recipe, backend, graph)[0]
 
 
-def choose(recipe: str | Recipe | None, backend: str | None, graph: torch.fx.GraphModule | None = None
-           ) -> tuple[Recipe, str | None, Preset | None]:
+def choose(recipe: str | Recipe | None, backend: str | None, graph: torch.fx.GraphModule | None = None,
+           bits: BitWidths | None = None) -> tuple[Recipe, str | None, Preset | None]:
     """``(recipe, target backend or None for simulation, the preset if one was chosen)``; a
-    preset is resolved for the captured model ``graph`` (see :mod:`.presets`)."""
+    preset is resolved for the captured model ``graph`` at ``bits`` (see :mod:`.presets`)."""
     from ..backends import check_backend, default_backend
 
     if isinstance(recipe, Recipe):
@@ -54,7 +55,7 @@ def choose(recipe: str | Recipe | None, backend: str | None, graph: torch.fx.Gra
         raise RecipeError(f"recipe must be a name or an outlierfx.recipes.Recipe, not {type(recipe).__name__}")
     if recipe is None or recipe in PRESETS:
         target = _target(backend) if backend is not None else check_backend(default_backend())
-        chosen = preset(recipe or Goal.FAST.value, target or default_backend(), graph)
+        chosen = preset(recipe or Goal.FAST.value, target or default_backend(), graph, bits)
         return chosen.recipe, target, chosen
     return paper_recipe(recipe), _target(backend), None
 

@@ -10,7 +10,9 @@ one online Hadamard per FFN. Elsewhere (LayerNorm models: BERT-style encoders, G
 trained scales folded into norms and weights (``smooth-fold``). The test is structural
 (:func:`~outlierfx.passes.rotate_residual.residual_rotation_blockers`), never a model name.
 ``accurate`` takes the highest-quality recipe measured and pays for it in speed.
-docs/choosing.md gives the measurements behind both.
+Below 8-bit weights ``fast`` also rounds the weights with GPTQ on MSE-clipped rows (a 4-bit grid
+is too coarse for round-to-nearest; both only change which codes the weights get, so the kernels
+and their speed are the same). docs/choosing.md gives the measurements behind both.
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ import enum
 
 import torch.fx
 
+from ..quantizers.policy import BitWidths
+from ..quantizers.spec import Estimator
 from .base import Recipe, UnknownRecipeError
-from .papers import paper_recipe
+from .papers import paper_recipe, with_gptq
 
 
 class Goal(enum.Enum):
@@ -49,9 +53,31 @@ def _first_token_rows_in_int8(backend: str) -> bool:
     return get_backend(backend).capabilities.first_token_rows not in (FirstTokens.NONE, FirstTokens.TWO_GEMMS)
 
 
-def preset(goal: str | Goal, backend: str, graph: torch.fx.GraphModule | None = None) -> Preset:
+def preset(goal: str | Goal, backend: str, graph: torch.fx.GraphModule | None = None,
+           bits: BitWidths | None = None) -> Preset:
     """The preset for ``goal`` (``fast`` or ``accurate``) on ``backend`` for the captured model
-    ``graph`` (None: a model whose residual stream does not rotate), with the reason."""
+    ``graph`` (None: a model whose residual stream does not rotate) at ``bits`` (None: W8A8),
+    with the reason."""
+    chosen = _preset_at_8_bits(goal, backend, graph)
+    if bits is None or bits.weights >= 8 or _low_bit_weights(chosen.recipe) == chosen.recipe:
+        return chosen
+    return dataclasses.replace(chosen, recipe=_low_bit_weights(chosen.recipe), why=(
+        f"{chosen.why}; below 8-bit weights every weight row is clipped to its MSE-optimal range and rounded by "
+        f"GPTQ (the LM head keeps 8-bit weights)"))
+
+
+def _low_bit_weights(recipe: Recipe) -> Recipe:
+    """``recipe`` with GPTQ rounding (unless it has it) on MSE-clipped weight rows. Measured on
+    SmolLM2 W4A8 (rotate+gptq+sink): wiki perplexity 25.81 with min-max rows, 23.30 MSE-clipped
+    (docs/experiments/rotation.md)."""
+    from ..passes.gptq import GPTQ
+
+    if not any(s.pass_type is GPTQ for s in recipe.finish):
+        recipe = with_gptq(recipe)
+    return dataclasses.replace(recipe, weight_estimator=Estimator.MSE)
+
+
+def _preset_at_8_bits(goal: str | Goal, backend: str, graph: torch.fx.GraphModule | None) -> Preset:
     try:
         goal = Goal(goal)
     except ValueError:
