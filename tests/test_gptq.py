@@ -98,6 +98,38 @@ def test_gptq_pass_fires_leaves_its_input_alone_and_lowers_the_model_error(famil
         assert output_error(rounded(**g.inputs), lowered(**g.inputs)).within(1e-5)
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_sequential_gptq_rounds_each_linear_on_inputs_from_the_already_rounded_model(family):
+    """Each Linear's Gram matrix comes from the model whose earlier Linears carry their rounded
+    weights: the Gram of its input in the *finished* graph (everything rounded; later Linears
+    cannot reach an earlier one's input) must give back exactly the weight GPTQ wrote."""
+    from outlierfx.graph.attrs import fetch_attr
+    from outlierfx.passes.convert_fake_quant import linear_weight_spec
+
+    g = build_model(family, layers=2, hidden=32, ffn=64, batch=4, seq=16,
+                    outliers=OutlierSpec(gamma_scale=10.0, channels=(3,)))
+    policy = make_policy("linear-inputs", "W4A8")
+    observed = _calibrated(g, policy)
+    batches = [g.inputs, {k: v[:2, :9] for k, v in g.inputs.items()}]  # two batches of different shapes
+    sequential = GPTQ(batches, policy.weight, policy.embedding, sequential=True)(observed)
+    parallel = GPTQ(batches, policy.weight, policy.embedding, sequential=False)(observed)
+    assert sequential.modified and len(sequential.plan.linears) == len(parallel.plan.linears) >= 8
+    first = sequential.plan.linears[0].node  # nothing upstream was rounded: the same Gram, the same weight
+    assert torch.equal(sequential.plan.weights[first], parallel.plan.weights[first])
+    assert any(not torch.equal(sequential.plan.weights[r.node], parallel.plan.weights[r.node])
+               for r in sequential.plan.linears[1:])
+    finished = sequential.graph_module
+    nodes = {n.name: n for n in finished.graph.nodes}
+    grams = GPTQ(batches, policy.weight, policy.embedding, sequential=False)._gram_matrices(
+        finished, [nodes[r.node] for r in sequential.plan.linears])
+    for r in sequential.plan.linears:
+        node = nodes[r.node]
+        float_weight = fetch_attr(observed, str({n.name: n for n in observed.graph.nodes}[r.node].args[1].target))
+        again, _ = gptq_round(float_weight, grams[r.node][0], linear_weight_spec(node, policy.weight))
+        assert torch.equal(again, fetch_attr(finished, str(node.args[1].target))), r.node
+        assert grams[r.node][1] == r.tokens
+
+
 def test_gptq_recipe_suffix_and_bad_inputs():
     g = build_model("gpt2", layers=1, batch=2, seq=8)
     _, report = outlierfx.quantize(g.model, [g.inputs], recipe="naive+gptq", bits="W4A8", progress=False)

@@ -11,7 +11,12 @@ would use: per-row scales from the policy's weight spec (min-max or MSE-clipped)
 the float weight before any rounding. Only the choice of grid point changes.
 
 X is what the Linear reads in the fake-quant model: activations quantized with their calibrated
-ranges, weights still float, padding tokens (``attention_mask == 0``) left out. The pass writes
+ranges, padding tokens (``attention_mask == 0``) left out. With ``sequential=True`` (as in the
+GPTQ paper) the Linears are rounded in graph order and each one's X comes
+from the model whose earlier Linears already carry their rounded weights, so a Linear's rounding
+also absorbs the error its inputs picked up upstream; the graph runs once, node by node over all
+calibration batches in lockstep (:class:`_Lockstep`). ``sequential=False`` (the default) takes
+every X from the model with float weights (one plain forward per batch). The pass writes
 weights that already lie on their grids, each row keeping a code at +-qmax so that the
 conversion (and lowering, which reads scales back by min-max) finds the same scale and changes
 nothing. Biases, embedding tables and tied weights (an LM head sharing the embedding table) are
@@ -22,8 +27,9 @@ left alone. Run it after calibration and after any pass that rewrites weights (e
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.fx
@@ -158,12 +164,14 @@ class GPTQ(GraphPass[GPTQPlan]):
         batches: calibration batches (keyword-input dicts).
         weight_spec, embedding_spec: the specs :class:`ConvertToFakeQuant` will use.
         damp: Hessian damping, a fraction of its mean diagonal (GPTQ's 1% default).
+        sequential: each Linear's inputs from the model with the earlier Linears rounded
+            (the module docstring says why); False: from the model with float weights.
     """
 
     output_rel_tol = None  # the weights change on purpose
 
     def __init__(self, batches: Sequence[Batch], weight_spec: QuantSpec, embedding_spec: QuantSpec | None = None,
-                 damp: float = 0.01) -> None:
+                 damp: float = 0.01, sequential: bool = False) -> None:
         if not batches:
             raise ValueError("GPTQ needs calibration batches")
         if not weight_spec.symmetric:
@@ -176,6 +184,7 @@ class GPTQ(GraphPass[GPTQPlan]):
             raise ValueError(f"damp must be > 0, got {damp}")
         self.batches = [dict(b) for b in batches]
         self.weight_spec, self.embedding_spec, self.damp = weight_spec, embedding_spec, damp
+        self.sequential = sequential
 
     def requires(self, gm: torch.fx.GraphModule) -> None:
         require_calibrated_observers(gm, "GPTQ")
@@ -192,13 +201,12 @@ class GPTQ(GraphPass[GPTQPlan]):
                 skipped.append((node.name, "weight is not a matrix"))
             else:
                 targets.append(node)
-        grams = self._gram_matrices(gm, targets)
         linears, weights = [], {}
-        for node in targets:
-            gram, tokens = grams[node.name]
+
+        def round_one(node: torch.fx.Node, gram: torch.Tensor, tokens: int) -> torch.Tensor | None:
             if tokens == 0:
                 skipped.append((node.name, "no calibration token reached it"))
-                continue
+                return None
             weight = fetch_attr(gm, str(node.args[1].target)).detach()
             spec = linear_weight_spec(node, self.weight_spec)  # the grid ConvertToFakeQuant gives it
             rounded, pinned = gptq_round(weight, gram, spec, self.damp)
@@ -207,12 +215,58 @@ class GPTQ(GraphPass[GPTQPlan]):
             linears.append(RoundedLinear(node.name, meta.module_path(node), weight.shape[1], tokens,
                                          layer_error(weight, nearest, gram) / tokens,
                                          layer_error(weight, rounded, gram) / tokens, pinned))
+            return rounded
+
+        if self.sequential:
+            self._round_in_graph_order(gm, targets, round_one)
+        else:
+            grams = self._gram_matrices(gm, targets)
+            for node in targets:
+                round_one(node, *grams[node.name])
         return GPTQPlan(tuple(linears), weights, tuple(skipped), self.weight_spec, time.perf_counter() - start)
+
+    def _work_graph(self, gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+        """The fake-quant model with float weights (activations on their calibrated grids)."""
+        return ConvertToFakeQuant(None, self.embedding_spec)(copy_graph_module(gm)).graph_module
+
+    def _round_in_graph_order(self, gm: torch.fx.GraphModule, targets: list[torch.fx.Node],
+                              round_one: Callable[[torch.fx.Node, torch.Tensor, int], torch.Tensor | None]) -> None:
+        """Run the work graph over every batch node by node; at each target Linear, round its
+        weight on the Gram matrix of its input as it arrives (earlier Linears already rounded)
+        and run the Linear with the rounded weight. Siblings reading one input share its Gram."""
+        work = self._work_graph(gm)
+        original = {n.name: n for n in targets}
+        pending: dict[torch.fx.Node, int] = {}  # input -> target Linears still to read its Gram
+        for node in work.graph.nodes:
+            if node.name in original:
+                pending[node.args[0]] = pending.get(node.args[0], 0) + 1
+        runs = [_Lockstep(work, batch) for batch in self.batches]
+        grams: dict[torch.fx.Node, tuple[torch.Tensor, int]] = {}
+        with torch.no_grad(), observation_paused():
+            for node in work.graph.nodes:
+                if node.name in original:
+                    source = node.args[0]
+                    if source not in grams:
+                        recorder = _GramRecorder()
+                        for run in runs:
+                            recorder.mask = run.mask
+                            recorder(run.env[source])
+                        grams[source] = (recorder.gram if recorder.gram is not None else torch.zeros(1, 1),
+                                         recorder.tokens)
+                    rounded = round_one(original[node.name], *grams[source])
+                    pending[source] -= 1
+                    if not pending[source]:
+                        del grams[source]
+                    if rounded is not None:
+                        for run in runs:
+                            run.env[node.args[1]] = rounded
+                for run in runs:
+                    run.step(node)
 
     def _gram_matrices(self, gm: torch.fx.GraphModule, targets: list[torch.fx.Node]
                        ) -> dict[str, tuple[torch.Tensor, int]]:
         """``X^T X`` of each target Linear's input in the fake-quant model (float weights)."""
-        work = ConvertToFakeQuant(None, self.embedding_spec)(copy_graph_module(gm)).graph_module
+        work = self._work_graph(gm)
         by_name = {n.name: n for n in work.graph.nodes}
         recorders: dict[str, _GramRecorder] = {}
         for node in targets:
@@ -239,3 +293,26 @@ class GPTQ(GraphPass[GPTQPlan]):
             node = by_name[name]
             replace_input_tensor(gm, node, node.args[1], weight, "_gptq")
         return bool(plan.weights)
+
+
+class _Lockstep(torch.fx.Interpreter):
+    """One calibration batch's run of a graph, advanced one node at a time by the caller (so
+    several batches move together and a caller can change a value between nodes); values are
+    freed after their last reader, as :meth:`torch.fx.Interpreter.run` frees them."""
+
+    def __init__(self, gm: torch.fx.GraphModule, batch: Batch) -> None:
+        super().__init__(gm)
+        bound = inspect.signature(gm.forward).bind(**batch)
+        bound.apply_defaults()
+        flat = gm.graph.process_inputs(*bound.args)
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        self.env.update(zip(placeholders, flat))
+        mask = batch.get("attention_mask")
+        self.mask = None if mask is None else mask.bool()
+
+    def step(self, node: torch.fx.Node) -> None:
+        if node.op in ("placeholder", "output"):
+            return
+        self.env[node] = self.run_node(node)
+        for value in self.user_to_last_uses.get(node, []):
+            del self.env[value]
