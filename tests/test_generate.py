@@ -243,3 +243,13 @@ def test_incremental_perplexity_equals_the_full_sequence_perplexity(backend):
     by_cache, by_call = incremental_perplexity(qmodel, windows), DecoderEval.perplexity(qmodel, windows)
     assert 1.0 < by_call < 64 * 4  # a real perplexity (random weights: near the vocabulary's 64)
     assert abs(by_cache / by_call - 1) <= PPL_TOL
+
+
+@pytest.mark.parametrize("backend", [None, *runnable_backends(["onednn"])])
+def test_rotate_sink_rotates_every_head_of_the_generating_model(backend):
+    g = _model()
+    qmodel, report = quantize_causal_lm(g.model, _calibration(), "rotate+sink", backend=backend, progress=False)
+    (heads,) = [e for e in report.audit if e.pass_name == "RotateHeads"]
+    assert heads.modified and len(heads.plan.paths) == g.config.num_hidden_layers and not heads.plan.blockers
+    generated, teacher, gap = _incremental_vs_full(qmodel, _prompts())
+    assert torch.equal(generated, teacher) and gap <= LOGIT_TOL
