@@ -257,7 +257,8 @@ def _bench_speed(args: argparse.Namespace) -> int:
 
     backends = [check_backend(b.strip()) for b in args.backends.split(",") if b.strip()]
     result = speed(args.model, recipe=args.recipe, bits=args.bits, backends=backends, policy=args.policy,
-                   threads=args.threads, rounds=args.rounds, peers=not args.no_peers, onnx=args.onnx)
+                   threads=args.threads, rounds=args.rounds, peers=not args.no_peers, onnx=args.onnx,
+                   decode=not args.no_decode)
     if args.json:
         write_json(result, args.json)
         print(f"wrote {args.json}")
@@ -361,6 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
     spd.add_argument("--threads", type=int, default=2)
     spd.add_argument("--rounds", type=int, default=10, help="interleaved timed rounds (median reported)")
     spd.add_argument("--no-peers", action="store_true", help="skip torch.ao dynamic and torchao PT2E")
+    spd.add_argument("--no-decode", action="store_true",
+                     help="skip the decode rows of a causal LM (one token at batch 1 after 256 in the cache)")
     spd.add_argument("--onnx", action="store_true",
                      help="also FP32 and the first backend's int8 model exported to ONNX, in ONNX Runtime")
     spd.add_argument("--json", help="write machine-readable results here")

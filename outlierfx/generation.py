@@ -19,13 +19,14 @@ any quantizer or kernel.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
 
 from .api import QuantizationResult, quantize
 from .errors import DataError
+from .evaluate import DecoderEval
 from .graph.kv_cache import CachedDecoder, cache_inputs, empty_cache, prefill_inputs
 from .graph.inputs import as_keyword_batch, check_keyword_inputs
 from .quantizers.observers import FakeQuantize
@@ -97,18 +98,11 @@ class QuantizedCausalLM(torch.nn.Module):
         tokens[:, :prompt] = input_ids
         filled = torch.zeros(batch, length, dtype=torch.long)
         filled[:, :prompt] = 1 if attention_mask is None else attention_mask
-        keys, values = empty_cache(self.config, batch, length, self.cache_dtype)
         finished = torch.zeros(batch, dtype=torch.bool)
         if streamer is not None:
             streamer.put(input_ids)
-        rows = self.prefill_rows(prompt)
         with torch.no_grad():
-            for column in range(prompt, length):
-                written = filled.clone()
-                written[:, column:] = 0  # columns not yet written are not attended to
-                logits, keys, values = self.graph(input_ids=tokens[:, rows], attention_mask=written,
-                                                  cache_position=torch.tensor(rows), keys=keys, values=values)
-                scores = logits[:, rows.index(column - 1)]  # the row of the previous column predicts this one
+            for column, scores in enumerate(self.next_token_scores(tokens, filled, prompt), start=prompt):
                 chosen = next_token(scores, do_sample, temperature, top_k, top_p)
                 chosen = torch.where(finished, torch.full_like(chosen, pad), chosen)
                 tokens[:, column] = chosen
@@ -119,10 +113,47 @@ class QuantizedCausalLM(torch.nn.Module):
                 if bool(finished.all()):
                     length = column + 1
                     break
-                rows = self.decode_rows(column)
         if streamer is not None:
             streamer.end()
         return tokens[:, :length]
+
+    def next_token_scores(self, tokens: torch.Tensor, filled: torch.Tensor, prompt: int) -> Iterator[torch.Tensor]:
+        """Runs the first ``prompt`` columns of ``tokens`` ``[batch, columns]`` (prefill), then
+        one decode step per later column, through a cache of ``columns`` columns; yields the
+        scores ``[batch, vocab]`` that predict each column from ``prompt`` on, before the step
+        that reads it: the caller may write ``tokens[:, column]`` (and ``filled``, which columns
+        hold real tokens) in between, as :meth:`generate` does."""
+        keys, values = empty_cache(self.config, tokens.shape[0], tokens.shape[1], self.cache_dtype)
+        rows = self.prefill_rows(prompt)
+        for column in range(prompt, tokens.shape[1]):
+            scores, keys, values = self.run_rows(tokens, filled, rows, column - 1, keys, values)
+            yield scores
+            rows = self.decode_rows(column)
+
+    def run_rows(self, tokens: torch.Tensor, filled: torch.Tensor, rows: list[int], newest: int,
+                 keys: list[torch.Tensor], values: list[torch.Tensor]
+                 ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        """One call of the graph: the cache columns ``rows`` of ``tokens``, of which ``newest``
+        is the last real column written so far (later columns are not attended to). Returns
+        the scores that predict column ``newest + 1`` ``[batch, vocab]`` and the updated caches."""
+        written = filled.clone()
+        written[:, newest + 1:] = 0
+        logits, keys, values = self.graph(input_ids=tokens[:, rows], attention_mask=written,
+                                          cache_position=torch.tensor(rows), keys=keys, values=values)
+        return logits[:, rows.index(newest)], keys, values
+
+    def incremental_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+                           ) -> CausalLMLogits:
+        """The logits of whole sequences as :meth:`forward` gives them, computed through the
+        cache: the first token as a prefill, then one decode step per later token (teacher
+        forced). What generation computes, token by token; ``forward`` in one call."""
+        batch, length = input_ids.shape
+        tokens = torch.cat([input_ids, torch.zeros(batch, 1, dtype=input_ids.dtype)], 1)  # scores past the end
+        filled = torch.ones(batch, length + 1, dtype=torch.long)
+        if attention_mask is not None:
+            filled[:, :length] = attention_mask
+        with torch.no_grad():
+            return CausalLMLogits(torch.stack(list(self.next_token_scores(tokens, filled, 1)), 1))
 
     def prefill_rows(self, prompt: int) -> list[int]:
         """The cache columns the prefill runs: every prompt token from position 0, and, for a
@@ -158,6 +189,14 @@ def next_token(logits: torch.Tensor, do_sample: bool, temperature: float = 1.0, 
         drop = (before >= top_p).scatter(-1, order, before >= top_p)
         scores = scores.masked_fill(drop, float("-inf"))
     return torch.multinomial(scores.softmax(-1), 1).squeeze(-1)
+
+
+def incremental_perplexity(lm: QuantizedCausalLM, windows: torch.Tensor) -> float:
+    """The perplexity of ``lm`` on ``windows`` ``[count, tokens]`` scored through its cache (one
+    window at a time, the first token as a prefill, then one decode step per token): what
+    :meth:`~outlierfx.evaluate.DecoderEval.perplexity` gives from the full-sequence logits, up to
+    float rounding."""
+    return DecoderEval.perplexity(lm.incremental_logits, windows, batch=1)
 
 
 def _token_set(ids: int | Sequence[int] | None) -> frozenset[int]:

@@ -7,12 +7,15 @@ Lee-50, or perplexity) and its size on disk. Peers run in the same process where
 torch.ao ``quantize_dynamic`` always, torchao's PT2E ``X86InductorQuantizer`` if ``torchao``
 is importable. With ``onnx=True``, ONNX Runtime runs the FP32 graph and the first backend's
 int8 model exported as QDQ ONNX (:func:`outlierfx.export_onnx`) in the same interleaved rounds.
+For a causal LM the decode rows (:mod:`outlierfx.decode_speed`: one token at batch 1 after 256 in
+the cache) are timed in the same rounds too.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import pathlib
 import platform
 import random
@@ -24,6 +27,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
+from torch.utils._pytree import tree_map
 
 from . import corpus
 from .api import lower, quantize
@@ -64,25 +68,42 @@ def speed_inputs(loaded: LoadedModel, batch: int, seq: int) -> dict[str, torch.T
     return inputs
 
 
+@dataclasses.dataclass(frozen=True)
+class TimedCall:
+    """One timed call: ``run`` is timed, ``prepare`` runs (untimed) before each ``run`` (a decode
+    step restores its cache there)."""
+
+    run: Callable[[], Any]
+    prepare: Callable[[], Any] = lambda: None
+
+
 def interleaved_medians(models: Mapping[str, Callable[..., Any]], inputs: Mapping[str, torch.Tensor],
                         rounds: int) -> dict[str, float]:
-    """Median seconds per call of each model: one warm-up call each, then ``rounds`` rounds of
-    one call per model, so drift in the machine's speed hits all of them alike. Each round runs
-    the models in a new (seeded) random order: a model run right after FP32 eager (whose
-    weights evict the caches) measured ~2 ms (7%) slower on MiniLM than in any other seat, so no
-    model may keep one. (The 2026-11-23 JSON files were measured with each round starting one
-    model later instead, which keeps most neighbours.)"""
-    times: dict[str, list[float]] = {name: [] for name in models}
-    order = list(models)
+    """Median seconds per call of each model on ``inputs`` (see :func:`interleaved_call_medians`)."""
+    return interleaved_call_medians({name: TimedCall(functools.partial(model, **inputs))
+                                     for name, model in models.items()}, rounds)
+
+
+def interleaved_call_medians(calls: Mapping[str, TimedCall], rounds: int) -> dict[str, float]:
+    """Median seconds of each call: one warm-up call each, then ``rounds`` rounds of one call
+    each, so drift in the machine's speed hits all of them alike. Each round runs the calls in a
+    new (seeded) random order: a model run right after FP32 eager (whose weights evict the
+    caches) measured ~2 ms (7%) slower on MiniLM than in any other seat, so no model may keep
+    one. (The 2026-11-23 JSON files were measured with each round starting one model later
+    instead, which keeps most neighbours.)"""
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    order = list(calls)
     shuffle = random.Random(0).shuffle
     with torch.no_grad():
-        for model in models.values():
-            model(**inputs)
+        for call in calls.values():
+            call.prepare()
+            call.run()
         for _ in range(rounds):
             shuffle(order)
             for name in order:
+                calls[name].prepare()
                 start = time.perf_counter()
-                models[name](**inputs)
+                calls[name].run()
                 times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
 
@@ -95,8 +116,10 @@ def state_size_mb(model: torch.nn.Module) -> float:
         return size_on_disk_mb(path)
 
 
-def _torchao_pt2e(model: torch.nn.Module, batches: Sequence[dict[str, torch.Tensor]]) -> Callable[..., Any] | None:
-    """torchao PT2E static int8 with X86InductorQuantizer + inductor (None if not installed)."""
+def torchao_pt2e(model: torch.nn.Module, batches: Sequence[dict[str, Any]]) -> Callable[..., Any] | None:
+    """torchao PT2E static int8 with X86InductorQuantizer + inductor (None if not installed).
+    ``batches``: keyword inputs (tensors, or lists of them: a cache graph's keys and values),
+    every dimension of every tensor left to export to keep or make symbolic."""
     try:
         import torchao.quantization.pt2e.quantize_pt2e as pt2e
         from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
@@ -106,7 +129,7 @@ def _torchao_pt2e(model: torch.nn.Module, batches: Sequence[dict[str, torch.Tens
     except ImportError:
         return None
     quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())
-    dims = {k: {0: torch.export.Dim.AUTO, 1: torch.export.Dim.AUTO} for k in batches[0]}
+    dims = tree_map(lambda t: {i: torch.export.Dim.AUTO for i in range(t.dim())}, dict(batches[0]))
     with torch.no_grad():
         exported = torch.export.export(model, (), dict(batches[0]), dynamic_shapes=dims, strict=False).module()
     prepared = pt2e.prepare_pt2e(exported, quantizer)
@@ -135,10 +158,11 @@ def onnx_runtime_candidates(graph: torch.fx.GraphModule, fake: torch.nn.Module, 
 
 def speed(model_name: str, recipe: str | None = None, bits: str = "W8A8", backends: Sequence[str] = DEFAULT_BACKENDS,
           policy: str | None = None, threads: int = 2, rounds: int = 10, peers: bool = True,
-          quality: bool = True, progress: bool = True, onnx: bool = False) -> dict[str, Any]:
+          quality: bool = True, progress: bool = True, onnx: bool = False, decode: bool = True) -> dict[str, Any]:
     """FP32 eager and compiled, each int8 path of ours and the peers, timed in one interleaved run.
     ``recipe=None``: each backend's ``fast`` preset (one quantization per distinct recipe).
-    ``onnx``: also FP32 and the first backend's int8 model in ONNX Runtime."""
+    ``onnx``: also FP32 and the first backend's int8 model in ONNX Runtime. ``decode`` (causal
+    LMs): also the decode rows (:mod:`outlierfx.decode_speed`), timed in the same rounds."""
     torch.set_num_threads(threads)
     loaded = load(model_name)
     model = loaded.model.eval()
@@ -158,6 +182,7 @@ def speed(model_name: str, recipe: str | None = None, bits: str = "W8A8", backen
     simulated: dict[str, tuple[Any, Any, float]] = {}  # recipe name -> (fake-quant model, report, seconds)
     graph = capture(model, dict(calibration[0]))  # a preset follows the model's structure
     first_int8: tuple[str, Any] | None = None  # (label, fake-quant model): what onnx=True exports
+    ours: list[tuple[str, str, Any]] = []  # (label, backend, recipe): what the decode rows quantize again
     for backend in backends:
         chosen, _, chosen_preset = choose(recipe, backend, graph, parse_bits(bits))
         if chosen.name not in simulated:
@@ -178,10 +203,12 @@ def speed(model_name: str, recipe: str | None = None, bits: str = "W8A8", backen
         label = f"{chosen_preset.goal.value} ({chosen.name})" if chosen_preset else chosen.name
         candidates.append(Candidate(label, backend, lowered, size, setup))
         first_int8 = first_int8 or (label, fake)
+        ours.append((label, backend, chosen))
         say(f"lowered to {backend} in {time.perf_counter() - start:.1f}s")
     if onnx and first_int8 is not None:
         say("exporting FP32 and int8 to ONNX for ONNX Runtime")
         candidates += onnx_runtime_candidates(graph, first_int8[1], first_int8[0], threads)
+    eager_peers: list[tuple[str, str, torch.nn.Module]] = []  # peers that keep the Hugging Face model (and its cache)
     if peers:
         start = time.perf_counter()
         with warnings.catch_warnings():
@@ -189,14 +216,27 @@ def speed(model_name: str, recipe: str | None = None, bits: str = "W8A8", backen
             dynamic = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear}, dtype=torch.qint8)
         candidates.append(Candidate("torch.ao dynamic", "fbgemm", dynamic, state_size_mb(dynamic),
                                     time.perf_counter() - start))
+        eager_peers.append(("torch.ao dynamic", "fbgemm", dynamic))
         start = time.perf_counter()
-        pt2e = _torchao_pt2e(copy.deepcopy(model), calibration[:4])
+        exported = copy.deepcopy(model)
+        if loaded.kind == "decoder":  # logits only: torch.export cannot return transformers' DynamicCache
+            exported.config.use_cache = False
+        pt2e = torchao_pt2e(exported, calibration[:4])
         if pt2e is not None:
             with torch.no_grad():
                 pt2e(**inputs)
             candidates.append(Candidate("torchao pt2e x86", "inductor", pt2e, None, time.perf_counter() - start))
 
-    medians = interleaved_medians({str(i): c.model for i, c in enumerate(candidates)}, inputs, rounds)
+    decoders: list[Any] = []
+    if decode and loaded.kind == "decoder":
+        from . import decode_speed  # builds on this module's timing and peers
+
+        say(f"decode rows: the KV-cache graph, each path prefilled with {decode_speed.CACHE_TOKENS} tokens")
+        decoders = decode_speed.decode_candidates(loaded, calibration, ours, bits, policy, eager_peers, torchao=peers,
+                                                  say=say)
+    calls = {str(i): TimedCall(functools.partial(c.model, **inputs)) for i, c in enumerate(candidates)}
+    calls |= {f"decode {i}": d.timed() for i, d in enumerate(decoders)}
+    medians = interleaved_call_medians(calls, rounds)
 
     evaluator = None
     reference = None
@@ -222,6 +262,13 @@ def speed(model_name: str, recipe: str | None = None, bits: str = "W8A8", backen
     env = {"torch": torch.__version__, "python": platform.python_version(), "threads": threads, "rounds": rounds,
            "batch": batch, "seq": seq, "cpu": cpu_description(),
            "policies": sorted({r.policy for _, r, _ in simulated.values()})}
+    if decoders:
+        windows = DecoderEval.build(loaded, decode_speed.CACHE_TOKENS, decode_speed.PPL_WINDOWS).wiki if quality else None
+        for row in decode_speed.decode_rows(model_name, bits, decoders,
+                                            [medians[f"decode {i}"] for i in range(len(decoders))], windows):
+            rows.append(row)
+            say(decode_speed.format_decode_row(row))
+        env |= decode_speed.decode_env(windows)
     return {"rows": rows, "env": env}
 
 

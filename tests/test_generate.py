@@ -218,3 +218,38 @@ def test_smollm2_int8_greedy_decoding_and_its_cache_exact_in_float64(smollm2):
                               qmodel.first_token_rows, cache_dtype=torch.float64)
     assert _incremental_vs_full(exact, prompt, 8)[2] <= 1e-12
 
+
+
+PPL_TOL = 1e-4
+"""Incremental vs full-sequence perplexity of the same int8 model, relative. The issue accepts
+0.5% on SmolLM2 (where float32 rounding through int8 grids moves logits by a few %: see the slow
+test above); on the generated Llama both runs put every activation on the same grids, so the
+two perplexities agree to float rounding (measured below 1e-6)."""
+
+
+@pytest.mark.parametrize("backend", [None, *runnable_backends(["onednn"])])
+def test_incremental_perplexity_equals_the_full_sequence_perplexity(backend):
+    from outlierfx.evaluate import DecoderEval
+    from outlierfx.generation import incremental_perplexity
+
+    g = _model()
+    with first_token_grids_everywhere():
+        qmodel, _ = quantize_causal_lm(g.model, _calibration(), "naive+sink", backend=backend, progress=False)
+    windows = _prompts(batch=2, tokens=20, seed=5)
+    incremental = qmodel.incremental_logits(windows).logits
+    full = qmodel(windows).logits
+    assert incremental.shape == full.shape
+    assert float((incremental - full).abs().max() / full.abs().max()) <= LOGIT_TOL
+    by_cache, by_call = incremental_perplexity(qmodel, windows), DecoderEval.perplexity(qmodel, windows)
+    assert 1.0 < by_call < 64 * 4  # a real perplexity (random weights: near the vocabulary's 64)
+    assert abs(by_cache / by_call - 1) <= PPL_TOL
+
+
+@pytest.mark.parametrize("backend", [None, *runnable_backends(["onednn"])])
+def test_rotate_sink_rotates_every_head_of_the_generating_model(backend):
+    g = _model()
+    qmodel, report = quantize_causal_lm(g.model, _calibration(), "rotate+sink", backend=backend, progress=False)
+    (heads,) = [e for e in report.audit if e.pass_name == "RotateHeads"]
+    assert heads.modified and len(heads.plan.paths) == g.config.num_hidden_layers and not heads.plan.blockers
+    generated, teacher, gap = _incremental_vs_full(qmodel, _prompts())
+    assert torch.equal(generated, teacher) and gap <= LOGIT_TOL

@@ -69,3 +69,43 @@ def test_a_value_projection_read_elsewhere_blocks_its_layer():
     result = RotateHeads()(gm)
     assert not result.modified
     assert "the value projection is also read by output" in result.plan.summary()
+
+
+def test_on_a_cache_graph_the_values_rotate_through_the_cache_write_and_decoding_is_unchanged():
+    from outlierfx.generation import QuantizedCausalLM
+    from outlierfx.graph.kv_cache import CachedDecoder, cache_inputs
+
+    g = build_model("llama", hidden=32, heads=4, kv_heads=2, layers=2,
+                    outliers=OutlierSpec(gamma_scale=50.0, channels=(5,)))
+    gm = outlierfx.capture(CachedDecoder(g.model), cache_inputs(g.config, g.inputs["input_ids"]))
+    result = PassManager([RotateHeads(seed=1)])(gm)  # the manager's check: the logits, within TOL
+    (entry,) = result.audit
+    assert entry.modified and len(entry.plan.paths) == 2 and not entry.plan.blockers, entry.plan.summary()
+    assert entry.error_vs_previous.within(TOL)
+    rotated, plain = (QuantizedCausalLM(m, g.config) for m in (result.graph_module, gm))
+    tokens = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(4))
+    # decode steps read values that earlier calls wrote rotated: the logits stay the model's
+    by_cache, reference = rotated.incremental_logits(tokens).logits, plain.incremental_logits(tokens).logits
+    assert float((by_cache - reference).abs().max() / reference.abs().max()) <= TOL
+    # ... while the returned value caches differ: they hold the rotated values
+    inputs = cache_inputs(g.config, tokens)
+    _, _, values = result.graph_module(**inputs)
+    _, _, plain_values = gm(**inputs)
+    assert not torch.allclose(values[0], plain_values[0], atol=1e-3)
+
+
+def test_a_returned_cache_blocks_the_rotation_outside_a_cache_graph():
+    class ReturnsCache(torch.nn.Module):  # writes the values into a cache input and returns it, unmarked
+        def __init__(self):
+            super().__init__()
+            self.q, self.k, self.v, self.o = (torch.nn.Linear(16, 16) for _ in range(4))
+
+        def forward(self, x, cache):
+            q, k, v = (m(x).view(x.shape[0], x.shape[1], 2, 8).transpose(1, 2) for m in (self.q, self.k, self.v))
+            v = cache.index_copy(2, torch.arange(x.shape[1]), v)
+            probs = torch.softmax(q @ k.transpose(-1, -2), dim=-1)
+            return self.o((probs @ v).transpose(1, 2).reshape(x.shape)), v
+
+    model, x = ReturnsCache().eval(), torch.randn(2, 5, 16)
+    result = RotateHeads()(outlierfx.capture(model, (x, torch.zeros(2, 2, 5, 8))))
+    assert not result.modified and "index_copy" in result.plan.summary()

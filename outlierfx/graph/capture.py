@@ -28,6 +28,7 @@ from . import meta
 from .canonicalize import canonicalize
 from .compare import OutputError, output_error, run
 from .inputs import check_keyword_inputs, check_model_weights
+from .kv_cache import CachedDecoder
 from .ops import OpKind, op_kind
 from .shapes import propagate_values
 from .static_shapes import insert_shape_checks
@@ -208,6 +209,8 @@ def capture(
                     f"non-finite values: {error.nonfinite}"
                 )
     gm.meta[meta.GM_EXAMPLE_INPUTS] = inputs
+    if isinstance(model, CachedDecoder):
+        gm.meta[meta.GM_CACHE_GRAPH] = True
     gm.meta[meta.GM_CAPTURE_REPORT] = CaptureReport(
         model=name,
         export_seconds=traced.export_seconds,

@@ -20,6 +20,13 @@ GM_EXAMPLE_INPUTS = "outlierfx_example_inputs"
 GM_CAPTURE_REPORT = "outlierfx_capture_report"
 """Key in ``GraphModule.meta``: the :class:`~outlierfx.graph.capture.CaptureReport`."""
 
+GM_CACHE_GRAPH = "outlierfx_cache_graph"
+"""Key in ``GraphModule.meta``: ``True`` on a :class:`~outlierfx.graph.kv_cache.CachedDecoder`
+graph, whose outputs are ``(logits, keys, values)``. The caches are state that only the graph
+itself reads back (the next call's inputs), so a rewrite may change how they hold the keys and
+values (:mod:`~outlierfx.passes.rotate_heads` rotates the values) as long as the logits stay;
+output checks compare the logits (:func:`compared_outputs`)."""
+
 GM_RUN_ID = "outlierfx_run_id"
 """Key in ``GraphModule.meta``: the id of the ``quantize()`` run that made the graph (its report
 carries the same id, so a model is never lowered with another run's report)."""
@@ -78,3 +85,9 @@ WEIGHT_QUANT = "outlierfx_weight_quant"
 
 NORM_ROLE = "outlierfx_norm_role"
 """Set by ``DetectNorms`` on norm nodes: a :class:`outlierfx.passes.detect_norms.NormSitePlan`."""
+
+
+def compared_outputs(gm: torch.fx.GraphModule, outputs: object) -> object:
+    """What output checks compare of ``gm``'s ``outputs``: the logits of a cache graph
+    (:data:`GM_CACHE_GRAPH`), everything otherwise."""
+    return outputs[0] if gm.meta.get(GM_CACHE_GRAPH) else outputs  # type: ignore[index]

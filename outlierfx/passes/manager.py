@@ -121,7 +121,7 @@ class PassManager:
     @staticmethod
     def _run(gm: torch.fx.GraphModule, inputs: tuple[tuple, dict]) -> Any:
         with observation_paused():  # checks must not feed calibration statistics
-            return run(gm, inputs)
+            return meta.compared_outputs(gm, run(gm, inputs))
 
     @staticmethod
     def _enforce(p: Pass, context: str, error: OutputError) -> None:

@@ -16,6 +16,12 @@ The path from the value Linear to the attention and on to the output Linear may 
 (keeping the last axis a multiple of head_dim), transpose or expand other axes, repeat heads
 (grouped-query attention) and be read as the values of ``probs @ V`` or scaled_dot_product_
 attention. Any other reader, or a fused QKV projection, blocks that head path; the plan says where.
+
+On a KV-cache graph (:data:`~outlierfx.graph.meta.GM_CACHE_GRAPH`) the path may also go through
+the cache write, ``index_copy(values_cache, seq_axis, positions, new_values)``: the cache then
+holds rotated values, which is exact because only the graph itself writes and reads it (the
+cache returned by one call is the next call's input). The returned caches differ from the
+unrotated graph's; the logits do not, and the pass manager compares those.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from .rotation_folding import check_tensors, fold, linear_uses
 NAME = "RotateHeads"
 _RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
 _TRANSPOSES = {aten.transpose.int, aten.permute.default}
+_CACHE_WRITE = aten.index_copy.default
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,7 +87,7 @@ class RotateHeads(GraphPass[RotateHeadsPlan]):
             if values is None:
                 continue
             head_dim = int(tensor_val(context).shape[-1])
-            path, why = _head_path(context, values, head_dim)
+            path, why = _head_path(context, values, head_dim, bool(gm.meta.get(meta.GM_CACHE_GRAPH)))
             if path is None:
                 blockers.append((_where(context), why))
                 continue
@@ -129,10 +136,29 @@ def _from_softmax(node: torch.fx.Node) -> bool:
     return False
 
 
-def _keeps_head_blocks(node: torch.fx.Node, source: torch.fx.Node, head_dim: int) -> bool:
+def _cache_write(node: torch.fx.Node, source: torch.fx.Node, cache_graph: bool) -> bool:
+    """Whether ``node`` writes ``source`` into a cache input of a KV-cache graph along an axis
+    other than the last: ``index_copy(cache_input, dim, positions, source)``."""
+    if not cache_graph or node.op != "call_function" or node.target is not _CACHE_WRITE or len(node.args) < 4:
+        return False
+    cache, dim, new = node.args[0], node.args[1], node.args[3]
+    out = tensor_val(node)
+    return (new is source and isinstance(cache, torch.fx.Node) and cache.op == "placeholder"
+            and out is not None and int(dim) % out.dim() != out.dim() - 1)
+
+
+def _passed_on(node: torch.fx.Node) -> torch.fx.Node | None:
+    """The operand whose head blocks ``node`` passes on: a cache write's new values, else the
+    first argument."""
+    operand = node.args[3] if node.target is _CACHE_WRITE and len(node.args) >= 4 else \
+        node.args[0] if node.args else None
+    return operand if isinstance(operand, torch.fx.Node) else None
+
+
+def _keeps_head_blocks(node: torch.fx.Node, source: torch.fx.Node, head_dim: int, cache_graph: bool = False) -> bool:
     """Whether ``node`` passes ``source`` on with every head_dim-long chunk of its last axis kept
     whole (the block-diagonal rotation then commutes with it)."""
-    if preserves_last_axis(node, source):
+    if preserves_last_axis(node, source) or _cache_write(node, source, cache_graph):
         return True
     if node.op != "call_function" or not node.args or node.args[0] is not source:
         return False
@@ -153,17 +179,19 @@ def _keeps_head_blocks(node: torch.fx.Node, source: torch.fx.Node, head_dim: int
     return False
 
 
-def _head_path(context: torch.fx.Node, values: torch.fx.Node, head_dim: int
+def _head_path(context: torch.fx.Node, values: torch.fx.Node, head_dim: int, cache_graph: bool = False
                ) -> tuple[HeadPath | None, str]:
     """The value Linear feeding ``context`` and the output Linear reading it, each joined to it
-    by block-keeping ops only, with no other reader on the way."""
+    by block-keeping ops only, with no other reader on the way (on a cache graph the returned
+    cache is no reader: only the graph's next call reads it)."""
     value = values
     while not is_kind(value, OpKind.LINEAR):
-        if value.op != "call_function" or not value.args or not isinstance(value.args[0], torch.fx.Node) \
-                or not _keeps_head_blocks(value, value.args[0], head_dim):
+        upstream = _passed_on(value) if value.op == "call_function" else None
+        if upstream is None or not _keeps_head_blocks(value, upstream, head_dim, cache_graph):
             return None, f"the values come from {value.target}, not a Linear through layout ops"
-        value = value.args[0]
-    readers = _consumers(value, head_dim)
+        value = upstream
+    readers = [(user, operand) for user, operand in _consumers(value, head_dim, cache_graph)
+               if not (user.op == "output" and _cache_write(operand, _passed_on(operand), cache_graph))]
     if readers != [(context, values)]:
         others = ", ".join(user.name for user, _ in readers if user is not context)
         return None, f"the value projection is also read by {others}"
@@ -174,14 +202,15 @@ def _head_path(context: torch.fx.Node, values: torch.fx.Node, head_dim: int
     return HeadPath(value, context, readers[0][0]), ""
 
 
-def _consumers(start: torch.fx.Node, head_dim: int) -> list[tuple[torch.fx.Node, torch.fx.Node]]:
+def _consumers(start: torch.fx.Node, head_dim: int, cache_graph: bool = False
+               ) -> list[tuple[torch.fx.Node, torch.fx.Node]]:
     """``(consumer, operand)`` for every reader of ``start``'s values, followed through
     block-keeping ops."""
     found, stack = [], [start]
     while stack:
         node = stack.pop()
         for user in node.users:
-            if _keeps_head_blocks(user, node, head_dim):
+            if _keeps_head_blocks(user, node, head_dim, cache_graph):
                 stack.append(user)
             elif (user, node) not in found:
                 found.append((user, node))
