@@ -5,6 +5,7 @@ import copy
 
 import pytest
 import torch
+from torch.fx.experimental.symbolic_shapes import free_symbols
 
 import outlierfx
 from outlierfx.backends import runnable_backends
@@ -192,6 +193,26 @@ def test_a_saved_decoder_loads_with_its_cache_and_tokenizer_and_generates_the_sa
     assert loaded.tokenizer("w05 w06").input_ids == [5, 6]
     prompt = _prompts()
     assert torch.equal(loaded.generate(prompt, max_new_tokens=10), qmodel.generate(prompt, max_new_tokens=10))
+
+
+@pytest.mark.skipif(not runnable_backends(["inductor"]), reason="no inductor int8 engine")
+def test_a_saved_inductor_decoder_loads_with_the_fresh_graphs_sizes_and_generates_the_same(tmp_path):
+    # Calibration batches whose sizes no model dimension shares (3 x 12): capture specializes them,
+    # so a size the fresh graph knows as 12 must load as 12, not as a symbol that the prompt length
+    # and the cache length then share (torch.compile merged the size nodes of such a graph in place
+    # while compiling the prefill, and compiling the first decode step failed with an IndexError).
+    g = build_model("llama", layers=1, kv_heads=2)
+    gen = torch.Generator().manual_seed(1)
+    calibration = [{"input_ids": torch.randint(0, 64, (3, 12), generator=gen)} for _ in range(2)]
+    qmodel, _ = quantize_causal_lm(g.model, calibration, "rotate+sink", backend="inductor", progress=False)
+    outlierfx.save(qmodel, tmp_path)
+    loaded = outlierfx.load(tmp_path)
+    fresh_graph, loaded_graph = qmodel.graph.reference, loaded.graph.reference
+    for fresh, again in zip(fresh_graph.graph.find_nodes(op="placeholder"), loaded_graph.graph.find_nodes(op="placeholder")):
+        assert free_symbols(again.meta["val"]) == free_symbols(fresh.meta["val"]), again.name
+    prompt = _prompts(batch=1, tokens=4)
+    expected = qmodel.generate(prompt, max_new_tokens=3)
+    assert torch.equal(loaded.generate(prompt, max_new_tokens=3), expected)
 
 
 @pytest.mark.slow

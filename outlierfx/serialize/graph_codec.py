@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.fx
 import torch.utils._pytree as pytree
-from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
+from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, is_concrete_int
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch._dynamo.source import ConstantSource
 
@@ -113,14 +113,18 @@ def _encode_val(val: Any) -> Any:
     if isinstance(val, torch.Tensor):
         return {"dtype": str(val.dtype).removeprefix("torch."), "shape": [_size(s) for s in val.shape]}
     if isinstance(val, torch.SymInt):
-        return {"symint": str(val.node.expr)}
+        return {"symint": _size(val)}
     if isinstance(val, (tuple, list)) and val and all(isinstance(v, torch.Tensor) for v in val):
         return {"tuple": [_encode_val(v) for v in val]}
     return None
 
 
 def _size(size: int | torch.SymInt) -> int | str:
-    return str(size.node.expr) if isinstance(size, torch.SymInt) else int(size)
+    """A size as saved: its symbol's name, or a number where it is one. Capture leaves the sizes it
+    specialized as SymInts whose expression is a number; saved by name they would load as a
+    symbol that every equal size shares (the prompt's length and the cache's, say), which the
+    graph does not say and which torch.compile acts on (it merges size nodes of equal symbols)."""
+    return int(size) if is_concrete_int(size) else str(size.node.expr)
 
 
 def _quantized_weights(gm: torch.fx.GraphModule) -> dict[str, QuantSpec]:
@@ -318,6 +322,8 @@ def _propagate(gm: torch.fx.GraphModule, saved_nodes: list[dict[str, Any]], flat
             continue
         sizes = []
         for size, hint in zip(val["shape"], example.shape):
+            if isinstance(size, str) and size.isdigit():  # a number saved as a name (before _size wrote numbers)
+                size = int(size)
             if isinstance(size, str):
                 if size not in symbols:
                     symbol = env.create_symbol(int(hint), ConstantSource(size), dynamic_dim=DimDynamic.DYNAMIC)
