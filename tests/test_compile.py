@@ -1,5 +1,7 @@
 """A user's own ``torch.compile(qmodel)``, default arguments, on every form of our model: it
-compiles and matches the eager model, and runs the kernels docs/torch-compile.md says it does."""
+compiles and matches the eager model, and runs the kernels docs/torch-compile.md says it does.
+Our own compiled form (``CompiledInt8``) compiles again for new shapes and never lets the
+compiler edit the graph it keeps."""
 
 from __future__ import annotations
 
@@ -8,12 +10,19 @@ import contextlib
 import pytest
 import torch
 import torch._dynamo
+import torch.fx
+from torch._dynamo.source import ConstantSource
 from torch._inductor.utils import run_and_get_code
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
 
 import outlierfx
 from outlierfx.backends import runnable_backends
+from outlierfx.backends.inductor import CompiledInt8
+from outlierfx.graph.shapes import propagate_values
 from outlierfx.testing import assert_tokens_close, build_model, first_token_grids_everywhere
 
+aten = torch.ops.aten
 INT8_GEMM = "qlinear_pointwise"  # inductor's oneDNN int8 GEMM in the generated code
 
 
@@ -48,3 +57,33 @@ def test_torch_compile_with_default_arguments_compiles_and_matches(simulated, fo
         assert INT8_GEMM not in generated and "extern_kernels.addmm" in generated
     else:  # eager int8 kernels run between compiled float pieces (graph breaks at the packed ops)
         assert INT8_GEMM not in generated and "extern_kernels.addmm" not in generated
+
+
+@pytest.mark.skipif(not runnable_backends(["inductor"]), reason="no inductor")
+def test_compiled_int8_compiles_each_new_shape_and_leaves_its_graph_alone():
+    # Two size nodes of one symbol (the lengths of x and y) and a constant: torch 2.13's compiler
+    # merges such size nodes in the GraphModule it traces, in place, without regenerating its
+    # code; compiling that module again for another shape then failed with an IndexError.
+    graph = torch.fx.Graph()
+    x, y = graph.placeholder("x"), graph.placeholder("y")
+    sizes = [graph.call_function(aten.sym_size.int, (v, 0)) for v in (x, y)]
+    ramps = [graph.call_function(aten.arange.default, (n,), {"dtype": torch.float32}) for n in sizes]
+    total = graph.call_function(aten.add.Tensor, (graph.call_function(aten.add.Tensor, (x, ramps[0])),
+                                                  graph.call_function(aten.mul.Tensor, (y, ramps[1]))))
+    graph.output(graph.call_function(aten.mul.Tensor, (total, graph.get_attr("scale"))))
+    root = torch.nn.Module()
+    root.register_buffer("scale", torch.tensor([2.0]))
+    gm = torch.fx.GraphModule(root, graph)
+    env = ShapeEnv()
+    length = env.create_symintnode(env.create_symbol(4, ConstantSource("n"), dynamic_dim=DimDynamic.DYNAMIC),
+                                   hint=4, source=ConstantSource("n"))
+    with FakeTensorMode(shape_env=env):
+        x.meta["val"], y.meta["val"] = torch.empty(length), torch.empty(length)
+    propagate_values(gm, full=True)
+    nodes, code = [n.name for n in gm.graph.nodes], gm.code
+    torch._dynamo.reset()
+    compiled = CompiledInt8(gm)
+    for n in (4, 6, 9):  # the second shape compiles again (dynamic), the third reuses it
+        ones = torch.ones(n)
+        assert torch.equal(compiled(ones, ones), gm(ones, ones))
+    assert [n.name for n in gm.graph.nodes] == nodes and gm.code == code and compiled.reference is gm

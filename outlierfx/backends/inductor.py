@@ -28,6 +28,7 @@ import torch.fx
 
 from ..graph import meta
 from ..graph.attrs import fetch_attr
+from ..graph.copy import copy_graph_module
 from ..graph.ops import SDPA, is_call
 from .base import MAX_MERGED_WEIGHT, label_groups
 from .bf16_attention import read_by_attention_only, use_bf16_attention_in_reference_form
@@ -179,13 +180,32 @@ class CompiledInt8(torch.nn.Module):
 
     Freezing must be set in inductor's global config while compiling: passed as
     ``torch.compile(options=...)`` it does not reach the int8 weight-prepacking patterns
-    (torch 2.13: ``onednn.qlinear_prepack`` is then left on a graph input and fails)."""
+    (torch 2.13: ``onednn.qlinear_prepack`` is then left on a graph input and fails).
+
+    ``reference`` (what ``outlierfx.save`` writes and ``export_onnx`` exports) is never handed to
+    the compiler: it compiles :func:`_compiler_copy` of it."""
 
     def __init__(self, reference: torch.fx.GraphModule, dynamic: bool | None = None) -> None:
         super().__init__()
         self.reference = reference
-        self.compiled = torch.compile(reference, dynamic=dynamic)
+        self.compiled = torch.compile(_compiler_copy(reference), dynamic=dynamic)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         with torch._inductor.config.patch(INDUCTOR_OPTIONS), torch.no_grad():
             return self.compiled(*args, **kwargs)
+
+
+def _compiler_copy(reference: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A copy of ``reference`` for torch.compile: its own graph (sharing the tensors), with no
+    ``val`` on any node.
+
+    Compiling a GraphModule edits it: torch 2.13's dynamo runs ``insert_deferred_runtime_asserts``
+    on the module it traces, which merges size nodes whose symbolic values are equal, in place,
+    without regenerating the module's code. The next compilation (another input shape, e.g. a
+    decode step after the prefill) maps the code's lines to node metadata by index and fails with
+    an IndexError. Dynamo traces the code and makes its own values, so the copy needs none; with
+    none, the pass has nothing to merge."""
+    copy = copy_graph_module(reference)
+    for node in copy.graph.nodes:
+        node.meta.pop("val", None)
+    return copy
