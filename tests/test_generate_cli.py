@@ -34,6 +34,26 @@ def test_quantize_then_generate_streams_the_continuation_and_its_speed(tmp_path,
     assert re.search(r"prompt: 4 tokens in \d+ ms; \d more tokens at [\d.]+ tokens/s", printed), printed
 
 
+@pytest.mark.skipif(not runnable_backends(["inductor"]), reason="no inductor int8 engine")
+def test_generate_continues_from_an_inductor_save(tmp_path, capsys):
+    # rotate+sink on inductor: the saved graph once loaded with its specialized sizes as symbols,
+    # and the first decode step's compilation failed (tests/test_generate.py has the details)
+    g = build_model("llama", layers=1, kv_heads=2)
+    source, out = tmp_path / "llama", tmp_path / "int8"
+    g.model.save_pretrained(source)
+    word_tokenizer().save_pretrained(source)
+    assert main(["quantize", str(source), "--recipe", "rotate+sink", "--backend", "inductor", "--samples", "16",
+                 "--seq", "48", "--no-measure", "--out", str(out)]) == 0
+    assert json.loads((out / "graph.json").read_text())["backend"] == "inductor"
+    capsys.readouterr()
+    assert main(["generate", str(out), "--prompt", "w05 w09 w11 w20", "--max-new-tokens", "4"]) == 0
+    printed = capsys.readouterr().out
+    # the prompt, then 4 new words (that a loaded inductor model generates the in-memory model's
+    # tokens is tests/test_generate.py's; checking it here would compile the graph twice more)
+    assert re.search(r"w05 w09 w11 w20( w\d\d){4}", printed), printed
+    assert re.search(r"prompt: 4 tokens in \d+ ms; 3 more tokens at [\d.]+ tokens/s", printed), printed
+
+
 def test_generate_refuses_a_model_without_a_cache(tmp_path, capsys):
     g = build_model("bert")
     qmodel, _ = outlierfx.quantize(g.model, [g.inputs], "naive", progress=False)
