@@ -10,6 +10,7 @@ import pathlib
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch.fx.experimental.symbolic_shapes import free_symbols
 
 import outlierfx
 from outlierfx.backends import BackendError, runnable_backends
@@ -78,6 +79,40 @@ def test_fake_quant_model_reloads_as_is_or_lowered_to_another_backend(tmp_path, 
     outlierfx.save(lowered, tmp_path / "ref")
     back = outlierfx.load(tmp_path / "ref", backend="fake-quant")
     assert any(isinstance(m, FakeQuantize) for m in back.modules())
+
+
+def _input_sizes(gm: torch.fx.GraphModule) -> list[list[int | str]]:
+    """Each input's sizes: numbers, and symbols named by their order of appearance (sizes that
+    share a symbol share the name)."""
+    names: dict[str, str] = {}
+    sizes = []
+    for node in gm.graph.find_nodes(op="placeholder"):
+        shape = node.meta["val"].shape
+        sizes.append([names.setdefault(str(s), f"n{len(names)}") if free_symbols(s) else int(s) for s in shape])
+    return sizes
+
+
+def test_sizes_load_as_symbols_where_the_graph_has_them_and_as_numbers_elsewhere(tmp_path):
+    from outlierfx.generation import quantize_causal_lm
+
+    _, bert, _ = _quantized("bert", None, recipe="naive")  # symbolic batch and sequence
+    assert all(isinstance(size, str) for shape in _input_sizes(bert) for size in shape)
+    assert _input_sizes(outlierfx.load(outlierfx.save(bert, tmp_path / "bert"))) == _input_sizes(bert)
+    # a lowered KV-cache graph: lowering specialized every size (SymInts whose expression is a number)
+    g = build_model("llama", layers=1, kv_heads=2)
+    decoder, _ = quantize_causal_lm(g.model, [{"input_ids": torch.randint(0, 64, (3, 12))}], "naive",
+                                    backend="reference", progress=False)
+    fresh = _input_sizes(decoder.graph)
+    assert all(isinstance(size, int) for shape in fresh for size in shape) and [3, 12] in fresh
+    folder = outlierfx.save(decoder, tmp_path / "llama")
+    doc = json.loads((folder / GRAPH_FILE).read_text())
+    shapes = [n["meta"]["val"]["shape"] for n in doc["graph"]["nodes"] if "shape" in n["meta"].get("val", {})]
+    assert shapes and all(isinstance(size, int) for shape in shapes for size in shape)
+    assert _input_sizes(outlierfx.load(folder, backend="fake-quant").graph) == fresh
+    for shape in shapes:  # as saves before sizes were written as numbers: a specialized 12 named "12"
+        shape[:] = [str(size) for size in shape]
+    (folder / GRAPH_FILE).write_text(json.dumps(doc))
+    assert _input_sizes(outlierfx.load(folder, backend="fake-quant").graph) == fresh
 
 
 def test_reload_in_a_new_process_is_bit_exact(tmp_path):
