@@ -197,7 +197,7 @@ def test_a_saved_decoder_loads_with_its_cache_and_tokenizer_and_generates_the_sa
 
 @pytest.mark.skipif(not runnable_backends(["inductor"]), reason="no inductor int8 engine")
 def test_a_saved_inductor_decoder_loads_with_the_fresh_graphs_sizes_and_generates_the_same(tmp_path):
-    # Calibration batches whose sizes no model dimension shares (3 x 12): capture specializes them,
+    # Calibration batches whose sizes no model dimension shares (3 x 12): lowering specializes them,
     # so a size the fresh graph knows as 12 must load as 12, not as a symbol that the prompt length
     # and the cache length then share (torch.compile merged the size nodes of such a graph in place
     # while compiling the prefill, and compiling the first decode step failed with an IndexError).

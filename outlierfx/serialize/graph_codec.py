@@ -120,10 +120,11 @@ def _encode_val(val: Any) -> Any:
 
 
 def _size(size: int | torch.SymInt) -> int | str:
-    """A size as saved: its symbol's name, or a number where it is one. Capture leaves the sizes it
-    specialized as SymInts whose expression is a number; saved by name they would load as a
-    symbol that every equal size shares (the prompt's length and the cache's, say), which the
-    graph does not say and which torch.compile acts on (it merges size nodes of equal symbols)."""
+    """A size as saved: its symbol's name, or a number where it is one. Sizes that export or
+    lowering specialized stay SymInts whose expression is a number (a lowered KV-cache graph's
+    all are); saved by name they would load as a symbol that every equal size shares (the
+    prompt's length and the cache's, say), which the graph does not say and which
+    torch.compile acts on (it merges size nodes of equal symbols)."""
     return int(size) if is_concrete_int(size) else str(size.node.expr)
 
 
