@@ -95,8 +95,9 @@ def run_matrix() -> dict[str, Any]:
             "env": {"torch": torch.__version__, "transformers": transformers.__version__, "threads": 1}}
 
 
-def discover(minutes: float, types: list[str] | None) -> dict[str, Any]:
-    """Run discovered types for ``minutes`` (the unrecorded first), merged into the recorded ones."""
+def discover(minutes: float, types: list[str] | None) -> None:
+    """Run discovered types for ``minutes`` (the unrecorded first), merged into the recorded ones;
+    the JSON is rewritten after each type, so an interrupted run keeps what it measured."""
     import torch
     import transformers
 
@@ -109,6 +110,7 @@ def discover(minutes: float, types: list[str] | None) -> dict[str, Any]:
     rows = {r["architecture"]: r for r in recorded["rows"]}
     found = candidates()
     todo = [c for c in found if (c.model_type in types if types else c.model_type not in rows)]
+    env = {"torch": torch.__version__, "transformers": transformers.__version__, "threads": 1}
     started = time.perf_counter()
     for candidate in todo:
         if time.perf_counter() - started > minutes * 60:
@@ -116,9 +118,9 @@ def discover(minutes: float, types: list[str] | None) -> dict[str, Any]:
         row = run_discovered(candidate)
         print(f"{candidate.model_type}: {'ok' if row.passed else row.not_built or row.outcomes[-1].detail}", flush=True)
         rows[candidate.model_type] = row.as_dict()
-    return {"stages": list(DISCOVERY_STAGES), "candidates": [c.model_type for c in found],
-            "rows": [rows[c.model_type] for c in found if c.model_type in rows],
-            "env": {"torch": torch.__version__, "transformers": transformers.__version__, "threads": 1}}
+        data = {"stages": list(DISCOVERY_STAGES), "candidates": [c.model_type for c in found],
+                "rows": [rows[c.model_type] for c in found if c.model_type in rows], "env": env}
+        DISCOVERED.write_text(json.dumps(data, indent=1) + "\n")
 
 
 def render_discovered(data: dict[str, Any]) -> list[str]:
@@ -132,6 +134,11 @@ def render_discovered(data: dict[str, Any]) -> list[str]:
              f"(`--discover`, stages {', '.join(stages)}): {len(rows)} run, {len(not_run)} not run yet. "
              f"Of those run, {len(passed)} pass every stage, {len(built) - len(passed)} fail a stage, "
              f"{len(rows) - len(built)} got no tiny model.", "",
+             "A type gets no tiny model when its config is composite (a vision or audio model beside the text "
+             "one), when the config rejects the tiny sizes, when it stays above 5 M parameters at them (it "
+             "names its sizes otherwise), or when the float model itself fails on the tiny config and inputs "
+             "(\"float model\": often a size the tiny config leaves at its full default, such as a rotary "
+             "dimension larger than the tiny head): these say nothing about outlierfx, and cover nothing.", "",
              "| architecture | loaded with | result |", "|---|---|---|"]
     for row in rows:
         if row["not_built"]:
@@ -186,8 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.discover:
         DISCOVERED.parent.mkdir(parents=True, exist_ok=True)
-        types = args.types.split(",") if args.types else None
-        DISCOVERED.write_text(json.dumps(discover(args.minutes, types), indent=1) + "\n")
+        discover(args.minutes, args.types.split(",") if args.types else None)
     elif not args.render and not args.check:
         RESULT.parent.mkdir(parents=True, exist_ok=True)
         RESULT.write_text(json.dumps(run_matrix(), indent=1) + "\n")

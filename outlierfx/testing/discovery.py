@@ -47,7 +47,7 @@ class DiscoveredRow:
 
     @property
     def passed(self) -> bool:
-        return not self.not_built and len(self.outcomes) == len(DISCOVERY_STAGES) and all(o.passed for o in self.outcomes)
+        return not self.not_built and bool(self.outcomes) and all(o.passed for o in self.outcomes)  # a failure ends a row
 
     def as_dict(self) -> dict:
         return {"architecture": self.model_type, "loader": self.loader, "not_built": self.not_built,
