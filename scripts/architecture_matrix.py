@@ -3,6 +3,12 @@
     OMP_NUM_THREADS=1 .venv/bin/python scripts/architecture_matrix.py            # run, write JSON + doc
     .venv/bin/python scripts/architecture_matrix.py --render                     # doc from the JSON only
     .venv/bin/python scripts/architecture_matrix.py --check                      # exit 1 if the doc is stale
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/architecture_matrix.py --discover --minutes 30  # beyond the list
+
+``--discover`` runs the text model types of the installed transformers that the list does not
+have (``outlierfx.testing.discovery``) until ``--minutes`` are spent, starting with those not yet
+recorded (``--types a,b`` picks some), and merges them into ``bench/matrix/discovered.json``:
+repeated runs cover them all, and a new transformers release adds its new types as not run.
 
 Running the matrix (``outlierfx.testing.matrix``, every stage on every row, one thread, ~20 min) writes
 ``bench/matrix/architectures.json`` (one row per architecture, one outcome per stage, and the
@@ -22,6 +28,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 RESULT = REPO / "bench" / "matrix" / "architectures.json"
+DISCOVERED = REPO / "bench" / "matrix" / "discovered.json"
 OUTPUT = REPO / "docs" / "architectures.md"
 
 HEADER = """# Architectures: the coverage matrix
@@ -58,7 +65,14 @@ Stages:
 The list is `ENCODERS` and `DECODERS` in `outlierfx/testing/architectures.py`. A test checks that
 each is a model type of the installed transformers with the head users load, so a renamed or
 dropped type fails CI; to cover a new architecture, add its `model_type` there and rerun this
-script. Every architecture in transformers' auto mappings is not yet covered.
+script.
+
+How the list is kept current: every other text model type transformers ships (its causal-LM
+and masked-LM auto mappings) is run through the same stages, lower-inductor aside, by
+`scripts/architecture_matrix.py --discover` (not in CI: about 200 types). Run it after each
+transformers upgrade; it records each type under "Beyond the list" below: the stages it passes,
+the first it fails, or why no tiny model was built. A type users ask for, or one that fails
+here, moves into the list, and so into CI.
 """
 
 
@@ -81,7 +95,66 @@ def run_matrix() -> dict[str, Any]:
             "env": {"torch": torch.__version__, "transformers": transformers.__version__, "threads": 1}}
 
 
-def render(data: dict[str, Any]) -> str:
+def discover(minutes: float, types: list[str] | None) -> None:
+    """Run discovered types for ``minutes`` (the unrecorded first), merged into the recorded ones;
+    the JSON is rewritten after each type, so an interrupted run keeps what it measured."""
+    import torch
+    import transformers
+
+    from outlierfx.testing.discovery import DISCOVERY_STAGES, candidates, run_discovered
+
+    torch.set_num_threads(1)
+    recorded = json.loads(DISCOVERED.read_text()) if DISCOVERED.is_file() else {"rows": []}
+    if recorded.get("env", {}).get("transformers") != transformers.__version__:
+        recorded = {"rows": []}  # another release: its types and configs may differ
+    rows = {r["architecture"]: r for r in recorded["rows"]}
+    found = candidates()
+    todo = [c for c in found if (c.model_type in types if types else c.model_type not in rows)]
+    env = {"torch": torch.__version__, "transformers": transformers.__version__, "threads": 1}
+    started = time.perf_counter()
+    for candidate in todo:
+        if time.perf_counter() - started > minutes * 60:
+            break
+        row = run_discovered(candidate)
+        print(f"{candidate.model_type}: {'ok' if row.passed else row.not_built or row.outcomes[-1].detail}", flush=True)
+        rows[candidate.model_type] = row.as_dict()
+        data = {"stages": list(DISCOVERY_STAGES), "candidates": [c.model_type for c in found],
+                "rows": [rows[c.model_type] for c in found if c.model_type in rows], "env": env}
+        DISCOVERED.write_text(json.dumps(data, indent=1) + "\n")
+
+
+def render_discovered(data: dict[str, Any]) -> list[str]:
+    stages = data["stages"]
+    rows = data["rows"]
+    built = [r for r in rows if not r["not_built"]]
+    passed = [r for r in built if len(r["outcomes"]) == len(stages) and all(o["passed"] for o in r["outcomes"])]
+    not_run = [t for t in data["candidates"] if t not in {r["architecture"] for r in rows}]
+    lines = ["", "## Beyond the list", "",
+             f"{len(data['candidates'])} more text model types in transformers {data['env']['transformers']} "
+             f"(`--discover`, stages {', '.join(stages)}): {len(rows)} run, {len(not_run)} not run yet. "
+             f"Of those run, {len(passed)} pass every stage, {len(built) - len(passed)} fail a stage, "
+             f"{len(rows) - len(built)} got no tiny model.", "",
+             "A type gets no tiny model when its config is composite (a vision or audio model beside the text "
+             "one), when the config rejects the tiny sizes, when it stays above 5 M parameters at them (it "
+             "names its sizes otherwise), or when the float model itself fails on the tiny config and inputs "
+             "(\"float model\": often a size the tiny config leaves at its full default, such as a rotary "
+             "dimension larger than the tiny head): these say nothing about outlierfx, and cover nothing.", "",
+             "| architecture | loaded with | result |", "|---|---|---|"]
+    for row in rows:
+        if row["not_built"]:
+            result = f"not built: {row['not_built']}"
+        elif row in passed:
+            result = "ok"
+        else:
+            failed = next((o for o in row["outcomes"] if not o["passed"]), None)
+            result = f"**{failed['stage']} failed**: {failed['detail']}" if failed else "not finished"
+        lines.append(f"| {row['architecture']} | {row['loader']} | {result.replace('|', '/')} |")
+    if not_run:
+        lines += ["", "Not run yet: " + ", ".join(not_run) + "."]
+    return lines
+
+
+def render(data: dict[str, Any], discovered: dict[str, Any] | None = None) -> str:
     stages = data["stages"]
     lines = [HEADER, f"Measured with torch {data['env']['torch']}, transformers {data['env']['transformers']}, "
                      f"one thread: {data['minutes']} minutes for the whole table.", "",
@@ -104,6 +177,8 @@ def render(data: dict[str, Any]) -> str:
     lines += ["", f"{passed} of {len(data['rows'])} architectures pass every stage."]
     if failures:
         lines += ["", "Failures:", *failures]
+    if discovered is not None:
+        lines += render_discovered(discovered)
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -112,11 +187,18 @@ def main(argv: list[str] | None = None) -> int:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--render", action="store_true", help="rewrite the doc from the JSON, run nothing")
     mode.add_argument("--check", action="store_true", help="exit 1 if the doc is not what the JSON renders to")
+    mode.add_argument("--discover", action="store_true", help="run types beyond the list (see the docstring)")
+    parser.add_argument("--minutes", type=float, default=30.0, help="--discover: start no type after this long")
+    parser.add_argument("--types", help="--discover: comma-separated model types to (re)run")
     args = parser.parse_args(argv)
-    if not args.render and not args.check:
+    if args.discover:
+        DISCOVERED.parent.mkdir(parents=True, exist_ok=True)
+        discover(args.minutes, args.types.split(",") if args.types else None)
+    elif not args.render and not args.check:
         RESULT.parent.mkdir(parents=True, exist_ok=True)
         RESULT.write_text(json.dumps(run_matrix(), indent=1) + "\n")
-    text = render(json.loads(RESULT.read_text()))
+    discovered = json.loads(DISCOVERED.read_text()) if DISCOVERED.is_file() else None
+    text = render(json.loads(RESULT.read_text()), discovered)
     if args.check:
         if not OUTPUT.is_file() or OUTPUT.read_text() != text:
             print(f"{OUTPUT.relative_to(REPO)} is stale: run scripts/architecture_matrix.py --render", file=sys.stderr)

@@ -45,6 +45,21 @@ def test_the_listed_architectures_are_transformers_model_types_with_the_head_use
     assert set(DECODERS) <= set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
 
 
+def test_types_beyond_the_list_are_enumerated_and_built_where_their_config_allows():
+    """``--discover`` (scripts/architecture_matrix.py) runs every other text model type of the
+    installed transformers; here only the enumeration and the build check (on the meta device)."""
+    from outlierfx.testing.architectures import build_architecture
+    from outlierfx.testing.discovery import candidates, why_not_buildable
+
+    found = {c.model_type: c.loader for c in candidates()}
+    assert len(found) > 100 and not set(found) & set(ENCODERS + DECODERS)
+    assert found["olmo"] == "AutoModelForCausalLM" and found["deberta"] == "AutoModel"
+    assert why_not_buildable("olmo") == "" and why_not_buildable("mixtral") == ""  # four experts at the tiny sizes
+    assert "composite config" in why_not_buildable("gemma3")  # a vision tower beside the text model
+    g = build_architecture("olmo")
+    assert sum(p.numel() for p in g.model.parameters()) < 1_000_000
+
+
 def test_the_coverage_doc_is_rendered_from_a_run_of_the_current_matrix():
     """docs/architectures.md is what scripts/architecture_matrix.py renders of its JSON, and that
     JSON is a run of today's list and stages (rerun the script after changing either)."""

@@ -52,6 +52,49 @@ def test_rms_norm_over_a_non_last_axis_is_left_alone():
     assert aten.rms_norm.default not in _targets(gm)
 
 
+class OffsetGainRMSNorm(torch.nn.Module):
+    """Gemma's RMSNorm: the gain is ``1 + weight``, computed in float32 from a weight of any dtype."""
+
+    def __init__(self, dim, one_first=True):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(dim) * 0.3)
+        self.one_first = one_first
+
+    def forward(self, x):
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+        gain = 1.0 + self.weight.float() if self.one_first else self.weight.float() + 1
+        return (h * gain).type_as(x)
+
+
+@pytest.mark.parametrize("one_first", [True, False])
+def test_a_computed_norm_gain_becomes_the_norm_gamma(one_first):
+    norm = OffsetGainRMSNorm(8, one_first)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), norm, torch.nn.Linear(8, 4))
+    weight = norm.weight.detach().clone()
+    x = torch.randn(2, 5, 8) * 10
+    gm = outlierfx.capture(model, (x,))
+    targets = _targets(gm)
+    rms = next(n for n in gm.graph.nodes if n.target is aten.rms_norm.default)
+    assert rms.args[2] is not None and rms.args[2].op == "get_attr"
+    assert str(rms.args[2].target) == "1.weight_gain"
+    torch.testing.assert_close(getattr(gm, "1").weight_gain, 1 + weight, rtol=0, atol=0)
+    assert aten.mul.Tensor not in targets and aten.add.Tensor not in targets and aten.type_as.default not in targets
+    assert torch.equal(norm.weight, weight)  # the user's parameter still holds w, not 1 + w
+    assert_equivalent(model, gm, (x,))
+
+
+def test_a_gain_computed_from_an_activation_is_left_alone():
+    class InputGain(torch.nn.Module):
+        def forward(self, x, g):
+            return torch.nn.functional.rms_norm(x, (8,)) * (1.0 + g)
+
+    gm = outlierfx.capture(InputGain(), (torch.randn(2, 8), torch.randn(8)))
+    rms = next(n for n in gm.graph.nodes if n.target is aten.rms_norm.default)
+    assert len(rms.args) < 3 or rms.args[2] is None
+    assert aten.mul.Tensor in _targets(gm)
+
+
 class TanhGelu(torch.nn.Module):
     def forward(self, x):
         return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))

@@ -70,12 +70,9 @@ def _check_migration(g):
     migrated = {m.site.norm.name for m in plan.migrations}
     absorbable = {s.norm.name for s in detected.sites if s.absorbable}
     assert migrated == absorbable and result.modified == bool(absorbable)
-    if g.family == "gemma":
-        # open: Gemma's RMSNorm gain (1 + weight) is captured as a multiply after a norm without
-        # gamma, so there is nothing to migrate (the gain reaches the Linears unmigrated)
-        assert not absorbable and all("no gamma" in s.blocker for s in detected.sites)
-    else:
-        assert len(absorbable) == len(detected.sites)  # these architectures have no blocking consumer
+    # these architectures have no blocking consumer; Gemma's gain (1 + weight) is the norm's
+    # gamma after capture (canonicalize.fold_norm_gain), so it migrates too
+    assert len(absorbable) == len(detected.sites)
     for name, tensor in list(result.graph_module.named_parameters()) + list(result.graph_module.named_buffers()):
         assert torch.isfinite(tensor).all(), name
 

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from outlierfx.errors import DataError
+from outlierfx.graph.roles import Role
 from outlierfx.quantizers.fake_quant import (
     fake_quantize,
     group_index,
@@ -181,6 +182,20 @@ def test_padding_is_excluded():
     scores[1, :, :, 3:] = 1e6  # scores against padded keys
     _lo, hi = _observe(QuantSpec(), [scores], mask).range()
     assert float(hi) < 1e3
+
+
+def test_a_per_head_context_keeps_every_head_of_the_real_tokens():
+    # [batch, heads, seq, head_dim] with as many heads as tokens: axes 0-1 have the mask's shape,
+    # but the positions are on axis 2 (masking axes 0-1 dropped heads, not padding)
+    context = torch.randn(2, 4, 4, 8)
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
+    context[0, :, 2:] = 1e6  # padded positions
+    context[0, 3, 0, 5] = 50.0  # a real token's value in a head that masking axes 0-1 drops
+    obs = Observer(QuantSpec(), roles=frozenset({Role.ATTN_CONTEXT}))
+    with token_mask(mask):
+        obs(context)
+    _lo, hi = obs.range()
+    assert float(hi) == 50.0
 
 
 def test_nan_activation_is_named():

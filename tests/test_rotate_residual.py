@@ -16,6 +16,7 @@ from outlierfx.quantizers.hadamard import hadamard
 from outlierfx.recipes import Recipe, get_recipe
 from outlierfx.recipes.papers import MIGRATE
 from outlierfx.testing import DECODER_FAMILIES, OutlierSpec, assert_equivalent, build_model, transformer_models
+from outlierfx.testing.architectures import build_architecture
 
 TOL = RotateResidual.output_rel_tol  # 1e-5 of the output's max |value|: fp32 rounding, measured <= 2.6e-6
 
@@ -52,7 +53,23 @@ def _rotate(g, seed=0):
 @given(g=transformer_models(families=DECODER_FAMILIES).filter(lambda g: not g.outliers.gamma_zeros),
        seed=st.integers(0, 100))
 def test_rotation_is_exact_and_fires_on_rmsnorm_decoders(g, seed):
-    _, migrated, result = _rotate(g, seed)
+    _check_rotation_fires(g, *_rotate(g, seed)[1:])
+
+
+@settings(max_examples=10, deadline=None)
+@given(g=transformer_models(families=("gemma",), first_token=True).filter(lambda g: not g.outliers.gamma_zeros),
+       seed=st.integers(0, 100))
+def test_rotation_is_exact_and_fires_on_gemma(g, seed):
+    # Gemma's RMSNorm gain (1 + weight) is the norms' gamma after capture and migrates; its
+    # embedding is scaled by sqrt(hidden) before the stream, a scalar the rotation commutes with
+    audit = PassManager([MigrateGamma(), RotateResidual(seed=seed)])(outlierfx.capture(g.model, g.inputs)).audit
+    norms = 2 * g.config.num_hidden_layers + 1
+    assert f"migrated gamma at {norms}/{norms} norm sites" in audit.to_text(), audit.to_text()
+    assert "rotated the residual stream" in audit.to_text(), audit.to_text()
+    _check_rotation_fires(g, *_rotate(g, seed)[1:])
+
+
+def _check_rotation_fires(g, migrated, result):
     result.graph_module.graph.lint()
     assert_equivalent(g.model, result.graph_module, g.inputs, tol=TOL)
     plan = result.plan
@@ -138,6 +155,21 @@ def test_layernorm_models_are_left_unchanged_with_the_reason(family, why):
     for node in result.graph_module.graph.nodes:
         if node.op == "get_attr":
             assert torch.equal(fetch_attr(result.graph_module, node.target), fetch_attr(migrated, node.target))
+
+
+@pytest.mark.parametrize("model_type", ["gemma2", "gemma3_text"])
+def test_sandwich_norms_keep_the_stream_unrotated_with_the_reason(model_type):
+    # Gemma-2/3 normalize each sublayer's output before the residual add: the pre-norms' gain
+    # (1 + weight) migrates, but a gain on the stream's writer cannot move, nor commute with Q
+    g = build_architecture(model_type)
+    gm = outlierfx.capture(g.model, g.inputs)
+    migrated = MigrateGamma()(gm)
+    layers = g.config.num_hidden_layers
+    assert len(migrated.plan.migrations) == 2 * layers + 1  # input and pre-feedforward norms, final norm
+    result = RotateResidual()(migrated.graph_module)
+    assert not result.modified and len(result.plan.blockers) == 2 * layers
+    assert all("a norm writes the stream" in why for _, why in result.plan.blockers)
+    assert_equivalent(g.model, migrated.graph_module, g.inputs, tol=TOL)
 
 
 def test_gamma_left_in_a_norm_is_refused_with_the_fix():

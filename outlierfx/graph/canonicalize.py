@@ -8,6 +8,9 @@ Steps, each a function ``(gm) -> number of rewrites``:
 - ``scaled_dot_product_attention`` becomes matmul -> scale -> mask add -> softmax -> matmul, so
   attention scores and probabilities are tensors that observers can see;
 - RMSNorm written out as pow/mean/rsqrt/mul becomes one ``aten.rms_norm``;
+- a norm without gamma times a stored per-channel gain becomes a norm with that gain as its
+  gamma, also when the gain is computed from a parameter (Gemma's ``1 + weight``): it is
+  computed once into a new parameter;
 - the tanh approximation of GELU written out with pow/tanh becomes ``aten.gelu(approximate="tanh")``;
 - ``baddbmm`` (BLOOM's ALiBi attention scores) becomes matmul, scale and add;
 - aliases (bmm, _softmax) become their canonical target; dead code is removed.
@@ -25,10 +28,10 @@ import torch.fx
 
 from . import meta
 from .attention_forms import decompose_attention, decompose_baddbmm
-from .attrs import del_attr
+from .attrs import del_attr, fetch_attr, set_attr, unique_attr_name
 from .linear_forms import conv1d_to_linear, matmul_to_linear
 from .ops import aten, tensor_val
-from .rewrite import replace, substitute
+from .rewrite import STEP, replace, substitute
 
 _NOOP_CASTS = {
     aten.to.dtype,
@@ -40,6 +43,7 @@ _NOOP_CASTS = {
     aten.alias.default,
     aten.detach.default,
     aten.lift_fresh_copy.default,
+    aten.type_as.default,  # Gemma's RMSNorm output ``.type_as(x)``: a no-op where the dtypes agree
 }
 
 
@@ -106,7 +110,8 @@ def _same_tensor_type(a: torch.fx.Node, b: torch.fx.Node) -> bool:
 
 
 def fuse_rms_norm(gm: torch.fx.GraphModule) -> int:
-    """``x * rsqrt(mean(x**2, -1, keepdim) + eps) [* w]`` becomes ``aten.rms_norm(x, [d], w, eps)``."""
+    """``x * rsqrt(mean(x**2, -1, keepdim) + eps)`` becomes ``aten.rms_norm(x, [d], None, eps)``
+    (a gain multiplying it is :func:`fold_norm_gain`'s)."""
     count = 0
     for rsqrt in list(gm.graph.nodes):
         if rsqrt.op != "call_function" or rsqrt.target is not aten.rsqrt.default:
@@ -115,9 +120,7 @@ def fuse_rms_norm(gm: torch.fx.GraphModule) -> int:
         if matched is None:
             continue
         x, eps, normed = matched
-        vx = tensor_val(x)
-        weight, result = _rms_weight(normed, int(vx.shape[-1]))
-        substitute(result, aten.rms_norm.default, (x, [int(vx.shape[-1])], weight, eps))
+        substitute(normed, aten.rms_norm.default, (x, [int(tensor_val(x).shape[-1])], None, eps))
         count += 1
     gm.graph.eliminate_dead_code()
     return count
@@ -145,17 +148,87 @@ def _match_rms(rsqrt: torch.fx.Node) -> tuple[torch.fx.Node, float, torch.fx.Nod
     return None
 
 
-def _rms_weight(normed: torch.fx.Node, dim: int) -> tuple[torch.fx.Node | None, torch.fx.Node]:
-    """The 1-D gain multiplying the normalized tensor, if it is its only use."""
-    users = list(normed.users)
-    if len(users) == 1 and users[0].target is aten.mul.Tensor:
+_NORMS_WITH_GAMMA_ARG = {aten.rms_norm.default: 2, aten.layer_norm.default: 2}
+_GAIN_OPS = {aten.add.Tensor, aten.sub.Tensor, aten.to.dtype, aten._to_copy.default}
+"""Ops a gain may be computed with from one stored tensor and scalars (Gemma: ``1.0 + w.float()``)."""
+
+
+def fold_norm_gain(gm: torch.fx.GraphModule) -> int:
+    """``norm(x) * g`` becomes ``norm(x, weight=g)`` for an rms_norm without gamma, or a
+    layer_norm without gamma or beta, whose only use is that multiply by a 1-D ``g`` of the
+    normalized size: a stored tensor, or a value computed from one stored tensor and scalars
+    (Gemma's ``1 + weight``), which is computed here once and stored as a new parameter
+    ``<weight>_gain`` (the user's parameter is never touched). Passes then see the gain as the
+    norm's gamma (MigrateGamma, RotateResidual)."""
+    count = 0
+    for norm in list(gm.graph.nodes):
+        index = _NORMS_WITH_GAMMA_ARG.get(norm.target) if norm.op == "call_function" else None
+        if index is None or _arg(norm, index) is not None or (
+                norm.target is aten.layer_norm.default and _arg(norm, 3) is not None):
+            continue
+        users = list(norm.users)
+        if len(users) != 1 or users[0].target is not aten.mul.Tensor or len(users[0].args) != 2:
+            continue
         mul = users[0]
-        other = mul.args[1] if mul.args[0] is normed else mul.args[0]
-        val = tensor_val(other)
-        if isinstance(other, torch.fx.Node) and other.op == "get_attr" and val is not None \
-                and val.dim() == 1 and int(val.shape[0]) == dim:
-            return other, mul
-    return None, normed
+        other = mul.args[1] if mul.args[0] is norm else mul.args[0]
+        gain = _stored_gain(gm, other, norm)
+        if gain is None:
+            continue
+        args = list(norm.args) + [None] * (index + 1 - len(norm.args))
+        args[index] = gain
+        substitute(mul, norm.target, tuple(args), dict(norm.kwargs))
+        count += 1
+    gm.graph.eliminate_dead_code()
+    return count
+
+
+def _arg(node: torch.fx.Node, index: int) -> object:
+    names = ("input", "normalized_shape", "weight", "bias")
+    return node.args[index] if len(node.args) > index else node.kwargs.get(names[index])
+
+
+def _stored_gain(gm: torch.fx.GraphModule, gain: object, norm: torch.fx.Node) -> torch.fx.Node | None:
+    """A ``get_attr`` holding ``gain`` if it is a 1-D tensor of the normalized size and the
+    norm's dtype that is stored or computed from one stored tensor and scalars, else None."""
+    val, normed = tensor_val(gain), tensor_val(norm)
+    if not isinstance(gain, torch.fx.Node) or val is None or normed is None or val.dim() != 1 \
+            or int(val.shape[0]) != int(normed.shape[-1]) or val.dtype != normed.dtype:
+        return None
+    if gain.op == "get_attr":
+        return gain
+    leaves: list[torch.fx.Node] = []
+    value = _evaluate_gain(gm, gain, leaves)
+    if value is _NOT_CONSTANT or len(set(leaves)) != 1:
+        return None
+    target = unique_attr_name(gm, f"{leaves[0].target}_gain")
+    set_attr(gm, target, torch.nn.Parameter(value, requires_grad=False))
+    with gm.graph.inserting_before(norm):
+        stored = gm.graph.get_attr(target)
+    stored.meta[meta.MODULE_PATH] = str(leaves[0].target)
+    stored.meta[meta.CREATED_BY] = STEP
+    stored.meta["val"] = val
+    return stored
+
+
+_NOT_CONSTANT = object()
+
+
+def _evaluate_gain(gm: torch.fx.GraphModule, node: object, leaves: list[torch.fx.Node]) -> object:
+    """The value of ``node`` if only ``_GAIN_OPS`` of stored tensors and scalars compute it
+    (the stored tensors read are appended to ``leaves``), else ``_NOT_CONSTANT``."""
+    if not isinstance(node, torch.fx.Node):
+        return node if node is None or isinstance(node, (int, float, torch.dtype)) else _NOT_CONSTANT
+    if node.op == "get_attr":
+        leaves.append(node)
+        return fetch_attr(gm, str(node.target)).detach()
+    if node.op != "call_function" or node.target not in _GAIN_OPS:
+        return _NOT_CONSTANT
+    args = [_evaluate_gain(gm, a, leaves) for a in node.args]
+    kwargs = {k: _evaluate_gain(gm, v, leaves) for k, v in node.kwargs.items()}
+    if any(v is _NOT_CONSTANT for v in (*args, *kwargs.values())):
+        return _NOT_CONSTANT
+    with torch.no_grad():
+        return node.target(*args, **kwargs)
 
 
 def fuse_tanh_gelu(gm: torch.fx.GraphModule) -> int:
@@ -242,6 +315,7 @@ CANONICALIZATION_STEPS: tuple[tuple[str, Callable[[torch.fx.GraphModule], int]],
     ("matmul_to_linear", matmul_to_linear),
     ("decompose_attention", decompose_attention),
     ("fuse_rms_norm", fuse_rms_norm),
+    ("fold_norm_gain", fold_norm_gain),
     ("fuse_tanh_gelu", fuse_tanh_gelu),
     ("decompose_baddbmm", decompose_baddbmm),
     ("normalize_aliases", normalize_aliases),

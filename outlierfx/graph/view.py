@@ -109,7 +109,7 @@ class GraphView:
         for _ in range(max_steps):
             if node is not branch and nx.has_path(self.digraph, node, branch):
                 return node
-            tensor_inputs = [n for n in node.all_input_nodes if not self._is_constant(n)]
+            tensor_inputs = [n for n in node.all_input_nodes if not self.is_constant(n)]
             if node.op != "call_function" or len(tensor_inputs) != 1:
                 return None
             node = tensor_inputs[0]
@@ -125,7 +125,7 @@ class GraphView:
                 return True
         return False
 
-    def _is_constant(self, node: torch.fx.Node) -> bool:
+    def is_constant(self, node: torch.fx.Node) -> bool:
         """A parameter, or a value computed from parameters only (no graph input upstream)."""
         return node.op == "get_attr" or (node.op == "call_function" and not any(
             n.op == "placeholder" for n in nx.ancestors(self.digraph, node)))

@@ -3,7 +3,8 @@ orthogonal (randomized Hadamard) matrix Q, folded into the weights around it.
 
 Every hidden state h becomes h Q. For orthogonal Q, RMSNorm without gamma commutes with it
 (``rms(h Q) = rms(h)``, eps included), so the rotation is carried by weights alone:
-- each embedding table E -> E Q (a table tied to the lm_head gets the same E Q: both stay tied);
+- each embedding table E -> E Q (a table tied to the lm_head gets the same E Q: both stay tied;
+  an embedding scaled by a scalar, Gemma's sqrt(hidden), stays rotated);
 - each Linear writing into the stream (o_proj, down_proj; ``y = x W^T + b``): W -> Q^T W, b -> b Q;
 - each Linear reading a norm of the stream (q/k/v, gate/up, lm_head): W -> W Q;
 - a graph output that returns the stream, or a norm of it (a base model's last_hidden_state,
@@ -138,6 +139,23 @@ def _structure(view: GraphView, blockers: list[tuple[str, str]]):
     return embeddings, writers, readers, outputs, with_gamma
 
 
+def _embedding_times_scalar(view: GraphView, node: torch.fx.Node) -> torch.fx.Node | None:
+    """The embedding ``node`` is, or is times a scalar (Gemma multiplies by sqrt(hidden)): a
+    rotation of the table commutes with the scalar, so the product is rotated too."""
+    if node.target is aten.mul.Tensor and len(node.args) == 2:
+        factors = [a for a in node.args if not _is_scalar(view, a)]
+        node = factors[0] if len(factors) == 1 else node
+    return node if is_kind(node, OpKind.EMBEDDING) else None
+
+
+def _is_scalar(view: GraphView, value: object) -> bool:
+    """A Python number, or a one-element tensor computed from parameters only."""
+    if isinstance(value, (int, float)):
+        return True
+    val = tensor_val(value)
+    return isinstance(value, torch.fx.Node) and view.is_constant(value) and val is not None and val.numel() == 1
+
+
 def _stream(view: GraphView) -> set[torch.fx.Node]:
     """The tensors carrying the hidden state: every residual add and every shortcut."""
     return {r.add for r in view.residual_adds} | {r.shortcut for r in view.residual_adds}
@@ -152,12 +170,17 @@ def _sources_and_writers(view: GraphView, blockers: list[tuple[str, str]]
     for r in view.residual_adds:
         if is_kind(r.branch, OpKind.LINEAR):
             writers.append(r.branch)
+        elif is_kind(r.branch, OpKind.RMS_NORM, OpKind.LAYER_NORM):
+            blockers.append((_where(r.branch), "a norm writes the stream (a sandwich norm after the sublayer): "
+                                               "its per-channel gain does not commute with the rotation, and "
+                                               "MigrateGamma cannot move it into the residual add"))
         else:
             blockers.append((_where(r.branch), f"writes the stream through {r.branch.target}, not a Linear"))
         if r.shortcut in adds:
             continue
-        if is_kind(r.shortcut, OpKind.EMBEDDING) and r.shortcut.args[0].op == "get_attr":
-            embeddings.append(r.shortcut)
+        embedding = _embedding_times_scalar(view, r.shortcut)
+        if embedding is not None and embedding.args[0].op == "get_attr":
+            embeddings.append(embedding)
         elif is_kind(r.origin, OpKind.LAYER_NORM, OpKind.RMS_NORM):
             blockers.append((_where(r.origin), "post-LN: the stream is a norm output, and LayerNorm does not "
                                                "commute with a rotation of its input"))

@@ -68,8 +68,10 @@ _ATTENTION_MATRICES = frozenset({Role.ATTN_SCORES, Role.ATTN_PROBS})
 
 def _token_layout(x: torch.Tensor, roles: frozenset) -> bool:
     """Whether ``x`` is laid out ``[batch, seq, ...]`` (positions on axis 1): the mask's shape
-    when one is published, else the roles (attention matrices and per-head contexts are not)."""
-    if x.dim() < 3 or roles & _ATTENTION_MATRICES:
+    when one is published, else the roles (attention matrices and per-head contexts are not;
+    a per-head context ``[batch, heads, seq, head_dim]`` is not even when it has as many heads
+    as tokens and so the mask's shape on its first two axes)."""
+    if x.dim() < 3 or roles & _ATTENTION_MATRICES or _is_per_head_context(x, roles):
         return False
     mask = _TOKEN_MASK.get()
     if mask is not None:
@@ -77,12 +79,21 @@ def _token_layout(x: torch.Tensor, roles: frozenset) -> bool:
     return Role.ATTN_CONTEXT not in roles
 
 
+def _is_per_head_context(x: torch.Tensor, roles: frozenset) -> bool:
+    """An attention context before its heads are merged, ``[batch, heads, seq, head_dim]``."""
+    return Role.ATTN_CONTEXT in roles and x.dim() == 4
+
+
 def _token_rows(x: torch.Tensor, roles: frozenset = frozenset()) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``x`` as rows of real tokens ``[N, C]`` (padding dropped), and for ``[batch, heads, seq,
     seq]`` attention tensors the mask of real keys for those rows (None otherwise).
 
     The tensor's roles tell attention matrices apart (a context ``[batch, heads, seq, head_dim]``
-    has the same shape when head_dim equals the length); without roles the shape decides."""
+    has the same shape when head_dim equals the length) and put a per-head context's positions
+    on axis 2 (with as many heads as tokens, axes 0-1 have the mask's shape: taking ``x[mask]``
+    there kept some heads of every position, padding included, and dropped the others: at W16A16
+    the real tokens' contexts were then clipped by up to 1.2e-1 of the output's max on 1-layer
+    Mistral/Gemma); without roles the shape decides."""
     mask = _TOKEN_MASK.get()
     attention = bool(roles & _ATTENTION_MATRICES) if roles else True
     # attention [batch, heads, seq, seq] first: with as many heads as tokens it also matches
@@ -93,6 +104,9 @@ def _token_rows(x: torch.Tensor, roles: frozenset = frozenset()) -> tuple[torch.
         keys = mask[:, None, :].expand(-1, x.shape[2], -1)[mask]  # [real queries, keys]
         keys = keys[:, None, :].expand_as(rows)
         return rows.reshape(-1, x.shape[-1]), keys.reshape(-1, x.shape[-1])
+    if mask is not None and _is_per_head_context(x, roles) and x.shape[0] == mask.shape[0] \
+            and x.shape[2] == mask.shape[1]:  # [batch, heads, seq, head_dim]: positions on axis 2
+        return x.transpose(1, 2)[mask].reshape(-1, x.shape[-1]), None
     if mask is not None and x.dim() >= 3 and tuple(x.shape[:2]) == tuple(mask.shape):  # [batch, seq, hidden...]
         rows = x if bool(mask.all()) else x[mask]
         return rows.reshape(-1, x.shape[-1]), None

@@ -31,6 +31,21 @@ TINY_SIZES: dict[str, int] = {
     "ffn_dim": 128,  # OPT's
     "vocab_size": 128,
     "max_position_embeddings": 64,
+    # mixture-of-experts and encoder-decoder names for the same sizes (no listed architecture takes
+    # them; the discovered ones do: outlierfx.testing.discovery)
+    "num_experts": 4,
+    "num_local_experts": 4,
+    "n_routed_experts": 4,
+    "num_experts_per_tok": 2,
+    "n_shared_experts": 1,
+    "moe_intermediate_size": 64,
+    "d_model": 64,
+    "encoder_layers": 2,
+    "decoder_layers": 2,
+    "encoder_attention_heads": 4,
+    "decoder_attention_heads": 4,
+    "encoder_ffn_dim": 128,
+    "decoder_ffn_dim": 128,
 }
 """Config keyword arguments, given to the architectures whose config takes them (GPT-2 takes
 ``hidden_size`` as an alias of ``n_embd``; Falcon derives ``head_dim`` and takes none)."""
@@ -56,17 +71,36 @@ def tiny_config(model_type: str, **overrides: Any) -> Any:
     return config_class(**sizes)
 
 
+def loader_of(model_type: str) -> str:
+    """How users load ``model_type``: ``AutoModel`` for an encoder (listed, or unlisted with a
+    masked-LM head: RoBERTa-like types that also have a causal-LM head are encoders first),
+    else the causal-LM head where transformers has one (an encoder-decoder's: its decoder)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    if model_type in DECODERS:
+        return "AutoModelForCausalLM"
+    seq2seq = getattr(CONFIG_MAPPING[model_type], "is_encoder_decoder", False) is True
+    if model_type in ENCODERS or (model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not seq2seq) \
+            or model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return "AutoModel"
+    return "AutoModelForCausalLM"
+
+
 def build_architecture(model_type: str, *, batch: int = 2, seq: int = 8, seed: int = 0,
                        dtype: torch.dtype = torch.float32, pad: bool = True, **overrides: Any) -> GeneratedModel:
     """A tiny random-weight ``model_type`` in ``dtype``, with inputs (the first row right-padded
-    when ``pad``): the bare model for an encoder, the causal-LM head for a decoder."""
+    when ``pad``), loaded as :func:`loader_of` says; any model type of the installed
+    transformers, listed or not (``outlierfx.testing.discovery``)."""
     from transformers import AutoModel, AutoModelForCausalLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    if model_type not in ENCODERS + DECODERS:
-        raise ValueError(f"unknown architecture {model_type!r}; choose from {ENCODERS + DECODERS}")
+    if model_type not in CONFIG_MAPPING:
+        raise ValueError(f"unknown architecture {model_type!r}: not a model type of the installed transformers "
+                         f"(the matrix lists {ENCODERS + DECODERS})")
     torch.manual_seed(seed)
     config = tiny_config(model_type, **overrides)
-    auto = AutoModelForCausalLM if model_type in DECODERS else AutoModel
+    auto = AutoModelForCausalLM if loader_of(model_type) == "AutoModelForCausalLM" else AutoModel
     model = auto.from_config(config, dtype=dtype).eval()
     generator = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(0, config.vocab_size, (batch, seq), generator=generator)

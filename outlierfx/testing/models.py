@@ -156,10 +156,11 @@ def build_model(
     **options: Any,
 ) -> GeneratedModel:
     """One generated model with inputs (right-padded ``attention_mask`` when ``pad``)."""
-    torch.manual_seed(seed)
     config = _config(family, hidden, heads, layers, ffn, vocab, options)
     config._attn_implementation = attn
-    model = _model_class(family)(config).eval()
+    model_class = _model_class(family)
+    torch.manual_seed(seed)  # after the imports above: a first import draws from the global generator
+    model = model_class(config).eval()
     inject_outliers(model, outliers)
     generator = torch.Generator().manual_seed(seed)
     first_token = outliers.first_token_scale != 1.0
