@@ -36,8 +36,10 @@ def test_gptq_weights_lie_on_the_conversion_grid_and_conversion_keeps_them(rows,
     spec = weight_spec(bits).with_(estimator=estimator)
     w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed))
     x = _correlated_inputs(64, cols, seed)
-    rounded, _ = gptq_round(w, x.T.double() @ x.double(), spec)
-    _, scale, _ = quantize_weight(w, spec)
+    gram = x.T.double() @ x.double()
+    rounded, _ = gptq_round(w, gram, spec)
+    # MSE rows weigh each column's error by the Gram diagonal (what it costs at the output)
+    _, scale, _ = quantize_weight(w, spec, torch.diagonal(gram).float() if estimator is Estimator.MSE else None)
     codes = rounded / scale[:, None]
     assert torch.allclose(codes, codes.round(), atol=1e-4)  # on the grid ConvertToFakeQuant picks
     assert float(codes.abs().max()) <= spec.qmax + 1e-4
@@ -46,6 +48,22 @@ def test_gptq_weights_lie_on_the_conversion_grid_and_conversion_keeps_them(rows,
     for readback in (spec, spec.with_(estimator=Estimator.MINMAX)):
         again = quantize_weight(rounded, readback)[0]
         assert torch.allclose(again, rounded, rtol=0, atol=1e-6 * float(rounded.abs().max())), readback
+
+
+def test_column_weighted_mse_rows_trade_error_toward_the_columns_that_cost_more():
+    w = torch.randn(64, 32, generator=torch.Generator().manual_seed(0))
+    w[:, 0] *= 6  # one wide column sets each row's range
+    spec = weight_spec(4).with_(estimator=Estimator.MSE)
+    cost = torch.ones(32)
+    cost[0] = 100.0  # ...and its error costs most at the output
+    plain, weighted = quantize_weight(w, spec)[0], quantize_weight(w, spec, cost)[0]
+    def weighted_error(q):
+        return float(((q - w) ** 2 * cost).sum())
+    assert weighted_error(weighted) < weighted_error(plain)
+    assert float(((weighted - w) ** 2).sum()) >= float(((plain - w) ** 2).sum())  # plain MSE is optimal unweighted
+    assert torch.equal(quantize_weight(w, spec, torch.ones(32))[0], plain)
+    with pytest.raises(ValueError, match="column weights"):
+        quantize_weight(w, spec, torch.ones(31))
 
 
 @pytest.mark.parametrize("bits", [4, 8])

@@ -7,7 +7,8 @@ For a Linear ``y = x W^T`` with calibration inputs X, the layer's squared output
 ``tr((W - Q) H (W - Q)^T)`` with ``H = X^T X``. GPTQ quantizes one input column at a time (in
 order of decreasing ``H_jj``, "act order") and spreads that column's rounding error over the
 columns not yet quantized, weighted by ``H^-1``. The grid is the one :class:`ConvertToFakeQuant`
-would use: per-row scales from the policy's weight spec (min-max or MSE-clipped), computed from
+would use: per-row scales from the policy's weight spec (min-max, or MSE-clipped with each input
+column's error weighted by its Gram diagonal, what it costs at the output), computed from
 the float weight before any rounding. Only the choice of grid point changes.
 
 X is what the Linear reads in the fake-quant model: activations quantized with their calibrated
@@ -40,7 +41,7 @@ from ..graph.copy import copy_graph_module
 from ..graph.ops import has_stored_weight
 from ..quantizers.fake_quant import quantize_weight
 from ..quantizers.observers import observation_paused
-from ..quantizers.spec import Granularity, QuantSpec
+from ..quantizers.spec import Estimator, Granularity, QuantSpec
 from .base import GraphPass, require_calibrated_observers
 from .convert_fake_quant import ConvertToFakeQuant, linear_weight_spec
 from .training import Batch
@@ -103,9 +104,14 @@ class _GramRecorder(torch.nn.Module):
         return x
 
 
-def _row_scales(weight: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """Per-row scale of ``weight`` under ``spec``, as ConvertToFakeQuant computes it."""
-    _, scale, _ = quantize_weight(weight, spec)
+def _row_scales(weight: torch.Tensor, spec: QuantSpec, gram: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-row scale of ``weight`` under ``spec``, as ConvertToFakeQuant computes it; an MSE range
+    weighs each input column's error by its Gram diagonal (what that column's error costs at the
+    output) where the spec is per row and ``gram`` is given."""
+    per_row = spec.granularity is Granularity.PER_CHANNEL
+    columns = torch.diagonal(gram).to(weight.dtype) if gram is not None and per_row and \
+        spec.estimator is Estimator.MSE else None
+    _, scale, _ = quantize_weight(weight, spec, columns)
     if spec.granularity is Granularity.PER_TENSOR:
         scale = scale.reshape(1).expand(weight.shape[0])
     return scale.to(weight.dtype)
@@ -116,7 +122,7 @@ def gptq_round(weight: torch.Tensor, gram: torch.Tensor, spec: QuantSpec, damp: 
     """GPTQ-rounded ``weight`` (rows = outputs) on ``spec``'s grid for inputs with Gram matrix
     ``gram``, and how many rows needed their +-qmax code restored."""
     qmax = spec.qmax
-    step = _row_scales(weight, spec).unsqueeze(1).double()
+    step = _row_scales(weight, spec, gram).unsqueeze(1).double()
     w = weight.detach().double().clone()
     h = gram.double().clone()
     dead = torch.diagonal(h) == 0
@@ -210,7 +216,8 @@ class GPTQ(GraphPass[GPTQPlan]):
             weight = fetch_attr(gm, str(node.args[1].target)).detach()
             spec = linear_weight_spec(node, self.weight_spec)  # the grid ConvertToFakeQuant gives it
             rounded, pinned = gptq_round(weight, gram, spec, self.damp)
-            nearest = quantize_weight(weight, spec)[0]
+            step = _row_scales(weight, spec, gram).unsqueeze(1)
+            nearest = torch.clamp(torch.round(weight / step), -spec.qmax, spec.qmax) * step  # on GPTQ's grid
             weights[node.name] = rounded
             linears.append(RoundedLinear(node.name, meta.module_path(node), weight.shape[1], tokens,
                                          layer_error(weight, nearest, gram) / tokens,

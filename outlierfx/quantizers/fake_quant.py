@@ -113,10 +113,13 @@ def quantize_to_integers(x: torch.Tensor, scale: torch.Tensor, zero_point: torch
     return _integers(x, scale, zero_point, spec)[0].to(integer_dtype(spec))
 
 
-def quantize_weight(weight: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_weight(weight: torch.Tensor, spec: QuantSpec, column_weights: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fake-quantized weight with its scale and zero point: the min-max range per the spec, or
     with ``Estimator.MSE`` the range shrunk per row (per tensor) by the factor that minimises
-    that row's squared rounding + clipping error."""
+    that row's squared rounding + clipping error, each input column's error weighted by
+    ``column_weights`` where given (e.g. the diagonal of the inputs' Gram matrix: how much an
+    error in that column moves the output)."""
     w = weight.detach()
     if spec.granularity is Granularity.PER_TENSOR:
         lo, hi = w.min(), w.max()
@@ -128,7 +131,7 @@ def quantize_weight(weight: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor
     if spec.estimator is not Estimator.MSE:
         scale, zero_point = qparams_from_range(lo, hi, spec)
         return fake_quantize(w, scale, zero_point, spec), scale, zero_point
-    lo, hi = _mse_row_range(rows.float(), lo.float(), hi.float(), spec)
+    lo, hi = _mse_row_range(rows.float(), lo.float(), hi.float(), spec, column_weights)
     scale, zero_point = qparams_from_range(lo, hi, spec)
     return _clipped_fake_quantize(w, scale, zero_point, spec), scale, zero_point
 
@@ -146,14 +149,22 @@ def _clipped_fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: tor
 
 
 def _mse_row_range(rows: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec,
-                   candidates: int = 40, narrowest: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row, the range ``c * [lo, hi]`` (c in [narrowest, 1]) with the smallest quantization MSE."""
+                   column_weights: torch.Tensor | None = None, candidates: int = 40, narrowest: float = 0.5
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the range ``c * [lo, hi]`` (c in [narrowest, 1]) with the smallest quantization MSE
+    (each column's squared error times ``column_weights``, where given)."""
+    if column_weights is not None:
+        if not lo.dim() or column_weights.shape != rows.shape[1:]:
+            raise ValueError(f"column weights need a per-row range over {rows.shape[1]} columns, got "
+                             f"{tuple(column_weights.shape)}")
+        column_weights = column_weights.float()
     flat = spec.with_(granularity=Granularity.PER_CHANNEL, axis=0) if lo.dim() else spec
     best_err = torch.full((rows.shape[0],), float("inf"))
     best_c = torch.ones(rows.shape[0])
     for c in torch.linspace(1.0, narrowest, candidates).tolist():
         scale, zero_point = qparams_from_range(lo * c, hi * c, flat)
-        err = (_clipped_fake_quantize(rows, scale, zero_point, flat) - rows).pow(2).sum(1)
+        err = (_clipped_fake_quantize(rows, scale, zero_point, flat) - rows).pow(2)
+        err = (err if column_weights is None else err * column_weights).sum(1)
         better = err < best_err
         best_err, best_c = torch.where(better, err, best_err), torch.where(better, c, best_c)
     if not lo.dim():
