@@ -8,8 +8,9 @@
   time (the step appends one).
 - Ours: the cached decoder (:func:`~outlierfx.generation.quantize_causal_lm`'s graph, one
   quantization per recipe) lowered to each backend. Its own prefill fills a static cache of
-  :data:`CACHE_TOKENS` + 1 columns; each timed call is the decode step at the last column, with
-  the first-token rows replayed as :meth:`~outlierfx.generation.QuantizedCausalLM.generate` does.
+  :data:`CACHE_TOKENS` + 1 columns; each timed call is the decode step at the last column, as
+  :meth:`~outlierfx.generation.QuantizedCausalLM.generate` runs it (the new token alone on
+  onednn; the first-token rows replayed in front of it on inductor).
   The graph is functional, so the prefilled cache it reads is never changed.
 - torchao PT2E x86 (where torchao is installed): the same float cache graph
   (:class:`~outlierfx.graph.kv_cache.CachedDecoder`) quantized by its ``X86InductorQuantizer``,

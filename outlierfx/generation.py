@@ -6,15 +6,23 @@ graph with an explicit static KV cache), so the prompt (prefill) and every decod
 same quantized graph: one set of quantization parameters and weights. Calibration is unchanged
 (prompt-shaped batches, each from an empty cache of its own length).
 
-First-token grids (``+sink`` recipes) follow the absolute position. Every backend puts the first
-``n`` rows of a call on the first-token grid (fake quant and onednn when a call has more than
-``n`` rows; the reference form and inductor always). A prefill's first rows are positions
-``0..n-1``; a decode step replays them: it runs the cache's first ``n`` tokens again in front of
-the new token, so its rows ``0..n-1`` are again positions ``0..n-1`` (their keys and values are
-rewritten with what the prefill wrote: a causal row ``i < n`` reads only positions ``<= i``) and
-the new token, at a later position, is on the main grid. That costs ``n`` more rows per step (a
-decode step's GEMMs read the whole weight for one row or two alike) and needs no new input to
-any quantizer or kernel.
+First-token grids (``+sink`` recipes) follow the absolute position. The prefill (cache columns
+from 0) runs the prompt's first ``n`` rows on the first-token grid as the full-sequence forward
+does. A decode step's new token, at a later position, must be on the main grid. How a backend
+places the first-token grid decides how a decode step gets there
+(:func:`short_calls_on_main_grid`):
+
+- fake quant and the eager int8 kernels (onednn, the torch.ao engines) put the first ``n`` rows
+  of a call on the first-token grid only when the call has more than ``n`` rows. A decode step
+  runs the new token alone: one row, every quantizer on its main grid, with the same graph,
+  quantization parameters and weights as the prefill (the graph's first-token branch is a
+  run-time choice of each kernel, so the decode step is the main-grid graph without a copy).
+- the reference form and inductor (a static slice of the graph) put a call's first rows on the
+  first-token grid whatever their number. There a decode step *replays* the first ``n`` cached
+  tokens in front of the new token, so its rows ``0..n-1`` are again positions ``0..n-1`` (their
+  keys and values are rewritten with what the prefill wrote: a causal row ``i < n`` reads only
+  positions ``<= i``) and the new token is on the main grid. That costs ``n`` more rows per step
+  through every layer and needs no new input to any quantizer or kernel.
 """
 
 from __future__ import annotations
@@ -23,11 +31,15 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
+import torch.fx
 
 from .api import QuantizationResult, quantize
+from .backends import Execution, get_backend
+from .backends.inductor import CompiledInt8
 from .errors import DataError
 from .evaluate import DecoderEval
 from .graph.kv_cache import CachedDecoder, cache_inputs, empty_cache, prefill_inputs
+from .graph import meta
 from .graph.inputs import as_keyword_batch, check_keyword_inputs
 from .quantizers.observers import FakeQuantize
 from .recipes import Recipe
@@ -47,12 +59,15 @@ class QuantizedCausalLM(torch.nn.Module):
     or lowered); ``first_token_rows`` the number of leading positions on a first-token grid (0:
     none); ``tokenizer`` the model's own, kept alongside where known; ``cache_dtype`` the KV
     cache's dtype (float32, as the quantized graphs compute; float64 for a graph converted with
-    ``.double()``)."""
+    ``.double()``). ``replays_first_rows``: whether a decode step runs the first-token positions
+    again in front of the new token (the module docstring: where ``graph`` puts a call's first
+    rows on the first-token grid whatever their number)."""
 
     def __init__(self, graph: torch.nn.Module, config: Any, first_token_rows: int = 0, tokenizer: Any = None,
                  cache_dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         self.graph = graph
+        self.replays_first_rows = first_token_rows > 0 and not short_calls_on_main_grid(graph)
         self.config = config
         self.first_token_rows = first_token_rows
         self.tokenizer = tokenizer
@@ -165,8 +180,12 @@ class QuantizedCausalLM(torch.nn.Module):
         return [*range(prompt), *([prompt] if 0 < prompt <= self.first_token_rows else [])]
 
     def decode_rows(self, column: int) -> list[int]:
-        """The cache columns a decode step at ``column`` runs: the first-token positions again
-        (see the module docstring), then the new token."""
+        """The cache columns a decode step at ``column`` runs: the new token alone where a call
+        of at most ``first_token_rows`` rows is on the main grid and ``column`` is past the
+        first-token positions; else the first-token positions again, then the new token (see
+        the module docstring)."""
+        if column >= self.first_token_rows and not self.replays_first_rows:
+            return [column]
         return [*range(min(self.first_token_rows, column)), column]
 
 
@@ -203,6 +222,19 @@ def _token_set(ids: int | Sequence[int] | None) -> frozenset[int]:
     if ids is None:
         return frozenset()
     return frozenset([int(ids)] if isinstance(ids, int) else (int(i) for i in ids))
+
+
+def short_calls_on_main_grid(graph: torch.nn.Module) -> bool:
+    """Whether ``graph`` runs every row of a call with at most ``first_token_rows`` rows on the
+    main grid: a fake-quant graph (:meth:`FakeQuantize.on_grids`) or one lowered to eager int8
+    kernels (their first-token branch is taken at run time, for calls of more rows). False for
+    the reference form and inductor (a static slice) and for graphs of unknown origin."""
+    if isinstance(graph, CompiledInt8) or not isinstance(graph, torch.fx.GraphModule):
+        return False
+    lowered = graph.meta.get(meta.GM_LOWERED_FROM)
+    if lowered is None:
+        return any(isinstance(m, FakeQuantize) for m in graph.modules())
+    return get_backend(lowered.backend).capabilities.execution is Execution.EAGER_KERNELS
 
 
 def first_token_rows(graph: torch.nn.Module) -> int:
