@@ -38,7 +38,7 @@ from .backends import Execution, get_backend
 from .backends.inductor import CompiledInt8
 from .errors import DataError
 from .evaluate import DecoderEval
-from .graph.kv_cache import CachedDecoder, cache_inputs, empty_cache, prefill_inputs
+from .graph.kv_cache import CachedDecoder, cache_inputs, empty_cache, in_place_cache_writes, prefill_inputs
 from .graph import meta
 from .graph.inputs import as_keyword_batch, check_keyword_inputs
 from .quantizers.observers import FakeQuantize
@@ -68,6 +68,7 @@ class QuantizedCausalLM(torch.nn.Module):
         super().__init__()
         self.graph = graph
         self.replays_first_rows = first_token_rows > 0 and not short_calls_on_main_grid(graph)
+        self._in_place: tuple[torch.nn.Module, torch.nn.Module] | None = None  # (graph, its in-place form)
         self.config = config
         self.first_token_rows = first_token_rows
         self.tokenizer = tokenizer
@@ -77,7 +78,7 @@ class QuantizedCausalLM(torch.nn.Module):
         """The logits of whole sequences (teacher forced, from an empty cache), as ``.logits``."""
         with torch.no_grad():
             inputs = cache_inputs(self.config, input_ids, attention_mask, dtype=self.cache_dtype)
-            return CausalLMLogits(self.graph(**inputs)[0])
+            return CausalLMLogits(self.cache_writer()(**inputs)[0])
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                  max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0,
@@ -150,12 +151,25 @@ class QuantizedCausalLM(torch.nn.Module):
                  ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
         """One call of the graph: the cache columns ``rows`` of ``tokens``, of which ``newest``
         is the last real column written so far (later columns are not attended to). Returns
-        the scores that predict column ``newest + 1`` ``[batch, vocab]`` and the updated caches."""
+        the scores that predict column ``newest + 1`` ``[batch, vocab]`` and the updated caches:
+        ``keys`` and ``values`` themselves, written in place, where the graph is an FX graph
+        (:meth:`cache_writer`)."""
         written = filled.clone()
         written[:, newest + 1:] = 0
-        logits, keys, values = self.graph(input_ids=tokens[:, rows], attention_mask=written,
-                                          cache_position=torch.tensor(rows), keys=keys, values=values)
+        logits, keys, values = self.cache_writer()(input_ids=tokens[:, rows], attention_mask=written,
+                                                   cache_position=torch.tensor(rows), keys=keys, values=values)
         return logits[:, rows.index(newest)], keys, values
+
+    def cache_writer(self) -> torch.nn.Module:
+        """What runs the graph: for an FX graph (fake quant, eager engines), its copy with in-place
+        cache writes (:func:`~outlierfx.graph.kv_cache.in_place_cache_writes`; sharing its
+        weights), made once per graph, since this model owns every cache it passes and never
+        reads an old one again; else (inductor) the graph itself, which copies the caches."""
+        if not isinstance(self.graph, torch.fx.GraphModule):
+            return self.graph
+        if self._in_place is None or self._in_place[0] is not self.graph:
+            self._in_place = (self.graph, in_place_cache_writes(self.graph))
+        return self._in_place[1]
 
     def incremental_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
                            ) -> CausalLMLogits:

@@ -10,7 +10,7 @@ import outlierfx
 from outlierfx.backends import runnable_backends
 from outlierfx.errors import DataError
 from outlierfx.generation import QuantizedCausalLM, next_token, quantize_causal_lm
-from outlierfx.graph.kv_cache import CachedDecoder, cache_inputs
+from outlierfx.graph.kv_cache import CachedDecoder, cache_inputs, in_place_cache_writes
 from outlierfx.quantizers.observers import FakeQuantize
 from outlierfx.testing import build_model, first_token_grids_everywhere, word_tokenizer
 
@@ -89,6 +89,29 @@ def test_cached_graph_generates_what_transformers_generates():
     assert torch.equal(ours, theirs)
 
 
+def _index_copies(gm):
+    return [sum(n.target is op for n in gm.graph.nodes) for op in (torch.ops.aten.index_copy.default,
+                                                                    torch.ops.aten.index_copy_.default)]
+
+
+@pytest.mark.parametrize("backend", ["fake-quant", *runnable_backends(["onednn"])])
+def test_in_place_cache_writes_write_the_callers_caches_and_give_the_functional_graphs_outputs(backend):
+    g = _model()
+    qmodel, _ = quantize_causal_lm(g.model, _calibration(), "naive", backend=backend, progress=False)
+    writes = 2 * g.config.num_hidden_layers
+    assert _index_copies(qmodel.graph) == [writes, 0]
+    in_place = in_place_cache_writes(qmodel.graph)
+    assert _index_copies(in_place) == [0, writes] and _index_copies(qmodel.graph) == [writes, 0]
+    assert list(in_place.children()) == [qmodel.graph]  # read through the functional graph: nothing copied
+    inputs = cache_inputs(g.config, _prompts(), max_cache_len=7)
+    logits, keys, values = qmodel.graph(**inputs)
+    assert not any(bool(k.any()) for k in inputs["keys"])  # the functional graph left its inputs as they were
+    logits_in_place, keys_in_place, values_in_place = in_place(**inputs)
+    assert all(a is b for a, b in zip(keys_in_place + values_in_place, inputs["keys"] + inputs["values"]))
+    assert torch.equal(logits_in_place, logits)
+    assert all(torch.equal(a, b) for a, b in zip(keys_in_place + values_in_place, keys + values))
+
+
 @pytest.mark.parametrize("backend", [None, *runnable_backends(["onednn"])])
 def test_greedy_decoding_is_the_argmax_of_the_same_int8_models_full_sequence_logits(backend):
     g = _model()
@@ -103,6 +126,9 @@ def test_greedy_decoding_is_the_argmax_of_the_same_int8_models_full_sequence_log
         assert gap <= LOGIT_TOL
         # every decode step runs its new token alone: no first-token row replayed
         assert calls[1:] == [[column] for column in range(prompt.shape[1], prompt.shape[1] + NEW_TOKENS - 1)]
+        # the runtime's own graph writes its caches in place and generates the same tokens
+        assert torch.equal(qmodel.generate(prompt, max_new_tokens=NEW_TOKENS, eos_token_id=[])[:, prompt.shape[1]:],
+                           generated)
 
 
 @pytest.mark.parametrize("backend", ["fake-quant", *runnable_backends(["onednn", "reference"])])
