@@ -4,7 +4,10 @@ then ``qmodel.generate(input_ids, max_new_tokens=...)``.
 The model is captured once as :class:`~outlierfx.graph.kv_cache.CachedDecoder` (one functional
 graph with an explicit static KV cache), so the prompt (prefill) and every decode step run the
 same quantized graph: one set of quantization parameters and weights. Calibration is unchanged
-(prompt-shaped batches, each from an empty cache of its own length).
+(prompt-shaped batches, each from an empty cache of its own length). The model owns every cache
+it passes and never reads an old one again, so it runs an FX graph with its cache writes in place
+(:meth:`QuantizedCausalLM.cache_writer`): a step writes its tokens' columns instead of copying
+every cache.
 
 First-token grids (``+sink`` recipes) follow the absolute position. The prefill (cache columns
 from 0) runs the prompt's first ``n`` rows on the first-token grid as the full-sequence forward
