@@ -8,9 +8,11 @@
   time (the step appends one).
 - Ours: the cached decoder (:func:`~outlierfx.generation.quantize_causal_lm`'s graph, one
   quantization per recipe) lowered to each backend. Its own prefill fills a static cache of
-  :data:`CACHE_TOKENS` + 1 columns; each timed call is the decode step at the last column, with
-  the first-token rows replayed as :meth:`~outlierfx.generation.QuantizedCausalLM.generate` does.
-  The graph is functional, so the prefilled cache it reads is never changed.
+  :data:`CACHE_TOKENS` + 1 columns; each timed call is the decode step at the last column, as
+  :meth:`~outlierfx.generation.QuantizedCausalLM.generate` runs it (the new token alone on
+  onednn; the first-token rows replayed in front of it on inductor).
+  The step writes its keys and values in place (:meth:`~outlierfx.generation.QuantizedCausalLM.cache_writer`),
+  always into the last column, so the prefilled columns it reads stay as they are.
 - torchao PT2E x86 (where torchao is installed): the same float cache graph
   (:class:`~outlierfx.graph.kv_cache.CachedDecoder`) quantized by its ``X86InductorQuantizer``,
   calibrated on the same prompt batches, compiled by inductor, run like ours.
@@ -77,7 +79,7 @@ class CachedDecodeStep:
         self.rows = lm.decode_rows(prompt)
 
     def prepare(self) -> None:
-        pass  # the graph returns a new cache and leaves the prefilled one as it is
+        pass  # each step rewrites the last column only: the prefilled ones stay as they are
 
     def __call__(self) -> torch.Tensor:
         """The scores ``[1, vocab]`` predicting the token after ``tokens``."""

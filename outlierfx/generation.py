@@ -4,17 +4,28 @@ then ``qmodel.generate(input_ids, max_new_tokens=...)``.
 The model is captured once as :class:`~outlierfx.graph.kv_cache.CachedDecoder` (one functional
 graph with an explicit static KV cache), so the prompt (prefill) and every decode step run the
 same quantized graph: one set of quantization parameters and weights. Calibration is unchanged
-(prompt-shaped batches, each from an empty cache of its own length).
+(prompt-shaped batches, each from an empty cache of its own length). The model owns every cache
+it passes and never reads an old one again, so it runs an FX graph with its cache writes in place
+(:meth:`QuantizedCausalLM.cache_writer`): a step writes its tokens' columns instead of copying
+every cache.
 
-First-token grids (``+sink`` recipes) follow the absolute position. Every backend puts the first
-``n`` rows of a call on the first-token grid (fake quant and onednn when a call has more than
-``n`` rows; the reference form and inductor always). A prefill's first rows are positions
-``0..n-1``; a decode step replays them: it runs the cache's first ``n`` tokens again in front of
-the new token, so its rows ``0..n-1`` are again positions ``0..n-1`` (their keys and values are
-rewritten with what the prefill wrote: a causal row ``i < n`` reads only positions ``<= i``) and
-the new token, at a later position, is on the main grid. That costs ``n`` more rows per step (a
-decode step's GEMMs read the whole weight for one row or two alike) and needs no new input to
-any quantizer or kernel.
+First-token grids (``+sink`` recipes) follow the absolute position. The prefill (cache columns
+from 0) runs the prompt's first ``n`` rows on the first-token grid as the full-sequence forward
+does. A decode step's new token, at a later position, must be on the main grid. How a backend
+places the first-token grid decides how a decode step gets there
+(:func:`short_calls_on_main_grid`):
+
+- fake quant and the eager int8 kernels (onednn, the torch.ao engines) put the first ``n`` rows
+  of a call on the first-token grid only when the call has more than ``n`` rows. A decode step
+  runs the new token alone: one row, every quantizer on its main grid, with the same graph,
+  quantization parameters and weights as the prefill (the graph's first-token branch is a
+  run-time choice of each kernel, so the decode step is the main-grid graph without a copy).
+- the reference form and inductor (a static slice of the graph) put a call's first rows on the
+  first-token grid whatever their number. There a decode step *replays* the first ``n`` cached
+  tokens in front of the new token, so its rows ``0..n-1`` are again positions ``0..n-1`` (their
+  keys and values are rewritten with what the prefill wrote: a causal row ``i < n`` reads only
+  positions ``<= i``) and the new token is on the main grid. That costs ``n`` more rows per step
+  through every layer and needs no new input to any quantizer or kernel.
 """
 
 from __future__ import annotations
@@ -23,11 +34,15 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
+import torch.fx
 
 from .api import QuantizationResult, quantize
+from .backends import Execution, get_backend
+from .backends.inductor import CompiledInt8
 from .errors import DataError
 from .evaluate import DecoderEval
-from .graph.kv_cache import CachedDecoder, cache_inputs, empty_cache, prefill_inputs
+from .graph.kv_cache import CachedDecoder, cache_inputs, empty_cache, in_place_cache_writes, prefill_inputs
+from .graph import meta
 from .graph.inputs import as_keyword_batch, check_keyword_inputs
 from .quantizers.observers import FakeQuantize
 from .recipes import Recipe
@@ -47,12 +62,16 @@ class QuantizedCausalLM(torch.nn.Module):
     or lowered); ``first_token_rows`` the number of leading positions on a first-token grid (0:
     none); ``tokenizer`` the model's own, kept alongside where known; ``cache_dtype`` the KV
     cache's dtype (float32, as the quantized graphs compute; float64 for a graph converted with
-    ``.double()``)."""
+    ``.double()``). ``replays_first_rows``: whether a decode step runs the first-token positions
+    again in front of the new token (the module docstring: where ``graph`` puts a call's first
+    rows on the first-token grid whatever their number)."""
 
     def __init__(self, graph: torch.nn.Module, config: Any, first_token_rows: int = 0, tokenizer: Any = None,
                  cache_dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         self.graph = graph
+        self.replays_first_rows = first_token_rows > 0 and not short_calls_on_main_grid(graph)
+        self._in_place: tuple[torch.nn.Module, torch.nn.Module] | None = None  # (graph, its in-place form)
         self.config = config
         self.first_token_rows = first_token_rows
         self.tokenizer = tokenizer
@@ -62,7 +81,7 @@ class QuantizedCausalLM(torch.nn.Module):
         """The logits of whole sequences (teacher forced, from an empty cache), as ``.logits``."""
         with torch.no_grad():
             inputs = cache_inputs(self.config, input_ids, attention_mask, dtype=self.cache_dtype)
-            return CausalLMLogits(self.graph(**inputs)[0])
+            return CausalLMLogits(self.cache_writer()(**inputs)[0])
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                  max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0,
@@ -135,12 +154,25 @@ class QuantizedCausalLM(torch.nn.Module):
                  ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
         """One call of the graph: the cache columns ``rows`` of ``tokens``, of which ``newest``
         is the last real column written so far (later columns are not attended to). Returns
-        the scores that predict column ``newest + 1`` ``[batch, vocab]`` and the updated caches."""
+        the scores that predict column ``newest + 1`` ``[batch, vocab]`` and the updated caches:
+        ``keys`` and ``values`` themselves, written in place, where the graph is an FX graph
+        (:meth:`cache_writer`)."""
         written = filled.clone()
         written[:, newest + 1:] = 0
-        logits, keys, values = self.graph(input_ids=tokens[:, rows], attention_mask=written,
-                                          cache_position=torch.tensor(rows), keys=keys, values=values)
+        logits, keys, values = self.cache_writer()(input_ids=tokens[:, rows], attention_mask=written,
+                                                   cache_position=torch.tensor(rows), keys=keys, values=values)
         return logits[:, rows.index(newest)], keys, values
+
+    def cache_writer(self) -> torch.nn.Module:
+        """What runs the graph: for an FX graph (fake quant, eager engines), its copy with in-place
+        cache writes (:func:`~outlierfx.graph.kv_cache.in_place_cache_writes`; sharing its
+        weights), made once per graph, since this model owns every cache it passes and never
+        reads an old one again; else (inductor) the graph itself, which copies the caches."""
+        if not isinstance(self.graph, torch.fx.GraphModule):
+            return self.graph
+        if self._in_place is None or self._in_place[0] is not self.graph:
+            self._in_place = (self.graph, in_place_cache_writes(self.graph))
+        return self._in_place[1]
 
     def incremental_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
                            ) -> CausalLMLogits:
@@ -165,8 +197,12 @@ class QuantizedCausalLM(torch.nn.Module):
         return [*range(prompt), *([prompt] if 0 < prompt <= self.first_token_rows else [])]
 
     def decode_rows(self, column: int) -> list[int]:
-        """The cache columns a decode step at ``column`` runs: the first-token positions again
-        (see the module docstring), then the new token."""
+        """The cache columns a decode step at ``column`` runs: the new token alone where a call
+        of at most ``first_token_rows`` rows is on the main grid and ``column`` is past the
+        first-token positions; else the first-token positions again, then the new token (see
+        the module docstring)."""
+        if column >= self.first_token_rows and not self.replays_first_rows:
+            return [column]
         return [*range(min(self.first_token_rows, column)), column]
 
 
@@ -203,6 +239,19 @@ def _token_set(ids: int | Sequence[int] | None) -> frozenset[int]:
     if ids is None:
         return frozenset()
     return frozenset([int(ids)] if isinstance(ids, int) else (int(i) for i in ids))
+
+
+def short_calls_on_main_grid(graph: torch.nn.Module) -> bool:
+    """Whether ``graph`` runs every row of a call with at most ``first_token_rows`` rows on the
+    main grid: a fake-quant graph (:meth:`FakeQuantize.on_grids`) or one lowered to eager int8
+    kernels (their first-token branch is taken at run time, for calls of more rows). False for
+    the reference form and inductor (a static slice) and for graphs of unknown origin."""
+    if isinstance(graph, CompiledInt8) or not isinstance(graph, torch.fx.GraphModule):
+        return False
+    lowered = graph.meta.get(meta.GM_LOWERED_FROM)
+    if lowered is None:
+        return any(isinstance(m, FakeQuantize) for m in graph.modules())
+    return get_backend(lowered.backend).capabilities.execution is Execution.EAGER_KERNELS
 
 
 def first_token_rows(graph: torch.nn.Module) -> int:

@@ -11,7 +11,7 @@ import outlierfx
 from outlierfx.backends import runnable_backends
 from outlierfx.errors import DataError
 from outlierfx.generation import QuantizedCausalLM, next_token, quantize_causal_lm
-from outlierfx.graph.kv_cache import CachedDecoder, cache_inputs
+from outlierfx.graph.kv_cache import CachedDecoder, cache_inputs, in_place_cache_writes
 from outlierfx.quantizers.observers import FakeQuantize
 from outlierfx.testing import build_model, first_token_grids_everywhere, word_tokenizer
 
@@ -44,32 +44,36 @@ class _LastRowLogits(torch.nn.Module):
 
     def __init__(self, graph):
         super().__init__()
-        self.graph, self.seen = graph, []
+        self.graph, self.seen, self.rows = graph, [], []
 
     def forward(self, **inputs):
         out = self.graph(**inputs)
+        self.rows.append(inputs["cache_position"].tolist())
         last = int(inputs["attention_mask"][0].nonzero().max())
         row = int((inputs["cache_position"] == last).nonzero())
         self.seen.append(out[0][:, row].detach().clone())
         return out
 
 
-def _decode_and_teacher_force(qmodel, prompt, new_tokens):
+def _decode_and_teacher_force(qmodel, prompt, new_tokens, calls=None):
     """(the new tokens, the scores each step chose them by, the full-sequence scores at the same
-    places): ``[batch, new]``, ``[batch, new, vocab]`` twice."""
+    places): ``[batch, new]``, ``[batch, new, vocab]`` twice. ``calls``, a list, gets the cache
+    columns of each call of the graph."""
     recorder = _LastRowLogits(qmodel.graph)
     qmodel.graph = recorder
     try:
         out = qmodel.generate(prompt, max_new_tokens=new_tokens, eos_token_id=[])
     finally:
         qmodel.graph = recorder.graph
+    if calls is not None:
+        calls.extend(recorder.rows)
     teacher = qmodel(out).logits[:, prompt.shape[1] - 1:-1]  # the scores that chose each new token
     return out[:, prompt.shape[1]:], torch.stack(recorder.seen, 1), teacher
 
 
-def _incremental_vs_full(qmodel, prompt, new_tokens=NEW_TOKENS):
+def _incremental_vs_full(qmodel, prompt, new_tokens=NEW_TOKENS, calls=None):
     """(generated tokens, the same model's teacher-forced argmax, largest logit gap / max |logit|)."""
-    generated, incremental, teacher = _decode_and_teacher_force(qmodel, prompt, new_tokens)
+    generated, incremental, teacher = _decode_and_teacher_force(qmodel, prompt, new_tokens, calls)
     gap = float((incremental - teacher).abs().max() / teacher.abs().max())
     return generated, teacher.argmax(-1), gap
 
@@ -86,16 +90,46 @@ def test_cached_graph_generates_what_transformers_generates():
     assert torch.equal(ours, theirs)
 
 
+def _index_copies(gm):
+    return [sum(n.target is op for n in gm.graph.nodes) for op in (torch.ops.aten.index_copy.default,
+                                                                    torch.ops.aten.index_copy_.default)]
+
+
+@pytest.mark.parametrize("backend", ["fake-quant", *runnable_backends(["onednn"])])
+def test_in_place_cache_writes_write_the_callers_caches_and_give_the_functional_graphs_outputs(backend):
+    g = _model()
+    qmodel, _ = quantize_causal_lm(g.model, _calibration(), "naive", backend=backend, progress=False)
+    writes = 2 * g.config.num_hidden_layers
+    assert _index_copies(qmodel.graph) == [writes, 0]
+    in_place = in_place_cache_writes(qmodel.graph)
+    assert _index_copies(in_place) == [0, writes] and _index_copies(qmodel.graph) == [writes, 0]
+    assert list(in_place.children()) == [qmodel.graph]  # read through the functional graph: nothing copied
+    inputs = cache_inputs(g.config, _prompts(), max_cache_len=7)
+    logits, keys, values = qmodel.graph(**inputs)
+    assert not any(bool(k.any()) for k in inputs["keys"])  # the functional graph left its inputs as they were
+    logits_in_place, keys_in_place, values_in_place = in_place(**inputs)
+    assert all(a is b for a, b in zip(keys_in_place + values_in_place, inputs["keys"] + inputs["values"]))
+    assert torch.equal(logits_in_place, logits)
+    assert all(torch.equal(a, b) for a, b in zip(keys_in_place + values_in_place, keys + values))
+
+
 @pytest.mark.parametrize("backend", [None, *runnable_backends(["onednn"])])
 def test_greedy_decoding_is_the_argmax_of_the_same_int8_models_full_sequence_logits(backend):
     g = _model()
     with first_token_grids_everywhere():  # the +sink paths, at every quantizer
         qmodel, report = quantize_causal_lm(g.model, _calibration(), "naive+sink", backend=backend, progress=False)
     assert qmodel.first_token_rows == 1 and report.backend == (backend or "fake-quant")
+    assert not qmodel.replays_first_rows  # fake quant and onednn: a one-row call is on the main grid
     for prompt in (_prompts(), _prompts(1, 1)):  # a one-token prompt is all first-token positions
-        generated, teacher, gap = _incremental_vs_full(qmodel, prompt)
+        calls = []
+        generated, teacher, gap = _incremental_vs_full(qmodel, prompt, calls=calls)
         assert torch.equal(generated, teacher)
         assert gap <= LOGIT_TOL
+        # every decode step runs its new token alone: no first-token row replayed
+        assert calls[1:] == [[column] for column in range(prompt.shape[1], prompt.shape[1] + NEW_TOKENS - 1)]
+        # the runtime's own graph writes its caches in place and generates the same tokens
+        assert torch.equal(qmodel.generate(prompt, max_new_tokens=NEW_TOKENS, eos_token_id=[])[:, prompt.shape[1]:],
+                           generated)
 
 
 @pytest.mark.parametrize("backend", ["fake-quant", *runnable_backends(["onednn", "reference"])])
@@ -114,6 +148,7 @@ def test_decode_tokens_use_the_main_grid_and_position_zero_the_first_token_grid(
     if backend != "fake-quant":
         qmodel = QuantizedCausalLM(outlierfx.lower(report.graphs.simulated, report, backend).model, g.config,
                                    qmodel.first_token_rows)
+    assert qmodel.replays_first_rows == (backend == "reference")
     prompt = _prompts()
     generated, teacher, gap = _incremental_vs_full(qmodel, prompt)
     assert gap <= LOGIT_TOL and torch.equal(generated, teacher)

@@ -23,11 +23,17 @@ tokenizer's: calibration batches keep their padding mask for the observers.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
+import torch.fx
 
 from ..errors import DataError
+
+aten = torch.ops.aten
+IN_PLACE_SOURCE = "source"
+"""The submodule of :func:`in_place_cache_writes`' graph that is the functional graph it reads."""
 
 
 class FunctionalStaticCache:
@@ -137,3 +143,31 @@ def prefill_inputs(config: Any, batch: Any) -> dict[str, Any]:
         keys = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
         raise DataError(f"a decoder's batches need input_ids (got {keys}); pass the tokenizer's output")
     return cache_inputs(config, batch["input_ids"], batch.get("attention_mask"))
+
+
+def in_place_cache_writes(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """``gm`` (a captured :class:`CachedDecoder` graph, fake quant or lowered) with its cache
+    writes in place: each ``index_copy`` into a graph input that nothing else reads (but for its
+    shape) becomes ``index_copy_``, so a call writes its tokens' columns into the caches it is
+    given and returns those same tensors, instead of copying every cache on every call.
+
+    For a caller that owns the caches and never reads the old ones again (what
+    :class:`~outlierfx.generation.QuantizedCausalLM` does); the functional graph stays what
+    passes, checks, saving and exporting see. The result holds ``gm`` as its one submodule
+    (``IN_PLACE_SOURCE``) and reads every parameter, buffer and module through it at run time,
+    so it copies no tensor and follows ``gm`` through ``.to()``/``.double()``; ``gm`` is not
+    changed."""
+    graph = copy.deepcopy(gm.graph)
+    for node in graph.nodes:
+        if node.op in ("get_attr", "call_module"):
+            node.target = f"{IN_PLACE_SOURCE}.{node.target}"
+        cache = node.args[0] if node.op == "call_function" and node.target is aten.index_copy.default else None
+        if isinstance(cache, torch.fx.Node) and cache.op == "placeholder" \
+                and all(user is node or user.target is aten.sym_size.int for user in cache.users):
+            node.target = aten.index_copy_.default
+    graph.lint()
+    holder = torch.nn.Module()
+    holder.add_module(IN_PLACE_SOURCE, gm)
+    in_place = torch.fx.GraphModule(holder, graph, class_name=type(gm).__name__)
+    in_place.add_module(IN_PLACE_SOURCE, gm)  # GraphModule copied gm's attributes into a new module: read gm's own
+    return in_place
