@@ -16,13 +16,18 @@ from outlierfx.testing import build_model, word_tokenizer
 pytestmark = pytest.mark.skipif(not runnable_backends(["onednn"]), reason="no onednn engine")
 
 
-def test_quantize_then_generate_streams_the_continuation_and_its_speed(tmp_path, capsys):
-    g = build_model("llama", layers=2, kv_heads=2)
+def _quantized_llama_folder(tmp_path, layers: int, recipe: str, backend: str):
+    """A generated Llama (and word tokenizer) saved as a folder, quantized by the CLI into another."""
     source, out = tmp_path / "llama", tmp_path / "int8"
-    g.model.save_pretrained(source)
+    build_model("llama", layers=layers, kv_heads=2).model.save_pretrained(source)
     word_tokenizer().save_pretrained(source)
-    assert main(["quantize", str(source), "--recipe", "naive+sink", "--backend", "onednn", "--samples", "16",
+    assert main(["quantize", str(source), "--recipe", recipe, "--backend", backend, "--samples", "16",
                  "--seq", "48", "--no-measure", "--out", str(out)]) == 0
+    return out
+
+
+def test_quantize_then_generate_streams_the_continuation_and_its_speed(tmp_path, capsys):
+    out = _quantized_llama_folder(tmp_path, 2, "naive+sink", "onednn")
     assert json.loads((out / "graph.json").read_text())["decoder"] == {"kv_cache": "static", "first_token_rows": 1}
     capsys.readouterr()
     assert main(["generate", str(out), "--prompt", "w05 w09 w11 w20", "--max-new-tokens", "6"]) == 0
@@ -38,12 +43,7 @@ def test_quantize_then_generate_streams_the_continuation_and_its_speed(tmp_path,
 def test_generate_continues_from_an_inductor_save(tmp_path, capsys):
     # rotate+sink on inductor: the saved graph once loaded with its specialized sizes as symbols,
     # and the first decode step's compilation failed (tests/test_generate.py has the details)
-    g = build_model("llama", layers=1, kv_heads=2)
-    source, out = tmp_path / "llama", tmp_path / "int8"
-    g.model.save_pretrained(source)
-    word_tokenizer().save_pretrained(source)
-    assert main(["quantize", str(source), "--recipe", "rotate+sink", "--backend", "inductor", "--samples", "16",
-                 "--seq", "48", "--no-measure", "--out", str(out)]) == 0
+    out = _quantized_llama_folder(tmp_path, 1, "rotate+sink", "inductor")
     assert json.loads((out / "graph.json").read_text())["backend"] == "inductor"
     capsys.readouterr()
     assert main(["generate", str(out), "--prompt", "w05 w09 w11 w20", "--max-new-tokens", "4"]) == 0

@@ -118,11 +118,12 @@ def _row_scales(weight: torch.Tensor, spec: QuantSpec, gram: torch.Tensor | None
 
 
 def gptq_round(weight: torch.Tensor, gram: torch.Tensor, spec: QuantSpec, damp: float = 0.01,
-               block: int = 128) -> tuple[torch.Tensor, int]:
+               block: int = 128, scales: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
     """GPTQ-rounded ``weight`` (rows = outputs) on ``spec``'s grid for inputs with Gram matrix
-    ``gram``, and how many rows needed their +-qmax code restored."""
+    ``gram`` (its per-row ``scales``, when the caller has them, from :func:`_row_scales`), and
+    how many rows needed their +-qmax code restored."""
     qmax = spec.qmax
-    step = _row_scales(weight, spec, gram).unsqueeze(1).double()
+    step = (_row_scales(weight, spec, gram) if scales is None else scales).unsqueeze(1).double()
     w = weight.detach().double().clone()
     h = gram.double().clone()
     dead = torch.diagonal(h) == 0
@@ -215,8 +216,9 @@ class GPTQ(GraphPass[GPTQPlan]):
                 return None
             weight = fetch_attr(gm, str(node.args[1].target)).detach()
             spec = linear_weight_spec(node, self.weight_spec)  # the grid ConvertToFakeQuant gives it
-            rounded, pinned = gptq_round(weight, gram, spec, self.damp)
-            step = _row_scales(weight, spec, gram).unsqueeze(1)
+            scales = _row_scales(weight, spec, gram)  # one range search serves both roundings
+            rounded, pinned = gptq_round(weight, gram, spec, self.damp, scales=scales)
+            step = scales.unsqueeze(1)
             nearest = torch.clamp(torch.round(weight / step), -spec.qmax, spec.qmax) * step  # on GPTQ's grid
             weights[node.name] = rounded
             linears.append(RoundedLinear(node.name, meta.module_path(node), weight.shape[1], tokens,

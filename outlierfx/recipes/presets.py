@@ -59,9 +59,10 @@ def preset(goal: str | Goal, backend: str, graph: torch.fx.GraphModule | None = 
     ``graph`` (None: a model whose residual stream does not rotate) at ``bits`` (None: W8A8),
     with the reason."""
     chosen = _preset_at_8_bits(goal, backend, graph)
-    if bits is None or bits.weights >= 8 or _low_bit_weights(chosen.recipe) == chosen.recipe:
+    low_bit = chosen.recipe if bits is None or bits.weights >= 8 else _low_bit_weights(chosen.recipe)
+    if low_bit == chosen.recipe:
         return chosen
-    return dataclasses.replace(chosen, recipe=_low_bit_weights(chosen.recipe), why=(
+    return dataclasses.replace(chosen, recipe=low_bit, why=(
         f"{chosen.why}; below 8-bit weights every weight row is clipped to its MSE-optimal range and rounded by "
         f"GPTQ (the LM head keeps 8-bit weights)"))
 
