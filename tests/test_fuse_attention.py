@@ -131,3 +131,34 @@ def test_lower_runs_on_the_fused_graph(backend):
     assert _count(lowered, SDPA) == 2
     error = output_error(run(plain, ((), g.inputs)), run(lowered, ((), g.inputs)))
     assert error.nonfinite == 0 and error.within(0.05), error  # a few codes may move at rounding ties
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_grouped_query_attention_reads_the_unexpanded_keys_and_values(family):
+    """K and V shared by two query heads each: the fused call reads them unexpanded
+    (``enable_gqa``) and transformers' ``repeat_kv`` copies leave the graph, on the prefill graph
+    and on the KV-cache graph (where they copied the whole cache every step)."""
+    from outlierfx.generation import quantize_causal_lm
+
+    g = build_model(family, layers=2, heads=4, kv_heads=2)
+    gm = outlierfx.capture(g.model, g.inputs)
+    result = FuseAttention()(gm)
+    assert len(result.plan.fused) == 2 and all(s.groups == 2 for s in result.plan.fused), result.plan.summary()
+    assert "grouped-query (2 query heads per key/value head)" in result.plan.summary()
+    fused = result.graph_module
+    calls = [n for n in fused.graph.nodes if n.target is SDPA]
+    assert all(n.kwargs.get("enable_gqa") for n in calls)
+    head_dim = g.config.hidden_size // g.config.num_attention_heads
+    assert all(tuple(n.args[1].meta["val"].shape)[1:] == (2, g.inputs["input_ids"].shape[1], head_dim) for n in calls)
+    expand = torch.ops.aten.expand.default  # K's and V's per layer go; the rotary embedding's stays
+    assert _count(gm, expand) - _count(fused, expand) == 2 * 2
+    error = output_error(run(gm, ((), g.inputs)), run(fused, ((), g.inputs)))
+    assert error.nonfinite == 0 and error.within(FuseAttention.float_rel_tol), error
+
+    lm, report = quantize_causal_lm(g.model, [g.inputs], recipe="naive", policy="linear-inputs",
+                                    backend="onednn", progress=False)
+    fuse = next(e for e in report.audit.entries if e.pass_name == "FuseAttention")
+    assert fuse.plan.fused and all(s.groups == 2 for s in fuse.plan.fused)
+    prompt = g.inputs["input_ids"][1:, :4]
+    tokens = lm.generate(prompt, max_new_tokens=4)
+    assert torch.equal(tokens[:, 5:], lm(tokens[:, :-1]).logits[:, 4:].argmax(-1)[:, :3])

@@ -83,7 +83,7 @@ def clamp_to_grid(x: torch.Tensor, scale: float, zero_point: int, qmin: int, qma
 
 
 def bf16_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
-                   scale: float | None = None) -> torch.Tensor:
+                   scale: float | None = None, enable_gqa: bool = False) -> torch.Tensor:
     """Fused attention in bfloat16 on ``q``/``k``/``v`` that int8 GEMMs wrote in bfloat16;
     float output (the quantizer of the output projection's input reads it). An additive float
     mask is clamped to bfloat16's finite range (a float32 lowest value would round to -inf)."""
@@ -91,7 +91,7 @@ def bf16_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask:
         attn_mask = attn_mask.clamp(min=torch.finfo(torch.bfloat16).min).to(torch.bfloat16)
     bf16 = torch.bfloat16
     out = torch.nn.functional.scaled_dot_product_attention(q.to(bf16), k.to(bf16), v.to(bf16), attn_mask=attn_mask,
-                                                           scale=scale)
+                                                           scale=scale, enable_gqa=enable_gqa)
     return out.float()
 
 

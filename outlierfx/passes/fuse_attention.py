@@ -15,6 +15,12 @@ applied after the mask, two mask additions, broadcasting batch dimensions), is l
 plan with the reason and left alone. Disabled quantizers inside a chain are the identity and
 are removed with it.
 
+Grouped-query attention (Llama, Qwen, Mistral...) reads each key/value head from several query
+heads; transformers expands K and V to one head per query head (``repeat_kv``: unsqueeze,
+expand, reshape, a copy). Where K and V are such expansions of the same group size, the call
+reads the unexpanded tensors with ``enable_gqa=True`` (the same function) and the copies go:
+per decode step they copy the whole cache, twice per layer.
+
 Numerics: the fused kernel computes the same function; only float rounding differs (about
 1e-6 of the output's max on MiniLM with every quantizer disabled). Fully masked query rows (a
 causal mask under left padding) agree too: canonicalization's mask bias, and HF's, is the
@@ -65,6 +71,8 @@ class AttentionSite:
     scale: float = 1.0
     output: str = ""  # the context matmul whose readers the SDPA call takes over
     replaced: tuple[str, ...] = ()  # chain nodes, in graph order
+    groups: int = 1  # query heads per key/value head, where ``key``/``value`` are unexpanded (enable_gqa)
+    expansions: tuple[str, ...] = ()  # the K/V head expansions the call no longer reads, readers first
 
     @property
     def fused(self) -> bool:
@@ -74,7 +82,8 @@ class AttentionSite:
         where = f"{self.softmax} ({self.module_path})" if self.module_path else self.softmax
         if self.fused:
             mask = f"mask {self.mask}" if self.mask else "no mask"
-            return f"{where}: fused, scale {self.scale:.6g}, {mask}, {len(self.replaced)} nodes replaced"
+            grouped = f", grouped-query ({self.groups} query heads per key/value head)" if self.groups > 1 else ""
+            return f"{where}: fused, scale {self.scale:.6g}, {mask}{grouped}, {len(self.replaced)} nodes replaced"
         return f"{where}: not fused: {self.reason}"
 
 
@@ -134,6 +143,8 @@ class FuseAttention(GraphPass[FuseAttentionPlan]):
                 kwargs: dict[str, object] = {"scale": site.scale}
                 if site.mask:
                     kwargs = {"attn_mask": nodes[site.mask], **kwargs}
+                if site.groups > 1:
+                    kwargs["enable_gqa"] = True
                 fused = graph.call_function(SDPA, (nodes[site.query], key, nodes[site.value]), kwargs)
             meta.inherit(fused, output, STEP)
             fused.meta["val"] = output.meta.get("val")
@@ -144,6 +155,9 @@ class FuseAttention(GraphPass[FuseAttentionPlan]):
                 if node.op == "call_module" and not any(
                         n.op == "call_module" and n.target == node.target for n in graph.nodes):
                     del_attr(gm, str(node.target))  # a disabled quantizer that was inside the chain
+            for name in site.expansions:
+                if not nodes[name].users:
+                    graph.erase_node(nodes[name])
         return bool(plan.fused)
 
 
@@ -271,11 +285,68 @@ def _match_chain(gm: torch.fx.GraphModule, softmax: torch.fx.Node, quantizers: l
 
     _check_shapes(query, b, value, scores, mask)
     order = {n: i for i, n in enumerate(softmax.graph.nodes)}
+    groups, expansions = 1, ()
+    grouped_key = _unexpanded_heads(b.args[0]) if key else None
+    grouped_value = _unexpanded_heads(value)
+    if grouped_key and grouped_value and grouped_key[1] == grouped_value[1]:
+        key, value = grouped_key[0].name, grouped_value[0]
+        groups, expansions = grouped_key[1], grouped_key[2] + grouped_value[2]
     return AttentionSite(
         softmax.name, "", query=query.name, key=key, key_transposed=key_transposed, value=value.name,
         mask=mask.name if mask is not None else "", scale=scale, output=context.name,
-        replaced=tuple(n.name for n in sorted(replaced, key=order.__getitem__)),
+        replaced=tuple(n.name for n in sorted(replaced, key=order.__getitem__)), groups=groups,
+        expansions=tuple(n.name for n in expansions),
     )
+
+
+_RESHAPES = (aten.reshape.default, aten.view.default, aten._unsafe_view.default)
+
+
+def _unexpanded_heads(node: torch.fx.Node) -> tuple[torch.fx.Node, int, tuple[torch.fx.Node, ...]] | None:
+    """``(kv, groups, expansion nodes, readers first)`` where ``node`` is transformers'
+    ``repeat_kv(kv, groups)``: ``kv [B, Hkv, S, D]`` (behind identity slices) unsqueezed at axis 2,
+    expanded to ``[B, Hkv, groups, S, D]`` and reshaped to ``[B, Hkv * groups, S, D]``, query head
+    ``h`` reading key/value head ``h // groups`` as ``enable_gqa`` does; else None."""
+    chain = [node]
+    if not (node.op == "call_function" and node.target in _RESHAPES):
+        return None
+    expand = node.args[0]
+    if not (isinstance(expand, torch.fx.Node) and expand.op == "call_function" and expand.target is aten.expand.default):
+        return None
+    chain.append(expand)
+    inner = _through_identity_slices(expand.args[0], chain)
+    if not (inner.op == "call_function" and inner.target is aten.unsqueeze.default and inner.args[1] == 2):
+        return None
+    chain.append(inner)
+    source = _through_identity_slices(inner.args[0], chain)
+    kv, expanded, out = tensor_val(source), tensor_val(expand), tensor_val(node)
+    if kv is None or expanded is None or out is None or kv.dim() != 4 or expanded.dim() != 5 or out.dim() != 4:
+        return None
+    batch, heads, seq, dim = kv.shape
+    groups = expanded.shape[2]
+    want = [(expanded.shape, (batch, heads, groups, seq, dim)), (out.shape, (batch, heads * groups, seq, dim))]
+    if not all(len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b)) for a, b in want):
+        return None
+    try:
+        if int(groups) < 2:
+            return None
+    except (TypeError, ValueError, RuntimeError):
+        return None
+    return source, int(groups), tuple(chain)
+
+
+def _through_identity_slices(node: torch.fx.Node, chain: list[torch.fx.Node]) -> torch.fx.Node:
+    """``node`` past any ``aten.slice`` that keeps its whole input (``x[:, :, None]`` writes them),
+    each one appended to ``chain``."""
+    while node.op == "call_function" and node.target is aten.slice.Tensor:
+        before, after = tensor_val(node.args[0]), tensor_val(node)
+        step = node.args[4] if len(node.args) > 4 else 1
+        if before is None or after is None or step != 1 or len(before.shape) != len(after.shape) \
+                or not all(_same(x, y) for x, y in zip(before.shape, after.shape)):
+            break
+        chain.append(node)
+        node = node.args[0]
+    return node
 
 
 def _swaps_last_two(transpose: torch.fx.Node) -> bool:
