@@ -190,7 +190,7 @@ def _quantize_on_this_rank(args: argparse.Namespace) -> int:
     batches = corpus.calibration_batches(loaded, texts, max_length=args.seq, batch_size=args.batch,
                                          source=source)
     if main:
-        split = f" split over {distributed.world_size()} processes" if distributed.active() else ""
+        split = f", shared by {distributed.world_size()} processes" if distributed.active() else ""
         print(f"quantizing {loaded.name} ({recipe or 'preset fast'}, {args.bits}, backend {backend}) on {len(batches)} "
               f"batches from {source}{split}")
     start = time.perf_counter()

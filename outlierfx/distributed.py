@@ -93,7 +93,7 @@ def describe() -> str:
     """One line for the report: how the run was split."""
     n = world_size()
     return (f"calibrated data-parallel on {n} processes (torch.distributed, {dist.get_backend()}): rank r took "
-            f"batches r, r+{n}, ...; observer statistics and GPTQ Gram matrices were reduced across ranks; trained "
+            f"batches r, r+{n}, ...; observer statistics (and GPTQ's Gram matrices) were reduced across ranks; trained "
             f"stages ran on every rank on all batches, with rank 0's trained values")
 
 

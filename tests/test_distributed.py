@@ -143,3 +143,29 @@ def test_minilm_fast_preset_on_two_ranks_equals_one_process():
                 torch.testing.assert_close(got[key], ref[key], rtol=1e-4, atol=1e-4 * float(ref[key].abs().max()))
             else:
                 assert torch.equal(got[key], ref[key]), f"{key} differs from one process"
+
+
+@pytest.mark.slow
+def test_cli_under_torchrun_writes_what_one_process_writes(tmp_path):
+    """``torchrun --nproc-per-node 2 -m outlierfx quantize minilm ...``: rank 0 alone prints and
+    writes, and the saved folder holds the tensors and graph one process saves."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    args = ["quantize", "minilm", "--recipe", "naive", "--samples", "12", "--batch", "3", "--seq", "64", "--no-measure"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "outlierfx",
+                          *args, "--out", str(tmp_path / "two")], capture_output=True, text=True, env=env, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("quantizing minilm") == 1 and "shared by 2 processes" in two.stdout
+    assert "calibrated data-parallel on 2 processes" in two.stdout
+    one = subprocess.run([sys.executable, "-m", "outlierfx", *args, "--out", str(tmp_path / "one")],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    saved_one, saved_two = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
+    assert saved_one.keys() == saved_two.keys()
+    assert [k for k in saved_one if not torch.equal(saved_one[k], saved_two[k])] == []
+    assert (tmp_path / "one" / "graph.json").read_text() == (tmp_path / "two" / "graph.json").read_text()
