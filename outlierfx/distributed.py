@@ -21,9 +21,11 @@ torch.distributed is the transport; the process group must carry CPU tensors (gl
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import hashlib
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, Protocol, TypeVar
 
 import torch
@@ -115,10 +117,11 @@ def shard(batches: Sequence[T]) -> list[T]:
 
 
 def _fingerprint(batches: Sequence[Any]) -> tuple:
-    """Sizes and checksums of a calibration list's tensors (cheap; enough to tell lists apart)."""
+    """Shapes and digests of a calibration list's tensors (their bytes: NaN equals NaN here)."""
     def of(value: Any) -> Any:
         if isinstance(value, torch.Tensor):
-            return tuple(value.shape), float(value.double().sum())
+            data = value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+            return tuple(value.shape), str(value.dtype), hashlib.blake2b(data, digest_size=16).hexdigest()
         if isinstance(value, Mapping):
             return tuple((k, of(v)) for k, v in sorted(value.items()))
         if isinstance(value, (tuple, list)):
@@ -126,6 +129,26 @@ def _fingerprint(batches: Sequence[Any]) -> tuple:
         return repr(value)
 
     return len(batches), tuple(of(b) for b in batches)
+
+
+@contextlib.contextmanager
+def failing_together(what: str) -> Iterator[None]:
+    """Run this rank's share of ``what``; where any rank fails, every rank raises (the failing
+    one its own error, the others a :class:`DistributedError` with its message) instead of
+    waiting in the next collective for a rank that is gone."""
+    error: BaseException | None = None
+    try:
+        yield
+    except Exception as exc:  # re-raised below, once every rank knows
+        error = exc
+    if active():
+        messages: list[Any] = [None] * world_size()
+        dist.all_gather_object(messages, None if error is None else f"{type(error).__name__}: {error}")
+        failed = [(r, m) for r, m in enumerate(messages) if m is not None]
+        if failed and error is None:
+            raise DistributedError(f"rank {failed[0][0]} failed while {what}: {failed[0][1]}")
+    if error is not None:
+        raise error
 
 
 def reduce_statistics(holders: Iterable[HoldsStatistics]) -> None:

@@ -16,7 +16,7 @@ from outlierfx import distributed
 from outlierfx.errors import DistributedError
 from outlierfx.testing.distributed import run_here, run_on_local_ranks
 
-QUICK = ["statistics_merge", "mismatched_batches", "llama_default", "bert_gptq"]
+QUICK = ["statistics_merge", "mismatched_batches", "nan_on_rank_1", "llama_default", "bert_gptq"]
 # at most this fraction of GPTQ-rounded weight entries may differ (float64 sums in rank order)
 GPTQ_CODES_MOVED = 1e-4
 
@@ -66,6 +66,14 @@ def test_ranks_given_different_batches_are_refused(two_ranks):
     for rank in two_ranks:
         message = bytes(rank["mismatched_batches"]["error"].tolist()).decode()
         assert "different calibration batches" in message
+
+
+def test_a_rank_that_fails_stops_every_rank(two_ranks):
+    """Rank 1's share holds a NaN: rank 1 raises the DataError one process raises, and rank 0,
+    which calibrated fine, raises a DistributedError naming it instead of waiting in the merge."""
+    messages = [bytes(rank["nan_on_rank_1"]["error"].tolist()).decode() for rank in two_ranks]
+    assert messages[1] == "DataError: calibration batch 1 input 'x' contains NaN or inf"
+    assert messages[0] == f"DistributedError: rank 1 failed while calibrating: {messages[1]}"
 
 
 def test_default_preset_on_two_ranks_equals_one_process(two_ranks, one_process):

@@ -297,7 +297,7 @@ class GPTQ(GraphPass[GPTQPlan]):
                 recorded = work.graph.call_module(name, (linear.args[0],))
             linear.update_arg(0, recorded)
         work.recompile()
-        with torch.no_grad(), observation_paused():
+        with torch.no_grad(), observation_paused(), distributed.failing_together("collecting GPTQ's Gram matrices"):
             for batch in distributed.shard(self.batches):
                 mask = batch.get("attention_mask")
                 for r in recorders.values():

@@ -72,7 +72,7 @@ def calibrate(gm: torch.fx.GraphModule, batches: Iterable[Mapping[str, torch.Ten
 
         iterator = tqdm(iterator, total=len(range(0, len(batches), ranks)), desc="calibrating", unit="batch")
     start = time.perf_counter()
-    with torch.no_grad():
+    with torch.no_grad(), distributed.failing_together("calibrating"):
         for i, batch in iterator:
             inputs = _check_batch(i, batch, example)
             with token_mask(inputs.get("attention_mask")):

@@ -145,8 +145,38 @@ def mismatched_batches() -> Result:
     return {}
 
 
+def nan_on_rank_1() -> Result:
+    """Calibration where rank 1's share holds a NaN (which one process finds in the loop): the
+    message each rank raises, instead of rank 0 waiting for rank 1 in the merge."""
+    from .. import distributed
+    from ..quantizers.calibrate import calibrate
+    from ..passes.insert_observers import InsertObservers
+    from ..quantizers.policy import make_policy
+    from ..graph import capture
+
+    graph = capture(_Doubler(), {"x": torch.ones(2, 3, 4)})
+    graph = InsertObservers(make_policy("full"))(graph).graph_module
+    batches = [{"x": torch.ones(2, 3, 4)}, {"x": torch.full((2, 3, 4), float("nan"))}]
+    try:
+        calibrate(graph, batches, progress=False)
+    except Exception as exc:  # noqa: BLE001 - the test reads which error each rank raised
+        message = f"{type(exc).__name__}: {exc}"
+        return {"error": torch.tensor(list(message.encode()), dtype=torch.uint8),
+                "ranks": torch.tensor(distributed.world_size())}
+    return {}
+
+
+class _Doubler(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x) * 2
+
+
 SCENARIOS: dict[str, Callable[[], Result]] = {f.__name__: f for f in (
-    llama_default, bert_gptq, minilm_fast_preset, statistics_merge, mismatched_batches)}
+    llama_default, bert_gptq, minilm_fast_preset, statistics_merge, mismatched_batches, nan_on_rank_1)}
 
 
 @contextlib.contextmanager
