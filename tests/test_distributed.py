@@ -122,13 +122,13 @@ def test_without_a_process_group_nothing_is_split():
 
 
 def test_running_minmax_is_refused_under_distributed(monkeypatch):
-    from outlierfx.quantizers.observers import Observer, merge_across_ranks
+    from outlierfx.quantizers.observers import Observer, check_mergeable
     from outlierfx.quantizers.spec import Estimator, activation_spec
 
     monkeypatch.setattr(distributed, "active", lambda: True)
     observer = Observer(activation_spec(8).with_(estimator=Estimator.RUNNING_MINMAX), "x")
     with pytest.raises(DistributedError, match="running min-max"):
-        merge_across_ranks([observer])
+        check_mergeable([observer])
 
 
 @pytest.mark.slow

@@ -13,7 +13,7 @@ from .. import distributed
 from ..errors import DataError
 from ..graph import meta
 from ..graph.ops import OpKind, op_kind
-from .observers import Observer, merge_across_ranks, token_mask
+from .observers import Observer, check_mergeable, merge_across_ranks, token_mask
 
 
 def _check_batch(i: int, batch: Any, example: tuple[tuple, dict] | None) -> dict[str, torch.Tensor]:
@@ -65,6 +65,7 @@ def calibrate(gm: torch.fx.GraphModule, batches: Iterable[Mapping[str, torch.Ten
     if not batches:
         raise DataError("the calibration set is empty")
     example = gm.meta.get(meta.GM_EXAMPLE_INPUTS)
+    check_mergeable(observers)
     ranks = distributed.world_size()
     iterator: Iterable = zip(range(distributed.rank(), len(batches), ranks), distributed.shard(batches))
     if progress and distributed.is_main():

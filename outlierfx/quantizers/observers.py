@@ -330,12 +330,9 @@ class Observer(torch.nn.Module):
         return f"{self.name}: {self.spec.describe()}"
 
 
-def merge_across_ranks(observers: Sequence[Observer]) -> None:
-    """Give every data-parallel rank the statistics of all ranks' batches (the identity in one
-    process). Per-token extremes and samples come in rank order, not batch order: the quantiles
-    read from them do not depend on it; samples over ``max_samples`` are subsampled again, so
-    percentile and MSE ranges then rest on another uniform subsample than one process draws.
-    A running min-max depends on the batch order and is refused."""
+def check_mergeable(observers: Sequence[Observer]) -> None:
+    """Refuse, before any batch runs, statistics that data-parallel ranks cannot merge: a
+    running min-max depends on the order of the batches. Nothing to refuse in one process."""
     if not distributed.active():
         return
     running = [o.name for o in observers if o.spec.estimator is Estimator.RUNNING_MINMAX]
@@ -343,6 +340,16 @@ def merge_across_ranks(observers: Sequence[Observer]) -> None:
         raise DistributedError(f"{len(running)} observers (e.g. {running[0]}) use the running min-max estimator, "
                                f"whose average depends on the order of the batches, so ranks cannot merge it; use "
                                f"min-max (or run one process)")
+
+
+def merge_across_ranks(observers: Sequence[Observer]) -> None:
+    """Give every data-parallel rank the statistics of all ranks' batches (the identity in one
+    process). Per-token extremes and samples come in rank order, not batch order: the quantiles
+    read from them do not depend on it; samples over ``max_samples`` are subsampled again, so
+    percentile and MSE ranges then rest on another uniform subsample than one process draws."""
+    if not distributed.active():
+        return
+    check_mergeable(observers)
     distributed.reduce_statistics(observers)
     for observer in observers:
         observer.samples = observer._within_budget(observer.samples)

@@ -114,7 +114,8 @@ def minilm_fast_preset(train_steps: int = 4) -> Result:
 
 def statistics_merge() -> Result:
     """:func:`outlierfx.distributed.reduce_statistics` on holders with rank-dependent values,
-    one of which rank 1 never saw: the merged values, rank by rank."""
+    one of which rank 1 never saw, packed two elements per all_reduce (several chunks): the
+    merged values, rank by rank."""
     from .. import distributed
     from ..distributed import Reduction
 
@@ -128,7 +129,11 @@ def statistics_merge() -> Result:
     holder.count = torch.tensor(10 + r)
     holder.rows = torch.arange(r + 1, dtype=torch.float32) + 10 * r  # rank 0: [0], rank 1: [10, 11]
     holder.unseen_by_1 = torch.tensor([4.0, 5.0]) if r == 0 else torch.empty(0)
-    distributed.reduce_statistics([holder])
+    packing, distributed.PACK_ELEMENTS = distributed.PACK_ELEMENTS, 2
+    try:
+        distributed.reduce_statistics([holder])
+    finally:
+        distributed.PACK_ELEMENTS = packing
     return {"shard": torch.tensor(distributed.shard(list(range(5)))),
             **{name: getattr(holder, name) for name in Holder.STATISTICS}}
 
