@@ -6,14 +6,14 @@ rank) every rank passes the same calibration list; the passes that only collect 
 (:func:`outlierfx.quantizers.calibrate.calibrate`, GPTQ's Gram matrices) run each rank on its
 :func:`shard` (batch ``i`` goes to rank ``i % world``) and then merge with
 :func:`reduce_statistics`. A class that holds statistics declares how each merges
-(``STATISTICS: {attribute: Reduction}``); the merge packs every attribute of one kind into one
-tensor, so a whole model's observers cost a handful of collectives. Without a process group (or
-with one rank) every function here is the identity: single-process runs do not change.
+(``STATISTICS: {attribute: Reduction}``); the merge packs the attributes of one kind into a few
+flat tensors, so a whole model's observers cost a handful of collectives. Without a process
+group (or with one rank) every function here is the identity: single-process runs do not change.
 
 Passes that train or search (Quadapter scales, learned ranges, QAT, token-wise clipping) are not
-data-parallel yet: each rank runs them on the whole calibration list, the same computation, and
-the trained values are then taken from rank 0 (:func:`broadcast_from_main`), so ranks on
-different CPUs cannot drift apart.
+data-parallel yet: each rank runs them on the whole calibration list, the same computation; the
+trained values are then taken from rank 0 (:func:`broadcast_from_main`), so ranks on different
+CPUs cannot drift apart.
 
 torch.distributed is the transport; the process group must carry CPU tensors (gloo, or a
 ``cpu:gloo,cuda:nccl`` group).
