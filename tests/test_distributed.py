@@ -16,7 +16,7 @@ from outlierfx import distributed
 from outlierfx.errors import DistributedError
 from outlierfx.testing.distributed import run_here, run_on_local_ranks
 
-QUICK = ["statistics_merge", "mismatched_batches", "nan_on_rank_1", "llama_default", "bert_gptq"]
+QUICK = ["statistics_merge", "mismatched_batches", "nan_on_rank_1", "llama_default", "bert_gptq", "bert_trained"]
 # at most this fraction of GPTQ-rounded weight entries may differ (float64 sums in rank order)
 GPTQ_CODES_MOVED = 1e-4
 
@@ -28,7 +28,7 @@ def two_ranks() -> list[dict]:
 
 @pytest.fixture(scope="module")
 def one_process() -> dict:
-    return run_here(["llama_default", "bert_gptq"])
+    return run_here(["llama_default", "bert_gptq", "bert_trained"])
 
 
 def _split(result: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -110,6 +110,18 @@ def test_gptq_on_two_ranks_matches_one_process(two_ranks, one_process):
                     torch.testing.assert_close(got[key], ref[key], rtol=1e-4, atol=1e-4 * float(ref[key].abs().max()))
                 else:
                     assert torch.equal(got[key], ref[key]), f"{key} differs from one process"
+
+
+def test_trained_stages_on_two_ranks_equal_one_process(two_ranks, one_process):
+    """Learned ranges and QAT run on every rank over all batches and keep rank 0's values: the
+    ranges, weights and outputs one process gets, bit for bit (the ranges' statistics merged)."""
+    for prefix in ("lsq", "qat"):
+        ref = _split({k: v for k, v in one_process["bert_trained"].items() if k.startswith(prefix + "/")}, prefix)
+        for rank in two_ranks:
+            assert int(rank["bert_trained"][f"{prefix}/ranks"]) == 2
+            got = _split({k: v for k, v in rank["bert_trained"].items() if k.startswith(prefix + "/")}, prefix)
+            assert got.keys() == ref.keys()
+            assert [k for k in ref if not torch.equal(got[k], ref[k])] == []
 
 
 def test_without_a_process_group_nothing_is_split():

@@ -93,6 +93,23 @@ def bert_gptq() -> Result:
             **_quantized("sequential", model, batches, held_out, recipe=sequential)}
 
 
+def bert_trained() -> Result:
+    """A generated BERT under the stages that train (every rank trains on all batches, then
+    takes rank 0's values): learned ranges (``naive+lsq``, 10 steps) and QAT (one epoch)."""
+    from ..passes.qat import QAT
+    from ..recipes.papers import paper_recipe, with_fine_stage
+    from .models import OutlierSpec, build_model
+
+    model = build_model("bert", hidden=32, heads=4, layers=1, ffn=64, vocab=64,
+                        outliers=OutlierSpec(gamma_scale=20.0, channels=(5,))).model
+    batches, held_out = _generated_batches(64, 3, 2, 8, seed=5), _generated_batches(64, 1, 2, 8, seed=6)
+    qat = paper_recipe("qat")
+    qat = dataclasses.replace(qat, finish=tuple(dataclasses.replace(s, settings={**s.settings, "epochs": 1})
+                                                if s.pass_type is QAT else s for s in qat.finish))
+    return {**_quantized("lsq", model, batches, held_out, recipe=with_fine_stage(paper_recipe("naive"), steps=10)),
+            **_quantized("qat", model, batches, held_out, recipe=qat)}
+
+
 def minilm_fast_preset(train_steps: int = 4) -> Result:
     """The packaged MiniLM with its ``fast`` preset (``smooth-fold+sink`` on onednn) on this
     CPU's best backend, Quadapter training cut to ``train_steps`` steps per block (the
@@ -185,7 +202,7 @@ class _Doubler(torch.nn.Module):
 
 
 SCENARIOS: dict[str, Callable[[], Result]] = {f.__name__: f for f in (
-    llama_default, bert_gptq, minilm_fast_preset, statistics_merge, mismatched_batches, nan_on_rank_1)}
+    llama_default, bert_gptq, bert_trained, minilm_fast_preset, statistics_merge, mismatched_batches, nan_on_rank_1)}
 
 
 @contextlib.contextmanager
