@@ -16,6 +16,7 @@ __version__ = "0.1.0"
 _EXPORTS: dict[str, str] = {
     "CaptureError": "errors",
     "DataError": "errors",
+    "DistributedError": "errors",
     "ExportError": "errors",
     "OutlierFXError": "errors",
     "OutlierFXWarning": "errors",
@@ -60,8 +61,8 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ im
     from .api import QuantizationReport, QuantizationResult, RunGraphs, lower, quantize
     from .backends import default_backend
     from .passes.lower import compile_int8
-    from .errors import (CaptureError, DataError, ExportError, OutlierFXError, OutlierFXWarning, PassError,
-                         SavedFormatError, SettingError)
+    from .errors import (CaptureError, DataError, DistributedError, ExportError, OutlierFXError, OutlierFXWarning,
+                         PassError, SavedFormatError, SettingError)
     from .export import export_onnx
     from .generation import QuantizedCausalLM, quantize_causal_lm
     from .graph import capture

@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.fx
 
+from . import distributed
 from .errors import DataError, OutlierFXWarning
 from .graph import capture, meta
 from .graph.inputs import as_keyword_batch, check_keyword_inputs, check_model_weights
@@ -155,7 +156,12 @@ def quantize(
     simulated (fake-quant) model unless ``backend`` is given; ``backend="fake-quant"`` simulates
     a preset. A recipe whose Linears the backend cannot run as whole int8 GEMMs is flagged
     before calibration (an :class:`OutlierFXWarning`, and ``report.backend_fit``).
+
+    Under torch.distributed (e.g. ``torchrun --nproc-per-node N``) every rank passes the same
+    ``calibration``; each calibrates its share of the batches and all end with the same model,
+    the one a single process would make (docs/distributed.md); progress shows on rank 0 only.
     """
+    progress = progress and distributed.is_main()
     batches = _checked_batches(model, calibration)
     widths = parse_bits(bits)
     choose(recipe, backend)[0].policy(widths, policy)  # a bad recipe, backend or policy fails before the capture
@@ -181,7 +187,8 @@ def quantize(
     report = QuantizationReport(
         chosen.name, str(widths), quant_policy.name, run.audit, run.placement, run.calibration_seconds, len(batches),
         preset=chosen_preset.goal.value if chosen_preset else None, why=chosen_preset.why if chosen_preset else None,
-        backend_fit=fits[0] if fits else None, run_id=run_id, notes=dtype_notes + gm.meta[meta.GM_CAPTURE_REPORT].notes,
+        backend_fit=fits[0] if fits else None, run_id=run_id,
+        notes=dtype_notes + gm.meta[meta.GM_CAPTURE_REPORT].notes + ((distributed.describe(),) if distributed.active() else ()),
         graphs=RunGraphs(gm, run.graph_module))
     if target is not None:
         return lower(run.graph_module, report, target, progress=progress)

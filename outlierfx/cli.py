@@ -156,13 +156,27 @@ def _bench_accuracy(args: argparse.Namespace) -> int:
 
 
 def _quantize(args: argparse.Namespace) -> int:
+    """Quantize and save; under ``torchrun`` every rank calibrates its share of the batches and
+    rank 0 alone prints and writes (docs/distributed.md)."""
+    from . import distributed
+
+    created = distributed.init_from_environment()
+    try:
+        return _quantize_on_this_rank(args)
+    finally:
+        if created:
+            distributed.shutdown()
+
+
+def _quantize_on_this_rank(args: argparse.Namespace) -> int:
     import json
 
-    from . import corpus
+    from . import corpus, distributed
     from .api import quantize
     from .backends import check_backend, default_backend
     from .models import load
 
+    main = distributed.is_main()
     out = pathlib.Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
         raise OutlierFXError(f"output directory {out} exists and is not empty; choose another --out or pass --force")
@@ -175,8 +189,10 @@ def _quantize(args: argparse.Namespace) -> int:
         texts, source = corpus.wikipedia_sample("calibration", args.samples), "the packaged Wikipedia calibration split"
     batches = corpus.calibration_batches(loaded, texts, max_length=args.seq, batch_size=args.batch,
                                          source=source)
-    print(f"quantizing {loaded.name} ({recipe or 'preset fast'}, {args.bits}, backend {backend}) on {len(batches)} "
-          f"batches from {source}")
+    if main:
+        split = f", shared by {distributed.world_size()} processes" if distributed.active() else ""
+        print(f"quantizing {loaded.name} ({recipe or 'preset fast'}, {args.bits}, backend {backend}) on {len(batches)} "
+              f"batches from {source}{split}")
     start = time.perf_counter()
     if loaded.kind == "decoder":  # saved with its KV cache: `outlierfx generate` continues prompts with it
         from .generation import quantize_causal_lm
@@ -188,6 +204,8 @@ def _quantize(args: argparse.Namespace) -> int:
     else:
         model, report = quantize(loaded.model, batches, recipe=recipe, bits=args.bits, policy=args.policy,
                                  backend=backend, progress=True)
+    if not main:  # every rank holds the same model; rank 0 writes it
+        return 0
     _print_quantized(report, time.perf_counter() - start)
     _, report = _save_measure_and_report(out, loaded, model, report, batches, model_dir=None, rounds=args.rounds,
                                          progress=True, measured=not args.no_measure)

@@ -37,6 +37,11 @@ class ExportError(OutlierFXError):
     that ONNX's QuantizeLinear cannot express), or the ONNX packages are missing."""
 
 
+class DistributedError(OutlierFXError):
+    """A torch.distributed run that cannot go on as set up (ranks given different calibration
+    batches, more ranks than batches, a statistic that depends on the order of the batches)."""
+
+
 class OutlierFXWarning(UserWarning):
     """Something the user should know that does not stop the run (e.g. a recipe the backend
     cannot run as whole int8 GEMMs)."""

@@ -31,10 +31,13 @@ import dataclasses
 import inspect
 import time
 from collections.abc import Callable, Mapping, Sequence
+from typing import ClassVar
 
 import torch
 import torch.fx
 
+from .. import distributed
+from ..distributed import Reduction
 from ..graph import meta
 from ..graph.attrs import fetch_attr, is_shared_attr, replace_input_tensor
 from ..graph.copy import copy_graph_module
@@ -85,13 +88,20 @@ class GPTQPlan:
 
 
 class _GramRecorder(torch.nn.Module):
-    """Identity that accumulates ``X^T X`` over the real tokens of its input."""
+    """Identity that accumulates ``X^T X`` over the real tokens of its input. Data-parallel
+    ranks add their sums and token counts (:func:`outlierfx.distributed.reduce_statistics`)."""
+
+    STATISTICS: ClassVar[Mapping[str, Reduction]] = {"gram": Reduction.SUM, "tokens": Reduction.SUM}
 
     def __init__(self) -> None:
         super().__init__()
         self.gram: torch.Tensor | None = None
-        self.tokens = 0
+        self.tokens = torch.zeros((), dtype=torch.long)
         self.mask: torch.Tensor | None = None
+
+    def result(self) -> tuple[torch.Tensor, int]:
+        """The Gram matrix (a 1 x 1 zero where no token came) and the number of tokens in it."""
+        return (self.gram if self.gram is not None else torch.zeros(1, 1)), int(self.tokens)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.detach().reshape(-1, x.shape[-1])
@@ -249,7 +259,7 @@ class GPTQ(GraphPass[GPTQPlan]):
         for node in work.graph.nodes:
             if node.name in original:
                 pending[node.args[0]] = pending.get(node.args[0], 0) + 1
-        runs = [_Lockstep(work, batch) for batch in self.batches]
+        runs = [_Lockstep(work, batch) for batch in distributed.shard(self.batches)]
         grams: dict[torch.fx.Node, tuple[torch.Tensor, int]] = {}
         with torch.no_grad(), observation_paused():
             for node in work.graph.nodes:
@@ -260,8 +270,8 @@ class GPTQ(GraphPass[GPTQPlan]):
                         for run in runs:
                             recorder.mask = run.mask
                             recorder(run.env[source])
-                        grams[source] = (recorder.gram if recorder.gram is not None else torch.zeros(1, 1),
-                                         recorder.tokens)
+                        distributed.reduce_statistics([recorder])
+                        grams[source] = recorder.result()
                     rounded = round_one(original[node.name], *grams[source])
                     pending[source] -= 1
                     if not pending[source]:
@@ -287,14 +297,14 @@ class GPTQ(GraphPass[GPTQPlan]):
                 recorded = work.graph.call_module(name, (linear.args[0],))
             linear.update_arg(0, recorded)
         work.recompile()
-        with torch.no_grad(), observation_paused():
-            for batch in self.batches:
+        with torch.no_grad(), observation_paused(), distributed.failing_together("collecting GPTQ's Gram matrices"):
+            for batch in distributed.shard(self.batches):
                 mask = batch.get("attention_mask")
                 for r in recorders.values():
                     r.mask = None if mask is None else mask.bool()
                 work(**batch)
-        return {name: (r.gram if r.gram is not None else torch.zeros(1, 1), r.tokens)
-                for name, r in recorders.items()}
+        distributed.reduce_statistics(recorders.values())
+        return {name: r.result() for name, r in recorders.items()}
 
     def apply(self, gm: torch.fx.GraphModule, plan: GPTQPlan) -> bool:
         by_name = {n.name: n for n in gm.graph.nodes}

@@ -24,6 +24,7 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.fx
 
+from .. import distributed
 from ..errors import PassError
 from ..graph.compare import masked_mse
 from ..graph.copy import copy_graph_module
@@ -125,6 +126,10 @@ class LearnRanges(GraphPass[LearnRangesPlan]):
                     best_loss, best, best_step = current, snapshot(), step
                 if self.progress:
                     steps.set_postfix(loss=f"{current:.4g}", best=f"{best_loss:.4g}")  # type: ignore[union-attr]
+        # data-parallel ranks all trained on every batch: keep rank 0's ranges (and its choice) everywhere
+        chosen = torch.tensor(best_step)
+        distributed.broadcast_from_main([chosen, *(t for bounds in best.values() for t in bounds)])
+        best_step = int(chosen)
         return LearnRangesPlan(best, sum(p.numel() for p in params), self.steps, best_step, loss_start, best_loss,
                                best_step == 0, time.perf_counter() - start)
 

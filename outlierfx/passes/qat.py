@@ -25,6 +25,7 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.fx
 
+from .. import distributed
 from ..graph import meta
 from ..graph.attrs import del_attr, fetch_attr, is_shared_attr, replace_input_tensor, set_attr, unique_attr_name
 from ..graph.copy import copy_graph_module
@@ -91,6 +92,8 @@ class QAT(GraphPass[QATPlan]):
                      self.progress)
         weights = {name: (w.detach().clone(), None if b is None else b.detach().clone())
                    for name, (w, b) in trained.items()}
+        # data-parallel ranks all trained on every batch: keep rank 0's weights everywhere
+        distributed.broadcast_from_main([t for pair in weights.values() for t in pair if t is not None])
         return QATPlan(weights, tuple(frozen), sum(p.numel() for p in params), kind, tuple(losses), steps,
                        time.perf_counter() - start)
 

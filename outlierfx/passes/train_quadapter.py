@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.fx
 
+from .. import distributed
 from ..errors import PassError
 from ..graph import meta
 from ..graph.attrs import del_attr, fetch_attr, set_attr, unique_attr_name
@@ -267,6 +268,8 @@ class TrainQuadapter(GraphPass[TrainQuadapterPlan]):
             p.grad is None for name, p in gm.named_parameters() if not name.startswith(SCALE_PREFIX))
         if not unchanged:
             raise PassError("Quadapter training changed a model weight; only the scales may change")
+        # data-parallel ranks all trained on every batch: keep rank 0's scales and site ranges everywhere
+        distributed.broadcast_from_main([*scales.values(), *(b for o in observers.values() for b in o.buffers())])
         return TrainQuadapterPlan(self.init, self.alpha, {t: p.detach().clone() for t, p in scales.items()}, observers,
                                   tuple(fits), sum(p.numel() for p in scales.values()), unchanged,
                                   time.perf_counter() - start_time, tuple(phase2), kind)

@@ -9,10 +9,11 @@ from typing import Any
 import torch
 import torch.fx
 
+from .. import distributed
 from ..errors import DataError
 from ..graph import meta
 from ..graph.ops import OpKind, op_kind
-from .observers import Observer, token_mask
+from .observers import Observer, check_mergeable, merge_across_ranks, token_mask
 
 
 def _check_batch(i: int, batch: Any, example: tuple[tuple, dict] | None) -> dict[str, torch.Tensor]:
@@ -52,6 +53,10 @@ def calibrate(gm: torch.fx.GraphModule, batches: Iterable[Mapping[str, torch.Ten
     Padding (``attention_mask == 0``) is excluded from the statistics. Returns the seconds spent.
     Raises :class:`DataError` for an empty set, inputs that do not match the captured ones,
     and NaN/inf in inputs or activations.
+
+    Under torch.distributed every rank passes the same ``batches``, runs its shard of them
+    (batch ``i`` on rank ``i % world``) and ends with the statistics of all of them
+    (:func:`outlierfx.quantizers.observers.merge_across_ranks`); progress shows on rank 0 only.
     """
     observers = [m for m in gm.modules() if isinstance(m, Observer)]
     if not observers:
@@ -60,17 +65,20 @@ def calibrate(gm: torch.fx.GraphModule, batches: Iterable[Mapping[str, torch.Ten
     if not batches:
         raise DataError("the calibration set is empty")
     example = gm.meta.get(meta.GM_EXAMPLE_INPUTS)
-    iterator: Iterable = enumerate(batches)
-    if progress:
+    check_mergeable(observers)
+    ranks = distributed.world_size()
+    iterator: Iterable = zip(range(distributed.rank(), len(batches), ranks), distributed.shard(batches))
+    if progress and distributed.is_main():
         from tqdm.auto import tqdm
 
-        iterator = tqdm(iterator, total=len(batches), desc="calibrating", unit="batch")
+        iterator = tqdm(iterator, total=len(range(0, len(batches), ranks)), desc="calibrating", unit="batch")
     start = time.perf_counter()
-    with torch.no_grad():
+    with torch.no_grad(), distributed.failing_together("calibrating"):
         for i, batch in iterator:
             inputs = _check_batch(i, batch, example)
             with token_mask(inputs.get("attention_mask")):
                 gm(**inputs)
+    merge_across_ranks(observers)
     silent = [o.name for o in observers if not o.calibrated]
     if silent:
         raise DataError(f"{len(silent)} observers saw no real token (e.g. {silent[0]}); are all batches padding?")

@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import ClassVar
 
 import torch
 
-from ..errors import DataError
+from .. import distributed
+from ..distributed import Reduction
+from ..errors import DataError, DistributedError
 from ..graph.roles import Role
 from .fake_quant import fake_quantize, group_index, qparams_from_range, range_balanced_sizes
 from .spec import SAMPLE_ESTIMATORS, Estimator, Granularity, QuantSpec
@@ -116,6 +119,13 @@ def _token_rows(x: torch.Tensor, roles: frozenset = frozenset()) -> tuple[torch.
 class Observer(torch.nn.Module):
     """Records the range of the tensor passing through (see module docstring)."""
 
+    # How each statistic merges across data-parallel ranks (outlierfx.distributed): the learned
+    # range is set after calibration, not collected, so it is not among them.
+    STATISTICS: ClassVar[Mapping[str, Reduction]] = {
+        "min_val": Reduction.MIN, "max_val": Reduction.MAX, "sink_min": Reduction.MIN, "sink_max": Reduction.MAX,
+        "token_max": Reduction.CONCAT, "token_min": Reduction.CONCAT, "samples": Reduction.CONCAT,
+        "batches": Reduction.SUM}
+
     def __init__(self, spec: QuantSpec, name: str = "", roles: frozenset = frozenset()) -> None:
         super().__init__()
         if spec.estimator in SAMPLE_ESTIMATORS and spec.granularity is not Granularity.PER_TENSOR:
@@ -201,12 +211,16 @@ class Observer(torch.nn.Module):
         self.batches += 1
 
     def _keep_samples(self, flat: torch.Tensor) -> None:
+        self.samples = self._within_budget(torch.cat([self.samples, flat]))
+
+    def _within_budget(self, samples: torch.Tensor) -> torch.Tensor:
+        """``samples``, or a uniform subsample of ``spec.max_samples`` of them (deterministic per
+        observer: seeded by the batches seen)."""
         budget = self.spec.max_samples
-        merged = torch.cat([self.samples, flat])
-        if merged.numel() > budget:  # uniform subsample, deterministic per observer
-            generator = torch.Generator().manual_seed(int(self.batches.item()))
-            merged = merged[torch.randperm(merged.numel(), generator=generator)[:budget]]
-        self.samples = merged
+        if samples.numel() <= budget:
+            return samples
+        generator = torch.Generator().manual_seed(int(self.batches.item()))
+        return samples[torch.randperm(samples.numel(), generator=generator)[:budget]]
 
     def with_learned_range(self, lo: torch.Tensor, hi: torch.Tensor) -> Observer:
         """A new observer with the same statistics whose range is ``[lo, hi]`` (scalars, or one
@@ -314,6 +328,31 @@ class Observer(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.name}: {self.spec.describe()}"
+
+
+def check_mergeable(observers: Sequence[Observer]) -> None:
+    """Refuse, before any batch runs, statistics that data-parallel ranks cannot merge: a
+    running min-max depends on the order of the batches. Nothing to refuse in one process."""
+    if not distributed.active():
+        return
+    running = [o.name for o in observers if o.spec.estimator is Estimator.RUNNING_MINMAX]
+    if running:
+        raise DistributedError(f"{len(running)} observers (e.g. {running[0]}) use the running min-max estimator, "
+                               f"whose average depends on the order of the batches, so ranks cannot merge it; use "
+                               f"min-max (or run one process)")
+
+
+def merge_across_ranks(observers: Sequence[Observer]) -> None:
+    """Give every data-parallel rank the statistics of all ranks' batches (the identity in one
+    process). Per-token extremes and samples come in rank order, not batch order: the quantiles
+    read from them do not depend on it; samples over ``max_samples`` are subsampled again, so
+    percentile and MSE ranges then rest on another uniform subsample than one process draws."""
+    if not distributed.active():
+        return
+    check_mergeable(observers)
+    distributed.reduce_statistics(observers)
+    for observer in observers:
+        observer.samples = observer._within_budget(observer.samples)
 
 
 def mse_range(samples: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec,
