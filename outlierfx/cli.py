@@ -161,6 +161,8 @@ def _quantize(args: argparse.Namespace) -> int:
     from . import corpus
     from .api import quantize
     from .backends import check_backend, default_backend
+    from .generation import QuantizedCausalLM
+    from .graph.kv_cache import prefill_inputs
     from .models import load
 
     out = pathlib.Path(args.out)
@@ -178,16 +180,10 @@ def _quantize(args: argparse.Namespace) -> int:
     print(f"quantizing {loaded.name} ({recipe or 'preset fast'}, {args.bits}, backend {backend}) on {len(batches)} "
           f"batches from {source}")
     start = time.perf_counter()
-    if loaded.kind == "decoder":  # saved with its KV cache: `outlierfx generate` continues prompts with it
-        from .generation import quantize_causal_lm
-        from .graph.kv_cache import prefill_inputs
-
-        model, report = quantize_causal_lm(loaded.model, batches, recipe=recipe, bits=args.bits, policy=args.policy,
-                                           backend=backend, tokenizer=loaded.tokenizer, progress=True)
-        batches = [prefill_inputs(loaded.model.config, batch) for batch in batches]
-    else:
-        model, report = quantize(loaded.model, batches, recipe=recipe, bits=args.bits, policy=args.policy,
-                                 backend=backend, progress=True)
+    model, report = quantize(loaded.model, batches, recipe=recipe, bits=args.bits, policy=args.policy, backend=backend,
+                             progress=True)
+    if isinstance(model, QuantizedCausalLM):  # saved with its KV cache: `outlierfx generate` continues prompts with it
+        batches = [prefill_inputs(loaded.model.config, batch) for batch in batches]  # the report graphs' inputs
     _print_quantized(report, time.perf_counter() - start)
     _, report = _save_measure_and_report(out, loaded, model, report, batches, model_dir=None, rounds=args.rounds,
                                          progress=True, measured=not args.no_measure)
