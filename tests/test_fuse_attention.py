@@ -50,7 +50,7 @@ def _count(gm: torch.fx.GraphModule, target: object) -> int:
 @given(g=transformer_models(outliers=False))
 def test_linear_inputs_policy_fuses_every_layer_within_tolerance(g):
     qmodel, _ = outlierfx.quantize(g.model, [g.inputs], recipe="naive", bits="W8A8", policy="linear-inputs",
-                                   progress=False)
+                                   generation=False, progress=False)
     result = PassManager([FuseAttention()])(qmodel)
     entry = result.audit.entries[0]
     plan, fused = entry.plan, result.graph_module
@@ -72,7 +72,8 @@ def test_linear_inputs_policy_fuses_every_layer_within_tolerance(g):
 @settings(max_examples=3, phases=[Phase.explicit, Phase.reuse, Phase.generate])
 @given(g=transformer_models(outliers=False))
 def test_full_policy_fuses_nowhere_and_says_why(g):
-    qmodel, _ = outlierfx.quantize(g.model, [g.inputs], recipe="naive", bits="W8A8", policy="full", progress=False)
+    qmodel, _ = outlierfx.quantize(g.model, [g.inputs], recipe="naive", bits="W8A8", policy="full",
+                                   generation=False, progress=False)
     result = FuseAttention()(qmodel)
     plan = result.plan
     assert not result.modified and not plan.fused
@@ -125,7 +126,7 @@ def test_a_chain_read_elsewhere_is_not_fused():
 def test_lower_runs_on_the_fused_graph(backend):
     g = build_model("gpt2", layers=2)
     qmodel, _ = outlierfx.quantize(g.model, [g.inputs], recipe="naive", bits="W8A8", policy="linear-inputs",
-                                   progress=False)
+                                   generation=False, progress=False)
     fused = FuseAttention()(qmodel).graph_module
     plain, lowered = Lower(backend)(qmodel).graph_module, Lower(backend)(fused).graph_module
     assert _count(lowered, SDPA) == 2
