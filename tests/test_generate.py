@@ -229,6 +229,9 @@ def test_quantize_returns_a_generating_model_for_a_causal_lm_only():
     with pytest.raises(SettingError, match="generation=False"):
         outlierfx.quantize(g.model, _calibration(), "naive", generation=False, tokenizer=word_tokenizer(),
                            progress=False)
+    embeds = {"inputs_embeds": torch.randn(2, 8, g.config.hidden_size)}  # a generating model reads token ids
+    with pytest.raises(DataError, match="need input_ids .* generation=False"):
+        outlierfx.quantize(g.model, [embeds], "naive", progress=False)
     qmodel, _ = outlierfx.quantize(g.model, _calibration(), "naive", progress=False)
     assert isinstance(qmodel, QuantizedCausalLM) and qmodel.tokenizer is None
     assert _index_copies(qmodel.graph) == [2 * g.config.num_hidden_layers, 0]  # the cache graph
