@@ -216,10 +216,12 @@ def quantize(
 
 def _capture_with_cache(model: torch.nn.Module, example: dict[str, Any]) -> torch.fx.GraphModule:
     """The graph of ``model`` (a causal LM) with an explicit static KV cache
-    (:class:`~outlierfx.graph.kv_cache.CachedDecoder`), captured on ``example`` in the cache's form."""
+    (:class:`~outlierfx.graph.kv_cache.CachedDecoder`), captured on ``example`` in the cache's form.
+    The batches were checked against ``model`` already, so a failure here (the model run with the
+    cache wrapper, or its export) is the wrapper's: the one-pass graph may still capture."""
     try:
         return capture(CachedDecoder(model), example)
-    except CaptureError as exc:
+    except (CaptureError, DataError) as exc:
         raise CaptureError(f"{exc}\n{type(model).__name__} could not be captured with a KV cache for generation; "
                            f"quantize(..., generation=False) quantizes its one-pass forward (no generate())") from exc
 
