@@ -1,5 +1,6 @@
 """Quantized causal LMs that generate: ``qmodel, report = outlierfx.quantize(model, calibration)``
-on a Hugging Face causal LM (:func:`is_causal_lm`), then ``qmodel.generate(input_ids, max_new_tokens=...)``.
+on a Hugging Face causal LM (:func:`is_causal_lm`) returns a :class:`QuantizedCausalLM`, then
+``qmodel.generate(input_ids, max_new_tokens=...)``.
 
 The model is captured once as :class:`~outlierfx.graph.kv_cache.CachedDecoder` (one functional
 graph with an explicit static KV cache), so the prompt (prefill) and every decode step run the

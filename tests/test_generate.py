@@ -237,6 +237,23 @@ def test_quantize_returns_a_generating_model_for_a_causal_lm_only():
     assert _index_copies(qmodel.graph) == [2 * g.config.num_hidden_layers, 0]  # the cache graph
 
 
+def test_a_causal_lm_the_cache_wrapper_cannot_run_is_told_to_use_generation_false():
+    from outlierfx.errors import CaptureError
+    from transformers import LlamaForCausalLM
+
+    class WithoutCacheArgument(LlamaForCausalLM):
+        def forward(self, input_ids=None, attention_mask=None, **kwargs):
+            if "cache" in kwargs:
+                raise TypeError("forward() got an unexpected keyword argument 'cache'")
+            return super().forward(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+
+    model = WithoutCacheArgument(build_model("llama", layers=1).config).eval()
+    with pytest.raises(CaptureError, match="could not be captured with a KV cache.*generation=False"):
+        outlierfx.quantize(model, _calibration(), "naive", progress=False)
+    one_pass, _ = outlierfx.quantize(model, _calibration(), "naive", generation=False, progress=False)
+    assert isinstance(one_pass, torch.fx.GraphModule)
+
+
 @pytest.mark.parametrize("backend", ["fake-quant", *runnable_backends(["onednn"])])
 def test_a_saved_decoder_loads_with_its_cache_and_tokenizer_and_generates_the_same(tmp_path, backend):
     g = _model()
