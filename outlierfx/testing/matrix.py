@@ -3,7 +3,8 @@ user's model goes through, one recorded outcome per stage (issue 25).
 
 - ``capture`` (the issue's stage 1): the graph equals the model on the example shape and on
   another batch and length;
-- ``naive`` (stage 2): ``quantize(recipe="naive", policy="linear-inputs", generation=False)`` (the one-pass forward) gives a simulated model;
+- ``naive`` (stage 2): ``quantize(recipe="naive", policy="linear-inputs", generation=False)`` (the
+  one-pass forward) gives a simulated model;
 - ``lower-onednn`` (stage 3): every int8 GEMM of the onednn model, on the input that model gives
   it, matches the fake-quant Linear within one step of its output grid (:mod:`.lowering`), and
   the whole model agrees with the simulated one token by token;
