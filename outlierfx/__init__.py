@@ -37,7 +37,6 @@ _EXPORTS: dict[str, str] = {
     "lower": "api",
     "preset": "recipes",
     "quantize": "api",
-    "quantize_causal_lm": "generation",
     "save": "serialize",
 }
 
@@ -64,7 +63,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ im
     from .errors import (CaptureError, DataError, DistributedError, ExportError, OutlierFXError, OutlierFXWarning,
                          PassError, SavedFormatError, SettingError)
     from .export import export_onnx
-    from .generation import QuantizedCausalLM, quantize_causal_lm
+    from .generation import QuantizedCausalLM
     from .graph import capture
     from .recipes import Recipe, RecipeError, preset
     from .serialize import load, save

@@ -14,9 +14,11 @@ import torch
 import torch.fx
 
 from . import distributed
-from .errors import DataError, OutlierFXWarning
+from .errors import CaptureError, DataError, OutlierFXWarning, SettingError
+from .generation import QuantizedCausalLM, first_token_rows, is_causal_lm
 from .graph import capture, meta
 from .graph.inputs import as_keyword_batch, check_keyword_inputs, check_model_weights
+from .graph.kv_cache import CachedDecoder, prefill_inputs
 from .passes.audit import AuditTrail
 from .passes.insert_observers import InsertObserversPlan
 from .passes.lower import lower_model
@@ -126,7 +128,9 @@ class QuantizationReport:
 
 
 class QuantizationResult(NamedTuple):
-    model: torch.nn.Module  # the fake-quant GraphModule, or the lowered int8 model with ``backend``
+    # the fake-quant GraphModule, or the lowered int8 model with ``backend``; for a causal LM a
+    # QuantizedCausalLM holding that graph (``.graph``)
+    model: torch.nn.Module
     report: QuantizationReport
 
 
@@ -138,6 +142,8 @@ def quantize(
     policy: str | QuantPolicy | None = None,
     backend: str | None = None,
     *,
+    tokenizer: Any = None,
+    generation: bool = True,
     progress: bool = True,
 ) -> QuantizationResult:
     """Capture ``model``, apply a recipe, calibrate on ``calibration`` and return the quantized
@@ -157,6 +163,16 @@ def quantize(
     a preset. A recipe whose Linears the backend cannot run as whole int8 GEMMs is flagged
     before calibration (an :class:`OutlierFXWarning`, and ``report.backend_fit``).
 
+    A Hugging Face causal LM (:func:`~outlierfx.generation.is_causal_lm`, e.g. from
+    ``AutoModelForCausalLM``) comes back as a :class:`~outlierfx.generation.QuantizedCausalLM`
+    that generates with a KV cache: ``qmodel.generate(input_ids, max_new_tokens=...)``,
+    ``qmodel(input_ids, attention_mask).logits``; ``qmodel.graph`` is the quantized graph (one
+    graph with a static KV cache for the prompt and every decode step: one set of quantization
+    parameters), and ``tokenizer`` is kept on it (``outlierfx.save`` writes it alongside).
+    ``generation=False`` quantizes a causal LM's one-pass forward instead (``use_cache=False``:
+    logits of a fixed window, no cache) and returns that GraphModule, as for any other model:
+    what scores fixed windows, exports to ONNX or benchmarks prefill latency.
+
     Under torch.distributed (e.g. ``torchrun --nproc-per-node N``) every rank passes the same
     ``calibration``; each calibrates its share of the batches and all end with the same model,
     the one a single process would make (docs/distributed.md); progress shows on rank 0 only.
@@ -165,8 +181,15 @@ def quantize(
     batches = _checked_batches(model, calibration)
     widths = parse_bits(bits)
     choose(recipe, backend)[0].policy(widths, policy)  # a bad recipe, backend or policy fails before the capture
+    decoder = generation and is_causal_lm(model)
+    if tokenizer is not None and not decoder:
+        raise SettingError(f"tokenizer= is kept on the generating model of a causal LM; {type(model).__name__} "
+                           f"{'is not one' if generation else 'was quantized with generation=False'}: save the "
+                           f"tokenizer with the model instead, outlierfx.save(qmodel, DIR, tokenizer=tokenizer)")
     model, batches, dtype_notes = _in_float32(model, batches)
-    gm = capture(model, batches[0])
+    if decoder:  # calibration batches as prompts from an empty cache of their own length
+        batches = [prefill_inputs(model.config, batch) for batch in batches]
+    gm = _capture_with_cache(model, batches[0]) if decoder else capture(model, batches[0])
     chosen, target, chosen_preset = choose(recipe, backend, gm, widths)  # a preset follows the model's structure and bits
     quant_policy = chosen.policy(widths, policy)
     fits: list[BackendFit] = []
@@ -190,9 +213,24 @@ def quantize(
         backend_fit=fits[0] if fits else None, run_id=run_id,
         notes=dtype_notes + gm.meta[meta.GM_CAPTURE_REPORT].notes + ((distributed.describe(),) if distributed.active() else ()),
         graphs=RunGraphs(gm, run.graph_module))
+    qmodel: torch.nn.Module = run.graph_module
+    if decoder:
+        qmodel = QuantizedCausalLM(qmodel, model.config, first_token_rows(qmodel), tokenizer)
     if target is not None:
-        return lower(run.graph_module, report, target, progress=progress)
-    return QuantizationResult(run.graph_module, report)
+        return lower(qmodel, report, target, progress=progress)
+    return QuantizationResult(qmodel, report)
+
+
+def _capture_with_cache(model: torch.nn.Module, example: dict[str, Any]) -> torch.fx.GraphModule:
+    """The graph of ``model`` (a causal LM) with an explicit static KV cache
+    (:class:`~outlierfx.graph.kv_cache.CachedDecoder`), captured on ``example`` in the cache's form.
+    The batches were checked against ``model`` already, so a failure here (the model run with the
+    cache wrapper, or its export) is the wrapper's: the one-pass graph may still capture."""
+    try:
+        return capture(CachedDecoder(model), example)
+    except (CaptureError, DataError) as exc:
+        raise CaptureError(f"{exc}\n{type(model).__name__} could not be captured with a KV cache for generation; "
+                           f"quantize(..., generation=False) quantizes its one-pass forward (no generate())") from exc
 
 
 def _in_float32(model: torch.nn.Module, batches: list[dict[str, Any]]
@@ -231,14 +269,20 @@ def _checked_batches(model: torch.nn.Module, calibration: Iterable[Any]) -> list
     return batches
 
 
-def lower(qmodel: torch.fx.GraphModule, report: QuantizationReport, backend: str | None = None, *,
+def lower(qmodel: torch.nn.Module, report: QuantizationReport, backend: str | None = None, *,
           progress: bool = False) -> QuantizationResult:
     """Lower a fake-quant model from :func:`quantize` to ``backend`` (default: this CPU's best);
     the report gains the ``FuseAttention`` pass (attention chains with no quantizer inside become
     one fused kernel) and the ``Lower`` pass (which Linears run in int8, which fall back to
-    float, and why). ``report`` must be the one :func:`quantize` returned with ``qmodel``."""
+    float, and why). ``report`` must be the one :func:`quantize` returned with ``qmodel``. A
+    :class:`~outlierfx.generation.QuantizedCausalLM` comes back as one, its graph lowered (the
+    same config, first-token rows and tokenizer)."""
     from .backends import check_backend, default_backend
 
+    if isinstance(qmodel, QuantizedCausalLM):
+        graph, lowering_report = lower(qmodel.graph, report, backend, progress=progress)
+        return QuantizationResult(QuantizedCausalLM(graph, qmodel.config, qmodel.first_token_rows, qmodel.tokenizer,
+                                                    qmodel.cache_dtype), lowering_report)
     run_id = qmodel.meta.get(meta.GM_RUN_ID) if isinstance(qmodel, torch.fx.GraphModule) else None
     if run_id is None or run_id != report.run_id:
         raise DataError(f"this report (recipe {report.recipe!r}) was not made with this model; pass the report "

@@ -174,6 +174,8 @@ def _quantize_on_this_rank(args: argparse.Namespace) -> int:
     from . import corpus, distributed
     from .api import quantize
     from .backends import check_backend, default_backend
+    from .generation import QuantizedCausalLM
+    from .graph.kv_cache import prefill_inputs
     from .models import load
 
     main = distributed.is_main()
@@ -194,16 +196,10 @@ def _quantize_on_this_rank(args: argparse.Namespace) -> int:
         print(f"quantizing {loaded.name} ({recipe or 'preset fast'}, {args.bits}, backend {backend}) on {len(batches)} "
               f"batches from {source}{split}")
     start = time.perf_counter()
-    if loaded.kind == "decoder":  # saved with its KV cache: `outlierfx generate` continues prompts with it
-        from .generation import quantize_causal_lm
-        from .graph.kv_cache import prefill_inputs
-
-        model, report = quantize_causal_lm(loaded.model, batches, recipe=recipe, bits=args.bits, policy=args.policy,
-                                           backend=backend, tokenizer=loaded.tokenizer, progress=True)
-        batches = [prefill_inputs(loaded.model.config, batch) for batch in batches]
-    else:
-        model, report = quantize(loaded.model, batches, recipe=recipe, bits=args.bits, policy=args.policy,
-                                 backend=backend, progress=True)
+    model, report = quantize(loaded.model, batches, recipe=recipe, bits=args.bits, policy=args.policy, backend=backend,
+                             progress=True)
+    if isinstance(model, QuantizedCausalLM):  # saved with its KV cache: `outlierfx generate` continues prompts with it
+        batches = [prefill_inputs(loaded.model.config, batch) for batch in batches]  # the report graphs' inputs
     if not main:  # every rank holds the same model; rank 0 writes it
         return 0
     _print_quantized(report, time.perf_counter() - start)

@@ -6,7 +6,7 @@
   is one ``model(next_token, cache=cache, use_cache=True)`` on a copy of the prefilled
   cache made (untimed) before the call, so the cache holds :data:`CACHE_TOKENS` tokens every
   time (the step appends one).
-- Ours: the cached decoder (:func:`~outlierfx.generation.quantize_causal_lm`'s graph, one
+- Ours: the cached decoder (the graph of :func:`~outlierfx.quantize`'s causal LM, one
   quantization per recipe) lowered to each backend. Its own prefill fills a static cache of
   :data:`CACHE_TOKENS` + 1 columns; each timed call is the decode step at the last column, as
   :meth:`~outlierfx.generation.QuantizedCausalLM.generate` runs it (the new token alone on
@@ -33,9 +33,9 @@ from typing import Any
 
 import torch
 
-from .api import QuantizationResult, lower
+from .api import QuantizationResult, lower, quantize
 from .evaluate import DecoderEval
-from .generation import QuantizedCausalLM, incremental_perplexity, quantize_causal_lm
+from .generation import QuantizedCausalLM, incremental_perplexity
 from .graph.kv_cache import CachedDecoder, empty_cache, prefill_inputs
 from .models import LoadedModel
 from .recipes import Recipe
@@ -120,14 +120,13 @@ def decode_candidates(loaded: LoadedModel, calibration: Sequence[dict[str, torch
     for label, backend, recipe in ours:
         if recipe.name not in simulated:
             start = time.perf_counter()
-            result = quantize_causal_lm(model, calibration, recipe=recipe, bits=bits, policy=policy,
-                                        backend="fake-quant", progress=False)
+            result = quantize(model, calibration, recipe=recipe, bits=bits, policy=policy, backend="fake-quant",
+                              progress=False)
             simulated[recipe.name] = (result, time.perf_counter() - start)
             say(f"quantized the cache graph ({recipe.name}, {bits}) in {simulated[recipe.name][1]:.1f}s")
         (fake, report), quantize_s = simulated[recipe.name]
         start = time.perf_counter()
-        lowered = lower(report.graphs.simulated, report, backend).model
-        lm = QuantizedCausalLM(lowered, config, fake.first_token_rows, cache_dtype=fake.cache_dtype)
+        lm = lower(fake, report, backend).model
         step = CachedDecodeStep(lm, tokens)  # the prefill (inductor: compiles it)
         with torch.no_grad():
             step()  # inductor: compiles the decode step

@@ -1,5 +1,6 @@
-"""Quantized causal LMs that generate: ``qmodel, report = quantize_causal_lm(model, calibration)``,
-then ``qmodel.generate(input_ids, max_new_tokens=...)``.
+"""Quantized causal LMs that generate: ``qmodel, report = outlierfx.quantize(model, calibration)``
+on a Hugging Face causal LM (:func:`is_causal_lm`) returns a :class:`QuantizedCausalLM`, then
+``qmodel.generate(input_ids, max_new_tokens=...)``.
 
 The model is captured once as :class:`~outlierfx.graph.kv_cache.CachedDecoder` (one functional
 graph with an explicit static KV cache), so the prompt (prefill) and every decode step run the
@@ -30,22 +31,19 @@ places the first-token grid decides how a decode step gets there
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
 import torch
 import torch.fx
 
-from .api import QuantizationResult, quantize
 from .backends import Execution, get_backend
 from .backends.inductor import CompiledInt8
 from .errors import DataError
 from .evaluate import DecoderEval
-from .graph.kv_cache import CachedDecoder, cache_inputs, empty_cache, in_place_cache_writes, prefill_inputs
+from .graph.kv_cache import cache_inputs, empty_cache, in_place_cache_writes
 from .graph import meta
-from .graph.inputs import as_keyword_batch, check_keyword_inputs
 from .quantizers.observers import FakeQuantize
-from .recipes import Recipe
 
 
 class CausalLMLogits(NamedTuple):
@@ -261,32 +259,14 @@ def first_token_rows(graph: torch.nn.Module) -> int:
                default=0)
 
 
-def quantize_causal_lm(
-    model: torch.nn.Module,
-    calibration: Iterable[Mapping[str, torch.Tensor]],
-    recipe: str | Recipe | None = None,
-    bits: str | int = "W8A8",
-    policy: Any = None,
-    backend: str | None = None,
-    *,
-    tokenizer: Any = None,
-    progress: bool = True,
-) -> QuantizationResult:
-    """:func:`~outlierfx.quantize` for a Hugging Face causal LM, returning a
-    :class:`QuantizedCausalLM` that generates with a KV cache (and its report).
-
-    ``calibration`` as for :func:`~outlierfx.quantize`: batches of ``input_ids`` (and
-    ``attention_mask``); the arguments have the same meaning. ``tokenizer`` is kept on the result."""
+def is_causal_lm(model: torch.nn.Module) -> bool:
+    """Whether :func:`~outlierfx.quantize` gives ``model`` back as a :class:`QuantizedCausalLM`:
+    a Hugging Face model that generates (``can_generate()``: a ``GenerationMixin`` model such as
+    ``AutoModelForCausalLM``'s) and returns next-token logits (output embeddings), and is not an
+    encoder-decoder. Encoders (BERT, MiniLM) and bare decoders without a head (``LlamaModel``)
+    are not."""
     config = getattr(model, "config", None)
-    if config is None or not callable(getattr(model, "get_output_embeddings", None)) \
-            or model.get_output_embeddings() is None:
-        raise DataError(f"{type(model).__name__} is not a Hugging Face causal LM (no config or no output "
-                        f"embeddings); quantize_causal_lm needs a model that returns next-token logits, e.g. "
-                        f"AutoModelForCausalLM; use outlierfx.quantize for other models")
-    batches = [as_keyword_batch(model, batch, i) for i, batch in enumerate(calibration)]
-    for i, batch in enumerate(batches):  # token ids in the vocabulary: the cache wrapper has no embedding to ask
-        check_keyword_inputs(model, batch, f"calibration batch {i}")
-    batches = [prefill_inputs(config, batch) for batch in batches]
-    result = quantize(CachedDecoder(model), batches, recipe, bits, policy, backend, progress=progress)
-    rows = first_token_rows(result.report.graphs.simulated)
-    return QuantizationResult(QuantizedCausalLM(result.model, config, rows, tokenizer), result.report)
+    can_generate = getattr(model, "can_generate", None)
+    get_head = getattr(model, "get_output_embeddings", None)
+    return (config is not None and callable(can_generate) and bool(can_generate()) and callable(get_head)
+            and get_head() is not None and not getattr(config, "is_encoder_decoder", False))

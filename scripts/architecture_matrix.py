@@ -43,7 +43,8 @@ norms, activation, biases), loaded as users load it: encoders with `AutoModel`, 
 Stages:
 - **capture**: the captured graph equals the model (within 1e-5 of the output's max) on the
   example (batch 2 x 8, one row padded) and on batch 3 x 11;
-- **naive**: `quantize(recipe="naive", policy="linear-inputs")` gives the simulated model;
+- **naive**: `quantize(recipe="naive", policy="linear-inputs", generation=False)` (the one-pass
+  forward) gives the simulated model;
 - **lower-onednn**: every int8 GEMM of the onednn model, run on the input that model gives it,
   matches the fake-quant Linear within one step of its output grid (uint8 requantized outputs:
   one step of that grid; bf16 outputs behind bf16 attention: one bf16 step; float32 outputs:

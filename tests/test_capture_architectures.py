@@ -38,7 +38,7 @@ def test_bloom_alibi_scores_capture_with_dynamic_shapes():
     other = build_architecture("bloom", batch=3, seq=11, seed=1).inputs
     assert_equivalent(g.model, gm, other, tol=TOL)
     qmodel, _ = outlierfx.quantize(g.model, [g.inputs], recipe="naive", policy="linear-inputs", backend="onednn",
-                                   progress=False)
+                                   generation=False, progress=False)
     assert qmodel(**other).logits.shape == (3, 11, g.config.vocab_size)
 
 
@@ -55,7 +55,7 @@ def test_falcon_linears_written_as_matrix_products_are_recognised(head):
     linears = [n for n in gm.graph.nodes if n.target is aten.linear.default and len(n.args) == 3]
     assert len(linears) == per_layer * g.config.num_hidden_layers  # the biases are folded into the Linears
     qmodel, report = outlierfx.quantize(model, [g.inputs], recipe="naive", policy="linear-inputs", backend="onednn",
-                                        progress=False)
+                                        generation=False, progress=False)
     assert len([p for p in report.placement.points if p.spec is not None]) >= 3 * g.config.num_hidden_layers
     qmodel(**g.inputs)
 

@@ -9,10 +9,10 @@ import math
 import pytest
 import torch
 
+import outlierfx
 from outlierfx.backends import runnable_backends
 from outlierfx.cli import main
 from outlierfx.decode_speed import CACHE_TOKENS, CachedDecodeStep, EagerDecodeStep
-from outlierfx.generation import quantize_causal_lm
 from outlierfx.testing import build_model, first_token_grids_everywhere, word_tokenizer
 
 pytestmark = pytest.mark.skipif(not runnable_backends(["onednn"]), reason="no onednn engine")
@@ -36,7 +36,7 @@ def test_the_timed_decode_steps_compute_the_models_next_token_logits():
             assert torch.allclose(eager(), float_logits, atol=1e-5)
     calibration = [{"input_ids": _tokens(8, seed)} for seed in range(3)]
     with first_token_grids_everywhere():  # onednn: the step runs its new token alone, on the main grids
-        lm, _ = quantize_causal_lm(g.model, calibration, "naive+sink", backend="onednn", progress=False)
+        lm, _ = outlierfx.quantize(g.model, calibration, "naive+sink", backend="onednn", progress=False)
     full = lm(tokens).logits[:, -1]
     step = CachedDecodeStep(lm, tokens)
     assert step.rows == [39]

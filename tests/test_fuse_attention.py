@@ -50,7 +50,7 @@ def _count(gm: torch.fx.GraphModule, target: object) -> int:
 @given(g=transformer_models(outliers=False))
 def test_linear_inputs_policy_fuses_every_layer_within_tolerance(g):
     qmodel, _ = outlierfx.quantize(g.model, [g.inputs], recipe="naive", bits="W8A8", policy="linear-inputs",
-                                   progress=False)
+                                   generation=False, progress=False)
     result = PassManager([FuseAttention()])(qmodel)
     entry = result.audit.entries[0]
     plan, fused = entry.plan, result.graph_module
@@ -72,7 +72,8 @@ def test_linear_inputs_policy_fuses_every_layer_within_tolerance(g):
 @settings(max_examples=3, phases=[Phase.explicit, Phase.reuse, Phase.generate])
 @given(g=transformer_models(outliers=False))
 def test_full_policy_fuses_nowhere_and_says_why(g):
-    qmodel, _ = outlierfx.quantize(g.model, [g.inputs], recipe="naive", bits="W8A8", policy="full", progress=False)
+    qmodel, _ = outlierfx.quantize(g.model, [g.inputs], recipe="naive", bits="W8A8", policy="full",
+                                   generation=False, progress=False)
     result = FuseAttention()(qmodel)
     plan = result.plan
     assert not result.modified and not plan.fused
@@ -125,7 +126,7 @@ def test_a_chain_read_elsewhere_is_not_fused():
 def test_lower_runs_on_the_fused_graph(backend):
     g = build_model("gpt2", layers=2)
     qmodel, _ = outlierfx.quantize(g.model, [g.inputs], recipe="naive", bits="W8A8", policy="linear-inputs",
-                                   progress=False)
+                                   generation=False, progress=False)
     fused = FuseAttention()(qmodel).graph_module
     plain, lowered = Lower(backend)(qmodel).graph_module, Lower(backend)(fused).graph_module
     assert _count(lowered, SDPA) == 2
@@ -138,8 +139,6 @@ def test_grouped_query_attention_reads_the_unexpanded_keys_and_values(family):
     """K and V shared by two query heads each: the fused call reads them unexpanded
     (``enable_gqa``) and transformers' ``repeat_kv`` copies leave the graph, on the prefill graph
     and on the KV-cache graph (where they copied the whole cache every step)."""
-    from outlierfx.generation import quantize_causal_lm
-
     g = build_model(family, layers=2, heads=4, kv_heads=2)
     gm = outlierfx.capture(g.model, g.inputs)
     result = FuseAttention()(gm)
@@ -155,8 +154,8 @@ def test_grouped_query_attention_reads_the_unexpanded_keys_and_values(family):
     error = output_error(run(gm, ((), g.inputs)), run(fused, ((), g.inputs)))
     assert error.nonfinite == 0 and error.within(FuseAttention.float_rel_tol), error
 
-    lm, report = quantize_causal_lm(g.model, [g.inputs], recipe="naive", policy="linear-inputs",
-                                    backend="onednn", progress=False)
+    lm, report = outlierfx.quantize(g.model, [g.inputs], recipe="naive", policy="linear-inputs", backend="onednn",
+                                    progress=False)
     fuse = next(e for e in report.audit.entries if e.pass_name == "FuseAttention")
     assert fuse.plan.fused and all(s.groups == 2 for s in fuse.plan.fused)
     prompt = g.inputs["input_ids"][1:, :4]

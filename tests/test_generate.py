@@ -1,5 +1,5 @@
 """Decoders that generate: one cached graph for prefill and decode (``graph/kv_cache.py``),
-``quantize_causal_lm`` and ``QuantizedCausalLM.generate`` (``generation.py``)."""
+``outlierfx.quantize`` on a causal LM and ``QuantizedCausalLM.generate`` (``generation.py``)."""
 
 import copy
 
@@ -9,8 +9,8 @@ from torch.fx.experimental.symbolic_shapes import free_symbols
 
 import outlierfx
 from outlierfx.backends import runnable_backends
-from outlierfx.errors import DataError
-from outlierfx.generation import QuantizedCausalLM, next_token, quantize_causal_lm
+from outlierfx.errors import DataError, SettingError
+from outlierfx.generation import QuantizedCausalLM, next_token
 from outlierfx.graph.kv_cache import CachedDecoder, cache_inputs, in_place_cache_writes
 from outlierfx.quantizers.observers import FakeQuantize
 from outlierfx.testing import build_model, first_token_grids_everywhere, word_tokenizer
@@ -98,7 +98,7 @@ def _index_copies(gm):
 @pytest.mark.parametrize("backend", ["fake-quant", *runnable_backends(["onednn"])])
 def test_in_place_cache_writes_write_the_callers_caches_and_give_the_functional_graphs_outputs(backend):
     g = _model()
-    qmodel, _ = quantize_causal_lm(g.model, _calibration(), "naive", backend=backend, progress=False)
+    qmodel, _ = outlierfx.quantize(g.model, _calibration(), "naive", backend=backend, progress=False)
     writes = 2 * g.config.num_hidden_layers
     assert _index_copies(qmodel.graph) == [writes, 0]
     in_place = in_place_cache_writes(qmodel.graph)
@@ -117,7 +117,7 @@ def test_in_place_cache_writes_write_the_callers_caches_and_give_the_functional_
 def test_greedy_decoding_is_the_argmax_of_the_same_int8_models_full_sequence_logits(backend):
     g = _model()
     with first_token_grids_everywhere():  # the +sink paths, at every quantizer
-        qmodel, report = quantize_causal_lm(g.model, _calibration(), "naive+sink", backend=backend, progress=False)
+        qmodel, report = outlierfx.quantize(g.model, _calibration(), "naive+sink", backend=backend, progress=False)
     assert qmodel.first_token_rows == 1 and report.backend == (backend or "fake-quant")
     assert not qmodel.replays_first_rows  # fake quant and onednn: a one-row call is on the main grid
     for prompt in (_prompts(), _prompts(1, 1)):  # a one-token prompt is all first-token positions
@@ -136,8 +136,8 @@ def test_greedy_decoding_is_the_argmax_of_the_same_int8_models_full_sequence_log
 def test_decode_tokens_use_the_main_grid_and_position_zero_the_first_token_grid(backend):
     g = _model()
     with first_token_grids_everywhere():
-        qmodel, report = quantize_causal_lm(g.model, _calibration(), "naive+sink", backend="fake-quant",
-                                            progress=False)
+        qmodel, report = outlierfx.quantize(g.model, _calibration(), "naive+sink", backend="fake-quant",
+                                            tokenizer=word_tokenizer(), progress=False)
     # a first-token grid far too coarse: any token put on it instead of the main grid changes the logits
     coarse = 0
     for module in report.graphs.simulated.modules():
@@ -145,9 +145,11 @@ def test_decode_tokens_use_the_main_grid_and_position_zero_the_first_token_grid(
             module.sink_scale = module.sink_scale * 64
             coarse += 1
     assert coarse
-    if backend != "fake-quant":
-        qmodel = QuantizedCausalLM(outlierfx.lower(report.graphs.simulated, report, backend).model, g.config,
-                                   qmodel.first_token_rows)
+    if backend != "fake-quant":  # lower() of the generating model: the same model around the lowered graph
+        fake = qmodel
+        qmodel = outlierfx.lower(fake, report, backend).model
+        assert isinstance(qmodel, QuantizedCausalLM) and qmodel.graph is not fake.graph
+        assert (qmodel.config, qmodel.first_token_rows, qmodel.tokenizer) == (fake.config, 1, fake.tokenizer)
     assert qmodel.replays_first_rows == (backend == "reference")
     prompt = _prompts()
     generated, teacher, gap = _incremental_vs_full(qmodel, prompt)
@@ -162,7 +164,7 @@ def test_decode_tokens_use_the_main_grid_and_position_zero_the_first_token_grid(
 
 def test_a_left_padded_batch_generates_what_each_prompt_generates_alone():
     g = _model()
-    qmodel, _ = quantize_causal_lm(g.model, _calibration(), "naive", progress=False)
+    qmodel, _ = outlierfx.quantize(g.model, _calibration(), "naive", progress=False)
     long, short = _prompts(1, 6, seed=3), _prompts(1, 4, seed=4)
     batch = torch.cat([long, torch.cat([torch.zeros(1, 2, dtype=torch.long), short], 1)])
     mask = torch.ones_like(batch)
@@ -174,7 +176,7 @@ def test_a_left_padded_batch_generates_what_each_prompt_generates_alone():
 
 def test_sampling_follows_the_seed_and_stops_at_eos():
     g = _model()
-    qmodel, _ = quantize_causal_lm(g.model, _calibration(), "naive", progress=False)
+    qmodel, _ = outlierfx.quantize(g.model, _calibration(), "naive", progress=False)
     prompt = _prompts()
     torch.manual_seed(0)
     first = qmodel.generate(prompt, max_new_tokens=8, do_sample=True, top_k=10, top_p=0.9, eos_token_id=[])
@@ -211,8 +213,45 @@ def test_bad_inputs_name_the_fix():
         qmodel.generate(_prompts()[:, :0])
     with pytest.raises(DataError, match="token ids"):
         qmodel.generate(_prompts().float())
-    with pytest.raises(DataError, match="causal LM"):
-        quantize_causal_lm(build_model("bert").model, _calibration(), "naive", progress=False)
+
+
+def test_quantize_returns_a_generating_model_for_a_causal_lm_only():
+    bert = build_model("bert")
+    encoder, _ = outlierfx.quantize(bert.model, [bert.inputs], "naive", progress=False)
+    assert isinstance(encoder, torch.fx.GraphModule)
+    with pytest.raises(SettingError, match="tokenizer"):
+        outlierfx.quantize(bert.model, [bert.inputs], "naive", tokenizer=word_tokenizer(), progress=False)
+    g = _model()
+    bare, _ = outlierfx.quantize(g.model.model, _calibration(), "naive", progress=False)  # LlamaModel: no LM head
+    assert isinstance(bare, torch.fx.GraphModule)
+    one_pass, _ = outlierfx.quantize(g.model, _calibration(), "naive", generation=False, progress=False)
+    assert isinstance(one_pass, torch.fx.GraphModule) and _index_copies(one_pass) == [0, 0]  # no KV cache
+    with pytest.raises(SettingError, match="generation=False"):
+        outlierfx.quantize(g.model, _calibration(), "naive", generation=False, tokenizer=word_tokenizer(),
+                           progress=False)
+    embeds = {"inputs_embeds": torch.randn(2, 8, g.config.hidden_size)}  # a generating model reads token ids
+    with pytest.raises(DataError, match="need input_ids .* generation=False"):
+        outlierfx.quantize(g.model, [embeds], "naive", progress=False)
+    qmodel, _ = outlierfx.quantize(g.model, _calibration(), "naive", progress=False)
+    assert isinstance(qmodel, QuantizedCausalLM) and qmodel.tokenizer is None
+    assert _index_copies(qmodel.graph) == [2 * g.config.num_hidden_layers, 0]  # the cache graph
+
+
+def test_a_causal_lm_the_cache_wrapper_cannot_run_is_told_to_use_generation_false():
+    from outlierfx.errors import CaptureError
+    from transformers import LlamaForCausalLM
+
+    class WithoutCacheArgument(LlamaForCausalLM):
+        def forward(self, input_ids=None, attention_mask=None, **kwargs):
+            if "cache" in kwargs:
+                raise TypeError("forward() got an unexpected keyword argument 'cache'")
+            return super().forward(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+
+    model = WithoutCacheArgument(build_model("llama", layers=1).config).eval()
+    with pytest.raises(CaptureError, match="could not be captured with a KV cache.*generation=False"):
+        outlierfx.quantize(model, _calibration(), "naive", progress=False)
+    one_pass, _ = outlierfx.quantize(model, _calibration(), "naive", generation=False, progress=False)
+    assert isinstance(one_pass, torch.fx.GraphModule)
 
 
 @pytest.mark.parametrize("backend", ["fake-quant", *runnable_backends(["onednn"])])
@@ -220,7 +259,7 @@ def test_a_saved_decoder_loads_with_its_cache_and_tokenizer_and_generates_the_sa
     g = _model()
     tokenizer = word_tokenizer()
     with first_token_grids_everywhere():
-        qmodel, _ = quantize_causal_lm(g.model, _calibration(), "naive+sink", backend=backend, tokenizer=tokenizer,
+        qmodel, _ = outlierfx.quantize(g.model, _calibration(), "naive+sink", backend=backend, tokenizer=tokenizer,
                                        progress=False)
     outlierfx.save(qmodel, tmp_path)
     loaded = outlierfx.load(tmp_path)
@@ -239,7 +278,7 @@ def test_a_saved_inductor_decoder_loads_with_the_fresh_graphs_sizes_and_generate
     g = build_model("llama", layers=1, kv_heads=2)
     gen = torch.Generator().manual_seed(1)
     calibration = [{"input_ids": torch.randint(0, 64, (3, 12), generator=gen)} for _ in range(2)]
-    qmodel, _ = quantize_causal_lm(g.model, calibration, "rotate+sink", backend="inductor", progress=False)
+    qmodel, _ = outlierfx.quantize(g.model, calibration, "rotate+sink", backend="inductor", progress=False)
     outlierfx.save(qmodel, tmp_path)
     loaded = outlierfx.load(tmp_path)
     fresh_graph, loaded_graph = qmodel.graph.reference, loaded.graph.reference
@@ -256,7 +295,7 @@ def test_smollm2_int8_greedy_decoding_and_its_cache_exact_in_float64(smollm2):
     from outlierfx import corpus
 
     batches = corpus.calibration_batches(smollm2, corpus.wikipedia_sample("calibration", 16), max_length=48)
-    qmodel, report = quantize_causal_lm(smollm2.model, batches, backend="onednn", progress=False)
+    qmodel, report = outlierfx.quantize(smollm2.model, batches, backend="onednn", progress=False)
     assert report.recipe == "rotate+sink" and qmodel.first_token_rows == 1
     prompt = smollm2.tokenizer(["The history of the city begins in"], return_tensors="pt").input_ids
     generated, incremental, teacher = _decode_and_teacher_force(qmodel, prompt, 64)
@@ -290,7 +329,7 @@ def test_incremental_perplexity_equals_the_full_sequence_perplexity(backend):
 
     g = _model()
     with first_token_grids_everywhere():
-        qmodel, _ = quantize_causal_lm(g.model, _calibration(), "naive+sink", backend=backend, progress=False)
+        qmodel, _ = outlierfx.quantize(g.model, _calibration(), "naive+sink", backend=backend, progress=False)
     windows = _prompts(batch=2, tokens=20, seed=5)
     incremental = qmodel.incremental_logits(windows).logits
     full = qmodel(windows).logits
@@ -304,7 +343,7 @@ def test_incremental_perplexity_equals_the_full_sequence_perplexity(backend):
 @pytest.mark.parametrize("backend", [None, *runnable_backends(["onednn"])])
 def test_rotate_sink_rotates_every_head_of_the_generating_model(backend):
     g = _model()
-    qmodel, report = quantize_causal_lm(g.model, _calibration(), "rotate+sink", backend=backend, progress=False)
+    qmodel, report = outlierfx.quantize(g.model, _calibration(), "rotate+sink", backend=backend, progress=False)
     (heads,) = [e for e in report.audit if e.pass_name == "RotateHeads"]
     assert heads.modified and len(heads.plan.paths) == g.config.num_hidden_layers and not heads.plan.blockers
     generated, teacher, gap = _incremental_vs_full(qmodel, _prompts())

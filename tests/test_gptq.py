@@ -150,7 +150,8 @@ def test_sequential_gptq_rounds_each_linear_on_inputs_from_the_already_rounded_m
 
 def test_gptq_recipe_suffix_and_bad_inputs():
     g = build_model("gpt2", layers=1, batch=2, seq=8)
-    _, report = outlierfx.quantize(g.model, [g.inputs], recipe="naive+gptq", bits="W4A8", progress=False)
+    _, report = outlierfx.quantize(g.model, [g.inputs], recipe="naive+gptq", bits="W4A8",
+                                   generation=False, progress=False)
     assert [e.pass_name for e in report.audit][-2:] == ["GPTQ", "ConvertToFakeQuant"]
     assert report.recipe == "naive+gptq"
     assert get_recipe("os+lsq+gptq").name == "os+lsq+gptq"

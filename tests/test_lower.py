@@ -28,7 +28,7 @@ ENGINES = tuple(e for e in ("fbgemm", "x86", "qnnpack", "onednn") if e in torch.
 @settings(max_examples=6)
 @given(g=transformer_models(outliers=False))
 def test_int8_linears_match_fake_quant_within_one_step_on_every_engine(g):
-    qmodel, _ = outlierfx.quantize(g.model, [g.inputs], recipe="naive", bits="W8A8", progress=False)
+    qmodel, _ = outlierfx.quantize(g.model, [g.inputs], recipe="naive", bits="W8A8", generation=False, progress=False)
     for engine in ENGINES:
         result = Lower(engine)(qmodel)
         plan = result.plan
@@ -67,7 +67,7 @@ def test_onednn_adds_the_residual_inside_the_int8_gemm_and_matches_the_reference
                                                                                      every_first_token_grid):
     g = build_model(family, hidden=32, layers=2)
     qmodel, _ = outlierfx.quantize(g.model, [g.inputs], recipe=recipe, bits="W8A8", policy="linear-inputs",
-                                   progress=False)
+                                   generation=False, progress=False)
     result = Lower("onednn")(qmodel)
     fused = [m for m in quantized_linears(result.graph_module).values() if m.residual]
     planned = [lin for lin in result.plan.linears if PostOp.RESIDUAL_ADD in lin.kernel.post_ops]
@@ -87,7 +87,7 @@ def test_onednn_runs_linears_that_read_one_input_as_one_gemm(family, merged_per_
     # BERT: Q, K, V; Llama: Q, K, V and gate, up (float outputs, nothing fused after them)
     g = build_model(family, hidden=32, layers=2)
     qmodel, _ = outlierfx.quantize(g.model, [g.inputs], recipe="naive", bits="W8A8", policy="linear-inputs",
-                                   progress=False)
+                                   generation=False, progress=False)
     result = Lower("onednn")(qmodel)
     layers = g.config.num_hidden_layers
     noted = [lin for lin in result.plan.linears if lin.kernel.merged_with]
@@ -144,7 +144,7 @@ def test_fused_residual_is_read_densely_and_broadcasts_fall_back_outside_the_ker
 @settings(max_examples=6)
 @given(g=transformer_models())
 def test_reference_form_equals_fake_quant(g):
-    qmodel, _ = outlierfx.quantize(g.model, [g.inputs], recipe="naive", bits="W8A8", progress=False)
+    qmodel, _ = outlierfx.quantize(g.model, [g.inputs], recipe="naive", bits="W8A8", generation=False, progress=False)
     lowered = Lower("reference")(qmodel).graph_module
     assert not any(isinstance(m, FakeQuantize) for m in lowered.modules())
     with torch.no_grad():
@@ -158,7 +158,7 @@ def test_reference_form_carries_first_token_grids_exactly(g, policy):
     """+sink: the first rows run beside the main graph on their own grid; nothing stays simulated."""
     with first_token_grids_everywhere():
         qmodel, _ = outlierfx.quantize(g.model, [g.inputs], recipe="naive+sink", bits="W8A8", policy=policy,
-                                       progress=False)
+                                       generation=False, progress=False)
     two_grids = [m for m in qmodel.modules() if isinstance(m, FakeQuantize) and m.has_sink_grid]
     assert two_grids, "no quantizer has a first-token grid"
     result = Lower("reference")(qmodel)
@@ -177,7 +177,7 @@ def test_reference_form_carries_first_token_grids_exactly(g, policy):
 def test_peg_linears_become_grouped_int8_gemms_equal_to_fake_quant(family, recipe):
     # best: range-sized groups on every Linear input, MSE-clipped weight rows
     g = build_model(family, hidden=32, layers=2)
-    qmodel, _ = outlierfx.quantize(g.model, [g.inputs], recipe=recipe, bits="W8A8", progress=False)
+    qmodel, _ = outlierfx.quantize(g.model, [g.inputs], recipe=recipe, bits="W8A8", generation=False, progress=False)
     result = Lower("reference")(qmodel)
     grouped = [lin for lin in result.plan.linears if lin.kernel.kind is KernelKind.INT8_SUB_GEMMS]
     assert grouped, result.plan.summary()
@@ -204,8 +204,8 @@ def test_k1_groups_lower_exactly_like_per_tensor():
 
     g = build_model("gpt2", hidden=16, layers=1)
     k1 = Recipe("k1", "test", observe=(step(GroupChannels, groups=1),))
-    qmodel, _ = outlierfx.quantize(g.model, [g.inputs], recipe=k1, bits="W8A8", progress=False)
-    naive, _ = outlierfx.quantize(g.model, [g.inputs], recipe="naive", bits="W8A8", progress=False)
+    qmodel, _ = outlierfx.quantize(g.model, [g.inputs], recipe=k1, bits="W8A8", generation=False, progress=False)
+    naive, _ = outlierfx.quantize(g.model, [g.inputs], recipe="naive", bits="W8A8", generation=False, progress=False)
     assert [lin.kernel for lin in Lower("x86")(qmodel).plan.linears] == \
         [lin.kernel for lin in Lower("x86")(naive).plan.linears]
     lowered = Lower("reference")(qmodel).graph_module
@@ -275,7 +275,7 @@ def test_compiled_first_token_grids_run_as_int8_gemms(family, every_first_token_
 
     g = build_model(family, hidden=32, layers=2)
     qmodel, _ = outlierfx.quantize(g.model, [g.inputs], recipe="naive+sink", bits="W8A8", policy="linear-inputs",
-                                   progress=False)
+                                   generation=False, progress=False)
     result = Lower("inductor")(qmodel)
     assert not result.plan.simulated
     gemms = [n for n in result.graph_module.graph.nodes if n.target is torch.ops.aten.linear.default
@@ -374,7 +374,7 @@ def test_minilm_lowered_keeps_quality_and_is_under_a_third_of_the_size(minilm, t
 
 def test_a_tied_embedding_and_lm_head_share_one_int8_table(tmp_path):
     g = build_model("llama", hidden=32, layers=1, vocab=96, tied=True)
-    qmodel, _ = outlierfx.quantize(g.model, [g.inputs], recipe="naive", bits="W8A8", progress=False)
+    qmodel, _ = outlierfx.quantize(g.model, [g.inputs], recipe="naive", bits="W8A8", generation=False, progress=False)
     for backend in ("reference", "x86"):
         lowered = Lower(backend)(qmodel).graph_module
         tables = {t.untyped_storage().data_ptr() for t in lowered.state_dict().values()
@@ -389,7 +389,7 @@ def test_the_lm_head_keeps_8_bit_weights_at_w4a8(tied, recipe):
     tied, it reads the int8 table itself (one stored tensor, no int4 copy); GPTQ rounds it on
     the same 8-bit grid. The other Linears are int4."""
     g = build_model("llama", hidden=32, layers=1, vocab=96, tied=tied)
-    gm, report = outlierfx.quantize(g.model, [g.inputs], recipe=recipe, bits="W4A8", progress=False)
+    gm, report = outlierfx.quantize(g.model, [g.inputs], recipe=recipe, bits="W4A8", generation=False, progress=False)
     linears = [n for n in gm.graph.nodes if op_kind(n) is OpKind.LINEAR]
     head, table = linears[-1], next(n for n in gm.graph.nodes if op_kind(n) is OpKind.EMBEDDING)
     assert head.meta[meta.WEIGHT_QUANT].bits == 8 and table.meta[meta.WEIGHT_QUANT].bits == 8
@@ -474,7 +474,7 @@ def test_inductor_merges_q_k_v_and_runs_attention_in_bf16(family):
 def _fused_attention_model(family):
     g = build_model(family, hidden=32, layers=2)
     qmodel, _ = outlierfx.quantize(g.model, [g.inputs], recipe="naive", bits="W8A8", policy="linear-inputs",
-                                   progress=False)
+                                   generation=False, progress=False)
     return g, FuseAttention()(qmodel).graph_module
 
 

@@ -33,7 +33,8 @@ REL_TOL = 1e-3
 
 def _quantized(family: str, backend: str = "reference", **quantize_options):
     g = build_model(family, hidden=32, layers=2, **SHAPE[family])
-    qmodel, report = outlierfx.quantize(g.model, [g.inputs], backend=backend, progress=False, **quantize_options)
+    qmodel, report = outlierfx.quantize(g.model, [g.inputs], backend=backend,
+                                        generation=False, progress=False, **quantize_options)
     return g, qmodel, report
 
 
@@ -141,6 +142,15 @@ def test_grids_qdq_cannot_express_are_refused_with_the_fix(tmp_path):
     with pytest.raises(ExportError, match="first tokens .* beside per-channel \\(PEG\\) groups.* 'smooth-peg'"):
         outlierfx.export_onnx(peg_sink, tmp_path / "accurate.onnx")
     assert not list(tmp_path.iterdir())
+
+
+def test_a_causal_lm_quantized_for_generation_is_refused_with_the_fix(tmp_path):
+    g = build_model("llama", hidden=32, layers=1)
+    qmodel, _ = outlierfx.quantize(g.model, [g.inputs], recipe="naive", progress=False)  # the KV-cache graph
+    for source in (qmodel, outlierfx.save(qmodel, tmp_path / "saved")):
+        with pytest.raises(ExportError, match="generation=False"):
+            outlierfx.export_onnx(source, tmp_path / "llama.onnx")
+    assert not (tmp_path / "llama.onnx").exists()
 
 
 def test_peg_groups_export_as_int8_sub_gemms(tmp_path):

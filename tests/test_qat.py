@@ -64,7 +64,7 @@ def test_tied_lm_head_stays_frozen_and_qat_needs_calibration():
 
 def test_qat_recipe_runs_end_to_end():
     g = build_model("gpt2", layers=1, batch=2, seq=8)
-    qmodel, report = outlierfx.quantize(g.model, [g.inputs], recipe="qat", progress=False)
+    qmodel, report = outlierfx.quantize(g.model, [g.inputs], recipe="qat", generation=False, progress=False)
     assert [e.pass_name for e in report.audit][-2:] == ["QAT", "ConvertToFakeQuant"]
     with torch.no_grad():
         assert torch.isfinite(qmodel(**g.inputs).logits).all()

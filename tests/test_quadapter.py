@@ -192,7 +192,7 @@ def test_training_and_folding_need_their_inputs():
 @pytest.mark.parametrize("recipe", ["quadapter", "os+quadapter"])
 def test_quadapter_recipes_run_end_to_end(recipe):
     g = build_model("gpt2", layers=2, outliers=OutlierSpec(gamma_scale=20.0, channels=(3,)), batch=2, seq=10)
-    qmodel, report = outlierfx.quantize(g.model, [g.inputs], recipe=recipe, progress=False)
+    qmodel, report = outlierfx.quantize(g.model, [g.inputs], recipe=recipe, generation=False, progress=False)
     names = [e.pass_name for e in report.audit]
     assert names[-4:] == ["InsertQuadapter", "TrainQuadapter", "FoldQuadapter", "ConvertToFakeQuant"]
     if recipe == "os+quadapter":
@@ -265,7 +265,7 @@ def test_smooth_recipe_lowers_every_linear_to_one_int8_gemm(family):
     from outlierfx.passes.lower import Lower
 
     g = build_model(family, layers=2, outliers=OutlierSpec(gamma_scale=20.0, channels=(3,)), batch=2, seq=10)
-    qmodel, report = outlierfx.quantize(g.model, [g.inputs], recipe="smooth", progress=False)
+    qmodel, report = outlierfx.quantize(g.model, [g.inputs], recipe="smooth", generation=False, progress=False)
     assert report.policy == "linear-inputs"
     assert [e.pass_name for e in report.audit][-3:] == ["FoldQuadapter", "GPTQ", "ConvertToFakeQuant"]
     fold = next(e for e in report.audit if e.pass_name == "FoldQuadapter")
@@ -327,7 +327,7 @@ def test_smooth_peg_scales_norm_edges_and_groups_the_other_linear_inputs(family)
     from outlierfx.passes.lower import Lower
 
     g = build_model(family, layers=2, outliers=OutlierSpec(gamma_scale=20.0, channels=(3,)), batch=2, seq=10)
-    qmodel, report = outlierfx.quantize(g.model, [g.inputs], recipe="smooth-peg", progress=False)
+    qmodel, report = outlierfx.quantize(g.model, [g.inputs], recipe="smooth-peg", generation=False, progress=False)
     layers = g.config.num_hidden_layers
     entries = {e.pass_name: e for e in report.audit}
     assert report.policy == "linear-inputs"

@@ -96,7 +96,8 @@ def test_16_bit_with_as_many_heads_as_tokens(family):
 
 
 def _check_16_bit_matches_float(g, recipe="naive"):
-    qmodel, report = outlierfx.quantize(g.model, [g.inputs], recipe=recipe, bits="W16A16", progress=False)
+    qmodel, report = outlierfx.quantize(g.model, [g.inputs], recipe=recipe, bits="W16A16",
+                                        generation=False, progress=False)
     with torch.no_grad():
         ref = g.model(**g.inputs)
         out = qmodel(**g.inputs)
@@ -112,7 +113,7 @@ def test_8_bit_is_worse_than_16_bit_and_the_model_is_untouched():
     state = {k: v.clone() for k, v in g.model.state_dict().items()}
     errors = []
     for bits in ("W16A16", "W8A8", "W4A4"):
-        qmodel, _ = outlierfx.quantize(g.model, [g.inputs], recipe="naive", bits=bits, progress=False)
+        qmodel, _ = outlierfx.quantize(g.model, [g.inputs], recipe="naive", bits=bits, generation=False, progress=False)
         with torch.no_grad():
             errors.append(float((qmodel(**g.inputs).logits - g.model(**g.inputs).logits).abs().max()))
     assert errors[0] < errors[1] < errors[2]
@@ -135,7 +136,7 @@ def test_mixed_precision_report_lists_every_wider_tensor():
 
 def test_weights_are_on_the_integer_grid():
     g = build_model("llama", layers=1)
-    qmodel, _ = outlierfx.quantize(g.model, [g.inputs], recipe="naive", bits="W4A8", progress=False)
+    qmodel, _ = outlierfx.quantize(g.model, [g.inputs], recipe="naive", bits="W4A8", generation=False, progress=False)
     linears = [n for n in qmodel.graph.nodes if n.target is torch.ops.aten.linear.default]
     # every Linear on the int4 grid, except the LM head (8-bit below 8 bits: linear_weight_spec)
     assert [n.meta[meta.WEIGHT_QUANT].qmax for n in linears] == [7] * (len(linears) - 1) + [127]

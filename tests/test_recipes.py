@@ -84,8 +84,8 @@ def test_the_runner_hands_data_to_the_passes_that_need_it():
 def test_quantize_takes_a_recipe_object_and_audits_calibration():
     g = build_model("gpt2", hidden=16, layers=1)
     k1 = Recipe("k1", "PEG with one group: the same grid as per tensor", observe=(step(GroupChannels, groups=1),))
-    qmodel, report = outlierfx.quantize(g.model, [g.inputs, g.inputs], recipe=k1, progress=False)
-    naive, _ = outlierfx.quantize(g.model, [g.inputs, g.inputs], recipe="naive", progress=False)
+    qmodel, report = outlierfx.quantize(g.model, [g.inputs, g.inputs], recipe=k1, generation=False, progress=False)
+    naive, _ = outlierfx.quantize(g.model, [g.inputs, g.inputs], recipe="naive", generation=False, progress=False)
     assert report.recipe == "k1" and report.backend == "fake-quant"
     names = [e.pass_name for e in report.audit]
     assert names == ["InsertObservers", "GroupChannels", "Calibrate", "ConvertToFakeQuant"]
@@ -158,7 +158,7 @@ def test_a_recipe_the_backend_cannot_run_as_whole_gemms_is_flagged_before_calibr
     backend = default_backend()
     with pytest.warns(OutlierFXWarning, match=f"Linears will not run as one int8 GEMM on {backend}.*sub-GEMMs"):
         with pytest.raises(DataError, match="NaN"):  # calibration fails after the warning was given
-            outlierfx.quantize(g.model, [good, bad], recipe="peg", backend=backend, progress=False)
+            outlierfx.quantize(g.model, [good, bad], recipe="peg", backend=backend, generation=False, progress=False)
 
 
 def test_lower_refuses_a_report_from_another_run():

@@ -226,7 +226,8 @@ def test_the_residual_rotation_quantizes_with_less_error_than_gamma_migration_al
     reference = g.model(**g.inputs).logits
     errors = {}
     for recipe in (migrate_only, residual_only):
-        qmodel, report = outlierfx.quantize(g.model, [g.inputs], recipe=recipe, bits="W8A8", progress=False)
+        qmodel, report = outlierfx.quantize(g.model, [g.inputs], recipe=recipe, bits="W8A8",
+                                            generation=False, progress=False)
         errors[report.recipe] = float((qmodel(**g.inputs).logits - reference).abs().max() / reference.abs().max())
     assert errors["rotate"] < errors["migrate"], errors
     assert [(e.pass_name, e.modified) for e in report.audit][:2] == [("MigrateGamma", True), ("RotateResidual", True)]

@@ -33,7 +33,8 @@ def _outputs(model, inputs, family):
 
 def _quantized(family: str, backend: str | None, recipe: str | None = None):
     g = build_model(family, hidden=32, layers=2)
-    qmodel, report = outlierfx.quantize(g.model, [g.inputs], recipe=recipe, backend=backend, progress=False)
+    qmodel, report = outlierfx.quantize(g.model, [g.inputs], recipe=recipe, backend=backend,
+                                        generation=False, progress=False)
     return g, qmodel, report
 
 
@@ -93,14 +94,12 @@ def _input_sizes(gm: torch.fx.GraphModule) -> list[list[int | str]]:
 
 
 def test_sizes_load_as_symbols_where_the_graph_has_them_and_as_numbers_elsewhere(tmp_path):
-    from outlierfx.generation import quantize_causal_lm
-
     _, bert, _ = _quantized("bert", None, recipe="naive")  # symbolic batch and sequence
     assert all(isinstance(size, str) for shape in _input_sizes(bert) for size in shape)
     assert _input_sizes(outlierfx.load(outlierfx.save(bert, tmp_path / "bert"))) == _input_sizes(bert)
     # a lowered KV-cache graph: lowering specialized every size (SymInts whose expression is a number)
     g = build_model("llama", layers=1, kv_heads=2)
-    decoder, _ = quantize_causal_lm(g.model, [{"input_ids": torch.randint(0, 64, (3, 12))}], "naive",
+    decoder, _ = outlierfx.quantize(g.model, [{"input_ids": torch.randint(0, 64, (3, 12))}], "naive",
                                     backend="reference", progress=False)
     fresh = _input_sizes(decoder.graph)
     assert all(isinstance(size, int) for shape in fresh for size in shape) and [3, 12] in fresh
@@ -233,7 +232,8 @@ def test_the_vocabulary_allows_aten_ops_and_our_own_and_nothing_else(tmp_path, m
 
 def test_a_tied_embedding_and_lm_head_are_saved_once(tmp_path):
     g = build_model("llama", hidden=32, layers=1, vocab=96, tied=True)
-    qmodel, _ = outlierfx.quantize(g.model, [g.inputs], recipe="naive", backend="reference", progress=False)
+    qmodel, _ = outlierfx.quantize(g.model, [g.inputs], recipe="naive", backend="reference",
+                                   generation=False, progress=False)
     folder = outlierfx.save(qmodel, tmp_path / "tied")
     tables = [v for v in load_file(str(folder / TENSORS_FILE)).values() if v.dim() == 2 and v.shape[0] == 96]
     assert len(tables) == 1

@@ -102,8 +102,8 @@ def test_the_suffix_sets_every_activation_spec_and_the_pass_fires_on_llama():
     with torch.no_grad():
         g.model.get_input_embeddings().weight[sink_id] *= 200
         reference = g.model(**g.inputs).logits[:, 1:]
-    plain, _ = outlierfx.quantize(g.model, [g.inputs], recipe="naive", progress=False)
-    sunk, _ = outlierfx.quantize(g.model, [g.inputs], recipe="naive+sink", progress=False)
+    plain, _ = outlierfx.quantize(g.model, [g.inputs], recipe="naive", generation=False, progress=False)
+    sunk, _ = outlierfx.quantize(g.model, [g.inputs], recipe="naive+sink", generation=False, progress=False)
     grids = [m for m in sunk.modules() if isinstance(m, FakeQuantize) and m.has_sink_grid]
     assert grids  # the residual stream, norm outputs and Linear inputs carry a first-token grid
     assert not any(m.has_sink_grid for m in sunk.modules() if isinstance(m, FakeQuantize)

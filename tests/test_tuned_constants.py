@@ -43,7 +43,8 @@ def test_the_first_token_widening_rule_holds_with_a_massive_first_token(family):
     rule = dataclasses.replace(every, name="naive+sink (1.5x rule)", sink_min_widening=SPEED_SINK_MIN_WIDENING)
     errors, grids = {}, {}
     for recipe in (every, rule):
-        qmodel, _ = outlierfx.quantize(g.model, [g.inputs], recipe=recipe, policy="linear-inputs", progress=False)
+        qmodel, _ = outlierfx.quantize(g.model, [g.inputs], recipe=recipe, policy="linear-inputs",
+                                       generation=False, progress=False)
         errors[recipe.name] = _relative_mse(g, qmodel, skip_first=True)
         grids[recipe.name] = sum(isinstance(m, FakeQuantize) and m.has_sink_grid for m in qmodel.modules())
     assert grids[rule.name] <= grids[every.name] and grids[every.name] > 0, grids
@@ -72,7 +73,8 @@ def test_the_smoothquant_alpha_helps_on_models_with_outlier_channels(family):
                     outliers=OutlierSpec(gamma_scale=50.0, embedding_scale=20.0, channels=(3, 17)))
     errors = {}
     for recipe in ("naive", _smoothquant_init(SMOOTHQUANT_ALPHA)):
-        qmodel, _ = outlierfx.quantize(g.model, [g.inputs], recipe=recipe, policy="linear-inputs", progress=False)
+        qmodel, _ = outlierfx.quantize(g.model, [g.inputs], recipe=recipe, policy="linear-inputs",
+                                       generation=False, progress=False)
         errors[recipe if isinstance(recipe, str) else recipe.name] = _relative_mse(g, qmodel)
     naive, smoothed = errors["naive"], errors[f"smoothquant-init-{SMOOTHQUANT_ALPHA}"]
     assert smoothed < naive, errors

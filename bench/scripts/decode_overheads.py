@@ -22,8 +22,9 @@ import time
 
 import torch
 
+from outlierfx.api import quantize
 from outlierfx.decode_speed import CACHE_TOKENS, CachedDecodeStep, EagerDecodeStep
-from outlierfx.generation import QuantizedCausalLM, quantize_causal_lm
+from outlierfx.generation import QuantizedCausalLM
 from outlierfx.speed import TimedCall, interleaved_call_medians
 from outlierfx.testing import build_model
 
@@ -54,7 +55,7 @@ def main() -> None:
     vocab = SMOLLM2_SHAPES["vocab"]
     gen = torch.Generator().manual_seed(1)
     calibration = [{"input_ids": torch.randint(0, vocab, (2, 32), generator=gen)} for _ in range(2)]
-    lm, report = quantize_causal_lm(g.model, calibration, args.recipe, backend=args.backend, progress=False)
+    lm, report = quantize(g.model, calibration, args.recipe, backend=args.backend, progress=False)
     tokens = torch.randint(0, vocab, (1, CACHE_TOKENS + 1), generator=gen)
     int8 = f"int8 {args.backend}"
     copying = QuantizedCausalLM(Functional(lm.graph), g.config, lm.first_token_rows)

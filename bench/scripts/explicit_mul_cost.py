@@ -48,7 +48,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     loaded, batches = load_with_calibration(args.model)
     model = loaded.model.eval()
-    qmodel, _ = quantize(model, batches, recipe="smooth", progress=False)
+    qmodel, _ = quantize(model, batches, recipe="smooth", generation=False, progress=False)
     bare, removed = without_explicit_multiplies(qmodel)
     inputs = speed_inputs(loaded, 8, 128) if loaded.kind == "encoder" else speed_inputs(loaded, 1, 256)
     models = {"fp32": model, "smooth": compile_int8(qmodel), "smooth without x * s": compile_int8(bare)}

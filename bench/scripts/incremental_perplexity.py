@@ -16,9 +16,10 @@ import time
 import torch
 
 from outlierfx import corpus
+from outlierfx.api import quantize
 from outlierfx.benchmarks import CALIBRATION, calibration_batches
 from outlierfx.evaluate import DecoderEval, token_windows
-from outlierfx.generation import incremental_perplexity, quantize_causal_lm
+from outlierfx.generation import incremental_perplexity
 from outlierfx.models import load
 
 
@@ -34,8 +35,7 @@ def main() -> None:
     windows = token_windows(loaded, corpus.wikipedia("evaluation"), 256, args.windows)
     rows = []
     for backend in args.backends.split(","):
-        lm, report = quantize_causal_lm(loaded.model.eval(), batches, backend=backend, tokenizer=loaded.tokenizer,
-                                        progress=False)
+        lm, report = quantize(loaded.model.eval(), batches, backend=backend, tokenizer=loaded.tokenizer, progress=False)
         start = time.perf_counter()
         full = DecoderEval.perplexity(lm, windows, batch=1)
         incremental = incremental_perplexity(lm, windows)

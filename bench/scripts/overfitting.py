@@ -86,7 +86,7 @@ def main() -> None:
     for name in args.methods.split(","):
         start = time.perf_counter()
         qmodel, report = quantize(model, batches, recipe=recipes[name], bits=args.bits, policy=args.policy,
-                                  progress=True)
+                                  generation=False, progress=True)
         seconds = time.perf_counter() - start
         trainers = [e.plan for e in report.audit if e.pass_name in ("QAT", "TrainQuadapter")]
         params = sum(p.parameters for p in trainers)

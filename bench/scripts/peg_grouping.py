@@ -64,7 +64,8 @@ def main() -> None:
     print(json.dumps(rows[-1]), flush=True)
     for variant in args.variants.split(","):
         start = time.perf_counter()
-        qmodel, _ = quantize(model, batches, recipe=variant_recipe(variant), bits=args.bits, progress=False)
+        qmodel, _ = quantize(model, batches, recipe=variant_recipe(variant), bits=args.bits, generation=False,
+                            progress=False)
         row = {"model": args.model, "recipe": variant, "bits": args.bits,
                "metrics": {**metrics(qmodel), "quantize_s": round(time.perf_counter() - start, 1)}}
         rows.append(row)

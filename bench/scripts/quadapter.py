@@ -57,7 +57,7 @@ def main() -> None:
                 recipe = quadapter_recipe(name, os=base.startswith("os+"), init=init, max_steps=args.max_steps,
                                           max_batches=args.max_batches, lr=args.lr)
             start = time.perf_counter()
-            qmodel, report = quantize(model, batches, recipe=recipe, bits=bits, progress=False)
+            qmodel, report = quantize(model, batches, recipe=recipe, bits=bits, generation=False, progress=False)
             seconds = time.perf_counter() - start
             metrics = evaluator.metrics(qmodel, reference)
             metrics["quantize_s"] = round(seconds, 1)

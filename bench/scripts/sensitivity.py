@@ -57,7 +57,8 @@ def main() -> None:
         def error(m: torch.nn.Module) -> float:
             return DecoderEval.perplexity(m, windows)
         metric = "ppl_wiki"
-    qmodel, _ = quantize(model, batches, recipe=args.recipe, bits=args.bits, policy=args.policy, progress=False)
+    qmodel, _ = quantize(model, batches, recipe=args.recipe, bits=args.bits, policy=args.policy, generation=False,
+                         progress=False)
     quantizers = {n: m for n, m in qmodel.named_children() if isinstance(m, FakeQuantize)}
     result = {"metric": metric, "fp32": error(model), "all": error(qmodel)}
     for fq in quantizers.values():

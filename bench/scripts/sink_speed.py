@@ -37,7 +37,8 @@ def main() -> None:
     calibration = calibration_batches(loaded, **CALIBRATION[loaded.kind])
     models = {"fp32": model}
     for recipe in ("naive", "naive+sink"):
-        fake, report = quantize(model, calibration, recipe=recipe, policy="linear-inputs", progress=False)
+        fake, report = quantize(model, calibration, recipe=recipe, policy="linear-inputs", generation=False,
+                                progress=False)
         models[recipe] = lower(fake, report, args.backend).model
     medians = interleaved_medians(models, inputs, args.rounds)
     result = {name: {"ms": round(s * 1e3, 1), "vs_fp32": round(s / medians["fp32"], 3)} for name, s in medians.items()}

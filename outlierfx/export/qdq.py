@@ -41,18 +41,23 @@ def export_onnx(model: torch.nn.Module | str | os.PathLike, path: str | os.PathL
     """Write ``model`` as a QDQ ONNX model to the file ``path``; returns the path.
 
     ``model``: what :func:`outlierfx.quantize` or :func:`outlierfx.lower` returned (lowered to any
-    backend, or fake-quant), or a folder :func:`outlierfx.save` wrote. The ONNX model takes the
-    inputs the model was quantized with, by name (``input_ids``, ``attention_mask``, ...), with
-    dynamic batch and sequence sizes, and returns the outputs of its Hugging Face ``ModelOutput``
-    by name (``last_hidden_state``, ``logits``, ...). Raises :class:`~outlierfx.errors.ExportError`
-    for what QDQ ONNX cannot express."""
+    backend, or fake-quant; a causal LM quantized with ``generation=False``), or a folder
+    :func:`outlierfx.save` wrote. The ONNX model takes the inputs the model was quantized with, by
+    name (``input_ids``, ``attention_mask``, ...), with dynamic batch and sequence sizes, and
+    returns the outputs of its Hugging Face ``ModelOutput`` by name (``last_hidden_state``,
+    ``logits``, ...). Raises :class:`~outlierfx.errors.ExportError` for what QDQ ONNX cannot
+    express."""
+    from ..generation import QuantizedCausalLM
     from ..passes.lower import lower_model
     from ..serialize import load, pre_lowering
 
     if isinstance(model, (str, os.PathLike)):
-        source = load(model, backend="fake-quant")
-    else:
-        source, _, _ = pre_lowering(model)
+        model = load(model, backend="fake-quant")
+    if isinstance(model, QuantizedCausalLM):
+        raise ExportError("this causal LM was quantized for generation (a graph with a KV cache), which has no ONNX "
+                          "form here; export its one-pass forward: outlierfx.quantize(model, calibration, "
+                          "generation=False), then export_onnx that model")
+    source, _, _ = pre_lowering(model)
     reference, _ = lower_model(source, "reference")
     check_exportable(reference)
     return graph_to_onnx(reference.eval(), path)

@@ -141,7 +141,8 @@ def prefill_inputs(config: Any, batch: Any) -> dict[str, Any]:
     inputs from an empty cache of its own length: how calibration batches reach the graph."""
     if not isinstance(batch, dict) or "input_ids" not in batch:
         keys = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
-        raise DataError(f"a decoder's batches need input_ids (got {keys}); pass the tokenizer's output")
+        raise DataError(f"a decoder's batches need input_ids (got {keys}) to quantize it for generation; pass the "
+                        f"tokenizer's output, or quantize(..., generation=False) for its one-pass forward")
     return cache_inputs(config, batch["input_ids"], batch.get("attention_mask"))
 
 

@@ -36,8 +36,10 @@ def build_report(
     """Measure and write the audit report of ``qmodel, report = outlierfx.quantize(model, ...)``,
     from the graphs the run kept (nothing is captured or re-run):
 
-    - outliers of the captured graph over ``batches`` (use the calibration batches), and of the
-      final graph with its quantizers off, where the recipe rewrote anything (gamma migration,
+    - outliers of the captured graph over ``batches`` (use the calibration batches; for a causal
+      LM quantized for generation, in the cache's form: ``[prefill_inputs(model.config, b) for b
+      in batches]``, :func:`~outlierfx.graph.kv_cache.prefill_inputs`), and of the final graph
+      with its quantizers off, where the recipe rewrote anything (gamma migration,
       Quadapter scales folded into norms and weights...);
     - per-tensor quantization error of the fake-quant graph over ``error_batches`` (default
       ``batches``);

@@ -143,7 +143,7 @@ def _as_saved(model: torch.nn.Module, doc: dict[str, Any], folder: pathlib.Path)
 
     if not (folder / "config.json").is_file():
         raise SavedFormatError(f"{folder} holds a decoder with a KV cache but no config.json (the cache is sized "
-                               f"from it); save the model again from quantize_causal_lm on a Hugging Face model")
+                               f"from it); quantize the causal LM again and save what outlierfx.quantize returns")
     config = AutoConfig.from_pretrained(str(folder))
     tokenizer = AutoTokenizer.from_pretrained(str(folder)) if (folder / "tokenizer_config.json").is_file() else None
     return QuantizedCausalLM(model, config, int(decoder["first_token_rows"]), tokenizer)

@@ -47,14 +47,12 @@ def _state(prefix: str, graph: torch.nn.Module) -> Result:
     return {f"{prefix}/{name}": t.detach().clone() for name, t in graph.state_dict().items()}
 
 
-def _quantized(prefix: str, model: torch.nn.Module, batches: list, held_out: list, *, causal_lm: bool = False,
-               **settings: Any) -> Result:
-    """``quantize`` (``causal_lm``: ``quantize_causal_lm``, the command line's path for decoders)."""
+def _quantized(prefix: str, model: torch.nn.Module, batches: list, held_out: list, **settings: Any) -> Result:
+    """``quantize`` (a causal LM: its generating model, the KV-cache graph the command line saves)."""
     from .. import distributed
     from ..api import quantize
-    from ..generation import quantize_causal_lm
 
-    qmodel, report = (quantize_causal_lm if causal_lm else quantize)(model, batches, progress=False, **settings)
+    qmodel, report = quantize(model, batches, progress=False, **settings)
     result = _state(prefix, report.graphs.simulated)
     result[f"{prefix}/ranks"] = torch.tensor(distributed.world_size())  # a run that really was split
     with torch.no_grad():
@@ -66,7 +64,7 @@ def _quantized(prefix: str, model: torch.nn.Module, batches: list, held_out: lis
 def llama_default() -> Result:
     """A generated Llama with a massive first token and outlier channels, the default preset on
     this CPU's best backend (``rotate+sink``: min-max ranges and first-token ranges only), through
-    ``quantize_causal_lm`` (its KV-cache graph, as ``outlierfx quantize`` saves decoders)."""
+    ``quantize``'s generating model (its KV-cache graph, as ``outlierfx quantize`` saves decoders)."""
     from ..backends import default_backend
     from .models import OutlierSpec, build_model
 
@@ -75,7 +73,7 @@ def llama_default() -> Result:
     batches = _generated_batches(63, 6, 2, 12, seed=1)  # id 63 is the first-token id
     for b in batches:
         b["input_ids"][:, 0] = 63
-    return _quantized("llama", model, batches, _generated_batches(63, 1, 2, 12, seed=2), causal_lm=True,
+    return _quantized("llama", model, batches, _generated_batches(63, 1, 2, 12, seed=2),
                       backend=default_backend())
 
 

@@ -3,7 +3,8 @@ user's model goes through, one recorded outcome per stage (issue 25).
 
 - ``capture`` (the issue's stage 1): the graph equals the model on the example shape and on
   another batch and length;
-- ``naive`` (stage 2): ``quantize(recipe="naive", policy="linear-inputs")`` gives a simulated model;
+- ``naive`` (stage 2): ``quantize(recipe="naive", policy="linear-inputs", generation=False)`` (the
+  one-pass forward) gives a simulated model;
 - ``lower-onednn`` (stage 3): every int8 GEMM of the onednn model, on the input that model gives
   it, matches the fake-quant Linear within one step of its output grid (:mod:`.lowering`), and
   the whole model agrees with the simulated one token by token;
@@ -92,7 +93,8 @@ def run_architecture(model_type: str, stages: Sequence[str] = STAGES) -> MatrixR
 
     def naive() -> None:
         state["simulated"], state["report"] = outlierfx.quantize(g.model, [g.inputs], recipe="naive",
-                                                                 policy="linear-inputs", progress=False)
+                                                                 policy="linear-inputs", generation=False,
+                                                                 progress=False)
 
     def lower_onednn() -> None:
         state["int8"], _ = outlierfx.lower(state["simulated"], state["report"], "onednn")
@@ -116,7 +118,7 @@ def run_architecture(model_type: str, stages: Sequence[str] = STAGES) -> MatrixR
         _check_inductor(state["simulated"], g.inputs, other)
 
     def preset_onednn() -> None:
-        int8, report = outlierfx.quantize(g.model, [g.inputs], backend="onednn", progress=False)
+        int8, report = outlierfx.quantize(g.model, [g.inputs], backend="onednn", generation=False, progress=False)
         assert report.preset == "fast" and report.backend_fit is not None and report.backend_fit.whole_int8, \
             report.backend_fit
         lowest_mean = _mean_token_cosine(g.model, int8, other)

@@ -71,7 +71,7 @@ def lowered_presets(model: torch.nn.Module, batches: Sequence[Mapping[str, torch
     for backend in backends:
         recipe = choose(None, backend, graph)[0].name
         if recipe not in fake:
-            qmodel, _ = outlierfx.quantize(model, list(batches), backend=backend, progress=False)
+            qmodel, _ = outlierfx.quantize(model, list(batches), backend=backend, generation=False, progress=False)
             fake[recipe] = pre_lowering(qmodel)[0]
         lowered[backend] = lower_model(fake[recipe], backend)[0]
     return lowered
