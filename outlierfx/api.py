@@ -187,9 +187,12 @@ def quantize(
                            f"{'is not one' if generation else 'was quantized with generation=False'}: save the "
                            f"tokenizer with the model instead, outlierfx.save(qmodel, DIR, tokenizer=tokenizer)")
     model, batches, dtype_notes = _in_float32(model, batches)
-    if decoder:  # calibration batches as prompts from an empty cache of their own length
-        batches = [prefill_inputs(model.config, batch) for batch in batches]
-    gm = _capture_with_cache(model, batches[0]) if decoder else capture(model, batches[0])
+    gm, fallback_notes = None, ()
+    if decoder:
+        gm, batches, fallback_notes = _capture_with_cache(model, batches)
+        decoder = gm is not None
+    if gm is None:
+        gm = capture(model, batches[0])
     chosen, target, chosen_preset = choose(recipe, backend, gm, widths)  # a preset follows the model's structure and bits
     quant_policy = chosen.policy(widths, policy)
     fits: list[BackendFit] = []
@@ -211,7 +214,8 @@ def quantize(
         chosen.name, str(widths), quant_policy.name, run.audit, run.placement, run.calibration_seconds, len(batches),
         preset=chosen_preset.goal.value if chosen_preset else None, why=chosen_preset.why if chosen_preset else None,
         backend_fit=fits[0] if fits else None, run_id=run_id,
-        notes=dtype_notes + gm.meta[meta.GM_CAPTURE_REPORT].notes + ((distributed.describe(),) if distributed.active() else ()),
+        notes=dtype_notes + fallback_notes + gm.meta[meta.GM_CAPTURE_REPORT].notes
+        + ((distributed.describe(),) if distributed.active() else ()),
         graphs=RunGraphs(gm, run.graph_module))
     qmodel: torch.nn.Module = run.graph_module
     if decoder:
@@ -221,16 +225,24 @@ def quantize(
     return QuantizationResult(qmodel, report)
 
 
-def _capture_with_cache(model: torch.nn.Module, example: dict[str, Any]) -> torch.fx.GraphModule:
+def _capture_with_cache(model: torch.nn.Module, batches: list[dict[str, Any]]
+                        ) -> tuple[torch.fx.GraphModule | None, list[dict[str, Any]], tuple[str, ...]]:
     """The graph of ``model`` (a causal LM) with an explicit static KV cache
-    (:class:`~outlierfx.graph.kv_cache.CachedDecoder`), captured on ``example`` in the cache's form.
-    The batches were checked against ``model`` already, so a failure here (the model run with the
-    cache wrapper, or its export) is the wrapper's: the one-pass graph may still capture."""
+    (:class:`~outlierfx.graph.kv_cache.CachedDecoder`), captured on the first batch in the cache's
+    form, with every batch in that form (prompts from an empty cache of their own length). The
+    batches were checked against ``model`` already, so a failure here (the model run with the
+    cache wrapper, or its export) is the wrapper's: then ``(None, batches, note)``, a warning
+    says so, and the caller quantizes the one-pass forward as for ``generation=False``."""
+    cached = [prefill_inputs(model.config, batch) for batch in batches]
     try:
-        return capture(CachedDecoder(model), example)
+        return capture(CachedDecoder(model), cached[0]), cached, ()
     except (CaptureError, DataError) as exc:
-        raise CaptureError(f"{exc}\n{type(model).__name__} could not be captured with a KV cache for generation; "
-                           f"quantize(..., generation=False) quantizes its one-pass forward (no generate())") from exc
+        reason = str(exc).strip().splitlines()[0]
+        note = (f"{type(model).__name__} could not be captured with a KV cache for generation ({reason}); "
+                f"outlierfx quantized its one-pass forward instead: the model scores fixed windows and has no "
+                f"generate() (quantize(..., generation=False) makes this choice without trying)")
+        warnings.warn(note, OutlierFXWarning, stacklevel=3)
+        return None, batches, (note,)
 
 
 def _in_float32(model: torch.nn.Module, batches: list[dict[str, Any]]

@@ -237,8 +237,10 @@ def test_quantize_returns_a_generating_model_for_a_causal_lm_only():
     assert _index_copies(qmodel.graph) == [2 * g.config.num_hidden_layers, 0]  # the cache graph
 
 
-def test_a_causal_lm_the_cache_wrapper_cannot_run_is_told_to_use_generation_false():
-    from outlierfx.errors import CaptureError
+def test_a_causal_lm_the_cache_wrapper_cannot_run_is_quantized_one_pass_with_a_warning():
+    """OPT, BLOOM and Falcon ask the cache for what the static functional cache lacks: quantize
+    still quantizes them, as their one-pass forward, and says so (warning and report note)."""
+    from outlierfx.errors import OutlierFXWarning
     from transformers import LlamaForCausalLM
 
     class WithoutCacheArgument(LlamaForCausalLM):
@@ -248,10 +250,12 @@ def test_a_causal_lm_the_cache_wrapper_cannot_run_is_told_to_use_generation_fals
             return super().forward(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
 
     model = WithoutCacheArgument(build_model("llama", layers=1).config).eval()
-    with pytest.raises(CaptureError, match="could not be captured with a KV cache.*generation=False"):
-        outlierfx.quantize(model, _calibration(), "naive", progress=False)
+    with pytest.warns(OutlierFXWarning, match="could not be captured with a KV cache.*one-pass forward"):
+        qmodel, report = outlierfx.quantize(model, _calibration(), "naive", progress=False)
+    assert isinstance(qmodel, torch.fx.GraphModule) and not hasattr(qmodel, "generate")
+    assert any("no generate()" in note for note in report.notes)
     one_pass, _ = outlierfx.quantize(model, _calibration(), "naive", generation=False, progress=False)
-    assert isinstance(one_pass, torch.fx.GraphModule)
+    assert torch.equal(qmodel(**_calibration()[0]).logits, one_pass(**_calibration()[0]).logits)
 
 
 @pytest.mark.parametrize("backend", ["fake-quant", *runnable_backends(["onednn"])])
