@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.fx
@@ -325,7 +326,7 @@ def _unexpanded_heads(node: torch.fx.Node) -> tuple[torch.fx.Node, int, tuple[to
     batch, heads, seq, dim = kv.shape
     groups = expanded.shape[2]
     want = [(expanded.shape, (batch, heads, groups, seq, dim)), (out.shape, (batch, heads * groups, seq, dim))]
-    if not all(len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b)) for a, b in want):
+    if not all(_same_shape(a, b) for a, b in want):
         return None
     try:
         if int(groups) < 2:
@@ -341,8 +342,7 @@ def _through_identity_slices(node: torch.fx.Node, chain: list[torch.fx.Node]) ->
     while node.op == "call_function" and node.target is aten.slice.Tensor:
         before, after = tensor_val(node.args[0]), tensor_val(node)
         step = node.args[4] if len(node.args) > 4 else 1
-        if before is None or after is None or step != 1 or len(before.shape) != len(after.shape) \
-                or not all(_same(x, y) for x, y in zip(before.shape, after.shape)):
+        if before is None or after is None or step != 1 or not _same_shape(before.shape, after.shape):
             break
         chain.append(node)
         node = node.args[0]
@@ -366,7 +366,7 @@ def _split_mask(add: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node]:
             out, scores, bias = tensor_val(add), tensor_val(operand), tensor_val(other)
             if out is None or scores is None or bias is None or not bias.dtype.is_floating_point:
                 raise _NoMatch(f"the mask {other.name} is not a float tensor of known shape")
-            if out.dim() != scores.dim() or not all(_same(x, y) for x, y in zip(out.shape, scores.shape)):
+            if not _same_shape(out.shape, scores.shape):
                 raise _NoMatch(f"the mask {other.name} broadcasts the scores to a larger shape")
             return operand, other
     raise _NoMatch(f"neither operand of {add.name} is a q @ k^T product")
@@ -383,6 +383,11 @@ def _reaches_matmul(node: torch.fx.Node) -> bool:
         else:
             return False
     return False
+
+
+def _same_shape(a: Sequence[object], b: Sequence[object]) -> bool:
+    """Whether two shapes (ints or symbolic sizes) have the same rank and sizes."""
+    return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
 
 
 def _same(a: object, b: object) -> bool:
@@ -402,7 +407,7 @@ def _check_shapes(query: object, key_t: torch.fx.Node, value: object, scores: to
     if not (q.dim() == kt.dim() == v.dim() >= 3):
         raise _NoMatch("q, k and v are not batched tensors of one rank")
     batch = [q.shape[:-2], kt.shape[:-2], v.shape[:-2], s.shape[:-2]]
-    if not all(len(b) == len(batch[0]) and all(_same(x, y) for x, y in zip(b, batch[0])) for b in batch):
+    if not all(_same_shape(b, batch[0]) for b in batch):
         raise _NoMatch("the matmuls broadcast batch dimensions (the fused kernel does not)")
     if not (_same(q.shape[-1], kt.shape[-2]) and _same(kt.shape[-1], v.shape[-2])):
         raise _NoMatch("q, k and v shapes do not chain")
