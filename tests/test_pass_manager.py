@@ -1,7 +1,9 @@
 """The pass base and pass manager: copies, audit trail, checks and error messages."""
 
 import dataclasses
+import gc
 import json
+import weakref
 
 import pytest
 import torch
@@ -9,6 +11,7 @@ import torch.fx
 
 import outlierfx
 from outlierfx.errors import PassError
+from outlierfx.graph.attrs import fetch_attr, set_attr
 from outlierfx.graph.ops import aten
 from outlierfx.passes import GraphPass, PassManager, PassResult
 
@@ -62,6 +65,25 @@ class Perturb(GraphPass[None]):
         return True
 
 
+class DoubleThenHalveWeights(GraphPass[ScalePlan]):
+    """Toy pass that rewrites every Linear weight (new tensors, the way rotations do): x2 on
+    even calls, x0.5 on odd ones, so two in a row leave the numbers as they were."""
+
+    output_rel_tol = None
+
+    def __init__(self, factor):
+        self.factor = factor
+
+    def analyze(self, gm):
+        return ScalePlan(tuple(n for n in gm.graph.nodes if n.target is aten.linear.default))
+
+    def apply(self, gm, plan):
+        for linear in plan.linears:
+            target = linear.args[1].target
+            set_attr(gm, target, torch.nn.Parameter(fetch_attr(gm, target).detach() * self.factor))
+        return bool(plan.linears)
+
+
 class Crashes(GraphPass[None]):
     def analyze(self, gm):
         raise RuntimeError("boom")
@@ -101,6 +123,32 @@ def test_audit_records_a_modifying_pass_and_a_no_op(captured):
     assert "1. InsertExactScalePair: modified, +4 -0 ~2 nodes" in text
     assert "2 linears get an exact x2 / x0.5 pair" in text
     assert "2. FindsNothing: no change" in text
+
+
+def test_the_audit_keeps_intermediate_graphs_nodes_but_not_their_weights(captured):
+    # each pass's plan names nodes of the graph it produced; the audit must not keep that
+    # graph's rewritten weights alive (on SmolLM2 they were most of a 5 GB quantize run)
+    made = []
+
+    def recording(pass_):
+        def run(gm):
+            result = pass_(gm)
+            made.append(weakref.ref(result.graph_module))
+            return result
+        return run
+
+    result = PassManager([recording(DoubleThenHalveWeights(2.0)), recording(DoubleThenHalveWeights(0.5)),
+                          recording(DoubleThenHalveWeights(2.0))])(captured)
+    gc.collect()
+    assert [ref() is not None for ref in made] == [False, False, True]  # the final graph lives on
+    assert made[-1]() is result.graph_module
+    first_plan = result.audit.entries[0].plan
+    assert [n.name for n in first_plan.linears] == ["linear", "linear_1"]  # nodes still readable
+    assert result.audit.to_json()
+    for linear in first_plan.linears:  # the final graph has its own weights: x2 x0.5 x2
+        target = linear.args[1].target
+        torch.testing.assert_close(fetch_attr(result.graph_module, target), 2 * fetch_attr(captured, target))
+    assert captured.graph.owning_module is captured  # the caller's graph is never touched
 
 
 def test_a_pass_that_breaks_equivalence_is_named_with_its_predecessors(captured):

@@ -23,3 +23,16 @@ def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     new = torch.fx.GraphModule(gm, graph, class_name=type(gm).__name__)
     new.meta = dict(gm.meta)
     return new
+
+
+def release_tensors(gm: torch.fx.GraphModule) -> None:
+    """Let an intermediate graph's tensors go while its nodes live on in an audit trail.
+
+    Pass plans name nodes of the graph a pass produced, and a node reaches its GraphModule (and
+    so every weight that graph holds) through ``node.graph.owning_module``. A pipeline that has
+    moved on from ``gm`` cuts that link, so the audit keeps the structure it reports (names,
+    meta, arguments) but not a copy of the weights per weight-rewriting pass (on SmolLM2 those
+    copies were most of a quantize run's 5 GB peak). Call it only on graphs nobody runs again:
+    ``gm`` itself stays usable as a module, its graph no longer knows its owner.
+    """
+    gm.graph.owning_module = None

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from ..errors import DataError, PassError
 from ..graph import meta
 from ..graph.compare import OutputError, output_error, run
+from ..graph.copy import release_tensors
 from ..graph.shapes import propagate_values
 from ..quantizers.observers import observation_paused
 from .audit import AuditEntry, AuditTrail, GraphDiff
@@ -65,6 +66,7 @@ class PassManager:
             raise PassError("check_outputs needs sample_inputs (the graph carries no captured example inputs)")
         reference = self._run(gm, inputs) if self.check_outputs else None
         previous_out = reference
+        first = gm  # the caller's graph: never released
         audit = AuditTrail()
         done: list[str] = []
         status = tqdm(total=len(self.passes), disable=not self.progress, leave=False, unit="pass",
@@ -112,6 +114,8 @@ class PassManager:
                     seconds=time.perf_counter() - start,
                 )
             )
+            if gm is not first and gm is not new:  # an intermediate graph of this run: the audit keeps its nodes only
+                release_tensors(gm)
             gm = new
             done.append(name)
             status.update()

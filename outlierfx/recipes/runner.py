@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 import torch.fx
 
+from ..graph.copy import release_tensors
 from ..passes.audit import AuditTrail
 from ..passes.calibrate import Calibrate
 from ..passes.convert_fake_quant import ConvertToFakeQuant
@@ -45,6 +46,7 @@ def run_recipe(gm: torch.fx.GraphModule, recipe: Recipe, policy: QuantPolicy,
         before_calibration(prepared.graph_module, placement)
     finish = [Calibrate(batches, progress=progress), *recipe.build(Stage.FINISH, context), ConvertToFakeQuant(policy.weight, policy.embedding)]
     finished = PassManager(finish, progress=progress)(prepared.graph_module)
+    release_tensors(prepared.graph_module)  # between the two runs: the audit keeps its nodes, not its weights
     audit = AuditTrail(prepared.audit.entries + finished.audit.entries)
     calibration_seconds = next(e.seconds for e in finished.audit.entries if e.pass_name == Calibrate.__name__)
     return RecipeRun(finished.graph_module, audit, placement, calibration_seconds)
