@@ -19,6 +19,7 @@ from .generation import QuantizedCausalLM, first_token_rows, is_causal_lm
 from .graph import capture, meta
 from .graph.inputs import as_keyword_batch, check_keyword_inputs, check_model_weights
 from .graph.kv_cache import CachedDecoder, prefill_inputs
+from .memory import return_freed_memory
 from .passes.audit import AuditTrail
 from .passes.insert_observers import InsertObserversPlan
 from .passes.lower import lower_model
@@ -222,6 +223,7 @@ def quantize(
         qmodel = QuantizedCausalLM(qmodel, model.config, first_token_rows(qmodel), tokenizer)
     if target is not None:
         return lower(qmodel, report, target, progress=progress)
+    return_freed_memory()
     return QuantizationResult(qmodel, report)
 
 
@@ -301,5 +303,6 @@ def lower(qmodel: torch.nn.Module, report: QuantizationReport, backend: str | No
                         f"quantize() returned together with it: qmodel, report = quantize(...); lower(qmodel, report)")
     backend = check_backend(backend or default_backend())
     model, lowering = lower_model(qmodel, backend, progress=progress)
+    return_freed_memory()  # the float weights the int8 kernels replaced, the check runs' activations
     audit = AuditTrail(report.audit.entries + lowering.entries)
     return QuantizationResult(model, dataclasses.replace(report, audit=audit, backend=backend))

@@ -14,7 +14,11 @@ from torch.fx.experimental.symbolic_shapes import free_symbols
 
 import outlierfx
 from outlierfx.backends import BackendError, runnable_backends
+from outlierfx.backends.inductor import CompiledInt8
 from outlierfx.errors import OutlierFXError, OutlierFXWarning, SavedFormatError
+from outlierfx.graph import meta
+from outlierfx.graph.attrs import fetch_attr
+from outlierfx.quantizers.integer_codes import quantized_weights
 from outlierfx.quantizers.observers import FakeQuantize
 from outlierfx.serialize import GRAPH_FILE, MODEL_FILE, TENSORS_FILE, SavedModel
 from outlierfx.serialize import vocabulary
@@ -228,6 +232,26 @@ def test_the_vocabulary_allows_aten_ops_and_our_own_and_nothing_else(tmp_path, m
         outlierfx.save(sim, tmp_path / "a")
     monkeypatch.setitem(vocabulary.OPS, "tests.own_gelu", own)  # one line registers
     outlierfx.save(sim, tmp_path / "b")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_lowered_model_holds_int8_codes_not_float_copies_of_its_weights(tmp_path, backend):
+    # the fake-quant graph a lowered model keeps for save/export held every weight in float32 too:
+    # on SmolLM2 the int8 model took 2x FP32's memory
+    g, qmodel, report = _quantized("llama", backend)
+    lowered_from = (qmodel.reference if isinstance(qmodel, CompiledInt8) else qmodel).meta[meta.GM_LOWERED_FROM]
+    weights = quantized_weights(lowered_from.compact)
+    assert len(weights) >= 2 * 7  # q, k, v, o, gate, up, down per layer
+    assert all(fetch_attr(lowered_from.compact, t).is_meta for t in weights)
+    assert set(lowered_from.codes) == set(weights)
+    assert all(codes.dtype == torch.int8 for codes, _ in lowered_from.codes.values())
+    # what save writes is unchanged: the fake-quant graph's tensors, rebuilt bit for bit
+    rebuilt = lowered_from.fake_quant()
+    simulated = report.graphs.simulated
+    for target in weights:
+        assert torch.equal(fetch_attr(rebuilt, target), fetch_attr(simulated, target))
+    folder = outlierfx.save(qmodel, tmp_path / "int8")
+    assert torch.equal(_outputs(outlierfx.load(folder), g.inputs, "llama"), _outputs(qmodel, g.inputs, "llama"))
 
 
 def test_a_tied_embedding_and_lm_head_are_saved_once(tmp_path):

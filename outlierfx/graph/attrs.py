@@ -82,3 +82,9 @@ def replace_input_tensor(
     node.meta.update({k: v for k, v in old.meta.items() if k != "val"})
     consumer.replace_input_with(old, node)
     return node
+
+
+def tensor_identity(tensor: torch.Tensor) -> tuple:
+    """Equal for two names of the same tensor (same memory, offset, shape, strides and dtype)."""
+    return (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()),
+            tensor.dtype)

@@ -13,6 +13,7 @@ rounding ties (one quantization step at most, per lowered op).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 
 import torch
 import torch.fx
@@ -25,7 +26,10 @@ from ..backends.registry import BACKENDS, get_backend
 from ..backends.runtime import has_bf16_instructions
 from ..errors import PassError
 from ..graph import meta
+from ..graph.attrs import fetch_attr, set_attr, tensor_identity
 from ..graph.canonicalize import remove_dead_code
+from ..graph.copy import copy_graph_module
+from ..quantizers.integer_codes import integer_weight, quantized_weights, rebuild_weight
 from ..quantizers.observers import FakeQuantize
 from .audit import AuditTrail
 from .base import GraphPass, PassResult
@@ -35,14 +39,59 @@ from .manager import PassManager
 
 @dataclasses.dataclass(frozen=True)
 class LoweredFrom:
-    """What a lowered graph was made from (``meta.GM_LOWERED_FROM``): the fake-quant graph (it
-    shares the tensors lowering did not replace) and the ``Lower`` options. ``outlierfx.save``
-    writes this, not the kernels, and ``outlierfx.load`` lowers it again."""
+    """What a lowered graph was made from (``meta.GM_LOWERED_FROM``): the fake-quant graph and the
+    ``Lower`` options. ``outlierfx.save`` writes this graph (:meth:`fake_quant`), not the kernels,
+    and ``outlierfx.load`` lowers it again.
 
-    source: torch.fx.GraphModule
+    The weights the int8 kernels replaced are held here as their int8 codes and per-row scales
+    (``codes``), and as meta tensors in ``compact``: the float32 copies would cost four times the
+    int8 weights, and more memory than the float model's own weights on SmolLM2 (the loaded int8
+    model's RSS was 2.0 GB against FP32's 0.93 GB; docs/experiments/memory.md). Everything else
+    is the fake-quant graph's own tensors, shared with the lowered graph."""
+
+    compact: torch.fx.GraphModule
     backend: str
     max_sub_gemms: int
     bf16_attention: bool
+    codes: Mapping[str, tuple[torch.Tensor, torch.Tensor]] = dataclasses.field(default_factory=dict, repr=False)
+
+    @classmethod
+    def of(cls, source: torch.fx.GraphModule, lowered: torch.fx.GraphModule, backend: str, max_sub_gemms: int,
+           bf16_attention: bool) -> LoweredFrom:
+        """``source`` with every on-grid weight that ``lowered`` no longer reads held as codes.
+        Tied weights (one tensor under several targets) share one pair of codes, so
+        :meth:`fake_quant` ties them again and ``save`` writes them once, as before."""
+        in_use = {tensor_identity(t) for t in [*lowered.parameters(), *lowered.buffers()]}
+        compact = copy_graph_module(source)
+        codes: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        by_identity: dict[tuple, tuple[torch.Tensor, torch.Tensor] | None] = {}
+        for target, spec in quantized_weights(source).items():
+            weight = fetch_attr(source, target)
+            identity = tensor_identity(weight)
+            if identity in in_use:
+                continue
+            if identity not in by_identity:
+                by_identity[identity] = integer_weight(weight, spec)
+            pair = by_identity[identity]
+            if pair is not None:
+                codes[target] = pair
+                placeholder = torch.empty_like(weight, device="meta")
+                set_attr(compact, target, torch.nn.Parameter(placeholder, requires_grad=weight.requires_grad)
+                         if isinstance(weight, torch.nn.Parameter) else placeholder)
+        return cls(compact, backend, max_sub_gemms, bf16_attention, codes)
+
+    def fake_quant(self) -> torch.fx.GraphModule:
+        """The fake-quant graph with its float weights rebuilt from the codes, bit for bit."""
+        graph = copy_graph_module(self.compact)
+        rebuilt: dict[int, torch.Tensor] = {}
+        for target, (codes, scale) in self.codes.items():
+            if id(codes) not in rebuilt:
+                rebuilt[id(codes)] = rebuild_weight(codes, scale)
+            kept = fetch_attr(self.compact, target)
+            value = rebuilt[id(codes)]
+            set_attr(graph, target, torch.nn.Parameter(value, requires_grad=kept.requires_grad)
+                     if isinstance(kept, torch.nn.Parameter) else value)
+        return graph
 
 
 class Lower(GraphPass[LowerPlan]):
@@ -91,8 +140,8 @@ class Lower(GraphPass[LowerPlan]):
 
     def __call__(self, gm: torch.fx.GraphModule) -> PassResult:
         result = super().__call__(gm)
-        result.graph_module.meta[meta.GM_LOWERED_FROM] = LoweredFrom(gm, self.backend, self.max_sub_gemms,
-                                                                     self.bf16_attention)
+        result.graph_module.meta[meta.GM_LOWERED_FROM] = LoweredFrom.of(gm, result.graph_module, self.backend,
+                                                                        self.max_sub_gemms, self.bf16_attention)
         return result
 
 

@@ -26,6 +26,7 @@ from ..backends import BackendError, check_backend, default_backend
 from ..backends.inductor import CompiledInt8
 from ..errors import DataError, OutlierFXError, OutlierFXWarning, SavedFormatError
 from ..graph import meta
+from ..memory import return_freed_memory
 from ..passes.lower import LoweredFrom, lower_model
 from ..quantizers.observers import FakeQuantize
 from ..recipes import SIMULATED
@@ -128,6 +129,8 @@ def load(directory: str | pathlib.Path, backend: str | None = None, *, trust_pic
                            f"load it with backend= one it can, e.g. {default_backend()!r}") from exc
     options = doc["lowering"] if target == doc["backend"] and doc["lowering"] else {}
     model, _ = lower_model(gm, target, progress=progress, **options)
+    del gm, tensors  # the float weights lowering replaced with int8 codes
+    return_freed_memory()
     return _as_saved(model.eval(), doc, folder)
 
 
@@ -156,7 +159,7 @@ def pre_lowering(model: torch.nn.Module) -> tuple[torch.fx.GraphModule, str | No
     graph = model.reference if isinstance(model, CompiledInt8) else model
     lowered = graph.meta.get(meta.GM_LOWERED_FROM) if isinstance(graph, torch.fx.GraphModule) else None
     if isinstance(lowered, LoweredFrom):
-        return lowered.source, lowered.backend, {"max_sub_gemms": lowered.max_sub_gemms,
+        return lowered.fake_quant(), lowered.backend, {"max_sub_gemms": lowered.max_sub_gemms,
                                                  "bf16_attention": lowered.bf16_attention}
     if isinstance(graph, torch.fx.GraphModule) and any(isinstance(m, FakeQuantize) for m in graph.modules()):
         return graph, None, None

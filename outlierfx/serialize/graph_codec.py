@@ -22,14 +22,14 @@ from torch._dynamo.source import ConstantSource
 
 from ..errors import OutlierFXError, SavedFormatError
 from ..graph import meta
-from ..graph.attrs import fetch_attr, set_attr
-from ..graph.ops import OpKind, op_kind
+from ..graph.attrs import fetch_attr, set_attr, tensor_identity
 from ..graph.probe import flatten_with_spec
 from ..graph.roles import Role
 from ..graph.shapes import propagate_values
 from ..quantizers.observers import FakeQuantize
 from ..quantizers.spec import Estimator, Granularity, QuantSpec
-from .tensors import TensorWriter, integer_weight, rebuild_weight, tensor_identity
+from ..quantizers.integer_codes import integer_weight, quantized_weights, rebuild_weight
+from .tensors import TensorWriter
 from .vocabulary import name_of, target_of
 
 _FQ_BUFFERS = ("scale", "zero_point", "sink_scale", "sink_zero_point")
@@ -43,7 +43,7 @@ def encode_graph(gm: torch.fx.GraphModule, writer: TensorWriter) -> dict[str, An
     targets = list(dict.fromkeys(str(n.target) for n in gm.graph.nodes if n.op == "get_attr"))
     tensors = {target: fetch_attr(gm, target) for target in targets}
     # a tensor under several names (a tied lm_head and embedding) is one entry, int8 if any reader's is
-    specs = {tensor_identity(tensors[t]): spec for t, spec in _quantized_weights(gm).items()}
+    specs = {tensor_identity(tensors[t]): spec for t, spec in quantized_weights(gm).items()}
     stored: dict[tuple, dict[str, str]] = {}
     attributes = {}
     for target, tensor in tensors.items():
@@ -126,20 +126,6 @@ def _size(size: int | torch.SymInt) -> int | str:
     prompt's length and the cache's, say), which the graph does not say and which
     torch.compile acts on (it merges size nodes of equal symbols)."""
     return int(size) if is_concrete_int(size) else str(size.node.expr)
-
-
-def _quantized_weights(gm: torch.fx.GraphModule) -> dict[str, QuantSpec]:
-    """get_attr target -> spec, for the weights ConvertToFakeQuant put on an integer grid."""
-    found = {}
-    for node in gm.graph.nodes:
-        spec = node.meta.get(meta.WEIGHT_QUANT)
-        position = {OpKind.LINEAR: 1, OpKind.EMBEDDING: 0}.get(op_kind(node))  # type: ignore[arg-type]
-        if spec is None or position is None or len(node.args) <= position:
-            continue
-        weight = node.args[position]
-        if isinstance(weight, torch.fx.Node) and weight.op == "get_attr":
-            found[str(weight.target)] = spec
-    return found
 
 
 def _store_tensor(target: str, tensor: torch.Tensor, spec: QuantSpec | None, writer: TensorWriter) -> dict[str, str]:

@@ -1,0 +1,60 @@
+"""Integer codes of the weights ConvertToFakeQuant put on a grid: the fake-quant graph holds such a
+weight as float32 values ``codes * scale``, which int8 codes and per-row float32 scales rebuild
+bit for bit. The saved format stores them (:mod:`outlierfx.serialize`), and a lowered model holds
+them instead of the float copies (:class:`~outlierfx.passes.lower.LoweredFrom`)."""
+
+from __future__ import annotations
+
+import torch
+import torch.fx
+
+from ..graph import meta
+from ..graph.ops import OpKind, op_kind
+from .fake_quant import quantize_to_integers, quantize_weight
+from .spec import Estimator, Granularity, QuantSpec
+
+
+def quantized_weights(gm: torch.fx.GraphModule) -> dict[str, QuantSpec]:
+    """get_attr target -> spec, for the weights ConvertToFakeQuant put on an integer grid."""
+    found = {}
+    for node in gm.graph.nodes:
+        spec = node.meta.get(meta.WEIGHT_QUANT)
+        position = {OpKind.LINEAR: 1, OpKind.EMBEDDING: 0}.get(op_kind(node))  # type: ignore[arg-type]
+        if spec is None or position is None or len(node.args) <= position:
+            continue
+        weight = node.args[position]
+        if isinstance(weight, torch.fx.Node) and weight.op == "get_attr":
+            found[str(weight.target)] = spec
+    return found
+
+
+def integer_weight(weight: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Integer codes and float32 per-row scales with ``rebuild_weight(codes, scale) == weight``
+    bit for bit, for a fake-quant weight on a symmetric per-row grid of <= 8 bits; None where
+    there are none (another grid, or a row no scale reproduces exactly).
+
+    The scale ConvertToFakeQuant used is not stored in the graph; min-max over the on-grid row
+    recovers it to within one ulp, so each row tries that value and its two neighbours."""
+    per_row = spec.granularity is Granularity.PER_CHANNEL and spec.axis % max(weight.dim(), 1) == 0
+    if weight.dtype != torch.float32 or weight.dim() < 1 or not (spec.symmetric and per_row and spec.bits <= 8):
+        return None
+    w = weight.detach()
+    _, scale, zero_point = quantize_weight(w, spec.with_(estimator=Estimator.MINMAX))
+    codes = quantize_to_integers(w, scale, zero_point, spec)
+    chosen = torch.full_like(scale, float("nan"))
+    for candidate in (scale, torch.nextafter(scale, torch.full_like(scale, float("inf"))),
+                      torch.nextafter(scale, torch.zeros_like(scale))):
+        exact = _bits(rebuild_weight(codes, candidate)).eq(_bits(w)).reshape(w.shape[0], -1).all(1)
+        chosen = torch.where(exact & chosen.isnan(), candidate, chosen)
+    if bool(chosen.isnan().any()):
+        return None
+    return codes, chosen
+
+
+def rebuild_weight(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The float weight of :func:`integer_weight`'s codes: the same arithmetic as fake quantization."""
+    return codes.to(torch.float32) * scale.reshape(-1, *([1] * (codes.dim() - 1)))
+
+
+def _bits(x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous().view(torch.int32)  # compares -0.0 and NaN payloads too
