@@ -262,3 +262,21 @@ def broadcast_from_main(tensors: Iterable[torch.Tensor]) -> None:
         for tensor in tensors:
             if tensor.numel():
                 dist.broadcast(tensor, src=0)
+
+
+def sum_across_ranks(tensors: Sequence[torch.Tensor], numbers: Sequence[float] = ()) -> list[float]:
+    """Add ``tensors`` (in place) and ``numbers`` over the ranks in ONE all_reduce, packed into a
+    float64 vector (a data-parallel training step's gradients and loss: one collective per step,
+    and the summed losses every rank's decisions read are the same bits everywhere). Returns the
+    summed numbers; the identity without a process group."""
+    if not active():
+        return list(numbers)
+    flat = torch.cat([*(t.detach().reshape(-1).double() for t in tensors), torch.tensor(list(numbers),
+                                                                                      dtype=torch.float64)])
+    dist.all_reduce(flat)
+    start = 0
+    with torch.no_grad():
+        for tensor in tensors:
+            tensor.copy_(flat[start:start + tensor.numel()].view_as(tensor))
+            start += tensor.numel()
+    return flat[start:].tolist()

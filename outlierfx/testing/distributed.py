@@ -48,7 +48,8 @@ def _state(prefix: str, graph: torch.nn.Module) -> Result:
 
 
 def _quantized(prefix: str, model: torch.nn.Module, batches: list, held_out: list, **settings: Any) -> Result:
-    """``quantize`` (a causal LM: its generating model, the KV-cache graph the command line saves)."""
+    """``quantize`` (a causal LM: its generating model, the KV-cache graph the command line saves);
+    the unquantized model's outputs too (``fp32/``), to measure trained runs' quality against."""
     from .. import distributed
     from ..api import quantize
 
@@ -58,6 +59,7 @@ def _quantized(prefix: str, model: torch.nn.Module, batches: list, held_out: lis
     with torch.no_grad():
         for i, batch in enumerate(held_out):
             result[f"{prefix}/output{i}"] = _first_tensor(qmodel(**batch)).detach().clone()
+            result[f"fp32/{prefix}/output{i}"] = _first_tensor(model(**batch)).detach().clone()
     return result
 
 
@@ -92,10 +94,11 @@ def bert_gptq() -> Result:
 
 
 def bert_trained() -> Result:
-    """A generated BERT under the stages that train (every rank trains on all batches, then
-    takes rank 0's values): learned ranges (``naive+lsq``, 10 steps) and QAT (one epoch)."""
+    """A generated BERT under the stages that train, data-parallel (3 batches: 2 ranks' shards
+    differ in size): learned ranges (``naive+lsq``, 10 steps), QAT (one epoch) and Quadapter
+    (SmoothQuant init, at most 30 steps a block with plateau checks, 4 end-to-end steps)."""
     from ..passes.qat import QAT
-    from ..recipes.papers import paper_recipe, with_fine_stage
+    from ..recipes.papers import paper_recipe, quadapter_recipe, with_fine_stage
     from .models import OutlierSpec, build_model
 
     model = build_model("bert", hidden=32, heads=4, layers=1, ffn=64, vocab=64,
@@ -105,7 +108,28 @@ def bert_trained() -> Result:
     qat = dataclasses.replace(qat, finish=tuple(dataclasses.replace(s, settings={**s.settings, "epochs": 1})
                                                 if s.pass_type is QAT else s for s in qat.finish))
     return {**_quantized("lsq", model, batches, held_out, recipe=with_fine_stage(paper_recipe("naive"), steps=10)),
-            **_quantized("qat", model, batches, held_out, recipe=qat)}
+            **_quantized("qat", model, batches, held_out, recipe=qat),
+            **_quantized("quadapter", model, batches, held_out, recipe=quadapter_recipe(
+                init="smoothquant", max_steps=30, check_every=5, end_to_end_steps=4))}
+
+
+def training_shards() -> Result:
+    """:func:`outlierfx.passes.training.fit` on 4 batches for 6 steps of ``sum((p - c_i)^2)``,
+    recording which batches this rank's loss saw, with and without autograd (training steps,
+    and the mean losses), and the trained ``p`` and loss curve."""
+    from ..passes.training import fit
+
+    targets = torch.arange(12, dtype=torch.float32).reshape(4, 3)
+    p = torch.nn.Parameter(torch.zeros(3))
+    trained, evaluated = [], []
+
+    def loss_of(i: int) -> torch.Tensor:
+        (trained if torch.is_grad_enabled() else evaluated).append(i)
+        return ((p - targets[i]) ** 2).sum()
+
+    losses = fit([p], loss_of, batches=4, steps=6, lr=0.1, desc="test")
+    return {"trained": torch.tensor(trained), "evaluated": torch.tensor(evaluated), "p": p.detach().clone(),
+            "losses": torch.tensor(losses, dtype=torch.float64)}
 
 
 def minilm_fast_preset(train_steps: int = 4) -> Result:
@@ -200,7 +224,8 @@ class _Doubler(torch.nn.Module):
 
 
 SCENARIOS: dict[str, Callable[[], Result]] = {f.__name__: f for f in (
-    llama_default, bert_gptq, bert_trained, minilm_fast_preset, statistics_merge, mismatched_batches, nan_on_rank_1)}
+    llama_default, bert_gptq, bert_trained, minilm_fast_preset, statistics_merge, mismatched_batches, nan_on_rank_1,
+    training_shards)}
 
 
 @contextlib.contextmanager
