@@ -194,6 +194,22 @@ def test_minilm_fast_preset_on_two_ranks_matches_one_process():
 
 
 @pytest.mark.slow
+def test_smollm2_default_preset_on_two_ranks_equals_one_process():
+    """The packaged SmolLM2 with the default preset (rotate+sink: min-max and first-token ranges,
+    no training) through ``quantize`` on 4 small batches: every scale, zero point and weight (the
+    large ones by digest) and the int8 logits, bit for bit."""
+    ref = _split(run_here(["smollm2_default"])["smollm2_default"], "smollm2")
+    scales = [k for k in ref if k.endswith((".scale", ".sink_scale"))]
+    assert len(scales) > 100 and any(k.endswith(".sink_scale") and ref[k].numel() for k in scales)
+    for rank in run_on_local_ranks(["smollm2_default"], world=2):
+        got = rank["smollm2_default"]
+        assert int(got["smollm2/ranks"]) == 2
+        got = _split(got, "smollm2")
+        assert got.keys() == ref.keys()
+        assert [k for k in ref if not torch.equal(got[k], ref[k])] == []
+
+
+@pytest.mark.slow
 def test_cli_under_torchrun_writes_what_one_process_writes(tmp_path):
     """``torchrun --nproc-per-node 2 -m outlierfx quantize minilm ...``: rank 0 alone prints and
     writes, and the saved folder holds the tensors and graph one process saves."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import pathlib
 import tempfile
 from collections.abc import Callable, Iterator
@@ -42,9 +43,20 @@ def _first_tensor(output: Any) -> torch.Tensor:
     return output[0]
 
 
+# tensors larger than this come back as a digest of their bytes (SmolLM2's weights: 0.5 GB a rank)
+DIGEST_ABOVE = 1 << 20
+
+
 def _state(prefix: str, graph: torch.nn.Module) -> Result:
-    """Every parameter and buffer of a fake-quant graph (weights, scales, zero points)."""
-    return {f"{prefix}/{name}": t.detach().clone() for name, t in graph.state_dict().items()}
+    """Every parameter and buffer of a fake-quant graph (weights, scales, zero points); those over
+    DIGEST_ABOVE elements as a 16-byte digest (equal digests: equal bits)."""
+    return {f"{prefix}/{name}": _digest(t) if t.numel() > DIGEST_ABOVE else t.detach().clone()
+            for name, t in graph.state_dict().items()}
+
+
+def _digest(tensor: torch.Tensor) -> torch.Tensor:
+    data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    return torch.tensor(list(hashlib.blake2b(data, digest_size=16).digest()), dtype=torch.uint8)
 
 
 def _quantized(prefix: str, model: torch.nn.Module, batches: list, held_out: list, **settings: Any) -> Result:
@@ -155,6 +167,20 @@ def minilm_fast_preset(train_steps: int = 4) -> Result:
     return _quantized("minilm", minilm.model, batches, held_out, recipe=recipe, backend=backend)
 
 
+def smollm2_default() -> Result:
+    """The packaged SmolLM2-135M with the default preset (``quantize(model, batches)``, no recipe:
+    ``rotate+sink`` on this CPU, a QuantizedCausalLM back) on 4 batches of 2 short Wikipedia
+    passages; its int8 logits on one held-out batch."""
+    from .. import corpus
+    from ..models import encode, load
+
+    smollm2 = load("smollm2")
+    texts = corpus.wikipedia_sample("calibration", 8)
+    batches = [encode(smollm2, texts[i:i + 2], max_length=32) for i in range(0, 8, 2)]
+    held_out = [encode(smollm2, corpus.wikipedia_sample("evaluation", 2), max_length=32)]
+    return _quantized("smollm2", smollm2.model, batches, held_out)
+
+
 def statistics_merge() -> Result:
     """:func:`outlierfx.distributed.reduce_statistics` on holders with rank-dependent values,
     one of which rank 1 never saw, packed two elements per all_reduce (several chunks): the
@@ -224,8 +250,8 @@ class _Doubler(torch.nn.Module):
 
 
 SCENARIOS: dict[str, Callable[[], Result]] = {f.__name__: f for f in (
-    llama_default, bert_gptq, bert_trained, minilm_fast_preset, statistics_merge, mismatched_batches, nan_on_rank_1,
-    training_shards)}
+    llama_default, bert_gptq, bert_trained, minilm_fast_preset, smollm2_default, statistics_merge, mismatched_batches,
+    nan_on_rank_1, training_shards)}
 
 
 @contextlib.contextmanager
