@@ -129,13 +129,16 @@ def test_trained_stages_on_two_ranks_agree_and_match_one_process_quality(two_ran
 
 
 def _assert_trained_quality(got: dict, ref: dict, prefix: str) -> None:
+    """The 2-rank model's output MSE against FP32 within TRAINED_MSE_RATIO of one process's: the
+    trained values differ (other steps), the quality must not."""
     outputs = [k for k in ref if k.startswith(f"{prefix}/output")]
     assert outputs
     for key in outputs:
         fp32 = ref[f"fp32/{key}"]
         assert torch.equal(got[f"fp32/{key}"], fp32)
         mse_two, mse_one = float(((got[key] - fp32) ** 2).mean()), float(((ref[key] - fp32) ** 2).mean())
-        assert mse_two <= TRAINED_MSE_RATIO * mse_one, f"{key}: output MSE {mse_two:.4g} on 2 ranks, {mse_one:.4g} on one"
+        assert mse_two <= TRAINED_MSE_RATIO * mse_one, \
+            f"{key}: output MSE {mse_two:.4g} on 2 ranks, {mse_one:.4g} on one"
 
 
 def test_training_steps_split_batches_across_ranks(two_ranks, one_process):
@@ -158,6 +161,15 @@ def test_training_steps_split_batches_across_ranks(two_ranks, one_process):
         annealing.step()
     torch.testing.assert_close(ranks[0]["p"], p.detach(), rtol=1e-6, atol=0)
     assert float(ranks[0]["losses"][0]) == float(one["losses"][0])  # the mean before training: all 4 batches
+
+
+def test_a_rank_that_fails_in_training_stops_every_rank(two_ranks, one_process):
+    """Batch 3's loss raises: one process raises it; on 2 ranks rank 1 (batch 3's) raises it and
+    rank 0 a DistributedError naming it, instead of waiting for rank 1's gradients."""
+    assert bytes(one_process["training_shards"]["error"].tolist()).decode() == "ValueError: batch 3 is broken"
+    messages = [bytes(rank["training_shards"]["error"].tolist()).decode() for rank in two_ranks]
+    assert messages[1] == "ValueError: batch 3 is broken"
+    assert messages[0] == f"DistributedError: rank 1 failed while training: {messages[1]}"
 
 
 def test_without_a_process_group_nothing_is_split():

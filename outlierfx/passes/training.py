@@ -101,9 +101,14 @@ class Schedule:
 def mean_loss(loss_of: Callable[[int], torch.Tensor], mine: Sequence[int], batches: int) -> float:
     """The mean of ``loss_of`` over all ``batches`` (each batch weighs the same): this rank
     evaluates its own (``mine``), the sums are added across ranks, so every rank gets the same."""
-    with torch.no_grad():
-        local = sum(float(loss_of(i)) for i in mine)
-    (total,) = distributed.sum_across_ranks([], [local])
+    local, error = 0.0, None
+    try:
+        with torch.no_grad():
+            local = sum(float(loss_of(i)) for i in mine)
+    except Exception as exc:  # raised below, once every rank knows
+        error = exc
+    total, failures = distributed.sum_across_ranks([], [local, float(error is not None)])
+    _raise_together(error, failures, "evaluating a training loss")
     return total / batches
 
 
@@ -113,19 +118,35 @@ def step(params: Sequence[torch.Tensor], optimizer: torch.optim.Optimizer, loss_
     step's batches on all ranks (one all_reduce, with the loss), the same update on every rank.
     Returns the summed loss of the step's batches."""
     optimizer.zero_grad(set_to_none=True)
-    batch, loss = schedule.batch(t), 0.0
-    if batch is not None:
-        value = loss_of(batch)
-        value.backward(inputs=list(params))
-        loss = float(value.detach())
+    batch, loss, error = schedule.batch(t), 0.0, None
+    try:
+        if batch is not None:
+            value = loss_of(batch)
+            value.backward(inputs=list(params))
+            loss = float(value.detach())
+    except Exception as exc:  # raised below, once every rank knows
+        error = exc
+    if schedule.world == 1 and error is not None:
+        raise error
     if schedule.world > 1:
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]  # no batch here: adds 0
-        (loss,) = distributed.sum_across_ranks(grads, [loss])
+        loss, failures = distributed.sum_across_ranks(grads, [loss, float(error is not None)])
+        _raise_together(error, failures, "training")
         covered = schedule.covered(t)
         for p, grad in zip(params, grads):
             p.grad = grad.div_(covered)
     optimizer.step()
     return loss
+
+
+def _raise_together(error: Exception | None, failures: float, what: str) -> None:
+    """After a collective that counted the ranks that failed: where any did, every rank raises
+    (the failing one its own error, the others a DistributedError naming it) rather than waiting
+    for it in the next collective; nothing where none failed."""
+    if failures:
+        with distributed.failing_together(what):
+            if error is not None:
+                raise error
 
 
 def fit(params: Sequence[torch.nn.Parameter], loss_of: Callable[[int], torch.Tensor], batches: int, steps: int,

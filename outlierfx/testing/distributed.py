@@ -128,7 +128,8 @@ def bert_trained() -> Result:
 def training_shards() -> Result:
     """:func:`outlierfx.passes.training.fit` on 4 batches for 6 steps of ``sum((p - c_i)^2)``,
     recording which batches this rank's loss saw, with and without autograd (training steps,
-    and the mean losses), and the trained ``p`` and loss curve."""
+    and the mean losses), and the trained ``p`` and loss curve; then the error each rank raises
+    when training on batch 3 fails."""
     from ..passes.training import fit
 
     targets = torch.arange(12, dtype=torch.float32).reshape(4, 3)
@@ -140,8 +141,19 @@ def training_shards() -> Result:
         return ((p - targets[i]) ** 2).sum()
 
     losses = fit([p], loss_of, batches=4, steps=6, lr=0.1, desc="test")
-    return {"trained": torch.tensor(trained), "evaluated": torch.tensor(evaluated), "p": p.detach().clone(),
-            "losses": torch.tensor(losses, dtype=torch.float64)}
+    result = {"trained": torch.tensor(trained), "evaluated": torch.tensor(evaluated), "p": p.detach().clone(),
+              "losses": torch.tensor(losses, dtype=torch.float64)}
+
+    def fails_on_batch_3(i: int) -> torch.Tensor:  # rank 1's batch in the second step
+        if i == 3 and torch.is_grad_enabled():
+            raise ValueError("batch 3 is broken")
+        return loss_of(i)
+
+    try:
+        fit([p], fails_on_batch_3, batches=4, steps=6, lr=0.1, desc="test")
+    except Exception as exc:  # noqa: BLE001 - the test reads which error each rank raised
+        result["error"] = torch.tensor(list(f"{type(exc).__name__}: {exc}".encode()), dtype=torch.uint8)
+    return result
 
 
 def minilm_fast_preset(train_steps: int = 4) -> Result:
