@@ -175,8 +175,10 @@ def quantize(
     what scores fixed windows, exports to ONNX or benchmarks prefill latency.
 
     Under torch.distributed (e.g. ``torchrun --nproc-per-node N``) every rank passes the same
-    ``calibration``; each calibrates its share of the batches and all end with the same model,
-    the one a single process would make (docs/distributed.md); progress shows on rank 0 only.
+    ``calibration``; each calibrates its share of the batches and all end with the same model:
+    the one a single process would make where the recipe only collects statistics, and, where
+    it trains (Quadapter, learned ranges, QAT), one trained on gradients averaged across ranks
+    in fewer, larger steps (docs/distributed.md); progress shows on rank 0 only.
     """
     progress = progress and distributed.is_main()
     batches = _checked_batches(model, calibration)

@@ -10,10 +10,14 @@ rank) every rank passes the same calibration list; the passes that only collect 
 flat tensors, so a whole model's observers cost a handful of collectives. Without a process
 group (or with one rank) every function here is the identity: single-process runs do not change.
 
-Passes that train or search (Quadapter scales, learned ranges, QAT, token-wise clipping) are not
-data-parallel yet: each rank runs them on the whole calibration list, the same computation; the
-trained values are then taken from rank 0 (:func:`broadcast_from_main`), so ranks on different
-CPUs cannot drift apart.
+Passes that train (Quadapter scales, learned ranges, QAT) train data-parallel through one shared
+step (:mod:`outlierfx.passes.training`): each rank backpropagates its own batches, the gradients
+and the loss are summed in one flat all_reduce per step (:func:`sum_across_ranks`) and averaged
+over the step's batches, and every rank takes the same optimizer step; the losses that decide
+(early stopping, the best snapshot) are summed across ranks too, so every rank decides the same.
+The trained values are then taken from rank 0 (:func:`broadcast_from_main`), so ranks on
+different CPUs cannot drift apart. Token-wise clipping searches its grid on the merged per-token
+extremes (the same search on every rank).
 
 torch.distributed is the transport; the process group must carry CPU tensors (gloo, or a
 ``cpu:gloo,cuda:nccl`` group).
@@ -96,7 +100,7 @@ def describe() -> str:
     n = world_size()
     return (f"calibrated data-parallel on {n} processes (torch.distributed, {dist.get_backend()}): rank r took "
             f"batches r, r+{n}, ...; observer statistics (and GPTQ's Gram matrices) were reduced across ranks; trained "
-            f"stages ran on every rank on all batches, with rank 0's trained values")
+            f"stages took ceil(steps / {n}) steps, each on the gradient averaged over one batch per rank")
 
 
 def shard(batches: Sequence[T]) -> list[T]:
@@ -254,11 +258,30 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 def broadcast_from_main(tensors: Iterable[torch.Tensor]) -> None:
-    """Overwrite ``tensors`` in place with rank 0's values (trained values of a stage every rank
-    ran on the whole calibration list). The identity without a process group."""
+    """Overwrite ``tensors`` in place with rank 0's values (a trained stage's values: every rank
+    took the same steps, and this keeps ranks on different CPUs from drifting apart). The
+    identity without a process group."""
     if not active():
         return
     with torch.no_grad():
         for tensor in tensors:
             if tensor.numel():
                 dist.broadcast(tensor, src=0)
+
+
+def sum_across_ranks(tensors: Sequence[torch.Tensor], numbers: Sequence[float] = ()) -> list[float]:
+    """Add ``tensors`` (in place) and ``numbers`` over the ranks in ONE all_reduce, packed into a
+    float64 vector (a data-parallel training step's gradients and loss: one collective per step,
+    and the summed losses every rank's decisions read are the same bits everywhere). Returns the
+    summed numbers; the identity without a process group."""
+    if not active():
+        return list(numbers)
+    flat = torch.cat([*(t.detach().reshape(-1).double() for t in tensors), torch.tensor(list(numbers),
+                                                                                      dtype=torch.float64)])
+    dist.all_reduce(flat)
+    start = 0
+    with torch.no_grad():
+        for tensor in tensors:
+            tensor.copy_(flat[start:start + tensor.numel()].view_as(tensor))
+            start += tensor.numel()
+    return flat[start:].tolist()

@@ -3,7 +3,8 @@
 After calibration (and, in ``os`` recipes, the coarse clipping search) every activation
 quantizer's range [lo, hi] becomes a learnable pair, and Adam moves them to minimise the MSE of
 the final model output against the unquantized model on the calibration batches (the true loss
-is checked every ``check_every`` steps and the best ranges seen are kept). The model runs
+is checked every ``check_every`` steps and the best ranges seen are kept; data-parallel under
+torch.distributed, see :mod:`.training`). The model runs
 with its weights quantized as ConvertToFakeQuant will quantize them, so the ranges learn to
 absorb the weight error too. Rounding is straight-through; the scale and zero point follow from
 [lo, hi] exactly as :func:`~outlierfx.quantizers.fake_quant.qparams_from_range` computes them,
@@ -33,6 +34,7 @@ from ..quantizers.spec import QuantSpec
 from ..quantizers.trainable import LearnableRange
 from .base import GraphPass
 from .convert_fake_quant import ConvertToFakeQuant
+from .training import Schedule, mean_loss, my_batches, step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,8 +84,9 @@ class LearnRanges(GraphPass[LearnRangesPlan]):
             raise PassError("no activation observers to learn ranges for; run InsertObservers first")
         if not all(o.calibrated for o in observers.values()):
             raise PassError("LearnRanges needs calibrated observers; run calibrate() first")
-        with torch.no_grad(), observation_paused():
-            targets = [gm(**b) for b in self.batches]
+        schedule = Schedule(self.steps, my_batches(len(self.batches)), first=1)
+        with torch.no_grad(), observation_paused():  # the targets of this rank's batches only
+            targets = {i: gm(**self.batches[i]) for i in schedule.mine}
         work = ConvertToFakeQuant(self.weight_spec, self.embedding_spec)(copy_graph_module(gm)).graph_module
         learnable = {n: LearnableRange(o, tied=self.tie_groups) for n, o in observers.items()}
         for name, module in learnable.items():
@@ -91,14 +94,12 @@ class LearnRanges(GraphPass[LearnRangesPlan]):
                 raise PassError(f"{name} did not become a fake quantizer")
             setattr(work, name, module)
         params = [p for m in learnable.values() for p in (m.u_lo, m.u_hi)]
-        masks = [b.get("attention_mask") for b in self.batches]
 
         def loss_of(i: int) -> torch.Tensor:
-            return masked_mse(work(**self.batches[i]), targets[i], masks[i])
+            return masked_mse(work(**self.batches[i]), targets[i], self.batches[i].get("attention_mask"))
 
-        def full_loss() -> float:
-            with torch.no_grad():
-                return sum(float(loss_of(i)) for i in range(len(self.batches))) / len(self.batches)
+        def full_loss() -> float:  # over all ranks' batches: every rank keeps the same snapshot
+            return mean_loss(loss_of, schedule.mine, len(self.batches))
 
         def snapshot() -> dict[str, tuple[torch.Tensor, ...]]:
             return {n: tuple(t.detach().clone() for t in m.bounds()) for n, m in learnable.items()}
@@ -108,25 +109,28 @@ class LearnRanges(GraphPass[LearnRangesPlan]):
         best, best_step = snapshot(), 0
         check_every = max(self.check_every, len(self.batches))
         optimizer = torch.optim.Adam(params, lr=self.lr)
-        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, self.steps)
-        steps = range(1, self.steps + 1)
+        annealing = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, schedule.optimizer_steps)
+        bar = None
         if self.progress:
             from tqdm.auto import tqdm
 
-            steps = tqdm(steps, desc="learning quantizer ranges", unit="step")
-        for step in steps:
-            loss = loss_of(step % len(self.batches))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward(inputs=params)
-            optimizer.step()
-            schedule.step()
-            if step % check_every == 0 or step == self.steps:
+            bar = tqdm(total=schedule.optimizer_steps, desc="learning quantizer ranges", unit="step")
+        for t in range(schedule.optimizer_steps):
+            step(params, optimizer, loss_of, schedule, t)
+            annealing.step()
+            done = schedule.done(t)  # single-process steps: a check every check_every of them
+            if done // check_every > (done - schedule.covered(t)) // check_every or done == self.steps:
                 current = full_loss()
                 if current < best_loss:
-                    best_loss, best, best_step = current, snapshot(), step
-                if self.progress:
-                    steps.set_postfix(loss=f"{current:.4g}", best=f"{best_loss:.4g}")  # type: ignore[union-attr]
-        # data-parallel ranks all trained on every batch: keep rank 0's ranges (and its choice) everywhere
+                    best_loss, best, best_step = current, snapshot(), done
+                if bar is not None:
+                    bar.set_postfix(loss=f"{current:.4g}", best=f"{best_loss:.4g}")
+            if bar is not None:
+                bar.update()
+        if bar is not None:
+            bar.close()
+        # every rank took the same averaged steps and checks; rank 0's ranges everywhere still
+        # guarantee that ranks on different CPUs cannot drift apart
         chosen = torch.tensor(best_step)
         distributed.broadcast_from_main([chosen, *(t for bounds in best.values() for t in bounds)])
         best_step = int(chosen)

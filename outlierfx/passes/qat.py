@@ -8,7 +8,8 @@ reads ``Qw(W)`` computed from a trainable float ``W`` (weights re-quantized at e
 quantizers keep their calibrated ranges (straight-through inside the range). The loss is the
 language-modelling loss (next-token cross-entropy over real tokens) when the model returns
 ``logits`` and the batches carry ``input_ids``, otherwise the masked MSE of the outputs against
-the unquantized model (distillation). Adam with a cosine schedule, a progress bar.
+the unquantized model (distillation). Adam with a cosine schedule, a progress bar; data-parallel
+under torch.distributed (:func:`outlierfx.passes.training.fit`).
 
 Linear weights and biases learn; a weight tied to another reader (an LM head sharing the
 embedding table) stays frozen so the tie survives. The pass writes the trained float weights
@@ -92,7 +93,8 @@ class QAT(GraphPass[QATPlan]):
                      self.progress)
         weights = {name: (w.detach().clone(), None if b is None else b.detach().clone())
                    for name, (w, b) in trained.items()}
-        # data-parallel ranks all trained on every batch: keep rank 0's weights everywhere
+        # every rank took the same averaged steps (data-parallel, see .training); rank 0's weights
+        # everywhere still guarantee that ranks on different CPUs cannot drift apart
         distributed.broadcast_from_main([t for pair in weights.values() for t in pair if t is not None])
         return QATPlan(weights, tuple(frozen), sum(p.numel() for p in params), kind, tuple(losses), steps,
                        time.perf_counter() - start)

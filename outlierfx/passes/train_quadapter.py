@@ -30,13 +30,13 @@ from ..graph.compare import masked_mse
 from ..graph.copy import copy_graph_module
 from ..graph.probe import flatten_inputs, probe, run_nodes, values_read_after
 from ..graph.view import GraphView
-from ..quantizers.observers import FakeQuantize, Observer, observation_paused, token_mask
+from ..quantizers.observers import FakeQuantize, Observer, merge_across_ranks, observation_paused, token_mask
 from ..quantizers.spec import QuantSpec, weight_spec
 from ..quantizers.trainable import TrainableActivationQuantizer, TrainableWeightQuantizer
 from .base import GraphPass
 from .convert_fake_quant import ConvertToFakeQuant
 from .quadapter import NAME, QUANTIZERS, SCALE_PREFIX, ScaleSite, inserted_sites, scale_parameters
-from .training import fit, task_loss
+from .training import Schedule, fit, mean_loss, my_batches, step, task_loss
 
 
 def unfolded_fake_quant(gm: torch.fx.GraphModule, weight: QuantSpec | None = None) -> torch.fx.GraphModule:
@@ -215,11 +215,12 @@ class TrainQuadapter(GraphPass[TrainQuadapterPlan]):
         sites = inserted_sites(work)
         for site in sites:
             set_attr(work, site.target, torch.nn.Parameter(fetch_attr(gm, site.target).detach().clone()))
-        inputs = [flatten_inputs(work, (), b) for b in self.batches]
-        masks = [b.get("attention_mask") for b in self.batches]
+        mine = my_batches(len(self.batches))  # data-parallel: this rank's batches (all in one process)
+        inputs = [flatten_inputs(work, (), self.batches[i]) for i in mine]
+        masks = [self.batches[i].get("attention_mask") for i in mine]
         if self.init == "smoothquant":
             self._smoothquant_init(work, sites)
-        observers = self._refresh_observers(work, sites)
+        observers = self._refresh_observers(work, sites, mine)
 
         quantized = unfolded_fake_quant(work, self.weight)
         scales = scale_parameters(quantized)  # the same Parameter objects as work's
@@ -228,7 +229,7 @@ class TrainQuadapter(GraphPass[TrainQuadapterPlan]):
                 del_attr(quantized, name)
                 set_attr(quantized, name, p.detach())
 
-        reference = _Stepper(work, inputs)
+        reference = _Stepper(work, inputs)  # block inputs and targets of this rank's batches only
         student = _Stepper(quantized, inputs)
         blocks = GraphView(quantized).blocks
         ends = [b.sublayers[-1].add.name for b in blocks]
@@ -255,47 +256,50 @@ class TrainQuadapter(GraphPass[TrainQuadapterPlan]):
             if index not in by_segment:
                 student.advance(end)
                 continue
-            block_fit = self._train_block(index, by_segment[index], scales, student, end, targets, masks)
+            block_fit = self._train_block(index, by_segment[index], scales, student, end, targets, masks, mine)
             fits.append(block_fit)
             if bar is not None:
                 bar.set_postfix(loss=f"{block_fit.loss_before:.3g}->{block_fit.loss_after:.3g}", steps=block_fit.steps)
         phase2, kind = [], ""
         if self.end_to_end_steps > 0:
-            kind, loss = task_loss(work, self.batches)
+            kind, loss = task_loss(work, self.batches, mine=mine)
             phase2 = fit(list(scales.values()), lambda i: loss(quantized(**self.batches[i]), i), len(self.batches),
                          self.end_to_end_steps, self.end_to_end_lr, "Quadapter phase 2", self.progress)
         unchanged = _fingerprint(gm) == fingerprint and all(
             p.grad is None for name, p in gm.named_parameters() if not name.startswith(SCALE_PREFIX))
         if not unchanged:
             raise PassError("Quadapter training changed a model weight; only the scales may change")
-        # data-parallel ranks all trained on every batch: keep rank 0's scales and site ranges everywhere
+        # every rank took the same averaged steps and decisions; rank 0's scales and site ranges
+        # everywhere still guarantee that ranks on different CPUs cannot drift apart
         distributed.broadcast_from_main([*scales.values(), *(b for o in observers.values() for b in o.buffers())])
         return TrainQuadapterPlan(self.init, self.alpha, {t: p.detach().clone() for t, p in scales.items()}, observers,
                                   tuple(fits), sum(p.numel() for p in scales.values()), unchanged,
                                   time.perf_counter() - start_time, tuple(phase2), kind)
 
     def _train_block(self, index: int, targets_of: list[str], scales: Mapping[str, torch.nn.Parameter],
-                     student: _Stepper, end: str, targets: list[object], masks: list) -> BlockFit:
+                     student: _Stepper, end: str, targets: list[object], masks: list,
+                     mine: tuple[int, ...]) -> BlockFit:
+        """Train one block's scales; ``student``, ``targets`` and ``masks`` hold this rank's
+        batches ``mine`` (global indices), and every loss that decides is over all ranks'."""
         params = [scales[t] for t in targets_of]
         start, stop = student.segment(end)
+        local = {batch: k for k, batch in enumerate(mine)}
+        total = len(self.batches)
 
         def loss_of(i: int) -> torch.Tensor:
-            env = run_nodes(student.gm, student.caches[i], start, stop)
-            return masked_mse(env[stop], targets[i], masks[i])
+            env = run_nodes(student.gm, student.caches[local[i]], start, stop)
+            return masked_mse(env[stop], targets[local[i]], masks[local[i]])
 
-        with torch.no_grad():
-            before = sum(float(loss_of(i)) for i in range(len(targets))) / len(targets)
+        before = mean_loss(loss_of, mine, total)
         optimizer = torch.optim.Adam(params, lr=self.lr)
         initial = [p.detach().clone() for p in params]
         best, best_state, bad, steps, early = before, initial, 0, 0, False
-        window = max(len(targets), self.check_every)
+        window = max(total, self.check_every)
+        schedule = Schedule(self.max_steps, mine)
         running, count = 0.0, 0
-        while steps < self.max_steps:
-            loss = loss_of(steps % len(targets))
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            running, count, steps = running + float(loss.detach()), count + 1, steps + 1
+        for t in range(schedule.optimizer_steps):
+            running += step(params, optimizer, loss_of, schedule, t)
+            count, steps = count + schedule.covered(t), schedule.done(t)
             if count < window:
                 continue
             mean, running, count = running / count, 0.0, 0  # mean loss over the last window of steps
@@ -314,13 +318,13 @@ class TrainQuadapter(GraphPass[TrainQuadapterPlan]):
                 if known is None:
                     for p, value in zip(params, state):
                         p.copy_(value)
-                    known = sum(float(loss_of(i)) for i in range(len(targets))) / len(targets)
+                    known = mean_loss(loss_of, mine, total)
                 scored.append((known, len(scored), state))
             _, _, chosen = min(scored, key=lambda item: item[:2])
             for p, value in zip(params, chosen):
                 p.copy_(value)
         outs = student.advance(end)
-        after = sum(float(masked_mse(o, t, m)) for o, t, m in zip(outs, targets, masks)) / len(targets)
+        after = mean_loss(lambda i: masked_mse(outs[local[i]], targets[local[i]], masks[local[i]]), mine, total)
         return BlockFit(index, tuple(targets_of), before, after, steps, early)
 
     def _smoothquant_init(self, work: torch.fx.GraphModule, sites: list[ScaleSite]) -> None:
@@ -331,6 +335,7 @@ class TrainQuadapter(GraphPass[TrainQuadapterPlan]):
             x_max[node.name] = torch.maximum(x_max[node.name], rows) if node.name in x_max else rows
 
         operands = {s.operand for s in sites}
+        # every rank reads every batch here: one forward each, exact, under 1% of the pass
         with observation_paused():
             for batch in self.batches:
                 probe(work, operands, ((), batch), record)
@@ -342,8 +347,10 @@ class TrainQuadapter(GraphPass[TrainQuadapterPlan]):
                     x_max[site.operand.name].clamp_min(1e-5).log()
                 fetch_attr(work, site.target).copy_(log_s - log_s.mean())  # the mean only rescales the range
 
-    def _refresh_observers(self, work: torch.fx.GraphModule, sites: list[ScaleSite]) -> dict[str, Observer]:
-        """Fresh statistics for each site quantizer, on x * s (observers elsewhere are untouched)."""
+    def _refresh_observers(self, work: torch.fx.GraphModule, sites: list[ScaleSite],
+                           mine: tuple[int, ...]) -> dict[str, Observer]:
+        """Fresh statistics for each site quantizer, on x * s (observers elsewhere are untouched):
+        this rank's batches ``mine``, merged across ranks."""
         fresh = {}
         for site in sites:
             name = str(site.quantizer.target)
@@ -352,9 +359,10 @@ class TrainQuadapter(GraphPass[TrainQuadapterPlan]):
             setattr(work, name, fresh[name])
         by_node = {site.input_mul: fresh[str(site.quantizer.target)] for site in sites}
         with observation_paused():
-            for batch in self.batches:
-                with token_mask(batch.get("attention_mask")):
-                    probe(work, by_node, ((), batch), lambda node, value: by_node[node].observe(value))
+            for i in mine:
+                with token_mask(self.batches[i].get("attention_mask")):
+                    probe(work, by_node, ((), self.batches[i]), lambda node, value: by_node[node].observe(value))
+        merge_across_ranks(list(fresh.values()))
         return fresh
 
     def apply(self, gm: torch.fx.GraphModule, plan: TrainQuadapterPlan) -> bool:

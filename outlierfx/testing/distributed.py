@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import pathlib
 import tempfile
 from collections.abc import Callable, Iterator
@@ -42,13 +43,25 @@ def _first_tensor(output: Any) -> torch.Tensor:
     return output[0]
 
 
+# tensors larger than this come back as a digest of their bytes (SmolLM2's weights: 0.5 GB a rank)
+DIGEST_ABOVE = 1 << 20
+
+
 def _state(prefix: str, graph: torch.nn.Module) -> Result:
-    """Every parameter and buffer of a fake-quant graph (weights, scales, zero points)."""
-    return {f"{prefix}/{name}": t.detach().clone() for name, t in graph.state_dict().items()}
+    """Every parameter and buffer of a fake-quant graph (weights, scales, zero points); those over
+    DIGEST_ABOVE elements as a 16-byte digest (equal digests: equal bits)."""
+    return {f"{prefix}/{name}": _digest(t) if t.numel() > DIGEST_ABOVE else t.detach().clone()
+            for name, t in graph.state_dict().items()}
+
+
+def _digest(tensor: torch.Tensor) -> torch.Tensor:
+    data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    return torch.tensor(list(hashlib.blake2b(data, digest_size=16).digest()), dtype=torch.uint8)
 
 
 def _quantized(prefix: str, model: torch.nn.Module, batches: list, held_out: list, **settings: Any) -> Result:
-    """``quantize`` (a causal LM: its generating model, the KV-cache graph the command line saves)."""
+    """``quantize`` (a causal LM: its generating model, the KV-cache graph the command line saves);
+    the unquantized model's outputs too (``fp32/``), to measure trained runs' quality against."""
     from .. import distributed
     from ..api import quantize
 
@@ -58,6 +71,7 @@ def _quantized(prefix: str, model: torch.nn.Module, batches: list, held_out: lis
     with torch.no_grad():
         for i, batch in enumerate(held_out):
             result[f"{prefix}/output{i}"] = _first_tensor(qmodel(**batch)).detach().clone()
+            result[f"fp32/{prefix}/output{i}"] = _first_tensor(model(**batch)).detach().clone()
     return result
 
 
@@ -92,10 +106,11 @@ def bert_gptq() -> Result:
 
 
 def bert_trained() -> Result:
-    """A generated BERT under the stages that train (every rank trains on all batches, then
-    takes rank 0's values): learned ranges (``naive+lsq``, 10 steps) and QAT (one epoch)."""
+    """A generated BERT under the stages that train, data-parallel (3 batches: 2 ranks' shards
+    differ in size): learned ranges (``naive+lsq``, 10 steps), QAT (one epoch) and Quadapter
+    (SmoothQuant init, at most 30 steps a block with plateau checks, 4 end-to-end steps)."""
     from ..passes.qat import QAT
-    from ..recipes.papers import paper_recipe, with_fine_stage
+    from ..recipes.papers import paper_recipe, quadapter_recipe, with_fine_stage
     from .models import OutlierSpec, build_model
 
     model = build_model("bert", hidden=32, heads=4, layers=1, ffn=64, vocab=64,
@@ -105,7 +120,40 @@ def bert_trained() -> Result:
     qat = dataclasses.replace(qat, finish=tuple(dataclasses.replace(s, settings={**s.settings, "epochs": 1})
                                                 if s.pass_type is QAT else s for s in qat.finish))
     return {**_quantized("lsq", model, batches, held_out, recipe=with_fine_stage(paper_recipe("naive"), steps=10)),
-            **_quantized("qat", model, batches, held_out, recipe=qat)}
+            **_quantized("qat", model, batches, held_out, recipe=qat),
+            **_quantized("quadapter", model, batches, held_out, recipe=quadapter_recipe(
+                init="smoothquant", max_steps=30, check_every=5, end_to_end_steps=4))}
+
+
+def training_shards() -> Result:
+    """:func:`outlierfx.passes.training.fit` on 4 batches for 6 steps of ``sum((p - c_i)^2)``,
+    recording which batches this rank's loss saw, with and without autograd (training steps,
+    and the mean losses), and the trained ``p`` and loss curve; then the error each rank raises
+    when training on batch 3 fails."""
+    from ..passes.training import fit
+
+    targets = torch.arange(12, dtype=torch.float32).reshape(4, 3)
+    p = torch.nn.Parameter(torch.zeros(3))
+    trained, evaluated = [], []
+
+    def loss_of(i: int) -> torch.Tensor:
+        (trained if torch.is_grad_enabled() else evaluated).append(i)
+        return ((p - targets[i]) ** 2).sum()
+
+    losses = fit([p], loss_of, batches=4, steps=6, lr=0.1, desc="test")
+    result = {"trained": torch.tensor(trained), "evaluated": torch.tensor(evaluated), "p": p.detach().clone(),
+              "losses": torch.tensor(losses, dtype=torch.float64)}
+
+    def fails_on_batch_3(i: int) -> torch.Tensor:  # rank 1's batch in the second step
+        if i == 3 and torch.is_grad_enabled():
+            raise ValueError("batch 3 is broken")
+        return loss_of(i)
+
+    try:
+        fit([p], fails_on_batch_3, batches=4, steps=6, lr=0.1, desc="test")
+    except Exception as exc:  # noqa: BLE001 - the test reads which error each rank raised
+        result["error"] = torch.tensor(list(f"{type(exc).__name__}: {exc}".encode()), dtype=torch.uint8)
+    return result
 
 
 def minilm_fast_preset(train_steps: int = 4) -> Result:
@@ -129,6 +177,20 @@ def minilm_fast_preset(train_steps: int = 4) -> Result:
                    if s.pass_type is TrainQuadapter else s for s in recipe.finish)
     recipe = dataclasses.replace(recipe, finish=finish)
     return _quantized("minilm", minilm.model, batches, held_out, recipe=recipe, backend=backend)
+
+
+def smollm2_default() -> Result:
+    """The packaged SmolLM2-135M with the default preset (``quantize(model, batches)``, no recipe:
+    ``rotate+sink`` on this CPU, a QuantizedCausalLM back) on 4 batches of 2 short Wikipedia
+    passages; its int8 logits on one held-out batch."""
+    from .. import corpus
+    from ..models import encode, load
+
+    smollm2 = load("smollm2")
+    texts = corpus.wikipedia_sample("calibration", 8)
+    batches = [encode(smollm2, texts[i:i + 2], max_length=32) for i in range(0, 8, 2)]
+    held_out = [encode(smollm2, corpus.wikipedia_sample("evaluation", 2), max_length=32)]
+    return _quantized("smollm2", smollm2.model, batches, held_out)
 
 
 def statistics_merge() -> Result:
@@ -200,7 +262,8 @@ class _Doubler(torch.nn.Module):
 
 
 SCENARIOS: dict[str, Callable[[], Result]] = {f.__name__: f for f in (
-    llama_default, bert_gptq, bert_trained, minilm_fast_preset, statistics_merge, mismatched_batches, nan_on_rank_1)}
+    llama_default, bert_gptq, bert_trained, minilm_fast_preset, smollm2_default, statistics_merge, mismatched_batches,
+    nan_on_rank_1, training_shards)}
 
 
 @contextlib.contextmanager
