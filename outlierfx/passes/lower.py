@@ -62,6 +62,7 @@ class LoweredFrom:
         Tied weights (one tensor under several targets) share one pair of codes, so
         :meth:`fake_quant` ties them again and ``save`` writes them once, as before."""
         in_use = {tensor_identity(t) for t in [*lowered.parameters(), *lowered.buffers()]}
+        held = _HeldCodes(lowered)
         compact = copy_graph_module(source)
         codes: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         by_identity: dict[tuple, tuple[torch.Tensor, torch.Tensor] | None] = {}
@@ -71,7 +72,8 @@ class LoweredFrom:
             if identity in in_use:
                 continue
             if identity not in by_identity:
-                by_identity[identity] = integer_weight(weight, spec)
+                pair = integer_weight(weight, spec)
+                by_identity[identity] = None if pair is None else (held.find(pair[0]), pair[1])
             pair = by_identity[identity]
             if pair is not None:
                 codes[target] = pair
@@ -92,6 +94,36 @@ class LoweredFrom:
             set_attr(graph, target, torch.nn.Parameter(value, requires_grad=kept.requires_grad)
                      if isinstance(kept, torch.nn.Parameter) else value)
         return graph
+
+
+class _HeldCodes:
+    """The int8 rows a lowered graph's kernels already hold, found by content: a weight's codes
+    are then a view of the kernel's buffer (a row range of a merged Q/K/V or gate/up weight),
+    not a third int8 copy next to the kernel's buffer and its packed form."""
+
+    def __init__(self, lowered: torch.fx.GraphModule) -> None:
+        self._rows: dict[tuple[int, int], list[tuple[torch.Tensor, int]]] = {}
+        for buffer in {tensor_identity(t): t for t in lowered.buffers()}.values():
+            if buffer.dtype == torch.int8 and buffer.dim() == 2 and buffer.is_contiguous():
+                for row, key in enumerate(self._keys(buffer).tolist()):
+                    self._rows.setdefault((buffer.shape[1], key), []).append((buffer, row))
+
+    @staticmethod
+    def _keys(rows: torch.Tensor) -> torch.Tensor:
+        # a row's fingerprint: its dot product with fixed pseudo-random weights (exact in int64)
+        weights = torch.randint(-2**20, 2**20, (rows.shape[1],), generator=torch.Generator().manual_seed(0))
+        return rows.to(torch.int64) @ weights
+
+    def find(self, codes: torch.Tensor) -> torch.Tensor:
+        """A view of held rows equal to ``codes``, or ``codes`` itself where none holds them."""
+        if codes.dim() != 2 or not len(codes):
+            return codes
+        first = int(self._keys(codes[:1])[0])
+        for buffer, row in self._rows.get((codes.shape[1], first), ()):
+            rows = buffer[row:row + len(codes)]
+            if rows.shape == codes.shape and torch.equal(rows, codes):
+                return rows
+        return codes
 
 
 class Lower(GraphPass[LowerPlan]):
