@@ -39,8 +39,7 @@ def _prompts(batch=2, tokens=5, seed=2):
 
 class _LastRowLogits(torch.nn.Module):
     """Wraps a cached graph and keeps each call's next-token scores: the logits of the row that
-    holds the last column written so far (the last row, except after a one-token prompt's
-    padding row)."""
+    holds the last column written so far."""
 
     def __init__(self, graph):
         super().__init__()
@@ -119,7 +118,6 @@ def test_greedy_decoding_is_the_argmax_of_the_same_int8_models_full_sequence_log
     with first_token_grids_everywhere():  # the +sink paths, at every quantizer
         qmodel, report = outlierfx.quantize(g.model, _calibration(), "naive+sink", backend=backend, progress=False)
     assert qmodel.first_token_rows == 1 and report.backend == (backend or "fake-quant")
-    assert not qmodel.replays_first_rows  # fake quant and onednn: a one-row call is on the main grid
     for prompt in (_prompts(), _prompts(1, 1)):  # a one-token prompt is all first-token positions
         calls = []
         generated, teacher, gap = _incremental_vs_full(qmodel, prompt, calls=calls)
@@ -133,7 +131,7 @@ def test_greedy_decoding_is_the_argmax_of_the_same_int8_models_full_sequence_log
 
 
 @pytest.mark.parametrize("backend", ["fake-quant", *runnable_backends(["onednn", "reference"])])
-def test_decode_tokens_use_the_main_grid_and_position_zero_the_first_token_grid(backend):
+def test_decode_tokens_use_the_main_grid_and_the_first_token_its_own_grid(backend):
     g = _model()
     with first_token_grids_everywhere():
         qmodel, report = outlierfx.quantize(g.model, _calibration(), "naive+sink", backend="fake-quant",
@@ -150,28 +148,14 @@ def test_decode_tokens_use_the_main_grid_and_position_zero_the_first_token_grid(
         qmodel = outlierfx.lower(fake, report, backend).model
         assert isinstance(qmodel, QuantizedCausalLM) and qmodel.graph is not fake.graph
         assert (qmodel.config, qmodel.first_token_rows, qmodel.tokenizer) == (fake.config, 1, fake.tokenizer)
-    assert qmodel.replays_first_rows == (backend == "reference")
     prompt = _prompts()
-    generated, teacher, gap = _incremental_vs_full(qmodel, prompt)
+    calls = []
+    generated, teacher, gap = _incremental_vs_full(qmodel, prompt, calls=calls)
     assert gap <= LOGIT_TOL and torch.equal(generated, teacher)
-    if backend == "reference":
-        # the reference form (and inductor, which compiles it) puts a call's first rows on the
-        # first-token grid whatever their position: without the replayed position-0 row, each
-        # decode step's new token would be quantized on the coarse grid
-        qmodel.first_token_rows = 0
-        assert _incremental_vs_full(qmodel, prompt)[2] > 100 * LOGIT_TOL
-
-
-def test_a_left_padded_batch_generates_what_each_prompt_generates_alone():
-    g = _model()
-    qmodel, _ = outlierfx.quantize(g.model, _calibration(), "naive", progress=False)
-    long, short = _prompts(1, 6, seed=3), _prompts(1, 4, seed=4)
-    batch = torch.cat([long, torch.cat([torch.zeros(1, 2, dtype=torch.long), short], 1)])
-    mask = torch.ones_like(batch)
-    mask[1, :2] = 0
-    together = qmodel.generate(batch, mask, max_new_tokens=10, eos_token_id=[])
-    assert torch.equal(together[0, 6:], qmodel.generate(long, max_new_tokens=10, eos_token_id=[])[0, 6:])
-    assert torch.equal(together[1, 6:], qmodel.generate(short, max_new_tokens=10, eos_token_id=[])[0, 4:])
+    # each decode step runs its new token alone, also in the reference form (a static graph, as
+    # inductor's): the graph's first-token mask keeps it off the coarse grid, where a call's
+    # first row was once put on it whatever its position
+    assert calls[1:] == [[column] for column in range(prompt.shape[1], prompt.shape[1] + NEW_TOKENS - 1)]
 
 
 def _left_padded_pair():
@@ -183,13 +167,20 @@ def _left_padded_pair():
     return long, short, batch, mask
 
 
-_LOWERED_FIRST_ROWS_BY_COLUMN = pytest.mark.xfail(strict=True, raises=AssertionError, reason="the lowered forms "
-                                                  "still take a call's first columns as its first tokens")
+@pytest.mark.parametrize("backend", ["fake-quant", *runnable_backends(["onednn"])])
+def test_a_left_padded_batch_generates_what_each_prompt_generates_alone(backend):
+    g = _model()
+    with first_token_grids_everywhere():  # each prompt's first token on its own grid, wherever padding puts it
+        qmodel, report = outlierfx.quantize(g.model, _calibration(), "naive+sink", progress=False)
+    if backend != "fake-quant":
+        qmodel = outlierfx.lower(qmodel, report, backend).model
+    long, short, batch, mask = _left_padded_pair()
+    together = qmodel.generate(batch, mask, max_new_tokens=10, eos_token_id=[])
+    assert torch.equal(together[0, 6:], qmodel.generate(long, max_new_tokens=10, eos_token_id=[])[0, 6:])
+    assert torch.equal(together[1, 6:], qmodel.generate(short, max_new_tokens=10, eos_token_id=[])[0, 4:])
 
 
-@pytest.mark.parametrize("backend", ["fake-quant", *runnable_backends(["onednn"]),
-                                     *(pytest.param(b, marks=_LOWERED_FIRST_ROWS_BY_COLUMN) for b in
-                                       runnable_backends(["reference", "inductor"]))])
+@pytest.mark.parametrize("backend", ["fake-quant", *runnable_backends(["onednn", "reference", "inductor"])])
 def test_a_left_padded_batch_keeps_each_prompts_first_token_on_its_own_grid(backend):
     # counting first tokens from column 0 put the padding on the first-token grid and the short
     # prompt's first token on the main grid: logits 5-9% of the largest off (2-3x the int8 error)

@@ -22,20 +22,14 @@ from ..graph.ops import is_call
 from ..quantizers.observers import FakeQuantize
 from .capabilities import Capabilities, PostOp
 from .eager_values import constant_weight, float_view, scale_in_place, skip_zero_masks
-from .grids import fake_quantizer, fusable_gelu, fusable_residual, main_grid, output_quantizer, sink_grid, two_grids_split
+from .grids import (fake_quantizer, first_tokens_of, fusable_gelu, fusable_residual, main_grid, output_quantizer, sink_grid,
+                    two_grids_split)
 from .int8_linear import QuantizedLinear
 from .reference import DQ_CHANNEL, DQ_TENSOR, Q_TENSOR, STEP
 from .runtime import two_grid_codes, two_grid_dequantize
 
 aten = torch.ops.aten
 LINEAR_MODULE_PREFIX = "outlierfx_int8_linear_"
-
-
-def first_tokens_of(quantizer: torch.fx.Node) -> torch.fx.Node | None:
-    """The graph's first-token mask a first-token-grid quantizer node reads (``args[1]``, wired by
-    :func:`~outlierfx.graph.first_tokens.wire_first_tokens`), or None: its kernels then take the
-    first columns of a call."""
-    return quantizer.args[1] if len(quantizer.args) > 1 else None  # type: ignore[return-value]
 
 
 def first_token_input_lowers(gm: torch.fx.GraphModule, linear: torch.fx.Node, module: FakeQuantize,

@@ -26,8 +26,9 @@ from .ao import AoBackend, engine_capabilities
 from .base import MAX_MERGED_WEIGHT, label_groups
 from .bf16_attention import use_bf16_attention
 from .capabilities import FirstTokens, PostOp
-from .eager import LINEAR_MODULE_PREFIX, EagerLowering, first_token_input_lowers, first_tokens_of
-from .grids import fake_quantizer, fusable_gelu, fusable_residual, main_grid, output_quantizer, single_grid, sink_grid
+from .eager import LINEAR_MODULE_PREFIX, EagerLowering, first_token_input_lowers
+from .grids import (fake_quantizer, first_tokens_of, fusable_gelu, fusable_residual, main_grid, output_quantizer,
+                    single_grid, sink_grid)
 from .int8_linear import QuantizedLinear
 from .kernel import Kernel, KernelKind, LoweredLinear, LowerPlan
 from .reference import STEP, lower_reference_form

@@ -56,6 +56,35 @@ def on_first_rows(first: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return first.reshape(*first.shape, *([1] * (x.dim() - 2)))
 
 
+def first_token_columns(first: torch.Tensor, n: int) -> torch.Tensor:
+    """``[batch, n]`` long from a first-token mask ``[batch, seq]``: the column of each text's
+    k-th first token in the call (0 where it has none, e.g. in a decode step: those rows are
+    computed and never read). Static shapes for a compiled graph's ``batch x n`` first rows."""
+    rank = first.long().cumsum(1) - 1
+    k = torch.arange(n, device=first.device)
+    hit = first[:, None, :] & (rank[:, None, :] == k[None, :, None])  # [batch, n, seq]
+    return hit.int().argmax(-1)
+
+
+def _row_index(index: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return index.reshape(*index.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])
+
+
+def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x`` ``[batch, seq, ...]``'s rows at ``index`` ``[batch, n]`` (:func:`first_token_columns`)."""
+    return x.gather(1, _row_index(index, x))
+
+
+def scatter_rows(x: torch.Tensor, rows: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+    """``x`` with its first-token rows (``first`` ``[batch, seq]``) taken from ``rows``
+    ``[batch, n, ...]`` (:func:`gather_rows`' order); each column reads its rank among its
+    text's first tokens, so no two rows write one place."""
+    n = rows.shape[1]
+    rank = (first.long().cumsum(1) - 1).clamp(0, n - 1)
+    back = rows.gather(1, _row_index(rank, x))
+    return torch.where(on_first_rows(first, x), back, x)
+
+
 def wire_first_tokens(gm: torch.fx.GraphModule, readers: list[tuple[torch.fx.Node, int]], created_by: str) -> bool:
     """Give each ``(node, n)`` in ``readers`` (a call_module quantizer reading its tensor as
     ``args[0]``) the graph's :func:`first_token_mask` for ``n`` as ``args[1]``, computed once per
