@@ -12,6 +12,7 @@ from outlierfx.backends import runnable_backends
 from outlierfx.errors import DataError, SettingError
 from outlierfx.generation import QuantizedCausalLM, next_token
 from outlierfx.graph.kv_cache import CachedDecoder, cache_inputs, in_place_cache_writes
+from outlierfx.graph.ops import SDPA
 from outlierfx.quantizers.observers import FakeQuantize
 from outlierfx.testing import build_model, first_token_grids_everywhere, word_tokenizer
 
@@ -294,6 +295,24 @@ def test_a_saved_decoder_loads_with_its_cache_and_tokenizer_and_generates_the_sa
     assert loaded.tokenizer("w05 w06").input_ids == [5, 6]
     prompt = _prompts()
     assert torch.equal(loaded.generate(prompt, max_new_tokens=10), qmodel.generate(prompt, max_new_tokens=10))
+
+
+def test_a_saved_decoder_converted_to_float64_computes_in_float64(tmp_path):
+    # the saved graph's attention is one fused SDPA call whose mask the graph built in float32;
+    # torch 2.13's SDPA given float64 q/k/v and a float32 mask silently returns wrong values
+    # (SmolLM2's perplexity 1022): the fused call takes its mask in the dtype of its queries
+    g = _model()
+    qmodel, report = outlierfx.quantize(g.model, _calibration(), "naive", policy="linear-inputs", backend="reference",
+                                        progress=False)
+    outlierfx.save(qmodel, tmp_path)  # a lowered model saves the graph it was lowered from: attention fused
+    saved = outlierfx.load(tmp_path, backend="fake-quant")
+    assert any(n.target is SDPA for n in saved.graph.graph.nodes)
+    exact, loaded = (QuantizedCausalLM(copy.deepcopy(graph).double(), g.config, cache_dtype=torch.float64)
+                     for graph in (report.graphs.simulated, saved.graph))
+    prompt = _prompts(1, 20)  # SDPA's wrong values start at 16 tokens here
+    expected = exact(prompt).logits
+    assert expected.dtype == torch.float64
+    assert float((loaded(prompt).logits - expected).abs().max() / expected.abs().max()) <= 1e-12
 
 
 @pytest.mark.skipif(not runnable_backends(["inductor"]), reason="no inductor int8 engine")

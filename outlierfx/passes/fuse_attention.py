@@ -132,6 +132,7 @@ class FuseAttention(GraphPass[FuseAttentionPlan]):
 
     def apply(self, gm: torch.fx.GraphModule, plan: FuseAttentionPlan) -> bool:
         nodes = {n.name: n for n in gm.graph.nodes}
+        masks: dict[torch.fx.Node, torch.fx.Node] = {}  # one cast per mask: the layers share it (and its check)
         for site in plan.fused:
             output = nodes[site.output]
             graph = gm.graph
@@ -143,7 +144,10 @@ class FuseAttention(GraphPass[FuseAttentionPlan]):
                     meta.inherit(key, output, STEP)
                 kwargs: dict[str, object] = {"scale": site.scale}
                 if site.mask:
-                    kwargs = {"attn_mask": nodes[site.mask], **kwargs}
+                    mask = nodes[site.mask]
+                    if mask not in masks:
+                        masks[mask] = _mask_as_queries(graph, mask, nodes[site.query], output)
+                    kwargs = {"attn_mask": masks[mask], **kwargs}
                 if site.groups > 1:
                     kwargs["enable_gqa"] = True
                 fused = graph.call_function(SDPA, (nodes[site.query], key, nodes[site.value]), kwargs)
@@ -160,6 +164,26 @@ class FuseAttention(GraphPass[FuseAttentionPlan]):
                 if not nodes[name].users:
                     graph.erase_node(nodes[name])
         return bool(plan.fused)
+
+
+def _mask_as_queries(graph: torch.fx.Graph, mask: torch.fx.Node, query: torch.fx.Node,
+                     output: torch.fx.Node) -> torch.fx.Node:
+    """A float mask in the queries' dtype, whatever the graph is converted to later.
+
+    The decomposed chain added the mask to the scores, and type promotion followed any
+    ``.double()``; a mask built with a dtype fixed at capture (the cached decoder's float32
+    bias) stays float32 there, and torch 2.13's fused kernel given float64 queries and a
+    float32 mask silently returns wrong values (a saved SmolLM2 in float64: perplexity 1022).
+    ``type_as`` costs nothing where the dtypes already agree (and every query of a graph has one
+    dtype, so the layers share one cast); a boolean mask keeps its meaning."""
+    value = tensor_val(mask)
+    if value is not None and not value.is_floating_point():
+        return mask
+    cast = graph.call_function(aten.type_as.default, (mask, query))
+    meta.inherit(cast, output, STEP)
+    if value is not None:
+        cast.meta["val"] = value
+    return cast
 
 
 # -- matching --------------------------------------------------------------------------------
