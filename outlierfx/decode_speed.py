@@ -9,8 +9,7 @@
 - Ours: the cached decoder (the graph of :func:`~outlierfx.quantize`'s causal LM, one
   quantization per recipe) lowered to each backend. Its own prefill fills a static cache of
   :data:`CACHE_TOKENS` + 1 columns; each timed call is the decode step at the last column, as
-  :meth:`~outlierfx.generation.QuantizedCausalLM.generate` runs it (the new token alone on
-  onednn; the first-token rows replayed in front of it on inductor).
+  :meth:`~outlierfx.generation.QuantizedCausalLM.generate` runs it (the new token alone).
   The step writes its keys and values in place (:meth:`~outlierfx.generation.QuantizedCausalLM.cache_writer`),
   always into the last column, so the prefilled columns it reads stay as they are.
 - torchao PT2E x86 (where torchao is installed): the same float cache graph
@@ -74,9 +73,8 @@ class CachedDecodeStep:
         prompt = tokens.shape[1] - 1
         keys, values = empty_cache(lm.config, 1, tokens.shape[1], lm.cache_dtype)
         with torch.no_grad():
-            _, self.keys, self.values = lm.run_rows(tokens, self.filled, lm.prefill_rows(prompt), prompt - 1,
-                                                    keys, values)
-        self.rows = lm.decode_rows(prompt)
+            _, self.keys, self.values = lm.run_rows(tokens, self.filled, list(range(prompt)), prompt - 1, keys, values)
+        self.rows = [prompt]
 
     def prepare(self) -> None:
         pass  # each step rewrites the last column only: the prefilled ones stay as they are

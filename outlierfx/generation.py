@@ -10,23 +10,11 @@ it passes and never reads an old one again, so it runs an FX graph with its cach
 (:meth:`QuantizedCausalLM.cache_writer`): a step writes its tokens' columns instead of copying
 every cache.
 
-First-token grids (``+sink`` recipes) follow the absolute position. The prefill (cache columns
-from 0) runs the prompt's first ``n`` rows on the first-token grid as the full-sequence forward
-does. A decode step's new token, at a later position, must be on the main grid. How a backend
-places the first-token grid decides how a decode step gets there
-(:func:`short_calls_on_main_grid`):
-
-- fake quant and the eager int8 kernels (onednn, the torch.ao engines) put the first ``n`` rows
-  of a call on the first-token grid only when the call has more than ``n`` rows. A decode step
-  runs the new token alone: one row, every quantizer on its main grid, with the same graph,
-  quantization parameters and weights as the prefill (the graph's first-token branch is a
-  run-time choice of each kernel, so the decode step is the main-grid graph without a copy).
-- the reference form and inductor (a static slice of the graph) put a call's first rows on the
-  first-token grid whatever their number. There a decode step *replays* the first ``n`` cached
-  tokens in front of the new token, so its rows ``0..n-1`` are again positions ``0..n-1`` (their
-  keys and values are rewritten with what the prefill wrote: a causal row ``i < n`` reads only
-  positions ``<= i``) and the new token is on the main grid. That costs ``n`` more rows per step
-  through every layer and needs no new input to any quantizer or kernel.
+First-token grids (``+sink`` recipes) follow each text's first real token, in every form: the
+graph computes which of a call's tokens they are from its ``attention_mask`` and
+``cache_position`` (:mod:`outlierfx.graph.first_tokens`). The prefill puts each prompt's first
+token on the first-token grid wherever left padding puts it, and a decode step's new token,
+later in its text, is on the main grid: each step runs the new token alone.
 """
 
 from __future__ import annotations
@@ -37,12 +25,9 @@ from typing import Any, NamedTuple
 import torch
 import torch.fx
 
-from .backends import Execution, get_backend
-from .backends.inductor import CompiledInt8
 from .errors import DataError
 from .evaluate import DecoderEval
 from .graph.kv_cache import cache_inputs, empty_cache, in_place_cache_writes
-from .graph import meta
 from .quantizers.observers import FakeQuantize
 
 
@@ -60,15 +45,12 @@ class QuantizedCausalLM(torch.nn.Module):
     or lowered); ``first_token_rows`` the number of leading positions on a first-token grid (0:
     none); ``tokenizer`` the model's own, kept alongside where known; ``cache_dtype`` the KV
     cache's dtype (float32, as the quantized graphs compute; float64 for a graph converted with
-    ``.double()``). ``replays_first_rows``: whether a decode step runs the first-token positions
-    again in front of the new token (the module docstring: where ``graph`` puts a call's first
-    rows on the first-token grid whatever their number)."""
+    ``.double()``)."""
 
     def __init__(self, graph: torch.nn.Module, config: Any, first_token_rows: int = 0, tokenizer: Any = None,
                  cache_dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         self.graph = graph
-        self.replays_first_rows = first_token_rows > 0 and not short_calls_on_main_grid(graph)
         self._in_place: tuple[torch.nn.Module, torch.nn.Module] | None = None  # (graph, its in-place form)
         self.config = config
         self.first_token_rows = first_token_rows
@@ -141,11 +123,11 @@ class QuantizedCausalLM(torch.nn.Module):
         that reads it: the caller may write ``tokens[:, column]`` (and ``filled``, which columns
         hold real tokens) in between, as :meth:`generate` does."""
         keys, values = empty_cache(self.config, tokens.shape[0], tokens.shape[1], self.cache_dtype)
-        rows = self.prefill_rows(prompt)
+        rows = list(range(prompt))
         for column in range(prompt, tokens.shape[1]):
             scores, keys, values = self.run_rows(tokens, filled, rows, column - 1, keys, values)
             yield scores
-            rows = self.decode_rows(column)
+            rows = [column]
 
     def run_rows(self, tokens: torch.Tensor, filled: torch.Tensor, rows: list[int], newest: int,
                  keys: list[torch.Tensor], values: list[torch.Tensor]
@@ -185,24 +167,6 @@ class QuantizedCausalLM(torch.nn.Module):
         with torch.no_grad():
             return CausalLMLogits(torch.stack(list(self.next_token_scores(tokens, filled, 1)), 1))
 
-    def prefill_rows(self, prompt: int) -> list[int]:
-        """The cache columns the prefill runs: every prompt token from position 0, and, for a
-        prompt no longer than the first-token positions, one padding row after it: fake quant
-        and onednn keep a call of at most ``first_token_rows`` rows on the main grid, so the
-        extra row puts the prompt on the first-token grid as the full-sequence forward does. It
-        reads no column but the prompt's; its logits are not used and the first decode step
-        overwrites its keys and values."""
-        return [*range(prompt), *([prompt] if 0 < prompt <= self.first_token_rows else [])]
-
-    def decode_rows(self, column: int) -> list[int]:
-        """The cache columns a decode step at ``column`` runs: the new token alone where a call
-        of at most ``first_token_rows`` rows is on the main grid and ``column`` is past the
-        first-token positions; else the first-token positions again, then the new token (see
-        the module docstring)."""
-        if column >= self.first_token_rows and not self.replays_first_rows:
-            return [column]
-        return [*range(min(self.first_token_rows, column)), column]
-
 
 def next_token(logits: torch.Tensor, do_sample: bool, temperature: float = 1.0, top_k: int | None = None,
                top_p: float | None = None) -> torch.Tensor:
@@ -237,19 +201,6 @@ def _token_set(ids: int | Sequence[int] | None) -> frozenset[int]:
     if ids is None:
         return frozenset()
     return frozenset([int(ids)] if isinstance(ids, int) else (int(i) for i in ids))
-
-
-def short_calls_on_main_grid(graph: torch.nn.Module) -> bool:
-    """Whether ``graph`` runs every row of a call with at most ``first_token_rows`` rows on the
-    main grid: a fake-quant graph (:meth:`FakeQuantize.on_grids`) or one lowered to eager int8
-    kernels (their first-token branch is taken at run time, for calls of more rows). False for
-    the reference form and inductor (a static slice) and for graphs of unknown origin."""
-    if isinstance(graph, CompiledInt8) or not isinstance(graph, torch.fx.GraphModule):
-        return False
-    lowered = graph.meta.get(meta.GM_LOWERED_FROM)
-    if lowered is None:
-        return any(isinstance(m, FakeQuantize) for m in graph.modules())
-    return get_backend(lowered.backend).capabilities.execution is Execution.EAGER_KERNELS
 
 
 def first_token_rows(graph: torch.nn.Module) -> int:

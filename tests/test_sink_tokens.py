@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 import outlierfx
 from outlierfx.graph.compare import output_error
+from outlierfx.graph.first_tokens import first_token_mask
 from outlierfx.graph.roles import Role
 from outlierfx.passes.lower import Lower
 from outlierfx.backends import FirstTokens
@@ -81,6 +82,36 @@ def test_padding_and_attention_matrices_are_left_alone():
     probs = torch.rand(2, 3, 6, 6)  # [batch, heads, seq, seq]: axis 1 is not the position
     observer, fq = _calibrated(QuantSpec(sink_tokens=1), [probs], roles=frozenset({Role.ATTN_PROBS}))
     assert not observer.sink_min.numel() and not fq.has_sink_grid
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_a_left_padded_batch_calibrates_and_quantizes_each_texts_first_real_tokens_on_their_grid(n):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 7, 4, generator=gen)
+    mask = torch.tensor([[1] * 7, [0] * 3 + [1] * 4, [0] * 6 + [1]])  # left padding of 0, 3 and 6
+    firsts = [(0, range(n)), (1, range(3, 3 + n)), (2, [6])]  # the last text has one token
+    for row, columns in firsts:
+        x[row, list(columns)] = 300.0 + row  # massive activations on each text's first tokens
+    x[1, :3] = -50.0  # padding: in no range
+    observer, fq = _calibrated(QuantSpec(sink_tokens=n), [x], masks=[mask])
+    assert (float(observer.sink_min), float(observer.sink_max)) == (300.0, 302.0)
+    first = first_token_mask(mask, None, n)
+    assert first.sum(1).tolist() == [n, n, 1]
+    assert float(observer.max_val) == float(x[mask.bool() & ~first].max()) < 300.0
+    assert float(observer.min_val) > -50.0
+    # the quantizer given the mask puts those tokens on their grid, as a slice does for column 0
+    out = fq(x, first)
+    assert torch.equal(out[first], fake_quantize(x[first], fq.sink_scale, fq.sink_zero_point, fq.spec.sink_spec()))
+    assert torch.equal(out[~first], fake_quantize(x[~first], fq.scale, fq.zero_point, fq.spec))
+    unpadded = torch.ones_like(mask)
+    assert torch.equal(fq(x, first_token_mask(unpadded, None, n)), fq(x))  # columns 0..n-1, as without a mask
+
+
+def test_a_decode_step_behind_a_filled_cache_has_no_first_token():
+    filled = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])  # cache columns, the first row left-padded
+    assert first_token_mask(filled, torch.arange(4), 1).tolist() == [[False, False, True, False],
+                                                                        [True, False, False, False]]
+    assert not first_token_mask(filled, torch.tensor([4]), 1).any()
 
 
 def test_sink_tokens_is_validated():

@@ -9,8 +9,6 @@ counts on a shared machine; absolute times move with the load. Uses the decode r
 (``outlierfx/decode_speed.py``), so it times what ``outlierfx bench speed`` times, and the same
 int8 graph with each decode-step overhead put back, as ablations:
 
-- ``+replay``: the first-token rows replayed in front of the new token (as before decode steps
-  ran one row on the eager engines);
 - ``+cache copy``: the functional graph, which returns a new copy of every cache per call (as
   before the runtime wrote its caches in place).
 """
@@ -59,11 +57,8 @@ def main() -> None:
     tokens = torch.randint(0, vocab, (1, CACHE_TOKENS + 1), generator=gen)
     int8 = f"int8 {args.backend}"
     copying = QuantizedCausalLM(Functional(lm.graph), g.config, lm.first_token_rows)
-    replaying = QuantizedCausalLM(Functional(lm.graph), g.config, lm.first_token_rows)
-    replaying.replays_first_rows = lm.first_token_rows > 0
     steps = {"fp32 eager": EagerDecodeStep(g.model, tokens), int8: CachedDecodeStep(lm, tokens),
-             f"{int8} +cache copy": CachedDecodeStep(copying, tokens),
-             f"{int8} +cache copy +replay": CachedDecodeStep(replaying, tokens)}
+             f"{int8} +cache copy": CachedDecodeStep(copying, tokens)}
     print(f"recipe {report.recipe}, first-token rows {lm.first_token_rows}, "
           f"setup {time.perf_counter() - start:.0f}s")
     with torch.no_grad():

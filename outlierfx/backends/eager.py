@@ -22,7 +22,8 @@ from ..graph.ops import is_call
 from ..quantizers.observers import FakeQuantize
 from .capabilities import Capabilities, PostOp
 from .eager_values import constant_weight, float_view, scale_in_place, skip_zero_masks
-from .grids import fake_quantizer, fusable_gelu, fusable_residual, main_grid, output_quantizer, sink_grid, two_grids_split
+from .grids import (fake_quantizer, first_tokens_of, fusable_gelu, fusable_residual, main_grid, output_quantizer, sink_grid,
+                    two_grids_split)
 from .int8_linear import QuantizedLinear
 from .reference import DQ_CHANNEL, DQ_TENSOR, Q_TENSOR, STEP
 from .runtime import two_grid_codes, two_grid_dequantize
@@ -131,7 +132,7 @@ class EagerLowering:
             target = self.gm.get_submodule(str(sink_node.target))
             self.two_grid[sink_node] = self._replace_linear(
                 linear, w_dq, bias, (scale, zero_point, qmin, qmax), main_grid(target), gelu, self._quint8(q_x),
-                sink_out=sink_grid(target))
+                sink_out=sink_grid(target), first_tokens=first_tokens_of(sink_node))
             return
         if q_out is None and not self.caps.float_output_gemm:
             return  # float fallback (listed in the plan)
@@ -157,7 +158,7 @@ class EagerLowering:
         qparams = (*main_grid(module), module.spec.qmin, module.spec.qmax)
         quantizer = linear.args[0]
         self._replace_linear(linear, w_dq, bias, qparams, None, None, quantizer.args[0], sink_grid(module),
-                             self._residual(linear))
+                             self._residual(linear), first_tokens=first_tokens_of(quantizer))
 
     def _two_grid_values(self, node: torch.fx.Node) -> None:
         """A first-token-grid quantizer that ops other than int8 GEMMs still read (a post-LN
@@ -169,7 +170,8 @@ class EagerLowering:
         (scale, zero_point), sink = main_grid(module), sink_grid(module)
         codes = self._two_grid_codes(node, (scale, zero_point, module.spec.qmin, module.spec.qmax), sink)
         with self.graph.inserting_after(codes):
-            values = self.graph.call_function(two_grid_dequantize, (codes, sink[0], scale, zero_point, *sink[1:]))
+            values = self.graph.call_function(two_grid_dequantize, (codes, sink[0], scale, zero_point, *sink[1:],
+                                                                    first_tokens_of(node)))
         meta.inherit(values, node, STEP)
         node.replace_all_uses_with(values)
 
@@ -180,7 +182,7 @@ class EagerLowering:
             scale, zero_point, qmin, qmax = qparams
             with self.graph.inserting_after(quantizer):
                 node = self.graph.call_function(two_grid_codes, (quantizer.args[0], sink[0], scale, zero_point,
-                                                                 sink[1], sink[2], qmin, qmax))
+                                                                 sink[1], sink[2], qmin, qmax, first_tokens_of(quantizer)))
             meta.inherit(node, quantizer, STEP)
             self.two_grid[quantizer] = node
         return self.two_grid[quantizer]
@@ -192,9 +194,11 @@ class EagerLowering:
                         in_qparams: tuple, out: tuple | None, gelu: str | None, source: torch.fx.Node,
                         sink: tuple[int, float, int] | None = None,
                         residual: tuple[torch.fx.Node, torch.fx.Node] | None = None,
-                        sink_out: tuple[int, float, int] | None = None) -> torch.fx.Node:
+                        sink_out: tuple[int, float, int] | None = None,
+                        first_tokens: torch.fx.Node | None = None) -> torch.fx.Node:
         """Put a :class:`QuantizedLinear` reading ``source`` in place of ``linear`` (and of the
-        GELU, or the residual ``(add, other)``, fused into it)."""
+        GELU, or the residual ``(add, other)``, fused into it); ``first_tokens``: the graph's
+        first-token mask its first-token grids read."""
         codes = fetch_attr(self.gm, str(w_dq.args[0].target))
         w_scale = fetch_attr(self.gm, str(w_dq.args[1].target))
         w_scale = self.row_scales.setdefault(w_scale.data_ptr(), w_scale.detach().double())
@@ -205,7 +209,8 @@ class EagerLowering:
         self.gm.add_module(name, module)
         # after ``other`` too: the add's position (``linear`` precedes it)
         with self.graph.inserting_before(linear if residual is None else residual[0]):
-            call = self.graph.call_module(name, (source,) if residual is None else (source, residual[1]))
+            call = self.graph.call_module(name, (source,) if residual is None else (source, residual[1]),
+                                          {} if first_tokens is None else {"first_tokens": first_tokens})
         meta.inherit(call, linear, STEP)
         if residual is not None:
             residual[0].replace_all_uses_with(call)

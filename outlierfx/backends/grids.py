@@ -75,6 +75,13 @@ def main_grid(module: FakeQuantize) -> tuple[float, int]:
     return float(module.scale.flatten()[0]), int(module.zero_point.flatten()[0])
 
 
+def first_tokens_of(quantizer: torch.fx.Node) -> torch.fx.Node | None:
+    """The graph's first-token mask a first-token-grid quantizer node reads (``args[1]``, wired by
+    :func:`~outlierfx.graph.first_tokens.wire_first_tokens`), or None: its kernels then take the
+    first columns of a call."""
+    return quantizer.args[1] if len(quantizer.args) > 1 else None  # type: ignore[return-value]
+
+
 def sink_grid(module: FakeQuantize) -> tuple[int, float, int]:
     """(first tokens, scale, zero point) of a quantizer's first-token grid."""
     return module.spec.sink_tokens, float(module.sink_scale), int(module.sink_zero_point)

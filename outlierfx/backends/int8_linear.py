@@ -18,7 +18,8 @@ from __future__ import annotations
 import torch
 
 from .capabilities import BackendError, PostOp
-from .runtime import clamp_to_grid, quantized_engine, quantized_tensors_quietly, two_grid_codes, uint8_codes
+from .runtime import (clamp_to_grid, first_rows, quantized_engine, quantized_tensors_quietly, two_grid_codes,
+                      uint8_codes)
 
 EAGER_ENGINES = ("fbgemm", "x86", "qnnpack", "onednn")  # torch.backends.quantized engines
 # Engines with an int8 GEMM whose output is float (the int32 accumulator scaled, no requantization).
@@ -108,10 +109,13 @@ class QuantizedLinear(torch.nn.Module):
     # torch.compile runs the packed kernel eagerly: traced, a oneDNN GEMM whose packed weight is a
     # graph input (not a frozen constant) crashes inductor's GEMM + add fusion (torch 2.13)
     @torch.compiler.disable
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None,
+                first_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """``x``: float, or (with ``out_qparams``, or on ``onednn``) already a quint8 tensor on
         the input grid (``onednn`` also takes its plain uint8 codes). ``residual`` (a module built
         with ``residual=True``): a float tensor of the output's shape, added inside the kernel.
+        ``first_tokens``: the graph's ``[batch, seq]`` first-token mask, the rows on the
+        first-token grids (``sink``, ``sink_out``); without it, the first columns of a longer call.
         Returns the quint8 output with ``out_qparams``, else float."""
         if (residual is not None) != self.residual:
             raise ValueError("pass a residual exactly when the module was built with residual=True")
@@ -119,20 +123,22 @@ class QuantizedLinear(torch.nn.Module):
             if residual is not None:
                 shape = (*x.shape[:-1], self.out_features)
                 if tuple(residual.shape) != shape or residual.dtype != torch.float32:  # a broadcast: add outside
-                    return self._run(x, None) + residual
+                    return self._run(x, None, first_tokens) + residual
                 residual = residual.contiguous()  # the post-op reads it densely: a strided view gives wrong sums
-            return self._run(x, residual)
+            return self._run(x, residual, first_tokens)
 
-    def _run(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+    def _run(self, x: torch.Tensor, residual: torch.Tensor | None, first: torch.Tensor | None) -> torch.Tensor:
         packed = self._packed if self._packed is not None else self._pack()
         if self.sink is not None and self.engine == "onednn" and x.dtype in (torch.float32, torch.uint8):
-            return self._onednn_sink(x, packed, residual)  # type: ignore[arg-type]
+            return self._onednn_sink(x, packed, residual, first)  # type: ignore[arg-type]
         if self.sink_out is not None:
-            return self._onednn_sink_out(x, packed)  # type: ignore[arg-type]
-        if self.sink is not None and x.is_floating_point() and x.dim() >= 3 and x.shape[1] > self.sink[0]:
-            n, scale, zero_point = self.sink
-            head = self._gemm(x[:, :n], packed, scale, zero_point)
-            return torch.cat([head, self._gemm(x[:, n:], packed, self.in_scale, self.in_zero_point)], 1)
+            return self._onednn_sink_out(x, packed, first)  # type: ignore[arg-type]
+        rows = first_rows(x, self.sink[0], first) if self.sink is not None and x.is_floating_point() else None
+        if rows is not None:  # two GEMMs: every row on the main grid, the first tokens' again on theirs
+            n, scale, zero_point = self.sink  # type: ignore[misc]
+            y = self._gemm(x, packed, self.in_scale, self.in_zero_point)
+            y[rows] = self._gemm(x[rows], packed, scale, zero_point)
+            return y
         return self._gemm(x, packed, self.in_scale, self.in_zero_point, residual)
 
     def _gemm(self, x: torch.Tensor, packed: object, in_scale: float, in_zero_point: int,
@@ -165,9 +171,10 @@ class QuantizedLinear(torch.nn.Module):
         return torch.ops.onednn.qlinear_pointwise(x, in_scale, in_zero_point, weight, w_scale, w_zero_point,
                                                   self.bias, out_scale, out_zero_point, dtype, *post)
 
-    def _onednn_sink(self, x: torch.Tensor, packed: tuple, residual: torch.Tensor | None = None) -> torch.Tensor:
+    def _onednn_sink(self, x: torch.Tensor, packed: tuple, residual: torch.Tensor | None = None,
+                     first: torch.Tensor | None = None) -> torch.Tensor:
         """A first-token-grid input (float, or the codes :func:`two_grid_codes` gives): one GEMM
-        reads every row on the main grid, then the first ``n`` positions' rows are made right.
+        reads every row on the main grid, then the first tokens' rows (``first``) are made right.
 
         - Float output, nothing fused: corrected in closed form,
           ``y0 = s0/s (y0' - b) + b + s0 (z - z0) sum_k W[:, k] w_scale`` (a few small ops:
@@ -178,30 +185,32 @@ class QuantizedLinear(torch.nn.Module):
           closed form as ``y0' - r0``: the first token's residual-stream values reach 1e3-1e4 on
           SmolLM2, and that difference loses the digits the correction scales up.)"""
         n, scale0, zero_point0 = self.sink  # type: ignore[misc]
-        codes = x if x.dtype == torch.uint8 else self.input_codes(x)
+        codes = x if x.dtype == torch.uint8 else self.input_codes(x, first)
         y = self._onednn(codes, packed, self.in_scale, self.in_zero_point, residual, self.out_qparams)
-        if codes.dim() < 3 or codes.shape[1] <= n:
+        rows = first_rows(codes, n, first)
+        if rows is None:
             return y
         if self.out_qparams is None and self.gelu is None and residual is None:
             offset = self.bias if self.bias is not None else 0.0
-            head = (y[:, :n] - offset) * (scale0 / self.in_scale) + offset
-            y[:, :n] = head + (scale0 * (self.in_zero_point - zero_point0)) * packed[3]
+            head = (y[rows] - offset) * (scale0 / self.in_scale) + offset
+            y[rows] = head + (scale0 * (self.in_zero_point - zero_point0)) * packed[3]
             return y
-        head_residual = None if residual is None else residual[:, :n].contiguous()
-        y[:, :n] = self._onednn(codes[:, :n].contiguous(), packed, scale0, zero_point0, head_residual,
-                                self.sink_out[1:] if self.sink_out else self.out_qparams)
+        head_residual = None if residual is None else residual[rows].contiguous()
+        y[rows] = self._onednn(codes[rows].contiguous(), packed, scale0, zero_point0, head_residual,
+                               self.sink_out[1:] if self.sink_out else self.out_qparams)
         return y
 
-    def _onednn_sink_out(self, x: torch.Tensor, packed: tuple) -> torch.Tensor:
+    def _onednn_sink_out(self, x: torch.Tensor, packed: tuple, first: torch.Tensor | None = None) -> torch.Tensor:
         """One input grid, a first-token output grid (MiniLM's GELU outputs): one GEMM requantizes
         every row to the main output grid, a ``batch x n`` GEMM over the first input rows (same
         post-ops) to the first positions' grid, written over them. Plain uint8 codes out."""
         n = self.sink_out[0]  # type: ignore[index]
         codes = self._uint8_input(x)  # once: the first rows' GEMM reads them too
         y = self._onednn(codes, packed, self.in_scale, self.in_zero_point, None, self.out_qparams)
-        if codes.dim() >= 3 and codes.shape[1] > n:
-            y[:, :n] = self._onednn(codes[:, :n].contiguous(), packed, self.in_scale, self.in_zero_point, None,
-                                    self.sink_out[1:])  # type: ignore[index]
+        rows = first_rows(codes, n, first)
+        if rows is not None:
+            y[rows] = self._onednn(codes[rows].contiguous(), packed, self.in_scale, self.in_zero_point, None,
+                                   self.sink_out[1:])  # type: ignore[index]
         return y
 
     def _uint8_input(self, x: torch.Tensor, scale: float | None = None, zero_point: int | None = None
@@ -211,10 +220,12 @@ class QuantizedLinear(torch.nn.Module):
             return x
         return uint8_codes(x if x.dtype == torch.quint8 else self.quantize_input(x, scale, zero_point))
 
-    def input_codes(self, x: torch.Tensor) -> torch.Tensor:
-        """The plain uint8 codes of a float input on this Linear's grid (grids, with a first-token one)."""
+    def input_codes(self, x: torch.Tensor, first: torch.Tensor | None = None) -> torch.Tensor:
+        """The plain uint8 codes of a float input on this Linear's grid (grids, with a first-token
+        one: on the rows ``first`` marks)."""
         n, scale0, zero_point0 = self.sink if self.sink is not None else (0, self.in_scale, self.in_zero_point)
-        return two_grid_codes(x, n, self.in_scale, self.in_zero_point, scale0, zero_point0, self.in_qmin, self.in_qmax)
+        return two_grid_codes(x, n, self.in_scale, self.in_zero_point, scale0, zero_point0, self.in_qmin, self.in_qmax,
+                              first)
 
     def quantize_input(self, x: torch.Tensor, scale: float | None = None, zero_point: int | None = None
                        ) -> torch.Tensor:

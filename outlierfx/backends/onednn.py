@@ -27,7 +27,8 @@ from .base import MAX_MERGED_WEIGHT, label_groups
 from .bf16_attention import use_bf16_attention
 from .capabilities import FirstTokens, PostOp
 from .eager import LINEAR_MODULE_PREFIX, EagerLowering, first_token_input_lowers
-from .grids import fake_quantizer, fusable_gelu, fusable_residual, main_grid, output_quantizer, single_grid, sink_grid
+from .grids import (fake_quantizer, first_tokens_of, fusable_gelu, fusable_residual, main_grid, output_quantizer,
+                    single_grid, sink_grid)
 from .int8_linear import QuantizedLinear
 from .kernel import Kernel, KernelKind, LoweredLinear, LowerPlan
 from .reference import STEP, lower_reference_form
@@ -150,7 +151,7 @@ class OnednnLowering(EagerLowering):
             out, sink_out = main_grid(target), sink_grid(target)
         residual = self._residual(linear) if gelu is None and out is None else None
         call = self._replace_linear(linear, w_dq, bias, qparams, out, gelu, self._two_grid_codes(quantizer, qparams, sink),
-                                    sink, residual, sink_out)
+                                    sink, residual, sink_out, first_tokens_of(quantizer))
         if out_node is not None:
             self.two_grid[out_node] = call
 
@@ -163,7 +164,8 @@ class OnednnLowering(EagerLowering):
         for node in self.graph.nodes:
             module = self.gm.get_submodule(str(node.target)) if node.op == "call_module" else None
             if isinstance(module, QuantizedLinear) and _mergeable(module) and len(node.args) == 1:
-                key = (node.args[0], module.in_scale, module.in_zero_point, module.in_qmin, module.in_qmax, module.sink)
+                key = (node.args[0], node.kwargs.get("first_tokens"), module.in_scale, module.in_zero_point,
+                       module.in_qmin, module.in_qmax, module.sink)
                 groups.setdefault(key, []).append(node)
         for nodes in groups.values():
             modules = [self.gm.get_submodule(str(n.target)) for n in nodes]
@@ -177,7 +179,7 @@ class OnednnLowering(EagerLowering):
             name = unique_attr_name(self.gm, LINEAR_MODULE_PREFIX + "merged_" + nodes[0].name)
             self.gm.add_module(name, merged)
             with self.graph.inserting_before(nodes[0]):
-                call = self.graph.call_module(name, nodes[0].args)
+                call = self.graph.call_module(name, nodes[0].args, nodes[0].kwargs)
                 split = self.graph.call_function(torch.split, (call, [m.out_features for m in modules], -1))
                 parts = [self.graph.call_function(operator.getitem, (split, i)) for i in range(len(nodes))]
             meta.inherit(call, nodes[0], STEP)

@@ -32,8 +32,9 @@ from ..quantizers.observers import FakeQuantize
 from ..quantizers.spec import Estimator, Granularity, QuantSpec
 from .base import Backend
 from .capabilities import Capabilities, Execution, FirstTokens, PostOp
-from .first_rows import FIRST_ROWS_UNREAD, first_rows_of_value, follow_first_rows
-from .grids import channel_groups, fake_quantizer, main_grid, single_grid, sink_grid, two_grids_split, weight_lowers
+from .first_rows import FIRST_ROWS_UNREAD, Rows, first_rows_of_value, follow_first_rows
+from .grids import (channel_groups, fake_quantizer, first_tokens_of, main_grid, single_grid, sink_grid, two_grids_split,
+                    weight_lowers)
 from .kernel import KernelKind, LowerPlan
 
 with warnings.catch_warnings():
@@ -236,11 +237,12 @@ def split_first_tokens(gm: torch.fx.GraphModule) -> None:
     """Reference form of the first-token-grid quantizers that stage 1 left simulated: the whole
     tensor on the main grid and its first positions again on theirs, carried through the
     row-wise ops that follow as a pair (:func:`~outlierfx.backends.first_rows.follow_first_rows`),
-    so that the main graph keeps inductor's int8 patterns. Exact for inputs longer than the
-    first positions; an input of exactly that many positions takes the first-token grid, where
-    the fake-quant model keeps the main one."""
+    so that the main graph keeps inductor's int8 patterns. The first positions are each text's
+    first tokens where the quantizer reads the graph's first-token mask (as in the fake-quant
+    model); without one, the call's first ``n`` columns whatever its length."""
     graph = gm.graph
-    pairs: dict[torch.fx.Node, tuple[torch.fx.Node, int]] = {}
+    pairs: dict[torch.fx.Node, tuple[torch.fx.Node, Rows]] = {}
+    rows_of_mask: dict[tuple[torch.fx.Node | None, int], Rows] = {}  # one column index per mask and n
     for node in list(graph.nodes):
         module = fake_quantizer(gm, node)
         if module is None or not two_grids_split(module):
@@ -256,12 +258,16 @@ def split_first_tokens(gm: torch.fx.GraphModule) -> None:
                 n, sink_scale, sink_zero_point = sink_grid(module)
                 first_spec = spec.sink_spec()
                 first = (sink_scale, sink_zero_point, first_spec.qmin, first_spec.qmax, integer_dtype(first_spec))
-                head = first_rows_of_value(graph, x, n)
+                mask = first_tokens_of(node)
+                if (mask, n) not in rows_of_mask:
+                    rows_of_mask[mask, n] = Rows.of(graph, n, mask)
+                rows = rows_of_mask[mask, n]
+                head = first_rows_of_value(graph, x, rows)
                 q_head = graph.call_function(Q_TENSOR, (head, *first))
                 dq_head = graph.call_function(DQ_TENSOR, (q_head, *first))
                 created += [head, q_head, dq_head]
                 q.meta[FIRST_ROWS_UNREAD] = True
-                pairs[dq] = (dq_head, n)
+                pairs[dq] = (dq_head, rows)
         for new in created:
             meta.inherit(new, node, STEP)
         if "val" in node.meta:

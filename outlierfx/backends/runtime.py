@@ -16,6 +16,8 @@ from collections.abc import Iterator
 
 import torch
 
+from ..graph.first_tokens import rows_of
+
 
 @contextlib.contextmanager
 def quantized_tensors_quietly() -> Iterator[None]:
@@ -96,31 +98,44 @@ def bf16_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask:
 
 
 def two_grid_codes(x: torch.Tensor, n: int, scale: float, zero_point: int, sink_scale: float, sink_zero_point: int,
-                   qmin: int = 0, qmax: int = 255) -> torch.Tensor:
-    """uint8 codes of ``x`` on ``(scale, zero_point)``, except the first ``n`` positions of a
-    ``[batch, seq, ...]`` input (longer than ``n``), on ``(sink_scale, sink_zero_point)``: what
-    ``FakeQuantize.on_grids`` simulates. A grid narrower than uint8 saturates at ``[qmin, qmax]``."""
+                   qmin: int = 0, qmax: int = 255, first: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 codes of ``x`` on ``(scale, zero_point)``, except each text's first ``n`` tokens of a
+    ``[batch, seq, ...]`` input, on ``(sink_scale, sink_zero_point)``: the rows ``first`` marks
+    (the graph's first-token mask), else the first ``n`` of a longer input (as
+    ``FakeQuantize.on_grids`` simulates). A grid narrower than uint8 saturates at ``[qmin, qmax]``."""
 
     def codes(v: torch.Tensor, s: float, z: int) -> torch.Tensor:
         return uint8_codes(torch.quantize_per_tensor(clamp_to_grid(v, s, z, qmin, qmax).contiguous(), s, z, torch.quint8))
 
     with quantized_tensors_quietly():
         out = codes(x, scale, zero_point)
-        if n and x.dim() >= 3 and x.shape[1] > n:
-            out[:, :n] = codes(x[:, :n], sink_scale, sink_zero_point)
+        rows = first_rows(x, n, first)
+        if rows is not None:
+            out[rows] = codes(x[rows], sink_scale, sink_zero_point)
     return out
 
 
 def two_grid_dequantize(codes: torch.Tensor, n: int, scale: float, zero_point: int, sink_scale: float,
-                        sink_zero_point: int) -> torch.Tensor:
+                        sink_zero_point: int, first: torch.Tensor | None = None) -> torch.Tensor:
     """The values of :func:`two_grid_codes`' codes, for the float ops that read them (torch's
     quint8 dequantize kernel: ~30x faster than ``fake_quantize_per_tensor_affine`` here)."""
     with quantized_tensors_quietly():
         values = torch._make_per_tensor_quantized_tensor(codes, scale, zero_point).dequantize()
-        if n and codes.dim() >= 3 and codes.shape[1] > n:
-            head = codes[:, :n].contiguous()
-            values[:, :n] = torch._make_per_tensor_quantized_tensor(head, sink_scale, sink_zero_point).dequantize()
+        rows = first_rows(codes, n, first)
+        if rows is not None:
+            head = codes[rows].contiguous()
+            values[rows] = torch._make_per_tensor_quantized_tensor(head, sink_scale, sink_zero_point).dequantize()
     return values
+
+
+def first_rows(x: torch.Tensor, n: int, first: torch.Tensor | None) -> torch.Tensor | None:
+    """The ``[batch, seq]`` mask of ``x``'s rows on a first-token grid of ``n`` tokens
+    (:func:`~outlierfx.graph.first_tokens.rows_of`), or None where there are none (a decode
+    step behind a filled cache; a tensor below rank 3): eager kernels then skip their work."""
+    if not n or x.dim() < 3:
+        return None
+    rows = rows_of(first, x, n)
+    return rows if bool(rows.any()) else None
 
 
 def mask_or_none(bias: torch.Tensor) -> torch.Tensor | None:

@@ -8,8 +8,9 @@ re-exports the graph with ``torch.export`` and translates each aten op with ONNX
 library) maps the ``quantized_decomposed`` pairs to ``QuantizeLinear``/``DequantizeLinear``,
 which ONNX Runtime fuses with the MatMul between them into an int8 GEMM
 (``MatMulIntegerToFloat``). First-token (``+sink``) grids are in that form already: the first
-rows quantized again on their own grid and carried beside the main tensor (``Slice``,
-``ScatterND``; :mod:`outlierfx.backends.first_rows`). outlierfx's online Hadamard op becomes two
+rows (each text's first real tokens, gathered by the graph's first-token mask) quantized again
+on their own grid and carried beside the main tensor (``GatherElements``, ``Where``;
+:mod:`outlierfx.backends.first_rows`). outlierfx's online Hadamard op becomes two
 small MatMuls (:mod:`.translations`). Int8 weights are stored ``[in, out]`` with one scale per
 column, so each GEMM reads its dequantized initializer directly (:mod:`.weights`).
 """

@@ -28,6 +28,7 @@ from ..graph.view import GraphView
 from ..quantizers.observers import FakeQuantize, Observer, quantizers_disabled
 from ..quantizers.spec import Estimator, Granularity
 from .base import GraphPass
+from .convert_fake_quant import wire_sink_quantizers
 
 SPAN_BY_BITS = {8: 0.1, 7: 0.2, 6: 0.3, 5: 0.6, 4: 0.9}
 
@@ -132,6 +133,7 @@ class _Search:
         for name, module in gm.named_children():
             if isinstance(module, Observer):
                 setattr(self.work, name, FakeQuantize.from_observer(module))
+        wire_sink_quantizers(self.work, "ClipTokenwise")
         self.params = {
             name: {a: obs.with_spec(obs.spec.with_(estimator=Estimator.TOKEN_QUANTILE, token_alpha=a)).qparams()
                    for a in grid}

@@ -22,7 +22,9 @@ import torch.fx
 from ..errors import PassError
 from ..graph import meta
 from ..graph.attrs import fetch_attr, replace_input_tensor
+from ..graph.first_tokens import wire_first_tokens
 from ..graph.ops import OpKind, feeds_only_outputs, op_kind
+from ..graph.shapes import propagate_values
 from ..quantizers.fake_quant import quantize_weight
 from ..quantizers.observers import FakeQuantize, Observer
 from ..quantizers.spec import Granularity, QuantSpec
@@ -71,6 +73,18 @@ class ConvertPlan:
         return line
 
 
+def wire_sink_quantizers(gm: torch.fx.GraphModule, created_by: str) -> None:
+    """Give every quantizer with a first-token grid the graph's first-token mask (each text's
+    first real tokens, :func:`~outlierfx.graph.first_tokens.wire_first_tokens`): without it a
+    left-padded batch puts padding on the first-token grid and its first token on the main one."""
+    readers = [(node, getattr(gm, str(node.target)).spec.sink_tokens) for node in gm.graph.nodes
+               if node.op == "call_module" and isinstance(getattr(gm, str(node.target)), FakeQuantize)
+               and getattr(gm, str(node.target)).has_sink_grid]
+    if wire_first_tokens(gm, readers, created_by):
+        propagate_values(gm)
+        gm.recompile()
+
+
 class ConvertToFakeQuant(GraphPass[ConvertPlan]):
     output_rel_tol = None  # quantization changes numerics on purpose; the error is recorded
 
@@ -109,6 +123,7 @@ class ConvertToFakeQuant(GraphPass[ConvertPlan]):
     def apply(self, gm: torch.fx.GraphModule, plan: ConvertPlan) -> bool:
         for name in plan.activations:
             setattr(gm, name, FakeQuantize.from_observer(getattr(gm, name)))
+        wire_sink_quantizers(gm, type(self).__name__)
         # A tied table (lm_head = embedding) is quantized once per spec: at equal specs
         # (per-row int8 both) the two readers keep sharing one tensor.
         quantized: dict[tuple[str, QuantSpec], torch.Tensor] = {}

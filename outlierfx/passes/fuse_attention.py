@@ -44,7 +44,7 @@ import torch
 import torch.fx
 
 from ..graph import meta
-from ..graph.attrs import del_attr
+from ..graph.attrs import del_attr, set_attr
 from ..graph.ops import SDPA, OpKind, op_kind, tensor_val
 from ..quantizers.observers import FakeQuantize
 from .base import GraphPass
@@ -132,6 +132,7 @@ class FuseAttention(GraphPass[FuseAttentionPlan]):
 
     def apply(self, gm: torch.fx.GraphModule, plan: FuseAttentionPlan) -> bool:
         nodes = {n.name: n for n in gm.graph.nodes}
+        masks: dict[torch.fx.Node, torch.fx.Node] = {}  # one cast per mask: the layers share it (and its check)
         for site in plan.fused:
             output = nodes[site.output]
             graph = gm.graph
@@ -143,7 +144,10 @@ class FuseAttention(GraphPass[FuseAttentionPlan]):
                     meta.inherit(key, output, STEP)
                 kwargs: dict[str, object] = {"scale": site.scale}
                 if site.mask:
-                    kwargs = {"attn_mask": nodes[site.mask], **kwargs}
+                    mask = nodes[site.mask]
+                    if mask not in masks:
+                        masks[mask] = _mask_in_graph_dtype(gm, mask, output)
+                    kwargs = {"attn_mask": masks[mask], **kwargs}
                 if site.groups > 1:
                     kwargs["enable_gqa"] = True
                 fused = graph.call_function(SDPA, (nodes[site.query], key, nodes[site.value]), kwargs)
@@ -160,6 +164,34 @@ class FuseAttention(GraphPass[FuseAttentionPlan]):
                 if not nodes[name].users:
                     graph.erase_node(nodes[name])
         return bool(plan.fused)
+
+
+GRAPH_DTYPE = "outlierfx_float_dtype"
+"""A 0-d float buffer of a fused graph: its dtype follows the graph through ``.to()``/``.double()``."""
+
+
+def _mask_in_graph_dtype(gm: torch.fx.GraphModule, mask: torch.fx.Node, output: torch.fx.Node) -> torch.fx.Node:
+    """A float mask in the dtype the graph computes in, whatever it is converted to later.
+
+    The decomposed chain added the mask to the scores, and type promotion followed any
+    ``.double()``; a mask built with a dtype fixed at capture (the cached decoder's float32
+    bias) stays float32 there, and torch 2.13's fused kernel given float64 queries and a
+    float32 mask silently returns wrong values (a saved SmolLM2 in float64: perplexity 1022).
+    The dtype comes from a buffer, not from the queries: a second reader of a Q GEMM's output
+    would stop it feeding attention alone (bf16 attention, merged Q/K/V GEMMs). ``type_as``
+    costs nothing where the dtypes agree; a boolean mask keeps its meaning."""
+    value = tensor_val(mask)
+    if value is not None and not value.is_floating_point():
+        return mask
+    if not hasattr(gm, GRAPH_DTYPE):
+        set_attr(gm, GRAPH_DTYPE, torch.zeros((), dtype=value.dtype if value is not None else torch.float32))
+    dtype = gm.graph.get_attr(GRAPH_DTYPE)
+    cast = gm.graph.call_function(aten.type_as.default, (mask, dtype))
+    for node in (dtype, cast):
+        meta.inherit(node, output, STEP)
+    if value is not None:
+        cast.meta["val"] = value
+    return cast
 
 
 # -- matching --------------------------------------------------------------------------------

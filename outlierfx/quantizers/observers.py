@@ -22,6 +22,7 @@ import torch
 from .. import distributed
 from ..distributed import Reduction
 from ..errors import DataError, DistributedError
+from ..graph.first_tokens import first_token_mask, leading_columns, on_first_rows, rows_of
 from ..graph.roles import Role
 from .fake_quant import fake_quantize, group_index, qparams_from_range, range_balanced_sizes
 from .spec import SAMPLE_ESTIMATORS, Estimator, Granularity, QuantSpec
@@ -159,9 +160,15 @@ class Observer(torch.nn.Module):
         n = self.spec.sink_tokens
         if n and x.shape[1:2] and x.shape[1] > n and _token_layout(x, self.roles):
             mask = _TOKEN_MASK.get()
-            self._observe_sink(x[:, :n] if mask is None else x[:, :n][mask[:, :n]])
-            with token_mask(None if mask is None else mask[:, n:]):
-                return self._observe(x[:, n:])
+            # each text's first real tokens, wherever left padding puts them (what FakeQuantize
+            # puts on the first-token grid); the other real tokens are the main range's
+            first = leading_columns(x, n) if mask is None else first_token_mask(mask, None, n)
+            self._observe_sink(x[first])
+            if bool(first[:, :n].all()) and not bool(first[:, n:].any()):  # columns 0..n-1: no copy
+                with token_mask(None if mask is None else mask[:, n:]):
+                    return self._observe(x[:, n:])
+            with token_mask(~first if mask is None else mask & ~first):
+                return self._observe(x)
         return self._observe(x)
 
     def _observe_sink(self, x: torch.Tensor) -> None:
@@ -395,20 +402,26 @@ class FakeQuantize(torch.nn.Module):
     def has_sink_grid(self) -> bool:
         return bool(self.spec.sink_tokens and self.sink_scale.numel())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, first_tokens: torch.Tensor | None = None) -> torch.Tensor:
         if not self.enabled:
             return x
-        return self.on_grids(x, fake_quantize)
+        return self.on_grids(x, fake_quantize, first_tokens)
 
-    def on_grids(self, x: torch.Tensor, quantize: Callable[..., torch.Tensor]) -> torch.Tensor:
-        """``quantize(x, scale, zero_point, spec)`` on the main grid; with a sink grid, the first
-        ``spec.sink_tokens`` positions of a ``[batch, seq, ...]`` tensor on theirs. Positions
-        count from the start of the input (a decode step with a KV cache has no sink token)."""
-        n = self.spec.sink_tokens
-        if not self.has_sink_grid or x.dim() < 3 or x.shape[1] <= n:
-            return quantize(x, self.scale, self.zero_point, self.spec)
-        head = quantize(x[:, :n], self.sink_scale, self.sink_zero_point, self.spec.sink_spec())
-        return torch.cat([head, quantize(x[:, n:], self.scale, self.zero_point, self.spec)], 1)
+    def on_grids(self, x: torch.Tensor, quantize: Callable[..., torch.Tensor],
+                 first_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """``quantize(x, scale, zero_point, spec)`` on the main grid; with a sink grid, each
+        text's first ``spec.sink_tokens`` tokens of a ``[batch, seq, ...]`` tensor on theirs:
+        where ``first_tokens`` ``[batch, seq]`` says (the graph's
+        :func:`~outlierfx.graph.first_tokens.first_token_mask`: left padding moves them, a decode
+        step behind a filled cache has none), else the first columns of a call longer than that."""
+        main = quantize(x, self.scale, self.zero_point, self.spec)
+        if not self.has_sink_grid or x.dim() < 3:
+            return main
+        first = rows_of(first_tokens, x, self.spec.sink_tokens)
+        # both grids over every row, then picked per row: no data-dependent shapes, so a traced
+        # graph keeps it; each value is quantized elementwise, as a slice of the rows would be
+        head = quantize(x, self.sink_scale, self.sink_zero_point, self.spec.sink_spec())
+        return torch.where(on_first_rows(first, x), head, main)
 
     def extra_repr(self) -> str:
         return f"{self.name}: {self.spec.describe()}"

@@ -47,10 +47,10 @@ class TrainableActivationQuantizer(torch.nn.Module):
     def enabled(self) -> bool:
         return self.fq.enabled
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, first_tokens: torch.Tensor | None = None) -> torch.Tensor:
         if not self.fq.enabled:
             return x
-        return self.fq.on_grids(x, _STEFakeQuantize.apply)
+        return self.fq.on_grids(x, _STEFakeQuantize.apply, first_tokens)
 
 
 class TrainableWeightQuantizer(torch.nn.Module):

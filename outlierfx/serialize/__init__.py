@@ -27,6 +27,7 @@ from ..backends.inductor import CompiledInt8
 from ..errors import DataError, OutlierFXError, OutlierFXWarning, SavedFormatError
 from ..graph import meta
 from ..memory import return_freed_memory
+from ..passes.convert_fake_quant import wire_sink_quantizers
 from ..passes.lower import LoweredFrom, lower_model
 from ..quantizers.observers import FakeQuantize
 from ..recipes import SIMULATED
@@ -115,6 +116,9 @@ def load(directory: str | pathlib.Path, backend: str | None = None, *, trust_pic
         raise SavedFormatError(f"{folder / GRAPH_FILE} does not follow format {FORMAT} version "
                                f"{doc['format_version']}: {type(exc).__name__}: {exc}") from exc
     gm.meta[meta.GM_EXAMPLE_INPUTS] = inputs
+    # a file written before quantizers read the graph's first-token mask: wired now, so its
+    # first-token grids follow each text's first real token as a fresh model's do
+    wire_sink_quantizers(gm, "load")
     if (folder / "config.json").is_file():  # saved again, the folder keeps its config
         gm.meta[meta.GM_HF_CONFIG] = (folder / "config.json").read_text()
     target = backend or doc["backend"]

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from ..graph.first_tokens import first_token_mask
 from ..graph.hadamard_op import HADAMARD
 
 OPS: dict[str, Callable[..., Any]] = {
@@ -27,6 +28,7 @@ OPS: dict[str, Callable[..., Any]] = {
     **{f"operator.{name}": getattr(operator, name) for name in ("add", "sub", "mul", "floordiv", "truediv", "mod",
                                                                  "neg")},
     "torch.ops.outlierfx.hadamard.default": HADAMARD,  # RotateFFN's online Hadamard transform
+    "outlierfx.first_token_mask": first_token_mask,  # which tokens +sink quantizers put on their first-token grid
 }
 """Name -> function: the ``call_function`` targets beyond aten operators."""
 
