@@ -13,8 +13,9 @@ was tuned on the evaluation windows):
   objective is a sum over rows, each with one scalar range, so a grid over ``c * max|w|``
   (c in [0.5, 1], 51 points: MSE search's own interval, finer) gives the global optimum that
   learned weight clipping (OmniQuant's LWC, STE + Adam) approaches at the Linear level.
-- ``gptqsearch``: as ``fullh`` but each candidate range is scored by GPTQ's own rounding
-  (``d H d^T`` after GPTQ), ``--candidates`` points per row (GPTQ once per point).
+- ``gptqsearch``: GPTQ runs at six scales per row around ``diag``'s, up to min-max
+  (``SEARCH_POINTS``), and each row keeps the rounding with the smallest ``d H d^T`` after
+  GPTQ: the range scored by the rounding that is actually used (six times GPTQ's time).
 
 ``--time-steps`` measures what one training step would cost instead (learned clipping against
 each decoder block's output, OmniQuant; a learned residual rotation, SpinQuant): one forward and
@@ -22,8 +23,9 @@ backward of the float model on one calibration batch (a lower bound for the fake
 step), and folding a d x d rotation into every weight matrix with the hidden size on one side
 (forward only; its backward costs about twice that).
 
-A variant is ``scales[:seq]`` (``:seq``: sequential GPTQ, each Linear's Hessian from the
-model whose earlier Linears are rounded). ``--samples`` sets the calibration passages (the
+A variant is ``scales[:seq][:a16]`` (``:seq``: sequential GPTQ, each Linear's Hessian from the
+model whose earlier Linears are rounded; ``:a16``: the same int4 weights scored with float
+activations, to split the gap between weights and activations). ``--samples`` sets the calibration passages (the
 benchmarks use 32).
 
     PYTHONPATH=$PWD .venv/bin/python bench/scripts/w4a8_weight_rounding.py diag,fullh --json out.json
@@ -53,6 +55,7 @@ from outlierfx.passes.gptq import GPTQ
 from outlierfx.passes.insert_observers import InsertObservers
 from outlierfx.passes.manager import PassManager
 from outlierfx.passes.training import lm_loss
+from outlierfx.quantizers.observers import FakeQuantize
 from outlierfx.quantizers.policy import parse_bits
 from outlierfx.quantizers.spec import Estimator, QuantSpec
 from outlierfx.recipes import paper_recipe
@@ -84,34 +87,33 @@ def full_gram_scales(weight: torch.Tensor, spec: QuantSpec, gram: torch.Tensor) 
     return best.to(weight.dtype)
 
 
-def gptq_search(candidates: int) -> Callable:
-    """``gptq_round`` that runs GPTQ at ``candidates`` row ranges (c * max|w|, c evenly in
-    [0.5, 1]) plus the chooser's and keeps, per row, the rounding with the smallest ``d H d^T``
-    (GPTQ rounds rows independently)."""
-    original = gptq_module.gptq_round
-
-    def search(weight, gram, spec, damp=0.01, block=128, scales=None):
-        if spec.bits >= 8 or scales is None:
-            return original(weight, gram, spec, damp, block, scales=scales)
-        top = (weight.detach().abs().amax(1) / spec.qmax).clamp_min(1e-12).to(scales.dtype)
-        h = gram.double()
-        best, best_err, pinned = None, None, 0
-        for s in [scales, *(top * c for c in torch.linspace(0.5, 1.0, candidates).tolist())]:
-            rounded, lost = original(weight, gram, spec, damp, block, scales=s)
-            delta = weight.double() - rounded.double()
-            err = torch.einsum("oi,ij,oj->o", delta, h, delta)
-            if best is None:
-                best, best_err, pinned = rounded.clone(), err, lost
-                continue
-            better = err < best_err
-            best[better] = rounded[better]
-            best_err = torch.where(better, err, best_err)
-        return best, pinned
-
-    return search
+# GPTQ-scored search: from just below the chooser's scale s up to min-max, s + t (s_minmax - s)
+# (the one-off that measured 22.97 in docs/experiments/rotation.md; set there, not tuned on test windows)
+SEARCH_POINTS = (-0.2, 0.0, 0.25, 0.5, 0.75, 1.0)
 
 
-CHOOSERS: dict[str, ScaleChooser | None] = {"diag": None, "fullh": full_gram_scales, "gptqsearch": full_gram_scales}
+def gptq_search(weight, gram, spec, damp=0.01, block=128, scales=None, _round=gptq_module.gptq_round):
+    """``gptq_round`` run at each of ``SEARCH_POINTS``' row scales, keeping per row the rounding
+    with the smallest ``d H d^T`` (GPTQ rounds rows independently, so the choice is per row)."""
+    if spec.bits >= 8 or scales is None:
+        return _round(weight, gram, spec, damp, block, scales=scales)
+    top = (weight.detach().abs().amax(1) / spec.qmax).clamp_min(1e-12).to(scales.dtype)
+    h = gram.double()
+    best, best_err, pinned = None, None, 0
+    for t in SEARCH_POINTS:
+        rounded, lost = _round(weight, gram, spec, damp, block, scales=(scales + t * (top - scales)).clamp_min(1e-12))
+        delta = weight.double() - rounded.double()
+        err = torch.einsum("oi,ij,oj->o", delta, h, delta)
+        if best is None:
+            best, best_err, pinned = rounded.clone(), err, lost
+            continue
+        better = err < best_err
+        best[better] = rounded[better]
+        best_err = torch.where(better, err, best_err)
+    return best, pinned
+
+
+CHOOSERS: dict[str, ScaleChooser | None] = {"diag": None, "fullh": full_gram_scales, "gptqsearch": None}
 
 
 @contextlib.contextmanager
@@ -178,7 +180,6 @@ def main() -> None:
     parser.add_argument("variants", help="comma-separated scales[:seq], scales in " + ", ".join(CHOOSERS))
     parser.add_argument("--json", required=True)
     parser.add_argument("--samples", type=int, default=CALIBRATION["decoder"]["samples"])
-    parser.add_argument("--candidates", type=int, default=6, help="row ranges per row for gptqsearch")
     parser.add_argument("--time-steps", action="store_true", help="time one training step instead")
     parser.add_argument("--news", action="store_true", help="score the news windows too")
     args = parser.parse_args()
@@ -195,18 +196,21 @@ def main() -> None:
     print(f"calibrated rotate+sink graph in {time.perf_counter() - start:.0f}s ({len(batches)} batches)", flush=True)
     rows = []
     for variant in args.variants.split(","):
-        scales, _, mode = variant.partition(":")
-        if scales not in CHOOSERS or mode not in ("", "seq"):
+        scales, *modes = variant.split(":")
+        if scales not in CHOOSERS or not set(modes) <= {"seq", "a16"}:
             raise SystemExit(f"unknown variant {variant!r}")
         start = time.perf_counter()
-        gptq.sequential = mode == "seq"
-        search = gptq_search(args.candidates) if scales == "gptqsearch" else None
+        gptq.sequential = "seq" in modes
+        search = gptq_search if scales == "gptqsearch" else None
         with patched(CHOOSERS[scales], search):
             rounded = PassManager([gptq])(copy_graph_module(calibrated))
         plan = next(e.plan for e in rounded.audit.entries if e.pass_name == "GPTQ")
         model = ConvertToFakeQuant(policy.weight, policy.embedding)(rounded.graph_module).graph_module
+        for module in model.modules():
+            if isinstance(module, FakeQuantize) and "a16" in modes:
+                module.enabled = False
         rounding_s = time.perf_counter() - start
-        row = {"variant": variant, "samples": args.samples, "candidates": args.candidates,
+        row = {"variant": variant, "samples": args.samples,
                "layer_error": sum(r.gptq_error for r in plan.linears), "rounding_s": round(rounding_s, 1),
                "ppl_wiki": DecoderEval.perplexity(model, evaluator.wiki)}
         if args.news:
