@@ -25,11 +25,11 @@ step), and folding a d x d rotation into every weight matrix with the hidden siz
 
 A variant is ``scales[:seq][:a16]`` (``:seq``: sequential GPTQ, each Linear's Hessian from the
 model whose earlier Linears are rounded; ``:a16``: the same int4 weights scored with float
-activations, to split the gap between weights and activations). ``--samples`` sets the calibration passages (the
-benchmarks use 32).
+activations, to split the gap between weights and activations). ``--samples`` sets the
+calibration passages (the benchmarks use 32).
 
     PYTHONPATH=$PWD .venv/bin/python bench/scripts/w4a8_weight_rounding.py diag,fullh --json out.json
-    PYTHONPATH=$PWD .venv/bin/python bench/scripts/w4a8_weight_rounding.py fullh:seq --samples 128 --json out.json
+    PYTHONPATH=$PWD .venv/bin/python bench/scripts/w4a8_weight_rounding.py gptqsearch:seq --samples 128 --json out.json
 """
 
 from __future__ import annotations
