@@ -1,0 +1,226 @@
+"""SmolLM2 W4A8 (per-channel symmetric int4 weights, simulated; static per-tensor int8
+activations, first token on its own grid): how each int4 row's scale is chosen before GPTQ
+rounds it, on one calibrated ``rotate+sink`` graph (MSE-clipped rows, LM head 8-bit, as the
+preset below 8-bit weights). The graph is captured, rotated and calibrated once; each variant
+redoes only the row scales, GPTQ and the conversion, then scores Wikipedia perplexity.
+
+Row scale choosers (``scales`` part of a variant; every constant below is set here, none
+was tuned on the evaluation windows):
+- ``diag``: the preset's: the MSE range per row with each column's error weighted by the
+  Gram diagonal ``H_jj`` (:func:`outlierfx.passes.gptq._row_scales`).
+- ``fullh``: the per-row clipping range that minimises the Linear's output error on the
+  calibration inputs with round-to-nearest, ``d H d^T`` with the *full* Gram matrix. The
+  objective is a sum over rows, each with one scalar range, so a grid over ``c * max|w|``
+  (c in [0.5, 1], 51 points: MSE search's own interval, finer) gives the global optimum that
+  learned weight clipping (OmniQuant's LWC, STE + Adam) approaches at the Linear level.
+- ``gptqsearch``: GPTQ runs at six scales per row around ``diag``'s, up to min-max
+  (``SEARCH_POINTS``), and each row keeps the rounding with the smallest ``d H d^T`` after
+  GPTQ: the range scored by the rounding that is actually used (six times GPTQ's time).
+
+``--time-steps`` measures what one training step would cost instead (learned clipping against
+each decoder block's output, OmniQuant; a learned residual rotation, SpinQuant): one forward and
+backward of the float model on one calibration batch (a lower bound for the fake-quant model's
+step), and folding a d x d rotation into every weight matrix with the hidden size on one side
+(forward only; its backward costs about twice that).
+
+A variant is ``scales[:seq][:a16]`` (``:seq``: sequential GPTQ, each Linear's Hessian from the
+model whose earlier Linears are rounded; ``:a16``: the same int4 weights scored with float
+activations, to split the gap between weights and activations). ``--samples`` sets the
+calibration passages (the benchmarks use 32).
+
+    PYTHONPATH=$PWD .venv/bin/python bench/scripts/w4a8_weight_rounding.py diag,fullh --json out.json
+    PYTHONPATH=$PWD .venv/bin/python bench/scripts/w4a8_weight_rounding.py gptqsearch:seq --samples 128 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import time
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.fx
+
+from outlierfx.benchmarks import CALIBRATION, load_with_calibration
+from outlierfx.evaluate import DecoderEval
+from outlierfx.graph import capture
+from outlierfx.graph.copy import copy_graph_module
+from outlierfx.passes import gptq as gptq_module
+from outlierfx.passes.calibrate import Calibrate
+from outlierfx.passes.convert_fake_quant import ConvertToFakeQuant
+from outlierfx.passes.gptq import GPTQ
+from outlierfx.passes.insert_observers import InsertObservers
+from outlierfx.passes.manager import PassManager
+from outlierfx.passes.training import lm_loss
+from outlierfx.quantizers.observers import FakeQuantize
+from outlierfx.quantizers.policy import parse_bits
+from outlierfx.quantizers.spec import Estimator, QuantSpec
+from outlierfx.recipes import paper_recipe
+from outlierfx.recipes.base import RunContext, Stage
+
+ScaleChooser = Callable[[torch.Tensor, QuantSpec, torch.Tensor], torch.Tensor]
+RANGE_GRID = torch.linspace(0.5, 1.0, 51)  # c * max|w| per row: MSE search's interval, finer
+
+
+def row_errors(weight: torch.Tensor, scales: torch.Tensor, gram: torch.Tensor, qmax: int) -> torch.Tensor:
+    """Per row, ``d H d^T`` of round-to-nearest at ``scales`` (one per row)."""
+    step = scales.unsqueeze(1)
+    delta = weight - torch.clamp(torch.round(weight / step), -qmax, qmax) * step
+    return ((delta @ gram) * delta).sum(1)
+
+
+def full_gram_scales(weight: torch.Tensor, spec: QuantSpec, gram: torch.Tensor) -> torch.Tensor:
+    """Per row, the clipping range on ``RANGE_GRID`` with the smallest round-to-nearest output error."""
+    w, h = weight.detach().float(), gram.float()
+    top = (w.abs().amax(1) / spec.qmax).clamp_min(1e-12)
+    best_err, best = None, top.clone()
+    for c in RANGE_GRID.tolist():
+        err = row_errors(w, top * c, h, spec.qmax)
+        if best_err is None:
+            best_err = err
+            continue
+        better = err < best_err
+        best_err, best = torch.where(better, err, best_err), torch.where(better, top * c, best)
+    return best.to(weight.dtype)
+
+
+# GPTQ-scored search: from just below the chooser's scale s up to min-max, s + t (s_minmax - s)
+# (the one-off that measured 22.97 in docs/experiments/rotation.md; set there, not tuned on test windows)
+SEARCH_POINTS = (-0.2, 0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def gptq_search(weight, gram, spec, damp=0.01, block=128, scales=None, _round=gptq_module.gptq_round):
+    """``gptq_round`` run at each of ``SEARCH_POINTS``' row scales, keeping per row the rounding
+    with the smallest ``d H d^T`` (GPTQ rounds rows independently, so the choice is per row)."""
+    if spec.bits >= 8 or scales is None:
+        return _round(weight, gram, spec, damp, block, scales=scales)
+    top = (weight.detach().abs().amax(1) / spec.qmax).clamp_min(1e-12).to(scales.dtype)
+    h = gram.double()
+    best, best_err, pinned = None, None, 0
+    for t in SEARCH_POINTS:
+        rounded, lost = _round(weight, gram, spec, damp, block, scales=(scales + t * (top - scales)).clamp_min(1e-12))
+        delta = weight.double() - rounded.double()
+        err = torch.einsum("oi,ij,oj->o", delta, h, delta)
+        if best is None:
+            best, best_err, pinned = rounded.clone(), err, lost
+            continue
+        better = err < best_err
+        best[better] = rounded[better]
+        best_err = torch.where(better, err, best_err)
+    return best, pinned
+
+
+CHOOSERS: dict[str, ScaleChooser | None] = {"diag": None, "fullh": full_gram_scales, "gptqsearch": None}
+
+
+@contextlib.contextmanager
+def patched(chooser: ScaleChooser | None, search: Callable | None) -> Iterator[None]:
+    """GPTQ's row scales (below 8 bits) from ``chooser``, its rounding from ``search``."""
+    saved = gptq_module._row_scales, gptq_module.gptq_round
+
+    def row_scales(weight, spec, gram=None):
+        if chooser is None or spec.bits >= 8 or gram is None:
+            return saved[0](weight, spec, gram)
+        return chooser(weight, spec, gram)
+
+    gptq_module._row_scales = row_scales
+    if search is not None:
+        gptq_module.gptq_round = search
+    try:
+        yield
+    finally:
+        gptq_module._row_scales, gptq_module.gptq_round = saved
+
+
+def calibrated_graph(samples: int):
+    """(loaded model, batches, recipe, policy, the calibrated rotate+sink graph before GPTQ)."""
+    CALIBRATION["decoder"] = {**CALIBRATION["decoder"], "samples": samples}
+    loaded, batches = load_with_calibration("smollm2")
+    recipe = paper_recipe("rotate+gptq+sink")
+    recipe = dataclasses.replace(recipe, weight_estimator=Estimator.MSE)
+    policy = recipe.policy(parse_bits("W4A8"))
+    context = RunContext(batches, policy)
+    gm = capture(loaded.model.eval(), batches[0])
+    prepared = PassManager([*recipe.build(Stage.PREPARE, context), InsertObservers(policy),
+                            *recipe.build(Stage.OBSERVE, context)])(gm).graph_module
+    calibrated = PassManager([Calibrate(batches)])(prepared).graph_module
+    finish = recipe.build(Stage.FINISH, context)
+    if [type(p) for p in finish] != [GPTQ]:
+        raise SystemExit(f"expected rotate+gptq+sink's finish stage to be GPTQ alone, got {finish}")
+    return loaded, batches, recipe, policy, calibrated, finish[0]
+
+
+def time_training_steps(model: torch.nn.Module, batch: dict[str, torch.Tensor], repeats: int = 2) -> dict[str, float]:
+    """Seconds per forward+backward of the float model on one batch (every weight trainable: a
+    lower bound for a fake-quant training step, whose quantizers add work) and per fold of a d x d
+    rotation into every weight matrix that has the hidden size d on one side."""
+    weights = [p for p in model.parameters() if p.dim() == 2]
+    for p in weights:
+        p.requires_grad_(True)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        lm_loss(model(**batch), batch).backward()
+        times.append(time.perf_counter() - start)
+    d = model.config.hidden_size
+    rotation = torch.linalg.qr(torch.randn(d, d))[0]
+    start = time.perf_counter()
+    with torch.no_grad():
+        for p in weights:
+            _ = p @ rotation if p.shape[1] == d else rotation.T @ p
+    return {"step_s": min(times), "tokens": int(batch["attention_mask"].sum()),
+            "fold_s": time.perf_counter() - start, "hidden": d}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("variants", help="comma-separated scales[:seq], scales in " + ", ".join(CHOOSERS))
+    parser.add_argument("--json", required=True)
+    parser.add_argument("--samples", type=int, default=CALIBRATION["decoder"]["samples"])
+    parser.add_argument("--time-steps", action="store_true", help="time one training step instead")
+    parser.add_argument("--news", action="store_true", help="score the news windows too")
+    args = parser.parse_args()
+    if args.time_steps:
+        loaded, batches = load_with_calibration("smollm2")
+        timing = time_training_steps(loaded.model.float().train(), batches[0])
+        print(json.dumps(timing), flush=True)
+        with open(args.json, "w") as f:
+            json.dump({"timing": timing, "threads": torch.get_num_threads()}, f, indent=2)
+        return
+    start = time.perf_counter()
+    loaded, batches, recipe, policy, calibrated, gptq = calibrated_graph(args.samples)
+    evaluator = DecoderEval.build(loaded)
+    print(f"calibrated rotate+sink graph in {time.perf_counter() - start:.0f}s ({len(batches)} batches)", flush=True)
+    rows = []
+    for variant in args.variants.split(","):
+        scales, *modes = variant.split(":")
+        if scales not in CHOOSERS or not set(modes) <= {"seq", "a16"}:
+            raise SystemExit(f"unknown variant {variant!r}")
+        start = time.perf_counter()
+        gptq.sequential = "seq" in modes
+        search = gptq_search if scales == "gptqsearch" else None
+        with patched(CHOOSERS[scales], search):
+            rounded = PassManager([gptq])(copy_graph_module(calibrated))
+        plan = next(e.plan for e in rounded.audit.entries if e.pass_name == "GPTQ")
+        model = ConvertToFakeQuant(policy.weight, policy.embedding)(rounded.graph_module).graph_module
+        for module in model.modules():
+            if isinstance(module, FakeQuantize) and "a16" in modes:
+                module.enabled = False
+        rounding_s = time.perf_counter() - start
+        row = {"variant": variant, "samples": args.samples,
+               "layer_error": sum(r.gptq_error for r in plan.linears), "rounding_s": round(rounding_s, 1),
+               "ppl_wiki": DecoderEval.perplexity(model, evaluator.wiki)}
+        if args.news:
+            row["ppl_news"] = DecoderEval.perplexity(model, evaluator.news)
+        row["total_s"] = round(time.perf_counter() - start, 1)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        with open(args.json, "w") as f:
+            json.dump({"rows": rows, "threads": torch.get_num_threads()}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
