@@ -28,7 +28,8 @@ OPS: dict[str, Callable[..., Any]] = {
     **{f"operator.{name}": getattr(operator, name) for name in ("add", "sub", "mul", "floordiv", "truediv", "mod",
                                                                  "neg")},
     "torch.ops.outlierfx.hadamard.default": HADAMARD,  # RotateFFN's online Hadamard transform
-    "outlierfx.first_token_mask": first_token_mask,  # which tokens +sink quantizers put on their first-token grid
+    # which tokens +sink quantizers put on their first-token grid
+    "outlierfx.graph.first_tokens.first_token_mask": first_token_mask,
 }
 """Name -> function: the ``call_function`` targets beyond aten operators."""
 
