@@ -22,7 +22,8 @@ import torch
 from .. import distributed
 from ..distributed import Reduction
 from ..errors import DataError, DistributedError
-from ..graph.first_tokens import first_token_mask, leading_columns, on_first_rows, rows_of
+from ..graph.first_tokens import (first_token_columns, first_token_mask, gather_rows, leading_columns, rows_of,
+                                  scatter_rows)
 from ..graph.roles import Role
 from .fake_quant import fake_quantize, group_index, qparams_from_range, range_balanced_sizes
 from .spec import SAMPLE_ESTIMATORS, Estimator, Granularity, QuantSpec
@@ -417,11 +418,13 @@ class FakeQuantize(torch.nn.Module):
         main = quantize(x, self.scale, self.zero_point, self.spec)
         if not self.has_sink_grid or x.dim() < 3:
             return main
-        first = rows_of(first_tokens, x, self.spec.sink_tokens)
-        # both grids over every row, then picked per row: no data-dependent shapes, so a traced
-        # graph keeps it; each value is quantized elementwise, as a slice of the rows would be
-        head = quantize(x, self.sink_scale, self.sink_zero_point, self.spec.sink_spec())
-        return torch.where(on_first_rows(first, x), head, main)
+        n = self.spec.sink_tokens
+        first = rows_of(first_tokens, x, n)
+        # only the batch x n first-token rows on their grid, gathered and put back in place as
+        # the reference form does: static shapes, so a traced graph keeps it
+        head_rows = gather_rows(x, first_token_columns(first, n))
+        head = quantize(head_rows, self.sink_scale, self.sink_zero_point, self.spec.sink_spec())
+        return scatter_rows(main, head, first)
 
     def extra_repr(self) -> str:
         return f"{self.name}: {self.spec.describe()}"
