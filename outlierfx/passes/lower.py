@@ -77,9 +77,7 @@ class LoweredFrom:
             pair = by_identity[identity]
             if pair is not None:
                 codes[target] = pair
-                placeholder = torch.empty_like(weight, device="meta")
-                set_attr(compact, target, torch.nn.Parameter(placeholder, requires_grad=weight.requires_grad)
-                         if isinstance(weight, torch.nn.Parameter) else placeholder)
+                set_attr(compact, target, _as_kind_of(weight, torch.empty_like(weight, device="meta")))
         return cls(compact, backend, max_sub_gemms, bf16_attention, codes)
 
     def fake_quant(self) -> torch.fx.GraphModule:
@@ -89,11 +87,15 @@ class LoweredFrom:
         for target, (codes, scale) in self.codes.items():
             if id(codes) not in rebuilt:
                 rebuilt[id(codes)] = rebuild_weight(codes, scale)
-            kept = fetch_attr(self.compact, target)
-            value = rebuilt[id(codes)]
-            set_attr(graph, target, torch.nn.Parameter(value, requires_grad=kept.requires_grad)
-                     if isinstance(kept, torch.nn.Parameter) else value)
+            set_attr(graph, target, _as_kind_of(fetch_attr(self.compact, target), rebuilt[id(codes)]))
         return graph
+
+
+def _as_kind_of(original: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``value`` registered as ``original`` was: a Parameter (with its requires_grad) or a buffer."""
+    if isinstance(original, torch.nn.Parameter):
+        return torch.nn.Parameter(value, requires_grad=original.requires_grad)
+    return value
 
 
 class _HeldCodes:
