@@ -1,0 +1,134 @@
+"""Running a graph captured without weights block by block, with each block's weights loaded
+only while its nodes run (issue 28's block-wise calibration).
+
+Every batch goes through the graph node by node in lockstep (:class:`~.lockstep.Lockstep`), so
+only one block's weights need to be in memory: a block's tensors are loaded from the checkpoint
+(:func:`~.weight_source.materialize`) just before the first node that reads one of them runs,
+and released just after the last such node; tensors read outside any one block (the embedding
+table, the final norm, a tied LM head) are loaded at their first reader and released after
+their last. Values are freed after their last reader, so between blocks only the boundary
+values live on: the residual stream and the shared inputs (position embeddings, the mask).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, ContextManager
+
+import torch
+import torch.fx
+
+from . import meta
+from .attrs import fetch_attr
+from .lockstep import Lockstep
+from .view import GraphView
+from .weight_source import WeightSource, materialize, release
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadUnit:
+    """Checkpoint tensors loaded together: before ``first`` runs, released after ``last`` runs."""
+
+    name: str  # the block's module path, or the tensor's target outside blocks
+    first: torch.fx.Node
+    last: torch.fx.Node
+    targets: tuple[str, ...]
+
+
+def load_schedule(gm: torch.fx.GraphModule, nodes: Sequence[torch.fx.Node]) -> list[LoadUnit]:
+    """The load units of the checkpoint tensors that ``nodes`` (the nodes that will run, in
+    graph order) read: one per block (``GraphView.blocks``) for the tensors only that block's
+    nodes read, one per tensor for the others. Ordered by their first reader."""
+    source: WeightSource = gm.meta[meta.GM_WEIGHT_SOURCE]
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    readers: dict[str, list[torch.fx.Node]] = {}
+    for node in nodes:
+        for attr in node.all_input_nodes:
+            if attr.op == "get_attr" and attr.target in source.tensors:
+                readers.setdefault(str(attr.target), []).append(node)
+    spans = [(order[b.sublayers[0].origin], order[b.sublayers[-1].add], b.path or f"block {b.index}")
+             for b in GraphView(gm).blocks]
+    grouped: dict[str, list[str]] = {}
+    for target, reading in readers.items():
+        inside = [name for start, end, name in spans if all(start < order[n] <= end for n in reading)]
+        grouped.setdefault(inside[0] if inside else target, []).append(target)
+    units = []
+    for name, targets in grouped.items():
+        reading = [n for t in targets for n in readers[t]]
+        units.append(LoadUnit(name, min(reading, key=order.__getitem__), max(reading, key=order.__getitem__),
+                              tuple(targets)))
+    return sorted(units, key=lambda u: order[u.first])
+
+
+def _last_uses(nodes: Sequence[torch.fx.Node]) -> dict[torch.fx.Node, list[torch.fx.Node]]:
+    """Node -> the values to free once it has run, among ``nodes`` only; a value no node of
+    ``nodes`` reads is freed as soon as it is made."""
+    freed: set[torch.fx.Node] = set()
+    last_uses: dict[torch.fx.Node, list[torch.fx.Node]] = {}
+    for node in reversed(nodes):
+        for value in node.all_input_nodes:
+            if value not in freed:
+                freed.add(value)
+                last_uses.setdefault(node, []).append(value)
+        if node not in freed:
+            freed.add(node)
+            last_uses.setdefault(node, []).append(node)
+    return last_uses
+
+
+def ancestors_of(nodes: Iterable[torch.fx.Node]) -> set[torch.fx.Node]:
+    """``nodes`` and every node they depend on."""
+    found: set[torch.fx.Node] = set()
+    stack = list(nodes)
+    while stack:
+        node = stack.pop()
+        if node not in found:
+            found.add(node)
+            stack.extend(node.all_input_nodes)
+    return found
+
+
+def run_in_block_order(
+    gm: torch.fx.GraphModule,
+    batches: Sequence[Mapping[str, Any]],
+    wanted: Iterable[torch.fx.Node] | None = None,
+    step_context: Callable[[torch.Tensor | None], ContextManager[Any]] | None = None,
+) -> list[LoadUnit]:
+    """Run every batch (keyword inputs) through the nodes ``gm`` needs to compute ``wanted``
+    (all nodes by default), loading each unit of :func:`load_schedule` just in time and releasing
+    it after. ``step_context(mask)``, with the batch's boolean ``attention_mask``, is entered
+    around each node a batch runs (observers read the real tokens from it). Returns the units
+    in the order they were loaded; the graph's outputs are not computed."""
+    source: WeightSource = gm.meta[meta.GM_WEIGHT_SOURCE]
+    needed = ancestors_of(wanted) if wanted is not None else set(gm.graph.nodes)
+    stored = [n for n in gm.graph.nodes if n.op == "get_attr" and n.target in source.tensors]
+    nodes = [n for n in gm.graph.nodes if n in needed and n.op not in ("placeholder", "output") and n not in stored]
+    units = load_schedule(gm, nodes)
+    starting: dict[torch.fx.Node, list[LoadUnit]] = {}
+    ending: dict[torch.fx.Node, list[LoadUnit]] = {}
+    for unit in units:
+        starting.setdefault(unit.first, []).append(unit)
+        ending.setdefault(unit.last, []).append(unit)
+    attr_nodes: dict[str, list[torch.fx.Node]] = {}
+    for node in stored:
+        attr_nodes.setdefault(str(node.target), []).append(node)
+    last_uses = _last_uses(nodes)
+    runs = [Lockstep(gm, batch, last_uses) for batch in batches]
+    context = step_context or (lambda mask: contextlib.nullcontext())
+    with torch.no_grad():
+        for node in nodes:
+            for unit in starting.get(node, ()):
+                materialize(gm, unit.targets)
+                for target in unit.targets:
+                    for attr in attr_nodes[target]:
+                        if attr in needed:
+                            for run in runs:
+                                run.env[attr] = fetch_attr(gm, target)
+            for run in runs:
+                with context(run.mask):
+                    run.step(node)
+            for unit in ending.get(node, ()):
+                release(gm, unit.targets)
+    return units

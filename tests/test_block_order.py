@@ -1,0 +1,74 @@
+"""Block-order calibration of a graph captured without weights (issue 28): the observers end
+with exactly the statistics a whole-graph calibration of the loaded model gives them, while no
+more than one block's weights (and the tensors read outside blocks) are in memory at a time."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import outlierfx
+from outlierfx.graph import meta
+from outlierfx.graph.attrs import fetch_attr
+from outlierfx.graph.block_order import run_in_block_order
+from outlierfx.graph.weight_source import capture_without_weights
+from outlierfx.passes import InsertObservers
+from outlierfx.passes.insert_observers import observers
+from outlierfx.quantizers.calibrate import calibrate
+from outlierfx.testing import build_model
+
+LAYERS = 3
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    g = build_model("llama", layers=LAYERS, tied=True, kv_heads=2)
+    folder = tmp_path_factory.mktemp("llama")
+    g.model.save_pretrained(folder)
+    # batches of other lengths than the example: the graph's dynamic sizes are exercised too
+    batches = [build_model("llama", layers=LAYERS, tied=True, kv_heads=2, seed=seed, seq=seq, batch=batch).inputs
+               for seed, seq, batch in ((1, 8, 2), (2, 5, 3), (3, 11, 1))]
+    return g, folder, batches
+
+
+def _stored_on_cpu(gm: torch.fx.GraphModule) -> set[str]:
+    return {t for t in gm.meta[meta.GM_WEIGHT_SOURCE].tensors if fetch_attr(gm, t).device.type != "meta"}
+
+
+def test_block_order_calibration_equals_whole_graph_calibration(saved):
+    g, folder, batches = saved
+    full = InsertObservers("full")(outlierfx.capture(g.model, g.inputs)).graph_module
+    calibrate(full, batches, progress=False)
+    light = InsertObservers("full")(capture_without_weights(folder, g.inputs)).graph_module
+    calibrate(light, batches, progress=False)
+
+    expected, got = observers(full), observers(light)
+    assert set(got) == set(expected) and len(got) > 10 * LAYERS
+    for name, observer in expected.items():
+        state, other = observer.state_dict(), got[name].state_dict()
+        assert state.keys() == other.keys()
+        for key, value in state.items():
+            assert torch.equal(value, other[key]), (name, key)
+    assert not _stored_on_cpu(light)  # every weight released again
+
+
+def test_one_block_of_weights_at_a_time(saved):
+    g, folder, batches = saved
+    gm = InsertObservers("full")(capture_without_weights(folder, g.inputs)).graph_module
+    held: list[set[str]] = []
+
+    def record(mask):
+        held.append(_stored_on_cpu(gm))
+        return torch.no_grad()
+
+    wanted = [n for n in gm.graph.nodes if n.target in observers(gm)]
+    units = run_in_block_order(gm, batches, wanted, record)
+    blocks = [u for u in units if u.name.startswith("model.layers.")]
+    assert [u.name for u in blocks] == [f"model.layers.{i}" for i in range(LAYERS)]
+    assert all(len(u.targets) == 9 for u in blocks)  # q, k, v, o, gate, up, down, two norms
+    block_of = {t: u.name for u in blocks for t in u.targets}
+    assert max(len({block_of[t] for t in now if t in block_of}) for now in held) == 1
+    # outside blocks: the embedding table (the tied LM head's key: the head itself does not run)
+    # only while the embedding runs, the final norm's gain only at the final norm
+    assert {t for now in held for t in now if t not in block_of} == {"lm_head.weight", "model.norm.weight"}
+    assert not _stored_on_cpu(gm)
