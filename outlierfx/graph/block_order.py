@@ -1,13 +1,15 @@
 """Running a graph captured without weights block by block, with each block's weights loaded
 only while its nodes run (issue 28's block-wise calibration).
 
-Every batch goes through the graph node by node in lockstep (:class:`~.lockstep.Lockstep`), so
+The graph's nodes are cut into segments: each block's (``GraphView.blocks``) and the nodes
+between blocks. Every batch goes through one segment before the next one starts, one batch
+after the other (each batch a :class:`~.lockstep.Lockstep` run, paused at segment ends), so
 only one block's weights need to be in memory: a block's tensors are loaded from the checkpoint
-(:func:`~.weight_source.materialize`) just before the first node that reads one of them runs,
-and released just after the last such node; tensors read outside any one block (the embedding
-table, the final norm, a tied LM head) are loaded at their first reader and released after
-their last. Values are freed after their last reader, so between blocks only the boundary
-values live on: the residual stream and the shared inputs (position embeddings, the mask).
+(:func:`~.weight_source.materialize`) before its segment runs and released after it; tensors
+read outside any one block (the embedding table, the final norm, a tied LM head) are loaded
+before the segment of their first reader and released after the segment of their last. Values
+are freed after their last reader, so between segments only the boundary values of the batches
+live on: the residual stream and the shared inputs (position embeddings, the mask).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any, ContextManager
 import torch
 import torch.fx
 
+from ..memory import return_freed_memory
 from . import meta
 from .attrs import fetch_attr
 from .lockstep import Lockstep
@@ -37,10 +40,18 @@ class LoadUnit:
     targets: tuple[str, ...]
 
 
+def _block_spans(gm: torch.fx.GraphModule, order: Mapping[torch.fx.Node, int]) -> list[tuple[int, int, str]]:
+    """Each block (``GraphView.blocks``) as ``(start, end, name)``: its nodes are those whose
+    position in the graph lies in ``(start, end]`` (after the stream value it reads, up to its
+    last residual add)."""
+    return [(order[b.sublayers[0].origin], order[b.sublayers[-1].add], b.path or f"block {b.index}")
+            for b in GraphView(gm).blocks]
+
+
 def load_schedule(gm: torch.fx.GraphModule, nodes: Sequence[torch.fx.Node]) -> list[LoadUnit]:
     """The load units of the checkpoint tensors that ``nodes`` (the nodes that will run, in
-    graph order) read: one per block (``GraphView.blocks``) for the tensors only that block's
-    nodes read, one per tensor for the others. Ordered by their first reader."""
+    graph order) read: one per block for the tensors only that block's nodes read, one per
+    tensor for the others. Ordered by their first reader."""
     source: WeightSource = gm.meta[meta.GM_WEIGHT_SOURCE]
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     readers: dict[str, list[torch.fx.Node]] = {}
@@ -48,8 +59,7 @@ def load_schedule(gm: torch.fx.GraphModule, nodes: Sequence[torch.fx.Node]) -> l
         for attr in node.all_input_nodes:
             if attr.op == "get_attr" and attr.target in source.tensors:
                 readers.setdefault(str(attr.target), []).append(node)
-    spans = [(order[b.sublayers[0].origin], order[b.sublayers[-1].add], b.path or f"block {b.index}")
-             for b in GraphView(gm).blocks]
+    spans = _block_spans(gm, order)
     grouped: dict[str, list[str]] = {}
     for target, reading in readers.items():
         inside = [name for start, end, name in spans if all(start < order[n] <= end for n in reading)]
@@ -60,6 +70,21 @@ def load_schedule(gm: torch.fx.GraphModule, nodes: Sequence[torch.fx.Node]) -> l
         units.append(LoadUnit(name, min(reading, key=order.__getitem__), max(reading, key=order.__getitem__),
                               tuple(targets)))
     return sorted(units, key=lambda u: order[u.first])
+
+
+def _segments(gm: torch.fx.GraphModule, nodes: Sequence[torch.fx.Node]) -> list[list[torch.fx.Node]]:
+    """``nodes`` cut into consecutive runs: each block's nodes, and the nodes between blocks."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    spans = _block_spans(gm, order)
+    segments: list[list[torch.fx.Node]] = []
+    previous: object = object()
+    for node in nodes:
+        block = next((i for i, (start, end, _) in enumerate(spans) if start < order[node] <= end), None)
+        if block != previous or not segments:
+            segments.append([])
+            previous = block
+        segments[-1].append(node)
+    return segments
 
 
 def _last_uses(nodes: Sequence[torch.fx.Node]) -> dict[torch.fx.Node, list[torch.fx.Node]]:
@@ -98,9 +123,11 @@ def run_in_block_order(
 ) -> list[LoadUnit]:
     """Run every batch (keyword inputs) through the nodes ``gm`` needs to compute ``wanted``
     (all nodes by default), loading each unit of :func:`load_schedule` just in time and releasing
-    it after. ``step_context(mask)``, with the batch's boolean ``attention_mask``, is entered
-    around each node a batch runs (observers read the real tokens from it). Returns the units
-    in the order they were loaded; the graph's outputs are not computed."""
+    it after. The batches go through one block (or the nodes between two blocks) one after
+    the other, so inside a block one batch's values live at a time. ``step_context(mask)``, with
+    the batch's boolean ``attention_mask``, is entered while a batch runs (observers read the
+    real tokens from it). Returns the units in the order they were loaded; the graph's outputs
+    are not computed."""
     source: WeightSource = gm.meta[meta.GM_WEIGHT_SOURCE]
     needed = ancestors_of(wanted) if wanted is not None else set(gm.graph.nodes)
     stored = [n for n in gm.graph.nodes if n.op == "get_attr" and n.target in source.tensors]
@@ -118,17 +145,23 @@ def run_in_block_order(
     runs = [Lockstep(gm, batch, last_uses) for batch in batches]
     context = step_context or (lambda mask: contextlib.nullcontext())
     with torch.no_grad():
-        for node in nodes:
-            for unit in starting.get(node, ()):
+        for segment in _segments(gm, nodes):
+            for unit in (u for node in segment for u in starting.get(node, ())):
                 materialize(gm, unit.targets)
                 for target in unit.targets:
                     for attr in attr_nodes[target]:
                         if attr in needed:
                             for run in runs:
                                 run.env[attr] = fetch_attr(gm, target)
+            # batch by batch through the segment: only one batch's values inside a block live at
+            # a time, the others' boundary values wait; each observer still sees batch 0, 1, ...
             for run in runs:
                 with context(run.mask):
-                    run.step(node)
-            for unit in ending.get(node, ()):
+                    for node in segment:
+                        run.step(node)
+            for unit in (u for node in segment for u in ending.get(node, ())):
                 release(gm, unit.targets)
+            # the block's weights and activations were freed between live tensors of a few MB,
+            # which glibc keeps in its heap: without this SmolLM2's RSS grew 14 MB per block
+            return_freed_memory()
     return units
