@@ -225,16 +225,17 @@ def _compute_buffers(model: torch.nn.Module, module: torch.nn.Module) -> None:
 
     They are initialised twice from different fillings: a value that depends on the filling was
     never computed (``_init_weights`` does not know that module), and the graph would read garbage."""
+    names = [name for name in module._buffers if name in module._non_persistent_buffers_set]  # in their order
     computed = {}
     for filling in (0, 1):
         module.to_empty(device="cpu", recurse=False)
-        for name in module._non_persistent_buffers_set:
-            buffer = module._buffers.get(name)
+        for name in names:
+            buffer = module._buffers[name]
             if buffer is not None:
                 buffer.fill_(filling)
         model._init_weights(module)
-        for name in module._non_persistent_buffers_set:
-            buffer = module._buffers.get(name)
+        for name in names:
+            buffer = module._buffers[name]
             if buffer is None:
                 continue
             if name in computed and not torch.equal(computed[name], buffer):

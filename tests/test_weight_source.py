@@ -14,6 +14,7 @@ from outlierfx.errors import CaptureError, DataError
 from outlierfx.graph import meta
 from outlierfx.graph.attrs import fetch_attr
 from outlierfx.graph.weight_source import capture_without_weights, materialize, release
+from outlierfx.models import build_without_weights
 from outlierfx.testing import build_model
 
 
@@ -87,3 +88,12 @@ def test_a_gain_computed_from_weights_at_capture_is_refused(tmp_path):
     g = _saved(tmp_path, family="gemma")  # canonicalization stores Gemma's 1 + weight as a new tensor
     with pytest.raises(CaptureError, match="computed at capture from its weights"):
         capture_without_weights(tmp_path, g.inputs)
+
+
+def test_a_buffer_init_weights_does_not_compute_is_refused(tmp_path, monkeypatch):
+    from transformers import LlamaPreTrainedModel
+
+    _saved(tmp_path)
+    monkeypatch.setattr(LlamaPreTrainedModel, "_init_weights", lambda self, module: None)
+    with pytest.raises(DataError, match="buffer 'inv_freq' of LlamaRotaryEmbedding"):
+        build_without_weights(tmp_path)

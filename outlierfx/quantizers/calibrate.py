@@ -75,13 +75,14 @@ def calibrate(gm: torch.fx.GraphModule, batches: Iterable[Mapping[str, torch.Ten
     check_mergeable(observers)
     ranks = distributed.world_size()
     iterator: Iterable = zip(range(distributed.rank(), len(batches), ranks), distributed.shard(batches))
-    if progress and distributed.is_main():
+    in_block_order = gm.meta.get(meta.GM_WEIGHT_SOURCE) is not None  # no weights in memory: a block's at a time
+    if progress and distributed.is_main() and not in_block_order:  # block order finishes no batch before the end
         from tqdm.auto import tqdm
 
         iterator = tqdm(iterator, total=len(range(0, len(batches), ranks)), desc="calibrating", unit="batch")
     start = time.perf_counter()
     with torch.no_grad(), distributed.failing_together("calibrating"):
-        if gm.meta.get(meta.GM_WEIGHT_SOURCE) is not None:  # no weights in memory: one block's at a time
+        if in_block_order:
             inputs = [_check_batch(i, batch, example) for i, batch in iterator]
             observed = [n for n in gm.graph.nodes
                         if n.op == "call_module" and isinstance(gm.get_submodule(n.target), Observer)]
