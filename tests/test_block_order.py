@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import outlierfx
-from outlierfx.graph import meta
+from outlierfx.graph import OpKind, meta, op_kind
 from outlierfx.graph.attrs import fetch_attr
 from outlierfx.graph.block_order import run_in_block_order
 from outlierfx.graph.weight_source import capture_without_weights
@@ -62,7 +62,7 @@ def test_one_block_of_weights_at_a_time(saved):
         return torch.no_grad()
 
     wanted = [n for n in gm.graph.nodes if n.target in observers(gm)]
-    units = run_in_block_order(gm, batches, wanted, record)
+    units = run_in_block_order(gm, batches, wanted, record).units
     blocks = [u for u in units if u.name.startswith("model.layers.")]
     assert [u.name for u in blocks] == [f"model.layers.{i}" for i in range(LAYERS)]
     assert all(len(u.targets) == 9 for u in blocks)  # q, k, v, o, gate, up, down, two norms
@@ -71,4 +71,20 @@ def test_one_block_of_weights_at_a_time(saved):
     # outside blocks: the embedding table (the tied LM head's key: the head itself does not run)
     # only while the embedding runs, the final norm's gain only at the final norm
     assert {t for now in held for t in now if t not in block_of} == {"lm_head.weight", "model.norm.weight"}
+    assert not _stored_on_cpu(gm)
+
+
+def test_a_block_order_forward_computes_the_normal_graphs_outputs(saved):
+    g, folder, batches = saved
+    reference = outlierfx.capture(g.model, g.inputs)
+    gm = capture_without_weights(folder, g.inputs)
+    run = run_in_block_order(gm, batches)
+    # the LM head runs now: the tied table stays loaded from the embedding to the head
+    table = run.units[0]
+    assert table.name == "lm_head.weight"
+    assert (op_kind(table.first), op_kind(table.last)) == (OpKind.EMBEDDING, OpKind.LINEAR)
+    assert len(run.outputs) == len(batches)
+    with torch.no_grad():
+        for batch, output in zip(batches, run.outputs):
+            assert torch.equal(output.logits, reference(**batch).logits)
     assert not _stored_on_cpu(gm)

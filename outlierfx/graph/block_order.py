@@ -40,6 +40,15 @@ class LoadUnit:
     targets: tuple[str, ...]
 
 
+@dataclasses.dataclass(frozen=True)
+class BlockOrderRun:
+    """What :func:`run_in_block_order` did: the units it loaded, in load order, and each batch's
+    graph outputs where they were wanted (``wanted=None``)."""
+
+    units: tuple[LoadUnit, ...]
+    outputs: tuple[Any, ...] | None
+
+
 def _block_spans(gm: torch.fx.GraphModule, order: Mapping[torch.fx.Node, int]) -> list[tuple[int, int, str]]:
     """Each block (``GraphView.blocks``) as ``(start, end, name)``: its nodes are those whose
     position in the graph lies in ``(start, end]`` (after the stream value it reads, up to its
@@ -120,16 +129,16 @@ def run_in_block_order(
     batches: Sequence[Mapping[str, Any]],
     wanted: Iterable[torch.fx.Node] | None = None,
     step_context: Callable[[torch.Tensor | None], ContextManager[Any]] | None = None,
-) -> list[LoadUnit]:
+) -> BlockOrderRun:
     """Run every batch (keyword inputs) through the nodes ``gm`` needs to compute ``wanted``
-    (all nodes by default), loading each unit of :func:`load_schedule` just in time and releasing
-    it after. The batches go through one block (or the nodes between two blocks) one after
-    the other, so inside a block one batch's values live at a time. ``step_context(mask)``, with
-    the batch's boolean ``attention_mask``, is entered while a batch runs (observers read the
-    real tokens from it). Returns the units in the order they were loaded; the graph's outputs
-    are not computed."""
+    (``None``: the graph's outputs, which are returned), loading each unit of
+    :func:`load_schedule` just in time and releasing it after. The batches go through one block
+    (or the nodes between two blocks) one after the other, so inside a block one batch's values
+    live at a time. ``step_context(mask)``, with the batch's boolean ``attention_mask``, is
+    entered while a batch runs (observers read the real tokens from it)."""
     source: WeightSource = gm.meta[meta.GM_WEIGHT_SOURCE]
-    needed = ancestors_of(wanted) if wanted is not None else set(gm.graph.nodes)
+    output = gm.graph.output_node()
+    needed = ancestors_of([output] if wanted is None else wanted)
     stored = [n for n in gm.graph.nodes if n.op == "get_attr" and n.target in source.tensors]
     nodes = [n for n in gm.graph.nodes if n in needed and n.op not in ("placeholder", "output") and n not in stored]
     units = load_schedule(gm, nodes)
@@ -141,7 +150,8 @@ def run_in_block_order(
     attr_nodes: dict[str, list[torch.fx.Node]] = {}
     for node in stored:
         attr_nodes.setdefault(str(node.target), []).append(node)
-    last_uses = _last_uses(nodes)
+    # the output node reads the values it returns last: they are kept to the end, never freed
+    last_uses = _last_uses(nodes + ([output] if wanted is None else []))
     runs = [Lockstep(gm, batch, last_uses) for batch in batches]
     context = step_context or (lambda mask: contextlib.nullcontext())
     with torch.no_grad():
@@ -164,4 +174,5 @@ def run_in_block_order(
             # the block's weights and activations were freed between live tensors of a few MB,
             # which glibc keeps in its heap: without this SmolLM2's RSS grew 14 MB per block
             return_freed_memory()
-    return units
+    outputs = tuple(gm.graph.process_outputs(run.run_node(output)) for run in runs) if wanted is None else None
+    return BlockOrderRun(tuple(units), outputs)
