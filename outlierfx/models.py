@@ -150,17 +150,20 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _check_weight_files(folder: pathlib.Path) -> None:
-    """Read the header of every safetensors file (cheap) so a corrupt or truncated one is named."""
+def checkpoint_keys(folder: pathlib.Path) -> dict[str, pathlib.Path]:
+    """Every tensor key of the folder's safetensors files and the file that holds it, from the
+    files' headers (cheap: no tensor data is read); a corrupt or truncated file is named."""
     from safetensors import SafetensorError, safe_open
 
+    keys = {}
     for path in sorted(folder.glob("*.safetensors")):
         try:
             with safe_open(str(path), framework="pt") as f:
-                f.keys()
+                keys.update(dict.fromkeys(f.keys(), path))
         except (SafetensorError, OSError) as exc:
             raise DataError(f"{path} is not a valid safetensors file ({_first_line(exc)}); "
                             f"save or copy the model again") from exc
+    return keys
 
 
 def _unknown_name(name: str) -> DataError:
@@ -258,7 +261,7 @@ def load_directory(path: str | os.PathLike) -> LoadedModel:
     if not any(any(folder.glob(pattern)) for pattern in TOKENIZER_FILES):
         raise DataError(f"{folder} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
                         f"save one there with tokenizer.save_pretrained()")
-    _check_weight_files(folder)
+    checkpoint_keys(folder)  # names a corrupt weight file before transformers fails on it
     start = time.perf_counter()
     with _offline():
         try:

@@ -35,7 +35,7 @@ def test_materialized_weightless_capture_equals_the_normal_capture(tmp_path, opt
     g = _saved(tmp_path, **options)  # the test's own dict: shard goes to save_pretrained
     gm = capture_without_weights(tmp_path, g.inputs)
     source = gm.meta[meta.GM_WEIGHT_SOURCE]
-    if "shard" in options:  # the sharded checkpoint's index is what names the files
+    if "shard" in options:  # each tensor loads from the shard that holds it
         assert len({stored.file for stored in source.tensors.values()}) > 1
     if options.get("tied"):  # the LM head loads the one key the checkpoint stores for it and the embedding
         assert source.tensors["lm_head.weight"].key == "model.embed_tokens.weight"

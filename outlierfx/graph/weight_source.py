@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
 import os
 import pathlib
 from collections.abc import Iterable, Mapping
@@ -29,8 +28,6 @@ from ..errors import CaptureError, DataError
 from . import meta
 from .attrs import fetch_attr, set_attr
 from .capture import capture
-
-INDEX_FILE = "model.safetensors.index.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +49,12 @@ class WeightSource:
     def from_checkpoint(cls, folder: str | os.PathLike, aliases: Mapping[str, Iterable[str]]) -> WeightSource:
         """``aliases``: each graph target with every name the model has for its tensor (a tied
         weight has several, and the checkpoint stores one of them)."""
+        from ..models import checkpoint_keys
+
         stored = checkpoint_keys(pathlib.Path(folder))
+        if not stored:
+            raise DataError(f"{folder} has no safetensors weights, which a capture without weights loads tensor by "
+                            f"tensor; save the model with save_pretrained (safetensors is its default)")
         tensors = {}
         for target, names in aliases.items():
             names = list(names)
@@ -63,26 +65,6 @@ class WeightSource:
                                 f"save_pretrained)")
             tensors[target] = StoredTensor(stored[key], key)
         return cls(tensors)
-
-
-def checkpoint_keys(folder: pathlib.Path) -> dict[str, pathlib.Path]:
-    """Every tensor key of the folder's safetensors checkpoint and the file that holds it (from
-    the index of a sharded checkpoint, else from the files' headers: no tensor data is read)."""
-    from safetensors import safe_open
-
-    index = folder / INDEX_FILE
-    if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map", {})
-        return {key: folder / file for key, file in weight_map.items()}
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise DataError(f"{folder} has no safetensors weights, which a capture without weights loads tensor by "
-                        f"tensor; save the model with save_pretrained (safetensors is its default)")
-    keys = {}
-    for path in files:
-        with safe_open(str(path), framework="pt") as f:
-            keys.update(dict.fromkeys(f.keys(), path))
-    return keys
 
 
 def capture_without_weights(folder: str | os.PathLike, example_inputs: Any, *,

@@ -56,10 +56,10 @@ def calibrate(gm: torch.fx.GraphModule, batches: Iterable[Mapping[str, torch.Ten
     and NaN/inf in inputs or activations.
 
     A graph captured without weights (:func:`~outlierfx.graph.weight_source.capture_without_weights`)
-    is calibrated in block order (:func:`~outlierfx.graph.block_order.run_in_block_order`): all
-    batches advance node by node together, each block's weights loaded from the checkpoint only
-    while its nodes run, and only the nodes the observers read are computed (no logits); the
-    observers see what a whole-graph run shows them, in the same batch order.
+    is calibrated in block order (:func:`~outlierfx.graph.block_order.run_in_block_order`): the
+    batches go through one block after the other, each block's weights loaded from the
+    checkpoint only while its nodes run, and only the nodes the observers read are computed (no
+    logits); each observer sees what a whole-graph run shows it, in the same batch order.
 
     Under torch.distributed every rank passes the same ``batches``, runs its shard of them
     (batch ``i`` on rank ``i % world``) and ends with the statistics of all of them
