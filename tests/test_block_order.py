@@ -1,16 +1,20 @@
-"""Block-order calibration of a graph captured without weights (issue 28): the observers end
-with exactly the statistics a whole-graph calibration of the loaded model gives them, while no
-more than one block's weights (and the tensors read outside blocks) are in memory at a time."""
+"""Block-order runs of a graph captured without weights (issue 28): the observers end with
+exactly the statistics a whole-graph calibration of the loaded model gives them, while no more
+than one block's weights (and the tensors read outside blocks) are in memory at a time; a
+forward in block order (also of the generating graph with its KV cache) gives the normal
+graph's outputs exactly."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.utils._pytree as pytree
 
 import outlierfx
 from outlierfx.graph import OpKind, meta, op_kind
 from outlierfx.graph.attrs import fetch_attr
 from outlierfx.graph.block_order import run_in_block_order
+from outlierfx.graph.kv_cache import CachedDecoder, prefill_inputs
 from outlierfx.graph.weight_source import capture_without_weights
 from outlierfx.passes import Calibrate, InsertObservers
 from outlierfx.passes.insert_observers import observers
@@ -87,4 +91,20 @@ def test_a_block_order_forward_computes_the_normal_graphs_outputs(saved):
     with torch.no_grad():
         for batch, output in zip(batches, run.outputs):
             assert torch.equal(output.logits, reference(**batch).logits)
+    assert not _stored_on_cpu(gm)
+
+
+def test_the_generating_graph_with_its_kv_cache_runs_in_block_order(saved):
+    g, folder, batches = saved
+    prompts = [prefill_inputs(g.config, batch) for batch in batches]
+    reference = outlierfx.capture(CachedDecoder(g.model), prompts[0])
+    gm = capture_without_weights(folder, prompts[0], wrap=CachedDecoder)
+    assert gm.meta[meta.GM_WEIGHT_SOURCE].tensors["model.lm_head.weight"].key == "model.embed_tokens.weight"
+    run = run_in_block_order(gm, prompts)
+    assert [u.name for u in run.units if ".layers." in u.name] == [f"model.model.layers.{i}" for i in range(LAYERS)]
+    with torch.no_grad():
+        for batch, output in zip(prompts, run.outputs):
+            expected = pytree.tree_leaves(reference(**batch))  # logits, then every layer's keys and values
+            assert len(pytree.tree_leaves(output)) == len(expected) == 1 + 2 * LAYERS
+            assert all(torch.equal(a, b) for a, b in zip(pytree.tree_leaves(output), expected))
     assert not _stored_on_cpu(gm)

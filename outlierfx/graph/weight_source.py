@@ -17,7 +17,7 @@ import collections
 import dataclasses
 import os
 import pathlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -67,21 +67,26 @@ class WeightSource:
         return cls(tensors)
 
 
-def capture_without_weights(folder: str | os.PathLike, example_inputs: Any, *,
-                            dynamic: bool = True) -> torch.fx.GraphModule:
+def capture_without_weights(folder: str | os.PathLike, example_inputs: Any, *, dynamic: bool = True,
+                            wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None) -> torch.fx.GraphModule:
     """Capture the model of a Hugging Face folder without reading its weights (see the module
-    docstring). The capture check, which runs the model, is skipped: with the weights
-    materialized, the graph computes what the loaded model computes."""
+    docstring), or ``wrap(model)`` (e.g. :class:`~outlierfx.graph.kv_cache.CachedDecoder`, the
+    generating graph with its KV cache) with ``example_inputs`` in the wrapper's form. The
+    capture check, which runs the model, is skipped: with the weights materialized, the graph
+    computes what the loaded model computes."""
     from ..models import build_without_weights
 
     model = build_without_weights(folder)
     aliases = _aliases(model)
     _fake_stored_tensors(model)
-    gm = capture(model, example_inputs, dynamic=dynamic, check=False)
+    root = model if wrap is None else wrap(model)
+    inner = next(path for path, module in root.named_modules() if module is model)  # the wrapper's name for it
+    gm = capture(root, example_inputs, dynamic=dynamic, check=False)
     graph_aliases = {}
     for target, tensor in _graph_tensors(gm).items():
-        if target in aliases:
-            graph_aliases[target] = aliases[target]
+        name = target.removeprefix(f"{inner}.") if inner else target
+        if name in aliases:
+            graph_aliases[target] = aliases[name]
             set_attr(gm, target, _on_meta(tensor))
         elif _is_fake(tensor):  # canonicalization computed it from fake weights (Gemma's 1 + gain)
             raise CaptureError(f"the graph of {type(model).__name__} holds {target!r}, computed at capture from "
