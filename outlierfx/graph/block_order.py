@@ -57,18 +57,16 @@ def _block_spans(gm: torch.fx.GraphModule, order: Mapping[torch.fx.Node, int]) -
             for b in GraphView(gm).blocks]
 
 
-def load_schedule(gm: torch.fx.GraphModule, nodes: Sequence[torch.fx.Node]) -> list[LoadUnit]:
+def _load_schedule(source: WeightSource, nodes: Sequence[torch.fx.Node], order: Mapping[torch.fx.Node, int],
+                   spans: Sequence[tuple[int, int, str]]) -> list[LoadUnit]:
     """The load units of the checkpoint tensors that ``nodes`` (the nodes that will run, in
     graph order) read: one per block for the tensors only that block's nodes read, one per
     tensor for the others. Ordered by their first reader."""
-    source: WeightSource = gm.meta[meta.GM_WEIGHT_SOURCE]
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
     readers: dict[str, list[torch.fx.Node]] = {}
     for node in nodes:
         for attr in node.all_input_nodes:
             if attr.op == "get_attr" and attr.target in source.tensors:
                 readers.setdefault(str(attr.target), []).append(node)
-    spans = _block_spans(gm, order)
     grouped: dict[str, list[str]] = {}
     for target, reading in readers.items():
         inside = [name for start, end, name in spans if all(start < order[n] <= end for n in reading)]
@@ -81,10 +79,9 @@ def load_schedule(gm: torch.fx.GraphModule, nodes: Sequence[torch.fx.Node]) -> l
     return sorted(units, key=lambda u: order[u.first])
 
 
-def _segments(gm: torch.fx.GraphModule, nodes: Sequence[torch.fx.Node]) -> list[list[torch.fx.Node]]:
+def _segments(nodes: Sequence[torch.fx.Node], order: Mapping[torch.fx.Node, int],
+              spans: Sequence[tuple[int, int, str]]) -> list[list[torch.fx.Node]]:
     """``nodes`` cut into consecutive runs: each block's nodes, and the nodes between blocks."""
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    spans = _block_spans(gm, order)
     segments: list[list[torch.fx.Node]] = []
     previous: object = object()
     for node in nodes:
@@ -131,17 +128,20 @@ def run_in_block_order(
     step_context: Callable[[torch.Tensor | None], ContextManager[Any]] | None = None,
 ) -> BlockOrderRun:
     """Run every batch (keyword inputs) through the nodes ``gm`` needs to compute ``wanted``
-    (``None``: the graph's outputs, which are returned), loading each unit of
-    :func:`load_schedule` just in time and releasing it after. The batches go through one block
-    (or the nodes between two blocks) one after the other, so inside a block one batch's values
-    live at a time. ``step_context(mask)``, with the batch's boolean ``attention_mask``, is
+    (``None``: the graph's outputs, which are returned), loading each load unit (a block's
+    tensors; a tensor read outside blocks) just in time and releasing it after. The batches go
+    through one block (or the nodes between two blocks) one after the other, so inside a block
+    one batch's values live at a time. ``step_context(mask)``, with the batch's boolean ``attention_mask``, is
     entered while a batch runs (observers read the real tokens from it)."""
     source: WeightSource = gm.meta[meta.GM_WEIGHT_SOURCE]
     output = gm.graph.output_node()
     needed = ancestors_of([output] if wanted is None else wanted)
     stored = [n for n in gm.graph.nodes if n.op == "get_attr" and n.target in source.tensors]
-    nodes = [n for n in gm.graph.nodes if n in needed and n.op not in ("placeholder", "output") and n not in stored]
-    units = load_schedule(gm, nodes)
+    stored_set = set(stored)
+    nodes = [n for n in gm.graph.nodes if n in needed and n.op not in ("placeholder", "output") and n not in stored_set]
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    spans = _block_spans(gm, order)
+    units = _load_schedule(source, nodes, order, spans)
     starting: dict[torch.fx.Node, list[LoadUnit]] = {}
     ending: dict[torch.fx.Node, list[LoadUnit]] = {}
     for unit in units:
@@ -155,7 +155,7 @@ def run_in_block_order(
     runs = [Lockstep(gm, batch, last_uses) for batch in batches]
     context = step_context or (lambda mask: contextlib.nullcontext())
     with torch.no_grad():
-        for segment in _segments(gm, nodes):
+        for segment in _segments(nodes, order, spans):
             for unit in (u for node in segment for u in starting.get(node, ())):
                 materialize(gm, unit.targets)
                 for target in unit.targets:

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 import torch.fx
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 from ..errors import CaptureError, DataError
 from . import meta
@@ -132,8 +132,6 @@ def _graph_tensors(gm: torch.fx.GraphModule) -> dict[str, torch.Tensor]:
 
 
 def _is_fake(tensor: torch.Tensor) -> bool:
-    from torch._subclasses.fake_tensor import FakeTensor
-
     return isinstance(tensor, FakeTensor) or isinstance(getattr(tensor, "data", None), FakeTensor)
 
 
