@@ -150,17 +150,20 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _check_weight_files(folder: pathlib.Path) -> None:
-    """Read the header of every safetensors file (cheap) so a corrupt or truncated one is named."""
+def checkpoint_keys(folder: pathlib.Path) -> dict[str, pathlib.Path]:
+    """Every tensor key of the folder's safetensors files and the file that holds it, from the
+    files' headers (cheap: no tensor data is read); a corrupt or truncated file is named."""
     from safetensors import SafetensorError, safe_open
 
+    keys = {}
     for path in sorted(folder.glob("*.safetensors")):
         try:
             with safe_open(str(path), framework="pt") as f:
-                f.keys()
+                keys.update(dict.fromkeys(f.keys(), path))
         except (SafetensorError, OSError) as exc:
             raise DataError(f"{path} is not a valid safetensors file ({_first_line(exc)}); "
                             f"save or copy the model again") from exc
+    return keys
 
 
 def _unknown_name(name: str) -> DataError:
@@ -172,15 +175,21 @@ def _unknown_name(name: str) -> DataError:
     return DataError(f"{name!r} is neither a packaged model ({', '.join(PACKAGED_MODELS)}) nor a directory{hint}")
 
 
-def load_directory(path: str | os.PathLike) -> LoadedModel:
-    """Load a local Hugging Face model folder: a causal LM if its config says so, else an encoder.
+def is_decoder(config: Any) -> bool:
+    """Whether a Hugging Face config names a causal LM (its ``architectures`` say so)."""
+    return any(a.endswith("ForCausalLM") for a in (config.architectures or []))
 
-    Raises :class:`DataError` naming the problem for a missing folder, a folder without
-    ``config.json`` or tokenizer files, unreadable config/weights/tokenizer, and a tokenizer
-    whose vocabulary is larger than the model's embedding.
-    """
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
+def auto_model_class(config: Any) -> type:
+    """The transformers Auto class a folder with ``config`` loads with: a causal LM where the
+    config names one, else the bare encoder."""
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    return AutoModelForCausalLM if is_decoder(config) else AutoModel
+
+
+def _model_folder(path: str | os.PathLike) -> pathlib.Path:
+    """``path`` as a Hugging Face model folder (one with a ``config.json``), or a DataError saying what it is."""
     folder = pathlib.Path(path)
     if not folder.exists():
         raise _unknown_name(str(path))
@@ -188,17 +197,77 @@ def load_directory(path: str | os.PathLike) -> LoadedModel:
         raise DataError(f"{folder} is a file, not a model directory (pass the folder that holds config.json)")
     if not (folder / "config.json").is_file():
         raise DataError(f"{folder} is not a Hugging Face model directory (it has no config.json)")
+    return folder
+
+
+def build_without_weights(path: str | os.PathLike) -> torch.nn.Module:
+    """The float32 model a Hugging Face folder holds, built from its config on the meta device:
+    every tensor its checkpoint stores has a shape and a dtype but no storage (nothing is read
+    but ``config.json``). Buffers the model computes at init instead of loading (non-persistent
+    ones: rotary ``inv_freq``) are computed on the CPU by the model's own ``_init_weights``, as
+    ``from_pretrained`` computes them after its own meta-device build; a buffer that
+    ``_init_weights`` leaves unset raises a DataError naming it."""
+    from transformers import AutoConfig
+
+    folder = _model_folder(path)
+    with _offline():
+        try:
+            config = AutoConfig.from_pretrained(folder)
+        except Exception as exc:  # an unreadable config.json raises anything
+            raise DataError(f"cannot read the config in {folder}: {_first_line(exc)}") from exc
+        with torch.device("meta"):
+            model = auto_model_class(config).from_config(config, dtype=torch.float32).eval()
+    for module in model.modules():
+        if any(name in module._non_persistent_buffers_set for name, _ in module.named_buffers(recurse=False)):
+            _compute_buffers(model, module)
+    return model
+
+
+def _compute_buffers(model: torch.nn.Module, module: torch.nn.Module) -> None:
+    """Compute ``module``'s non-persistent buffers on the CPU with ``model._init_weights``.
+
+    They are initialised twice from different fillings: a value that depends on the filling was
+    never computed (``_init_weights`` does not know that module), and the graph would read garbage."""
+    names = [name for name in module._buffers if name in module._non_persistent_buffers_set]  # in their order
+    computed = {}
+    for filling in (0, 1):
+        module.to_empty(device="cpu", recurse=False)
+        for name in names:
+            buffer = module._buffers[name]
+            if buffer is not None:
+                buffer.fill_(filling)
+        model._init_weights(module)
+        for name in names:
+            buffer = module._buffers[name]
+            if buffer is None:
+                continue
+            if name in computed and not torch.equal(computed[name], buffer):
+                raise DataError(f"{type(model).__name__} computes the buffer {name!r} of {type(module).__name__} "
+                                f"in a way a build without weights cannot reproduce (its _init_weights does not set "
+                                f"it); load the model with its weights instead")
+            computed[name] = buffer.clone()
+
+
+def load_directory(path: str | os.PathLike) -> LoadedModel:
+    """Load a local Hugging Face model folder: a causal LM if its config says so, else an encoder.
+
+    Raises :class:`DataError` naming the problem for a missing folder, a folder without
+    ``config.json`` or tokenizer files, unreadable config/weights/tokenizer, and a tokenizer
+    whose vocabulary is larger than the model's embedding.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    folder = _model_folder(path)
     if not any(any(folder.glob(pattern)) for pattern in TOKENIZER_FILES):
         raise DataError(f"{folder} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
                         f"save one there with tokenizer.save_pretrained()")
-    _check_weight_files(folder)
+    checkpoint_keys(folder)  # names a corrupt weight file before transformers fails on it
     start = time.perf_counter()
     with _offline():
         try:
             config = AutoConfig.from_pretrained(folder)
-            decoder = any(a.endswith("ForCausalLM") for a in (config.architectures or []))
-            cls = AutoModelForCausalLM if decoder else AutoModel
-            model = cls.from_pretrained(folder, dtype=torch.float32).eval()
+            decoder = is_decoder(config)
+            model = auto_model_class(config).from_pretrained(folder, dtype=torch.float32).eval()
             tokenizer = AutoTokenizer.from_pretrained(folder)
         except Exception as exc:  # unreadable user files raise anything (a garbage pickle: IndexError)
             raise DataError(f"cannot load the model in {folder}: {_first_line(exc)}") from exc

@@ -39,6 +39,10 @@ GM_LOWERED_FROM = "outlierfx_lowered_from"
 """Key in a lowered ``GraphModule.meta``: the :class:`~outlierfx.passes.lower.LoweredFrom` (the
 fake-quant graph and the ``Lower`` options), which ``outlierfx.save`` writes instead of kernels."""
 
+GM_WEIGHT_SOURCE = "outlierfx_weight_source"
+"""Key in ``GraphModule.meta`` of a graph captured without weights: the
+:class:`~outlierfx.graph.weight_source.WeightSource` its meta-device tensors load from."""
+
 
 def module_path(node: torch.fx.Node) -> str:
     """The user-facing module path of ``node`` ('' for graph inputs and top-level code)."""

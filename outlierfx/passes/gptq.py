@@ -16,7 +16,7 @@ ranges, padding tokens (``attention_mask == 0``) left out. With ``sequential=Tru
 GPTQ paper) the Linears are rounded in graph order and each one's X comes
 from the model whose earlier Linears already carry their rounded weights, so a Linear's rounding
 also absorbs the error its inputs picked up upstream; the graph runs once, node by node over all
-calibration batches in lockstep (:class:`_Lockstep`). ``sequential=False`` (the default) takes
+calibration batches in lockstep (:class:`~outlierfx.graph.lockstep.Lockstep`). ``sequential=False`` (the default) takes
 every X from the model with float weights (one plain forward per batch). The pass writes
 weights that already lie on their grids, each row keeping a code at +-qmax so that the
 conversion (and lowering, which reads scales back by min-max) finds the same scale and changes
@@ -28,7 +28,6 @@ left alone. Run it after calibration and after any pass that rewrites weights (e
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import ClassVar
@@ -41,6 +40,7 @@ from ..distributed import Reduction
 from ..graph import meta
 from ..graph.attrs import fetch_attr, is_shared_attr, replace_input_tensor
 from ..graph.copy import copy_graph_module
+from ..graph.lockstep import Lockstep
 from ..graph.ops import has_stored_weight
 from ..quantizers.fake_quant import quantize_weight
 from ..quantizers.observers import observation_paused
@@ -259,7 +259,7 @@ class GPTQ(GraphPass[GPTQPlan]):
         for node in work.graph.nodes:
             if node.name in original:
                 pending[node.args[0]] = pending.get(node.args[0], 0) + 1
-        runs = [_Lockstep(work, batch) for batch in distributed.shard(self.batches)]
+        runs = [Lockstep(work, batch) for batch in distributed.shard(self.batches)]
         grams: dict[torch.fx.Node, tuple[torch.Tensor, int]] = {}
         with torch.no_grad(), observation_paused():
             for node in work.graph.nodes:
@@ -312,26 +312,3 @@ class GPTQ(GraphPass[GPTQPlan]):
             node = by_name[name]
             replace_input_tensor(gm, node, node.args[1], weight, "_gptq")
         return bool(plan.weights)
-
-
-class _Lockstep(torch.fx.Interpreter):
-    """One calibration batch's run of a graph, advanced one node at a time by the caller (so
-    several batches move together and a caller can change a value between nodes); values are
-    freed after their last reader, as :meth:`torch.fx.Interpreter.run` frees them."""
-
-    def __init__(self, gm: torch.fx.GraphModule, batch: Batch) -> None:
-        super().__init__(gm)
-        bound = inspect.signature(gm.forward).bind(**batch)
-        bound.apply_defaults()
-        flat = gm.graph.process_inputs(*bound.args)
-        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-        self.env.update(zip(placeholders, flat))
-        mask = batch.get("attention_mask")
-        self.mask = None if mask is None else mask.bool()
-
-    def step(self, node: torch.fx.Node) -> None:
-        if node.op in ("placeholder", "output"):
-            return
-        self.env[node] = self.run_node(node)
-        for value in self.user_to_last_uses.get(node, []):
-            del self.env[value]

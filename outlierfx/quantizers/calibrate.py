@@ -12,6 +12,7 @@ import torch.fx
 from .. import distributed
 from ..errors import DataError
 from ..graph import meta
+from ..graph.block_order import run_in_block_order
 from ..graph.ops import OpKind, op_kind
 from .observers import Observer, check_mergeable, merge_across_ranks, token_mask
 
@@ -54,6 +55,12 @@ def calibrate(gm: torch.fx.GraphModule, batches: Iterable[Mapping[str, torch.Ten
     Raises :class:`DataError` for an empty set, inputs that do not match the captured ones,
     and NaN/inf in inputs or activations.
 
+    A graph captured without weights (:func:`~outlierfx.graph.weight_source.capture_without_weights`)
+    is calibrated in block order (:func:`~outlierfx.graph.block_order.run_in_block_order`): the
+    batches go through one block after the other, each block's weights loaded from the
+    checkpoint only while its nodes run, and only the nodes the observers read are computed (no
+    logits); each observer sees what a whole-graph run shows it, in the same batch order.
+
     Under torch.distributed every rank passes the same ``batches``, runs its shard of them
     (batch ``i`` on rank ``i % world``) and ends with the statistics of all of them
     (:func:`outlierfx.quantizers.observers.merge_across_ranks`); progress shows on rank 0 only.
@@ -68,16 +75,23 @@ def calibrate(gm: torch.fx.GraphModule, batches: Iterable[Mapping[str, torch.Ten
     check_mergeable(observers)
     ranks = distributed.world_size()
     iterator: Iterable = zip(range(distributed.rank(), len(batches), ranks), distributed.shard(batches))
-    if progress and distributed.is_main():
+    in_block_order = gm.meta.get(meta.GM_WEIGHT_SOURCE) is not None  # no weights in memory: a block's at a time
+    if progress and distributed.is_main() and not in_block_order:  # block order finishes no batch before the end
         from tqdm.auto import tqdm
 
         iterator = tqdm(iterator, total=len(range(0, len(batches), ranks)), desc="calibrating", unit="batch")
     start = time.perf_counter()
     with torch.no_grad(), distributed.failing_together("calibrating"):
-        for i, batch in iterator:
-            inputs = _check_batch(i, batch, example)
-            with token_mask(inputs.get("attention_mask")):
-                gm(**inputs)
+        if in_block_order:
+            inputs = [_check_batch(i, batch, example) for i, batch in iterator]
+            observed = [n for n in gm.graph.nodes
+                        if n.op == "call_module" and isinstance(gm.get_submodule(n.target), Observer)]
+            run_in_block_order(gm, inputs, observed, token_mask)
+        else:
+            for i, batch in iterator:
+                inputs = _check_batch(i, batch, example)
+                with token_mask(inputs.get("attention_mask")):
+                    gm(**inputs)
     merge_across_ranks(observers)
     silent = [o.name for o in observers if not o.calibrated]
     if silent:

@@ -1,0 +1,82 @@
+"""Peak resident memory of capture + calibration, with the weights loaded (the normal run) and
+without them (capture on meta, calibration in block order, each block's weights loaded from the
+safetensors file only while its nodes run): issue 28's ``--low-memory`` path so far.
+
+    .venv/bin/python bench/scripts/low_memory_calibration.py [--samples 64] [--policy full]
+
+Each mode runs in its own process (``--mode full`` / ``--mode low``), so each process's
+``ru_maxrss`` is that mode's peak; both calibrate the same SmolLM2 batches (the CLI's 64
+paragraphs in batches of 8 x 128 tokens) on InsertObservers' observers. RSS does not depend on
+the machine's load; the times do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import subprocess
+import sys
+import time
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096 / 2**20
+
+
+def run_mode(mode: str, samples: int, policy: str) -> None:
+    from outlierfx import capture, corpus
+    from outlierfx.graph.weight_source import capture_without_weights
+    from outlierfx.models import LoadedModel, build_without_weights, cache_dir, load_smollm2
+    from outlierfx.passes import InsertObservers
+    from outlierfx.quantizers.calibrate import calibrate
+
+    start = time.perf_counter()
+
+    def mark(what: str) -> None:
+        print(f"{mode:4s} {time.perf_counter() - start:7.1f}s  rss {rss_mb():6.0f} MB  {what}", flush=True)
+
+    mark("imported")
+    texts = corpus.wikipedia_sample("calibration", samples)
+    if mode == "full":
+        loaded = load_smollm2()
+        batches = corpus.calibration_batches(loaded, texts)
+        mark("model loaded, batches tokenized")
+        gm = capture(loaded.model, batches[0])
+    else:
+        from transformers import AutoTokenizer
+
+        folder = cache_dir() / "smollm2-135m-instruct-fp32"
+        if not (folder / "model.safetensors").exists():
+            load_smollm2()  # dequantizes the packaged GGUF into that folder, once
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        # the meta-device model only gives encode() the names its forward takes
+        batches = corpus.calibration_batches(LoadedModel("smollm2", build_without_weights(folder), tokenizer,
+                                                         "decoder", 0.0), texts)
+        mark("batches tokenized")
+        gm = capture_without_weights(folder, batches[0])
+    mark("captured")
+    gm = InsertObservers(policy)(gm).graph_module
+    mark("observers inserted")
+    seconds = calibrate(gm, batches, progress=False)
+    mark(f"calibrated ({seconds:.1f}s)")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"{mode:4s} peak RSS (ru_maxrss) {peak:.0f} MB, total {time.perf_counter() - start:.1f}s", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mode", choices=("full", "low", "both"), default="both")
+    parser.add_argument("--samples", type=int, default=64, help="calibration paragraphs (the CLI's default)")
+    parser.add_argument("--policy", default="full", help="InsertObservers policy")
+    args = parser.parse_args()
+    if args.mode != "both":
+        run_mode(args.mode, args.samples, args.policy)
+        return
+    for mode in ("full", "low"):  # one process each: ru_maxrss is a process's peak
+        subprocess.run([sys.executable, __file__, "--mode", mode, "--samples", str(args.samples),
+                        "--policy", args.policy], check=True)
+
+
+if __name__ == "__main__":
+    main()

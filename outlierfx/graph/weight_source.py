@@ -1,0 +1,203 @@
+"""Graphs captured without their weights, and loading those weights only where they are needed.
+
+:func:`capture_without_weights` captures a Hugging Face folder's model without reading its
+weights: the model is built on the meta device (``outlierfx.models.build_without_weights``),
+its checkpoint tensors become fake CPU tensors for ``torch.export`` (meta ones would not do:
+export records the device of the tensors it traces, so the graph would create its position ids
+and masks on the meta device), and the captured graph holds them on the meta device: shapes and
+dtypes, no storage. ``gm.meta[GM_WEIGHT_SOURCE]`` is a :class:`WeightSource` naming, for each
+of them, the safetensors file and key it loads from. :func:`materialize` loads the named
+tensors (reading only their keys) and :func:`release` puts them back on the meta device, so a
+runner can hold one block's weights at a time.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import os
+import pathlib
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+import torch.fx
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+from ..errors import CaptureError, DataError
+from . import meta
+from .attrs import fetch_attr, set_attr
+from .capture import capture
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredTensor:
+    """Where one tensor lies in a checkpoint."""
+
+    file: pathlib.Path
+    key: str
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightSource:
+    """Graph attribute target -> the checkpoint tensor it loads from. Tied weights (an LM head
+    sharing the embedding table) load from the one key the checkpoint stores for both."""
+
+    tensors: Mapping[str, StoredTensor]
+
+    @classmethod
+    def from_checkpoint(cls, folder: str | os.PathLike, aliases: Mapping[str, Iterable[str]]) -> WeightSource:
+        """``aliases``: each graph target with every name the model has for its tensor (a tied
+        weight has several, and the checkpoint stores one of them)."""
+        from ..models import checkpoint_keys
+
+        stored = checkpoint_keys(pathlib.Path(folder))
+        if not stored:
+            raise DataError(f"{folder} has no safetensors weights, which a capture without weights loads tensor by "
+                            f"tensor; save the model with save_pretrained (safetensors is its default)")
+        tensors = {}
+        for target, names in aliases.items():
+            names = list(names)
+            key = next((name for name in names if name in stored), None)
+            if key is None:
+                raise DataError(f"the checkpoint in {folder} has no tensor {' or '.join(map(repr, names))}, which the "
+                                f"model reads; the weights do not belong to this config (save the model again with "
+                                f"save_pretrained)")
+            tensors[target] = StoredTensor(stored[key], key)
+        return cls(tensors)
+
+
+def capture_without_weights(folder: str | os.PathLike, example_inputs: Any, *, dynamic: bool = True,
+                            wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None) -> torch.fx.GraphModule:
+    """Capture the model of a Hugging Face folder without reading its weights (see the module
+    docstring), or ``wrap(model)`` (e.g. :class:`~outlierfx.graph.kv_cache.CachedDecoder`, the
+    generating graph with its KV cache) with ``example_inputs`` in the wrapper's form. The
+    capture check, which runs the model, is skipped: with the weights materialized, the graph
+    computes what the loaded model computes."""
+    from ..models import build_without_weights
+
+    model = build_without_weights(folder)
+    aliases = _aliases(model)
+    _fake_stored_tensors(model)
+    root = model if wrap is None else wrap(model)
+    inner = next(path for path, module in root.named_modules() if module is model)  # the wrapper's name for it
+    gm = capture(root, example_inputs, dynamic=dynamic, check=False)
+    graph_aliases = {}
+    for target, tensor in _graph_tensors(gm).items():
+        name = target.removeprefix(f"{inner}.") if inner else target
+        if name in aliases:
+            graph_aliases[target] = aliases[name]
+            set_attr(gm, target, _on_meta(tensor))
+        elif _is_fake(tensor):  # canonicalization computed it from fake weights (Gemma's 1 + gain)
+            raise CaptureError(f"the graph of {type(model).__name__} holds {target!r}, computed at capture from "
+                               f"its weights, which a capture without weights cannot compute; capture the "
+                               f"model with its weights")
+    _share_tied(gm, graph_aliases)
+    gm.meta[meta.GM_WEIGHT_SOURCE] = WeightSource.from_checkpoint(folder, graph_aliases)
+    return gm
+
+
+def _aliases(model: torch.nn.Module) -> dict[str, tuple[str, ...]]:
+    """Each name of a tensor the checkpoint stores (parameters, persistent buffers) -> every
+    name the model has for that tensor."""
+    names: dict[int, list[str]] = collections.defaultdict(list)
+    for name, tensor in model.named_parameters(remove_duplicate=False):
+        names[id(tensor)].append(name)
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for name, tensor in module.named_buffers(recurse=False):
+            if tensor is not None and name not in module._non_persistent_buffers_set:
+                names[id(tensor)].append(f"{module_name}.{name}" if module_name else name)
+    return {name: tuple(group) for group in names.values() for name in group}
+
+
+def _fake_stored_tensors(model: torch.nn.Module) -> None:
+    """Replace the model's meta tensors by fake CPU tensors of the same shape, keeping ties."""
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    fakes: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        for table in (module._parameters, module._buffers):
+            for name, tensor in table.items():
+                if tensor is None or tensor.device.type != "meta":
+                    continue
+                if id(tensor) not in fakes:
+                    with mode:
+                        fake = torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, device="cpu")
+                    fakes[id(tensor)] = torch.nn.Parameter(fake, requires_grad=False) \
+                        if isinstance(tensor, torch.nn.Parameter) else fake
+                table[name] = fakes[id(tensor)]
+
+
+def _graph_tensors(gm: torch.fx.GraphModule) -> dict[str, torch.Tensor]:
+    return dict([*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)])
+
+
+def _is_fake(tensor: torch.Tensor) -> bool:
+    return isinstance(tensor, FakeTensor) or isinstance(getattr(tensor, "data", None), FakeTensor)
+
+
+def _on_meta(tensor: torch.Tensor) -> torch.Tensor:
+    """A storage-free stand-in for ``tensor`` (a Parameter where it was one)."""
+    empty = torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, device="meta")
+    return torch.nn.Parameter(empty, requires_grad=False) if isinstance(tensor, torch.nn.Parameter) else empty
+
+
+def _share_tied(gm: torch.fx.GraphModule, aliases: Mapping[str, tuple[str, ...]]) -> None:
+    """Graph targets that name one model tensor hold one stand-in (as they held one tensor)."""
+    first: dict[tuple[str, ...], str] = {}
+    for target, group in aliases.items():
+        if group in first:
+            set_attr(gm, target, fetch_attr(gm, first[group]))
+        else:
+            first[group] = target
+
+
+def _source(gm: torch.fx.GraphModule) -> WeightSource:
+    source = gm.meta.get(meta.GM_WEIGHT_SOURCE)
+    if source is None:
+        raise ValueError("this graph was captured with its weights; only a graph from capture_without_weights "
+                         "materializes and releases them")
+    return source
+
+
+def _checked_targets(source: WeightSource, names: Iterable[str]) -> list[str]:
+    names = list(dict.fromkeys(names))
+    unknown = [n for n in names if n not in source.tensors]
+    if unknown:
+        raise ValueError(f"{unknown[:4]} are not tensors this graph loads from its checkpoint")
+    return names
+
+
+def materialize(gm: torch.fx.GraphModule, names: Iterable[str]) -> None:
+    """Load the graph tensors ``names`` (attribute targets) from the checkpoint, reading only
+    their keys, in the dtype the graph holds them in. Targets sharing a key share one tensor."""
+    from safetensors import safe_open
+
+    source = _source(gm)
+    by_file: dict[pathlib.Path, dict[str, list[str]]] = collections.defaultdict(lambda: collections.defaultdict(list))
+    for target in _checked_targets(source, names):
+        stored = source.tensors[target]
+        by_file[stored.file][stored.key].append(target)
+    for file, keys in by_file.items():
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for key, targets in keys.items():
+                value = f.get_tensor(key)
+                like = fetch_attr(gm, targets[0])
+                if tuple(value.shape) != tuple(like.shape):
+                    raise DataError(f"{file} stores {key!r} with shape {tuple(value.shape)}, but the graph reads it as "
+                                    f"{tuple(like.shape)}; the weights do not belong to this config")
+                value = value.to(like.dtype)
+                if isinstance(like, torch.nn.Parameter):
+                    value = torch.nn.Parameter(value, requires_grad=False)
+                for target in targets:
+                    set_attr(gm, target, value)
+
+
+def release(gm: torch.fx.GraphModule, names: Iterable[str]) -> None:
+    """Put the graph tensors ``names`` back on the meta device, letting their storage go."""
+    source = _source(gm)
+    stand_ins: dict[StoredTensor, torch.Tensor] = {}
+    for target in _checked_targets(source, names):
+        stored = source.tensors[target]
+        if stored not in stand_ins:
+            stand_ins[stored] = _on_meta(fetch_attr(gm, target))
+        set_attr(gm, target, stand_ins[stored])
