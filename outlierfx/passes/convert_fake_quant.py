@@ -22,10 +22,13 @@ import torch.fx
 from ..errors import PassError
 from ..graph import meta
 from ..graph.attrs import fetch_attr, replace_input_tensor
+from ..graph.block_order import load_units
 from ..graph.first_tokens import wire_first_tokens
 from ..graph.ops import OpKind, feeds_only_outputs, op_kind
 from ..graph.shapes import propagate_values
+from ..graph.weight_source import HeldCodes, hold, materialized
 from ..quantizers.fake_quant import quantize_weight
+from ..quantizers.integer_codes import integer_weight
 from ..quantizers.observers import FakeQuantize, Observer
 from ..quantizers.spec import Granularity, QuantSpec
 from .base import GraphPass
@@ -124,18 +127,64 @@ class ConvertToFakeQuant(GraphPass[ConvertPlan]):
         for name in plan.activations:
             setattr(gm, name, FakeQuantize.from_observer(getattr(gm, name)))
         wire_sink_quantizers(gm, type(self).__name__)
-        # A tied table (lm_head = embedding) is quantized once per spec: at equal specs
-        # (per-row int8 both) the two readers keep sharing one tensor.
-        quantized: dict[tuple[str, QuantSpec], torch.Tensor] = {}
         work = ([(n, 1, plan.weight_spec) for n in plan.weights] + [(n, 1, spec) for n, spec in plan.heads]
                 + [(n, 1, plan.embedding_spec) for n in plan.tied_heads]
                 + [(n, 0, plan.embedding_spec) for n in plan.embeddings])
-        for node, index, spec in work:
-            weight_node = node.args[index]
-            key = (str(weight_node.target), spec)
-            if key not in quantized:
-                quantized[key] = quantize_weight(fetch_attr(gm, key[0]), spec)[0]
-            replace_input_tensor(gm, node, weight_node, quantized[key], "_quantized")
-            node.meta[meta.WEIGHT_QUANT] = spec
-            node.meta[meta.CREATED_BY] = node.meta.get(meta.CREATED_BY, type(self).__name__)
+        if gm.meta.get(meta.GM_WEIGHT_SOURCE) is None:
+            _quantize_weights(gm, work)
+        else:
+            _quantize_weights_per_block(gm, work)
         return bool(plan.activations or plan.weights or plan.heads or plan.tied_heads or plan.embeddings)
+
+
+WeightWork = list[tuple[torch.fx.Node, int, QuantSpec]]  # (reader, position of its weight argument, spec)
+
+
+def _quantize_weights(gm: torch.fx.GraphModule, work: WeightWork) -> dict[str, tuple[torch.Tensor, QuantSpec]]:
+    """Put each reader's weight on its grid; returns target -> (quantized weight, spec) for each
+    target now holding one. A tied table (lm_head = embedding) is quantized once per spec: at
+    equal specs (per-row int8 both) the two readers keep sharing one tensor."""
+    quantized: dict[tuple[str, QuantSpec], torch.Tensor] = {}
+    replaced: dict[str, tuple[torch.Tensor, QuantSpec]] = {}
+    for node, index, spec in work:
+        weight_node = node.args[index]
+        key = (str(weight_node.target), spec)
+        if key not in quantized:
+            quantized[key] = quantize_weight(fetch_attr(gm, key[0]), spec)[0]
+        now_read = replace_input_tensor(gm, node, weight_node, quantized[key], "_quantized")
+        replaced[str(now_read.target)] = (quantized[key], spec)
+        node.meta[meta.WEIGHT_QUANT] = spec
+        node.meta[meta.CREATED_BY] = node.meta.get(meta.CREATED_BY, ConvertToFakeQuant.__name__)
+    return replaced
+
+
+def _quantize_weights_per_block(gm: torch.fx.GraphModule, work: WeightWork) -> None:
+    """A graph captured without weights: one load unit at a time (a block's weights; a tensor read
+    outside blocks), its weights are loaded, quantized, held as int8 codes in the weight source
+    and released, so no more than one block's float weights are in memory. The codes rebuild the
+    quantized weights bit for bit: the graph is the full-memory conversion's, its weights
+    materialized (issue 28; docs/experiments/memory.md)."""
+    unit_of = {target: unit.name for unit in load_units(gm, [node for node, _, _ in work]) for target in unit.targets}
+    by_unit: dict[str, WeightWork] = {}
+    for node, index, spec in work:
+        by_unit.setdefault(unit_of[str(node.args[index].target)], []).append((node, index, spec))
+    for unit_work in by_unit.values():
+        with materialized(gm, [str(node.args[index].target) for node, index, _ in unit_work]):
+            hold(gm, _held_codes(_quantize_weights(gm, unit_work)))
+
+
+def _held_codes(quantized: dict[str, tuple[torch.Tensor, QuantSpec]]) -> dict[str, HeldCodes]:
+    """Each quantized weight's codes (one :class:`HeldCodes` per tensor, shared by its targets)."""
+    by_tensor: dict[int, HeldCodes] = {}
+    held = {}
+    for target, (weight, spec) in quantized.items():
+        if id(weight) not in by_tensor:
+            pair = integer_weight(weight, spec)
+            if pair is None:
+                raise PassError(f"{target} is quantized on a grid ({spec.describe()}) whose values no int8 codes with "
+                                f"per-row scales hold, which a graph captured without weights needs (its quantized "
+                                f"weights are held as codes); use a symmetric per-row weight spec of at most 8 bits, "
+                                f"or capture the model with its weights")
+            by_tensor[id(weight)] = HeldCodes(*pair)
+        held[target] = by_tensor[id(weight)]
+    return held
