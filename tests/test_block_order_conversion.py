@@ -48,7 +48,8 @@ def _tensors(gm: torch.fx.GraphModule) -> dict[str, torch.Tensor]:
 def _real(gm: torch.fx.GraphModule) -> set[str]:
     """The graph's tensors with storage, but the quantizers' own (scales, zero points)."""
     quantizers = {name for name, m in gm.named_children() if isinstance(m, (Observer, FakeQuantize))}
-    return {name for name, t in _tensors(gm).items() if t.device.type != "meta" and name.split(".")[0] not in quantizers}
+    return {name for name, t in _tensors(gm).items()
+            if t.device.type != "meta" and name.split(".")[0] not in quantizers}
 
 
 def _block(target: str) -> str | None:

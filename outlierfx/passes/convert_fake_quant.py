@@ -181,10 +181,11 @@ def _held_codes(quantized: dict[str, tuple[torch.Tensor, QuantSpec]]) -> dict[st
         if id(weight) not in by_tensor:
             pair = integer_weight(weight, spec)
             if pair is None:
-                raise PassError(f"{target} is quantized on a grid ({spec.describe()}) whose values no int8 codes with "
-                                f"per-row scales hold, which a graph captured without weights needs (its quantized "
-                                f"weights are held as codes); use a symmetric per-row weight spec of at most 8 bits, "
-                                f"or capture the model with its weights")
+                raise PassError(f"{target} ({weight.dtype}) is quantized on a grid ({spec.describe()}) whose values "
+                                f"no int8 codes with float32 per-row scales hold, which a graph captured without "
+                                f"weights needs (it holds its quantized weights as codes); use a symmetric per-row "
+                                f"weight spec of at most 8 bits on float32 weights, or capture the model with its "
+                                f"weights")
             by_tensor[id(weight)] = HeldCodes(*pair)
         held[target] = by_tensor[id(weight)]
     return held
