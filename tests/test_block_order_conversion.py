@@ -18,9 +18,11 @@ from outlierfx.graph.block_order import run_in_block_order
 from outlierfx.graph.copy import copy_graph_module
 from outlierfx.graph.weight_source import HeldCodes, StoredTensor, capture_without_weights, materialize
 from outlierfx.passes import Calibrate, ConvertToFakeQuant, InsertObservers
+from outlierfx.quantizers.fake_quant import quantize_weight
+from outlierfx.quantizers.integer_codes import quantize_to_codes, rebuild_weight
 from outlierfx.quantizers.observers import FakeQuantize, Observer
 from outlierfx.quantizers.policy import make_policy
-from outlierfx.quantizers.spec import Granularity
+from outlierfx.quantizers.spec import Estimator, Granularity
 from outlierfx.testing import build_model
 
 LAYERS = 3
@@ -118,19 +120,19 @@ def test_one_block_of_float_weights_at_a_time(saved, monkeypatch):
     work = copy_graph_module(_calibrated(capture_without_weights(folder, g.inputs), batches))
     plan = convert.analyze(work)
     held: list[set[str]] = []
-    quantize_weight = convert_fake_quant.quantize_weight
+    quantize_to_codes = convert_fake_quant.quantize_to_codes
 
     def recording(weight, spec):
         held.append(_real(work) - COMPUTED)
-        return quantize_weight(weight, spec)
+        return quantize_to_codes(weight, spec)
 
-    monkeypatch.setattr(convert_fake_quant, "quantize_weight", recording)
+    monkeypatch.setattr(convert_fake_quant, "quantize_to_codes", recording)
     convert.apply(work, plan)
     assert len(held) == 7 * LAYERS + 1  # every Linear weight, and the table once for its two readers
     blocks = [{_block(t) for t in now} for now in held]
     assert all(len(b) == 1 for b in blocks)  # one block's tensors, or one tensor outside blocks
     assert {b for now in blocks for b in now} == {*(f"model.layers.{i}" for i in range(LAYERS)), None}
-    assert max(len(now) for now in held) <= 7  # at most a block's Linear weights (and their quantized values)
+    assert max(len(now) for now in held) == 7  # a block's Linear weights, no quantized float copies
     # outside blocks only the tied table, quantized once for the embedding and the LM head
     assert {t for now in held for t in now if _block(t) is None} == {"lm_head.weight"}
     assert _real(work) == COMPUTED
@@ -144,3 +146,18 @@ def test_a_grid_without_int8_codes_is_refused(saved):
     light = _calibrated(capture_without_weights(folder, g.inputs), batches)
     with pytest.raises(PassError, match="no int8 codes"):
         ConvertToFakeQuant(asymmetric, policy.embedding)(light)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("estimator", [Estimator.MINMAX, Estimator.MSE])
+def test_codes_quantized_row_block_by_row_block_rebuild_the_whole_quantized_weight(bits, estimator):
+    torch.manual_seed(0)
+    weight = torch.randn(101, 48) * torch.rand(101, 1) * 3
+    weight[7, 5] = 40.0  # an outlier row: its own scale
+    spec = make_policy("full", f"W{bits}A8").weight.with_(estimator=estimator)
+    whole = quantize_weight(weight, spec)[0]
+    codes, scale = quantize_to_codes(weight, spec, rows=16)  # 7 row blocks, the last one short
+    assert codes.dtype == torch.int8 and codes.shape == weight.shape and scale.shape == (101,)
+    assert int(codes.abs().max()) == spec.qmax
+    assert torch.equal(rebuild_weight(codes, scale).view(torch.int32), whole.view(torch.int32))
+    assert quantize_to_codes(weight, spec.with_(granularity=Granularity.PER_TENSOR)) is None
