@@ -10,6 +10,11 @@ cosine, the 30522-row word table 1.6e-5), and keeping them float costs a few kil
 Biases stay float (backends keep them in int32 at scale s_x * s_w, which is finer than any
 activation grid). Below 8 bits, the model's output head (the LM head) keeps 8-bit weights, as
 embedding tables do (:func:`linear_weight_spec`).
+
+On a graph captured without weights (:func:`~outlierfx.graph.weight_source.capture_without_weights`)
+the weights are quantized one block at a time into int8 codes that the graph's weight source
+holds (:func:`_quantize_weights_per_block`); materialized, they are the weights this pass gives
+the loaded model's graph, bit for bit.
 """
 
 from __future__ import annotations
