@@ -13,8 +13,12 @@ import outlierfx
 from outlierfx.errors import CaptureError, DataError
 from outlierfx.graph import meta
 from outlierfx.graph.attrs import fetch_attr
-from outlierfx.graph.weight_source import capture_without_weights, materialize, release
+from outlierfx.graph.weight_source import (HeldCodes, StoredTensor, capture_without_weights, hold, materialize,
+                                           materialized, release)
 from outlierfx.models import build_without_weights
+from outlierfx.quantizers.fake_quant import quantize_weight
+from outlierfx.quantizers.integer_codes import integer_weight
+from outlierfx.quantizers.policy import make_policy
 from outlierfx.testing import build_model
 
 
@@ -66,6 +70,25 @@ def test_materialize_loads_only_the_named_tensors_and_keeps_ties(tmp_path):
     assert torch.equal(fetch_attr(gm, "lm_head.weight"), g.model.get_input_embeddings().weight)
     with pytest.raises(ValueError, match="not tensors this graph loads"):
         materialize(gm, ["model.rotary_emb.inv_freq"])
+
+
+def test_a_held_weight_loads_from_its_codes_and_materialized_releases_even_on_error(tmp_path):
+    g = _saved(tmp_path)
+    gm = capture_without_weights(tmp_path, g.inputs)
+    target, spec = "model.layers.0.mlp.up_proj.weight", make_policy("full", "W4A8").weight
+    with materialized(gm, [target]):
+        assert torch.equal(fetch_attr(gm, target), g.model.state_dict()[target])
+        rewritten = quantize_weight(fetch_attr(gm, target), spec)[0]
+    assert fetch_attr(gm, target).device.type == "meta"
+
+    loaded_from = gm.meta[meta.GM_WEIGHT_SOURCE]
+    hold(gm, {target: HeldCodes(*integer_weight(rewritten, spec))})
+    assert isinstance(loaded_from.tensors[target], StoredTensor)  # a new source: the old one is not edited
+    with pytest.raises(RuntimeError, match="inside"):
+        with materialized(gm, [target]):
+            assert torch.equal(fetch_attr(gm, target), rewritten)  # the latest version, bit for bit
+            raise RuntimeError("inside")
+    assert fetch_attr(gm, target).device.type == "meta"
 
 
 def test_a_tensor_missing_from_the_checkpoint_is_named(tmp_path):

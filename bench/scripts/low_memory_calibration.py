@@ -1,13 +1,14 @@
-"""Peak resident memory of capture + calibration, with the weights loaded (the normal run) and
-without them (capture on meta, calibration in block order, each block's weights loaded from the
-safetensors file only while its nodes run): issue 28's ``--low-memory`` path so far.
+"""Peak resident memory of capture + calibration + ConvertToFakeQuant, with the weights loaded
+(the normal run) and without them (capture on meta, calibration in block order, each block's
+weights loaded from the safetensors file only while its nodes run, conversion block by block
+into int8 codes): issue 28's ``--low-memory`` path so far.
 
     .venv/bin/python bench/scripts/low_memory_calibration.py [--samples 64] [--policy full]
 
 Each mode runs in its own process (``--mode full`` / ``--mode low``), so each process's
 ``ru_maxrss`` is that mode's peak; both calibrate the same SmolLM2 batches (the CLI's 64
-paragraphs in batches of 8 x 128 tokens) on InsertObservers' observers. RSS does not depend on
-the machine's load; the times do.
+paragraphs in batches of 8 x 128 tokens) on InsertObservers' observers, and convert with the
+policy's weight and embedding specs. RSS does not depend on the machine's load; the times do.
 """
 
 from __future__ import annotations
@@ -28,8 +29,11 @@ def run_mode(mode: str, samples: int, policy: str) -> None:
     from outlierfx import capture, corpus
     from outlierfx.graph.weight_source import capture_without_weights
     from outlierfx.models import LoadedModel, build_without_weights, cache_dir, load_smollm2
-    from outlierfx.passes import InsertObservers
+    from outlierfx.graph import meta
+    from outlierfx.graph.weight_source import HeldCodes
+    from outlierfx.passes import ConvertToFakeQuant, InsertObservers
     from outlierfx.quantizers.calibrate import calibrate
+    from outlierfx.quantizers.policy import make_policy
 
     start = time.perf_counter()
 
@@ -60,6 +64,15 @@ def run_mode(mode: str, samples: int, policy: str) -> None:
     mark("observers inserted")
     seconds = calibrate(gm, batches, progress=False)
     mark(f"calibrated ({seconds:.1f}s)")
+    quant_policy = make_policy(policy)
+    converting = time.perf_counter()
+    gm = ConvertToFakeQuant(quant_policy.weight, quant_policy.embedding)(gm).graph_module
+    mark(f"converted ({time.perf_counter() - converting:.1f}s)")
+    source = gm.meta.get(meta.GM_WEIGHT_SOURCE)
+    if source is not None:
+        held = {id(e): e for e in source.tensors.values() if isinstance(e, HeldCodes)}.values()
+        codes_mb = sum(t.numel() * t.element_size() for e in held for t in (e.codes, e.scale)) / 2**20
+        print(f"{mode:4s} {len(held)} quantized weights held as int8 codes: {codes_mb:.0f} MB", flush=True)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"{mode:4s} peak RSS (ru_maxrss) {peak:.0f} MB, total {time.perf_counter() - start:.1f}s", flush=True)
 

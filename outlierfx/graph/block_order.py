@@ -79,6 +79,15 @@ def _load_schedule(source: WeightSource, nodes: Sequence[torch.fx.Node], order: 
     return sorted(units, key=lambda u: order[u.first])
 
 
+def load_units(gm: torch.fx.GraphModule, nodes: Iterable[torch.fx.Node]) -> list[LoadUnit]:
+    """The load units of the weight-source tensors that ``nodes`` read, ordered by their first
+    reader: one per block for the tensors only that block's nodes read, one per tensor for the
+    others (the units :func:`run_in_block_order` loads, for per-block weight work)."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    return _load_schedule(gm.meta[meta.GM_WEIGHT_SOURCE], sorted(nodes, key=order.__getitem__), order,
+                          _block_spans(gm, order))
+
+
 def _segments(nodes: Sequence[torch.fx.Node], order: Mapping[torch.fx.Node, int],
               spans: Sequence[tuple[int, int, str]]) -> list[list[torch.fx.Node]]:
     """``nodes`` cut into consecutive runs: each block's nodes, and the nodes between blocks."""

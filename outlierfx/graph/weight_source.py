@@ -8,16 +8,22 @@ and masks on the meta device), and the captured graph holds them on the meta dev
 dtypes, no storage. ``gm.meta[GM_WEIGHT_SOURCE]`` is a :class:`WeightSource` naming, for each
 of them, the safetensors file and key it loads from. :func:`materialize` loads the named
 tensors (reading only their keys) and :func:`release` puts them back on the meta device, so a
-runner can hold one block's weights at a time.
+runner can hold one block's weights at a time (:func:`materialized` for a ``with`` block).
+
+A weight rewritten in memory can no longer be loaded from the checkpoint: the source always
+names its latest version. ConvertToFakeQuant's on-grid weights are held as int8 codes and
+per-row scales (:class:`HeldCodes`, :func:`hold`), a quarter of the float size, from which
+:func:`materialize` rebuilds the float weight bit for bit.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import os
 import pathlib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -38,12 +44,27 @@ class StoredTensor:
     key: str
 
 
+@dataclasses.dataclass(frozen=True, eq=False)  # one object per weight: targets sharing it share one tensor
+class HeldCodes:
+    """A weight put on a symmetric per-row integer grid, held in memory as its integer codes and
+    float32 per-row scales (:func:`~outlierfx.quantizers.integer_codes.integer_weight`, the form a
+    lowered model holds them in); ``rebuild_weight(codes, scale)`` is the float weight bit for bit."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+
+
 @dataclasses.dataclass(frozen=True)
 class WeightSource:
-    """Graph attribute target -> the checkpoint tensor it loads from. Tied weights (an LM head
-    sharing the embedding table) load from the one key the checkpoint stores for both."""
+    """Graph attribute target -> where its tensor comes from: the checkpoint (a
+    :class:`StoredTensor`; tied weights, an LM head sharing the embedding table, load from the
+    one key the checkpoint stores for both), or codes held in memory (:class:`HeldCodes`)."""
 
-    tensors: Mapping[str, StoredTensor]
+    tensors: Mapping[str, StoredTensor | HeldCodes]
+
+    def holding(self, held: Mapping[str, HeldCodes]) -> WeightSource:
+        """This source with the targets ``held`` loading from their codes instead."""
+        return WeightSource({**self.tensors, **held})
 
     @classmethod
     def from_checkpoint(cls, folder: str | os.PathLike, aliases: Mapping[str, Iterable[str]]) -> WeightSource:
@@ -169,14 +190,21 @@ def _checked_targets(source: WeightSource, names: Iterable[str]) -> list[str]:
 
 def materialize(gm: torch.fx.GraphModule, names: Iterable[str]) -> None:
     """Load the graph tensors ``names`` (attribute targets) from the checkpoint, reading only
-    their keys, in the dtype the graph holds them in. Targets sharing a key share one tensor."""
+    their keys, in the dtype the graph holds them in, or rebuild them from their held codes.
+    Targets sharing a key (or codes) share one tensor."""
     from safetensors import safe_open
+
+    from ..quantizers.integer_codes import rebuild_weight
 
     source = _source(gm)
     by_file: dict[pathlib.Path, dict[str, list[str]]] = collections.defaultdict(lambda: collections.defaultdict(list))
+    by_codes: dict[HeldCodes, list[str]] = collections.defaultdict(list)
     for target in _checked_targets(source, names):
-        stored = source.tensors[target]
-        by_file[stored.file][stored.key].append(target)
+        entry = source.tensors[target]
+        if isinstance(entry, HeldCodes):
+            by_codes[entry].append(target)
+        else:
+            by_file[entry.file][entry.key].append(target)
     for file, keys in by_file.items():
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for key, targets in keys.items():
@@ -185,19 +213,48 @@ def materialize(gm: torch.fx.GraphModule, names: Iterable[str]) -> None:
                 if tuple(value.shape) != tuple(like.shape):
                     raise DataError(f"{file} stores {key!r} with shape {tuple(value.shape)}, but the graph reads it as "
                                     f"{tuple(like.shape)}; the weights do not belong to this config")
-                value = value.to(like.dtype)
-                if isinstance(like, torch.nn.Parameter):
-                    value = torch.nn.Parameter(value, requires_grad=False)
-                for target in targets:
-                    set_attr(gm, target, value)
+                _set_all(gm, targets, value.to(like.dtype))
+    for held, targets in by_codes.items():
+        _set_all(gm, targets, rebuild_weight(held.codes, held.scale))
+
+
+def _set_all(gm: torch.fx.GraphModule, targets: list[str], value: torch.Tensor) -> None:
+    """Register ``value`` under every name of ``targets``, as the stand-ins were registered."""
+    if isinstance(fetch_attr(gm, targets[0]), torch.nn.Parameter):
+        value = torch.nn.Parameter(value, requires_grad=False)
+    for target in targets:
+        set_attr(gm, target, value)
 
 
 def release(gm: torch.fx.GraphModule, names: Iterable[str]) -> None:
-    """Put the graph tensors ``names`` back on the meta device, letting their storage go."""
+    """Put the graph tensors ``names`` back on the meta device, letting their storage go. A
+    target already there keeps its stand-in (and the ties it shares)."""
     source = _source(gm)
-    stand_ins: dict[StoredTensor, torch.Tensor] = {}
+    stand_ins: dict[StoredTensor | HeldCodes, torch.Tensor] = {}
     for target in _checked_targets(source, names):
+        if fetch_attr(gm, target).device.type == "meta":
+            continue
         stored = source.tensors[target]
         if stored not in stand_ins:
             stand_ins[stored] = _on_meta(fetch_attr(gm, target))
         set_attr(gm, target, stand_ins[stored])
+
+
+@contextlib.contextmanager
+def materialized(gm: torch.fx.GraphModule, names: Iterable[str]) -> Iterator[None]:
+    """The tensors ``names`` loaded (:func:`materialize`) for the ``with`` block, released after
+    it (:func:`release`), also when it raises."""
+    names = list(names)
+    materialize(gm, names)
+    try:
+        yield
+    finally:
+        release(gm, names)
+
+
+def hold(gm: torch.fx.GraphModule, held: Mapping[str, HeldCodes]) -> None:
+    """From now on the targets ``held`` load from their codes (rewritten weights the checkpoint
+    no longer has; targets new to the graph too), and their float tensors are released. Sets a
+    new source: a pass works on a copy of the graph, whose input keeps the source it had."""
+    gm.meta[meta.GM_WEIGHT_SOURCE] = _source(gm).holding(held)
+    release(gm, held)

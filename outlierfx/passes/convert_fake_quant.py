@@ -10,11 +10,17 @@ cosine, the 30522-row word table 1.6e-5), and keeping them float costs a few kil
 Biases stay float (backends keep them in int32 at scale s_x * s_w, which is finer than any
 activation grid). Below 8 bits, the model's output head (the LM head) keeps 8-bit weights, as
 embedding tables do (:func:`linear_weight_spec`).
+
+On a graph captured without weights (:func:`~outlierfx.graph.weight_source.capture_without_weights`)
+the weights are quantized one block at a time into int8 codes that the graph's weight source
+holds (:func:`_quantize_weights_per_block`); materialized, they are the weights this pass gives
+the loaded model's graph, bit for bit.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import torch
 import torch.fx
@@ -22,10 +28,14 @@ import torch.fx
 from ..errors import PassError
 from ..graph import meta
 from ..graph.attrs import fetch_attr, replace_input_tensor
+from ..graph.block_order import load_units
 from ..graph.first_tokens import wire_first_tokens
 from ..graph.ops import OpKind, feeds_only_outputs, op_kind
 from ..graph.shapes import propagate_values
+from ..graph.weight_source import HeldCodes, hold, materialized
+from ..memory import return_freed_memory
 from ..quantizers.fake_quant import quantize_weight
+from ..quantizers.integer_codes import quantize_to_codes
 from ..quantizers.observers import FakeQuantize, Observer
 from ..quantizers.spec import Granularity, QuantSpec
 from .base import GraphPass
@@ -124,18 +134,72 @@ class ConvertToFakeQuant(GraphPass[ConvertPlan]):
         for name in plan.activations:
             setattr(gm, name, FakeQuantize.from_observer(getattr(gm, name)))
         wire_sink_quantizers(gm, type(self).__name__)
-        # A tied table (lm_head = embedding) is quantized once per spec: at equal specs
-        # (per-row int8 both) the two readers keep sharing one tensor.
-        quantized: dict[tuple[str, QuantSpec], torch.Tensor] = {}
         work = ([(n, 1, plan.weight_spec) for n in plan.weights] + [(n, 1, spec) for n, spec in plan.heads]
                 + [(n, 1, plan.embedding_spec) for n in plan.tied_heads]
                 + [(n, 0, plan.embedding_spec) for n in plan.embeddings])
-        for node, index, spec in work:
-            weight_node = node.args[index]
-            key = (str(weight_node.target), spec)
-            if key not in quantized:
-                quantized[key] = quantize_weight(fetch_attr(gm, key[0]), spec)[0]
-            replace_input_tensor(gm, node, weight_node, quantized[key], "_quantized")
-            node.meta[meta.WEIGHT_QUANT] = spec
-            node.meta[meta.CREATED_BY] = node.meta.get(meta.CREATED_BY, type(self).__name__)
+        if gm.meta.get(meta.GM_WEIGHT_SOURCE) is None:
+            _quantize_weights(gm, work)
+        else:
+            _quantize_weights_per_block(gm, work)
         return bool(plan.activations or plan.weights or plan.heads or plan.tied_heads or plan.embeddings)
+
+
+WeightWork = list[tuple[torch.fx.Node, int, QuantSpec]]  # (reader, position of its weight argument, spec)
+Quantize = Callable[[str, torch.Tensor, QuantSpec], torch.Tensor]  # (target, weight, spec) -> the value to register
+
+
+def _fake_quantized(target: str, weight: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    return quantize_weight(weight, spec)[0]
+
+
+def _quantize_weights(gm: torch.fx.GraphModule, work: WeightWork, quantize: Quantize = _fake_quantized
+                      ) -> dict[str, torch.Tensor]:
+    """Put each reader's weight on its grid (``quantize``); returns target -> the value now
+    registered there, for each target that holds a quantized weight. A tied table (lm_head =
+    embedding) is quantized once per spec: at equal specs (per-row int8 both) the two readers
+    keep sharing one tensor."""
+    quantized: dict[tuple[str, QuantSpec], torch.Tensor] = {}
+    registered: dict[str, torch.Tensor] = {}
+    for node, index, spec in work:
+        weight_node = node.args[index]
+        key = (str(weight_node.target), spec)
+        if key not in quantized:
+            quantized[key] = quantize(key[0], fetch_attr(gm, key[0]), spec)
+        now_read = replace_input_tensor(gm, node, weight_node, quantized[key], "_quantized")
+        registered[str(now_read.target)] = quantized[key]
+        node.meta[meta.WEIGHT_QUANT] = spec
+        node.meta[meta.CREATED_BY] = node.meta.get(meta.CREATED_BY, ConvertToFakeQuant.__name__)
+    return registered
+
+
+def _quantize_weights_per_block(gm: torch.fx.GraphModule, work: WeightWork) -> None:
+    """A graph captured without weights: one load unit at a time (a block's weights; a tensor read
+    outside blocks), its weights are loaded, quantized straight into int8 codes (row by row:
+    :func:`~outlierfx.quantizers.integer_codes.quantize_to_codes`), which the weight source
+    holds, and released, so no more than one block's float weights are in memory. The graph
+    registers meta stand-ins for the quantized weights; materialized, the codes rebuild them
+    bit for bit: the graph is the full-memory conversion's (issue 28; docs/experiments/memory.md)."""
+    unit_of = {target: unit.name for unit in load_units(gm, [node for node, _, _ in work]) for target in unit.targets}
+    by_unit: dict[str, WeightWork] = {}
+    for node, index, spec in work:
+        by_unit.setdefault(unit_of[str(node.args[index].target)], []).append((node, index, spec))
+    held: dict[int, HeldCodes] = {}  # id of a stand-in -> the codes it stands for
+
+    def to_codes(target: str, weight: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+        pair = quantize_to_codes(weight, spec)
+        if pair is None:
+            raise PassError(f"{target} ({weight.dtype}) is quantized on a grid ({spec.describe()}) whose values no "
+                            f"int8 codes with float32 per-row scales hold, which a graph captured without weights "
+                            f"needs (it holds its quantized weights as codes); use a symmetric per-row weight spec "
+                            f"of at most 8 bits on float32 weights, or capture the model with its weights")
+        stand_in = torch.empty_like(weight, device="meta")
+        held[id(stand_in)] = HeldCodes(*pair)
+        return stand_in
+
+    for unit_work in by_unit.values():
+        with materialized(gm, [str(node.args[index].target) for node, index, _ in unit_work]):
+            registered = _quantize_weights(gm, unit_work, to_codes)
+        hold(gm, {target: held[id(stand_in)] for target, stand_in in registered.items()})
+        # the unit's float weights were freed between live tensors (the codes so far), which
+        # glibc keeps in its heap: without this SmolLM2's conversion kept 400 MB it had freed
+        return_freed_memory()

@@ -1,7 +1,8 @@
 """Integer codes of the weights ConvertToFakeQuant put on a grid: the fake-quant graph holds such a
 weight as float32 values ``codes * scale``, which int8 codes and per-row float32 scales rebuild
-bit for bit. The saved format stores them (:mod:`outlierfx.serialize`), and a lowered model holds
-them instead of the float copies (:class:`~outlierfx.passes.lower.LoweredFrom`)."""
+bit for bit. The saved format stores them (:mod:`outlierfx.serialize`), a lowered model holds
+them instead of the float copies (:class:`~outlierfx.passes.lower.LoweredFrom`), and so does a
+graph captured without weights once converted (:class:`~outlierfx.graph.weight_source.HeldCodes`)."""
 
 from __future__ import annotations
 
@@ -49,6 +50,23 @@ def integer_weight(weight: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor,
     if bool(chosen.isnan().any()):
         return None
     return codes, chosen
+
+
+def quantize_to_codes(weight: torch.Tensor, spec: QuantSpec, rows: int = 4096
+                      ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """:func:`integer_weight` of ``quantize_weight(weight, spec)[0]``, computed ``rows`` rows at a
+    time: on a per-row grid each row is quantized on its own, so neither the whole float
+    quantized weight nor the temporaries of quantizing it (four times an embedding table, 450 MB
+    on SmolLM2's) exist at once. None where :func:`integer_weight` has no codes."""
+    if not (spec.granularity is Granularity.PER_CHANNEL and weight.dim() >= 1 and spec.axis % weight.dim() == 0):
+        return None  # rows are not quantized on their own
+    pairs = []
+    for chunk in weight.detach().split(rows):
+        pair = integer_weight(quantize_weight(chunk, spec)[0], spec)
+        if pair is None:
+            return None
+        pairs.append(pair)
+    return torch.cat([codes for codes, _ in pairs]), torch.cat([scale for _, scale in pairs])
 
 
 def rebuild_weight(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
