@@ -87,3 +87,23 @@ def test_compiled_int8_compiles_each_new_shape_and_leaves_its_graph_alone():
         ones = torch.ones(n)
         assert torch.equal(compiled(ones, ones), gm(ones, ones))
     assert [n.name for n in gm.graph.nodes] == nodes and gm.code == code and compiled.reference is gm
+
+
+@pytest.mark.skipif(not runnable_backends(["inductor"]), reason="no inductor")
+def test_the_online_hadamard_is_compiled_in_not_called_back_while_the_kept_graph_keeps_the_op():
+    from outlierfx.graph.hadamard_op import HADAMARD
+    from outlierfx.graph.ops import is_call
+
+    g = build_model("llama", hidden=32, layers=2)
+    sim, report = outlierfx.quantize(g.model, [g.inputs], recipe="rotate", generation=False, progress=False)
+    assert any(is_call(n, HADAMARD) for n in sim.graph.nodes), "the rotate recipe inserted no online Hadamard"
+    lowered = outlierfx.lower(sim, report, "inductor").model
+    torch._dynamo.reset()
+    with torch.no_grad():
+        _, code = run_and_get_code(lowered, **g.inputs)
+    generated = "\n".join(code)
+    # a custom op left in the compiled graph is a call back into Python per layer (the decode
+    # step's cost); the kept graph (saved, exported) still names the op
+    assert INT8_GEMM in generated and "outlierfx.hadamard" not in generated
+    assert any(is_call(n, HADAMARD) for n in lowered.reference.graph.nodes)
+    assert_tokens_close(lowered.reference, lowered, g.inputs, min_cosine=0.9999)

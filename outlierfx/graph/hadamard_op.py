@@ -13,15 +13,21 @@ from __future__ import annotations
 import torch
 
 
-@torch.library.custom_op("outlierfx::hadamard", mutates_args=())
-def hadamard(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+def rotate_last_axis(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     """``x @ kron(left, right)`` on the last axis: with x's last axis viewed as ``c x p`` rows
-    X, ``left^T X right``."""
+    X, ``left^T X right``. The op's one definition: the custom op runs it, and inductor's copy of
+    a graph calls it in the op's place, so that the compiler sees (and compiles in) its GEMMs."""
     c, p = left.shape[0], right.shape[0]
     rows = x.reshape(-1, c, p) @ right  # one (tokens * c) x p GEMM
     # left^T times each token's c x p block: a batched GEMM on the blocks as they lie (a transpose
     # to one (tokens * p) x c GEMM and back cost two copies, and 2x the time on SmolLM2's d=1536)
     return torch.matmul(left.T, rows).reshape(x.shape)
+
+
+@torch.library.custom_op("outlierfx::hadamard", mutates_args=())
+def hadamard(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """The online rotation as one graph node (:func:`rotate_last_axis`)."""
+    return rotate_last_axis(x, left, right)
 
 
 @hadamard.register_fake
