@@ -39,9 +39,10 @@ def linear_weight_spec(linear: torch.fx.Node, weight_spec: QuantSpec) -> QuantSp
     model output (the LM head: its rounding error lands on every logit of every token, and
     nothing after it can correct it) keeps at least 8 bits. Common practice below 8 bits (GPTQ,
     AWQ, QuaRot and llm-compressor's W4 schemes leave the head at 8 or 16 bits); a structural
-    rule, not a tuned one. GPTQ rounds with the same spec."""
+    rule, not a tuned one. The head's 8-bit grid is symmetric whatever the low-bit rows are (what
+    the int8 kernels take). GPTQ rounds with the same spec."""
     if weight_spec.bits < HEAD_MIN_BITS and feeds_only_outputs(linear):
-        return weight_spec.with_(bits=HEAD_MIN_BITS)
+        return weight_spec.with_(bits=HEAD_MIN_BITS, symmetric=True, signed=True)
     return weight_spec
 
 
