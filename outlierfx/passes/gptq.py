@@ -7,9 +7,9 @@ For a Linear ``y = x W^T`` with calibration inputs X, the layer's squared output
 ``tr((W - Q) H (W - Q)^T)`` with ``H = X^T X``. GPTQ quantizes one input column at a time (in
 order of decreasing ``H_jj``, "act order") and spreads that column's rounding error over the
 columns not yet quantized, weighted by ``H^-1``. The grid is the one :class:`ConvertToFakeQuant`
-would use: per-row scales from the policy's weight spec (min-max, or MSE-clipped with each input
-column's error weighted by its Gram diagonal, what it costs at the output), computed from
-the float weight before any rounding. Only the choice of grid point changes.
+would use: per-row scales (and, on an asymmetric spec, zero points) from the policy's weight
+spec (min-max, or MSE-clipped with each input column's error weighted by its Gram diagonal,
+what it costs at the output), computed from the float weight before any rounding. Only the choice of grid point changes.
 
 X is what the Linear reads in the fake-quant model: activations quantized with their calibrated
 ranges, padding tokens (``attention_mask == 0``) left out. With ``sequential=True`` (as in the
@@ -18,9 +18,9 @@ from the model whose earlier Linears already carry their rounded weights, so a L
 also absorbs the error its inputs picked up upstream; the graph runs once, node by node over all
 calibration batches in lockstep (:class:`_Lockstep`). ``sequential=False`` (the default) takes
 every X from the model with float weights (one plain forward per batch). The pass writes
-weights that already lie on their grids, each row keeping a code at +-qmax so that the
-conversion (and lowering, which reads scales back by min-max) finds the same scale and changes
-nothing. Biases, embedding tables and tied weights (an LM head sharing the embedding table) are
+weights that already lie on their grids, each row keeping the codes at its range's ends (+-qmax
+on a symmetric grid; qmin and qmax on an asymmetric one) so that the conversion (and lowering,
+which reads scales back by min-max) finds the same grid and changes nothing. Biases, embedding tables and tied weights (an LM head sharing the embedding table) are
 left alone. Run it after calibration and after any pass that rewrites weights (e.g.
 :class:`~outlierfx.passes.fold_quadapter.FoldQuadapter`), before conversion.
 """
@@ -58,7 +58,7 @@ class RoundedLinear:
     tokens: int  # calibration rows in H
     nearest_error: float  # tr((W - Q) H (W - Q)^T) / tokens with round-to-nearest Q
     gptq_error: float  # the same with GPTQ's Q
-    pinned_rows: int  # rows whose +-qmax code had to be restored (keeps the scale readable by min-max)
+    pinned_rows: int  # rows whose range-end code had to be restored (keeps the grid readable by min-max)
 
     @property
     def reduction(self) -> float:
