@@ -128,12 +128,15 @@ def test_asymmetric_int4_rows_beat_symmetric_ones_at_the_layer_output():
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
-def test_converted_int4_weights_are_gptqs(symmetric):
+def test_converted_int4_weights_are_gptqs_and_lower_to_int8_codes(symmetric):
     """ConvertToFakeQuant reads each row's grid back from GPTQ's weight (by an MSE range search
     whose first candidate is the min-max range) and so writes GPTQ's weight unchanged; the LM
-    head keeps symmetric 8-bit rows."""
+    head keeps symmetric 8-bit rows. Lowering runs asymmetric int4 rows as int8 codes
+    ``k - zero point`` (no zero-point term in the GEMM) and computes the fake-quant model; the
+    codes rebuild each weight bit for bit."""
     from outlierfx.graph import meta
     from outlierfx.graph.attrs import fetch_attr
+    from outlierfx.quantizers.integer_codes import integer_weight, rebuild_weight
 
     g = build_model("llama", layers=1, hidden=32, ffn=64, batch=4, seq=16,
                     outliers=OutlierSpec(gamma_scale=10.0, channels=(3,)), tied=False)
@@ -146,9 +149,15 @@ def test_converted_int4_weights_are_gptqs(symmetric):
     for name, weight in result.plan.weights.items():
         after = fetch_attr(converted, str(nodes[name].args[1].target))
         assert torch.allclose(after, weight, rtol=0, atol=1e-6 * float(weight.abs().max())), name
+        codes, scale = integer_weight(after, nodes[name].meta[meta.WEIGHT_QUANT])
+        assert codes.dtype == torch.int8 and torch.equal(rebuild_weight(codes, scale), after), name
+        assert int(codes.abs().max()) <= (7 if symmetric else 15) or nodes[name].meta[meta.WEIGHT_QUANT].bits == 8
     head = [n.meta[meta.WEIGHT_QUANT] for n in nodes.values()
             if n.meta.get(meta.WEIGHT_QUANT) is not None and n.meta[meta.WEIGHT_QUANT].bits == 8]
     assert head and all(spec.symmetric for spec in head)
+    lowered = Lower("reference")(converted).graph_module
+    with torch.no_grad():
+        assert output_error(converted(**g.inputs), lowered(**g.inputs)).within(1e-5)
 
 
 @pytest.mark.parametrize("family", ["llama", "bert"])
