@@ -9,19 +9,21 @@ order of decreasing ``H_jj``, "act order") and spreads that column's rounding er
 columns not yet quantized, weighted by ``H^-1``. The grid is the one :class:`ConvertToFakeQuant`
 would use: per-row scales (and, on an asymmetric spec, zero points) from the policy's weight
 spec (min-max, or MSE-clipped with each input column's error weighted by its Gram diagonal,
-what it costs at the output), computed from the float weight before any rounding. Only the choice of grid point changes.
+what it costs at the output), computed from the float weight before any rounding. Only the
+choice of grid point changes.
 
 X is what the Linear reads in the fake-quant model: activations quantized with their calibrated
 ranges, padding tokens (``attention_mask == 0``) left out. With ``sequential=True`` (as in the
-GPTQ paper) the Linears are rounded in graph order and each one's X comes
-from the model whose earlier Linears already carry their rounded weights, so a Linear's rounding
-also absorbs the error its inputs picked up upstream; the graph runs once, node by node over all
-calibration batches in lockstep (:class:`_Lockstep`). ``sequential=False`` (the default) takes
-every X from the model with float weights (one plain forward per batch). The pass writes
-weights that already lie on their grids, each row keeping the codes at its range's ends (+-qmax
-on a symmetric grid; qmin and qmax on an asymmetric one) so that the conversion (and lowering,
-which reads scales back by min-max) finds the same grid and changes nothing. Biases, embedding tables and tied weights (an LM head sharing the embedding table) are
-left alone. Run it after calibration and after any pass that rewrites weights (e.g.
+GPTQ paper) the Linears are rounded in graph order and each one's X comes from the model whose
+earlier Linears already carry their rounded weights, so a Linear's rounding also absorbs the
+error its inputs picked up upstream; the graph runs once, node by node over all calibration
+batches in lockstep (:class:`_Lockstep`). ``sequential=False`` (the default) takes every X from
+the model with float weights (one plain forward per batch). The pass writes weights that already
+lie on their grids, each row keeping the codes at its range's ends (+-qmax on a symmetric grid;
+qmin and qmax on an asymmetric one) so that the conversion (and lowering, which reads scales
+back by min-max) finds the same grid and changes nothing. Biases, embedding tables and tied
+weights (an LM head sharing the embedding table) are left alone. Run it after calibration and
+after any pass that rewrites weights (e.g.
 :class:`~outlierfx.passes.fold_quadapter.FoldQuadapter`), before conversion.
 """
 

@@ -1,7 +1,8 @@
 """Integer codes of the weights ConvertToFakeQuant put on a grid: the fake-quant graph holds such a
 weight as float32 values ``codes * scale`` (``(codes - zero point) * scale`` on an asymmetric
-grid), which int8 codes and per-row float32 scales rebuild bit for bit. The saved format stores them (:mod:`outlierfx.serialize`), and a lowered model holds
-them instead of the float copies (:class:`~outlierfx.passes.lower.LoweredFrom`)."""
+grid), which int8 codes and per-row float32 scales rebuild bit for bit. The saved format stores
+them (:mod:`outlierfx.serialize`), and a lowered model holds them instead of the float copies
+(:class:`~outlierfx.passes.lower.LoweredFrom`)."""
 
 from __future__ import annotations
 
