@@ -12,6 +12,8 @@ was tuned on the evaluation windows):
 - ``asym``: ``diag``'s range search on the asymmetric grid: 16 levels (codes 0..15) over the
   MSE-shrunk ``c * [lo, hi]`` with a per-row zero point, as GPTQ's reference code and most
   int4 checkpoints store rows. The LM head keeps its symmetric 8-bit rows in both.
+- ``asymsearch``: ``gptqsearch`` on ``asym``'s grid (the six ranges ``c [lo, hi]`` around the
+  MSE range, each with its own zero point).
 - ``fullh``: the per-row clipping range that minimises the Linear's output error on the
   calibration inputs with round-to-nearest, ``d H d^T`` with the *full* Gram matrix. The
   objective is a sum over rows, each with one scalar range, so a grid over ``c * max|w|``
@@ -59,6 +61,7 @@ from outlierfx.passes.gptq import GPTQ
 from outlierfx.passes.insert_observers import InsertObservers
 from outlierfx.passes.manager import PassManager
 from outlierfx.passes.training import lm_loss
+from outlierfx.quantizers.fake_quant import qparams_from_range
 from outlierfx.quantizers.observers import FakeQuantize
 from outlierfx.quantizers.policy import parse_bits
 from outlierfx.quantizers.spec import Estimator, QuantSpec
@@ -91,23 +94,28 @@ def full_gram_scales(weight: torch.Tensor, spec: QuantSpec, gram: torch.Tensor) 
     return best.to(weight.dtype)
 
 
-# GPTQ-scored search: from just below the chooser's scale s up to min-max, s + t (s_minmax - s)
+# GPTQ-scored search: from just below the chooser's range c [lo, hi] up to min-max, (c + t (1 - c)) [lo, hi]
 # (the one-off that measured 22.97 in docs/experiments/rotation.md; set there, not tuned on test windows)
 SEARCH_POINTS = (-0.2, 0.0, 0.25, 0.5, 0.75, 1.0)
 
 
 def gptq_search(weight, gram, spec, damp=0.01, block=128, grid=None, _round=gptq_module.gptq_round):
-    """``gptq_round`` run at each of ``SEARCH_POINTS``' row scales (symmetric rows), keeping per row
-    the rounding with the smallest ``d H d^T`` (GPTQ rounds rows independently, so the choice is per row)."""
+    """``gptq_round`` at each of ``SEARCH_POINTS``' row ranges ``c [lo, hi]``, from just below the
+    chooser's ``c`` up to min-max (c = 1) on the spec's grid (symmetric or asymmetric), keeping per
+    row the rounding with the smallest ``d H d^T`` (GPTQ rounds rows independently, so the choice
+    is per row)."""
     if spec.bits >= 8 or grid is None:
         return _round(weight, gram, spec, damp, block, grid=grid)
-    scales, zeros = grid
-    top = (weight.detach().abs().amax(1) / spec.qmax).clamp_min(1e-12).to(scales.dtype)
+    w = weight.detach()
+    lo, hi = w.amin(1).clamp_max(0), w.amax(1).clamp_min(0)
+    full, _ = qparams_from_range(lo, hi, spec)
+    chosen = (grid[0].float() / full).clamp(max=1.0)  # the chooser's range as a fraction of min-max
     h = gram.double()
     best, best_err, pinned = None, None, 0
     for t in SEARCH_POINTS:
-        rounded, lost = _round(weight, gram, spec, damp, block,
-                               grid=((scales + t * (top - scales)).clamp_min(1e-12), zeros))
+        c = (chosen + t * (1 - chosen)).clamp_min(1e-6)
+        scale, zero_point = qparams_from_range(lo * c, hi * c, spec)
+        rounded, lost = _round(weight, gram, spec, damp, block, grid=(scale.to(weight.dtype), zero_point))
         delta = weight.double() - rounded.double()
         err = torch.einsum("oi,ij,oj->o", delta, h, delta)
         if best is None:
@@ -119,8 +127,10 @@ def gptq_search(weight, gram, spec, damp=0.01, block=128, grid=None, _round=gptq
     return best, pinned
 
 
-CHOOSERS: dict[str, ScaleChooser | None] = {"diag": None, "fullh": full_gram_scales, "gptqsearch": None, "asym": None}
-ASYMMETRIC = {"asym"}  # choosers whose rows are on the asymmetric grid (per-row zero point)
+CHOOSERS: dict[str, ScaleChooser | None] = {"diag": None, "fullh": full_gram_scales, "gptqsearch": None, "asym": None,
+                                             "asymsearch": None}
+ASYMMETRIC = {"asym", "asymsearch"}  # choosers whose rows are on the asymmetric grid (per-row zero point)
+SEARCHED = {"gptqsearch", "asymsearch"}  # choosers whose ranges GPTQ's own error picks (gptq_search)
 
 
 @contextlib.contextmanager
@@ -212,7 +222,7 @@ def main() -> None:
         # the asymmetric grid is the spec's: GPTQ rounds and the conversion reads back with it
         gptq.weight_spec = weight_spec = (policy.weight.with_(symmetric=False, signed=False) if scales in ASYMMETRIC
                                           else policy.weight)
-        search = gptq_search if scales == "gptqsearch" else None
+        search = gptq_search if scales in SEARCHED else None
         with patched(CHOOSERS[scales], search):
             rounded = PassManager([gptq])(copy_graph_module(calibrated))
         plan = next(e.plan for e in rounded.audit.entries if e.pass_name == "GPTQ")
