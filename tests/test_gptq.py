@@ -29,22 +29,31 @@ def _correlated_inputs(tokens: int, features: int, seed: int) -> torch.Tensor:
     return (torch.randn(tokens, features, generator=g) @ mixing) * scales
 
 
-@settings(max_examples=20, deadline=None)
+def _row_spec(bits: int, estimator: Estimator, symmetric: bool):
+    """Per-row weights: symmetric (codes -qmax..qmax) or asymmetric (0..qmax with a zero point)."""
+    return weight_spec(bits).with_(estimator=estimator, symmetric=symmetric, signed=symmetric)
+
+
+@settings(max_examples=30, deadline=None)
 @given(rows=st.integers(1, 24), cols=st.integers(2, 40), bits=st.sampled_from([4, 6, 8]),
-       estimator=st.sampled_from([Estimator.MINMAX, Estimator.MSE]), seed=st.integers(0, 2**16))
-def test_gptq_weights_lie_on_the_conversion_grid_and_conversion_keeps_them(rows, cols, bits, estimator, seed):
-    spec = weight_spec(bits).with_(estimator=estimator)
+       estimator=st.sampled_from([Estimator.MINMAX, Estimator.MSE]), symmetric=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_gptq_weights_lie_on_the_conversion_grid_and_conversion_keeps_them(rows, cols, bits, estimator, symmetric,
+                                                                            seed):
+    spec = _row_spec(bits, estimator, symmetric)
     w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed))
     x = _correlated_inputs(64, cols, seed)
     gram = x.T.double() @ x.double()
     rounded, _ = gptq_round(w, gram, spec)
     # MSE rows weigh each column's error by the Gram diagonal (what it costs at the output)
-    _, scale, _ = quantize_weight(w, spec, torch.diagonal(gram).float() if estimator is Estimator.MSE else None)
-    codes = rounded / scale[:, None]
+    _, scale, zero_point = quantize_weight(w, spec, torch.diagonal(gram).float() if estimator is Estimator.MSE
+                                           else None)
+    codes = rounded / scale[:, None] + zero_point[:, None]
     assert torch.allclose(codes, codes.round(), atol=1e-4)  # on the grid ConvertToFakeQuant picks
-    assert float(codes.abs().max()) <= spec.qmax + 1e-4
-    # conversion re-derives the same scales (a +-qmax code in every row) and changes nothing;
-    # lowering reads scales back by min-max, so it sees the same grid
+    low = -spec.qmax if symmetric else spec.qmin  # a symmetric row leaves qmin out (min-max reads max |w|)
+    assert low - 1e-4 <= float(codes.min()) and float(codes.max()) <= spec.qmax + 1e-4
+    # conversion re-derives the same grid (the range's ends kept in every row) and changes
+    # nothing; lowering reads scales back by min-max, so it sees the same grid
     for readback in (spec, spec.with_(estimator=Estimator.MINMAX)):
         again = quantize_weight(rounded, readback)[0]
         assert torch.allclose(again, rounded, rtol=0, atol=1e-6 * float(rounded.abs().max())), readback
@@ -67,8 +76,9 @@ def test_column_weighted_mse_rows_trade_error_toward_the_columns_that_cost_more(
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-def test_gptq_lowers_the_layer_output_error_against_round_to_nearest(bits):
-    spec = weight_spec(bits)
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_gptq_lowers_the_layer_output_error_against_round_to_nearest(bits, symmetric):
+    spec = _row_spec(bits, Estimator.MINMAX, symmetric)
     for seed in range(3):
         w = torch.randn(48, 64, generator=torch.Generator().manual_seed(seed))
         x = _correlated_inputs(512, 64, seed + 10)
@@ -85,6 +95,69 @@ def _calibrated(g, policy):
     observed = PassManager([InsertObservers(policy)])(gm).graph_module
     calibrate(observed, [g.inputs], progress=False)
     return observed
+
+
+@settings(max_examples=25, deadline=None)
+@given(rows=st.integers(1, 32), cols=st.integers(2, 48), seed=st.integers(0, 2**16))
+def test_asymmetric_int4_gptq_never_loses_to_round_to_nearest_on_its_grid(rows, cols, seed):
+    """Int4 rows on the asymmetric grid (16 levels over an MSE-clipped range with a zero point):
+    GPTQ's layer error is at most round-to-nearest's on the same grid, even after restoring
+    the codes that keep a row's range readable."""
+    from outlierfx.passes.gptq import _row_grid
+
+    spec = _row_spec(4, Estimator.MSE, symmetric=False)
+    w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed))
+    x = _correlated_inputs(4 * cols, cols, seed)
+    gram = x.T.double() @ x.double()
+    rounded, _ = gptq_round(w, gram, spec)
+    scale, zero_point = _row_grid(w, spec, gram)
+    nearest = (torch.clamp(torch.round(w / scale[:, None]) + zero_point[:, None], spec.qmin, spec.qmax)
+               - zero_point[:, None]) * scale[:, None]
+    assert layer_error(w, rounded, gram) <= layer_error(w, nearest, gram) * (1 + 1e-9)
+
+
+def test_asymmetric_int4_rows_beat_symmetric_ones_at_the_layer_output():
+    """16 levels with a zero point against 15 symmetric ones, each with GPTQ on an MSE-clipped
+    range: the asymmetric rows' layer error is lower (the W4A8 hypothesis, on a random layer)."""
+    w = torch.randn(64, 96, generator=torch.Generator().manual_seed(1))
+    x = _correlated_inputs(512, 96, 2)
+    gram = x.T.double() @ x.double()
+    errors = [layer_error(w, gptq_round(w, gram, _row_spec(4, Estimator.MSE, symmetric))[0], gram)
+              for symmetric in (True, False)]
+    assert errors[1] < 0.9 * errors[0], errors
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_converted_int4_weights_are_gptqs_and_lower_to_int8_codes(symmetric):
+    """ConvertToFakeQuant reads each row's grid back from GPTQ's weight (by an MSE range search
+    whose first candidate is the min-max range) and so writes GPTQ's weight unchanged; the LM
+    head keeps symmetric 8-bit rows. Lowering runs asymmetric int4 rows as int8 codes
+    ``k - zero point`` (no zero-point term in the GEMM) and computes the fake-quant model; the
+    codes rebuild each weight bit for bit."""
+    from outlierfx.graph import meta
+    from outlierfx.graph.attrs import fetch_attr
+    from outlierfx.quantizers.integer_codes import integer_weight, rebuild_weight
+
+    g = build_model("llama", layers=1, hidden=32, ffn=64, batch=4, seq=16,
+                    outliers=OutlierSpec(gamma_scale=10.0, channels=(3,)), tied=False)
+    policy = make_policy("linear-inputs", "W4A8")
+    spec = policy.weight.with_(estimator=Estimator.MSE, symmetric=symmetric, signed=symmetric)
+    result = GPTQ([g.inputs], spec, policy.embedding)(_calibrated(g, policy))
+    converted = ConvertToFakeQuant(spec, policy.embedding)(result.graph_module).graph_module
+    nodes = {n.name: n for n in converted.graph.nodes}
+    assert len(result.plan.weights) >= 8
+    for name, weight in result.plan.weights.items():
+        after = fetch_attr(converted, str(nodes[name].args[1].target))
+        assert torch.allclose(after, weight, rtol=0, atol=1e-6 * float(weight.abs().max())), name
+        codes, scale = integer_weight(after, nodes[name].meta[meta.WEIGHT_QUANT])
+        assert codes.dtype == torch.int8 and torch.equal(rebuild_weight(codes, scale), after), name
+        assert int(codes.abs().max()) <= (7 if symmetric else 15) or nodes[name].meta[meta.WEIGHT_QUANT].bits == 8
+    head = [n.meta[meta.WEIGHT_QUANT] for n in nodes.values()
+            if n.meta.get(meta.WEIGHT_QUANT) is not None and n.meta[meta.WEIGHT_QUANT].bits == 8]
+    assert head and all(spec.symmetric for spec in head)
+    lowered = Lower("reference")(converted).graph_module
+    with torch.no_grad():
+        assert output_error(converted(**g.inputs), lowered(**g.inputs)).within(1e-5)
 
 
 @pytest.mark.parametrize("family", ["llama", "bert"])
@@ -158,8 +231,6 @@ def test_gptq_recipe_suffix_and_bad_inputs():
     with pytest.raises(ValueError, match="unknown recipe"):
         get_recipe("nope+gptq")
     policy = make_policy("full", "W8A8")
-    with pytest.raises(ValueError, match="symmetric"):
-        GPTQ([g.inputs], policy.weight.with_(symmetric=False))
     with pytest.raises(ValueError, match="batches"):
         GPTQ([], policy.weight)
     gm = outlierfx.capture(g.model, g.inputs)

@@ -9,6 +9,7 @@ import torch
 
 import outlierfx
 from outlierfx.errors import DataError, OutlierFXWarning
+from outlierfx.graph import meta
 from outlierfx.passes.calibrate import CalibrationPlan
 from outlierfx.passes.clip_tokenwise import ClipTokenwise
 from outlierfx.passes.group_channels import GroupChannels
@@ -191,7 +192,7 @@ def test_the_default_on_an_rmsnorm_decoder_is_the_rotation_preset_and_runs_whole
     assert report.backend == default_backend()
 
 
-def test_below_8_bit_weights_the_fast_preset_rounds_mse_clipped_rows_with_gptq():
+def test_below_8_bit_weights_the_fast_preset_rounds_asymmetric_mse_clipped_rows_with_gptq():
     from outlierfx.backends import default_backend
     from outlierfx.quantizers.policy import parse_bits
     from outlierfx.quantizers.spec import Estimator
@@ -202,8 +203,21 @@ def test_below_8_bit_weights_the_fast_preset_rounds_mse_clipped_rows_with_gptq()
     assert at8 == preset("fast", "onednn", graph)
     assert at4.recipe.name == "rotate+sink+gptq" and at4.recipe.weight_estimator is Estimator.MSE
     assert "GPTQ" in at4.why and at4.why.startswith(at8.why)
-    smooth = preset("fast", "onednn", None, parse_bits("W4A8"))  # already GPTQ on MSE rows: unchanged
-    assert smooth == preset("fast", "onednn", None)
-    qmodel, report = outlierfx.quantize(g.model, [g.inputs], bits="W4A8", progress=False)
+    # int4 rows on the asymmetric grid (16 levels, a zero point per row); 8-bit rows stay symmetric
+    assert not at4.recipe.policy(parse_bits("W4A8")).weight.symmetric
+    assert at4.recipe.policy(parse_bits("W8A8")).weight.symmetric
+    smooth8, smooth4 = preset("fast", "onednn", None), preset("fast", "onednn", None, parse_bits("W4A8"))
+    # already GPTQ on MSE rows: only the rows' grid changes
+    assert smooth4.recipe == dataclasses.replace(smooth8.recipe, asymmetric_weights=True)
+    qmodel, report = outlierfx.quantize(g.model, [g.inputs], bits="W4A8", generation=False, progress=False)
     assert report.recipe == "rotate+sink+gptq" and report.backend == default_backend()
     assert any(e.pass_name == "GPTQ" and e.modified for e in report.audit.entries)
+    # the int4 rows run as int8 codes (k - zero point): whole int8 GEMMs computing the simulation
+    simulated = report.graphs.simulated
+    grids = {(n.meta[meta.WEIGHT_QUANT].bits, n.meta[meta.WEIGHT_QUANT].symmetric)
+             for n in simulated.graph.nodes if meta.WEIGHT_QUANT in n.meta}
+    assert grids == {(4, False), (8, True)}, grids  # the LM head and the table symmetric 8-bit
+    assert report.backend_fit.whole_int8
+    with torch.no_grad():
+        expected, out = simulated(**g.inputs).logits, qmodel(**g.inputs).logits
+    assert torch.nn.functional.cosine_similarity(expected.flatten(), out.flatten(), dim=0) > 0.9999

@@ -1,4 +1,4 @@
-"""SmolLM2 W4A8 (per-channel symmetric int4 weights, simulated; static per-tensor int8
+"""SmolLM2 W4A8 (per-channel int4 weights, simulated; static per-tensor int8
 activations, first token on its own grid): how each int4 row's scale is chosen before GPTQ
 rounds it, on one calibrated ``rotate+sink`` graph (MSE-clipped rows, LM head 8-bit, as the
 preset below 8-bit weights). The graph is captured, rotated and calibrated once; each variant
@@ -7,7 +7,13 @@ redoes only the row scales, GPTQ and the conversion, then scores Wikipedia perpl
 Row scale choosers (``scales`` part of a variant; every constant below is set here, none
 was tuned on the evaluation windows):
 - ``diag``: the preset's: the MSE range per row with each column's error weighted by the
-  Gram diagonal ``H_jj`` (:func:`outlierfx.passes.gptq._row_scales`).
+  Gram diagonal ``H_jj`` (:func:`outlierfx.passes.gptq._row_grid`), on the symmetric grid
+  (codes -7..7: 15 levels, so that min-max reads the scale back from max |w|).
+- ``asym``: ``diag``'s range search on the asymmetric grid: 16 levels (codes 0..15) over the
+  MSE-shrunk ``c * [lo, hi]`` with a per-row zero point, as GPTQ's reference code and most
+  int4 checkpoints store rows. The LM head keeps its symmetric 8-bit rows in both.
+- ``asymsearch``: ``gptqsearch`` on ``asym``'s grid (the six ranges ``c [lo, hi]`` around the
+  MSE range, each with its own zero point).
 - ``fullh``: the per-row clipping range that minimises the Linear's output error on the
   calibration inputs with round-to-nearest, ``d H d^T`` with the *full* Gram matrix. The
   objective is a sum over rows, each with one scalar range, so a grid over ``c * max|w|``
@@ -55,13 +61,14 @@ from outlierfx.passes.gptq import GPTQ
 from outlierfx.passes.insert_observers import InsertObservers
 from outlierfx.passes.manager import PassManager
 from outlierfx.passes.training import lm_loss
+from outlierfx.quantizers.fake_quant import qparams_from_range
 from outlierfx.quantizers.observers import FakeQuantize
 from outlierfx.quantizers.policy import parse_bits
 from outlierfx.quantizers.spec import Estimator, QuantSpec
 from outlierfx.recipes import paper_recipe
 from outlierfx.recipes.base import RunContext, Stage
 
-ScaleChooser = Callable[[torch.Tensor, QuantSpec, torch.Tensor], torch.Tensor]
+ScaleChooser = Callable[[torch.Tensor, QuantSpec, torch.Tensor], torch.Tensor]  # symmetric rows' scales
 RANGE_GRID = torch.linspace(0.5, 1.0, 51)  # c * max|w| per row: MSE search's interval, finer
 
 
@@ -87,21 +94,28 @@ def full_gram_scales(weight: torch.Tensor, spec: QuantSpec, gram: torch.Tensor) 
     return best.to(weight.dtype)
 
 
-# GPTQ-scored search: from just below the chooser's scale s up to min-max, s + t (s_minmax - s)
+# GPTQ-scored search: from just below the chooser's range c [lo, hi] up to min-max, (c + t (1 - c)) [lo, hi]
 # (the one-off that measured 22.97 in docs/experiments/rotation.md; set there, not tuned on test windows)
 SEARCH_POINTS = (-0.2, 0.0, 0.25, 0.5, 0.75, 1.0)
 
 
-def gptq_search(weight, gram, spec, damp=0.01, block=128, scales=None, _round=gptq_module.gptq_round):
-    """``gptq_round`` run at each of ``SEARCH_POINTS``' row scales, keeping per row the rounding
-    with the smallest ``d H d^T`` (GPTQ rounds rows independently, so the choice is per row)."""
-    if spec.bits >= 8 or scales is None:
-        return _round(weight, gram, spec, damp, block, scales=scales)
-    top = (weight.detach().abs().amax(1) / spec.qmax).clamp_min(1e-12).to(scales.dtype)
+def gptq_search(weight, gram, spec, damp=0.01, block=128, grid=None, _round=gptq_module.gptq_round):
+    """``gptq_round`` at each of ``SEARCH_POINTS``' row ranges ``c [lo, hi]``, from just below the
+    chooser's ``c`` up to min-max (c = 1) on the spec's grid (symmetric or asymmetric), keeping per
+    row the rounding with the smallest ``d H d^T`` (GPTQ rounds rows independently, so the choice
+    is per row)."""
+    if spec.bits >= 8 or grid is None:
+        return _round(weight, gram, spec, damp, block, grid=grid)
+    w = weight.detach()
+    lo, hi = w.amin(1).clamp_max(0), w.amax(1).clamp_min(0)
+    full, _ = qparams_from_range(lo, hi, spec)
+    chosen = (grid[0].float() / full).clamp(max=1.0)  # the chooser's range as a fraction of min-max
     h = gram.double()
     best, best_err, pinned = None, None, 0
     for t in SEARCH_POINTS:
-        rounded, lost = _round(weight, gram, spec, damp, block, scales=(scales + t * (top - scales)).clamp_min(1e-12))
+        c = (chosen + t * (1 - chosen)).clamp_min(1e-6)
+        scale, zero_point = qparams_from_range(lo * c, hi * c, spec)
+        rounded, lost = _round(weight, gram, spec, damp, block, grid=(scale.to(weight.dtype), zero_point))
         delta = weight.double() - rounded.double()
         err = torch.einsum("oi,ij,oj->o", delta, h, delta)
         if best is None:
@@ -113,26 +127,30 @@ def gptq_search(weight, gram, spec, damp=0.01, block=128, scales=None, _round=gp
     return best, pinned
 
 
-CHOOSERS: dict[str, ScaleChooser | None] = {"diag": None, "fullh": full_gram_scales, "gptqsearch": None}
+CHOOSERS: dict[str, ScaleChooser | None] = {"diag": None, "fullh": full_gram_scales, "gptqsearch": None, "asym": None,
+                                             "asymsearch": None}
+ASYMMETRIC = {"asym", "asymsearch"}  # choosers whose rows are on the asymmetric grid (per-row zero point)
+SEARCHED = {"gptqsearch", "asymsearch"}  # choosers whose ranges GPTQ's own error picks (gptq_search)
 
 
 @contextlib.contextmanager
 def patched(chooser: ScaleChooser | None, search: Callable | None) -> Iterator[None]:
     """GPTQ's row scales (below 8 bits) from ``chooser``, its rounding from ``search``."""
-    saved = gptq_module._row_scales, gptq_module.gptq_round
+    saved = gptq_module._row_grid, gptq_module.gptq_round
 
-    def row_scales(weight, spec, gram=None):
+    def row_grid(weight, spec, gram=None):
         if chooser is None or spec.bits >= 8 or gram is None:
             return saved[0](weight, spec, gram)
-        return chooser(weight, spec, gram)
+        scales = chooser(weight, spec, gram)
+        return scales, torch.zeros_like(scales, dtype=torch.int32)
 
-    gptq_module._row_scales = row_scales
+    gptq_module._row_grid = row_grid
     if search is not None:
         gptq_module.gptq_round = search
     try:
         yield
     finally:
-        gptq_module._row_scales, gptq_module.gptq_round = saved
+        gptq_module._row_grid, gptq_module.gptq_round = saved
 
 
 def calibrated_graph(samples: int):
@@ -177,7 +195,7 @@ def time_training_steps(model: torch.nn.Module, batch: dict[str, torch.Tensor], 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("variants", help="comma-separated scales[:seq], scales in " + ", ".join(CHOOSERS))
+    parser.add_argument("variants", help="comma-separated scales[:seq][:a16], scales in " + ", ".join(CHOOSERS))
     parser.add_argument("--json", required=True)
     parser.add_argument("--samples", type=int, default=CALIBRATION["decoder"]["samples"])
     parser.add_argument("--time-steps", action="store_true", help="time one training step instead")
@@ -201,16 +219,19 @@ def main() -> None:
             raise SystemExit(f"unknown variant {variant!r}")
         start = time.perf_counter()
         gptq.sequential = "seq" in modes
-        search = gptq_search if scales == "gptqsearch" else None
+        # the asymmetric grid is the spec's: GPTQ rounds and the conversion reads back with it
+        gptq.weight_spec = weight_spec = (policy.weight.with_(symmetric=False, signed=False) if scales in ASYMMETRIC
+                                          else policy.weight)
+        search = gptq_search if scales in SEARCHED else None
         with patched(CHOOSERS[scales], search):
             rounded = PassManager([gptq])(copy_graph_module(calibrated))
         plan = next(e.plan for e in rounded.audit.entries if e.pass_name == "GPTQ")
-        model = ConvertToFakeQuant(policy.weight, policy.embedding)(rounded.graph_module).graph_module
+        model = ConvertToFakeQuant(weight_spec, policy.embedding)(rounded.graph_module).graph_module
         for module in model.modules():
             if isinstance(module, FakeQuantize) and "a16" in modes:
                 module.enabled = False
         rounding_s = time.perf_counter() - start
-        row = {"variant": variant, "samples": args.samples,
+        row = {"variant": variant, "samples": args.samples, "weight_spec": weight_spec.describe(),
                "layer_error": sum(r.gptq_error for r in plan.linears), "rounding_s": round(rounding_s, 1),
                "ppl_wiki": DecoderEval.perplexity(model, evaluator.wiki)}
         if args.news:

@@ -62,8 +62,8 @@ class Backend(abc.ABC):
         if weight is None:
             return Kernel.float_gemm(Fallback.WEIGHT_NOT_QUANTIZED)
         if not weight_lowers(weight):
-            raise BackendError(f"{self.name}: Linear weights need symmetric per-row int8 codes of <= 8 bits, "
-                               f"got {weight.describe()}")
+            raise BackendError(f"{self.name}: Linear weights need per-row int8 codes (symmetric of <= 8 bits, "
+                               f"asymmetric of <= 7), got {weight.describe()}")
         if activation is None:
             return Kernel.float_gemm(Fallback.INPUT_NOT_QUANTIZED)
         requantized = output is not None and output.granularity is Granularity.PER_TENSOR and output.bits == 8 \

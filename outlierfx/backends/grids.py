@@ -15,6 +15,7 @@ import torch.fx
 
 from ..graph.attrs import set_attr, unique_attr_name
 from ..graph.ops import is_call, tensor_val
+from ..quantizers.integer_codes import kernel_weight_spec
 from ..quantizers.observers import FakeQuantize
 from ..quantizers.spec import Granularity, QuantSpec
 
@@ -88,9 +89,10 @@ def sink_grid(module: FakeQuantize) -> tuple[int, float, int]:
 
 
 def weight_lowers(spec: QuantSpec) -> bool:
-    """Whether a Linear weight spec has int8 codes the kernels take: symmetric, per output row,
-    at most 8 bit (what the policies' weight specs are)."""
-    return spec.granularity is Granularity.PER_CHANNEL and spec.axis % 2 == 0 and spec.symmetric and spec.bits <= 8
+    """Whether a Linear weight spec has int8 codes the kernels take: per output row, symmetric of
+    at most 8 bits (what the policies' weight specs are) or asymmetric of at most 7
+    (:func:`~outlierfx.quantizers.integer_codes.kernel_weight_spec`)."""
+    return spec.granularity is Granularity.PER_CHANNEL and spec.axis % 2 == 0 and kernel_weight_spec(spec).bits <= 8
 
 
 def two_grids_split(module: FakeQuantize) -> bool:

@@ -27,9 +27,10 @@ from ..errors import PassError
 from ..graph import meta
 from ..graph.attrs import del_attr, fetch_attr, set_attr, unique_attr_name
 from ..graph.ops import OpKind, op_kind, tensor_val
-from ..quantizers.fake_quant import integer_dtype, quantize_to_integers, quantize_weight
+from ..quantizers.fake_quant import integer_dtype
+from ..quantizers.integer_codes import kernel_codes, kernel_weight_spec
 from ..quantizers.observers import FakeQuantize
-from ..quantizers.spec import Estimator, Granularity, QuantSpec
+from ..quantizers.spec import Granularity, QuantSpec
 from .base import Backend
 from .capabilities import Capabilities, Execution, FirstTokens, PostOp
 from .first_rows import FIRST_ROWS_UNREAD, Rows, first_rows_of_value, follow_first_rows
@@ -140,15 +141,17 @@ class ReferenceLowering:
         return dq
 
     def _integer_weight(self, target: str, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
-        """int8 codes and per-row scales of a weight ConvertToFakeQuant put on the grid.
+        """int8 codes (on :func:`kernel_weight_spec`'s grid) and per-row scales of a weight
+        ConvertToFakeQuant put on the grid.
 
         Re-quantizing an on-grid tensor recovers its codes exactly (the scale to the last ulp)."""
         if not weight_lowers(spec):
-            raise PassError(f"{target}: lowering needs symmetric per-row weights of <= 8 bits, got {spec.describe()}")
+            raise PassError(f"{target}: lowering needs per-row weights with int8 codes (symmetric of <= 8 bits, "
+                            f"asymmetric of <= 7), got {spec.describe()}")
         weight = fetch_attr(self.gm, target).detach()
-        # an on-grid row's extreme is its qmax code (a clipped row too): min-max recovers the scale
-        _, scale, zero_point = quantize_weight(weight, spec.with_(estimator=Estimator.MINMAX))
-        codes = quantize_to_integers(weight, scale, zero_point, spec)
+        # an on-grid row's extremes are its range's end codes (a clipped row's too, GPTQ's too):
+        # min-max recovers the grid
+        codes, scale = kernel_codes(weight, spec)
         if not torch.allclose(codes.float() * scale[:, None], weight, rtol=1e-5, atol=0.0):
             raise PassError(f"{target} is not on an int{spec.bits} grid; was the graph converted by ConvertToFakeQuant?")
         return codes, scale.float()
@@ -165,7 +168,7 @@ class ReferenceLowering:
                 name = unique_attr_name(self.gm, target + suffix)
                 set_attr(self.gm, name, value)
                 names.append(name)
-            self.weights[key] = (*names, spec)
+            self.weights[key] = (*names, kernel_weight_spec(spec))
         return self.weights[key]
 
     def _dequantized_weight(self, attrs: tuple[str, str, str, QuantSpec], codes: str | None = None) -> torch.fx.Node:

@@ -49,9 +49,10 @@ def linear_weight_spec(linear: torch.fx.Node, weight_spec: QuantSpec) -> QuantSp
     model output (the LM head: its rounding error lands on every logit of every token, and
     nothing after it can correct it) keeps at least 8 bits. Common practice below 8 bits (GPTQ,
     AWQ, QuaRot and llm-compressor's W4 schemes leave the head at 8 or 16 bits); a structural
-    rule, not a tuned one. GPTQ rounds with the same spec."""
+    rule, not a tuned one. The head's 8-bit grid is symmetric whatever the low-bit rows are (what
+    the int8 kernels take). GPTQ rounds with the same spec."""
     if weight_spec.bits < HEAD_MIN_BITS and feeds_only_outputs(linear):
-        return weight_spec.with_(bits=HEAD_MIN_BITS)
+        return weight_spec.with_(bits=HEAD_MIN_BITS, symmetric=True, signed=True)
     return weight_spec
 
 
@@ -190,8 +191,9 @@ def _quantize_weights_per_block(gm: torch.fx.GraphModule, work: WeightWork) -> N
         if pair is None:
             raise PassError(f"{target} ({weight.dtype}) is quantized on a grid ({spec.describe()}) whose values no "
                             f"int8 codes with float32 per-row scales hold, which a graph captured without weights "
-                            f"needs (it holds its quantized weights as codes); use a symmetric per-row weight spec "
-                            f"of at most 8 bits on float32 weights, or capture the model with its weights")
+                            f"needs (it holds its quantized weights as codes); use a per-row weight spec with int8 "
+                            f"codes (symmetric of at most 8 bits, asymmetric of at most 7) on float32 weights, "
+                            f"or capture the model with its weights")
         stand_in = torch.empty_like(weight, device="meta")
         held[id(stand_in)] = HeldCodes(*pair)
         return stand_in

@@ -7,21 +7,23 @@ For a Linear ``y = x W^T`` with calibration inputs X, the layer's squared output
 ``tr((W - Q) H (W - Q)^T)`` with ``H = X^T X``. GPTQ quantizes one input column at a time (in
 order of decreasing ``H_jj``, "act order") and spreads that column's rounding error over the
 columns not yet quantized, weighted by ``H^-1``. The grid is the one :class:`ConvertToFakeQuant`
-would use: per-row scales from the policy's weight spec (min-max, or MSE-clipped with each input
-column's error weighted by its Gram diagonal, what it costs at the output), computed from
-the float weight before any rounding. Only the choice of grid point changes.
+would use: per-row scales (and, on an asymmetric spec, zero points) from the policy's weight
+spec (min-max, or MSE-clipped with each input column's error weighted by its Gram diagonal,
+what it costs at the output), computed from the float weight before any rounding. Only the
+choice of grid point changes.
 
 X is what the Linear reads in the fake-quant model: activations quantized with their calibrated
 ranges, padding tokens (``attention_mask == 0``) left out. With ``sequential=True`` (as in the
-GPTQ paper) the Linears are rounded in graph order and each one's X comes
-from the model whose earlier Linears already carry their rounded weights, so a Linear's rounding
-also absorbs the error its inputs picked up upstream; the graph runs once, node by node over all
-calibration batches in lockstep (:class:`~outlierfx.graph.lockstep.Lockstep`). ``sequential=False`` (the default) takes
-every X from the model with float weights (one plain forward per batch). The pass writes
-weights that already lie on their grids, each row keeping a code at +-qmax so that the
-conversion (and lowering, which reads scales back by min-max) finds the same scale and changes
-nothing. Biases, embedding tables and tied weights (an LM head sharing the embedding table) are
-left alone. Run it after calibration and after any pass that rewrites weights (e.g.
+GPTQ paper) the Linears are rounded in graph order and each one's X comes from the model whose
+earlier Linears already carry their rounded weights, so a Linear's rounding also absorbs the
+error its inputs picked up upstream; the graph runs once, node by node over all calibration
+batches in lockstep (:class:`~outlierfx.graph.lockstep.Lockstep`). ``sequential=False`` (the default) takes every X from
+the model with float weights (one plain forward per batch). The pass writes weights that already
+lie on their grids, each row keeping the codes at its range's ends (+-qmax on a symmetric grid;
+qmin and qmax on an asymmetric one) so that the conversion (and lowering, which reads scales
+back by min-max) finds the same grid and changes nothing. Biases, embedding tables and tied
+weights (an LM head sharing the embedding table) are left alone. Run it after calibration and
+after any pass that rewrites weights (e.g.
 :class:`~outlierfx.passes.fold_quadapter.FoldQuadapter`), before conversion.
 """
 
@@ -58,7 +60,7 @@ class RoundedLinear:
     tokens: int  # calibration rows in H
     nearest_error: float  # tr((W - Q) H (W - Q)^T) / tokens with round-to-nearest Q
     gptq_error: float  # the same with GPTQ's Q
-    pinned_rows: int  # rows whose +-qmax code had to be restored (keeps the scale readable by min-max)
+    pinned_rows: int  # rows whose range-end code had to be restored (keeps the grid readable by min-max)
 
     @property
     def reduction(self) -> float:
@@ -114,26 +116,65 @@ class _GramRecorder(torch.nn.Module):
         return x
 
 
-def _row_scales(weight: torch.Tensor, spec: QuantSpec, gram: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-row scale of ``weight`` under ``spec``, as ConvertToFakeQuant computes it; an MSE range
-    weighs each input column's error by its Gram diagonal (what that column's error costs at the
-    output) where the spec is per row and ``gram`` is given."""
+def _row_grid(weight: torch.Tensor, spec: QuantSpec, gram: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row scale and zero point (all zero on a symmetric grid) of ``weight`` under ``spec``,
+    as ConvertToFakeQuant computes them; an MSE range weighs each input column's error by its Gram
+    diagonal (what that column's error costs at the output) where the spec is per row and
+    ``gram`` is given."""
     per_row = spec.granularity is Granularity.PER_CHANNEL
     columns = torch.diagonal(gram).to(weight.dtype) if gram is not None and per_row and \
         spec.estimator is Estimator.MSE else None
-    _, scale, _ = quantize_weight(weight, spec, columns)
+    _, scale, zero_point = quantize_weight(weight, spec, columns)
     if spec.granularity is Granularity.PER_TENSOR:
-        scale = scale.reshape(1).expand(weight.shape[0])
-    return scale.to(weight.dtype)
+        scale, zero_point = scale.reshape(1).expand(weight.shape[0]), zero_point.reshape(1).expand(weight.shape[0])
+    return scale.to(weight.dtype), zero_point
+
+
+def _code_range(spec: QuantSpec) -> tuple[int, int]:
+    """The codes a weight may take: ``[-qmax, qmax]`` on a symmetric grid (no ``qmin`` code, so
+    that min-max reads the scale back from max |w|), the whole ``[qmin, qmax]`` otherwise."""
+    return (-spec.qmax, spec.qmax) if spec.symmetric else (spec.qmin, spec.qmax)
+
+
+def _nearest_codes(weight: torch.Tensor, step: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Round-to-nearest codes of ``weight`` (rows) at per-row ``step`` and ``zero`` (column vectors)."""
+    return torch.clamp(torch.round(weight.double() / step) + zero, *_code_range(spec))
+
+
+def _restore_readable_range(codes: torch.Tensor, nearest: torch.Tensor, zero: torch.Tensor, spec: QuantSpec
+                            ) -> tuple[torch.Tensor, int]:
+    """``codes`` with each row's grid readable back by min-max (conversion, lowering), and how many
+    rows needed it. Min-max finds a row's grid from its extreme codes: a symmetric row needs a code
+    at +-qmax; an asymmetric one a code at qmin (unless its zero point is qmin: then 0 is the
+    range's low end) and one at qmax (unless its zero point is qmax). Where GPTQ's rounding left
+    such an end empty that round-to-nearest filled, restore the code of the weight that
+    round-to-nearest put there."""
+    zero = zero[:, 0]
+    if spec.symmetric:
+        ends = [((codes.abs().amax(1) < spec.qmax) & (nearest.abs().amax(1) == spec.qmax), nearest.abs().argmax(1))]
+    else:
+        ends = [((codes.amin(1) > spec.qmin) & (nearest.amin(1) == spec.qmin) & (zero > spec.qmin),
+                 nearest.argmin(1)),
+                ((codes.amax(1) < spec.qmax) & (nearest.amax(1) == spec.qmax) & (zero < spec.qmax),
+                 nearest.argmax(1))]
+    restored = torch.zeros(codes.shape[0], dtype=torch.bool)
+    for lost, column in ends:
+        rows = lost.nonzero()[:, 0]
+        codes[rows, column[rows]] = nearest[rows, column[rows]]
+        restored |= lost
+    return codes, int(restored.sum())
 
 
 def gptq_round(weight: torch.Tensor, gram: torch.Tensor, spec: QuantSpec, damp: float = 0.01,
-               block: int = 128, scales: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+               block: int = 128, grid: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, int]:
     """GPTQ-rounded ``weight`` (rows = outputs) on ``spec``'s grid for inputs with Gram matrix
-    ``gram`` (its per-row ``scales``, when the caller has them, from :func:`_row_scales`), and
-    how many rows needed their +-qmax code restored."""
-    qmax = spec.qmax
-    step = (_row_scales(weight, spec, gram) if scales is None else scales).unsqueeze(1).double()
+    ``gram`` (its per-row scales and zero points ``grid``, when the caller has them, from
+    :func:`_row_grid`), and how many rows needed an end of their range restored
+    (:func:`_restore_readable_range`). A code k stands for ``(k - zero point) * scale``."""
+    scale, zero_point = _row_grid(weight, spec, gram) if grid is None else grid
+    step, zero = scale.unsqueeze(1).double(), zero_point.unsqueeze(1).double()
+    low, high = _code_range(spec)
     w = weight.detach().double().clone()
     h = gram.double().clone()
     dead = torch.diagonal(h) == 0
@@ -150,22 +191,15 @@ def gptq_round(weight: torch.Tensor, gram: torch.Tensor, spec: QuantSpec, damp: 
         wb, hb = w[:, start:stop].clone(), hinv[start:stop, start:stop]
         errors = torch.zeros_like(wb)
         for i in range(stop - start):
-            k = torch.clamp(torch.round(wb[:, i:i + 1] / step), -qmax, qmax)
+            k = torch.clamp(torch.round(wb[:, i:i + 1] / step) + zero, low, high)
             codes[:, start + i] = k[:, 0]
-            err = (wb[:, i:i + 1] - k * step) / hb[i, i]
+            err = (wb[:, i:i + 1] - (k - zero) * step) / hb[i, i]
             wb[:, i:] -= err @ hb[i:i + 1, i:]
             errors[:, i:i + 1] = err
         w[:, stop:] -= errors @ hinv[start:stop, stop:]
     codes = codes[:, torch.argsort(order)]
-    # A row with no code at +-qmax would read back (by min-max) a smaller scale: restore the code
-    # of its largest weight, which round-to-nearest put at +-qmax.
-    nearest = torch.clamp(torch.round(weight.detach().double() / step), -qmax, qmax)
-    lost = (codes.abs().amax(1) < qmax) & (nearest.abs().amax(1) == qmax)
-    if bool(lost.any()):
-        rows = lost.nonzero()[:, 0]
-        cols = nearest[rows].abs().argmax(1)
-        codes[rows, cols] = nearest[rows, cols]
-    return (codes * step).to(weight.dtype), int(lost.sum())
+    codes, restored = _restore_readable_range(codes, _nearest_codes(weight.detach(), step, zero, spec), zero, spec)
+    return ((codes - zero) * step).to(weight.dtype), restored
 
 
 def layer_error(weight: torch.Tensor, rounded: torch.Tensor, gram: torch.Tensor) -> float:
@@ -191,8 +225,6 @@ class GPTQ(GraphPass[GPTQPlan]):
                  damp: float = 0.01, sequential: bool = False) -> None:
         if not batches:
             raise ValueError("GPTQ needs calibration batches")
-        if not weight_spec.symmetric:
-            raise ValueError("GPTQ keeps the grid readable by min-max, which needs a symmetric weight spec")
         if weight_spec.granularity is Granularity.PER_CHANNEL and weight_spec.axis not in (0, -2):
             raise ValueError(f"GPTQ rounds per output row: per-channel weight specs need axis 0, got {weight_spec.axis}")
         if weight_spec.granularity is Granularity.PER_GROUP:
@@ -226,10 +258,10 @@ class GPTQ(GraphPass[GPTQPlan]):
                 return None
             weight = fetch_attr(gm, str(node.args[1].target)).detach()
             spec = linear_weight_spec(node, self.weight_spec)  # the grid ConvertToFakeQuant gives it
-            scales = _row_scales(weight, spec, gram)  # one range search serves both roundings
-            rounded, pinned = gptq_round(weight, gram, spec, self.damp, scales=scales)
-            step = scales.unsqueeze(1)
-            nearest = torch.clamp(torch.round(weight / step), -spec.qmax, spec.qmax) * step  # on GPTQ's grid
+            scale, zero_point = grid = _row_grid(weight, spec, gram)  # one range search serves both roundings
+            rounded, pinned = gptq_round(weight, gram, spec, self.damp, grid=grid)
+            step, zero = scale.unsqueeze(1).double(), zero_point.unsqueeze(1).double()
+            nearest = ((_nearest_codes(weight, step, zero, spec) - zero) * step).to(weight.dtype)  # GPTQ's grid
             weights[node.name] = rounded
             linears.append(RoundedLinear(node.name, meta.module_path(node), weight.shape[1], tokens,
                                          layer_error(weight, nearest, gram) / tokens,

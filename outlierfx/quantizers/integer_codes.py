@@ -1,8 +1,9 @@
 """Integer codes of the weights ConvertToFakeQuant put on a grid: the fake-quant graph holds such a
-weight as float32 values ``codes * scale``, which int8 codes and per-row float32 scales rebuild
-bit for bit. The saved format stores them (:mod:`outlierfx.serialize`), a lowered model holds
-them instead of the float copies (:class:`~outlierfx.passes.lower.LoweredFrom`), and so does a
-graph captured without weights once converted (:class:`~outlierfx.graph.weight_source.HeldCodes`)."""
+weight as float32 values ``codes * scale`` (``(codes - zero point) * scale`` on an asymmetric
+grid), which int8 codes and per-row float32 scales rebuild bit for bit. The saved format stores
+them (:mod:`outlierfx.serialize`), a lowered model holds them instead of the float copies
+(:class:`~outlierfx.passes.lower.LoweredFrom`), and so does a graph captured without weights
+once converted (:class:`~outlierfx.graph.weight_source.HeldCodes`)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch.fx
 
 from ..graph import meta
 from ..graph.ops import OpKind, op_kind
-from .fake_quant import quantize_to_integers, quantize_weight
+from .fake_quant import integer_dtype, quantize_to_integers, quantize_weight
 from .spec import Estimator, Granularity, QuantSpec
 
 
@@ -29,19 +30,38 @@ def quantized_weights(gm: torch.fx.GraphModule) -> dict[str, QuantSpec]:
     return found
 
 
+def kernel_weight_spec(spec: QuantSpec) -> QuantSpec:
+    """The symmetric grid an int8 kernel runs a weight on: ``spec`` itself where symmetric. An
+    asymmetric b-bit row's values ``(k - zero point) * scale`` are the codes ``k - zero point`` in
+    ``[-(2^b - 1), 2^b - 1]`` of the symmetric (b+1)-bit grid at the same scale: the zero point
+    folds into the codes, so an int8 GEMM needs no correction term for it (an int4 kernel that
+    stores ``k`` itself adds the activation row's sum times the zero point instead)."""
+    return spec if spec.symmetric else spec.with_(bits=spec.bits + 1, symmetric=True, signed=True)
+
+
+def kernel_codes(weight: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes on :func:`kernel_weight_spec`'s grid and per-row scales of a weight on ``spec``'s
+    per-row grid: min-max over an on-grid row recovers its scale (to within one ulp) and zero point."""
+    _, scale, zero_point = quantize_weight(weight, spec.with_(estimator=Estimator.MINMAX))
+    codes = quantize_to_integers(weight, scale, zero_point, spec)
+    if not spec.symmetric:
+        codes = codes.to(torch.int16) - zero_point.reshape(-1, *([1] * (weight.dim() - 1)))
+    return codes.to(integer_dtype(kernel_weight_spec(spec))), scale
+
+
 def integer_weight(weight: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Integer codes and float32 per-row scales with ``rebuild_weight(codes, scale) == weight``
-    bit for bit, for a fake-quant weight on a symmetric per-row grid of <= 8 bits; None where
-    there are none (another grid, or a row no scale reproduces exactly).
+    bit for bit, for a fake-quant weight on a per-row grid whose kernel codes are int8
+    (:func:`kernel_weight_spec`: symmetric of <= 8 bits, asymmetric of <= 7); None where there
+    are none (another grid, or a row no scale reproduces exactly).
 
     The scale ConvertToFakeQuant used is not stored in the graph; min-max over the on-grid row
     recovers it to within one ulp, so each row tries that value and its two neighbours."""
     per_row = spec.granularity is Granularity.PER_CHANNEL and spec.axis % max(weight.dim(), 1) == 0
-    if weight.dtype != torch.float32 or weight.dim() < 1 or not (spec.symmetric and per_row and spec.bits <= 8):
+    if weight.dtype != torch.float32 or weight.dim() < 1 or not (per_row and kernel_weight_spec(spec).bits <= 8):
         return None
     w = weight.detach()
-    _, scale, zero_point = quantize_weight(w, spec.with_(estimator=Estimator.MINMAX))
-    codes = quantize_to_integers(w, scale, zero_point, spec)
+    codes, scale = kernel_codes(w, spec)
     chosen = torch.full_like(scale, float("nan"))
     for candidate in (scale, torch.nextafter(scale, torch.full_like(scale, float("inf"))),
                       torch.nextafter(scale, torch.zeros_like(scale))):

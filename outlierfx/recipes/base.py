@@ -132,7 +132,11 @@ class Recipe:
     """A named pipeline of configured passes in stages, and the defaults of its policy.
 
     ``default_policy`` names where quantizers go (``full``, ``linear-inputs``, ``mp16``);
-    ``weight_estimator`` how Linear weight ranges are set; ``sink_tokens`` gives the first
+    ``weight_estimator`` how Linear weight ranges are set; ``asymmetric_weights`` puts Linear
+    weight rows below 8 bits on an asymmetric grid (all 2^b levels with a zero point per row,
+    not the symmetric grid's 2^b - 1; int8 kernels run the codes minus the zero point,
+    ``kernel_weight_spec``); 8-bit rows, the W4 LM head's included, stay symmetric (an
+    asymmetric 8-bit row's codes would not fit int8); ``sink_tokens`` gives the first
     positions of each sequence a grid of their own, kept only where they widen a per-tensor
     range ``sink_min_widening`` times or more (1: wherever they do not fit).
     """
@@ -144,6 +148,7 @@ class Recipe:
     finish: tuple[Step, ...] = ()
     default_policy: str = "full"
     weight_estimator: Estimator = Estimator.MINMAX
+    asymmetric_weights: bool = False
     sink_tokens: int = 0
     sink_min_widening: float = 1.0
 
@@ -196,16 +201,20 @@ class Recipe:
         chosen = make_policy(policy or self.default_policy, bits)
         if self.sink_tokens:
             chosen = chosen.with_sink_tokens(self.sink_tokens, self.sink_min_widening)
-        if chosen.weight is None or self.weight_estimator is chosen.weight.estimator:
+        if chosen.weight is None:
             return chosen
-        return dataclasses.replace(chosen, weight=chosen.weight.with_(estimator=self.weight_estimator))
+        weight = chosen.weight.with_(estimator=self.weight_estimator)
+        if self.asymmetric_weights and weight.bits < 8:
+            weight = weight.with_(symmetric=False, signed=False)
+        return chosen if weight == chosen.weight else dataclasses.replace(chosen, weight=weight)
 
     def describe(self) -> str:
         """The pipeline, one stage a line (the fixed stages in brackets)."""
         def line(steps: tuple[Step, ...]) -> str:
             return ", ".join(s.describe() for s in steps) or "-"
 
-        extras = [f"policy {self.default_policy}", f"weight ranges {self.weight_estimator.value}"]
+        extras = [f"policy {self.default_policy}", f"weight ranges {self.weight_estimator.value}"
+                  + (" on asymmetric rows" if self.asymmetric_weights else "")]
         if self.sink_tokens:
             extras.append(f"first {self.sink_tokens} token(s) on their own grid where they widen a range "
                           f">= {self.sink_min_widening:g}x")
