@@ -29,7 +29,7 @@ from ..graph import meta
 from ..graph.attrs import fetch_attr, set_attr, tensor_identity
 from ..graph.canonicalize import remove_dead_code
 from ..graph.copy import copy_graph_module
-from ..quantizers.integer_codes import integer_weight, quantized_weights, rebuild_weight
+from ..quantizers.integer_codes import HeldCodes, integer_weight, quantized_weights
 from ..quantizers.observers import FakeQuantize
 from .audit import AuditTrail
 from .base import GraphPass, PassResult
@@ -53,7 +53,7 @@ class LoweredFrom:
     backend: str
     max_sub_gemms: int
     bf16_attention: bool
-    codes: Mapping[str, tuple[torch.Tensor, torch.Tensor]] = dataclasses.field(default_factory=dict, repr=False)
+    codes: Mapping[str, HeldCodes] = dataclasses.field(default_factory=dict, repr=False)
 
     @classmethod
     def of(cls, source: torch.fx.GraphModule, lowered: torch.fx.GraphModule, backend: str, max_sub_gemms: int,
@@ -62,21 +62,21 @@ class LoweredFrom:
         Tied weights (one tensor under several targets) share one pair of codes, so
         :meth:`fake_quant` ties them again and ``save`` writes them once, as before."""
         in_use = {tensor_identity(t) for t in [*lowered.parameters(), *lowered.buffers()]}
-        held = _HeldCodes(lowered)
+        kernel_rows = _KernelRows(lowered)
         compact = copy_graph_module(source)
-        codes: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        by_identity: dict[tuple, tuple[torch.Tensor, torch.Tensor] | None] = {}
+        codes: dict[str, HeldCodes] = {}
+        by_identity: dict[tuple, HeldCodes | None] = {}
         for target, spec in quantized_weights(source).items():
             weight = fetch_attr(source, target)
             identity = tensor_identity(weight)
             if identity in in_use:
                 continue
             if identity not in by_identity:
-                pair = integer_weight(weight, spec)
-                by_identity[identity] = None if pair is None else (held.find(pair[0]), pair[1])
-            pair = by_identity[identity]
-            if pair is not None:
-                codes[target] = pair
+                found = integer_weight(weight, spec)
+                by_identity[identity] = None if found is None else HeldCodes(kernel_rows.find(found.codes), found.scale)
+            held = by_identity[identity]
+            if held is not None:
+                codes[target] = held
                 set_attr(compact, target, _as_kind_of(weight, torch.empty_like(weight, device="meta")))
         return cls(compact, backend, max_sub_gemms, bf16_attention, codes)
 
@@ -84,10 +84,10 @@ class LoweredFrom:
         """The fake-quant graph with its float weights rebuilt from the codes, bit for bit."""
         graph = copy_graph_module(self.compact)
         rebuilt: dict[int, torch.Tensor] = {}
-        for target, (codes, scale) in self.codes.items():
-            if id(codes) not in rebuilt:
-                rebuilt[id(codes)] = rebuild_weight(codes, scale)
-            set_attr(graph, target, _as_kind_of(fetch_attr(self.compact, target), rebuilt[id(codes)]))
+        for target, held in self.codes.items():
+            if id(held) not in rebuilt:
+                rebuilt[id(held)] = held.weight()
+            set_attr(graph, target, _as_kind_of(fetch_attr(self.compact, target), rebuilt[id(held)]))
         return graph
 
 
@@ -98,7 +98,7 @@ def _as_kind_of(original: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     return value
 
 
-class _HeldCodes:
+class _KernelRows:
     """The int8 rows a lowered graph's kernels already hold, found by content: a weight's codes
     are then a view of the kernel's buffer (a row range of a merged Q/K/V or gate/up weight),
     not a third int8 copy next to the kernel's buffer and its packed form."""
