@@ -27,9 +27,11 @@ from ..errors import PassError
 from ..graph import meta
 from ..graph.attrs import del_attr, fetch_attr, set_attr, unique_attr_name
 from ..graph.ops import OpKind, op_kind, tensor_val
-from ..quantizers.fake_quant import integer_dtype, quantize_to_integers, quantize_weight
+from ..graph.weight_source import held_codes
+from ..quantizers.fake_quant import integer_dtype
+from ..quantizers.integer_codes import HeldCodes, integer_weight
 from ..quantizers.observers import FakeQuantize
-from ..quantizers.spec import Estimator, Granularity, QuantSpec
+from ..quantizers.spec import Granularity, QuantSpec
 from .base import Backend
 from .capabilities import Capabilities, Execution, FirstTokens, PostOp
 from .first_rows import FIRST_ROWS_UNREAD, Rows, first_rows_of_value, follow_first_rows
@@ -139,29 +141,32 @@ class ReferenceLowering:
         del_attr(self.gm, str(node.target))
         return dq
 
-    def _integer_weight(self, target: str, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
-        """int8 codes and per-row scales of a weight ConvertToFakeQuant put on the grid.
-
-        Re-quantizing an on-grid tensor recovers its codes exactly (the scale to the last ulp)."""
+    def _integer_weight(self, target: str, spec: QuantSpec) -> HeldCodes:
+        """int8 codes and per-row scales of a weight ConvertToFakeQuant put on the grid: the codes
+        a graph captured without weights holds for it (no float weight is read), or those its
+        on-grid float weight has (:func:`~outlierfx.quantizers.integer_codes.integer_weight`:
+        the scales rebuild the weight bit for bit, so both give the same kernels)."""
         if not weight_lowers(spec):
             raise PassError(f"{target}: lowering needs symmetric per-row weights of <= 8 bits, got {spec.describe()}")
-        weight = fetch_attr(self.gm, target).detach()
-        # an on-grid row's extreme is its qmax code (a clipped row too): min-max recovers the scale
-        _, scale, zero_point = quantize_weight(weight, spec.with_(estimator=Estimator.MINMAX))
-        codes = quantize_to_integers(weight, scale, zero_point, spec)
-        if not torch.allclose(codes.float() * scale[:, None], weight, rtol=1e-5, atol=0.0):
+        held = held_codes(self.gm, target)
+        if held is None:
+            held = integer_weight(fetch_attr(self.gm, target).detach(), spec)
+        if held is None:
             raise PassError(f"{target} is not on an int{spec.bits} grid; was the graph converted by ConvertToFakeQuant?")
-        return codes, scale.float()
+        return held
 
     def _weight_attrs(self, weight: torch.fx.Node, spec: QuantSpec) -> tuple[str, str, str, QuantSpec]:
         target = str(weight.target)
-        # keyed by the tensor: a tied table (lm_head = embedding) may sit under two names
+        # keyed by the tensor (a tied table, lm_head = embedding, may sit under two names), or by
+        # the codes held for it (its stand-in, a meta tensor, has no memory to tell it apart)
         tensor = fetch_attr(self.gm, target)
-        key = (tensor.data_ptr(), tuple(tensor.shape), spec)
+        held = held_codes(self.gm, target)
+        key = (id(held), spec) if held is not None else (tensor.data_ptr(), tuple(tensor.shape), spec)
         if key not in self.weights:
-            codes, scale = self._integer_weight(target, spec)
+            held = self._integer_weight(target, spec)
             names = []
-            for suffix, value in (("_int8", codes), ("_scale", scale), ("_zero_point", torch.zeros_like(scale, dtype=torch.int64))):
+            for suffix, value in (("_int8", held.codes), ("_scale", held.scale),
+                                  ("_zero_point", torch.zeros_like(held.scale, dtype=torch.int64))):
                 name = unique_attr_name(self.gm, target + suffix)
                 set_attr(self.gm, name, value)
                 names.append(name)

@@ -248,3 +248,24 @@ def hold(gm: torch.fx.GraphModule, held: Mapping[str, HeldCodes]) -> None:
     new source: a pass works on a copy of the graph, whose input keeps the source it had."""
     gm.meta[meta.GM_WEIGHT_SOURCE] = _source(gm).holding(held)
     release(gm, held)
+
+
+def held_codes(gm: torch.fx.GraphModule, target: str) -> HeldCodes | None:
+    """The int8 codes the graph tensor ``target`` loads from (:func:`hold`); None for a graph
+    captured with its weights, or a tensor that loads from the checkpoint."""
+    source = gm.meta.get(meta.GM_WEIGHT_SOURCE)
+    entry = None if source is None else source.tensors.get(target)
+    return entry if isinstance(entry, HeldCodes) else None
+
+
+def with_checkpoint_tensors(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A copy of ``gm`` holding for real every tensor it loads from the checkpoint: those no pass
+    rewrote (norm gains, biases, tables kept float), which a lowered model holds as they are.
+    Its held codes stay codes (their targets meta stand-ins): ``Lower`` builds its int8
+    kernels from them (:func:`held_codes`) and never needs their float weights."""
+    from .copy import copy_graph_module
+
+    stored = [target for target, entry in _source(gm).tensors.items() if isinstance(entry, StoredTensor)]
+    work = copy_graph_module(gm)
+    materialize(work, stored)
+    return work

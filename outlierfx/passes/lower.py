@@ -29,6 +29,7 @@ from ..graph import meta
 from ..graph.attrs import fetch_attr, set_attr, tensor_identity
 from ..graph.canonicalize import remove_dead_code
 from ..graph.copy import copy_graph_module
+from ..graph.weight_source import held_codes, with_checkpoint_tensors
 from ..quantizers.integer_codes import HeldCodes, integer_weight, quantized_weights
 from ..quantizers.observers import FakeQuantize
 from .audit import AuditTrail
@@ -58,7 +59,8 @@ class LoweredFrom:
     @classmethod
     def of(cls, source: torch.fx.GraphModule, lowered: torch.fx.GraphModule, backend: str, max_sub_gemms: int,
            bf16_attention: bool) -> LoweredFrom:
-        """``source`` with every on-grid weight that ``lowered`` no longer reads held as codes.
+        """``source`` with every on-grid weight that ``lowered`` no longer reads held as codes
+        (those a graph captured without weights holds already, or those of its float weight).
         Tied weights (one tensor under several targets) share one pair of codes, so
         :meth:`fake_quant` ties them again and ``save`` writes them once, as before."""
         in_use = {tensor_identity(t) for t in [*lowered.parameters(), *lowered.buffers()]}
@@ -66,13 +68,15 @@ class LoweredFrom:
         compact = copy_graph_module(source)
         codes: dict[str, HeldCodes] = {}
         by_identity: dict[tuple, HeldCodes | None] = {}
+        compact.meta.pop(meta.GM_WEIGHT_SOURCE, None)  # the lowered model runs on what it holds
         for target, spec in quantized_weights(source).items():
             weight = fetch_attr(source, target)
-            identity = tensor_identity(weight)
+            loaded = held_codes(source, target)
+            identity = (id(loaded),) if loaded is not None else tensor_identity(weight)
             if identity in in_use:
                 continue
             if identity not in by_identity:
-                found = integer_weight(weight, spec)
+                found = loaded if loaded is not None else integer_weight(weight, spec)
                 by_identity[identity] = None if found is None else HeldCodes(kernel_rows.find(found.codes), found.scale)
             held = by_identity[identity]
             if held is not None:
@@ -173,7 +177,20 @@ class Lower(GraphPass[LowerPlan]):
         return True
 
     def __call__(self, gm: torch.fx.GraphModule) -> PassResult:
+        """On a graph captured without weights (issue 28, ``--low-memory``), the tensors it loads
+        from the checkpoint are loaded (gains, biases: the lowered model holds them) and the int8
+        kernels take the weights' held codes: no float weight is materialized, and the result is
+        the full-memory lowering's model, which runs without the weight source."""
+        if gm.meta.get(meta.GM_WEIGHT_SOURCE) is not None:
+            gm = with_checkpoint_tensors(gm)
         result = super().__call__(gm)
+        lowered = result.graph_module
+        if lowered.meta.pop(meta.GM_WEIGHT_SOURCE, None) is not None:
+            unloaded = [name for name, t in [*lowered.named_parameters(), *lowered.named_buffers()] if t.is_meta]
+            if unloaded:
+                raise PassError(f"the lowered graph still reads {unloaded[:4]} as weights held as codes, which no "
+                                f"kernel of the {self.backend} backend takes; lower with the reference or onednn "
+                                f"backend, or capture the model with its weights")
         result.graph_module.meta[meta.GM_LOWERED_FROM] = LoweredFrom.of(gm, result.graph_module, self.backend,
                                                                         self.max_sub_gemms, self.bf16_attention)
         return result
