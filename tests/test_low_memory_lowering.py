@@ -16,6 +16,7 @@ from outlierfx.graph import meta
 from outlierfx.graph.attrs import fetch_attr
 from outlierfx.graph.weight_source import capture_without_weights
 from outlierfx.passes import Calibrate, ConvertToFakeQuant, FuseAttention, InsertObservers, Lower
+from outlierfx.passes.lower import lower_model
 from outlierfx.quantizers.integer_codes import HeldCodes, quantized_weights
 from outlierfx.quantizers.policy import make_policy
 from outlierfx.testing import build_model
@@ -89,3 +90,19 @@ def test_lowering_a_weight_free_graph_builds_the_full_memory_kernels_from_the_he
     assert set(lowered_from.codes) == set(quantized_weights(full))
     for name, tensor in _tensors(full).items():
         assert torch.equal(fetch_attr(rebuilt, name), tensor), name
+
+
+def test_lower_model_checks_a_weight_free_graph_in_block_order(converted):
+    """The pass manager checks each pass's outputs; a weight-free graph runs in block order for it
+    (its logits are the loaded graph's), so the audit records the full-memory run's errors."""
+    full, light, batches = converted
+    expected, expected_audit = lower_model(full, "reference")
+    lowered, audit = lower_model(light, "reference")
+    assert [e.pass_name for e in audit.entries] == ["FuseAttention", "Lower"]
+    assert audit.entries[-1].error_vs_reference is not None  # Lower was checked
+    for got, want in zip(audit.entries, expected_audit.entries):
+        assert got.modified == want.modified and got.error_vs_reference == want.error_vs_reference
+    assert not [name for name, t in _tensors(lowered).items() if t.is_meta]
+    with torch.no_grad():
+        for batch in batches:
+            assert torch.equal(lowered(**batch).logits, expected(**batch).logits)
