@@ -92,9 +92,10 @@ def test_lowering_a_weight_free_graph_builds_the_full_memory_kernels_from_the_he
         assert torch.equal(fetch_attr(rebuilt, name), tensor), name
 
 
-def test_lower_model_checks_a_weight_free_graph_in_block_order(converted):
+def test_lower_model_checks_a_weight_free_graph_in_block_order(converted, tmp_path):
     """The pass manager checks each pass's outputs; a weight-free graph runs in block order for it
-    (its logits are the loaded graph's), so the audit records the full-memory run's errors."""
+    (its logits are the loaded graph's), so the audit records the full-memory run's errors. The
+    int8 model saves and reloads without the checkpoint it was captured from."""
     full, light, batches = converted
     expected, expected_audit = lower_model(full, "reference")
     lowered, audit = lower_model(light, "reference")
@@ -106,3 +107,7 @@ def test_lower_model_checks_a_weight_free_graph_in_block_order(converted):
     with torch.no_grad():
         for batch in batches:
             assert torch.equal(lowered(**batch).logits, expected(**batch).logits)
+    reloaded = outlierfx.load(outlierfx.save(lowered, tmp_path / "int8"))
+    with torch.no_grad():
+        for batch in batches:
+            assert torch.equal(reloaded(**batch).logits, lowered(**batch).logits)
