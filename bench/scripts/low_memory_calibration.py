@@ -81,7 +81,8 @@ def run_mode(mode: str, samples: int, policy: str) -> None:
     backend = runnable_backends(("onednn", "reference"))[0]
     lowering = time.perf_counter()
     lowered = Lower(backend)(FuseAttention()(gm).graph_module).graph_module
-    mark(f"lowered to {backend} ({time.perf_counter() - lowering:.1f}s)")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    mark(f"lowered to {backend} ({time.perf_counter() - lowering:.1f}s; peak so far {peak:.0f} MB)")
     with torch.no_grad():
         lowered(**batches[0])
     mark("the int8 model ran one batch")
