@@ -38,7 +38,8 @@ def converted(tmp_path_factory):
     def converted_from(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
         return convert(Calibrate(batches)(InsertObservers("full")(gm).graph_module).graph_module).graph_module
 
-    return converted_from(outlierfx.capture(g.model, g.inputs)), converted_from(capture_without_weights(folder, g.inputs)), batches
+    full = converted_from(outlierfx.capture(g.model, g.inputs))
+    return full, converted_from(capture_without_weights(folder, g.inputs)), batches
 
 
 def _tensors(gm: torch.nn.Module) -> dict[str, torch.Tensor]:

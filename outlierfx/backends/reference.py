@@ -152,7 +152,8 @@ class ReferenceLowering:
         if held is None:
             held = integer_weight(fetch_attr(self.gm, target).detach(), spec)
         if held is None:
-            raise PassError(f"{target} is not on an int{spec.bits} grid; was the graph converted by ConvertToFakeQuant?")
+            raise PassError(f"{target} is not on an int{spec.bits} grid of float32 values; was the graph converted by "
+                            f"ConvertToFakeQuant?")
         return held
 
     def _weight_attrs(self, weight: torch.fx.Node, spec: QuantSpec) -> tuple[str, str, str, QuantSpec]:
