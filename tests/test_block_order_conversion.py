@@ -16,10 +16,10 @@ from outlierfx.graph import meta
 from outlierfx.graph.attrs import fetch_attr
 from outlierfx.graph.block_order import run_in_block_order
 from outlierfx.graph.copy import copy_graph_module
-from outlierfx.graph.weight_source import HeldCodes, StoredTensor, capture_without_weights, materialize
+from outlierfx.graph.weight_source import StoredTensor, capture_without_weights, materialize
 from outlierfx.passes import Calibrate, ConvertToFakeQuant, InsertObservers
 from outlierfx.quantizers.fake_quant import quantize_weight
-from outlierfx.quantizers.integer_codes import quantize_to_codes, rebuild_weight
+from outlierfx.quantizers.integer_codes import HeldCodes, quantize_to_codes
 from outlierfx.quantizers.observers import FakeQuantize, Observer
 from outlierfx.quantizers.policy import make_policy
 from outlierfx.quantizers.spec import Estimator, Granularity
@@ -156,8 +156,8 @@ def test_codes_quantized_row_block_by_row_block_rebuild_the_whole_quantized_weig
     weight[7, 5] = 40.0  # an outlier row: its own scale
     spec = make_policy("full", f"W{bits}A8").weight.with_(estimator=estimator)
     whole = quantize_weight(weight, spec)[0]
-    codes, scale = quantize_to_codes(weight, spec, rows=16)  # 7 row blocks, the last one short
-    assert codes.dtype == torch.int8 and codes.shape == weight.shape and scale.shape == (101,)
-    assert int(codes.abs().max()) == spec.qmax
-    assert torch.equal(rebuild_weight(codes, scale).view(torch.int32), whole.view(torch.int32))
+    held = quantize_to_codes(weight, spec, rows=16)  # 7 row blocks, the last one short
+    assert held.codes.dtype == torch.int8 and held.codes.shape == weight.shape and held.scale.shape == (101,)
+    assert int(held.codes.abs().max()) == spec.qmax
+    assert torch.equal(held.weight().view(torch.int32), whole.view(torch.int32))
     assert quantize_to_codes(weight, spec.with_(granularity=Granularity.PER_TENSOR)) is None

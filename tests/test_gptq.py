@@ -136,7 +136,7 @@ def test_converted_int4_weights_are_gptqs_and_lower_to_int8_codes(symmetric):
     codes rebuild each weight bit for bit."""
     from outlierfx.graph import meta
     from outlierfx.graph.attrs import fetch_attr
-    from outlierfx.quantizers.integer_codes import integer_weight, rebuild_weight
+    from outlierfx.quantizers.integer_codes import integer_weight
 
     g = build_model("llama", layers=1, hidden=32, ffn=64, batch=4, seq=16,
                     outliers=OutlierSpec(gamma_scale=10.0, channels=(3,)), tied=False)
@@ -149,9 +149,9 @@ def test_converted_int4_weights_are_gptqs_and_lower_to_int8_codes(symmetric):
     for name, weight in result.plan.weights.items():
         after = fetch_attr(converted, str(nodes[name].args[1].target))
         assert torch.allclose(after, weight, rtol=0, atol=1e-6 * float(weight.abs().max())), name
-        codes, scale = integer_weight(after, nodes[name].meta[meta.WEIGHT_QUANT])
-        assert codes.dtype == torch.int8 and torch.equal(rebuild_weight(codes, scale), after), name
-        assert int(codes.abs().max()) <= (7 if symmetric else 15) or nodes[name].meta[meta.WEIGHT_QUANT].bits == 8
+        held = integer_weight(after, nodes[name].meta[meta.WEIGHT_QUANT])
+        assert held.codes.dtype == torch.int8 and torch.equal(held.weight(), after), name
+        assert int(held.codes.abs().max()) <= (7 if symmetric else 15) or nodes[name].meta[meta.WEIGHT_QUANT].bits == 8
     head = [n.meta[meta.WEIGHT_QUANT] for n in nodes.values()
             if n.meta.get(meta.WEIGHT_QUANT) is not None and n.meta[meta.WEIGHT_QUANT].bits == 8]
     assert head and all(spec.symmetric for spec in head)

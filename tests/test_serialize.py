@@ -244,10 +244,10 @@ def test_a_lowered_model_holds_int8_codes_not_float_copies_of_its_weights(tmp_pa
     assert len(weights) >= 2 * 7  # q, k, v, o, gate, up, down per layer
     assert all(fetch_attr(lowered_from.compact, t).is_meta for t in weights)
     assert set(lowered_from.codes) == set(weights)
-    assert all(codes.dtype == torch.int8 for codes, _ in lowered_from.codes.values())
+    assert all(held.codes.dtype == torch.int8 for held in lowered_from.codes.values())
     if backend in ("onednn", "x86"):  # kernels keep plain int8 weights: the codes are views of them
         held = {t.untyped_storage().data_ptr() for t in qmodel.buffers()}
-        assert all(codes.untyped_storage().data_ptr() in held for codes, _ in lowered_from.codes.values())
+        assert all(h.codes.untyped_storage().data_ptr() in held for h in lowered_from.codes.values())
     # what save writes is unchanged: the fake-quant graph's tensors, rebuilt bit for bit
     rebuilt = lowered_from.fake_quant()
     simulated = report.graphs.simulated

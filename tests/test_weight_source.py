@@ -13,7 +13,7 @@ import outlierfx
 from outlierfx.errors import CaptureError, DataError
 from outlierfx.graph import meta
 from outlierfx.graph.attrs import fetch_attr
-from outlierfx.graph.weight_source import (HeldCodes, StoredTensor, capture_without_weights, hold, materialize,
+from outlierfx.graph.weight_source import (StoredTensor, capture_without_weights, hold, materialize,
                                            materialized, release)
 from outlierfx.models import build_without_weights
 from outlierfx.quantizers.fake_quant import quantize_weight
@@ -82,7 +82,7 @@ def test_a_held_weight_loads_from_its_codes_and_materialized_releases_even_on_er
     assert fetch_attr(gm, target).device.type == "meta"
 
     loaded_from = gm.meta[meta.GM_WEIGHT_SOURCE]
-    hold(gm, {target: HeldCodes(*integer_weight(rewritten, spec))})
+    hold(gm, {target: integer_weight(rewritten, spec)})
     assert isinstance(loaded_from.tensors[target], StoredTensor)  # a new source: the old one is not edited
     with pytest.raises(RuntimeError, match="inside"):
         with materialized(gm, [target]):

@@ -1,14 +1,16 @@
-"""Peak resident memory of capture + calibration + ConvertToFakeQuant, with the weights loaded
-(the normal run) and without them (capture on meta, calibration in block order, each block's
-weights loaded from the safetensors file only while its nodes run, conversion block by block
-into int8 codes): issue 28's ``--low-memory`` path so far.
+"""Peak resident memory of capture + calibration + ConvertToFakeQuant + Lower, with the weights
+loaded (the normal run) and without them (capture on meta, calibration in block order, each
+block's weights loaded from the safetensors file only while its nodes run, conversion block by
+block into int8 codes, lowering from those codes): issue 28's ``--low-memory`` path so far.
 
     .venv/bin/python bench/scripts/low_memory_calibration.py [--samples 64] [--policy full]
 
 Each mode runs in its own process (``--mode full`` / ``--mode low``), so each process's
 ``ru_maxrss`` is that mode's peak; both calibrate the same SmolLM2 batches (the CLI's 64
 paragraphs in batches of 8 x 128 tokens) on InsertObservers' observers, and convert with the
-policy's weight and embedding specs. RSS does not depend on the machine's load; the times do.
+policy's weight and embedding specs, and lower with FuseAttention + Lower (the pass objects,
+without the pass manager's output checks, whose forward would add the logits) to onednn where
+it runs, reference elsewhere. RSS does not depend on the machine's load; the times do.
 """
 
 from __future__ import annotations
@@ -26,12 +28,15 @@ def rss_mb() -> float:
 
 
 def run_mode(mode: str, samples: int, policy: str) -> None:
+    import torch
+
     from outlierfx import capture, corpus
     from outlierfx.graph.weight_source import capture_without_weights
     from outlierfx.models import LoadedModel, build_without_weights, cache_dir, load_smollm2
     from outlierfx.graph import meta
-    from outlierfx.graph.weight_source import HeldCodes
-    from outlierfx.passes import ConvertToFakeQuant, InsertObservers
+    from outlierfx.backends import runnable_backends
+    from outlierfx.passes import ConvertToFakeQuant, FuseAttention, InsertObservers, Lower
+    from outlierfx.quantizers.integer_codes import HeldCodes
     from outlierfx.quantizers.calibrate import calibrate
     from outlierfx.quantizers.policy import make_policy
 
@@ -73,6 +78,14 @@ def run_mode(mode: str, samples: int, policy: str) -> None:
         held = {id(e): e for e in source.tensors.values() if isinstance(e, HeldCodes)}.values()
         codes_mb = sum(t.numel() * t.element_size() for e in held for t in (e.codes, e.scale)) / 2**20
         print(f"{mode:4s} {len(held)} quantized weights held as int8 codes: {codes_mb:.0f} MB", flush=True)
+    backend = runnable_backends(("onednn", "reference"))[0]
+    lowering = time.perf_counter()
+    lowered = Lower(backend)(FuseAttention()(gm).graph_module).graph_module
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    mark(f"lowered to {backend} ({time.perf_counter() - lowering:.1f}s; peak so far {peak:.0f} MB)")
+    with torch.no_grad():
+        lowered(**batches[0])
+    mark("the int8 model ran one batch")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"{mode:4s} peak RSS (ru_maxrss) {peak:.0f} MB, total {time.perf_counter() - start:.1f}s", flush=True)
 

@@ -27,8 +27,9 @@ from ..errors import PassError
 from ..graph import meta
 from ..graph.attrs import del_attr, fetch_attr, set_attr, unique_attr_name
 from ..graph.ops import OpKind, op_kind, tensor_val
+from ..graph.weight_source import held_codes
 from ..quantizers.fake_quant import integer_dtype
-from ..quantizers.integer_codes import kernel_codes, kernel_weight_spec
+from ..quantizers.integer_codes import HeldCodes, integer_weight, kernel_weight_spec
 from ..quantizers.observers import FakeQuantize
 from ..quantizers.spec import Granularity, QuantSpec
 from .base import Backend
@@ -140,31 +141,34 @@ class ReferenceLowering:
         del_attr(self.gm, str(node.target))
         return dq
 
-    def _integer_weight(self, target: str, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
-        """int8 codes (on :func:`kernel_weight_spec`'s grid) and per-row scales of a weight
-        ConvertToFakeQuant put on the grid.
-
-        Re-quantizing an on-grid tensor recovers its codes exactly (the scale to the last ulp)."""
+    def _integer_weight(self, target: str, spec: QuantSpec) -> HeldCodes:
+        """int8 codes and per-row scales of a weight ConvertToFakeQuant put on the grid: the codes
+        a graph captured without weights holds for it (no float weight is read), or those its
+        on-grid float weight has (:func:`~outlierfx.quantizers.integer_codes.integer_weight`:
+        the scales rebuild the weight bit for bit, so both give the same kernels)."""
         if not weight_lowers(spec):
             raise PassError(f"{target}: lowering needs per-row weights with int8 codes (symmetric of <= 8 bits, "
                             f"asymmetric of <= 7), got {spec.describe()}")
-        weight = fetch_attr(self.gm, target).detach()
-        # an on-grid row's extremes are its range's end codes (a clipped row's too, GPTQ's too):
-        # min-max recovers the grid
-        codes, scale = kernel_codes(weight, spec)
-        if not torch.allclose(codes.float() * scale[:, None], weight, rtol=1e-5, atol=0.0):
-            raise PassError(f"{target} is not on an int{spec.bits} grid; was the graph converted by ConvertToFakeQuant?")
-        return codes, scale.float()
+        held = held_codes(self.gm, target)
+        if held is None:
+            held = integer_weight(fetch_attr(self.gm, target).detach(), spec)
+        if held is None:
+            raise PassError(f"{target} is not on an int{spec.bits} grid of float32 values; was the graph converted by "
+                            f"ConvertToFakeQuant?")
+        return held
 
     def _weight_attrs(self, weight: torch.fx.Node, spec: QuantSpec) -> tuple[str, str, str, QuantSpec]:
         target = str(weight.target)
-        # keyed by the tensor: a tied table (lm_head = embedding) may sit under two names
+        # keyed by the tensor (a tied table, lm_head = embedding, may sit under two names), or by
+        # the codes held for it (its stand-in, a meta tensor, has no memory to tell it apart)
         tensor = fetch_attr(self.gm, target)
-        key = (tensor.data_ptr(), tuple(tensor.shape), spec)
+        held = held_codes(self.gm, target)
+        key = (id(held), spec) if held is not None else (tensor.data_ptr(), tuple(tensor.shape), spec)
         if key not in self.weights:
-            codes, scale = self._integer_weight(target, spec)
+            held = self._integer_weight(target, spec)
             names = []
-            for suffix, value in (("_int8", codes), ("_scale", scale), ("_zero_point", torch.zeros_like(scale, dtype=torch.int64))):
+            for suffix, value in (("_int8", held.codes), ("_scale", held.scale),
+                                  ("_zero_point", torch.zeros_like(held.scale, dtype=torch.int64))):
                 name = unique_attr_name(self.gm, target + suffix)
                 set_attr(self.gm, name, value)
                 names.append(name)

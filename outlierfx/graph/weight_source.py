@@ -12,8 +12,9 @@ runner can hold one block's weights at a time (:func:`materialized` for a ``with
 
 A weight rewritten in memory can no longer be loaded from the checkpoint: the source always
 names its latest version. ConvertToFakeQuant's on-grid weights are held as int8 codes and
-per-row scales (:class:`HeldCodes`, :func:`hold`), a quarter of the float size, from which
-:func:`materialize` rebuilds the float weight bit for bit.
+per-row scales (:class:`~outlierfx.quantizers.integer_codes.HeldCodes`, :func:`hold`), a
+quarter of the float size, from which :func:`materialize` rebuilds the float weight bit for
+bit, and from which ``Lower`` builds its int8 kernels without the float weight.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import torch.fx
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 from ..errors import CaptureError, DataError
+from ..quantizers.integer_codes import HeldCodes
 from . import meta
 from .attrs import fetch_attr, set_attr
 from .capture import capture
@@ -42,16 +44,6 @@ class StoredTensor:
 
     file: pathlib.Path
     key: str
-
-
-@dataclasses.dataclass(frozen=True, eq=False)  # one object per weight: targets sharing it share one tensor
-class HeldCodes:
-    """A weight put on a symmetric per-row integer grid, held in memory as its integer codes and
-    float32 per-row scales (:func:`~outlierfx.quantizers.integer_codes.integer_weight`, the form a
-    lowered model holds them in); ``rebuild_weight(codes, scale)`` is the float weight bit for bit."""
-
-    codes: torch.Tensor
-    scale: torch.Tensor
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,8 +186,6 @@ def materialize(gm: torch.fx.GraphModule, names: Iterable[str]) -> None:
     Targets sharing a key (or codes) share one tensor."""
     from safetensors import safe_open
 
-    from ..quantizers.integer_codes import rebuild_weight
-
     source = _source(gm)
     by_file: dict[pathlib.Path, dict[str, list[str]]] = collections.defaultdict(lambda: collections.defaultdict(list))
     by_codes: dict[HeldCodes, list[str]] = collections.defaultdict(list)
@@ -215,7 +205,7 @@ def materialize(gm: torch.fx.GraphModule, names: Iterable[str]) -> None:
                                     f"{tuple(like.shape)}; the weights do not belong to this config")
                 _set_all(gm, targets, value.to(like.dtype))
     for held, targets in by_codes.items():
-        _set_all(gm, targets, rebuild_weight(held.codes, held.scale))
+        _set_all(gm, targets, held.weight())
 
 
 def _set_all(gm: torch.fx.GraphModule, targets: list[str], value: torch.Tensor) -> None:
@@ -258,3 +248,24 @@ def hold(gm: torch.fx.GraphModule, held: Mapping[str, HeldCodes]) -> None:
     new source: a pass works on a copy of the graph, whose input keeps the source it had."""
     gm.meta[meta.GM_WEIGHT_SOURCE] = _source(gm).holding(held)
     release(gm, held)
+
+
+def held_codes(gm: torch.fx.GraphModule, target: str) -> HeldCodes | None:
+    """The int8 codes the graph tensor ``target`` loads from (:func:`hold`); None for a graph
+    captured with its weights, or a tensor that loads from the checkpoint."""
+    source = gm.meta.get(meta.GM_WEIGHT_SOURCE)
+    entry = None if source is None else source.tensors.get(target)
+    return entry if isinstance(entry, HeldCodes) else None
+
+
+def with_checkpoint_tensors(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A copy of ``gm`` holding for real every tensor it loads from the checkpoint: those no pass
+    rewrote (norm gains, biases, tables kept float), which a lowered model holds as they are.
+    Its held codes stay codes (their targets meta stand-ins): ``Lower`` builds its int8
+    kernels from them (:func:`held_codes`) and never needs their float weights."""
+    from .copy import copy_graph_module
+
+    stored = [target for target, entry in _source(gm).tensors.items() if isinstance(entry, StoredTensor)]
+    work = copy_graph_module(gm)
+    materialize(work, stored)
+    return work

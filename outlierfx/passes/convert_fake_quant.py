@@ -32,10 +32,10 @@ from ..graph.block_order import load_units
 from ..graph.first_tokens import wire_first_tokens
 from ..graph.ops import OpKind, feeds_only_outputs, op_kind
 from ..graph.shapes import propagate_values
-from ..graph.weight_source import HeldCodes, hold, materialized
+from ..graph.weight_source import hold, materialized
 from ..memory import return_freed_memory
 from ..quantizers.fake_quant import quantize_weight
-from ..quantizers.integer_codes import quantize_to_codes
+from ..quantizers.integer_codes import HeldCodes, quantize_to_codes
 from ..quantizers.observers import FakeQuantize, Observer
 from ..quantizers.spec import Granularity, QuantSpec
 from .base import GraphPass
@@ -187,15 +187,15 @@ def _quantize_weights_per_block(gm: torch.fx.GraphModule, work: WeightWork) -> N
     held: dict[int, HeldCodes] = {}  # id of a stand-in -> the codes it stands for
 
     def to_codes(target: str, weight: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-        pair = quantize_to_codes(weight, spec)
-        if pair is None:
+        codes = quantize_to_codes(weight, spec)
+        if codes is None:
             raise PassError(f"{target} ({weight.dtype}) is quantized on a grid ({spec.describe()}) whose values no "
                             f"int8 codes with float32 per-row scales hold, which a graph captured without weights "
                             f"needs (it holds its quantized weights as codes); use a per-row weight spec with int8 "
                             f"codes (symmetric of at most 8 bits, asymmetric of at most 7) on float32 weights, "
                             f"or capture the model with its weights")
         stand_in = torch.empty_like(weight, device="meta")
-        held[id(stand_in)] = HeldCodes(*pair)
+        held[id(stand_in)] = codes
         return stand_in
 
     for unit_work in by_unit.values():

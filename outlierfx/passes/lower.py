@@ -29,7 +29,9 @@ from ..graph import meta
 from ..graph.attrs import fetch_attr, set_attr, tensor_identity
 from ..graph.canonicalize import remove_dead_code
 from ..graph.copy import copy_graph_module
-from ..quantizers.integer_codes import integer_weight, quantized_weights, rebuild_weight
+from ..graph.weight_source import held_codes, with_checkpoint_tensors
+from ..memory import return_freed_memory
+from ..quantizers.integer_codes import HeldCodes, integer_weight, quantized_weights
 from ..quantizers.observers import FakeQuantize
 from .audit import AuditTrail
 from .base import GraphPass, PassResult
@@ -53,30 +55,33 @@ class LoweredFrom:
     backend: str
     max_sub_gemms: int
     bf16_attention: bool
-    codes: Mapping[str, tuple[torch.Tensor, torch.Tensor]] = dataclasses.field(default_factory=dict, repr=False)
+    codes: Mapping[str, HeldCodes] = dataclasses.field(default_factory=dict, repr=False)
 
     @classmethod
     def of(cls, source: torch.fx.GraphModule, lowered: torch.fx.GraphModule, backend: str, max_sub_gemms: int,
            bf16_attention: bool) -> LoweredFrom:
-        """``source`` with every on-grid weight that ``lowered`` no longer reads held as codes.
+        """``source`` with every on-grid weight that ``lowered`` no longer reads held as codes
+        (those a graph captured without weights holds already, or those of its float weight).
         Tied weights (one tensor under several targets) share one pair of codes, so
         :meth:`fake_quant` ties them again and ``save`` writes them once, as before."""
         in_use = {tensor_identity(t) for t in [*lowered.parameters(), *lowered.buffers()]}
-        held = _HeldCodes(lowered)
+        kernel_rows = _KernelRows(lowered)
         compact = copy_graph_module(source)
-        codes: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        by_identity: dict[tuple, tuple[torch.Tensor, torch.Tensor] | None] = {}
+        codes: dict[str, HeldCodes] = {}
+        by_identity: dict[tuple, HeldCodes | None] = {}
+        compact.meta.pop(meta.GM_WEIGHT_SOURCE, None)  # the lowered model runs on what it holds
         for target, spec in quantized_weights(source).items():
             weight = fetch_attr(source, target)
-            identity = tensor_identity(weight)
+            loaded = held_codes(source, target)
+            identity = (id(loaded),) if loaded is not None else tensor_identity(weight)
             if identity in in_use:
                 continue
             if identity not in by_identity:
-                pair = integer_weight(weight, spec)
-                by_identity[identity] = None if pair is None else (held.find(pair[0]), pair[1])
-            pair = by_identity[identity]
-            if pair is not None:
-                codes[target] = pair
+                found = loaded if loaded is not None else integer_weight(weight, spec)
+                by_identity[identity] = None if found is None else HeldCodes(kernel_rows.find(found.codes), found.scale)
+            held = by_identity[identity]
+            if held is not None:
+                codes[target] = held
                 set_attr(compact, target, _as_kind_of(weight, torch.empty_like(weight, device="meta")))
         return cls(compact, backend, max_sub_gemms, bf16_attention, codes)
 
@@ -84,10 +89,10 @@ class LoweredFrom:
         """The fake-quant graph with its float weights rebuilt from the codes, bit for bit."""
         graph = copy_graph_module(self.compact)
         rebuilt: dict[int, torch.Tensor] = {}
-        for target, (codes, scale) in self.codes.items():
-            if id(codes) not in rebuilt:
-                rebuilt[id(codes)] = rebuild_weight(codes, scale)
-            set_attr(graph, target, _as_kind_of(fetch_attr(self.compact, target), rebuilt[id(codes)]))
+        for target, held in self.codes.items():
+            if id(held) not in rebuilt:
+                rebuilt[id(held)] = held.weight()
+            set_attr(graph, target, _as_kind_of(fetch_attr(self.compact, target), rebuilt[id(held)]))
         return graph
 
 
@@ -98,7 +103,7 @@ def _as_kind_of(original: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     return value
 
 
-class _HeldCodes:
+class _KernelRows:
     """The int8 rows a lowered graph's kernels already hold, found by content: a weight's codes
     are then a view of the kernel's buffer (a row range of a merged Q/K/V or gate/up weight),
     not a third int8 copy next to the kernel's buffer and its packed form."""
@@ -112,9 +117,10 @@ class _HeldCodes:
 
     @staticmethod
     def _keys(rows: torch.Tensor) -> torch.Tensor:
-        # a row's fingerprint: its dot product with fixed pseudo-random weights (exact in int64)
+        # a row's fingerprint: its dot product with fixed pseudo-random weights (exact in int64),
+        # 4,096 rows at a time: the int64 copy of SmolLM2's whole int8 table was 216 MB
         weights = torch.randint(-2**20, 2**20, (rows.shape[1],), generator=torch.Generator().manual_seed(0))
-        return rows.to(torch.int64) @ weights
+        return torch.cat([chunk.to(torch.int64) @ weights for chunk in rows.split(4096)])
 
     def find(self, codes: torch.Tensor) -> torch.Tensor:
         """A view of held rows equal to ``codes``, or ``codes`` itself where none holds them."""
@@ -173,9 +179,26 @@ class Lower(GraphPass[LowerPlan]):
         return True
 
     def __call__(self, gm: torch.fx.GraphModule) -> PassResult:
+        """On a graph captured without weights (issue 28, ``--low-memory``), the tensors it loads
+        from the checkpoint are loaded (gains, biases: the lowered model holds them) and the int8
+        kernels take the weights' held codes: no float weight is materialized, and the result is
+        the full-memory lowering's model, which runs without the weight source."""
+        if gm.meta.get(meta.GM_WEIGHT_SOURCE) is not None:
+            gm = with_checkpoint_tensors(gm)
         result = super().__call__(gm)
+        lowered = result.graph_module
+        if lowered.meta.pop(meta.GM_WEIGHT_SOURCE, None) is not None:
+            unloaded = [name for name, t in [*lowered.named_parameters(), *lowered.named_buffers()] if t.is_meta]
+            if unloaded:
+                raise PassError(f"the lowered graph still reads {unloaded[:4]} as weights held as codes, which no "
+                                f"kernel of the {self.backend} backend takes; lower with the reference or onednn "
+                                f"backend, or capture the model with its weights")
         result.graph_module.meta[meta.GM_LOWERED_FROM] = LoweredFrom.of(gm, result.graph_module, self.backend,
                                                                         self.max_sub_gemms, self.bf16_attention)
+        if meta.GM_WEIGHT_SOURCE in gm.meta:
+            # lowering's temporaries were freed between the kernels' buffers, and glibc kept them:
+            # on SmolLM2 RSS stayed 420 MB above the conversion's
+            return_freed_memory()
         return result
 
 

@@ -1,11 +1,14 @@
 """Integer codes of the weights ConvertToFakeQuant put on a grid: the fake-quant graph holds such a
 weight as float32 values ``codes * scale`` (``(codes - zero point) * scale`` on an asymmetric
-grid), which int8 codes and per-row float32 scales rebuild bit for bit. The saved format stores
-them (:mod:`outlierfx.serialize`), a lowered model holds them instead of the float copies
-(:class:`~outlierfx.passes.lower.LoweredFrom`), and so does a graph captured without weights
-once converted (:class:`~outlierfx.graph.weight_source.HeldCodes`)."""
+grid), which int8 codes and per-row float32 scales rebuild bit for bit (:class:`HeldCodes`). The
+saved format stores them (:mod:`outlierfx.serialize`), a lowered model holds them instead of the
+float copies (:class:`~outlierfx.passes.lower.LoweredFrom`), and so does the weight source of a
+graph captured without weights once converted (:func:`~outlierfx.graph.weight_source.hold`),
+from which ``Lower`` builds its kernels."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 import torch.fx
@@ -14,6 +17,20 @@ from ..graph import meta
 from ..graph.ops import OpKind, op_kind
 from .fake_quant import integer_dtype, quantize_to_integers, quantize_weight
 from .spec import Estimator, Granularity, QuantSpec
+
+
+@dataclasses.dataclass(frozen=True, eq=False)  # one object per weight: targets sharing it share one tensor
+class HeldCodes:
+    """A weight on a per-row integer grid, held as its int8 kernel codes (:func:`kernel_weight_spec`)
+    and float32 per-row scales (:func:`integer_weight`): a quarter of the float size, and what the int8 kernels read;
+    :meth:`weight` is the float weight bit for bit."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+
+    def weight(self) -> torch.Tensor:
+        """The float weight: the same arithmetic as fake quantization."""
+        return _rebuild(self.codes, self.scale)
 
 
 def quantized_weights(gm: torch.fx.GraphModule) -> dict[str, QuantSpec]:
@@ -49,8 +66,8 @@ def kernel_codes(weight: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, t
     return codes.to(integer_dtype(kernel_weight_spec(spec))), scale
 
 
-def integer_weight(weight: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Integer codes and float32 per-row scales with ``rebuild_weight(codes, scale) == weight``
+def integer_weight(weight: torch.Tensor, spec: QuantSpec) -> HeldCodes | None:
+    """Integer codes and float32 per-row scales whose :meth:`~HeldCodes.weight` is ``weight``
     bit for bit, for a fake-quant weight on a per-row grid whose kernel codes are int8
     (:func:`kernel_weight_spec`: symmetric of <= 8 bits, asymmetric of <= 7); None where there
     are none (another grid, or a row no scale reproduces exactly).
@@ -65,15 +82,14 @@ def integer_weight(weight: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor,
     chosen = torch.full_like(scale, float("nan"))
     for candidate in (scale, torch.nextafter(scale, torch.full_like(scale, float("inf"))),
                       torch.nextafter(scale, torch.zeros_like(scale))):
-        exact = _bits(rebuild_weight(codes, candidate)).eq(_bits(w)).reshape(w.shape[0], -1).all(1)
+        exact = _bits(_rebuild(codes, candidate)).eq(_bits(w)).reshape(w.shape[0], -1).all(1)
         chosen = torch.where(exact & chosen.isnan(), candidate, chosen)
     if bool(chosen.isnan().any()):
         return None
-    return codes, chosen
+    return HeldCodes(codes, chosen)
 
 
-def quantize_to_codes(weight: torch.Tensor, spec: QuantSpec, rows: int = 4096
-                      ) -> tuple[torch.Tensor, torch.Tensor] | None:
+def quantize_to_codes(weight: torch.Tensor, spec: QuantSpec, rows: int = 4096) -> HeldCodes | None:
     """:func:`integer_weight` of ``quantize_weight(weight, spec)[0]``, computed ``rows`` rows at a
     time: on a per-row grid each row is quantized on its own, so neither the whole float
     quantized weight nor the temporaries of quantizing it (four times an embedding table, 450 MB
@@ -86,11 +102,10 @@ def quantize_to_codes(weight: torch.Tensor, spec: QuantSpec, rows: int = 4096
         if pair is None:
             return None
         pairs.append(pair)
-    return torch.cat([codes for codes, _ in pairs]), torch.cat([scale for _, scale in pairs])
+    return HeldCodes(torch.cat([pair.codes for pair in pairs]), torch.cat([pair.scale for pair in pairs]))
 
 
-def rebuild_weight(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """The float weight of :func:`integer_weight`'s codes: the same arithmetic as fake quantization."""
+def _rebuild(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return codes.to(torch.float32) * scale.reshape(-1, *([1] * (codes.dim() - 1)))
 
 

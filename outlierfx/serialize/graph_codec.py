@@ -28,7 +28,7 @@ from ..graph.roles import Role
 from ..graph.shapes import propagate_values
 from ..quantizers.observers import FakeQuantize
 from ..quantizers.spec import Estimator, Granularity, QuantSpec
-from ..quantizers.integer_codes import integer_weight, quantized_weights, rebuild_weight
+from ..quantizers.integer_codes import HeldCodes, integer_weight, quantized_weights
 from .tensors import TensorWriter
 from .vocabulary import name_of, target_of
 
@@ -132,8 +132,7 @@ def _store_tensor(target: str, tensor: torch.Tensor, spec: QuantSpec | None, wri
     integer = integer_weight(tensor, spec) if spec is not None else None
     if integer is None:
         return {"tensor": writer.add(target, tensor)}
-    codes, scale = integer
-    return {"int8": writer.add(f"{target}.int8", codes), "scale": writer.add(f"{target}.scale", scale)}
+    return {"int8": writer.add(f"{target}.int8", integer.codes), "scale": writer.add(f"{target}.scale", integer.scale)}
 
 
 def _encode_module(target: str, module: torch.nn.Module, writer: TensorWriter) -> dict[str, Any]:
@@ -265,7 +264,7 @@ def _decode_attribute(entry: dict[str, Any], tensors: dict[str, torch.Tensor],
     else:
         key = (entry["int8"], entry["scale"])
         if key not in rebuilt:
-            rebuilt[key] = rebuild_weight(tensors[key[0]], tensors[key[1]])
+            rebuilt[key] = HeldCodes(tensors[key[0]], tensors[key[1]]).weight()
         value = rebuilt[key]
     if entry["parameter"]:
         return torch.nn.Parameter(value, requires_grad=entry["requires_grad"])
