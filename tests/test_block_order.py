@@ -19,19 +19,15 @@ from outlierfx.graph.weight_source import capture_without_weights
 from outlierfx.passes import Calibrate, InsertObservers
 from outlierfx.passes.insert_observers import observers
 from outlierfx.quantizers.calibrate import calibrate
-from outlierfx.testing import build_model
+from outlierfx.testing import saved_llama
 
 LAYERS = 3
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    g = build_model("llama", layers=LAYERS, tied=True, kv_heads=2)
     folder = tmp_path_factory.mktemp("llama")
-    g.model.save_pretrained(folder)
-    # batches of other lengths than the example: the graph's dynamic sizes are exercised too
-    batches = [build_model("llama", layers=LAYERS, tied=True, kv_heads=2, seed=seed, seq=seq, batch=batch).inputs
-               for seed, seq, batch in ((1, 8, 2), (2, 5, 3), (3, 11, 1))]
+    g, batches = saved_llama(folder, LAYERS, ((1, 8, 2), (2, 5, 3), (3, 11, 1)))
     return g, folder, batches
 
 

@@ -23,7 +23,7 @@ from outlierfx.quantizers.integer_codes import HeldCodes, quantize_to_codes
 from outlierfx.quantizers.observers import FakeQuantize, Observer
 from outlierfx.quantizers.policy import make_policy
 from outlierfx.quantizers.spec import Estimator, Granularity
-from outlierfx.testing import build_model
+from outlierfx.testing import saved_llama
 
 LAYERS = 3
 COMPUTED = {"model.rotary_emb.inv_freq"}  # computed at capture, not loaded: real throughout
@@ -31,11 +31,8 @@ COMPUTED = {"model.rotary_emb.inv_freq"}  # computed at capture, not loaded: rea
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    g = build_model("llama", layers=LAYERS, tied=True, kv_heads=2)
     folder = tmp_path_factory.mktemp("llama")
-    g.model.save_pretrained(folder)
-    batches = [build_model("llama", layers=LAYERS, tied=True, kv_heads=2, seed=seed, seq=seq, batch=batch).inputs
-               for seed, seq, batch in ((1, 8, 2), (2, 5, 3), (3, 11, 1))]
+    g, batches = saved_llama(folder, LAYERS, ((1, 8, 2), (2, 5, 3), (3, 11, 1)))
     return g, folder, batches
 
 

@@ -19,7 +19,7 @@ from outlierfx.passes import Calibrate, ConvertToFakeQuant, FuseAttention, Inser
 from outlierfx.passes.lower import lower_model
 from outlierfx.quantizers.integer_codes import HeldCodes, quantized_weights
 from outlierfx.quantizers.policy import make_policy
-from outlierfx.testing import build_model
+from outlierfx.testing import saved_llama
 
 LAYERS = 2
 
@@ -27,11 +27,8 @@ LAYERS = 2
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
     """The full-memory conversion and the weight-free one of a tied GQA Llama saved with save_pretrained."""
-    g = build_model("llama", layers=LAYERS, tied=True, kv_heads=2)
     folder = tmp_path_factory.mktemp("llama")
-    g.model.save_pretrained(folder)
-    batches = [build_model("llama", layers=LAYERS, tied=True, kv_heads=2, seed=seed, seq=seq, batch=batch).inputs
-               for seed, seq, batch in ((1, 8, 2), (2, 5, 3))]
+    g, batches = saved_llama(folder, LAYERS, ((1, 8, 2), (2, 5, 3)))
     policy = make_policy("full")
     convert = ConvertToFakeQuant(policy.weight, policy.embedding)
 

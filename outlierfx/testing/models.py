@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterator
+import os
+from collections.abc import Iterator, Sequence
 from typing import Any
 from unittest import mock
 
@@ -234,6 +235,18 @@ def transformer_models(draw: st.DrawFn, families: tuple[str, ...] = FAMILIES, ou
         seed=draw(st.integers(0, 2**16)),
         **options,
     )
+
+
+def saved_llama(folder: str | os.PathLike, layers: int, shapes: Sequence[tuple[int, int, int]]
+                ) -> tuple[GeneratedModel, list[dict[str, torch.Tensor]]]:
+    """A tied grouped-query Llama of ``layers`` layers saved with ``save_pretrained`` in ``folder``
+    (what a capture without weights reads), and one batch of its inputs per ``(seed, seq, batch)``
+    of ``shapes``: lengths other than the example's exercise the graph's dynamic sizes."""
+    options = {"layers": layers, "tied": True, "kv_heads": 2}
+    g = build_model("llama", **options)
+    g.model.save_pretrained(folder)
+    batches = [build_model("llama", seed=seed, seq=seq, batch=batch, **options).inputs for seed, seq, batch in shapes]
+    return g, batches
 
 
 @contextlib.contextmanager
