@@ -25,7 +25,7 @@ from .passes.audit import AuditTrail
 from .passes.insert_observers import InsertObserversPlan
 from .passes.lower import lower_model
 from .quantizers.policy import QuantPolicy, parse_bits
-from .recipes import PRESETS, SIMULATED, BackendFit, Recipe, backend_fit, choose, run_recipe
+from .recipes import SIMULATED, BackendFit, Recipe, backend_fit, choose, run_recipe
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,11 +200,8 @@ def quantize(
     batches = _checked_batches(model, calibration, weights_loaded=folder is None)
     widths = parse_bits(bits)
     choose(recipe, backend)[0].policy(widths, policy)  # a bad recipe, backend or policy fails before the capture
-    if folder is not None:  # before capture; a preset's passes are checked once chosen for the captured graph
-        named, target = choose(recipe, backend)[:2]
-        weight_free.check_lowered(target, named.name)
-        if recipe not in (None, *PRESETS):
-            weight_free.check_runs_weight_free(named)
+    if folder is not None:
+        weight_free.check_before_capture(recipe, backend)
     decoder = generation and is_causal_lm(model)
     if tokenizer is not None and not decoder:
         raise SettingError(f"tokenizer= is kept on the generating model of a causal LM; {type(model).__name__} "

@@ -59,7 +59,18 @@ def model_without_weights(folder: pathlib.Path) -> torch.nn.Module:
     return model
 
 
-def check_lowered(target: str | None, recipe_name: str) -> None:
+def check_before_capture(recipe: str | Recipe | None, backend: str | None) -> None:
+    """Refuse a run without a backend, and a named recipe with a pass that needs the weights'
+    values (a preset's passes are checked once it is chosen for the captured graph)."""
+    from .recipes import PRESETS, choose
+
+    named, target = choose(recipe, backend)[:2]
+    _check_lowered(target, named.name)
+    if recipe not in (None, *PRESETS):
+        check_runs_weight_free(named)
+
+
+def _check_lowered(target: str | None, recipe_name: str) -> None:
     """Refuse a low-memory run without a backend: its fake-quant graph holds no weights (they load
     block by block inside the passes), so it does not run as a normal module."""
     if target is None:
