@@ -187,8 +187,9 @@ def quantize(
     without weights and calibrated, converted and lowered one decoder block's weights at a time
     (a fraction of the normal run's peak memory; docs/experiments/memory.md).
     It needs a backend (the result is always the lowered model) and a recipe whose passes run
-    without the weights' values (the observers and calibration: ``naive``, ``mp16``, their
-    ``+sink``); others are refused before capture. The weights are not checked for NaN values.
+    without the weights' values (observers, PEG groups and calibration: ``naive``, ``mp16``,
+    ``peg``, their ``+sink``); others are refused before calibration. The weights are not
+    checked for NaN values.
     """
     progress = progress and distributed.is_main()
     folder = None

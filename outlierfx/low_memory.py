@@ -24,11 +24,12 @@ import torch.fx
 from .errors import SettingError
 from .recipes import Recipe, RecipeError
 
-# Recipe passes that run on a graph captured without weights. The runner's own passes
-# (InsertObservers, Calibrate, ConvertToFakeQuant) and the lowering (FuseAttention, Lower) do;
-# every other pass rewrites, searches or trains on the weights' values, which such a graph
-# loads only inside the passes that know to load them block by block.
-WEIGHT_FREE_PASSES: frozenset[str] = frozenset()
+# Recipe passes that run on a graph captured without weights (tested equal to the loaded run in
+# tests/test_low_memory_quantize.py). The runner's own passes (InsertObservers, Calibrate,
+# ConvertToFakeQuant) and the lowering (FuseAttention, Lower) do too; GroupChannels only groups
+# observers' channels. Every other pass rewrites, searches or trains on the weights' values, which
+# such a graph loads only inside the passes that know to load them block by block.
+WEIGHT_FREE_PASSES: frozenset[str] = frozenset({"GroupChannels"})
 
 NEVER_LOADED = ("the model was never loaded (low_memory=True): captured without weights, calibrated, "
                 "converted and checked one block's weights at a time (block order); its weights were not "
@@ -88,7 +89,7 @@ def check_runs_weight_free(recipe: Recipe) -> None:
                           f"{'needs' if len(blocked) == 1 else 'need'} the weights' values in memory, which a "
                           f"low-memory run loads one block at a time (rewrites before calibration, GPTQ, Quadapter "
                           f"and learned ranges are not supported there yet); use a recipe of observers and "
-                          f"calibration only (naive, mp16, naive+sink), or quantize the loaded model with "
+                          f"calibration only (naive, mp16, peg, naive+sink), or quantize the loaded model with "
                           f"low_memory=False")
 
 

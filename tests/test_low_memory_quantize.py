@@ -69,6 +69,15 @@ def test_a_folder_quantized_with_low_memory_is_the_loaded_models_int8_model(save
     _assert_same_int8_model(reloaded, int8, batches)
 
 
+def test_peg_groups_run_weight_free(saved):
+    folder, model, batches = saved
+    expected, _ = outlierfx.quantize(model, batches, recipe="peg", backend=BACKEND, progress=False)
+    int8, report = outlierfx.quantize(folder, batches, recipe="peg", backend=BACKEND, low_memory=True,
+                                      progress=False)
+    assert "GroupChannels" in [e.pass_name for e in report.audit if e.modified]
+    _assert_same_int8_model(int8, expected, batches)
+
+
 def test_a_float16_checkpoint_is_quantized_in_float32_as_the_loaded_model_is(tmp_path):
     g, batches = saved_llama(tmp_path / "fp32", 1, ((3, 6, 2),))
     g.model.half().save_pretrained(tmp_path / "fp16")
