@@ -5,6 +5,9 @@ reloaded alike. What cannot run without the weights is refused, by name, before 
 
 from __future__ import annotations
 
+import importlib.util
+import pathlib
+
 import pytest
 import torch
 
@@ -174,3 +177,16 @@ def test_the_command_line_flag_quantizes_a_folder_without_loading_it(saved, tmp_
     loaded = outlierfx.load(out)
     assert isinstance(loaded, QuantizedCausalLM) and loaded.tokenizer is not None
     assert loaded.generate(torch.tensor([[5, 9, 11]]), max_new_tokens=3).shape == (1, 6)
+
+
+def test_the_acceptance_script_scores_both_modes_alike(saved):
+    """bench/scripts/low_memory_quantize.py (run on SmolLM2 by hand), in process on the tiny folder."""
+    script = pathlib.Path(__file__).resolve().parent.parent / "bench" / "scripts" / "low_memory_quantize.py"
+    spec = importlib.util.spec_from_file_location("low_memory_quantize", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    folder, _, _ = saved
+    full, low = (bench.run_mode(mode, str(folder), "naive", BACKEND) for mode in ("full", "low"))
+    assert full["recipe"] == low["recipe"] == "naive" and full["backend"] == low["backend"] == BACKEND
+    assert low["ppl_wiki"] == full["ppl_wiki"] and full["ppl_wiki"] > 1
+    assert low["peak_rss_mb"] > 0 and low["quantize_seconds"] > 0
