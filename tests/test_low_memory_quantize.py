@@ -190,3 +190,16 @@ def test_the_acceptance_script_scores_both_modes_alike(saved):
     assert full["recipe"] == low["recipe"] == "naive" and full["backend"] == low["backend"] == BACKEND
     assert low["ppl_wiki"] == full["ppl_wiki"] and full["ppl_wiki"] > 1
     assert low["peak_rss_mb"] > 0 and low["quantize_seconds"] > 0
+
+
+def test_a_low_memory_run_on_two_ranks_equals_one_process():
+    """Both items of issue 28 together: under torch.distributed each rank calibrates its share of
+    the batches in block order; the int8 model is one process's, bit for bit."""
+    from outlierfx.testing.distributed import run_here, run_on_local_ranks
+
+    ref = run_here(["llama_low_memory"])["llama_low_memory"]
+    assert int(ref.pop("low/ranks")) == 1
+    for rank in run_on_local_ranks(["llama_low_memory"], world=2):
+        got = rank["llama_low_memory"]
+        assert int(got.pop("low/ranks")) == 2 and got.keys() == ref.keys()
+        assert not [k for k in ref if not torch.equal(got[k], ref[k])]
