@@ -188,8 +188,7 @@ def quantize(
     (a fraction of the normal run's peak memory; docs/experiments/memory.md).
     It needs a backend (the result is always the lowered model) and a recipe whose passes run
     without the weights' values (observers, PEG groups and calibration: ``naive``, ``mp16``,
-    ``peg``, their ``+sink``); others are refused before calibration. The weights are not
-    checked for NaN values.
+    ``peg``, their ``+sink``); others are refused before calibration.
     """
     progress = progress and distributed.is_main()
     folder = None

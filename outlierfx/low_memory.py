@@ -31,9 +31,8 @@ from .recipes import Recipe, RecipeError
 # such a graph loads only inside the passes that know to load them block by block.
 WEIGHT_FREE_PASSES: frozenset[str] = frozenset({"GroupChannels"})
 
-NEVER_LOADED = ("the model was never loaded (low_memory=True): captured without weights, calibrated, "
-                "converted and checked one block's weights at a time (block order); its weights were not "
-                "checked for NaN or infinite values, which needs them all in memory")
+NEVER_LOADED = ("the model was never loaded (low_memory=True): captured without weights, then calibrated, "
+                "converted, checked and lowered with one block's weights in memory at a time (block order)")
 
 
 def folder_of(model: Any) -> pathlib.Path:
