@@ -257,16 +257,16 @@ def quantize(
     return QuantizationResult(qmodel, report)
 
 
-Wrap = Callable[[torch.nn.Module], torch.nn.Module]
-CaptureGraph = Callable[[Any, "Wrap | None"], torch.fx.GraphModule]  # (example, wrap) -> the captured graph
+# (example, wrap) -> the graph of the model, or of wrap(model) (e.g. CachedDecoder), captured on example
+_CaptureGraph = Callable[[Any, Callable[[torch.nn.Module], torch.nn.Module] | None], torch.fx.GraphModule]
 
 
-def _capturing(model: torch.nn.Module) -> CaptureGraph:
+def _capturing(model: torch.nn.Module) -> _CaptureGraph:
     """``capture(example, wrap)`` for a loaded ``model`` (or ``wrap(model)``)."""
     return lambda example, wrap: capture(model if wrap is None else wrap(model), example)
 
 
-def _capture_with_cache(model: torch.nn.Module, batches: list[dict[str, Any]], capture_graph: CaptureGraph
+def _capture_with_cache(model: torch.nn.Module, batches: list[dict[str, Any]], capture_graph: _CaptureGraph
                         ) -> tuple[torch.fx.GraphModule | None, list[dict[str, Any]], tuple[str, ...]]:
     """The graph of ``model`` (a causal LM) with an explicit static KV cache
     (:class:`~outlierfx.graph.kv_cache.CachedDecoder`), captured on the first batch in the cache's

@@ -208,7 +208,7 @@ def _quantize_on_this_rank(args: argparse.Namespace) -> int:
     if args.low_memory and not args.no_measure:
         print(textwrap.fill(
             f"not measured against FP32: that loads the FP32 model, which --low-memory never does; measure the saved "
-            f"model separately (outlierfx bench accuracy --model {args.model}, or outlierfx.load({str(out)!r}))",
+            f"model separately where the FP32 model fits (outlierfx.load({str(out)!r}) next to the FP32 model)",
             width=100, initial_indent="  ", subsequent_indent="    "))
     _, report = _save_measure_and_report(out, loaded, model, report, batches, model_dir=None, rounds=args.rounds,
                                          progress=True, measured=not (args.no_measure or args.low_memory))
