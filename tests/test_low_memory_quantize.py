@@ -187,6 +187,12 @@ def test_the_command_line_flag_quantizes_a_folder_without_loading_it(saved, tmp_
     loaded = outlierfx.load(out)
     assert isinstance(loaded, QuantizedCausalLM) and loaded.tokenizer is not None
     assert loaded.generate(torch.tensor([[5, 9, 11]]), max_new_tokens=3).shape == (1, 6)
+    # a recipe that trains on the weights: one line, exit code 2
+    assert main(["quantize", str(folder), "--recipe", "naive", "--fine", "--backend", BACKEND, "--samples", "16",
+                 "--low-memory", "--out", str(tmp_path / "lsq")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("outlierfx: error: recipe 'naive+lsq' cannot run with low_memory=True: LearnRanges")
+    assert err.count("\n") == 1
 
 
 def test_the_acceptance_script_scores_both_modes_alike(saved):
