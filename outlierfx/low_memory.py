@@ -22,7 +22,7 @@ import torch
 import torch.fx
 
 from .errors import SettingError
-from .recipes import Recipe, RecipeError
+from .recipes import PRESETS, Recipe, RecipeError, choose
 
 # Recipe passes that run on a graph captured without weights (tested equal to the loaded run in
 # tests/test_low_memory_quantize.py). The runner's own passes (InsertObservers, Calibrate,
@@ -62,10 +62,8 @@ def model_without_weights(folder: pathlib.Path) -> torch.nn.Module:
 def check_before_capture(recipe: str | Recipe | None, backend: str | None) -> None:
     """Refuse a run without a backend, and a named recipe with a pass that needs the weights'
     values (a preset's passes are checked once it is chosen for the captured graph)."""
-    from .recipes import PRESETS, choose
-
     named, target = choose(recipe, backend)[:2]
-    _check_lowered(target, named.name)
+    _check_lowered(target, (recipe or "fast") if isinstance(recipe, str | None) else named.name)
     if recipe not in (None, *PRESETS):
         check_runs_weight_free(named)
 
