@@ -7,7 +7,8 @@ import dataclasses
 import json
 import uuid
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from os import PathLike
 from typing import Any, NamedTuple
 
 import torch
@@ -136,7 +137,7 @@ class QuantizationResult(NamedTuple):
 
 
 def quantize(
-    model: torch.nn.Module,
+    model: torch.nn.Module | str | PathLike,
     calibration: Iterable[Mapping[str, torch.Tensor]],
     recipe: str | Recipe | None = None,
     bits: str | int = "W8A8",
@@ -146,6 +147,7 @@ def quantize(
     tokenizer: Any = None,
     generation: bool = True,
     progress: bool = True,
+    low_memory: bool = False,
 ) -> QuantizationResult:
     """Capture ``model``, apply a recipe, calibrate on ``calibration`` and return the quantized
     model with its report: ``qmodel, report = quantize(model, calibration)``.
@@ -179,24 +181,50 @@ def quantize(
     the one a single process would make where the recipe only collects statistics, and, where
     it trains (Quadapter, learned ranges, QAT), one trained on gradients averaged across ranks
     in fewer, larger steps (docs/distributed.md); progress shows on rank 0 only.
+
+    ``low_memory=True`` quantizes a model that is never loaded: ``model`` is then the folder it
+    was saved in with ``save_pretrained`` (safetensors weights), and the graph is captured
+    without weights and calibrated, converted and lowered one decoder block's weights at a time
+    (a fraction of the normal run's peak memory; docs/experiments/memory.md).
+    It needs a backend (the result is always the lowered model) and a recipe whose passes run
+    without the weights' values (observers, PEG groups and calibration: ``naive``, ``mp16``,
+    ``peg``, their ``+sink``); others are refused before calibration.
     """
     progress = progress and distributed.is_main()
-    batches = _checked_batches(model, calibration)
+    folder = None
+    if low_memory:
+        from . import low_memory as weight_free
+
+        folder = weight_free.folder_of(model)
+        model = weight_free.model_without_weights(folder)  # on the meta device: its config, its forward's inputs
+    batches = _checked_batches(model, calibration, weights_loaded=folder is None)
     widths = parse_bits(bits)
     choose(recipe, backend)[0].policy(widths, policy)  # a bad recipe, backend or policy fails before the capture
+    if folder is not None:
+        weight_free.check_before_capture(recipe, backend)
     decoder = generation and is_causal_lm(model)
     if tokenizer is not None and not decoder:
         raise SettingError(f"tokenizer= is kept on the generating model of a causal LM; {type(model).__name__} "
                            f"{'is not one' if generation else 'was quantized with generation=False'}: save the "
                            f"tokenizer with the model instead, outlierfx.save(qmodel, DIR, tokenizer=tokenizer)")
-    model, batches, dtype_notes = _in_float32(model, batches)
+    if folder is None:
+        model, batches, dtype_notes = _in_float32(model, batches)
+        capture_graph = _capturing(model)
+        memory_notes: tuple[str, ...] = ()
+    else:
+        batches, dtype_notes = _float32_batches(batches, weight_free.checkpoint_dtypes(folder),
+                                                "it in float32 (each tensor loaded as float32)")
+        capture_graph = weight_free.capturing(folder)
+        memory_notes = (weight_free.NEVER_LOADED,)
     gm, fallback_notes = None, ()
     if decoder:
-        gm, batches, fallback_notes = _capture_with_cache(model, batches)
+        gm, batches, fallback_notes = _capture_with_cache(model, batches, capture_graph)
         decoder = gm is not None
     if gm is None:
-        gm = capture(model, batches[0])
+        gm = capture_graph(batches[0], None)
     chosen, target, chosen_preset = choose(recipe, backend, gm, widths)  # a preset follows the model's structure and bits
+    if folder is not None:
+        weight_free.check_runs_weight_free(chosen)  # before any calibration time is spent
     quant_policy = chosen.policy(widths, policy)
     fits: list[BackendFit] = []
 
@@ -217,7 +245,7 @@ def quantize(
         chosen.name, str(widths), quant_policy.name, run.audit, run.placement, run.calibration_seconds, len(batches),
         preset=chosen_preset.goal.value if chosen_preset else None, why=chosen_preset.why if chosen_preset else None,
         backend_fit=fits[0] if fits else None, run_id=run_id,
-        notes=dtype_notes + fallback_notes + gm.meta[meta.GM_CAPTURE_REPORT].notes
+        notes=memory_notes + dtype_notes + fallback_notes + gm.meta[meta.GM_CAPTURE_REPORT].notes
         + ((distributed.describe(),) if distributed.active() else ()),
         graphs=RunGraphs(gm, run.graph_module))
     qmodel: torch.nn.Module = run.graph_module
@@ -229,7 +257,16 @@ def quantize(
     return QuantizationResult(qmodel, report)
 
 
-def _capture_with_cache(model: torch.nn.Module, batches: list[dict[str, Any]]
+# (example, wrap) -> the graph of the model, or of wrap(model) (e.g. CachedDecoder), captured on example
+_CaptureGraph = Callable[[Any, Callable[[torch.nn.Module], torch.nn.Module] | None], torch.fx.GraphModule]
+
+
+def _capturing(model: torch.nn.Module) -> _CaptureGraph:
+    """``capture(example, wrap)`` for a loaded ``model`` (or ``wrap(model)``)."""
+    return lambda example, wrap: capture(model if wrap is None else wrap(model), example)
+
+
+def _capture_with_cache(model: torch.nn.Module, batches: list[dict[str, Any]], capture_graph: _CaptureGraph
                         ) -> tuple[torch.fx.GraphModule | None, list[dict[str, Any]], tuple[str, ...]]:
     """The graph of ``model`` (a causal LM) with an explicit static KV cache
     (:class:`~outlierfx.graph.kv_cache.CachedDecoder`), captured on the first batch in the cache's
@@ -239,7 +276,7 @@ def _capture_with_cache(model: torch.nn.Module, batches: list[dict[str, Any]]
     says so, and the caller quantizes the one-pass forward as for ``generation=False``."""
     cached = [prefill_inputs(model.config, batch) for batch in batches]
     try:
-        return capture(CachedDecoder(model), cached[0]), cached, ()
+        return capture_graph(cached[0], CachedDecoder), cached, ()
     except (CaptureError, DataError) as exc:
         reason = str(exc).strip().splitlines()[0]
         note = (f"{type(model).__name__} could not be captured with a KV cache for generation ({reason}); "
@@ -257,23 +294,36 @@ def _in_float32(model: torch.nn.Module, batches: list[dict[str, Any]]
     channels next to the outliers) and the int8 kernels take and return float32 activations; the
     user's model is not changed. Returns the note the report shows, or none for a float32 model."""
     dtypes = {t.dtype for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()}
-    low = sorted(str(d).removeprefix("torch.") for d in dtypes if d != torch.float32)
-    if not low:
+    if dtypes <= {torch.float32}:
         return model, batches, ()
-    work = copy.deepcopy(model).float()
+    batches, notes = _float32_batches(batches, dtypes, "a float32 copy of it")
+    return copy.deepcopy(model).float(), batches, notes
+
+
+def _float32_batches(batches: list[dict[str, Any]], model_dtypes: set[torch.dtype], what: str
+                     ) -> tuple[list[dict[str, Any]], tuple[str, ...]]:
+    """For a model in ``model_dtypes`` other than float32, its batches' float tensors in float32
+    and the note the report shows (none for a float32 model); ``what`` outlierfx quantized."""
+    low = sorted(str(d).removeprefix("torch.") for d in model_dtypes if d != torch.float32)
+    if not low:
+        return batches, ()
     batches = [{k: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in b.items()}
                for b in batches]
-    note = (f"the model is in {', '.join(low)}: outlierfx captured, calibrated and quantized a float32 copy of it "
+    note = (f"the model is in {', '.join(low)}: outlierfx captured, calibrated and quantized {what} "
             f"(float32 statistics; the int8 kernels take float32 activations); the quantized model returns float32")
-    return work, batches, (note,)
+    return batches, (note,)
 
 
-def _checked_batches(model: torch.nn.Module, calibration: Iterable[Any]) -> list[dict[str, Any]]:
+def _checked_batches(model: torch.nn.Module, calibration: Iterable[Any], weights_loaded: bool = True
+                     ) -> list[dict[str, Any]]:
     """The calibration batches as keyword inputs, each checked before any tracing (the first is
-    the example for capture)."""
+    the example for capture); ``model`` may be on the meta device where not ``weights_loaded``
+    (a low-memory run: its names, vocabulary and config are checked, not its weights)."""
     if not isinstance(model, torch.nn.Module):
-        raise DataError(f"quantize expects a torch.nn.Module, got {type(model).__name__}")
-    check_model_weights(model)
+        hint = " (or the folder of a saved model with low_memory=True)" if isinstance(model, (str, PathLike)) else ""
+        raise DataError(f"quantize expects a torch.nn.Module{hint}, got {type(model).__name__}")
+    if weights_loaded:
+        check_model_weights(model)
     batches = [as_keyword_batch(model, batch, i) for i, batch in enumerate(calibration)]
     if not batches:
         raise DataError("the calibration set is empty")

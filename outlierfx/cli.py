@@ -176,7 +176,7 @@ def _quantize_on_this_rank(args: argparse.Namespace) -> int:
     from .backends import check_backend, default_backend
     from .generation import QuantizedCausalLM
     from .graph.kv_cache import prefill_inputs
-    from .models import load
+    from .models import load, load_without_weights, saved_folder
 
     main = distributed.is_main()
     out = pathlib.Path(args.out)
@@ -184,7 +184,8 @@ def _quantize_on_this_rank(args: argparse.Namespace) -> int:
         raise OutlierFXError(f"output directory {out} exists and is not empty; choose another --out or pass --force")
     backend = check_backend(args.backend or default_backend())
     recipe = _recipe_name(args)
-    loaded = load(args.model)
+    # --low-memory: the model on the meta device (its config and forward's inputs) and its tokenizer
+    loaded = load_without_weights(args.model) if args.low_memory else load(args.model)
     if args.calibration:
         texts, source = corpus.evenly_spaced(corpus.from_text_file(args.calibration), args.samples), args.calibration
     else:
@@ -196,15 +197,21 @@ def _quantize_on_this_rank(args: argparse.Namespace) -> int:
         print(f"quantizing {loaded.name} ({recipe or 'preset fast'}, {args.bits}, backend {backend}) on {len(batches)} "
               f"batches from {source}{split}")
     start = time.perf_counter()
-    model, report = quantize(loaded.model, batches, recipe=recipe, bits=args.bits, policy=args.policy, backend=backend,
-                             progress=True)
+    model, report = quantize(saved_folder(args.model) if args.low_memory else loaded.model, batches, recipe=recipe,
+                             bits=args.bits, policy=args.policy, backend=backend, progress=True,
+                             low_memory=args.low_memory)
     if isinstance(model, QuantizedCausalLM):  # saved with its KV cache: `outlierfx generate` continues prompts with it
         batches = [prefill_inputs(loaded.model.config, batch) for batch in batches]  # the report graphs' inputs
     if not main:  # every rank holds the same model; rank 0 writes it
         return 0
     _print_quantized(report, time.perf_counter() - start)
+    if args.low_memory and not args.no_measure:
+        print(textwrap.fill(
+            f"not measured against FP32: that loads the FP32 model, which --low-memory never does; measure the saved "
+            f"model separately where the FP32 model fits (outlierfx.load({str(out)!r}) next to the FP32 model)",
+            width=100, initial_indent="  ", subsequent_indent="    "))
     _, report = _save_measure_and_report(out, loaded, model, report, batches, model_dir=None, rounds=args.rounds,
-                                         progress=True, measured=not args.no_measure)
+                                         progress=True, measured=not (args.no_measure or args.low_memory))
     (out / "quantization.json").write_text(json.dumps(report.as_dict(), indent=1, default=str))
     if args.verbose:
         print(report.to_text())
@@ -326,6 +333,10 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--no-measure", action="store_true",
                        help="skip the quality and latency measurement against FP32 (held-out text)")
     quant.add_argument("--rounds", type=int, default=10, help="timed runs per model for the latency measurement")
+    quant.add_argument("--low-memory", action="store_true",
+                       help="never load the model: read one block's weights at a time from its safetensors files "
+                            "(needs a recipe of observers and calibration only, e.g. naive; skips the FP32 "
+                            "measurement, which would load the model)")
     quant.set_defaults(func=_quantize)
     export = sub.add_parser("export", help="write a saved int8 model as a QDQ ONNX model for ONNX Runtime")
     export.add_argument("model", help="a folder written by outlierfx quantize --out or outlierfx.save")

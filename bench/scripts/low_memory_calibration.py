@@ -32,7 +32,7 @@ def run_mode(mode: str, samples: int, policy: str) -> None:
 
     from outlierfx import capture, corpus
     from outlierfx.graph.weight_source import capture_without_weights
-    from outlierfx.models import LoadedModel, build_without_weights, cache_dir, load_smollm2
+    from outlierfx.models import load_smollm2, load_without_weights, smollm2_folder
     from outlierfx.graph import meta
     from outlierfx.backends import runnable_backends
     from outlierfx.passes import ConvertToFakeQuant, FuseAttention, InsertObservers, Lower
@@ -53,15 +53,9 @@ def run_mode(mode: str, samples: int, policy: str) -> None:
         mark("model loaded, batches tokenized")
         gm = capture(loaded.model, batches[0])
     else:
-        from transformers import AutoTokenizer
-
-        folder = cache_dir() / "smollm2-135m-instruct-fp32"
-        if not (folder / "model.safetensors").exists():
-            load_smollm2()  # dequantizes the packaged GGUF into that folder, once
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        folder = smollm2_folder()  # dequantizes the packaged GGUF into the cache, once
         # the meta-device model only gives encode() the names its forward takes
-        batches = corpus.calibration_batches(LoadedModel("smollm2", build_without_weights(folder), tokenizer,
-                                                         "decoder", 0.0), texts)
+        batches = corpus.calibration_batches(load_without_weights("smollm2"), texts)
         mark("batches tokenized")
         gm = capture_without_weights(folder, batches[0])
     mark("captured")

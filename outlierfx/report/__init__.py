@@ -45,10 +45,14 @@ def build_report(
       ``batches``);
     - the run's quality and latency, where measured (``report.with_measurements``).
 
+    A ``quantize(..., low_memory=True)`` run kept graphs without weights: its report has the
+    audit trail and the measurements only (no outlier or per-tensor error sections).
+
     Returns the paths of ``report.html`` and ``report.json`` in ``out_dir``.
     """
     from ..analysis import analyze_outliers
     from ..errors import DataError
+    from ..graph import meta
     from ..quantizers.observers import quantizers_disabled
     from ..quantizers.qerror import quantization_errors
 
@@ -57,6 +61,9 @@ def build_report(
                         "from the report outlierfx.quantize() returned")
     batches = list(batches)
     captured, simulated = report.graphs.captured, report.graphs.simulated
+    if meta.GM_WEIGHT_SOURCE in captured.meta:  # a low-memory run: its graphs hold no weights to run
+        return write_report(out_dir, report=report, quality=report.quality, speed=report.latency, title=title,
+                            model_name=model_name, overwrite=overwrite)
     before = analyze_outliers(captured, batches, tokenizer, progress=progress)
     rewrites = [e.pass_name for e in report.audit if e.modified and e.pass_name in REWRITE_PASSES]
     after = None

@@ -91,6 +91,38 @@ def llama_default() -> Result:
                       backend=default_backend())
 
 
+def llama_low_memory() -> Result:
+    """:func:`llama_default`'s Llama saved with ``save_pretrained`` and quantized without being
+    loaded (``low_memory=True``; ``naive+sink`` on this CPU's best backend, the default preset's
+    rotations not yet running weight-free): every tensor of the int8 model and its outputs."""
+    from .. import distributed
+    from ..api import quantize
+    from ..backends import default_backend
+    from .models import OutlierSpec, build_model
+
+    spec = OutlierSpec(gamma_scale=20.0, channels=(3, 17), first_token_scale=30.0)
+    model = build_model("llama", hidden=64, heads=4, layers=2, ffn=128, vocab=64, outliers=spec).model
+    batches = _generated_batches(63, 6, 2, 12, seed=1)
+    with tempfile.TemporaryDirectory() as own:
+        folder = [own]  # one folder for all ranks: under torch.distributed save_pretrained writes on rank 0 only
+        if distributed.active():
+            torch.distributed.broadcast_object_list(folder, src=0)
+        model.save_pretrained(folder[0])
+        if distributed.active():
+            torch.distributed.barrier()
+        qmodel, _ = quantize(folder[0], batches, recipe="naive+sink", backend=default_backend(), progress=False,
+                             low_memory=True)
+        if distributed.active():
+            torch.distributed.barrier()  # every rank has read the checkpoint before rank 0 removes it
+    tensors = [*qmodel.named_parameters(remove_duplicate=False), *qmodel.named_buffers(remove_duplicate=False)]
+    result = {f"low/{name}": t.detach().clone() for name, t in tensors}
+    result["low/ranks"] = torch.tensor(distributed.world_size())
+    with torch.no_grad():
+        for i, batch in enumerate(_generated_batches(63, 1, 2, 12, seed=2)):
+            result[f"low/output{i}"] = qmodel(**batch).logits
+    return result
+
+
 def bert_gptq() -> Result:
     """A generated BERT with outlier channels under GPTQ, both ways of collecting the Gram
     matrices (``naive+gptq``; and sequential, each Linear after the earlier ones are rounded)."""
@@ -262,7 +294,7 @@ class _Doubler(torch.nn.Module):
 
 
 SCENARIOS: dict[str, Callable[[], Result]] = {f.__name__: f for f in (
-    llama_default, bert_gptq, bert_trained, minilm_fast_preset, smollm2_default, statistics_merge, mismatched_batches,
+    llama_default, llama_low_memory, bert_gptq, bert_trained, minilm_fast_preset, smollm2_default, statistics_merge, mismatched_batches,
     nan_on_rank_1, training_shards)}
 
 
