@@ -38,18 +38,28 @@ import torch
 import torch.fx
 
 from .. import distributed
+from ..errors import PassError
 from ..distributed import Reduction
 from ..graph import meta
 from ..graph.attrs import fetch_attr, is_shared_attr, replace_input_tensor
 from ..graph.copy import copy_graph_module
 from ..graph.lockstep import Lockstep
 from ..graph.ops import has_stored_weight
+from ..graph.weight_source import hold
 from ..quantizers.fake_quant import quantize_weight
+from ..quantizers.integer_codes import HeldCodes
 from ..quantizers.observers import observation_paused
 from ..quantizers.spec import Estimator, Granularity, QuantSpec
 from .base import GraphPass, require_calibrated_observers
 from .convert_fake_quant import ConvertToFakeQuant, linear_weight_spec
 from .training import Batch
+
+
+SEQUENTIAL_NEEDS_WEIGHTS = (
+    "GPTQ(sequential=True) does not run on a graph captured without weights (low_memory=True): it runs the whole "
+    "graph node by node with every Linear rounded before the next one's inputs are computed, which block order "
+    "does not do yet; use sequential=False (the default, each Linear's inputs from the float-weight model), or "
+    "quantize the loaded model with low_memory=False")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +84,9 @@ class GPTQPlan:
     skipped: tuple[tuple[str, str], ...]  # (Linear node, why)
     spec: QuantSpec
     seconds: float
+    # Linear node -> its rounded weight as int8 codes, on a graph captured without weights (the
+    # weight source holds them: :mod:`~outlierfx.passes.gptq_block_order`); ``weights`` is empty there
+    held: Mapping[str, HeldCodes] = dataclasses.field(default_factory=dict)
 
     def summary(self) -> str:
         if not self.linears:
@@ -237,6 +250,8 @@ class GPTQ(GraphPass[GPTQPlan]):
 
     def requires(self, gm: torch.fx.GraphModule) -> None:
         require_calibrated_observers(gm, "GPTQ")
+        if self.sequential and gm.meta.get(meta.GM_WEIGHT_SOURCE) is not None:
+            raise PassError(SEQUENTIAL_NEEDS_WEIGHTS)
 
     def analyze(self, gm: torch.fx.GraphModule) -> GPTQPlan:
         start = time.perf_counter()
@@ -250,7 +265,8 @@ class GPTQ(GraphPass[GPTQPlan]):
                 skipped.append((node.name, "weight is not a matrix"))
             else:
                 targets.append(node)
-        linears, weights = [], {}
+        linears: list[RoundedLinear] = []
+        weights: dict[str, torch.Tensor] = {}
 
         def round_one(node: torch.fx.Node, gram: torch.Tensor, tokens: int) -> torch.Tensor | None:
             if tokens == 0:
@@ -262,19 +278,29 @@ class GPTQ(GraphPass[GPTQPlan]):
             rounded, pinned = gptq_round(weight, gram, spec, self.damp, grid=grid)
             step, zero = scale.unsqueeze(1).double(), zero_point.unsqueeze(1).double()
             nearest = ((_nearest_codes(weight, step, zero, spec) - zero) * step).to(weight.dtype)  # GPTQ's grid
-            weights[node.name] = rounded
             linears.append(RoundedLinear(node.name, meta.module_path(node), weight.shape[1], tokens,
                                          layer_error(weight, nearest, gram) / tokens,
                                          layer_error(weight, rounded, gram) / tokens, pinned))
             return rounded
 
-        if self.sequential:
-            self._round_in_graph_order(gm, targets, round_one)
+        def round_and_keep(node: torch.fx.Node, gram: torch.Tensor, tokens: int) -> torch.Tensor | None:
+            rounded = round_one(node, gram, tokens)
+            if rounded is not None:
+                weights[node.name] = rounded
+            return rounded
+
+        held: dict[str, HeldCodes] = {}
+        if gm.meta.get(meta.GM_WEIGHT_SOURCE) is not None:  # captured without weights: a block at a time
+            from .gptq_block_order import round_in_block_order  # it builds on this module's recorders
+
+            held = round_in_block_order(gm, targets, self._work_graph(gm), self.batches, self.weight_spec, round_one)
+        elif self.sequential:
+            self._round_in_graph_order(gm, targets, round_and_keep)
         else:
             grams = self._gram_matrices(gm, targets)
             for node in targets:
-                round_one(node, *grams[node.name])
-        return GPTQPlan(tuple(linears), weights, tuple(skipped), self.weight_spec, time.perf_counter() - start)
+                round_and_keep(node, *grams[node.name])
+        return GPTQPlan(tuple(linears), weights, tuple(skipped), self.weight_spec, time.perf_counter() - start, held)
 
     def _work_graph(self, gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
         """The fake-quant model with float weights (activations on their calibrated grids)."""
@@ -318,17 +344,7 @@ class GPTQ(GraphPass[GPTQPlan]):
                        ) -> dict[str, tuple[torch.Tensor, int]]:
         """``X^T X`` of each target Linear's input in the fake-quant model (float weights)."""
         work = self._work_graph(gm)
-        by_name = {n.name: n for n in work.graph.nodes}
-        recorders: dict[str, _GramRecorder] = {}
-        for node in targets:
-            linear = by_name[node.name]
-            name = f"outlierfx_gptq_recorder_{node.name}"
-            recorders[node.name] = _GramRecorder()
-            work.add_module(name, recorders[node.name])
-            with work.graph.inserting_before(linear):
-                recorded = work.graph.call_module(name, (linear.args[0],))
-            linear.update_arg(0, recorded)
-        work.recompile()
+        recorders = {name: recorder for name, (_, recorder) in record_grams(work, targets).items()}
         with torch.no_grad(), observation_paused(), distributed.failing_together("collecting GPTQ's Gram matrices"):
             for batch in distributed.shard(self.batches):
                 mask = batch.get("attention_mask")
@@ -343,4 +359,26 @@ class GPTQ(GraphPass[GPTQPlan]):
         for name, weight in plan.weights.items():
             node = by_name[name]
             replace_input_tensor(gm, node, node.args[1], weight, "_gptq")
-        return bool(plan.weights)
+        if plan.held:  # untied weights: each keeps its target, which now loads from its codes
+            hold(gm, {str(by_name[name].args[1].target): codes for name, codes in plan.held.items()})
+        return bool(plan.weights or plan.held)
+
+
+def record_grams(work: torch.fx.GraphModule, targets: Sequence[torch.fx.Node]
+                 ) -> dict[str, tuple[torch.fx.Node, _GramRecorder]]:
+    """Insert a :class:`_GramRecorder` before each of ``targets``' Linears in ``work`` (a copy
+    of their graph, which has nodes of the same names): Linear node name -> (recorder node,
+    recorder)."""
+    by_name = {n.name: n for n in work.graph.nodes}
+    recorders = {}
+    for node in targets:
+        linear = by_name[node.name]
+        name = f"outlierfx_gptq_recorder_{node.name}"
+        recorder = _GramRecorder()
+        work.add_module(name, recorder)
+        with work.graph.inserting_before(linear):
+            recorded = work.graph.call_module(name, (linear.args[0],))
+        linear.update_arg(0, recorded)
+        recorders[node.name] = (recorded, recorder)
+    work.recompile()
+    return recorders

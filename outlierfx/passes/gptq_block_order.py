@@ -1,0 +1,86 @@
+"""GPTQ on a graph captured without weights (issue 28; docs/experiments/memory.md, "Block-wise
+calibration"): the rounding is :mod:`~outlierfx.passes.gptq`'s, only where the Gram matrices
+come from and where the rounded weights go differ.
+
+The Gram matrices come from the same fake-quant work graph with float weights, run in block
+order (:func:`~outlierfx.graph.block_order.run_in_block_order`: each block's weights loaded
+around its segment) up to the recorders before the Linears. Once every batch has gone through
+a block, its Grams are complete: its Linears' float weights are loaded, rounded, held as int8
+codes by the weight source (:func:`~outlierfx.graph.weight_source.hold`, in the pass's
+``apply``) and released, and the Grams dropped, so one block's float weights and Grams are in
+memory at a time. The codes rebuild the rounded weight bit for bit, which ConvertToFakeQuant's
+weight-free path then loads and puts on the same grid as the loaded run's conversion.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+import torch.fx
+
+from .. import distributed
+from ..errors import PassError
+from ..graph.block_order import run_in_block_order
+from ..graph.weight_source import materialized
+from ..quantizers.integer_codes import HeldCodes, integer_weight
+from ..quantizers.observers import observation_paused
+from ..quantizers.spec import QuantSpec
+from .convert_fake_quant import linear_weight_spec
+from .gptq import _GramRecorder, record_grams
+from .training import Batch
+
+RoundOne = Callable[[torch.fx.Node, torch.Tensor, int], torch.Tensor | None]  # (Linear, Gram, tokens) -> rounded
+
+
+def round_in_block_order(gm: torch.fx.GraphModule, targets: Sequence[torch.fx.Node], work: torch.fx.GraphModule,
+                         batches: Sequence[Batch], weight_spec: QuantSpec, round_one: RoundOne
+                         ) -> dict[str, HeldCodes]:
+    """Linear node name -> its GPTQ-rounded weight as int8 codes, for ``targets`` (Linears of
+    ``gm``, a graph captured without weights); ``work`` is GPTQ's fake-quant work graph of
+    ``gm`` and ``round_one`` its rounding of one Linear, whose weight it reads from ``gm``."""
+    recorders = record_grams(work, targets)
+    linear_of = {recorder_node: name for name, (recorder_node, _) in recorders.items()}
+    original = {node.name: node for node in targets}
+    held: dict[str, HeldCodes] = {}
+
+    def round_segment(segment: Sequence[torch.fx.Node]) -> None:
+        names = [linear_of[node] for node in segment if node in linear_of]
+        if not names:
+            return
+        distributed.reduce_statistics([recorders[name][1] for name in names])
+        nodes = [original[name] for name in names]
+        with materialized(gm, [str(node.args[1].target) for node in nodes]):
+            for node in nodes:
+                recorder = recorders[node.name][1]
+                rounded = round_one(node, *recorder.result())
+                recorder.gram = None  # this block's Grams are spent
+                if rounded is not None:
+                    held[node.name] = _codes(node, rounded, linear_weight_spec(node, weight_spec))
+
+    everyone = [recorder for _, recorder in recorders.values()]
+    with torch.no_grad(), observation_paused(), distributed.failing_together("collecting GPTQ's Gram matrices"):
+        run_in_block_order(work, distributed.shard(batches), list(linear_of),
+                           lambda mask: _masking(everyone, mask), round_segment)
+    return held
+
+
+@contextlib.contextmanager
+def _masking(recorders: Sequence[_GramRecorder], mask: torch.Tensor | None) -> Iterator[None]:
+    """The recorders count the real tokens of the batch that runs (``mask``: its attention mask)."""
+    for recorder in recorders:
+        recorder.mask = mask
+    yield
+
+
+def _codes(node: torch.fx.Node, rounded: torch.Tensor, spec: QuantSpec) -> HeldCodes:
+    """The int8 codes and per-row scales that rebuild ``rounded`` (on ``spec``'s grid) bit for bit."""
+    codes = integer_weight(rounded, spec)
+    if codes is None:
+        raise PassError(f"GPTQ rounded {node.name}'s weight ({rounded.dtype}) on a grid ({spec.describe()}) whose "
+                        f"values no int8 codes with float32 per-row scales hold, which a graph captured without "
+                        f"weights needs (it holds rewritten weights as codes); use a per-row weight spec with int8 "
+                        f"codes (symmetric of at most 8 bits, asymmetric of at most 7) on float32 weights, or "
+                        f"quantize the loaded model")
+    return codes
