@@ -4,9 +4,10 @@ without ever being loaded (issue 28; docs/experiments/memory.md, "Block-wise cal
 The graph is captured without weights
 (:func:`~outlierfx.graph.weight_source.capture_without_weights`): every stage after it loads
 one decoder block's tensors at a time from the folder's safetensors files. Calibration and the
-pass manager's checks run in block order, ConvertToFakeQuant holds the quantized weights as
-int8 codes, and Lower builds the int8 kernels from those codes. The lowered model holds what
-it runs and nothing of the checkpoint. This module holds what differs from the normal run
+pass manager's checks run in block order, GPTQ rounds each block's Linears once the block has
+seen every batch, ConvertToFakeQuant holds the quantized weights as int8 codes, and Lower
+builds the int8 kernels from those codes. The lowered model holds what it runs and nothing of
+the checkpoint. This module holds what differs from the normal run
 before the recipe starts: the folder, the meta-device model the batches are checked against,
 the capture, and the refusals of what cannot run weight-free.
 """
