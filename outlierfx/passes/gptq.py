@@ -24,7 +24,10 @@ qmin and qmax on an asymmetric one) so that the conversion (and lowering, which 
 back by min-max) finds the same grid and changes nothing. Biases, embedding tables and tied
 weights (an LM head sharing the embedding table) are left alone. Run it after calibration and
 after any pass that rewrites weights (e.g.
-:class:`~outlierfx.passes.fold_quadapter.FoldQuadapter`), before conversion.
+:class:`~outlierfx.passes.fold_quadapter.FoldQuadapter`), before conversion. On a graph captured
+without weights (``low_memory=True``) the Gram matrices come from a forward in block order and
+the rounded weights are held as int8 codes, one block at a time
+(:mod:`~outlierfx.passes.gptq_block_order`; ``sequential=True`` is refused there).
 """
 
 from __future__ import annotations
@@ -38,8 +41,8 @@ import torch
 import torch.fx
 
 from .. import distributed
-from ..errors import PassError
 from ..distributed import Reduction
+from ..errors import PassError
 from ..graph import meta
 from ..graph.attrs import fetch_attr, is_shared_attr, replace_input_tensor
 from ..graph.copy import copy_graph_module
@@ -102,7 +105,7 @@ class GPTQPlan:
         return line
 
 
-class _GramRecorder(torch.nn.Module):
+class GramRecorder(torch.nn.Module):
     """Identity that accumulates ``X^T X`` over the real tokens of its input. Data-parallel
     ranks add their sums and token counts (:func:`outlierfx.distributed.reduce_statistics`)."""
 
@@ -324,7 +327,7 @@ class GPTQ(GraphPass[GPTQPlan]):
                 if node.name in original:
                     source = node.args[0]
                     if source not in grams:
-                        recorder = _GramRecorder()
+                        recorder = GramRecorder()
                         for run in runs:
                             recorder.mask = run.mask
                             recorder(run.env[source])
@@ -365,8 +368,8 @@ class GPTQ(GraphPass[GPTQPlan]):
 
 
 def record_grams(work: torch.fx.GraphModule, targets: Sequence[torch.fx.Node]
-                 ) -> dict[str, tuple[torch.fx.Node, _GramRecorder]]:
-    """Insert a :class:`_GramRecorder` before each of ``targets``' Linears in ``work`` (a copy
+                 ) -> dict[str, tuple[torch.fx.Node, GramRecorder]]:
+    """Insert a :class:`GramRecorder` before each of ``targets``' Linears in ``work`` (a copy
     of their graph, which has nodes of the same names): Linear node name -> (recorder node,
     recorder)."""
     by_name = {n.name: n for n in work.graph.nodes}
@@ -374,7 +377,7 @@ def record_grams(work: torch.fx.GraphModule, targets: Sequence[torch.fx.Node]
     for node in targets:
         linear = by_name[node.name]
         name = f"outlierfx_gptq_recorder_{node.name}"
-        recorder = _GramRecorder()
+        recorder = GramRecorder()
         work.add_module(name, recorder)
         with work.graph.inserting_before(linear):
             recorded = work.graph.call_module(name, (linear.args[0],))

@@ -28,7 +28,7 @@ from ..quantizers.integer_codes import HeldCodes, integer_weight
 from ..quantizers.observers import observation_paused
 from ..quantizers.spec import QuantSpec
 from .convert_fake_quant import linear_weight_spec
-from .gptq import _GramRecorder, record_grams
+from .gptq import GramRecorder, record_grams
 from .training import Batch
 
 RoundOne = Callable[[torch.fx.Node, torch.Tensor, int], torch.Tensor | None]  # (Linear, Gram, tokens) -> rounded
@@ -67,7 +67,7 @@ def round_in_block_order(gm: torch.fx.GraphModule, targets: Sequence[torch.fx.No
 
 
 @contextlib.contextmanager
-def _masking(recorders: Sequence[_GramRecorder], mask: torch.Tensor | None) -> Iterator[None]:
+def _masking(recorders: Sequence[GramRecorder], mask: torch.Tensor | None) -> Iterator[None]:
     """The recorders count the real tokens of the batch that runs (``mask``: its attention mask)."""
     for recorder in recorders:
         recorder.mask = mask
