@@ -99,6 +99,23 @@ def test_gptq_runs_weight_free(saved, bits):
     _assert_same_int8_model(int8, expected, batches)
 
 
+def test_gptq_rounds_an_untied_lm_head_outside_the_blocks_weight_free(tmp_path):
+    """The untied head is read outside every block (rounded after the last one), at W4A8 on its
+    symmetric 8-bit grid (linear_weight_spec)."""
+    options = {"layers": 2, "tied": False, "kv_heads": 2}
+    g = build_model("llama", **options)
+    g.model.save_pretrained(tmp_path)
+    batches = [build_model("llama", seed=seed, seq=seq, batch=batch, **options).inputs
+               for seed, seq, batch in ((1, 8, 2), (2, 5, 3))]
+    expected, _ = outlierfx.quantize(g.model, batches, recipe="naive+gptq", bits="W4A8", backend=BACKEND,
+                                     progress=False)
+    int8, report = outlierfx.quantize(tmp_path, batches, recipe="naive+gptq", bits="W4A8", backend=BACKEND,
+                                      low_memory=True, progress=False)
+    plan = next(e.plan for e in report.audit if e.pass_name == "GPTQ")
+    assert len(plan.linears) == 7 * 2 + 1 and plan.linears[-1].module_path.endswith("lm_head") and not plan.skipped
+    _assert_same_int8_model(int8, expected, batches)
+
+
 def test_a_float16_checkpoint_is_quantized_in_float32_as_the_loaded_model_is(tmp_path):
     g, batches = saved_llama(tmp_path / "fp32", 1, ((3, 6, 2),))
     g.model.half().save_pretrained(tmp_path / "fp16")
