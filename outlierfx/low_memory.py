@@ -28,8 +28,8 @@ from .recipes import PRESETS, Recipe, RecipeError, choose
 # Recipe passes that run on a graph captured without weights (tested equal to the loaded run in
 # tests/test_low_memory_quantize.py). The runner's own passes (InsertObservers, Calibrate,
 # ConvertToFakeQuant) and the lowering (FuseAttention, Lower) do too; GroupChannels only groups
-# observers' channels; GPTQ (sequential=False, its default) collects its Gram matrices in block
-# order and rounds each block's Linears into int8 codes (passes/gptq_block_order.py). Every other
+# observers' channels; GPTQ collects its Gram matrices in block order and rounds each block's
+# Linears into int8 codes (passes/gptq_block_order.py). Every other
 # pass rewrites, searches or trains on the weights' values, which such a graph loads only inside
 # the passes that know to load them block by block.
 WEIGHT_FREE_PASSES: frozenset[str] = frozenset({"GroupChannels", "GPTQ"})
@@ -83,13 +83,12 @@ def _check_lowered(target: str | None, recipe_name: str) -> None:
 
 def check_runs_weight_free(recipe: Recipe) -> None:
     """Refuse, before calibration, a recipe with a pass that needs the weights' values."""
-    blocked = [step.name if step.name not in WEIGHT_FREE_PASSES else f"{step.name}(sequential=True)"
-               for _, step in recipe.steps if step.name not in WEIGHT_FREE_PASSES or step.settings.get("sequential")]
+    blocked = [step.name for _, step in recipe.steps if step.name not in WEIGHT_FREE_PASSES]
     if blocked:
         raise RecipeError(f"recipe {recipe.name!r} cannot run with low_memory=True: {', '.join(blocked)} "
                           f"{'needs' if len(blocked) == 1 else 'need'} the weights' values in memory, which a "
-                          f"low-memory run loads one block at a time (rewrites before calibration, sequential GPTQ, "
-                          f"Quadapter and learned ranges are not supported there yet); use a recipe of observers, "
+                          f"low-memory run loads one block at a time (rewrites before calibration, Quadapter "
+                          f"and learned ranges are not supported there yet); use a recipe of observers, "
                           f"calibration and GPTQ only (naive, mp16, peg, naive+sink, naive+gptq), or quantize the loaded model with "
                           f"low_memory=False")
 

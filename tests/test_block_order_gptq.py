@@ -2,7 +2,8 @@
 block order, each block's Linears are rounded once every batch has gone through the block, and
 the rounded weights are held as int8 codes. After ConvertToFakeQuant the graph is the loaded
 run's GPTQ + conversion bit for bit, and no more than one block's float weights (and Gram
-matrices) are in memory while it rounds."""
+matrices) are in memory while it rounds. Sequential GPTQ runs each block node by node over all
+batches and rounds each Linear as its input arrives, as the loaded run does."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import torch
 
 import outlierfx
 import outlierfx.passes.gptq as gptq_module
-from outlierfx.errors import PassError
 from outlierfx.graph import meta
 from outlierfx.graph.copy import copy_graph_module
 from outlierfx.graph.weight_source import StoredTensor, capture_without_weights, materialize
@@ -55,13 +55,14 @@ def _block(target: str) -> str | None:
     return ".".join(target.split(".")[:3]) if target.startswith("model.layers.") else None
 
 
-@pytest.mark.parametrize("bits", ["W8A8", "W4A8"])
-def test_gptq_in_block_order_equals_the_loaded_runs_gptq_and_conversion(graphs, bits):
+@pytest.mark.parametrize("bits,sequential", [("W8A8", False), ("W4A8", False), ("W4A8", True)])
+def test_gptq_in_block_order_equals_the_loaded_runs_gptq_and_conversion(graphs, bits, sequential):
     loaded, weight_free, batches = graphs
     policy = make_policy("full", bits)
     # at W4A8 the preset's weight rows: MSE-clipped, asymmetric (presets._low_bit_weights)
     spec = policy.weight if bits == "W8A8" else policy.weight.with_(estimator=Estimator.MSE, symmetric=False)
-    gptq, convert = GPTQ(batches, spec, policy.embedding), ConvertToFakeQuant(spec, policy.embedding)
+    gptq = GPTQ(batches, spec, policy.embedding, sequential=sequential)
+    convert = ConvertToFakeQuant(spec, policy.embedding)
     expected, got = gptq(loaded), gptq(weight_free)
     assert got.modified and len(got.plan.linears) == 7 * LAYERS  # the tied LM head is left alone
     assert got.plan.linears == expected.plan.linears  # the same Grams, token counts and errors, exactly
@@ -84,10 +85,12 @@ def test_gptq_in_block_order_equals_the_loaded_runs_gptq_and_conversion(graphs, 
             assert torch.equal(light(**batch).logits, full(**batch).logits)
 
 
-def test_one_block_of_float_weights_and_grams_at_a_time(graphs, monkeypatch):
-    _, weight_free, batches = graphs
+def _real_at_each_rounding(weight_free, batches, monkeypatch, sequential: bool
+                           ) -> list[tuple[set[str], set[str], int]]:
+    """GPTQ on a copy of ``weight_free``; at each Linear's rounding: the real tensors of the pass's
+    graph, those of its work graph (the block-order forward) and how many Gram matrices it holds."""
     policy = make_policy("full")
-    gptq = GPTQ(batches, policy.weight, policy.embedding)
+    gptq = GPTQ(batches, policy.weight, policy.embedding, sequential=sequential)
     work_graphs: list[torch.fx.GraphModule] = []
     make_work_graph = GPTQ._work_graph
 
@@ -95,7 +98,7 @@ def test_one_block_of_float_weights_and_grams_at_a_time(graphs, monkeypatch):
         work_graphs.append(make_work_graph(self, gm))
         return work_graphs[-1]
 
-    seen: list[tuple[set[str], set[str], int]] = []  # at each rounding: the pass's real tensors, the work graph's, Grams
+    seen: list[tuple[set[str], set[str], int]] = []
     rounding = gptq_module.gptq_round
 
     def recording(weight, gram, spec, *args, **kwargs):
@@ -109,18 +112,28 @@ def test_one_block_of_float_weights_and_grams_at_a_time(graphs, monkeypatch):
     monkeypatch.setattr(gptq_module, "gptq_round", recording)
     rounded_graph = copy_graph_module(weight_free)
     gptq.apply(rounded_graph, gptq.analyze(rounded_graph))
+    assert _real(rounded_graph) == set()
     assert len(seen) == 7 * LAYERS
+    return seen
+
+
+def test_one_block_of_float_weights_and_grams_at_a_time(graphs, monkeypatch):
+    _, weight_free, batches = graphs
+    seen = _real_at_each_rounding(weight_free, batches, monkeypatch, sequential=False)
     blocks = [{_block(t) for t in pass_real} for pass_real, _, _ in seen]
     assert all(len(now) == 1 and None not in now for now in blocks)  # one block's weights, the one it rounds
     assert [b for now in blocks for b in now] == [f"model.layers.{i}" for i in range(LAYERS) for _ in range(7)]
     assert max(len(pass_real) for pass_real, _, _ in seen) == 7  # the block's Linear weights, no rounded copies
     assert all(not work_real for _, work_real, _ in seen)  # the forward's block weights were released before
     assert max(grams for _, _, grams in seen) == 7  # one block's Gram matrices held, no more
-    assert _real(rounded_graph) == set()
 
 
-def test_sequential_gptq_is_refused_on_a_graph_without_weights(graphs):
+def test_sequential_gptq_loads_the_linear_it_rounds_and_the_forwards_block(graphs, monkeypatch):
     _, weight_free, batches = graphs
-    policy = make_policy("full")
-    with pytest.raises(PassError, match=r"GPTQ\(sequential=True\) does not run on a graph captured without weights"):
-        GPTQ(batches, policy.weight, policy.embedding, sequential=True)(weight_free)
+    seen = _real_at_each_rounding(weight_free, batches, monkeypatch, sequential=True)
+    assert all(len(pass_real) == 1 for pass_real, _, _ in seen)  # the Linear it rounds, nothing else
+    rounded = [_block(next(iter(pass_real))) for pass_real, _, _ in seen]
+    assert rounded == [f"model.layers.{i}" for i in range(LAYERS) for _ in range(7)]
+    # the forward holds the block it runs (the Linears' weights, its norms' gains), nothing else
+    assert all(work_real and {_block(t) for t in work_real} == {block}
+               for (_, work_real, _), block in zip(seen, rounded))

@@ -20,7 +20,7 @@ from outlierfx.backends import runnable_backends
 from outlierfx.cli import main
 from outlierfx.errors import DataError, SettingError
 from outlierfx.generation import QuantizedCausalLM
-from outlierfx.recipes import RecipeError, paper_recipe, with_gptq
+from outlierfx.recipes import RecipeError, paper_recipe
 from outlierfx.recipes.presets import _low_bit_weights
 from outlierfx.testing import build_model, saved_llama, word_tokenizer
 
@@ -154,8 +154,6 @@ def _never_captured(*args, **kwargs):
     (None, "fake-quant", SettingError, "lowered to a backend"),
     ("os", BACKEND, RecipeError, "recipe 'os' cannot run with low_memory=True: MigrateGamma, ClipTokenwise need the "
                                  "weights' values"),
-    (with_gptq(paper_recipe("naive"), name="naive+sequential-gptq", sequential=True), BACKEND, RecipeError,
-     "GPTQ(sequential=True) needs the weights' values"),
     ("quadapter", BACKEND, RecipeError, "InsertQuadapter, TrainQuadapter, FoldQuadapter need"),
     ("naive+lsq", BACKEND, RecipeError, "LearnRanges needs"),
 ])

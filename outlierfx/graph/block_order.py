@@ -136,6 +136,7 @@ def run_in_block_order(
     wanted: Iterable[torch.fx.Node] | None = None,
     step_context: Callable[[torch.Tensor | None], ContextManager[Any]] | None = None,
     after_segment: Callable[[Sequence[torch.fx.Node]], None] | None = None,
+    before_node: Callable[[torch.fx.Node, Sequence[Lockstep]], None] | None = None,
 ) -> BlockOrderRun:
     """Run every batch (keyword inputs) through the nodes ``gm`` needs to compute ``wanted``
     (``None``: the graph's outputs, which are returned), loading each load unit (a block's
@@ -145,7 +146,10 @@ def run_in_block_order(
     entered while a batch runs (observers read the real tokens from it). ``after_segment(nodes)``
     is called once every batch has run a segment's nodes and the load units ending there are
     released: per-block work on what the segment recorded (GPTQ rounds a block's Linears as soon
-    as their Gram matrices are complete, holding one block's at a time)."""
+    as their Gram matrices are complete, holding one block's at a time). With ``before_node(node,
+    runs)``, called before each node runs with every batch's run, a segment runs node by node over
+    all batches instead (every batch's values inside the block live at once), so the caller can
+    change a value between nodes (sequential GPTQ gives a Linear its rounded weight)."""
     source: WeightSource = gm.meta[meta.GM_WEIGHT_SOURCE]
     output = gm.graph.output_node()
     needed = ancestors_of([output] if wanted is None else wanted)
@@ -178,10 +182,17 @@ def run_in_block_order(
                                 run.env[attr] = fetch_attr(gm, target)
             # batch by batch through the segment: only one batch's values inside a block live at
             # a time, the others' boundary values wait; each observer still sees batch 0, 1, ...
-            for run in runs:
-                with context(run.mask):
-                    for node in segment:
-                        run.step(node)
+            if before_node is None:
+                for run in runs:
+                    with context(run.mask):
+                        for node in segment:
+                            run.step(node)
+            else:
+                for node in segment:
+                    before_node(node, runs)
+                    for run in runs:
+                        with context(run.mask):
+                            run.step(node)
             for unit in (u for node in segment for u in ending.get(node, ())):
                 release(gm, unit.targets)
             if after_segment is not None:

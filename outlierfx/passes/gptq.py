@@ -27,7 +27,7 @@ after any pass that rewrites weights (e.g.
 :class:`~outlierfx.passes.fold_quadapter.FoldQuadapter`), before conversion. On a graph captured
 without weights (``low_memory=True``) the Gram matrices come from a forward in block order and
 the rounded weights are held as int8 codes, one block at a time
-(:mod:`~outlierfx.passes.gptq_block_order`; ``sequential=True`` is refused there).
+(:mod:`~outlierfx.passes.gptq_block_order`), in either mode.
 """
 
 from __future__ import annotations
@@ -42,7 +42,6 @@ import torch.fx
 
 from .. import distributed
 from ..distributed import Reduction
-from ..errors import PassError
 from ..graph import meta
 from ..graph.attrs import fetch_attr, is_shared_attr, replace_input_tensor
 from ..graph.copy import copy_graph_module
@@ -58,11 +57,7 @@ from .convert_fake_quant import ConvertToFakeQuant, linear_weight_spec
 from .training import Batch
 
 
-SEQUENTIAL_NEEDS_WEIGHTS = (
-    "GPTQ(sequential=True) does not run on a graph captured without weights (low_memory=True): it runs the whole "
-    "graph node by node with every Linear rounded before the next one's inputs are computed, which block order "
-    "does not do yet; use sequential=False (the default, each Linear's inputs from the float-weight model), or "
-    "quantize the loaded model with low_memory=False")
+RoundOne = Callable[[torch.fx.Node, torch.Tensor, int], torch.Tensor | None]  # (Linear, Gram, tokens) -> rounded
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,8 +248,6 @@ class GPTQ(GraphPass[GPTQPlan]):
 
     def requires(self, gm: torch.fx.GraphModule) -> None:
         require_calibrated_observers(gm, "GPTQ")
-        if self.sequential and gm.meta.get(meta.GM_WEIGHT_SOURCE) is not None:
-            raise PassError(SEQUENTIAL_NEEDS_WEIGHTS)
 
     def analyze(self, gm: torch.fx.GraphModule) -> GPTQPlan:
         start = time.perf_counter()
@@ -296,7 +289,8 @@ class GPTQ(GraphPass[GPTQPlan]):
         if gm.meta.get(meta.GM_WEIGHT_SOURCE) is not None:  # captured without weights: a block at a time
             from .gptq_block_order import round_in_block_order  # it builds on this module's recorders
 
-            held = round_in_block_order(gm, targets, self._work_graph(gm), self.batches, self.weight_spec, round_one)
+            held = round_in_block_order(gm, targets, self._work_graph(gm), self.batches, self.weight_spec, round_one,
+                                        self.sequential)
         elif self.sequential:
             self._round_in_graph_order(gm, targets, round_and_keep)
         else:
@@ -309,37 +303,16 @@ class GPTQ(GraphPass[GPTQPlan]):
         """The fake-quant model with float weights (activations on their calibrated grids)."""
         return ConvertToFakeQuant(None, self.embedding_spec)(copy_graph_module(gm)).graph_module
 
-    def _round_in_graph_order(self, gm: torch.fx.GraphModule, targets: list[torch.fx.Node],
-                              round_one: Callable[[torch.fx.Node, torch.Tensor, int], torch.Tensor | None]) -> None:
-        """Run the work graph over every batch node by node; at each target Linear, round its
-        weight on the Gram matrix of its input as it arrives (earlier Linears already rounded)
-        and run the Linear with the rounded weight. Siblings reading one input share its Gram."""
+    def _round_in_graph_order(self, gm: torch.fx.GraphModule, targets: list[torch.fx.Node], round_one: RoundOne
+                              ) -> None:
+        """Run the work graph over every batch node by node, rounding each target Linear just
+        before it runs (:func:`rounding_in_lockstep`)."""
         work = self._work_graph(gm)
-        original = {n.name: n for n in targets}
-        pending: dict[torch.fx.Node, int] = {}  # input -> target Linears still to read its Gram
-        for node in work.graph.nodes:
-            if node.name in original:
-                pending[node.args[0]] = pending.get(node.args[0], 0) + 1
+        before = rounding_in_lockstep(work, targets, round_one)
         runs = [Lockstep(work, batch) for batch in distributed.shard(self.batches)]
-        grams: dict[torch.fx.Node, tuple[torch.Tensor, int]] = {}
         with torch.no_grad(), observation_paused():
             for node in work.graph.nodes:
-                if node.name in original:
-                    source = node.args[0]
-                    if source not in grams:
-                        recorder = GramRecorder()
-                        for run in runs:
-                            recorder.mask = run.mask
-                            recorder(run.env[source])
-                        distributed.reduce_statistics([recorder])
-                        grams[source] = recorder.result()
-                    rounded = round_one(original[node.name], *grams[source])
-                    pending[source] -= 1
-                    if not pending[source]:
-                        del grams[source]
-                    if rounded is not None:
-                        for run in runs:
-                            run.env[node.args[1]] = rounded
+                before(node, runs)
                 for run in runs:
                     run.step(node)
 
@@ -365,6 +338,41 @@ class GPTQ(GraphPass[GPTQPlan]):
         if plan.held:  # untied weights: each keeps its target, which now loads from its codes
             hold(gm, {str(by_name[name].args[1].target): codes for name, codes in plan.held.items()})
         return bool(plan.weights or plan.held)
+
+
+def rounding_in_lockstep(work: torch.fx.GraphModule, targets: Sequence[torch.fx.Node], round_one: RoundOne
+                         ) -> Callable[[torch.fx.Node, Sequence[Lockstep]], None]:
+    """Sequential GPTQ's step, called before each node of ``work`` (the work graph of
+    ``targets``' graph) runs on every batch's :class:`Lockstep` run: at a target Linear, round its
+    weight on the Gram matrix of its input as it arrives (earlier Linears already rounded) and
+    give the runs the rounded weight. Siblings reading one input share its Gram."""
+    original = {n.name: n for n in targets}
+    pending: dict[torch.fx.Node, int] = {}  # input -> target Linears still to read its Gram
+    for node in work.graph.nodes:
+        if node.name in original:
+            pending[node.args[0]] = pending.get(node.args[0], 0) + 1
+    grams: dict[torch.fx.Node, tuple[torch.Tensor, int]] = {}
+
+    def before(node: torch.fx.Node, runs: Sequence[Lockstep]) -> None:
+        if node.name not in original:
+            return
+        source = node.args[0]
+        if source not in grams:
+            recorder = GramRecorder()
+            for run in runs:
+                recorder.mask = run.mask
+                recorder(run.env[source])
+            distributed.reduce_statistics([recorder])
+            grams[source] = recorder.result()
+        rounded = round_one(original[node.name], *grams[source])
+        pending[source] -= 1
+        if not pending[source]:
+            del grams[source]
+        if rounded is not None:
+            for run in runs:
+                run.env[node.args[1]] = rounded
+
+    return before
 
 
 def record_grams(work: torch.fx.GraphModule, targets: Sequence[torch.fx.Node]

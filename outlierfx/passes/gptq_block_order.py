@@ -10,12 +10,18 @@ codes by the weight source (:func:`~outlierfx.graph.weight_source.hold`, in the 
 ``apply``) and released, and the Grams dropped, so one block's float weights and Grams are in
 memory at a time. The codes rebuild the rounded weight bit for bit, which ConvertToFakeQuant's
 weight-free path then loads and puts on the same grid as the loaded run's conversion.
+
+Sequential GPTQ (each Linear's inputs from the model whose earlier Linears are rounded) runs the
+loaded path's per-node step (:func:`~outlierfx.passes.gptq.rounding_in_lockstep`) in block
+order: each block's segment runs node by node over all batches (every batch's values inside the
+block live at once, as they do in the loaded run), and each Linear's float weight is loaded in
+the pass's graph only while it is rounded, beside the block the forward holds.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.fx
@@ -28,18 +34,20 @@ from ..quantizers.integer_codes import HeldCodes, integer_weight
 from ..quantizers.observers import observation_paused
 from ..quantizers.spec import QuantSpec
 from .convert_fake_quant import linear_weight_spec
-from .gptq import GramRecorder, record_grams
+from .gptq import GramRecorder, RoundOne, record_grams, rounding_in_lockstep
 from .training import Batch
-
-RoundOne = Callable[[torch.fx.Node, torch.Tensor, int], torch.Tensor | None]  # (Linear, Gram, tokens) -> rounded
 
 
 def round_in_block_order(gm: torch.fx.GraphModule, targets: Sequence[torch.fx.Node], work: torch.fx.GraphModule,
-                         batches: Sequence[Batch], weight_spec: QuantSpec, round_one: RoundOne
-                         ) -> dict[str, HeldCodes]:
+                         batches: Sequence[Batch], weight_spec: QuantSpec, round_one: RoundOne,
+                         sequential: bool = False) -> dict[str, HeldCodes]:
     """Linear node name -> its GPTQ-rounded weight as int8 codes, for ``targets`` (Linears of
     ``gm``, a graph captured without weights); ``work`` is GPTQ's fake-quant work graph of
-    ``gm`` and ``round_one`` its rounding of one Linear, whose weight it reads from ``gm``."""
+    ``gm`` and ``round_one`` its rounding of one Linear, whose weight it reads from ``gm``.
+    ``sequential``: each Linear rounded as its input arrives from the earlier Linears' rounded
+    weights (:func:`_round_sequentially`)."""
+    if sequential:
+        return _round_sequentially(gm, targets, work, batches, weight_spec, round_one)
     recorders = record_grams(work, targets)
     linear_of = {recorder_node: name for name, (recorder_node, _) in recorders.items()}
     original = {node.name: node for node in targets}
@@ -84,3 +92,25 @@ def _codes(node: torch.fx.Node, rounded: torch.Tensor, spec: QuantSpec) -> HeldC
                         f"codes (symmetric of at most 8 bits, asymmetric of at most 7) on float32 weights, or "
                         f"quantize the loaded model")
     return codes
+
+
+def _round_sequentially(gm: torch.fx.GraphModule, targets: Sequence[torch.fx.Node], work: torch.fx.GraphModule,
+                        batches: Sequence[Batch], weight_spec: QuantSpec, round_one: RoundOne
+                        ) -> dict[str, HeldCodes]:
+    """Sequential GPTQ in block order: the loaded path's step (:func:`~.gptq.rounding_in_lockstep`)
+    before each node, each block's segment run node by node over all batches; each Linear's float
+    weight is loaded in ``gm`` only while it is rounded (the work graph holds its block's)."""
+    held: dict[str, HeldCodes] = {}
+
+    def round_and_hold(node: torch.fx.Node, gram: torch.Tensor, tokens: int) -> torch.Tensor | None:
+        with materialized(gm, [str(node.args[1].target)]):
+            rounded = round_one(node, gram, tokens)
+        if rounded is not None:
+            held[node.name] = _codes(node, rounded, linear_weight_spec(node, weight_spec))
+        return rounded
+
+    by_name = {node.name: node for node in work.graph.nodes}
+    with torch.no_grad(), observation_paused(), distributed.failing_together("rounding with sequential GPTQ"):
+        run_in_block_order(work, distributed.shard(batches), [by_name[node.name] for node in targets],
+                           before_node=rounding_in_lockstep(work, targets, round_and_hold))
+    return held
