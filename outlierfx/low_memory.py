@@ -89,8 +89,8 @@ def check_runs_weight_free(recipe: Recipe) -> None:
                           f"{'needs' if len(blocked) == 1 else 'need'} the weights' values in memory, which a "
                           f"low-memory run loads one block at a time (rewrites before calibration, Quadapter "
                           f"and learned ranges are not supported there yet); use a recipe of observers, "
-                          f"calibration and GPTQ only (naive, mp16, peg, naive+sink, naive+gptq), or quantize the loaded model with "
-                          f"low_memory=False")
+                          f"calibration and GPTQ only (naive, mp16, peg, naive+sink, naive+gptq), or quantize "
+                          f"the loaded model with low_memory=False")
 
 
 def capturing(folder: pathlib.Path) -> Callable[[Any, Callable[[torch.nn.Module], torch.nn.Module] | None],
