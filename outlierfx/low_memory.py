@@ -4,9 +4,10 @@ without ever being loaded (issue 28; docs/experiments/memory.md, "Block-wise cal
 The graph is captured without weights
 (:func:`~outlierfx.graph.weight_source.capture_without_weights`): every stage after it loads
 one decoder block's tensors at a time from the folder's safetensors files. Calibration and the
-pass manager's checks run in block order, ConvertToFakeQuant holds the quantized weights as
-int8 codes, and Lower builds the int8 kernels from those codes. The lowered model holds what
-it runs and nothing of the checkpoint. This module holds what differs from the normal run
+pass manager's checks run in block order, GPTQ rounds each block's Linears once the block has
+seen every batch, ConvertToFakeQuant holds the quantized weights as int8 codes, and Lower
+builds the int8 kernels from those codes. The lowered model holds what it runs and nothing of
+the checkpoint. This module holds what differs from the normal run
 before the recipe starts: the folder, the meta-device model the batches are checked against,
 the capture, and the refusals of what cannot run weight-free.
 """
@@ -27,9 +28,11 @@ from .recipes import PRESETS, Recipe, RecipeError, choose
 # Recipe passes that run on a graph captured without weights (tested equal to the loaded run in
 # tests/test_low_memory_quantize.py). The runner's own passes (InsertObservers, Calibrate,
 # ConvertToFakeQuant) and the lowering (FuseAttention, Lower) do too; GroupChannels only groups
-# observers' channels. Every other pass rewrites, searches or trains on the weights' values, which
-# such a graph loads only inside the passes that know to load them block by block.
-WEIGHT_FREE_PASSES: frozenset[str] = frozenset({"GroupChannels"})
+# observers' channels; GPTQ collects its Gram matrices in block order and rounds each block's
+# Linears into int8 codes (passes/gptq_block_order.py). Every other
+# pass rewrites, searches or trains on the weights' values, which such a graph loads only inside
+# the passes that know to load them block by block.
+WEIGHT_FREE_PASSES: frozenset[str] = frozenset({"GroupChannels", "GPTQ"})
 
 NEVER_LOADED = ("the model was never loaded (low_memory=True): captured without weights, then calibrated, "
                 "converted, checked and lowered with one block's weights in memory at a time (block order)")
@@ -84,10 +87,10 @@ def check_runs_weight_free(recipe: Recipe) -> None:
     if blocked:
         raise RecipeError(f"recipe {recipe.name!r} cannot run with low_memory=True: {', '.join(blocked)} "
                           f"{'needs' if len(blocked) == 1 else 'need'} the weights' values in memory, which a "
-                          f"low-memory run loads one block at a time (rewrites before calibration, GPTQ, Quadapter "
-                          f"and learned ranges are not supported there yet); use a recipe of observers and "
-                          f"calibration only (naive, mp16, peg, naive+sink), or quantize the loaded model with "
-                          f"low_memory=False")
+                          f"low-memory run loads one block at a time (rewrites before calibration, Quadapter "
+                          f"and learned ranges are not supported there yet); use a recipe of observers, "
+                          f"calibration and GPTQ only (naive, mp16, peg, naive+sink, naive+gptq), or quantize "
+                          f"the loaded model with low_memory=False")
 
 
 def capturing(folder: pathlib.Path) -> Callable[[Any, Callable[[torch.nn.Module], torch.nn.Module] | None],

@@ -135,13 +135,21 @@ def run_in_block_order(
     batches: Sequence[Mapping[str, Any]],
     wanted: Iterable[torch.fx.Node] | None = None,
     step_context: Callable[[torch.Tensor | None], ContextManager[Any]] | None = None,
+    after_segment: Callable[[Sequence[torch.fx.Node]], None] | None = None,
+    before_node: Callable[[torch.fx.Node, Sequence[Lockstep]], None] | None = None,
 ) -> BlockOrderRun:
     """Run every batch (keyword inputs) through the nodes ``gm`` needs to compute ``wanted``
     (``None``: the graph's outputs, which are returned), loading each load unit (a block's
     tensors; a tensor read outside blocks) just in time and releasing it after. The batches go
     through one block (or the nodes between two blocks) one after the other, so inside a block
     one batch's values live at a time. ``step_context(mask)``, with the batch's boolean ``attention_mask``, is
-    entered while a batch runs (observers read the real tokens from it)."""
+    entered while a batch runs (observers read the real tokens from it). ``after_segment(nodes)``
+    is called once every batch has run a segment's nodes and the load units ending there are
+    released: per-block work on what the segment recorded (GPTQ rounds a block's Linears as soon
+    as their Gram matrices are complete, holding one block's at a time). With ``before_node(node,
+    runs)``, called before each node runs with every batch's run, a segment runs node by node over
+    all batches instead (every batch's values inside the block live at once), so the caller can
+    change a value between nodes (sequential GPTQ gives a Linear its rounded weight)."""
     source: WeightSource = gm.meta[meta.GM_WEIGHT_SOURCE]
     output = gm.graph.output_node()
     needed = ancestors_of([output] if wanted is None else wanted)
@@ -174,12 +182,21 @@ def run_in_block_order(
                                 run.env[attr] = fetch_attr(gm, target)
             # batch by batch through the segment: only one batch's values inside a block live at
             # a time, the others' boundary values wait; each observer still sees batch 0, 1, ...
-            for run in runs:
-                with context(run.mask):
-                    for node in segment:
-                        run.step(node)
+            if before_node is None:
+                for run in runs:
+                    with context(run.mask):
+                        for node in segment:
+                            run.step(node)
+            else:
+                for node in segment:
+                    before_node(node, runs)
+                    for run in runs:
+                        with context(run.mask):
+                            run.step(node)
             for unit in (u for node in segment for u in ending.get(node, ())):
                 release(gm, unit.targets)
+            if after_segment is not None:
+                after_segment(segment)
             # the block's weights and activations were freed between live tensors of a few MB,
             # which glibc keeps in its heap: without this SmolLM2's RSS grew 14 MB per block
             return_freed_memory()

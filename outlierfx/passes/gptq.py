@@ -24,7 +24,10 @@ qmin and qmax on an asymmetric one) so that the conversion (and lowering, which 
 back by min-max) finds the same grid and changes nothing. Biases, embedding tables and tied
 weights (an LM head sharing the embedding table) are left alone. Run it after calibration and
 after any pass that rewrites weights (e.g.
-:class:`~outlierfx.passes.fold_quadapter.FoldQuadapter`), before conversion.
+:class:`~outlierfx.passes.fold_quadapter.FoldQuadapter`), before conversion. On a graph captured
+without weights (``low_memory=True``) the Gram matrices come from a forward in block order and
+the rounded weights are held as int8 codes, one block at a time
+(:mod:`~outlierfx.passes.gptq_block_order`), in either mode.
 """
 
 from __future__ import annotations
@@ -44,12 +47,17 @@ from ..graph.attrs import fetch_attr, is_shared_attr, replace_input_tensor
 from ..graph.copy import copy_graph_module
 from ..graph.lockstep import Lockstep
 from ..graph.ops import has_stored_weight
+from ..graph.weight_source import hold
 from ..quantizers.fake_quant import quantize_weight
+from ..quantizers.integer_codes import HeldCodes
 from ..quantizers.observers import observation_paused
 from ..quantizers.spec import Estimator, Granularity, QuantSpec
 from .base import GraphPass, require_calibrated_observers
 from .convert_fake_quant import ConvertToFakeQuant, linear_weight_spec
 from .training import Batch
+
+
+RoundOne = Callable[[torch.fx.Node, torch.Tensor, int], torch.Tensor | None]  # (Linear, Gram, tokens) -> rounded
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +82,9 @@ class GPTQPlan:
     skipped: tuple[tuple[str, str], ...]  # (Linear node, why)
     spec: QuantSpec
     seconds: float
+    # Linear node -> its rounded weight as int8 codes, on a graph captured without weights (the
+    # weight source holds them: :mod:`~outlierfx.passes.gptq_block_order`); ``weights`` is empty there
+    held: Mapping[str, HeldCodes] = dataclasses.field(default_factory=dict)
 
     def summary(self) -> str:
         if not self.linears:
@@ -89,7 +100,7 @@ class GPTQPlan:
         return line
 
 
-class _GramRecorder(torch.nn.Module):
+class GramRecorder(torch.nn.Module):
     """Identity that accumulates ``X^T X`` over the real tokens of its input. Data-parallel
     ranks add their sums and token counts (:func:`outlierfx.distributed.reduce_statistics`)."""
 
@@ -250,7 +261,8 @@ class GPTQ(GraphPass[GPTQPlan]):
                 skipped.append((node.name, "weight is not a matrix"))
             else:
                 targets.append(node)
-        linears, weights = [], {}
+        linears: list[RoundedLinear] = []
+        weights: dict[str, torch.Tensor] = {}
 
         def round_one(node: torch.fx.Node, gram: torch.Tensor, tokens: int) -> torch.Tensor | None:
             if tokens == 0:
@@ -262,55 +274,45 @@ class GPTQ(GraphPass[GPTQPlan]):
             rounded, pinned = gptq_round(weight, gram, spec, self.damp, grid=grid)
             step, zero = scale.unsqueeze(1).double(), zero_point.unsqueeze(1).double()
             nearest = ((_nearest_codes(weight, step, zero, spec) - zero) * step).to(weight.dtype)  # GPTQ's grid
-            weights[node.name] = rounded
             linears.append(RoundedLinear(node.name, meta.module_path(node), weight.shape[1], tokens,
                                          layer_error(weight, nearest, gram) / tokens,
                                          layer_error(weight, rounded, gram) / tokens, pinned))
             return rounded
 
-        if self.sequential:
-            self._round_in_graph_order(gm, targets, round_one)
+        def round_and_keep(node: torch.fx.Node, gram: torch.Tensor, tokens: int) -> torch.Tensor | None:
+            rounded = round_one(node, gram, tokens)
+            if rounded is not None:
+                weights[node.name] = rounded
+            return rounded
+
+        held: dict[str, HeldCodes] = {}
+        if gm.meta.get(meta.GM_WEIGHT_SOURCE) is not None:  # captured without weights: a block at a time
+            from .gptq_block_order import round_in_block_order  # it builds on this module's recorders
+
+            held = round_in_block_order(gm, targets, self._work_graph(gm), self.batches, self.weight_spec, round_one,
+                                        self.sequential)
+        elif self.sequential:
+            self._round_in_graph_order(gm, targets, round_and_keep)
         else:
             grams = self._gram_matrices(gm, targets)
             for node in targets:
-                round_one(node, *grams[node.name])
-        return GPTQPlan(tuple(linears), weights, tuple(skipped), self.weight_spec, time.perf_counter() - start)
+                round_and_keep(node, *grams[node.name])
+        return GPTQPlan(tuple(linears), weights, tuple(skipped), self.weight_spec, time.perf_counter() - start, held)
 
     def _work_graph(self, gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
         """The fake-quant model with float weights (activations on their calibrated grids)."""
         return ConvertToFakeQuant(None, self.embedding_spec)(copy_graph_module(gm)).graph_module
 
-    def _round_in_graph_order(self, gm: torch.fx.GraphModule, targets: list[torch.fx.Node],
-                              round_one: Callable[[torch.fx.Node, torch.Tensor, int], torch.Tensor | None]) -> None:
-        """Run the work graph over every batch node by node; at each target Linear, round its
-        weight on the Gram matrix of its input as it arrives (earlier Linears already rounded)
-        and run the Linear with the rounded weight. Siblings reading one input share its Gram."""
+    def _round_in_graph_order(self, gm: torch.fx.GraphModule, targets: list[torch.fx.Node], round_one: RoundOne
+                              ) -> None:
+        """Run the work graph over every batch node by node, rounding each target Linear just
+        before it runs (:func:`rounding_in_lockstep`)."""
         work = self._work_graph(gm)
-        original = {n.name: n for n in targets}
-        pending: dict[torch.fx.Node, int] = {}  # input -> target Linears still to read its Gram
-        for node in work.graph.nodes:
-            if node.name in original:
-                pending[node.args[0]] = pending.get(node.args[0], 0) + 1
+        before = rounding_in_lockstep(work, targets, round_one)
         runs = [Lockstep(work, batch) for batch in distributed.shard(self.batches)]
-        grams: dict[torch.fx.Node, tuple[torch.Tensor, int]] = {}
         with torch.no_grad(), observation_paused():
             for node in work.graph.nodes:
-                if node.name in original:
-                    source = node.args[0]
-                    if source not in grams:
-                        recorder = _GramRecorder()
-                        for run in runs:
-                            recorder.mask = run.mask
-                            recorder(run.env[source])
-                        distributed.reduce_statistics([recorder])
-                        grams[source] = recorder.result()
-                    rounded = round_one(original[node.name], *grams[source])
-                    pending[source] -= 1
-                    if not pending[source]:
-                        del grams[source]
-                    if rounded is not None:
-                        for run in runs:
-                            run.env[node.args[1]] = rounded
+                before(node, runs)
                 for run in runs:
                     run.step(node)
 
@@ -318,17 +320,7 @@ class GPTQ(GraphPass[GPTQPlan]):
                        ) -> dict[str, tuple[torch.Tensor, int]]:
         """``X^T X`` of each target Linear's input in the fake-quant model (float weights)."""
         work = self._work_graph(gm)
-        by_name = {n.name: n for n in work.graph.nodes}
-        recorders: dict[str, _GramRecorder] = {}
-        for node in targets:
-            linear = by_name[node.name]
-            name = f"outlierfx_gptq_recorder_{node.name}"
-            recorders[node.name] = _GramRecorder()
-            work.add_module(name, recorders[node.name])
-            with work.graph.inserting_before(linear):
-                recorded = work.graph.call_module(name, (linear.args[0],))
-            linear.update_arg(0, recorded)
-        work.recompile()
+        recorders = {name: recorder for name, (_, recorder) in record_grams(work, targets).items()}
         with torch.no_grad(), observation_paused(), distributed.failing_together("collecting GPTQ's Gram matrices"):
             for batch in distributed.shard(self.batches):
                 mask = batch.get("attention_mask")
@@ -343,4 +335,61 @@ class GPTQ(GraphPass[GPTQPlan]):
         for name, weight in plan.weights.items():
             node = by_name[name]
             replace_input_tensor(gm, node, node.args[1], weight, "_gptq")
-        return bool(plan.weights)
+        if plan.held:  # untied weights: each keeps its target, which now loads from its codes
+            hold(gm, {str(by_name[name].args[1].target): codes for name, codes in plan.held.items()})
+        return bool(plan.weights or plan.held)
+
+
+def rounding_in_lockstep(work: torch.fx.GraphModule, targets: Sequence[torch.fx.Node], round_one: RoundOne
+                         ) -> Callable[[torch.fx.Node, Sequence[Lockstep]], None]:
+    """Sequential GPTQ's step, called before each node of ``work`` (the work graph of
+    ``targets``' graph) runs on every batch's :class:`Lockstep` run: at a target Linear, round its
+    weight on the Gram matrix of its input as it arrives (earlier Linears already rounded) and
+    give the runs the rounded weight. Siblings reading one input share its Gram."""
+    original = {n.name: n for n in targets}
+    pending: dict[torch.fx.Node, int] = {}  # input -> target Linears still to read its Gram
+    for node in work.graph.nodes:
+        if node.name in original:
+            pending[node.args[0]] = pending.get(node.args[0], 0) + 1
+    grams: dict[torch.fx.Node, tuple[torch.Tensor, int]] = {}
+
+    def before(node: torch.fx.Node, runs: Sequence[Lockstep]) -> None:
+        if node.name not in original:
+            return
+        source = node.args[0]
+        if source not in grams:
+            recorder = GramRecorder()
+            for run in runs:
+                recorder.mask = run.mask
+                recorder(run.env[source])
+            distributed.reduce_statistics([recorder])
+            grams[source] = recorder.result()
+        rounded = round_one(original[node.name], *grams[source])
+        pending[source] -= 1
+        if not pending[source]:
+            del grams[source]
+        if rounded is not None:
+            for run in runs:
+                run.env[node.args[1]] = rounded
+
+    return before
+
+
+def record_grams(work: torch.fx.GraphModule, targets: Sequence[torch.fx.Node]
+                 ) -> dict[str, tuple[torch.fx.Node, GramRecorder]]:
+    """Insert a :class:`GramRecorder` before each of ``targets``' Linears in ``work`` (a copy
+    of their graph, which has nodes of the same names): Linear node name -> (recorder node,
+    recorder)."""
+    by_name = {n.name: n for n in work.graph.nodes}
+    recorders = {}
+    for node in targets:
+        linear = by_name[node.name]
+        name = f"outlierfx_gptq_recorder_{node.name}"
+        recorder = GramRecorder()
+        work.add_module(name, recorder)
+        with work.graph.inserting_before(linear):
+            recorded = work.graph.call_module(name, (linear.args[0],))
+        linear.update_arg(0, recorded)
+        recorders[node.name] = (recorded, recorder)
+    work.recompile()
+    return recorders

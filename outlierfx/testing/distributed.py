@@ -93,8 +93,9 @@ def llama_default() -> Result:
 
 def llama_low_memory() -> Result:
     """:func:`llama_default`'s Llama saved with ``save_pretrained`` and quantized without being
-    loaded (``low_memory=True``; ``naive+sink`` on this CPU's best backend, the default preset's
-    rotations not yet running weight-free): every tensor of the int8 model and its outputs."""
+    loaded (``low_memory=True``; ``naive+gptq+sink`` on this CPU's best backend, the default
+    preset's rotations not yet running weight-free; GPTQ reduces each block's Gram matrices across
+    ranks as the block finishes): every tensor of the int8 model and its outputs."""
     from .. import distributed
     from ..api import quantize
     from ..backends import default_backend
@@ -110,7 +111,7 @@ def llama_low_memory() -> Result:
         model.save_pretrained(folder[0])
         if distributed.active():
             torch.distributed.barrier()
-        qmodel, _ = quantize(folder[0], batches, recipe="naive+sink", backend=default_backend(), progress=False,
+        qmodel, _ = quantize(folder[0], batches, recipe="naive+gptq+sink", backend=default_backend(), progress=False,
                              low_memory=True)
         if distributed.active():
             torch.distributed.barrier()  # every rank has read the checkpoint before rank 0 removes it
