@@ -19,11 +19,11 @@ from outlierfx.passes.lower import lower_model
 from outlierfx.passes.manager import PassManager
 from outlierfx.passes.rotation_folding import CHUNK, LEFT, RIGHT, rotated
 from outlierfx.quantizers.hadamard import hadamard
-from outlierfx.quantizers.policy import make_policy
+from outlierfx.quantizers.policy import parse_bits
 from outlierfx.recipes.base import RunContext, Stage
 from outlierfx.recipes.papers import paper_recipe
 from outlierfx.recipes.runner import run_recipe
-from outlierfx.testing import saved_llama
+from outlierfx.testing import first_token_grids_everywhere, saved_llama
 
 LAYERS = 2
 RECIPE = "rotate+sink"
@@ -43,7 +43,7 @@ def _prepare(gm: torch.fx.GraphModule, batches):
     """The recipe's prepare stage under the pass manager (its output checks run in block order on
     a weight-free graph)."""
     recipe = paper_recipe(RECIPE)
-    context = RunContext(batches, make_policy(recipe.default_policy))
+    context = RunContext(batches, recipe.policy(parse_bits("W8A8")))
     return PassManager(recipe.build(Stage.PREPARE, context))(gm)
 
 
@@ -169,9 +169,11 @@ def test_rotating_in_chunks_equals_rotating_whole(how):
 def test_a_weight_free_rotate_sink_run_lowers_to_the_full_memory_int8_model(saved, backend):
     g, folder, batches = saved
     recipe = paper_recipe(RECIPE)
-    policy = make_policy(recipe.default_policy)
-    full = run_recipe(outlierfx.capture(g.model, g.inputs), recipe, policy, batches)
-    light = run_recipe(capture_without_weights(folder, g.inputs), recipe, policy, batches)
+    policy = recipe.policy(parse_bits("W8A8"))  # linear-inputs, the first token on a grid of its own
+    assert policy.activation.sink_tokens == 1
+    with first_token_grids_everywhere():  # the generated model has no attention sink: two grids at every site
+        full = run_recipe(outlierfx.capture(g.model, g.inputs), recipe, policy, batches)
+        light = run_recipe(capture_without_weights(folder, g.inputs), recipe, policy, batches)
     assert [e.pass_name for e in light.audit.entries] == [e.pass_name for e in full.audit.entries]
     for got, want in zip(light.audit.entries, full.audit.entries):
         assert got.modified == want.modified and got.error_vs_reference == want.error_vs_reference, got.pass_name
