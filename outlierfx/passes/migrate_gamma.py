@@ -13,6 +13,11 @@ offset |beta / gamma| would exceed ``max_offset`` (a new outlier made by the mig
 The plan lists them. A norm whose consumers cannot absorb a per-channel scale is left alone,
 with the reason (see :mod:`.detect_norms`).
 
+On a graph captured without weights (issue 28) the pass reads the gains it needs
+(:func:`~outlierfx.graph.weight_source.value_of`) and records each rewritten tensor, computed
+when a block loads it (:func:`~outlierfx.graph.weight_source.rewrite_input_tensor`), so the
+result equals the full-memory migration bit for bit without loading any weight matrix.
+
 ``channels="amplifying"`` (an outlierfx extension, not in the paper) migrates only channels
 whose |gamma| > 1. Where gamma *damps* an outlier channel of xhat (|gamma| < 1), full migration
 widens the norm output's range; MiniLM's FFN-output LayerNorms are such a case (see README).
