@@ -48,7 +48,9 @@ def run_mode(mode: str, samples: int, policy: str, recipe_name: str | None) -> N
     start = time.perf_counter()
 
     def mark(what: str) -> None:
-        print(f"{mode:4s} {time.perf_counter() - start:7.1f}s  rss {rss_mb():6.0f} MB  {what}", flush=True)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(f"{mode:4s} {time.perf_counter() - start:7.1f}s  rss {rss_mb():6.0f} MB  peak {peak:6.0f} MB  {what}",
+              flush=True)
 
     mark("imported")
     texts = corpus.wikipedia_sample("calibration", samples)
