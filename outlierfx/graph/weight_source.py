@@ -209,17 +209,17 @@ def _loaded(gm: torch.fx.GraphModule, source: WeightSource, targets: Iterable[st
     groups: dict[Entry, list[str]] = collections.defaultdict(list)
     for target in targets:
         groups[source.tensors[target]].append(target)
-    with contextlib.ExitStack() as files:
-        opened: dict[pathlib.Path, Any] = {}
 
-        def load(entry: StoredTensor | HeldCodes) -> torch.Tensor:
-            if isinstance(entry, HeldCodes):
-                return entry.weight()
-            if entry.file not in opened:
-                opened[entry.file] = files.enter_context(safe_open(str(entry.file), framework="pt", device="cpu"))
-            return opened[entry.file].get_tensor(entry.key)
+    def load(entry: StoredTensor | HeldCodes) -> torch.Tensor:
+        if isinstance(entry, HeldCodes):
+            return entry.weight()
+        # a file opened per tensor: the tensor maps the file, and its pages leave memory with it
+        # (an input of a derived tensor as soon as that is computed), not when the last tensor
+        # read from an open file goes
+        with safe_open(str(entry.file), framework="pt", device="cpu") as f:
+            return f.get_tensor(entry.key)
 
-        values = evaluate(groups, load)
+    values = evaluate(groups, load)
     loaded = []
     for entry, group in groups.items():
         value, like = values.pop(entry), fetch_attr(gm, group[0])
