@@ -210,3 +210,23 @@ def test_a_derived_tensor_loads_a_shared_input_once_and_must_keep_its_shape():
     reshaped = DerivedTensor((stored,), lambda t: t.T, (2, 3), torch.float32, "a transpose")
     with pytest.raises(PassError, match="a transpose computed .* shape \\(3, 2\\)"):
         evaluate([reshaped], load)
+
+
+def test_rotate_ffn_records_one_shared_rotation_for_all_its_linears(saved, monkeypatch):
+    """Each recorded rotation keeps its Q alive until the run ends: RotateFFN must build its
+    Kronecker matrix once (built per Linear, SmolLM2 held 30 copies of 18 MB)."""
+    from outlierfx.passes.rotate_ffn import RotateFFN
+    from outlierfx.quantizers.hadamard import KroneckerRotation
+
+    g, folder, _ = saved
+    built = []
+    matrix = KroneckerRotation.matrix
+
+    def counted(self):
+        built.append(1)
+        return matrix.fget(self)
+
+    monkeypatch.setattr(KroneckerRotation, "matrix", property(counted))
+    result = RotateFFN()(capture_without_weights(folder, g.inputs))
+    assert len(result.plan.linears) == LAYERS > 1
+    assert len(built) == 1
