@@ -29,10 +29,12 @@ from .recipes import PRESETS, Recipe, RecipeError, choose
 # tests/test_low_memory_quantize.py). The runner's own passes (InsertObservers, Calibrate,
 # ConvertToFakeQuant) and the lowering (FuseAttention, Lower) do too; GroupChannels only groups
 # observers' channels; GPTQ collects its Gram matrices in block order and rounds each block's
-# Linears into int8 codes (passes/gptq_block_order.py). Every other
-# pass rewrites, searches or trains on the weights' values, which such a graph loads only inside
-# the passes that know to load them block by block.
-WEIGHT_FREE_PASSES: frozenset[str] = frozenset({"GroupChannels", "GPTQ"})
+# Linears into int8 codes (passes/gptq_block_order.py); MigrateGamma and the three rotations
+# record their rewrites as derived tensors, computed when a block loads (graph/derived_tensors.py).
+# Every other pass searches or trains on the weights' values, which such a graph loads only
+# inside the passes that know to load them block by block.
+WEIGHT_FREE_PASSES: frozenset[str] = frozenset({"GroupChannels", "GPTQ", "MigrateGamma", "RotateResidual",
+                                                "RotateHeads", "RotateFFN"})
 
 NEVER_LOADED = ("the model was never loaded (low_memory=True): captured without weights, then calibrated, "
                 "converted, checked and lowered with one block's weights in memory at a time (block order)")

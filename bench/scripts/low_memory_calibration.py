@@ -3,14 +3,17 @@ loaded (the normal run) and without them (capture on meta, calibration in block 
 block's weights loaded from the safetensors file only while its nodes run, conversion block by
 block into int8 codes, lowering from those codes): issue 28's ``--low-memory`` path so far.
 
-    .venv/bin/python bench/scripts/low_memory_calibration.py [--samples 64] [--policy full]
+    .venv/bin/python bench/scripts/low_memory_calibration.py [--samples 64] [--policy full] [--recipe rotate+sink]
 
 Each mode runs in its own process (``--mode full`` / ``--mode low``), so each process's
 ``ru_maxrss`` is that mode's peak; both calibrate the same SmolLM2 batches (the CLI's 64
 paragraphs in batches of 8 x 128 tokens) on InsertObservers' observers, and convert with the
 policy's weight and embedding specs, and lower with FuseAttention + Lower (the pass objects,
 without the pass manager's output checks, whose forward would add the logits) to onednn where
-it runs, reference elsewhere. RSS does not depend on the machine's load; the times do.
+it runs, reference elsewhere. ``--recipe`` runs a recipe's prepare passes (the pass objects,
+e.g. ``rotate+sink``'s gamma migration and rotations) before InsertObservers, which then takes
+the recipe's policy (``--policy`` is ignored). RSS does not depend on the machine's load; the
+times do.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ def rss_mb() -> float:
         return int(f.read().split()[1]) * 4096 / 2**20
 
 
-def run_mode(mode: str, samples: int, policy: str) -> None:
+def run_mode(mode: str, samples: int, policy: str, recipe_name: str | None) -> None:
     import torch
 
     from outlierfx import capture, corpus
@@ -38,12 +41,16 @@ def run_mode(mode: str, samples: int, policy: str) -> None:
     from outlierfx.passes import ConvertToFakeQuant, FuseAttention, InsertObservers, Lower
     from outlierfx.quantizers.integer_codes import HeldCodes
     from outlierfx.quantizers.calibrate import calibrate
-    from outlierfx.quantizers.policy import make_policy
+    from outlierfx.quantizers.policy import make_policy, parse_bits
+    from outlierfx.recipes.base import RunContext, Stage
+    from outlierfx.recipes.papers import paper_recipe
 
     start = time.perf_counter()
 
     def mark(what: str) -> None:
-        print(f"{mode:4s} {time.perf_counter() - start:7.1f}s  rss {rss_mb():6.0f} MB  {what}", flush=True)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(f"{mode:4s} {time.perf_counter() - start:7.1f}s  rss {rss_mb():6.0f} MB  peak {peak:6.0f} MB  {what}",
+              flush=True)
 
     mark("imported")
     texts = corpus.wikipedia_sample("calibration", samples)
@@ -59,11 +66,20 @@ def run_mode(mode: str, samples: int, policy: str) -> None:
         mark("batches tokenized")
         gm = capture_without_weights(folder, batches[0])
     mark("captured")
-    gm = InsertObservers(policy)(gm).graph_module
+    quant_policy = make_policy(policy)
+    if recipe_name is not None:
+        recipe = paper_recipe(recipe_name)
+        if recipe.observe or recipe.finish:
+            raise SystemExit(f"{recipe_name}: only recipes with prepare passes alone are measured here")
+        quant_policy = recipe.policy(parse_bits("W8A8"))
+        for rewrite in recipe.build(Stage.PREPARE, RunContext(batches, quant_policy)):
+            rewriting = time.perf_counter()
+            gm = rewrite(gm).graph_module
+            mark(f"{rewrite.name} ({time.perf_counter() - rewriting:.1f}s)")
+    gm = InsertObservers(quant_policy)(gm).graph_module
     mark("observers inserted")
     seconds = calibrate(gm, batches, progress=False)
     mark(f"calibrated ({seconds:.1f}s)")
-    quant_policy = make_policy(policy)
     converting = time.perf_counter()
     gm = ConvertToFakeQuant(quant_policy.weight, quant_policy.embedding)(gm).graph_module
     mark(f"converted ({time.perf_counter() - converting:.1f}s)")
@@ -89,13 +105,15 @@ def main() -> None:
     parser.add_argument("--mode", choices=("full", "low", "both"), default="both")
     parser.add_argument("--samples", type=int, default=64, help="calibration paragraphs (the CLI's default)")
     parser.add_argument("--policy", default="full", help="InsertObservers policy")
+    parser.add_argument("--recipe", default=None, help="a recipe whose prepare passes run first (rotate+sink)")
     args = parser.parse_args()
     if args.mode != "both":
-        run_mode(args.mode, args.samples, args.policy)
+        run_mode(args.mode, args.samples, args.policy, args.recipe)
         return
+    recipe = ["--recipe", args.recipe] if args.recipe else []
     for mode in ("full", "low"):  # one process each: ru_maxrss is a process's peak
         subprocess.run([sys.executable, __file__, "--mode", mode, "--samples", str(args.samples),
-                        "--policy", args.policy], check=True)
+                        "--policy", args.policy, *recipe], check=True)
 
 
 if __name__ == "__main__":

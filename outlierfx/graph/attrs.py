@@ -6,7 +6,10 @@ they register a new tensor under a target instead.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+import torch.fx
 
 
 def fetch_attr(gm: torch.nn.Module, target: str) -> torch.Tensor:
@@ -61,7 +64,17 @@ def is_shared_attr(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
 def replace_input_tensor(
     gm: torch.fx.GraphModule, consumer: torch.fx.Node, old: torch.fx.Node, value: torch.Tensor, suffix: str
 ) -> torch.fx.Node:
-    """Make ``consumer`` read ``value`` where it read the ``get_attr`` node ``old``.
+    """Make ``consumer`` read ``value`` where it read the ``get_attr`` node ``old`` (a parameter
+    where ``old``'s tensor is one), under the target :func:`replace_input` chooses."""
+    wrapped = torch.nn.Parameter(value, requires_grad=False) \
+        if isinstance(fetch_attr(gm, str(old.target)), torch.nn.Parameter) else value
+    return replace_input(gm, consumer, old, suffix, lambda target: set_attr(gm, target, wrapped))
+
+
+def replace_input(gm: torch.fx.GraphModule, consumer: torch.fx.Node, old: torch.fx.Node, suffix: str,
+                  register: Callable[[str], None]) -> torch.fx.Node:
+    """Make ``consumer`` read a new tensor where it read the ``get_attr`` node ``old``;
+    ``register(target)`` registers that tensor under the target chosen here.
 
     If ``old`` feeds only ``consumer`` and its target is not read elsewhere, the tensor is
     re-registered under the same name (reports keep the user's parameter names). Otherwise
@@ -69,14 +82,11 @@ def replace_input_tensor(
     ``<target><suffix>`` is created so the other readers keep the original.
     """
     target = str(old.target)
-    shared = is_shared_attr(gm, old)
-    wrapped = torch.nn.Parameter(value, requires_grad=False) if isinstance(fetch_attr(gm, target), torch.nn.Parameter) \
-        else value
-    if not shared:
-        set_attr(gm, target, wrapped)
+    if not is_shared_attr(gm, old):
+        register(target)
         return old
     new_target = unique_attr_name(gm, target + suffix)
-    set_attr(gm, new_target, wrapped)
+    register(new_target)
     with gm.graph.inserting_before(consumer):
         node = gm.graph.get_attr(new_target)
     node.meta.update({k: v for k, v in old.meta.items() if k != "val"})

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import torch.fx
+
+from . import meta
+from .attrs import fetch_attr
 
 
 def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
@@ -22,7 +26,21 @@ def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     graph.output_node().meta = dict(gm.graph.output_node().meta)
     new = torch.fx.GraphModule(gm, graph, class_name=type(gm).__name__)
     new.meta = dict(gm.meta)
+    source = new.meta.get(meta.GM_WEIGHT_SOURCE)
+    if source is not None:
+        # GraphModule copies only the attributes the graph reads: a tensor a pass stopped reading
+        # (a migrated norm gain) is gone, and a graph captured without weights must not load it
+        new.meta[meta.GM_WEIGHT_SOURCE] = dataclasses.replace(
+            source, tensors={target: entry for target, entry in source.tensors.items() if _holds(new, target)})
     return new
+
+
+def _holds(gm: torch.fx.GraphModule, target: str) -> bool:
+    try:
+        fetch_attr(gm, target)
+    except AttributeError:
+        return False
+    return True
 
 
 def release_tensors(gm: torch.fx.GraphModule) -> None:

@@ -11,10 +11,15 @@ tensors (reading only their keys) and :func:`release` puts them back on the meta
 runner can hold one block's weights at a time (:func:`materialized` for a ``with`` block).
 
 A weight rewritten in memory can no longer be loaded from the checkpoint: the source always
-names its latest version. ConvertToFakeQuant's on-grid weights are held as int8 codes and
-per-row scales (:class:`~outlierfx.quantizers.integer_codes.HeldCodes`, :func:`hold`), a
-quarter of the float size, from which :func:`materialize` rebuilds the float weight bit for
-bit, and from which ``Lower`` builds its int8 kernels without the float weight.
+names its latest version. The rewrites before calibration (MigrateGamma, the rotations) record
+how the new tensor is computed from its inputs' entries (:func:`rewrite_tensor`, a
+:class:`~outlierfx.graph.derived_tensors.DerivedTensor`), which :func:`materialize` computes
+when a block loads it, with the function the full-memory path applies to the loaded weight;
+they read small tensors (norm gains) with :func:`value_of`. ConvertToFakeQuant's on-grid weights
+are held as int8 codes and per-row scales
+(:class:`~outlierfx.quantizers.integer_codes.HeldCodes`, :func:`hold`), a quarter of the float
+size, from which :func:`materialize` rebuilds the float weight bit for bit, and from which
+``Lower`` builds its int8 kernels without the float weight.
 """
 
 from __future__ import annotations
@@ -34,8 +39,9 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from ..errors import CaptureError, DataError
 from ..quantizers.integer_codes import HeldCodes
 from . import meta
-from .attrs import fetch_attr, set_attr
+from .attrs import fetch_attr, replace_input, set_attr
 from .capture import capture
+from .derived_tensors import DerivedTensor, evaluate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,17 +52,21 @@ class StoredTensor:
     key: str
 
 
+Entry = StoredTensor | HeldCodes | DerivedTensor
+
+
 @dataclasses.dataclass(frozen=True)
 class WeightSource:
     """Graph attribute target -> where its tensor comes from: the checkpoint (a
     :class:`StoredTensor`; tied weights, an LM head sharing the embedding table, load from the
-    one key the checkpoint stores for both), or codes held in memory (:class:`HeldCodes`)."""
+    one key the checkpoint stores for both), codes held in memory (:class:`HeldCodes`), or a
+    computation on other entries (:class:`DerivedTensor`, a rewritten weight)."""
 
-    tensors: Mapping[str, StoredTensor | HeldCodes]
+    tensors: Mapping[str, Entry]
 
-    def holding(self, held: Mapping[str, HeldCodes]) -> WeightSource:
-        """This source with the targets ``held`` loading from their codes instead."""
-        return WeightSource({**self.tensors, **held})
+    def with_entries(self, entries: Mapping[str, Entry]) -> WeightSource:
+        """This source with the targets of ``entries`` loading from those instead."""
+        return WeightSource({**self.tensors, **entries})
 
     @classmethod
     def from_checkpoint(cls, folder: str | os.PathLike, aliases: Mapping[str, Iterable[str]]) -> WeightSource:
@@ -182,30 +192,52 @@ def _checked_targets(source: WeightSource, names: Iterable[str]) -> list[str]:
 
 def materialize(gm: torch.fx.GraphModule, names: Iterable[str]) -> None:
     """Load the graph tensors ``names`` (attribute targets) from the checkpoint, reading only
-    their keys, in the dtype the graph holds them in, or rebuild them from their held codes.
-    Targets sharing a key (or codes) share one tensor."""
+    their keys, in the dtype the graph holds them in, rebuild them from their held codes, or
+    compute them from their inputs (:class:`DerivedTensor`). Targets sharing an entry share one
+    tensor."""
+    source = _source(gm)
+    for targets, value in _loaded(gm, source, _checked_targets(source, names)):
+        _set_all(gm, targets, value)
+
+
+def _loaded(gm: torch.fx.GraphModule, source: WeightSource, targets: Iterable[str]
+            ) -> list[tuple[list[str], torch.Tensor]]:
+    """Each group of ``targets`` sharing an entry, with the entry's value as the graph holds it
+    (a derived entry's intermediates are dropped once computed: :func:`evaluate`)."""
     from safetensors import safe_open
 
-    source = _source(gm)
-    by_file: dict[pathlib.Path, dict[str, list[str]]] = collections.defaultdict(lambda: collections.defaultdict(list))
-    by_codes: dict[HeldCodes, list[str]] = collections.defaultdict(list)
-    for target in _checked_targets(source, names):
-        entry = source.tensors[target]
+    groups: dict[Entry, list[str]] = collections.defaultdict(list)
+    for target in targets:
+        groups[source.tensors[target]].append(target)
+
+    def load(entry: StoredTensor | HeldCodes) -> torch.Tensor:
         if isinstance(entry, HeldCodes):
-            by_codes[entry].append(target)
-        else:
-            by_file[entry.file][entry.key].append(target)
-    for file, keys in by_file.items():
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            for key, targets in keys.items():
-                value = f.get_tensor(key)
-                like = fetch_attr(gm, targets[0])
-                if tuple(value.shape) != tuple(like.shape):
-                    raise DataError(f"{file} stores {key!r} with shape {tuple(value.shape)}, but the graph reads it as "
-                                    f"{tuple(like.shape)}; the weights do not belong to this config")
-                _set_all(gm, targets, value.to(like.dtype))
-    for held, targets in by_codes.items():
-        _set_all(gm, targets, held.weight())
+            return entry.weight()
+        # a file opened per tensor: the tensor maps the file, and its pages leave memory with it
+        # (an input of a derived tensor as soon as that is computed), not when the last tensor
+        # read from an open file goes
+        with safe_open(str(entry.file), framework="pt", device="cpu") as f:
+            return f.get_tensor(entry.key)
+
+    values = evaluate(groups, load)
+    loaded = []
+    for entry, group in groups.items():
+        value, like = values.pop(entry), fetch_attr(gm, group[0])
+        if isinstance(entry, StoredTensor) and tuple(value.shape) != tuple(like.shape):
+            raise DataError(f"{entry.file} stores {entry.key!r} with shape {tuple(value.shape)}, but the graph reads "
+                            f"it as {tuple(like.shape)}; the weights do not belong to this config")
+        loaded.append((group, value.to(like.dtype)))
+    return loaded
+
+
+def value_of(gm: torch.fx.GraphModule, target: str) -> torch.Tensor:
+    """The value of the graph tensor ``target`` on either kind of graph: the tensor itself
+    (detached) on a graph holding it, else its entry loaded into a temporary tensor that the
+    graph does not register (for a pass's analysis of small tensors: norm gains)."""
+    source = gm.meta.get(meta.GM_WEIGHT_SOURCE)
+    if source is None or target not in source.tensors:
+        return fetch_attr(gm, target).detach()
+    return _loaded(gm, source, [target])[0][1]
 
 
 def _set_all(gm: torch.fx.GraphModule, targets: list[str], value: torch.Tensor) -> None:
@@ -220,7 +252,7 @@ def release(gm: torch.fx.GraphModule, names: Iterable[str]) -> None:
     """Put the graph tensors ``names`` back on the meta device, letting their storage go. A
     target already there keeps its stand-in (and the ties it shares)."""
     source = _source(gm)
-    stand_ins: dict[StoredTensor | HeldCodes, torch.Tensor] = {}
+    stand_ins: dict[Entry, torch.Tensor] = {}
     for target in _checked_targets(source, names):
         if fetch_attr(gm, target).device.type == "meta":
             continue
@@ -246,8 +278,45 @@ def hold(gm: torch.fx.GraphModule, held: Mapping[str, HeldCodes]) -> None:
     """From now on the targets ``held`` load from their codes (rewritten weights the checkpoint
     no longer has; targets new to the graph too), and their float tensors are released. Sets a
     new source: a pass works on a copy of the graph, whose input keeps the source it had."""
-    gm.meta[meta.GM_WEIGHT_SOURCE] = _source(gm).holding(held)
+    gm.meta[meta.GM_WEIGHT_SOURCE] = _source(gm).with_entries(held)
     release(gm, held)
+
+
+def rewrite_tensor(gm: torch.fx.GraphModule, target: str, compute: Callable[[torch.Tensor], torch.Tensor],
+                   description: str, new_target: str | None = None) -> None:
+    """Register ``compute(tensor at target)`` under ``new_target`` (default: ``target``; a
+    parameter stays a frozen parameter). On a graph that loads ``target`` from its weight source
+    nothing is computed now: the source (a new one, as :func:`hold` sets) gets a
+    :class:`DerivedTensor` that :func:`materialize` computes with the same ``compute`` on the same
+    input, so both kinds of graph hold the same tensor bit for bit, and the graph a meta
+    stand-in. ``compute`` must keep the shape and dtype (checked when it runs)."""
+    new_target = new_target or target
+    old = fetch_attr(gm, target)
+    source = gm.meta.get(meta.GM_WEIGHT_SOURCE)
+    if source is None or target not in source.tensors:
+        value = compute(old.detach())
+        set_attr(gm, new_target, torch.nn.Parameter(value, requires_grad=False)
+                 if isinstance(old, torch.nn.Parameter) else value)
+        return
+    dtype = old.dtype
+
+    def from_loaded(value: torch.Tensor) -> torch.Tensor:
+        return compute(value.to(dtype))  # a checkpoint tensor loads in its stored dtype, the graph holds `dtype`
+
+    derived = DerivedTensor((source.tensors[target],), from_loaded, tuple(old.shape), dtype, description)
+    gm.meta[meta.GM_WEIGHT_SOURCE] = source.with_entries({new_target: derived})
+    set_attr(gm, new_target, _on_meta(old))
+
+
+def rewrite_input_tensor(gm: torch.fx.GraphModule, consumer: torch.fx.Node, old: torch.fx.Node,
+                         compute: Callable[[torch.Tensor], torch.Tensor], description: str,
+                         suffix: str) -> torch.fx.Node:
+    """Make ``consumer`` read ``compute(tensor of the get_attr node old)``, under ``old``'s target
+    or, where another op reads that tensor too, a new one (``<target><suffix>``:
+    :func:`~outlierfx.graph.attrs.replace_input`), by :func:`rewrite_tensor`; returns the
+    get_attr node ``consumer`` now reads."""
+    return replace_input(gm, consumer, old, suffix, lambda new_target: rewrite_tensor(
+        gm, str(old.target), compute, description, new_target))
 
 
 def held_codes(gm: torch.fx.GraphModule, target: str) -> HeldCodes | None:
@@ -259,13 +328,14 @@ def held_codes(gm: torch.fx.GraphModule, target: str) -> HeldCodes | None:
 
 
 def with_checkpoint_tensors(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """A copy of ``gm`` holding for real every tensor it loads from the checkpoint: those no pass
-    rewrote (norm gains, biases, tables kept float), which a lowered model holds as they are.
-    Its held codes stay codes (their targets meta stand-ins): ``Lower`` builds its int8
-    kernels from them (:func:`held_codes`) and never needs their float weights."""
+    """A copy of ``gm`` holding for real every tensor it does not hold as codes: those no pass
+    quantized (norm gains, biases, tables kept float; loaded from the checkpoint, or computed
+    where a pass rewrote them), which a lowered model holds as they are. Its held codes stay
+    codes (their targets meta stand-ins): ``Lower`` builds its int8 kernels from them
+    (:func:`held_codes`) and never needs their float weights."""
     from .copy import copy_graph_module
 
-    stored = [target for target, entry in _source(gm).tensors.items() if isinstance(entry, StoredTensor)]
+    floats = [target for target, entry in _source(gm).tensors.items() if not isinstance(entry, HeldCodes)]
     work = copy_graph_module(gm)
-    materialize(work, stored)
+    materialize(work, floats)
     return work

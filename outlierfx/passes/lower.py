@@ -179,10 +179,11 @@ class Lower(GraphPass[LowerPlan]):
         return True
 
     def __call__(self, gm: torch.fx.GraphModule) -> PassResult:
-        """On a graph captured without weights (issue 28, ``--low-memory``), the tensors it loads
-        from the checkpoint are loaded (gains, biases: the lowered model holds them) and the int8
-        kernels take the weights' held codes: no float weight is materialized, and the result is
-        the full-memory lowering's model, which runs without the weight source."""
+        """On a graph captured without weights (issue 28, ``--low-memory``), the tensors it does
+        not hold as codes are loaded (gains, biases, from the checkpoint or computed where a
+        rewrite recorded them: the lowered model holds them) and the int8 kernels take the
+        quantized weights' held codes: no quantized weight's float value is materialized, and
+        the result is the full-memory lowering's model, which runs without the weight source."""
         if gm.meta.get(meta.GM_WEIGHT_SOURCE) is not None:
             gm = with_checkpoint_tensors(gm)
         result = super().__call__(gm)

@@ -13,6 +13,11 @@ offset |beta / gamma| would exceed ``max_offset`` (a new outlier made by the mig
 The plan lists them. A norm whose consumers cannot absorb a per-channel scale is left alone,
 with the reason (see :mod:`.detect_norms`).
 
+On a graph captured without weights (issue 28) the pass reads the gains it needs
+(:func:`~outlierfx.graph.weight_source.value_of`) and records each rewritten tensor, computed
+when a block loads it (:func:`~outlierfx.graph.weight_source.rewrite_input_tensor`), so the
+result equals the full-memory migration bit for bit without loading any weight matrix.
+
 ``channels="amplifying"`` (an outlierfx extension, not in the paper) migrates only channels
 whose |gamma| > 1. Where gamma *damps* an outlier channel of xhat (|gamma| < 1), full migration
 widens the norm output's range; MiniLM's FFN-output LayerNorms are such a case (see README).
@@ -27,7 +32,8 @@ import torch.fx
 
 from ..errors import PassError
 from ..graph import meta
-from ..graph.attrs import fetch_attr, is_shared_attr, replace_input_tensor, set_attr, unique_attr_name
+from ..graph.attrs import is_shared_attr, set_attr, unique_attr_name
+from ..graph.weight_source import rewrite_input_tensor, value_of
 from ..graph.ops import aten
 from .base import GraphPass
 from .detect_norms import NormSitePlan, analyze_norm_sites
@@ -91,7 +97,7 @@ class MigrateGamma(GraphPass[MigrateGammaPlan]):
             if not site.linears and not site.scaled_edges:
                 skipped.append((site.norm, "the norm output has no consumers"))
                 continue
-            gamma = fetch_attr(gm, str(site.gamma.target)).detach()
+            gamma = value_of(gm, str(site.gamma.target))
             if not torch.isfinite(gamma).all():
                 skipped.append((site.norm, "gamma contains NaN or inf"))
                 continue
@@ -109,7 +115,7 @@ class MigrateGamma(GraphPass[MigrateGammaPlan]):
         if self.channels == "amplifying":
             keep |= magnitude <= 1.0
         if site.beta is not None:
-            beta = fetch_attr(gm, str(site.beta.target)).detach()
+            beta = value_of(gm, str(site.beta.target))
             offset = beta.abs() / magnitude.clamp_min(torch.finfo(gamma.dtype).tiny)
             keep |= offset > self.max_offset
         return tuple(int(i) for i in torch.nonzero(keep).flatten())
@@ -123,7 +129,7 @@ class MigrateGamma(GraphPass[MigrateGammaPlan]):
     def _migrate(gm: torch.fx.GraphModule, migration: GammaMigration) -> None:
         site = migration.site
         norm = site.norm
-        gamma = fetch_attr(gm, str(site.gamma.target)).detach()
+        gamma = value_of(gm, str(site.gamma.target))
         factor = gamma.clone()  # what leaves the norm, per channel
         kept = list(migration.kept_channels)
         factor[kept] = 1.0
@@ -132,20 +138,20 @@ class MigrateGamma(GraphPass[MigrateGammaPlan]):
 
         # The norm: gamma / factor (1 where migrated), beta / factor.
         args = list(norm.args)
+        # (each tensor through rewrite_input_tensor: on a graph captured without weights, the
+        # rewrite is computed when a block loads the tensor; ``factor`` lives in the closures)
         if kept:
-            replace_input_tensor(gm, norm, site.gamma, gamma / factor, "_migrated")
+            rewrite_input_tensor(gm, norm, site.gamma, lambda g: g / factor, f"{NAME}: gamma / factor", "_migrated")
         else:
             args[2] = None
         norm.args = tuple(args)
         if site.beta is not None:
-            beta = fetch_attr(gm, str(site.beta.target)).detach()
-            replace_input_tensor(gm, norm, site.beta, beta / factor, "_migrated")
+            rewrite_input_tensor(gm, norm, site.beta, lambda b: b / factor, f"{NAME}: beta / factor", "_migrated")
 
         # Linears: scale input columns.
         for linear in site.linears:
-            weight_node = linear.args[1]
-            weight = fetch_attr(gm, str(weight_node.target)).detach()
-            replace_input_tensor(gm, linear, weight_node, weight * factor.to(weight.dtype), "_migrated")
+            rewrite_input_tensor(gm, linear, linear.args[1], lambda w: w * factor.to(w.dtype),
+                                 f"{NAME}: W diag(factor)", "_migrated")
 
         # Shortcut / output edges: an explicit per-channel multiply.
         if site.scaled_edges:

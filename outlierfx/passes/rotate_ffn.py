@@ -85,7 +85,8 @@ class RotateFFN(GraphPass[RotateFFNPlan]):
         if not plan.linears:
             return False
         r = plan.rotation
-        fold(gm, {str(n.args[1].target): (RIGHT, r.matrix) for n in plan.linears})
+        q = r.matrix  # built once: each Linear's recorded rotation shares it (30 copies: 560 MB on SmolLM2)
+        fold(gm, {str(n.args[1].target): (RIGHT, q) for n in plan.linears}, NAME)
         dtype = tensor_val(plan.linears[0].args[1]).dtype
         left, right = unique_attr_name(gm, "ffn_hadamard_left"), unique_attr_name(gm, "ffn_hadamard_right")
         set_attr(gm, left, r.left.matrix.to(dtype).contiguous())

@@ -109,7 +109,7 @@ class RotateHeads(GraphPass[RotateHeadsPlan]):
         if not plan.paths:
             return False
         uses = linear_uses([p.output for p in plan.paths], [p.value for p in plan.paths])
-        fold(gm, {str(tensor.target): (how, plan.rotation) for _, tensor, how in uses})
+        fold(gm, {str(tensor.target): (how, plan.rotation) for _, tensor, how in uses}, NAME)
         return True
 
 

@@ -105,7 +105,7 @@ class RotateResidual(GraphPass[RotateResidualPlan]):
             return False
         q = plan.rotation
         uses = _tensor_uses(plan.embeddings, plan.readers, plan.writers)
-        fold(gm, {str(tensor.target): (how, q) for _, tensor, how in uses})
+        fold(gm, {str(tensor.target): (how, q) for _, tensor, how in uses}, NAME)
         if plan.unrotated_outputs:
             target = unique_attr_name(gm, "residual_rotation_inverse")
             dtype = tensor_val(plan.unrotated_outputs[0][1]).dtype

@@ -6,43 +6,66 @@ function by giving the weights on either side the inverse. Two moves cover every
   rotated inputs, an embedding table or bias that *is* a rotated row);
 - ``LEFT`` (``W -> Q^T W``): a Linear weight whose rows *write* into the rotated basis.
 A Q smaller than the axis is applied block-diagonally, one block per consecutive chunk (per
-attention head). Products are taken in float64 and rounded once to the tensor's dtype.
+attention head). Products are taken in float64 and rounded once to the tensor's dtype. On a
+graph captured without weights the rotation is recorded and computed when the tensor is loaded
+(:func:`~outlierfx.graph.weight_source.rewrite_tensor`), by the same function.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 import torch.fx
 
-from ..graph.attrs import fetch_attr, set_attr
+from ..graph.weight_source import rewrite_tensor
 
 RIGHT, LEFT = "W Q", "Q^T W"
 
 Use = tuple[torch.fx.Node, Any, str]  # (consumer, its tensor argument to rotate, RIGHT or LEFT)
 
 
+CHUNK = 4096
+"""Rows (``RIGHT``) or columns (``LEFT``) rotated at a time: the float64 products of a whole
+embedding table would be 4x its size in temporaries (450 MB on SmolLM2's 49152 x 576), a
+chunk's are a few MB. Each output row (column) depends on its own input row (column) only, and
+both the full-memory path and a graph captured without weights rotate through here."""
+
+
 def rotated(value: torch.Tensor, q: torch.Tensor, how: str) -> torch.Tensor:
     """``value @ Q`` (``RIGHT``, on the last axis) or ``Q^T @ value`` (``LEFT``, on the rows),
-    block-diagonally where ``Q`` is smaller than that axis."""
-    v, n = value.detach().double(), q.shape[0]
+    block-diagonally where ``Q`` is smaller than that axis; in float64, :data:`CHUNK` rows
+    (columns) at a time, each rounded once to ``value``'s dtype."""
+    v, n = value.detach(), q.shape[0]
+    out = torch.empty(v.shape, dtype=v.dtype)
     if how == RIGHT:
-        out = (v.reshape(*v.shape[:-1], -1, n) @ q).reshape(v.shape)
-    else:
-        out = (q.T @ v.reshape(-1, n, v.shape[-1])).reshape(v.shape)
-    return out.to(value.dtype)
+        rows, out_rows = v.reshape(-1, v.shape[-1]), out.view(-1, v.shape[-1])
+        # one pair of float64 buffers for all chunks: chunks allocated anew each time were kept
+        # by glibc once freed (+140 MB of RSS after rotating SmolLM2's table)
+        wide = torch.empty(min(CHUNK, rows.shape[0]), rows.shape[1], dtype=torch.float64)
+        product = torch.empty_like(wide)
+        for start in range(0, rows.shape[0], CHUNK):
+            count = min(CHUNK, rows.shape[0] - start)
+            chunk, rotated_chunk = wide[:count], product[:count]
+            chunk.copy_(rows[start:start + count])
+            torch.mm(chunk.view(-1, n), q, out=rotated_chunk.view(-1, n))  # each n-wide block of a row times Q
+            out_rows[start:start + count].copy_(rotated_chunk)
+    else:  # Linear weights writing the rotated basis (a few MB): a chunk's temporaries are small
+        for start in range(0, v.shape[-1], CHUNK):
+            chunk = v[..., start:start + CHUNK].double()
+            out[..., start:start + CHUNK] = (q.T @ chunk.reshape(-1, n, chunk.shape[-1])).reshape(chunk.shape)
+    return out
 
 
-def fold(gm: torch.fx.GraphModule, targets: dict[str, tuple[str, torch.Tensor]]) -> None:
+def fold(gm: torch.fx.GraphModule, targets: dict[str, tuple[str, torch.Tensor]], by: str) -> None:
     """Replace each stored tensor ``target`` by ``rotated(tensor, q, how)`` (parameters stay
-    parameters, frozen)."""
+    parameters, frozen); on a graph captured without weights, a rotation computed when the
+    tensor is loaded (:func:`~outlierfx.graph.weight_source.rewrite_tensor`). ``by`` names the
+    pass."""
     for target, (how, q) in targets.items():
-        old = fetch_attr(gm, target)
-        value = rotated(old, q, how)
-        set_attr(gm, target, torch.nn.Parameter(value, requires_grad=False)
-                 if isinstance(old, torch.nn.Parameter) else value)
+        rewrite_tensor(gm, target, functools.partial(rotated, q=q, how=how), f"{by}: {how}")
 
 
 def check_tensors(gm: torch.fx.GraphModule, uses: Iterable[Use], blockers: list[tuple[str, str]],
