@@ -25,9 +25,11 @@ from outlierfx.recipes.presets import _low_bit_weights
 from outlierfx.testing import build_model, saved_llama, word_tokenizer
 
 BACKEND = runnable_backends(("onednn", "reference"))[0]
-# every backend lowers the weight-free graph from the held int8 codes; inductor's compiled
-# kernels give the loaded run's logits bit for bit too (its compiles take most of this file's time)
-LOWERED = runnable_backends(BACKENDS)
+# every backend lowers the weight-free graph from the held int8 codes. Inductor lowers the same
+# reference form and gave the loaded run's logits and tokens bit for bit when checked (2026-12-06),
+# but compiling three models for two shapes and the decode steps takes 5 minutes on 2 cores: it
+# is left out of the suite (inductor's lowering itself is tested in test_compile.py).
+LOWERED = runnable_backends(tuple(b for b in BACKENDS if b != "inductor"))
 
 
 @pytest.fixture(scope="module")
