@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import os
 import pathlib
 import platform
 import random
@@ -34,6 +35,7 @@ from .api import lower, quantize
 from .backends.inductor import CompiledInt8
 from .backends.runtime import cpu_description
 from .benchmarks import CALIBRATION, calibration_batches
+from .errors import OutlierFXWarning
 from .evaluate import DecoderEval, EncoderEval
 from .graph import capture
 from .models import LoadedModel, encode, load
@@ -106,6 +108,37 @@ def interleaved_call_medians(calls: Mapping[str, TimedCall], rounds: int) -> dic
                 calls[name].run()
                 times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def runnable_tasks() -> int:
+    """Threads running or waiting for a core right now, machine-wide, this one included
+    (``/proc/loadavg``'s fourth field); 0 where the file does not exist."""
+    try:
+        with open("/proc/loadavg") as f:
+            return int(f.read().split()[3].split("/")[0])
+    except OSError:
+        return 0
+
+
+def counting_load(call: TimedCall, samples: list[int]) -> TimedCall:
+    """``call`` with :func:`runnable_tasks` read into ``samples`` before each (untimed) prepare."""
+    def prepare() -> None:
+        samples.append(runnable_tasks())
+        call.prepare()
+    return TimedCall(call.run, prepare)
+
+
+def oversubscription(samples: Sequence[int]) -> float:
+    """Threads beyond the cores' count (runnable, this run's counted as busy), on average over
+    ``samples`` of :func:`runnable_tasks` taken before the timed calls.
+
+    Above ~0.5 the timed threads waited for cores, and a path of many short OpenMP regions with
+    Python between them (onednn's eager decode step: a fork and a barrier per GEMM) slows far
+    more than a compiled one: on a shared 2-core machine under a load of 4-6, onednn's SmolLM2
+    decode step took 1.6-1.8x FP32 eager's time at 2 threads, 0.70-0.79x of its CPU time at 1
+    thread (docs/generate.md, Decode speed)."""
+    cores = os.cpu_count() or 1
+    return statistics.fmean(max(0, n - cores) for n in samples) if samples else 0.0
 
 
 def state_size_mb(model: torch.nn.Module) -> float:
@@ -238,7 +271,14 @@ def speed(model_name: str, recipe: str | None = None, bits: str = "W8A8", backen
                                                   say=say)
     calls = {str(i): TimedCall(functools.partial(c.model, **inputs)) for i, c in enumerate(candidates)}
     calls |= {f"decode {i}": d.timed() for i, d in enumerate(decoders)}
-    medians = interleaved_call_medians(calls, rounds)
+    load: list[int] = []
+    medians = interleaved_call_medians({name: counting_load(call, load) for name, call in calls.items()}, rounds)
+    waiting = oversubscription(load)
+    if waiting >= 0.5:
+        warnings.warn(f"~{waiting:.1f} threads more than the {os.cpu_count()} cores were runnable while the rounds "
+                      f"ran: the latencies include waits for a core, most on eager paths of many small calls "
+                      f"(onednn's decode step); time on an idle machine, or with --threads 1", OutlierFXWarning,
+                      stacklevel=2)
 
     evaluator = None
     reference = None
@@ -263,6 +303,7 @@ def speed(model_name: str, recipe: str | None = None, bits: str = "W8A8", backen
         say(format_row(row))
     env = {"torch": torch.__version__, "python": platform.python_version(), "threads": threads, "rounds": rounds,
            "batch": batch, "seq": seq, "cpu": cpu_description(),
+           "threads_beyond_cores": round(waiting, 2),
            "policies": sorted({r.policy for _, r, _ in simulated.values()})}
     if decoders:
         windows = DecoderEval.build(loaded, decode_speed.CACHE_TOKENS, decode_speed.PPL_WINDOWS).wiki if quality else None
