@@ -271,9 +271,9 @@ def speed(model_name: str, recipe: str | None = None, bits: str = "W8A8", backen
                                                   say=say)
     calls = {str(i): TimedCall(functools.partial(c.model, **inputs)) for i, c in enumerate(candidates)}
     calls |= {f"decode {i}": d.timed() for i, d in enumerate(decoders)}
-    load: list[int] = []
-    medians = interleaved_call_medians({name: counting_load(call, load) for name, call in calls.items()}, rounds)
-    waiting = oversubscription(load)
+    runnable: list[int] = []
+    medians = interleaved_call_medians({name: counting_load(call, runnable) for name, call in calls.items()}, rounds)
+    waiting = oversubscription(runnable)
     if waiting >= 0.5:
         warnings.warn(f"~{waiting:.1f} threads more than the {os.cpu_count()} cores were runnable while the rounds "
                       f"ran: the latencies include waits for a core, most on eager paths of many small calls "
