@@ -8,7 +8,9 @@ torch.ao ``quantize_dynamic`` always, torchao's PT2E ``X86InductorQuantizer`` if
 is importable. With ``onnx=True``, ONNX Runtime runs the FP32 graph and the first backend's
 int8 model exported as QDQ ONNX (:func:`outlierfx.export_onnx`) in the same interleaved rounds.
 For a causal LM the decode rows (:mod:`outlierfx.decode_speed`: one token at batch 1 after 256 in
-the cache) are timed in the same rounds too.
+the cache) are timed in the same rounds too. The threads runnable machine-wide are sampled
+before each timed call: ``env["threads_beyond_cores"]``, and a warning where other processes
+competed for the cores (:func:`oversubscription`).
 """
 
 from __future__ import annotations
@@ -133,10 +135,11 @@ def oversubscription(samples: Sequence[int]) -> float:
     ``samples`` of :func:`runnable_tasks` taken before the timed calls.
 
     Above ~0.5 the timed threads waited for cores, and a path of many short OpenMP regions with
-    Python between them (onednn's eager decode step: a fork and a barrier per GEMM) slows far
-    more than a compiled one: on a shared 2-core machine under a load of 4-6, onednn's SmolLM2
-    decode step took 1.6-1.8x FP32 eager's time at 2 threads, 0.70-0.79x of its CPU time at 1
-    thread (docs/generate.md, Decode speed)."""
+    Python between them (onednn's eager decode step: a region per GEMM, libgomp's worker
+    spinning through the gaps) slows far more than a compiled one: on a shared 2-core machine
+    under a load of 4-6, onednn's SmolLM2 decode step took 1.6-4.5x FP32 eager's wall time at 2
+    threads, 0.94x with ``OMP_WAIT_POLICY=PASSIVE``, and 0.70-0.81x of its CPU time at 1 thread
+    (docs/generate.md, Decode speed)."""
     cores = os.cpu_count() or 1
     return statistics.fmean(max(0, n - cores) for n in samples) if samples else 0.0
 
