@@ -138,7 +138,7 @@ def oversubscription(samples: Sequence[int]) -> float:
     Python between them (onednn's eager decode step: a region per GEMM, libgomp's worker
     spinning through the gaps) slows far more than a compiled one: on a shared 2-core machine
     under a load of 4-6, onednn's SmolLM2 decode step took 1.6-4.5x FP32 eager's wall time at 2
-    threads, 0.94x with ``OMP_WAIT_POLICY=PASSIVE``, and 0.70-0.81x of its CPU time at 1 thread
+    threads, 0.94x with ``OMP_WAIT_POLICY=PASSIVE``, and 0.70-0.90x of its CPU time at 1 thread
     (docs/generate.md, Decode speed)."""
     cores = os.cpu_count() or 1
     return statistics.fmean(max(0, n - cores) for n in samples) if samples else 0.0
