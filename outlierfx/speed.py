@@ -8,7 +8,9 @@ torch.ao ``quantize_dynamic`` always, torchao's PT2E ``X86InductorQuantizer`` if
 is importable. With ``onnx=True``, ONNX Runtime runs the FP32 graph and the first backend's
 int8 model exported as QDQ ONNX (:func:`outlierfx.export_onnx`) in the same interleaved rounds.
 For a causal LM the decode rows (:mod:`outlierfx.decode_speed`: one token at batch 1 after 256 in
-the cache) are timed in the same rounds too.
+the cache) are timed in the same rounds too. The threads runnable machine-wide are sampled
+before each timed call: ``env["threads_beyond_cores"]``, and a warning where other processes
+competed for the cores (:func:`oversubscription`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import os
 import pathlib
 import platform
 import random
@@ -34,6 +37,7 @@ from .api import lower, quantize
 from .backends.inductor import CompiledInt8
 from .backends.runtime import cpu_description
 from .benchmarks import CALIBRATION, calibration_batches
+from .errors import OutlierFXWarning
 from .evaluate import DecoderEval, EncoderEval
 from .graph import capture
 from .models import LoadedModel, encode, load
@@ -106,6 +110,38 @@ def interleaved_call_medians(calls: Mapping[str, TimedCall], rounds: int) -> dic
                 calls[name].run()
                 times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def runnable_tasks() -> int:
+    """Threads running or waiting for a core right now, machine-wide, this one included
+    (``/proc/loadavg``'s fourth field); 0 where the file does not exist."""
+    try:
+        with open("/proc/loadavg") as f:
+            return int(f.read().split()[3].split("/")[0])
+    except OSError:
+        return 0
+
+
+def counting_load(call: TimedCall, samples: list[int]) -> TimedCall:
+    """``call`` with :func:`runnable_tasks` read into ``samples`` before each (untimed) prepare."""
+    def prepare() -> None:
+        samples.append(runnable_tasks())
+        call.prepare()
+    return TimedCall(call.run, prepare)
+
+
+def oversubscription(samples: Sequence[int]) -> float:
+    """Threads beyond the cores' count (runnable, this run's counted as busy), on average over
+    ``samples`` of :func:`runnable_tasks` taken before the timed calls.
+
+    Above ~0.5 the timed threads waited for cores, and a path of many short OpenMP regions with
+    Python between them (onednn's eager decode step: a region per GEMM, libgomp's worker
+    spinning through the gaps) slows far more than a compiled one: on a shared 2-core machine
+    under a load of 4-6, onednn's SmolLM2 decode step took 1.6-4.5x FP32 eager's wall time at 2
+    threads, 0.94x with ``OMP_WAIT_POLICY=PASSIVE``, and 0.70-0.90x of its CPU time at 1 thread
+    (docs/generate.md, Decode speed)."""
+    cores = os.cpu_count() or 1
+    return statistics.fmean(max(0, n - cores) for n in samples) if samples else 0.0
 
 
 def state_size_mb(model: torch.nn.Module) -> float:
@@ -238,7 +274,14 @@ def speed(model_name: str, recipe: str | None = None, bits: str = "W8A8", backen
                                                   say=say)
     calls = {str(i): TimedCall(functools.partial(c.model, **inputs)) for i, c in enumerate(candidates)}
     calls |= {f"decode {i}": d.timed() for i, d in enumerate(decoders)}
-    medians = interleaved_call_medians(calls, rounds)
+    runnable: list[int] = []
+    medians = interleaved_call_medians({name: counting_load(call, runnable) for name, call in calls.items()}, rounds)
+    waiting = oversubscription(runnable)
+    if waiting >= 0.5:
+        warnings.warn(f"~{waiting:.1f} threads more than the {os.cpu_count()} cores were runnable while the rounds "
+                      f"ran: the latencies include waits for a core, most on eager paths of many small calls "
+                      f"(onednn's decode step); time on an idle machine, or with --threads 1", OutlierFXWarning,
+                      stacklevel=2)
 
     evaluator = None
     reference = None
@@ -263,6 +306,7 @@ def speed(model_name: str, recipe: str | None = None, bits: str = "W8A8", backen
         say(format_row(row))
     env = {"torch": torch.__version__, "python": platform.python_version(), "threads": threads, "rounds": rounds,
            "batch": batch, "seq": seq, "cpu": cpu_description(),
+           "threads_beyond_cores": round(waiting, 2),
            "policies": sorted({r.policy for _, r, _ in simulated.values()})}
     if decoders:
         windows = DecoderEval.build(loaded, decode_speed.CACHE_TOKENS, decode_speed.PPL_WINDOWS).wiki if quality else None

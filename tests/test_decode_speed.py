@@ -71,3 +71,4 @@ def test_bench_speed_writes_decode_rows_for_a_causal_lm(tmp_path):
     ours = decode[1]["metrics"]
     assert abs(ours["ppl_incremental"] / ours["ppl_full"] - 1) <= 1e-3  # rounded to 4 decimals in the JSON
     assert result["env"]["decode_cache_tokens"] == CACHE_TOKENS
+    assert result["env"]["threads_beyond_cores"] >= 0  # how oversubscribed the cores were while timing
