@@ -5,7 +5,7 @@ Pre-trained Transformers", OBQ-style error feedback with a Cholesky-factored inv
 
 For a Linear ``y = x W^T`` with calibration inputs X, the layer's squared output error is
 ``tr((W - Q) H (W - Q)^T)`` with ``H = X^T X``. GPTQ quantizes one input column at a time (in
-order of decreasing ``H_jj``, "act order") and spreads that column's rounding error over the
+order of decreasing ``H_jj``, "act order", by default) and spreads that column's rounding error over the
 columns not yet quantized, weighted by ``H^-1``. The grid is the one :class:`ConvertToFakeQuant`
 would use: per-row scales (and, on an asymmetric spec, zero points) from the policy's weight
 spec (min-max, or MSE-clipped with each input column's error weighted by its Gram diagonal,
@@ -74,6 +74,7 @@ class GPTQPlan:
     skipped: tuple[tuple[str, str], ...]  # (Linear node, why)
     spec: QuantSpec
     seconds: float
+    act_order: bool  # columns rounded in order of decreasing H_jj (else in the weight's own order)
 
     def summary(self) -> str:
         if not self.linears:
@@ -81,7 +82,8 @@ class GPTQPlan:
         near = sum(r.nearest_error for r in self.linears)
         ours = sum(r.gptq_error for r in self.linears)
         worst = min(self.linears, key=lambda r: r.reduction)
-        line = (f"GPTQ ({self.spec.describe()}): {len(self.linears)} Linears rounded in {self.seconds:.1f}s; summed "
+        order = "act order" if self.act_order else "natural column order"
+        line = (f"GPTQ ({self.spec.describe()}, {order}): {len(self.linears)} Linears rounded in {self.seconds:.1f}s; summed "
                 f"layer output error {near:.4g} -> {ours:.4g} ({1 - ours / max(near, 1e-30):.0%} lower than "
                 f"round-to-nearest; least gain {worst.reduction:.0%} at {worst.module_path or worst.node})")
         if self.skipped:
@@ -167,11 +169,18 @@ def _restore_readable_range(codes: torch.Tensor, nearest: torch.Tensor, zero: to
 
 
 def gptq_round(weight: torch.Tensor, gram: torch.Tensor, spec: QuantSpec, damp: float = 0.01,
-               block: int = 128, grid: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, int]:
+               block: int = 128, grid: tuple[torch.Tensor, torch.Tensor] | None = None,
+               act_order: bool = True) -> tuple[torch.Tensor, int]:
     """GPTQ-rounded ``weight`` (rows = outputs) on ``spec``'s grid for inputs with Gram matrix
     ``gram`` (its per-row scales and zero points ``grid``, when the caller has them, from
     :func:`_row_grid`), and how many rows needed an end of their range restored
-    (:func:`_restore_readable_range`). A code k stands for ``(k - zero point) * scale``."""
+    (:func:`_restore_readable_range`). A code k stands for ``(k - zero point) * scale``.
+
+    ``act_order`` rounds the columns in order of decreasing ``H_jj`` (the GPTQ paper's "act
+    order", AutoGPTQ's ``desc_act``): the columns whose errors cost most at the output go first,
+    while every other column can still absorb their error. False: in the weight's own column
+    order. The grid is per row and fixed before rounding, so the order changes only which codes
+    the weights get, never the grid (the codes are put back in column order at the end)."""
     scale, zero_point = _row_grid(weight, spec, gram) if grid is None else grid
     step, zero = scale.unsqueeze(1).double(), zero_point.unsqueeze(1).double()
     low, high = _code_range(spec)
@@ -180,7 +189,7 @@ def gptq_round(weight: torch.Tensor, gram: torch.Tensor, spec: QuantSpec, damp: 
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
-    order = torch.argsort(torch.diagonal(h), descending=True)
+    order = torch.argsort(torch.diagonal(h), descending=True) if act_order else torch.arange(h.shape[0])
     w, h = w[:, order], h[order][:, order]
     h += damp * torch.diagonal(h).mean() * torch.eye(h.shape[0], dtype=h.dtype)
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
@@ -217,12 +226,14 @@ class GPTQ(GraphPass[GPTQPlan]):
         damp: Hessian damping, a fraction of its mean diagonal (GPTQ's 1% default).
         sequential: each Linear's inputs from the model with the earlier Linears rounded
             (the module docstring says why); False: from the model with float weights.
+        act_order: round each weight's columns in order of decreasing Hessian diagonal (GPTQ's
+            act order, :func:`gptq_round`); False: in the weight's own column order.
     """
 
     output_rel_tol = None  # the weights change on purpose
 
     def __init__(self, batches: Sequence[Batch], weight_spec: QuantSpec, embedding_spec: QuantSpec | None = None,
-                 damp: float = 0.01, sequential: bool = False) -> None:
+                 damp: float = 0.01, sequential: bool = False, act_order: bool = True) -> None:
         if not batches:
             raise ValueError("GPTQ needs calibration batches")
         if weight_spec.granularity is Granularity.PER_CHANNEL and weight_spec.axis not in (0, -2):
@@ -233,7 +244,7 @@ class GPTQ(GraphPass[GPTQPlan]):
             raise ValueError(f"damp must be > 0, got {damp}")
         self.batches = [dict(b) for b in batches]
         self.weight_spec, self.embedding_spec, self.damp = weight_spec, embedding_spec, damp
-        self.sequential = sequential
+        self.sequential, self.act_order = sequential, act_order
 
     def requires(self, gm: torch.fx.GraphModule) -> None:
         require_calibrated_observers(gm, "GPTQ")
@@ -259,7 +270,7 @@ class GPTQ(GraphPass[GPTQPlan]):
             weight = fetch_attr(gm, str(node.args[1].target)).detach()
             spec = linear_weight_spec(node, self.weight_spec)  # the grid ConvertToFakeQuant gives it
             scale, zero_point = grid = _row_grid(weight, spec, gram)  # one range search serves both roundings
-            rounded, pinned = gptq_round(weight, gram, spec, self.damp, grid=grid)
+            rounded, pinned = gptq_round(weight, gram, spec, self.damp, grid=grid, act_order=self.act_order)
             step, zero = scale.unsqueeze(1).double(), zero_point.unsqueeze(1).double()
             nearest = ((_nearest_codes(weight, step, zero, spec) - zero) * step).to(weight.dtype)  # GPTQ's grid
             weights[node.name] = rounded
@@ -274,7 +285,8 @@ class GPTQ(GraphPass[GPTQPlan]):
             grams = self._gram_matrices(gm, targets)
             for node in targets:
                 round_one(node, *grams[node.name])
-        return GPTQPlan(tuple(linears), weights, tuple(skipped), self.weight_spec, time.perf_counter() - start)
+        return GPTQPlan(tuple(linears), weights, tuple(skipped), self.weight_spec, time.perf_counter() - start,
+                        self.act_order)
 
     def _work_graph(self, gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
         """The fake-quant model with float weights (activations on their calibrated grids)."""
