@@ -5,8 +5,8 @@ Pre-trained Transformers", OBQ-style error feedback with a Cholesky-factored inv
 
 For a Linear ``y = x W^T`` with calibration inputs X, the layer's squared output error is
 ``tr((W - Q) H (W - Q)^T)`` with ``H = X^T X``. GPTQ quantizes one input column at a time (in
-order of decreasing ``H_jj``, "act order", by default) and spreads that column's rounding error over the
-columns not yet quantized, weighted by ``H^-1``. The grid is the one :class:`ConvertToFakeQuant`
+order of decreasing ``H_jj``, "act order", by default) and spreads that column's rounding
+error over the columns not yet quantized, weighted by ``H^-1``. The grid is the one :class:`ConvertToFakeQuant`
 would use: per-row scales (and, on an asymmetric spec, zero points) from the policy's weight
 spec (min-max, or MSE-clipped with each input column's error weighted by its Gram diagonal,
 what it costs at the output), computed from the float weight before any rounding. Only the
@@ -83,8 +83,8 @@ class GPTQPlan:
         ours = sum(r.gptq_error for r in self.linears)
         worst = min(self.linears, key=lambda r: r.reduction)
         order = "act order" if self.act_order else "natural column order"
-        line = (f"GPTQ ({self.spec.describe()}, {order}): {len(self.linears)} Linears rounded in {self.seconds:.1f}s; summed "
-                f"layer output error {near:.4g} -> {ours:.4g} ({1 - ours / max(near, 1e-30):.0%} lower than "
+        line = (f"GPTQ ({self.spec.describe()}, {order}): {len(self.linears)} Linears rounded in "
+                f"{self.seconds:.1f}s; summed layer output error {near:.4g} -> {ours:.4g} ({1 - ours / max(near, 1e-30):.0%} lower than "
                 f"round-to-nearest; least gain {worst.reduction:.0%} at {worst.module_path or worst.node})")
         if self.skipped:
             line += f"; skipped {len(self.skipped)}: {list(self.skipped)[:4]}"
