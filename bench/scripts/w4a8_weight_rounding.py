@@ -29,11 +29,12 @@ backward of the float model on one calibration batch (a lower bound for the fake
 step), and folding a d x d rotation into every weight matrix with the hidden size on one side
 (forward only; its backward costs about twice that).
 
-A variant is ``scales[:seq][:a16][:natural][:damp<f>]`` (``:seq``: sequential GPTQ, each
+A variant is ``scales[:seq][:a16][:natural][:refit][:damp<f>]`` (``:seq``: sequential GPTQ, each
 Linear's Hessian from the model whose earlier Linears are rounded; ``:a16``: the same int4
 weights scored with float activations, to split the gap between weights and activations;
 ``:natural``: GPTQ rounds each weight's columns in their own order instead of act order
-(decreasing Hessian diagonal, the default); ``:damp<f>``: GPTQ's Hessian damping as a fraction
+(decreasing Hessian diagonal, the default); ``:refit``: after GPTQ each int4 row's scale is
+refit by least squares to its codes (:func:`refit_row_scales`); ``:damp<f>``: GPTQ's Hessian damping as a fraction
 of its mean diagonal, e.g. ``damp0.1``, instead of the default 0.01). ``--samples`` sets the
 calibration passages (the benchmarks use 32).
 
@@ -46,6 +47,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import inspect
 import json
 import time
@@ -133,9 +135,27 @@ def gptq_search(weight, gram, spec, damp=0.01, block=128, grid=None, act_order=T
     return best, pinned
 
 
+def refit_row_scales(weight, gram, spec, damp=0.01, block=128, grid=None, act_order=True,
+                     _round=gptq_module.gptq_round):
+    """``gptq_round``, then each low-bit row's scale refit to GPTQ's codes: with the integer
+    codes ``q = k - z`` fixed, the row's output error ``(w - s q) H (w - s q)^T`` is a parabola
+    in ``s``, smallest at ``s = w H q^T / q H q^T``. The row stays on a grid of its own (same
+    codes and zero point, new step), which min-max reads back: the kernels are unchanged."""
+    rounded, pinned = _round(weight, gram, spec, damp, block, grid=grid, act_order=act_order)
+    if spec.bits >= 8:
+        return rounded, pinned
+    step = (grid[0] if grid is not None else gptq_module._row_grid(weight, spec, gram)[0]).double()[:, None]
+    q, w, h = torch.round(rounded.double() / step), weight.detach().double(), gram.double()
+    numerator, denominator = ((w @ h) * q).sum(1), ((q @ h) * q).sum(1)
+    refit = numerator / denominator.clamp_min(1e-300)
+    refit = torch.where((denominator > 0) & (refit > 0), refit, step[:, 0])
+    return (q * refit[:, None]).to(weight.dtype), pinned
+
+
 CHOOSERS: dict[str, ScaleChooser | None] = {"diag": None, "fullh": full_gram_scales, "gptqsearch": None, "asym": None,
                                              "asymsearch": None}
 ASYMMETRIC = {"asym", "asymsearch"}  # choosers whose rows are on the asymmetric grid (per-row zero point)
+MODES = {"seq", "a16", "natural", "refit"}  # a variant's flags besides damp<f> (the module docstring)
 SEARCHED = {"gptqsearch", "asymsearch"}  # choosers whose ranges GPTQ's own error picks (gptq_search)
 
 
@@ -201,7 +221,7 @@ def time_training_steps(model: torch.nn.Module, batch: dict[str, torch.Tensor], 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("variants", help="comma-separated scales[:seq][:a16][:natural][:damp<f>], scales in "
+    parser.add_argument("variants", help="comma-separated scales[:seq][:a16][:natural][:refit][:damp<f>], scales in "
                         + ", ".join(CHOOSERS))
     parser.add_argument("--json", required=True)
     parser.add_argument("--samples", type=int, default=CALIBRATION["decoder"]["samples"])
@@ -223,7 +243,7 @@ def main() -> None:
     for variant in args.variants.split(","):
         scales, *modes = variant.split(":")
         damps = [m for m in modes if m.startswith("damp")]
-        if scales not in CHOOSERS or not set(modes) - set(damps) <= {"seq", "a16", "natural"} or len(damps) > 1:
+        if scales not in CHOOSERS or not set(modes) - set(damps) <= MODES or len(damps) > 1:
             raise SystemExit(f"unknown variant {variant!r}")
         start = time.perf_counter()
         gptq.sequential, gptq.act_order = "seq" in modes, "natural" not in modes
@@ -232,6 +252,8 @@ def main() -> None:
         gptq.weight_spec = weight_spec = (policy.weight.with_(symmetric=False, signed=False) if scales in ASYMMETRIC
                                           else policy.weight)
         search = gptq_search if scales in SEARCHED else None
+        if "refit" in modes:
+            search = functools.partial(refit_row_scales, _round=search or gptq_module.gptq_round)
         with patched(CHOOSERS[scales], search):
             rounded = PassManager([gptq])(copy_graph_module(calibrated))
         plan = next(e.plan for e in rounded.audit.entries if e.pass_name == "GPTQ")
