@@ -123,6 +123,45 @@ def test_act_order_is_only_the_rounding_order():
                            gptq_round(w, gram, spec)[0][:, shuffle])
 
 
+@settings(max_examples=25, deadline=None)
+@given(rows=st.integers(1, 24), cols=st.integers(2, 40), bits=st.sampled_from([4, 8]), symmetric=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_refit_row_steps_keep_the_codes_lower_each_rows_error_and_read_back(rows, cols, bits, symmetric, seed):
+    """``refit_scales``: each row keeps GPTQ's codes and zero point with the least-squares step,
+    so no row's output error grows (the old step is one of the candidates) and min-max (the
+    conversion's and lowering's readback) finds the row's new grid and changes nothing."""
+    spec = _row_spec(bits, Estimator.MSE, symmetric)
+    w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed))
+    x = _correlated_inputs(4 * cols, cols, seed)
+    gram = x.T.double() @ x.double()
+    plain, _ = gptq_round(w, gram, spec)
+    refit, _ = gptq_round(w, gram, spec, refit_scales=True)
+
+    def row_errors(q):
+        delta = w.double() - q.double()
+        return torch.einsum("oi,ij,oj->o", delta, gram, delta)
+
+    assert bool((row_errors(refit) <= row_errors(plain) * (1 + 1e-9) + 1e-12).all())
+    readback = spec.with_(estimator=Estimator.MINMAX)
+    for rounded in (plain, refit):
+        _, scale, zero_point = quantize_weight(rounded, readback)
+        codes = rounded / scale[:, None] + zero_point[:, None]
+        assert torch.allclose(codes, codes.round(), atol=1e-4)
+    assert torch.allclose(quantize_weight(refit, readback)[0], refit, rtol=0, atol=1e-6 * float(refit.abs().max()))
+    plain_levels = plain / quantize_weight(plain, readback)[1][:, None]
+    refit_levels = refit / quantize_weight(refit, readback)[1][:, None]
+    assert torch.allclose(plain_levels, refit_levels, atol=1e-3)  # the same codes minus zero point
+
+
+def test_refit_row_steps_lower_the_int4_layer_error():
+    w = torch.randn(64, 96, generator=torch.Generator().manual_seed(7))
+    x = _correlated_inputs(512, 96, 8)
+    gram = x.T.double() @ x.double()
+    spec = _row_spec(4, Estimator.MSE, symmetric=False)
+    plain, refit = (layer_error(w, gptq_round(w, gram, spec, refit_scales=r)[0], gram) for r in (False, True))
+    assert refit < 0.995 * plain, (refit, plain)
+
+
 def _calibrated(g, policy):
     gm = outlierfx.capture(g.model, g.inputs)
     observed = PassManager([InsertObservers(policy)])(gm).graph_module

@@ -33,8 +33,8 @@ A variant is ``scales[:seq][:a16][:natural][:refit][:damp<f>]`` (``:seq``: seque
 Linear's Hessian from the model whose earlier Linears are rounded; ``:a16``: the same int4
 weights scored with float activations, to split the gap between weights and activations;
 ``:natural``: GPTQ rounds each weight's columns in their own order instead of act order
-(decreasing Hessian diagonal, the default); ``:refit``: after GPTQ each int4 row's scale is
-refit by least squares to its codes (:func:`refit_row_scales`); ``:damp<f>``: GPTQ's Hessian damping as a fraction
+(decreasing Hessian diagonal, the default); ``:refit``: after GPTQ each row's step is refit by
+least squares to its codes (``GPTQ(refit_scales=True)``); ``:damp<f>``: GPTQ's Hessian damping as a fraction
 of its mean diagonal, e.g. ``damp0.1``, instead of the default 0.01). ``--samples`` sets the
 calibration passages (the benchmarks use 32).
 
@@ -47,7 +47,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import functools
 import inspect
 import json
 import time
@@ -106,13 +105,14 @@ def full_gram_scales(weight: torch.Tensor, spec: QuantSpec, gram: torch.Tensor) 
 SEARCH_POINTS = (-0.2, 0.0, 0.25, 0.5, 0.75, 1.0)
 
 
-def gptq_search(weight, gram, spec, damp=0.01, block=128, grid=None, act_order=True, _round=gptq_module.gptq_round):
+def gptq_search(weight, gram, spec, damp=0.01, block=128, grid=None, act_order=True, refit_scales=False,
+                _round=gptq_module.gptq_round):
     """``gptq_round`` at each of ``SEARCH_POINTS``' row ranges ``c [lo, hi]``, from just below the
     chooser's ``c`` up to min-max (c = 1) on the spec's grid (symmetric or asymmetric), keeping per
     row the rounding with the smallest ``d H d^T`` (GPTQ rounds rows independently, so the choice
     is per row)."""
     if spec.bits >= 8 or grid is None:
-        return _round(weight, gram, spec, damp, block, grid=grid, act_order=act_order)
+        return _round(weight, gram, spec, damp, block, grid=grid, act_order=act_order, refit_scales=refit_scales)
     w = weight.detach()
     lo, hi = w.amin(1).clamp_max(0), w.amax(1).clamp_min(0)
     full, _ = qparams_from_range(lo, hi, spec)
@@ -123,7 +123,7 @@ def gptq_search(weight, gram, spec, damp=0.01, block=128, grid=None, act_order=T
         c = (chosen + t * (1 - chosen)).clamp_min(1e-6)
         scale, zero_point = qparams_from_range(lo * c, hi * c, spec)
         rounded, lost = _round(weight, gram, spec, damp, block, grid=(scale.to(weight.dtype), zero_point),
-                               act_order=act_order)
+                               act_order=act_order, refit_scales=refit_scales)
         delta = weight.double() - rounded.double()
         err = torch.einsum("oi,ij,oj->o", delta, h, delta)
         if best is None:
@@ -133,23 +133,6 @@ def gptq_search(weight, gram, spec, damp=0.01, block=128, grid=None, act_order=T
         best[better] = rounded[better]
         best_err = torch.where(better, err, best_err)
     return best, pinned
-
-
-def refit_row_scales(weight, gram, spec, damp=0.01, block=128, grid=None, act_order=True,
-                     _round=gptq_module.gptq_round):
-    """``gptq_round``, then each low-bit row's scale refit to GPTQ's codes: with the integer
-    codes ``q = k - z`` fixed, the row's output error ``(w - s q) H (w - s q)^T`` is a parabola
-    in ``s``, smallest at ``s = w H q^T / q H q^T``. The row stays on a grid of its own (same
-    codes and zero point, new step), which min-max reads back: the kernels are unchanged."""
-    rounded, pinned = _round(weight, gram, spec, damp, block, grid=grid, act_order=act_order)
-    if spec.bits >= 8:
-        return rounded, pinned
-    step = (grid[0] if grid is not None else gptq_module._row_grid(weight, spec, gram)[0]).double()[:, None]
-    q, w, h = torch.round(rounded.double() / step), weight.detach().double(), gram.double()
-    numerator, denominator = ((w @ h) * q).sum(1), ((q @ h) * q).sum(1)
-    refit = numerator / denominator.clamp_min(1e-300)
-    refit = torch.where((denominator > 0) & (refit > 0), refit, step[:, 0])
-    return (q * refit[:, None]).to(weight.dtype), pinned
 
 
 CHOOSERS: dict[str, ScaleChooser | None] = {"diag": None, "fullh": full_gram_scales, "gptqsearch": None, "asym": None,
@@ -246,14 +229,12 @@ def main() -> None:
         if scales not in CHOOSERS or not set(modes) - set(damps) <= MODES or len(damps) > 1:
             raise SystemExit(f"unknown variant {variant!r}")
         start = time.perf_counter()
-        gptq.sequential, gptq.act_order = "seq" in modes, "natural" not in modes
+        gptq.sequential, gptq.act_order, gptq.refit_scales = "seq" in modes, "natural" not in modes, "refit" in modes
         gptq.damp = float(damps[0][len("damp"):]) if damps else DEFAULT_DAMP
         # the asymmetric grid is the spec's: GPTQ rounds and the conversion reads back with it
         gptq.weight_spec = weight_spec = (policy.weight.with_(symmetric=False, signed=False) if scales in ASYMMETRIC
                                           else policy.weight)
         search = gptq_search if scales in SEARCHED else None
-        if "refit" in modes:
-            search = functools.partial(refit_row_scales, _round=search or gptq_module.gptq_round)
         with patched(CHOOSERS[scales], search):
             rounded = PassManager([gptq])(copy_graph_module(calibrated))
         plan = next(e.plan for e in rounded.audit.entries if e.pass_name == "GPTQ")
@@ -263,7 +244,7 @@ def main() -> None:
                 module.enabled = False
         rounding_s = time.perf_counter() - start
         row = {"variant": variant, "samples": args.samples, "weight_spec": weight_spec.describe(),
-               "act_order": plan.act_order, "damp": gptq.damp,
+               "act_order": plan.act_order, "refit_scales": plan.refit_scales, "damp": gptq.damp,
                "layer_error": sum(r.gptq_error for r in plan.linears), "rounding_s": round(rounding_s, 1),
                "ppl_wiki": DecoderEval.perplexity(model, evaluator.wiki)}
         if args.news:
