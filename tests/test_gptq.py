@@ -37,14 +37,14 @@ def _row_spec(bits: int, estimator: Estimator, symmetric: bool):
 @settings(max_examples=30, deadline=None)
 @given(rows=st.integers(1, 24), cols=st.integers(2, 40), bits=st.sampled_from([4, 6, 8]),
        estimator=st.sampled_from([Estimator.MINMAX, Estimator.MSE]), symmetric=st.booleans(),
-       seed=st.integers(0, 2**16))
+       act_order=st.booleans(), seed=st.integers(0, 2**16))
 def test_gptq_weights_lie_on_the_conversion_grid_and_conversion_keeps_them(rows, cols, bits, estimator, symmetric,
-                                                                            seed):
+                                                                            act_order, seed):
     spec = _row_spec(bits, estimator, symmetric)
     w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed))
     x = _correlated_inputs(64, cols, seed)
     gram = x.T.double() @ x.double()
-    rounded, _ = gptq_round(w, gram, spec)
+    rounded, _ = gptq_round(w, gram, spec, act_order=act_order)
     # MSE rows weigh each column's error by the Gram diagonal (what it costs at the output)
     _, scale, zero_point = quantize_weight(w, spec, torch.diagonal(gram).float() if estimator is Estimator.MSE
                                            else None)
@@ -88,6 +88,78 @@ def test_gptq_lowers_the_layer_output_error_against_round_to_nearest(bits, symme
         # the error GPTQ minimises, and the one it should lower, measured directly
         assert layer_error(w, rounded, gram) < 0.7 * layer_error(w, nearest, gram)
         assert float(((x @ (w - rounded).T) ** 2).sum()) == pytest.approx(layer_error(w, rounded, gram), rel=1e-6)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_act_order_beats_the_natural_column_order_when_a_few_input_channels_are_large(symmetric):
+    """A few input channels with 10x activations, placed last: in the weight's own order GPTQ
+    rounds them when no column is left to absorb their error; in act order (decreasing H_jj)
+    they go first. Int4 MSE-clipped rows, as the W4 preset rounds them."""
+    spec = _row_spec(4, Estimator.MSE, symmetric)
+    for seed in range(3):
+        x = _correlated_inputs(512, 96, seed)
+        x[:, -4:] *= 10
+        w = torch.randn(64, 96, generator=torch.Generator().manual_seed(seed + 100))
+        gram = x.T.double() @ x.double()
+        act, natural = (layer_error(w, gptq_round(w, gram, spec, act_order=a)[0], gram) for a in (True, False))
+        assert act < 0.7 * natural, (seed, act, natural)
+
+
+def test_act_order_is_only_the_rounding_order():
+    """Act order depends on the Hessian diagonal, not on where a column sits: permuting the
+    columns of W and H permutes the rounded weight (the codes go back to their columns). Where the
+    diagonal already decreases, both orders round the same way, bit for bit."""
+    spec = _row_spec(4, Estimator.MINMAX, symmetric=False)  # min-max: the grid is exactly order-free
+    w = torch.randn(16, 24, generator=torch.Generator().manual_seed(3))
+    x = _correlated_inputs(256, 24, 4)
+    gram = x.T.double() @ x.double()
+    rounded, _ = gptq_round(w, gram, spec)
+    shuffle = torch.randperm(24, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(gptq_round(w[:, shuffle], gram[shuffle][:, shuffle], spec)[0], rounded[:, shuffle])
+    descending = torch.argsort(torch.diagonal(gram), descending=True)
+    w, gram = w[:, descending], gram[descending][:, descending]
+    assert torch.equal(gptq_round(w, gram, spec, act_order=False)[0], gptq_round(w, gram, spec)[0])
+    assert not torch.equal(gptq_round(w[:, shuffle], gram[shuffle][:, shuffle], spec, act_order=False)[0],
+                           gptq_round(w, gram, spec)[0][:, shuffle])
+
+
+@settings(max_examples=25, deadline=None)
+@given(rows=st.integers(1, 24), cols=st.integers(2, 40), bits=st.sampled_from([4, 8]), symmetric=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_refit_row_steps_keep_the_codes_lower_each_rows_error_and_read_back(rows, cols, bits, symmetric, seed):
+    """``refit_scales``: each row keeps GPTQ's codes and zero point with the least-squares step,
+    so no row's output error grows (the old step is one of the candidates) and min-max (the
+    conversion's and lowering's readback) finds the row's new grid and changes nothing."""
+    spec = _row_spec(bits, Estimator.MSE, symmetric)
+    w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed))
+    x = _correlated_inputs(4 * cols, cols, seed)
+    gram = x.T.double() @ x.double()
+    plain, _ = gptq_round(w, gram, spec)
+    refit, _ = gptq_round(w, gram, spec, refit_scales=True)
+
+    def row_errors(q):
+        delta = w.double() - q.double()
+        return torch.einsum("oi,ij,oj->o", delta, gram, delta)
+
+    assert bool((row_errors(refit) <= row_errors(plain) * (1 + 1e-9) + 1e-12).all())
+    readback = spec.with_(estimator=Estimator.MINMAX)
+    for rounded in (plain, refit):
+        _, scale, zero_point = quantize_weight(rounded, readback)
+        codes = rounded / scale[:, None] + zero_point[:, None]
+        assert torch.allclose(codes, codes.round(), atol=1e-4)
+    assert torch.allclose(quantize_weight(refit, readback)[0], refit, rtol=0, atol=1e-6 * float(refit.abs().max()))
+    plain_levels = plain / quantize_weight(plain, readback)[1][:, None]
+    refit_levels = refit / quantize_weight(refit, readback)[1][:, None]
+    assert torch.allclose(plain_levels, refit_levels, atol=1e-3)  # the same codes minus zero point
+
+
+def test_refit_row_steps_lower_the_int4_layer_error():
+    w = torch.randn(64, 96, generator=torch.Generator().manual_seed(7))
+    x = _correlated_inputs(512, 96, 8)
+    gram = x.T.double() @ x.double()
+    spec = _row_spec(4, Estimator.MSE, symmetric=False)
+    plain, refit = (layer_error(w, gptq_round(w, gram, spec, refit_scales=r)[0], gram) for r in (False, True))
+    assert refit < 0.995 * plain, (refit, plain)
 
 
 def _calibrated(g, policy):
@@ -171,6 +243,7 @@ def test_gptq_pass_fires_leaves_its_input_alone_and_lowers_the_model_error(famil
     plan = result.plan
     assert result.modified and plan.linears and set(plan.weights) == {r.node for r in plan.linears}
     assert sum(r.gptq_error for r in plan.linears) < 0.8 * sum(r.nearest_error for r in plan.linears), plan.summary()
+    assert plan.act_order and ", act order)" in plan.summary()  # GPTQ's standard order by default
     if family == "llama":  # the LM head shares the embedding table: left as it was
         assert [why for _, why in plan.skipped] == ["weight tied to another reader"]
     for k, v in observed.state_dict().items():
@@ -219,6 +292,28 @@ def test_sequential_gptq_rounds_each_linear_on_inputs_from_the_already_rounded_m
         again, _ = gptq_round(float_weight, grams[r.node][0], linear_weight_spec(node, policy.weight))
         assert torch.equal(again, fetch_attr(finished, str(node.args[1].target))), r.node
         assert grams[r.node][1] == r.tokens
+
+
+def test_gptq_pass_rounds_in_the_natural_column_order_when_asked():
+    from outlierfx.graph.attrs import fetch_attr
+    from outlierfx.passes.convert_fake_quant import linear_weight_spec
+
+    g = build_model("llama", layers=1, hidden=32, ffn=64, batch=4, seq=16,
+                    outliers=OutlierSpec(gamma_scale=10.0, channels=(3,)))
+    policy = make_policy("linear-inputs", "W4A8")
+    observed = _calibrated(g, policy)
+    natural = GPTQ([g.inputs], policy.weight, policy.embedding, act_order=False)(observed).plan
+    default = GPTQ([g.inputs], policy.weight, policy.embedding)(observed).plan
+    assert not natural.act_order and ", natural column order)" in natural.summary()
+    assert any(not torch.equal(natural.weights[r.node], default.weights[r.node]) for r in natural.linears)
+    nodes = {n.name: n for n in observed.graph.nodes}
+    grams = GPTQ([g.inputs], policy.weight, policy.embedding)._gram_matrices(
+        observed, [nodes[r.node] for r in natural.linears])
+    for r in natural.linears:
+        weight = fetch_attr(observed, str(nodes[r.node].args[1].target))
+        again, _ = gptq_round(weight, grams[r.node][0], linear_weight_spec(nodes[r.node], policy.weight),
+                              act_order=False)
+        assert torch.equal(again, natural.weights[r.node]), r.node
 
 
 def test_gptq_recipe_suffix_and_bad_inputs():

@@ -29,9 +29,13 @@ backward of the float model on one calibration batch (a lower bound for the fake
 step), and folding a d x d rotation into every weight matrix with the hidden size on one side
 (forward only; its backward costs about twice that).
 
-A variant is ``scales[:seq][:a16]`` (``:seq``: sequential GPTQ, each Linear's Hessian from the
-model whose earlier Linears are rounded; ``:a16``: the same int4 weights scored with float
-activations, to split the gap between weights and activations). ``--samples`` sets the
+A variant is ``scales[:seq][:a16][:natural][:refit][:damp<f>]`` (``:seq``: sequential GPTQ, each
+Linear's Hessian from the model whose earlier Linears are rounded; ``:a16``: the same int4
+weights scored with float activations, to split the gap between weights and activations;
+``:natural``: GPTQ rounds each weight's columns in their own order instead of act order
+(decreasing Hessian diagonal, the default); ``:refit``: after GPTQ each row's step is refit by
+least squares to its codes (``GPTQ(refit_scales=True)``); ``:damp<f>``: GPTQ's Hessian damping as a fraction
+of its mean diagonal, e.g. ``damp0.1``, instead of the default 0.01). ``--samples`` sets the
 calibration passages (the benchmarks use 32).
 
     PYTHONPATH=$PWD .venv/bin/python bench/scripts/w4a8_weight_rounding.py diag,fullh --json out.json
@@ -43,6 +47,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import inspect
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -70,6 +75,7 @@ from outlierfx.recipes.base import RunContext, Stage
 
 ScaleChooser = Callable[[torch.Tensor, QuantSpec, torch.Tensor], torch.Tensor]  # symmetric rows' scales
 RANGE_GRID = torch.linspace(0.5, 1.0, 51)  # c * max|w| per row: MSE search's interval, finer
+DEFAULT_DAMP = inspect.signature(GPTQ).parameters["damp"].default  # the preset's (GPTQ's 1%)
 
 
 def row_errors(weight: torch.Tensor, scales: torch.Tensor, gram: torch.Tensor, qmax: int) -> torch.Tensor:
@@ -99,13 +105,14 @@ def full_gram_scales(weight: torch.Tensor, spec: QuantSpec, gram: torch.Tensor) 
 SEARCH_POINTS = (-0.2, 0.0, 0.25, 0.5, 0.75, 1.0)
 
 
-def gptq_search(weight, gram, spec, damp=0.01, block=128, grid=None, _round=gptq_module.gptq_round):
+def gptq_search(weight, gram, spec, damp=0.01, block=128, grid=None, act_order=True, refit_scales=False,
+                _round=gptq_module.gptq_round):
     """``gptq_round`` at each of ``SEARCH_POINTS``' row ranges ``c [lo, hi]``, from just below the
     chooser's ``c`` up to min-max (c = 1) on the spec's grid (symmetric or asymmetric), keeping per
     row the rounding with the smallest ``d H d^T`` (GPTQ rounds rows independently, so the choice
     is per row)."""
     if spec.bits >= 8 or grid is None:
-        return _round(weight, gram, spec, damp, block, grid=grid)
+        return _round(weight, gram, spec, damp, block, grid=grid, act_order=act_order, refit_scales=refit_scales)
     w = weight.detach()
     lo, hi = w.amin(1).clamp_max(0), w.amax(1).clamp_min(0)
     full, _ = qparams_from_range(lo, hi, spec)
@@ -115,7 +122,8 @@ def gptq_search(weight, gram, spec, damp=0.01, block=128, grid=None, _round=gptq
     for t in SEARCH_POINTS:
         c = (chosen + t * (1 - chosen)).clamp_min(1e-6)
         scale, zero_point = qparams_from_range(lo * c, hi * c, spec)
-        rounded, lost = _round(weight, gram, spec, damp, block, grid=(scale.to(weight.dtype), zero_point))
+        rounded, lost = _round(weight, gram, spec, damp, block, grid=(scale.to(weight.dtype), zero_point),
+                               act_order=act_order, refit_scales=refit_scales)
         delta = weight.double() - rounded.double()
         err = torch.einsum("oi,ij,oj->o", delta, h, delta)
         if best is None:
@@ -130,6 +138,7 @@ def gptq_search(weight, gram, spec, damp=0.01, block=128, grid=None, _round=gptq
 CHOOSERS: dict[str, ScaleChooser | None] = {"diag": None, "fullh": full_gram_scales, "gptqsearch": None, "asym": None,
                                              "asymsearch": None}
 ASYMMETRIC = {"asym", "asymsearch"}  # choosers whose rows are on the asymmetric grid (per-row zero point)
+MODES = {"seq", "a16", "natural", "refit"}  # a variant's flags besides damp<f> (the module docstring)
 SEARCHED = {"gptqsearch", "asymsearch"}  # choosers whose ranges GPTQ's own error picks (gptq_search)
 
 
@@ -195,7 +204,8 @@ def time_training_steps(model: torch.nn.Module, batch: dict[str, torch.Tensor], 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("variants", help="comma-separated scales[:seq][:a16], scales in " + ", ".join(CHOOSERS))
+    parser.add_argument("variants", help="comma-separated scales[:seq][:a16][:natural][:refit][:damp<f>], scales in "
+                        + ", ".join(CHOOSERS))
     parser.add_argument("--json", required=True)
     parser.add_argument("--samples", type=int, default=CALIBRATION["decoder"]["samples"])
     parser.add_argument("--time-steps", action="store_true", help="time one training step instead")
@@ -215,10 +225,12 @@ def main() -> None:
     rows = []
     for variant in args.variants.split(","):
         scales, *modes = variant.split(":")
-        if scales not in CHOOSERS or not set(modes) <= {"seq", "a16"}:
+        damps = [m for m in modes if m.startswith("damp")]
+        if scales not in CHOOSERS or not set(modes) - set(damps) <= MODES or len(damps) > 1:
             raise SystemExit(f"unknown variant {variant!r}")
         start = time.perf_counter()
-        gptq.sequential = "seq" in modes
+        gptq.sequential, gptq.act_order, gptq.refit_scales = "seq" in modes, "natural" not in modes, "refit" in modes
+        gptq.damp = float(damps[0][len("damp"):]) if damps else DEFAULT_DAMP
         # the asymmetric grid is the spec's: GPTQ rounds and the conversion reads back with it
         gptq.weight_spec = weight_spec = (policy.weight.with_(symmetric=False, signed=False) if scales in ASYMMETRIC
                                           else policy.weight)
@@ -232,6 +244,7 @@ def main() -> None:
                 module.enabled = False
         rounding_s = time.perf_counter() - start
         row = {"variant": variant, "samples": args.samples, "weight_spec": weight_spec.describe(),
+               "act_order": plan.act_order, "refit_scales": plan.refit_scales, "damp": gptq.damp,
                "layer_error": sum(r.gptq_error for r in plan.linears), "rounding_s": round(rounding_s, 1),
                "ppl_wiki": DecoderEval.perplexity(model, evaluator.wiki)}
         if args.news:

@@ -5,8 +5,8 @@ Pre-trained Transformers", OBQ-style error feedback with a Cholesky-factored inv
 
 For a Linear ``y = x W^T`` with calibration inputs X, the layer's squared output error is
 ``tr((W - Q) H (W - Q)^T)`` with ``H = X^T X``. GPTQ quantizes one input column at a time (in
-order of decreasing ``H_jj``, "act order") and spreads that column's rounding error over the
-columns not yet quantized, weighted by ``H^-1``. The grid is the one :class:`ConvertToFakeQuant`
+order of decreasing ``H_jj``, "act order", by default) and spreads that column's rounding
+error over the columns not yet quantized, weighted by ``H^-1``. The grid is the one :class:`ConvertToFakeQuant`
 would use: per-row scales (and, on an asymmetric spec, zero points) from the policy's weight
 spec (min-max, or MSE-clipped with each input column's error weighted by its Gram diagonal,
 what it costs at the output), computed from the float weight before any rounding. Only the
@@ -82,6 +82,8 @@ class GPTQPlan:
     skipped: tuple[tuple[str, str], ...]  # (Linear node, why)
     spec: QuantSpec
     seconds: float
+    act_order: bool  # columns rounded in order of decreasing H_jj (else in the weight's own order)
+    refit_scales: bool  # each row's step refit to its codes by least squares after rounding
     # Linear node -> its rounded weight as int8 codes, on a graph captured without weights (the
     # weight source holds them: :mod:`~outlierfx.passes.gptq_block_order`); ``weights`` is empty there
     held: Mapping[str, HeldCodes] = dataclasses.field(default_factory=dict)
@@ -92,9 +94,12 @@ class GPTQPlan:
         near = sum(r.nearest_error for r in self.linears)
         ours = sum(r.gptq_error for r in self.linears)
         worst = min(self.linears, key=lambda r: r.reduction)
-        line = (f"GPTQ ({self.spec.describe()}): {len(self.linears)} Linears rounded in {self.seconds:.1f}s; summed "
-                f"layer output error {near:.4g} -> {ours:.4g} ({1 - ours / max(near, 1e-30):.0%} lower than "
-                f"round-to-nearest; least gain {worst.reduction:.0%} at {worst.module_path or worst.node})")
+        order = ("act order" if self.act_order else "natural column order") + (
+            ", row steps refit" if self.refit_scales else "")
+        line = (f"GPTQ ({self.spec.describe()}, {order}): {len(self.linears)} Linears rounded in "
+                f"{self.seconds:.1f}s; summed layer output error {near:.4g} -> {ours:.4g} "
+                f"({1 - ours / max(near, 1e-30):.0%} lower than round-to-nearest; least gain "
+                f"{worst.reduction:.0%} at {worst.module_path or worst.node})")
         if self.skipped:
             line += f"; skipped {len(self.skipped)}: {list(self.skipped)[:4]}"
         return line
@@ -177,12 +182,35 @@ def _restore_readable_range(codes: torch.Tensor, nearest: torch.Tensor, zero: to
     return codes, int(restored.sum())
 
 
+def _refit_row_steps(weight: torch.Tensor, levels: torch.Tensor, gram: torch.Tensor, step: torch.Tensor
+                     ) -> torch.Tensor:
+    """Per row (a column vector), the step that minimises the row's output error with its
+    integer ``levels`` (codes minus zero point) fixed: ``(w - s q) H (w - s q)^T`` is a parabola
+    in ``s``, lowest at ``s = w H q^T / q H q^T``; ``step`` where that is not a positive number
+    (a row of zero levels, or inputs that never reach it)."""
+    w, h = weight.detach().double(), gram.double()
+    numerator, denominator = ((w @ h) * levels).sum(1), ((levels @ h) * levels).sum(1)
+    refit = numerator / denominator.clamp_min(1e-300)
+    return torch.where((denominator > 0) & (refit > 0), refit, step[:, 0]).unsqueeze(1)
+
+
 def gptq_round(weight: torch.Tensor, gram: torch.Tensor, spec: QuantSpec, damp: float = 0.01,
-               block: int = 128, grid: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, int]:
+               block: int = 128, grid: tuple[torch.Tensor, torch.Tensor] | None = None,
+               act_order: bool = True, refit_scales: bool = False) -> tuple[torch.Tensor, int]:
     """GPTQ-rounded ``weight`` (rows = outputs) on ``spec``'s grid for inputs with Gram matrix
     ``gram`` (its per-row scales and zero points ``grid``, when the caller has them, from
     :func:`_row_grid`), and how many rows needed an end of their range restored
-    (:func:`_restore_readable_range`). A code k stands for ``(k - zero point) * scale``."""
+    (:func:`_restore_readable_range`). A code k stands for ``(k - zero point) * scale``.
+
+    ``act_order`` rounds the columns in order of decreasing ``H_jj`` (the GPTQ paper's "act
+    order", AutoGPTQ's ``desc_act``): the columns whose errors cost most at the output go first,
+    while every other column can still absorb their error. False: in the weight's own column
+    order. The grid is per row and fixed before rounding, so the order changes only which codes
+    the weights get, never the grid (the codes are put back in column order at the end).
+
+    ``refit_scales`` then gives each row the step that fits its codes best at the output
+    (:func:`_refit_row_steps`, least squares): the same codes and zero point on a grid with that
+    step, which min-max reads back like any other row."""
     scale, zero_point = _row_grid(weight, spec, gram) if grid is None else grid
     step, zero = scale.unsqueeze(1).double(), zero_point.unsqueeze(1).double()
     low, high = _code_range(spec)
@@ -191,7 +219,7 @@ def gptq_round(weight: torch.Tensor, gram: torch.Tensor, spec: QuantSpec, damp: 
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
-    order = torch.argsort(torch.diagonal(h), descending=True)
+    order = torch.argsort(torch.diagonal(h), descending=True) if act_order else torch.arange(h.shape[0])
     w, h = w[:, order], h[order][:, order]
     h += damp * torch.diagonal(h).mean() * torch.eye(h.shape[0], dtype=h.dtype)
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
@@ -210,7 +238,10 @@ def gptq_round(weight: torch.Tensor, gram: torch.Tensor, spec: QuantSpec, damp: 
         w[:, stop:] -= errors @ hinv[start:stop, stop:]
     codes = codes[:, torch.argsort(order)]
     codes, restored = _restore_readable_range(codes, _nearest_codes(weight.detach(), step, zero, spec), zero, spec)
-    return ((codes - zero) * step).to(weight.dtype), restored
+    levels = codes - zero
+    if refit_scales:
+        step = _refit_row_steps(weight, levels, gram, step)
+    return (levels * step).to(weight.dtype), restored
 
 
 def layer_error(weight: torch.Tensor, rounded: torch.Tensor, gram: torch.Tensor) -> float:
@@ -228,23 +259,29 @@ class GPTQ(GraphPass[GPTQPlan]):
         damp: Hessian damping, a fraction of its mean diagonal (GPTQ's 1% default).
         sequential: each Linear's inputs from the model with the earlier Linears rounded
             (the module docstring says why); False: from the model with float weights.
+        act_order: round each weight's columns in order of decreasing Hessian diagonal (GPTQ's
+            act order, :func:`gptq_round`); False: in the weight's own column order.
+        refit_scales: after rounding, give each row the step that fits its codes best at the
+            layer's output (least squares, :func:`gptq_round`).
     """
 
     output_rel_tol = None  # the weights change on purpose
 
     def __init__(self, batches: Sequence[Batch], weight_spec: QuantSpec, embedding_spec: QuantSpec | None = None,
-                 damp: float = 0.01, sequential: bool = False) -> None:
+                 damp: float = 0.01, sequential: bool = False, act_order: bool = True,
+                 refit_scales: bool = False) -> None:
         if not batches:
             raise ValueError("GPTQ needs calibration batches")
         if weight_spec.granularity is Granularity.PER_CHANNEL and weight_spec.axis not in (0, -2):
-            raise ValueError(f"GPTQ rounds per output row: per-channel weight specs need axis 0, got {weight_spec.axis}")
+            raise ValueError("GPTQ rounds per output row: per-channel weight specs need axis 0, "
+                             f"got {weight_spec.axis}")
         if weight_spec.granularity is Granularity.PER_GROUP:
             raise ValueError("GPTQ supports per-tensor and per-channel weight specs")
         if not damp > 0:
             raise ValueError(f"damp must be > 0, got {damp}")
         self.batches = [dict(b) for b in batches]
         self.weight_spec, self.embedding_spec, self.damp = weight_spec, embedding_spec, damp
-        self.sequential = sequential
+        self.sequential, self.act_order, self.refit_scales = sequential, act_order, refit_scales
 
     def requires(self, gm: torch.fx.GraphModule) -> None:
         require_calibrated_observers(gm, "GPTQ")
@@ -271,7 +308,8 @@ class GPTQ(GraphPass[GPTQPlan]):
             weight = fetch_attr(gm, str(node.args[1].target)).detach()
             spec = linear_weight_spec(node, self.weight_spec)  # the grid ConvertToFakeQuant gives it
             scale, zero_point = grid = _row_grid(weight, spec, gram)  # one range search serves both roundings
-            rounded, pinned = gptq_round(weight, gram, spec, self.damp, grid=grid)
+            rounded, pinned = gptq_round(weight, gram, spec, self.damp, grid=grid, act_order=self.act_order,
+                                         refit_scales=self.refit_scales)
             step, zero = scale.unsqueeze(1).double(), zero_point.unsqueeze(1).double()
             nearest = ((_nearest_codes(weight, step, zero, spec) - zero) * step).to(weight.dtype)  # GPTQ's grid
             linears.append(RoundedLinear(node.name, meta.module_path(node), weight.shape[1], tokens,
@@ -297,7 +335,8 @@ class GPTQ(GraphPass[GPTQPlan]):
             grams = self._gram_matrices(gm, targets)
             for node in targets:
                 round_and_keep(node, *grams[node.name])
-        return GPTQPlan(tuple(linears), weights, tuple(skipped), self.weight_spec, time.perf_counter() - start, held)
+        return GPTQPlan(tuple(linears), weights, tuple(skipped), self.weight_spec, time.perf_counter() - start,
+                        self.act_order, self.refit_scales, held)
 
     def _work_graph(self, gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
         """The fake-quant model with float weights (activations on their calibrated grids)."""
