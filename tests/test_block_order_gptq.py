@@ -16,6 +16,7 @@ from outlierfx.graph import meta
 from outlierfx.graph.copy import copy_graph_module
 from outlierfx.graph.weight_source import StoredTensor, capture_without_weights, materialize
 from outlierfx.passes import Calibrate, ConvertToFakeQuant, InsertObservers
+from outlierfx.errors import PassError
 from outlierfx.passes.gptq import GPTQ
 from outlierfx.quantizers.integer_codes import HeldCodes
 from outlierfx.quantizers.observers import FakeQuantize, Observer
@@ -137,3 +138,12 @@ def test_sequential_gptq_loads_the_linear_it_rounds_and_the_forwards_block(graph
     # the forward holds the block it runs (the Linears' weights, its norms' gains), nothing else
     assert all(work_real and {_block(t) for t in work_real} == {block}
                for (_, work_real, _), block in zip(seen, rounded))
+
+
+def test_a_rounded_grid_without_int8_codes_is_refused_by_name(graphs):
+    """8-bit asymmetric rows have no int8 codes (257 levels with the zero point's offset): the
+    weight-free graph could hold them only as float, so GPTQ refuses, naming the weight."""
+    _, weight_free, batches = graphs
+    asymmetric = make_policy("full").weight.with_(symmetric=False)
+    with pytest.raises(PassError, match=r"model\.layers\.0\..*rounded by GPTQ.* no int8 codes"):
+        GPTQ(batches, asymmetric)(weight_free)

@@ -175,7 +175,8 @@ def test_a_preset_that_trains_is_refused_once_chosen_before_calibrating(saved, m
     so it is refused after the capture, still before any calibration time is spent."""
     folder, _, batches = saved
     monkeypatch.setattr(outlierfx.api, "run_recipe", lambda *a, **k: pytest.fail("calibrated before refusing"))
-    with pytest.raises(RecipeError, match="recipe 'smooth-peg\\+sink' cannot run with low_memory=True: .*TrainQuadapter"):
+    refusal = "recipe 'smooth-peg\\+sink' cannot run with low_memory=True: .*TrainQuadapter"
+    with pytest.raises(RecipeError, match=refusal):
         outlierfx.quantize(folder, batches, recipe="accurate", backend=BACKEND, low_memory=True, progress=False)
 
 

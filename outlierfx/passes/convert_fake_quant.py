@@ -35,7 +35,7 @@ from ..graph.shapes import propagate_values
 from ..graph.weight_source import hold, materialized
 from ..memory import return_freed_memory
 from ..quantizers.fake_quant import quantize_weight
-from ..quantizers.integer_codes import HeldCodes, quantize_to_codes
+from ..quantizers.integer_codes import HeldCodes, codes_required, quantize_to_codes
 from ..quantizers.observers import FakeQuantize, Observer
 from ..quantizers.spec import Granularity, QuantSpec
 from .base import GraphPass
@@ -189,11 +189,7 @@ def _quantize_weights_per_block(gm: torch.fx.GraphModule, work: WeightWork) -> N
     def to_codes(target: str, weight: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
         codes = quantize_to_codes(weight, spec)
         if codes is None:
-            raise PassError(f"{target} ({weight.dtype}) is quantized on a grid ({spec.describe()}) whose values no "
-                            f"int8 codes with float32 per-row scales hold, which a graph captured without weights "
-                            f"needs (it holds its quantized weights as codes); use a per-row weight spec with int8 "
-                            f"codes (symmetric of at most 8 bits, asymmetric of at most 7) on float32 weights, "
-                            f"or capture the model with its weights")
+            raise codes_required(f"{target}, quantized,", weight, spec)
         stand_in = torch.empty_like(weight, device="meta")
         held[id(stand_in)] = codes
         return stand_in

@@ -27,10 +27,10 @@ import torch
 import torch.fx
 
 from .. import distributed
-from ..errors import PassError
+from ..graph import meta
 from ..graph.block_order import run_in_block_order
 from ..graph.weight_source import materialized
-from ..quantizers.integer_codes import HeldCodes, integer_weight
+from ..quantizers.integer_codes import HeldCodes, codes_required, integer_weight
 from ..quantizers.observers import observation_paused
 from ..quantizers.spec import QuantSpec
 from .convert_fake_quant import linear_weight_spec
@@ -86,11 +86,7 @@ def _codes(node: torch.fx.Node, rounded: torch.Tensor, spec: QuantSpec) -> HeldC
     """The int8 codes and per-row scales that rebuild ``rounded`` (on ``spec``'s grid) bit for bit."""
     codes = integer_weight(rounded, spec)
     if codes is None:
-        raise PassError(f"GPTQ rounded {node.name}'s weight ({rounded.dtype}) on a grid ({spec.describe()}) whose "
-                        f"values no int8 codes with float32 per-row scales hold, which a graph captured without "
-                        f"weights needs (it holds rewritten weights as codes); use a per-row weight spec with int8 "
-                        f"codes (symmetric of at most 8 bits, asymmetric of at most 7) on float32 weights, or "
-                        f"quantize the loaded model")
+        raise codes_required(f"{meta.module_path(node) or node.name}'s weight, rounded by GPTQ,", rounded, spec)
     return codes
 
 

@@ -13,6 +13,7 @@ import dataclasses
 import torch
 import torch.fx
 
+from ..errors import PassError
 from ..graph import meta
 from ..graph.ops import OpKind, op_kind
 from .fake_quant import integer_dtype, quantize_to_integers, quantize_weight
@@ -103,6 +104,16 @@ def quantize_to_codes(weight: torch.Tensor, spec: QuantSpec, rows: int = 4096) -
             return None
         pairs.append(pair)
     return HeldCodes(torch.cat([pair.codes for pair in pairs]), torch.cat([pair.scale for pair in pairs]))
+
+
+def codes_required(what: str, weight: torch.Tensor, spec: QuantSpec) -> PassError:
+    """The refusal of ``weight`` (``what`` names it and what put it there) on a grid whose values no
+    :class:`HeldCodes` hold: a graph captured without weights keeps its rewritten and quantized
+    weights only as codes (holding a float copy would cost the full model's weights again)."""
+    return PassError(f"{what} ({weight.dtype}) is on a grid ({spec.describe()}) whose values no int8 codes with "
+                     f"float32 per-row scales hold, which a graph captured without weights needs (it holds its "
+                     f"quantized weights as codes); use a per-row weight spec with int8 codes (symmetric of at most "
+                     f"8 bits, asymmetric of at most 7) on float32 weights, or quantize the loaded model")
 
 
 def _rebuild(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
