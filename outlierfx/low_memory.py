@@ -89,10 +89,10 @@ def check_runs_weight_free(recipe: Recipe) -> None:
     if blocked:
         raise RecipeError(f"recipe {recipe.name!r} cannot run with low_memory=True: {', '.join(blocked)} "
                           f"{'needs' if len(blocked) == 1 else 'need'} the weights' values in memory, which a "
-                          f"low-memory run loads one block at a time (rewrites before calibration, Quadapter "
-                          f"and learned ranges are not supported there yet); use a recipe of observers, "
-                          f"calibration and GPTQ only (naive, mp16, peg, naive+sink, naive+gptq), or quantize "
-                          f"the loaded model with low_memory=False")
+                          f"low-memory run loads one block at a time (Quadapter, learned ranges and token-wise "
+                          f"clipping are not supported there yet); use the default preset on a decoder, or a "
+                          f"recipe of rotations, observers, calibration and GPTQ (rotate+sink, naive+gptq, peg), "
+                          f"or quantize the loaded model with low_memory=False")
 
 
 def capturing(folder: pathlib.Path) -> Callable[[Any, Callable[[torch.nn.Module], torch.nn.Module] | None],
