@@ -231,3 +231,32 @@ def test_the_residual_rotation_quantizes_with_less_error_than_gamma_migration_al
         errors[report.recipe] = float((qmodel(**g.inputs).logits - reference).abs().max() / reference.abs().max())
     assert errors["rotate"] < errors["migrate"], errors
     assert [(e.pass_name, e.modified) for e in report.audit][:2] == [("MigrateGamma", True), ("RotateResidual", True)]
+
+
+@settings(max_examples=10, deadline=None)
+@given(g=transformer_models(families=DECODER_FAMILIES).filter(lambda g: not g.outliers.gamma_zeros),
+       seed=st.integers(0, 100))
+def test_a_given_orthogonal_matrix_is_folded_exactly(g, seed):
+    # a rotation learned offline (SpinQuant's R1): any orthogonal Q is exact, not only a Hadamard
+    d = g.config.hidden_size
+    q, _ = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)))
+    gm = outlierfx.capture(g.model, g.inputs)
+    migrated = MigrateGamma()(gm).graph_module
+    result = RotateResidual(matrix=q.float())(migrated)
+    _check_rotation_fires(g, migrated, result)
+    assert "by a given orthogonal matrix" in result.plan.summary()
+    embedding = next(n for n in result.graph_module.graph.nodes if n.target is torch.ops.aten.embedding.default)
+    table = fetch_attr(migrated, str(embedding.args[0].target)).double()
+    torch.testing.assert_close(fetch_attr(result.graph_module, str(embedding.args[0].target)),
+                               (table @ q.float().double()).float())
+
+
+def test_a_given_matrix_that_is_not_orthogonal_or_does_not_fit_is_refused():
+    with pytest.raises(PassError, match="not orthogonal"):
+        RotateResidual(matrix=torch.eye(8) * 1.01)
+    with pytest.raises(PassError, match="square"):
+        RotateResidual(matrix=torch.ones(8, 4))
+    g = build_model("llama", hidden=64, heads=4, layers=1)
+    migrated = MigrateGamma()(outlierfx.capture(g.model, g.inputs)).graph_module
+    with pytest.raises(PassError, match="32 x 32, but the residual stream is 64 wide"):
+        RotateResidual(matrix=hadamard(32, 0).matrix)(migrated)

@@ -40,6 +40,9 @@ calibration passages (the benchmarks use 32).
 
     PYTHONPATH=$PWD .venv/bin/python bench/scripts/w4a8_weight_rounding.py diag,fullh --json out.json
     PYTHONPATH=$PWD .venv/bin/python bench/scripts/w4a8_weight_rounding.py gptqsearch:seq --samples 128 --json out.json
+    PYTHONPATH=$PWD .venv/bin/python bench/scripts/w4a8_weight_rounding.py asym --rotation r1.pt --news --json out.json
+
+``--rotation`` takes a residual rotation learned elsewhere (``learned_rotation.py``).
 """
 
 from __future__ import annotations
@@ -65,6 +68,7 @@ from outlierfx.passes.convert_fake_quant import ConvertToFakeQuant
 from outlierfx.passes.gptq import GPTQ
 from outlierfx.passes.insert_observers import InsertObservers
 from outlierfx.passes.manager import PassManager
+from outlierfx.passes.rotate_residual import RotateResidual
 from outlierfx.passes.training import lm_loss
 from outlierfx.quantizers.fake_quant import qparams_from_range
 from outlierfx.quantizers.observers import FakeQuantize
@@ -162,12 +166,17 @@ def patched(chooser: ScaleChooser | None, search: Callable | None) -> Iterator[N
         gptq_module._row_grid, gptq_module.gptq_round = saved
 
 
-def calibrated_graph(samples: int):
-    """(loaded model, batches, recipe, policy, the calibrated rotate+sink graph before GPTQ)."""
+def calibrated_graph(samples: int, rotation: torch.Tensor | None = None):
+    """(loaded model, batches, recipe, policy, the calibrated rotate+sink graph before GPTQ);
+    ``rotation``: the residual stream's Q instead of the preset's seeded Hadamard."""
     CALIBRATION["decoder"] = {**CALIBRATION["decoder"], "samples": samples}
     loaded, batches = load_with_calibration("smollm2")
     recipe = paper_recipe("rotate+gptq+sink")
     recipe = dataclasses.replace(recipe, weight_estimator=Estimator.MSE)
+    if rotation is not None:
+        recipe = dataclasses.replace(recipe, prepare=tuple(
+            dataclasses.replace(s, settings={**s.settings, "matrix": rotation}) if s.pass_type is RotateResidual else s
+            for s in recipe.prepare))
     policy = recipe.policy(parse_bits("W4A8"))
     context = RunContext(batches, policy)
     gm = capture(loaded.model.eval(), batches[0])
@@ -210,6 +219,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=CALIBRATION["decoder"]["samples"])
     parser.add_argument("--time-steps", action="store_true", help="time one training step instead")
     parser.add_argument("--news", action="store_true", help="score the news windows too")
+    parser.add_argument("--rotation", help="a .pt file whose 'matrix' is the residual stream's rotation (e.g. "
+                        "learned by learned_rotation.py) in place of the preset's seeded Hadamard")
     args = parser.parse_args()
     if args.time_steps:
         loaded, batches = load_with_calibration("smollm2")
@@ -219,7 +230,8 @@ def main() -> None:
             json.dump({"timing": timing, "threads": torch.get_num_threads()}, f, indent=2)
         return
     start = time.perf_counter()
-    loaded, batches, recipe, policy, calibrated, gptq = calibrated_graph(args.samples)
+    rotation = torch.load(args.rotation)["matrix"] if args.rotation else None
+    loaded, batches, recipe, policy, calibrated, gptq = calibrated_graph(args.samples, rotation)
     evaluator = DecoderEval.build(loaded)
     print(f"calibrated rotate+sink graph in {time.perf_counter() - start:.0f}s ({len(batches)} batches)", flush=True)
     rows = []
@@ -243,7 +255,7 @@ def main() -> None:
             if isinstance(module, FakeQuantize) and "a16" in modes:
                 module.enabled = False
         rounding_s = time.perf_counter() - start
-        row = {"variant": variant, "samples": args.samples, "weight_spec": weight_spec.describe(),
+        row = {"variant": variant, "rotation": args.rotation or "preset (hadamard, seed 0)", "samples": args.samples, "weight_spec": weight_spec.describe(),
                "act_order": plan.act_order, "refit_scales": plan.refit_scales, "damp": gptq.damp,
                "layer_error": sum(r.gptq_error for r in plan.linears), "rounding_s": round(rounding_s, 1),
                "ppl_wiki": DecoderEval.perplexity(model, evaluator.wiki)}

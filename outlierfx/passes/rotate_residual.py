@@ -34,7 +34,7 @@ from ..graph import meta
 from ..graph.attrs import set_attr, unique_attr_name
 from ..graph.ops import OpKind, aten, is_kind, tensor_val
 from ..graph.view import GraphView
-from ..quantizers.hadamard import hadamard
+from ..quantizers.hadamard import Rotation, hadamard
 from .base import GraphPass
 from .rotation_folding import RIGHT, Use, check_tensors, fold, linear_uses
 
@@ -62,7 +62,8 @@ class RotateResidualPlan:
         if not self.applicable:
             lines = ["residual stream not rotated: the rotation would not be exact here"]
             return "\n".join(lines + [f"  {where}: {why}" for where, why in self.blockers])
-        lines = [f"rotated the residual stream (d={self.hidden_size}) by {self.construction}, seed {self.seed}: "
+        how = self.construction if self.construction.startswith("a given") else f"{self.construction}, seed {self.seed}"
+        lines = [f"rotated the residual stream (d={self.hidden_size}) by {how}: "
                  f"{len(self.embeddings)} embeddings, {len(self.writers)} writing linears, "
                  f"{len(self.readers)} reading linears"]
         if self.tied:
@@ -82,8 +83,25 @@ class RotateResidual(GraphPass[RotateResidualPlan]):
     # outliers: at most 2.6e-6 of the output's max magnitude (MigrateGamma itself: 1.5e-6).
     output_rel_tol = 1e-5
 
-    def __init__(self, seed: int = 0) -> None:
+    # a given matrix must be orthogonal to this (float64 max |Q^T Q - I|): the fold is exact only
+    # for an orthogonal Q, and a float32 matrix saved from training is orthogonal to about 1e-6
+    orthogonality_tol = 1e-5
+
+    def __init__(self, seed: int = 0, matrix: torch.Tensor | None = None) -> None:
+        """``matrix``: a given d x d orthogonal Q (e.g. a rotation learned offline, SpinQuant's R1)
+        instead of the seeded randomized Hadamard; checked for shape and orthogonality."""
         self.seed = seed
+        self.matrix = None if matrix is None else self._checked(matrix)
+
+    def _checked(self, matrix: torch.Tensor) -> torch.Tensor:
+        q = torch.as_tensor(matrix).detach().to("cpu", torch.float64)
+        if q.dim() != 2 or q.shape[0] != q.shape[1]:
+            raise PassError(f"{NAME}: the given rotation must be a square matrix, got shape {tuple(q.shape)}")
+        error = float((q.T @ q - torch.eye(q.shape[0], dtype=torch.float64)).abs().max())
+        if not error <= self.orthogonality_tol:
+            raise PassError(f"{NAME}: the given rotation is not orthogonal (max |Q^T Q - I| = {error:.2e}, "
+                            f"tolerance {self.orthogonality_tol:g}); orthogonalize it first, e.g. U V^T of its SVD")
+        return q
 
     def analyze(self, gm: torch.fx.GraphModule) -> RotateResidualPlan:
         view = GraphView(gm)
@@ -96,7 +114,13 @@ class RotateResidual(GraphPass[RotateResidualPlan]):
         if with_gamma:
             raise PassError(f"{NAME}: norms {with_gamma} still carry gamma, which does not commute with the "
                             f"rotation; run MigrateGamma() first (it folds gamma into the Linears reading the norm)")
-        rotation = hadamard(hidden, self.seed)
+        if self.matrix is None:
+            rotation = hadamard(hidden, self.seed)
+        elif self.matrix.shape[0] != hidden:
+            raise PassError(f"{NAME}: the given rotation is {self.matrix.shape[0]} x {self.matrix.shape[0]}, but the "
+                            f"residual stream is {hidden} wide")
+        else:
+            rotation = Rotation(self.matrix, "a given orthogonal matrix")
         return RotateResidualPlan(hidden, self.seed, rotation.construction, tuple(embeddings), tuple(writers),
                                   tuple(dict.fromkeys(readers)), tuple(outputs), tied, (), rotation.matrix)
 
