@@ -11,7 +11,8 @@ from outlierfx.errors import PassError
 from outlierfx.graph.compare import masked_mse, output_error
 from outlierfx.passes import PassManager
 from outlierfx.passes.convert_fake_quant import ConvertToFakeQuant
-from outlierfx.passes.gptq import GPTQ, gptq_round, layer_error
+from outlierfx.passes.gptq import GPTQ
+from outlierfx.quantizers.gptq_rounding import gptq_round, layer_error
 from outlierfx.passes.insert_observers import InsertObservers
 from outlierfx.passes.lower import Lower
 from outlierfx.recipes import get_recipe
@@ -175,14 +176,14 @@ def test_asymmetric_int4_gptq_never_loses_to_round_to_nearest_on_its_grid(rows, 
     """Int4 rows on the asymmetric grid (16 levels over an MSE-clipped range with a zero point):
     GPTQ's layer error is at most round-to-nearest's on the same grid, even after restoring
     the codes that keep a row's range readable."""
-    from outlierfx.passes.gptq import _row_grid
+    from outlierfx.quantizers.gptq_rounding import row_grid
 
     spec = _row_spec(4, Estimator.MSE, symmetric=False)
     w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed))
     x = _correlated_inputs(4 * cols, cols, seed)
     gram = x.T.double() @ x.double()
     rounded, _ = gptq_round(w, gram, spec)
-    scale, zero_point = _row_grid(w, spec, gram)
+    scale, zero_point = row_grid(w, spec, gram)
     nearest = (torch.clamp(torch.round(w / scale[:, None]) + zero_point[:, None], spec.qmin, spec.qmax)
                - zero_point[:, None]) * scale[:, None]
     assert layer_error(w, rounded, gram) <= layer_error(w, nearest, gram) * (1 + 1e-9)

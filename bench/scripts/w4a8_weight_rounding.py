@@ -7,7 +7,7 @@ redoes only the row scales, GPTQ and the conversion, then scores Wikipedia perpl
 Row scale choosers (``scales`` part of a variant; every constant below is set here, none
 was tuned on the evaluation windows):
 - ``diag``: the preset's: the MSE range per row with each column's error weighted by the
-  Gram diagonal ``H_jj`` (:func:`outlierfx.passes.gptq._row_grid`), on the symmetric grid
+  Gram diagonal ``H_jj`` (:func:`outlierfx.quantizers.gptq_rounding.row_grid`), on the symmetric grid
   (codes -7..7: 15 levels, so that min-max reads the scale back from max |w|).
 - ``asym``: ``diag``'s range search on the asymmetric grid: 16 levels (codes 0..15) over the
   MSE-shrunk ``c * [lo, hi]`` with a per-row zero point, as GPTQ's reference code and most
@@ -149,7 +149,7 @@ SEARCHED = {"gptqsearch", "asymsearch"}  # choosers whose ranges GPTQ's own erro
 @contextlib.contextmanager
 def patched(chooser: ScaleChooser | None, search: Callable | None) -> Iterator[None]:
     """GPTQ's row scales (below 8 bits) from ``chooser``, its rounding from ``search``."""
-    saved = gptq_module._row_grid, gptq_module.gptq_round
+    saved = gptq_module.row_grid, gptq_module.gptq_round
 
     def row_grid(weight, spec, gram=None):
         if chooser is None or spec.bits >= 8 or gram is None:
@@ -157,13 +157,13 @@ def patched(chooser: ScaleChooser | None, search: Callable | None) -> Iterator[N
         scales = chooser(weight, spec, gram)
         return scales, torch.zeros_like(scales, dtype=torch.int32)
 
-    gptq_module._row_grid = row_grid
+    gptq_module.row_grid = row_grid
     if search is not None:
         gptq_module.gptq_round = search
     try:
         yield
     finally:
-        gptq_module._row_grid, gptq_module.gptq_round = saved
+        gptq_module.row_grid, gptq_module.gptq_round = saved
 
 
 def calibrated_graph(samples: int, rotation: torch.Tensor | None = None):
