@@ -86,6 +86,8 @@ def unfolded_fake_quant(gm: torch.fx.GraphModule, weight: QuantSpec | None = Non
                 del_attr(converted, str(stale.target))
     converted.graph.lint()
     converted.recompile()
+    if meta.GM_WEIGHT_SOURCE in converted.meta:  # captured without weights: the copy drops the stale weights' codes
+        return copy_graph_module(converted)
     return converted
 
 
