@@ -188,9 +188,8 @@ def quantize(
     (a fraction of the normal run's peak memory; docs/experiments/memory.md).
     It needs a backend (the result is always the lowered model) and a recipe whose passes run
     without the weights in memory (``low_memory.WEIGHT_FREE_PASSES``: every preset's passes, the
-    rotations, Quadapter trained block by block and folded, GPTQ, observers, PEG groups and
-    calibration); others (learned ranges, token-wise clipping, QAT) are refused before
-    calibration.
+    rotations, Quadapter trained block by block and folded, learned ranges, GPTQ, observers, PEG
+    groups and calibration); others (token-wise clipping, QAT) are refused before calibration.
     """
     progress = progress and distributed.is_main()
     folder = None

@@ -161,13 +161,30 @@ def _never_captured(*args, **kwargs):
     ("os", BACKEND, RecipeError, "recipe 'os' cannot run with low_memory=True: ClipTokenwise needs the "
                                  "weights' values"),
     ("qat", BACKEND, RecipeError, "recipe 'qat' cannot run with low_memory=True: QAT needs"),
-    ("naive+lsq", BACKEND, RecipeError, "LearnRanges needs"),
+    ("os+peg", BACKEND, RecipeError, "ClipTokenwise needs"),
 ])
 def test_what_cannot_run_weight_free_is_refused_before_capture(saved, monkeypatch, recipe, backend, error, message):
     folder, _, batches = saved
     monkeypatch.setattr(weight_source, "capture_without_weights", _never_captured)
     with pytest.raises(error, match=re.escape(message)):
         outlierfx.quantize(folder, batches, recipe=recipe, backend=backend, low_memory=True, progress=False)
+
+
+def test_learned_ranges_run_weight_free(saved):
+    """naive+lsq: the ranges learn on the output through a forward checkpointed block by block."""
+    folder, model, batches = saved
+    expected, expected_report = outlierfx.quantize(model, batches, recipe="naive+lsq", backend=BACKEND,
+                                                   progress=False)
+    int8, report = outlierfx.quantize(folder, batches, recipe="naive+lsq", backend=BACKEND, low_memory=True,
+                                      progress=False)
+    (got,), (want,) = ([e for e in r.audit if e.pass_name == "LearnRanges"] for r in (report, expected_report))
+    assert got.modified and not got.plan.kept_start  # ranges were learned and applied
+    assert (got.plan.best_step, got.plan.loss_start, got.plan.loss_end) == \
+        (want.plan.best_step, want.plan.loss_start, want.plan.loss_end)
+    assert all(torch.equal(a, b) for name, bounds in want.plan.ranges.items()
+               for a, b in zip(got.plan.ranges[name], bounds))
+    assert [e.error_vs_reference for e in report.audit] == [e.error_vs_reference for e in expected_report.audit]
+    _assert_same_int8_model(int8, expected, batches)
 
 
 def test_a_preset_with_a_pass_that_needs_the_weights_is_refused_once_chosen_before_calibrating(saved, monkeypatch):
@@ -267,11 +284,11 @@ def test_the_command_line_flag_quantizes_a_folder_without_loading_it(saved, tmp_
     loaded = outlierfx.load(out)
     assert isinstance(loaded, QuantizedCausalLM) and loaded.tokenizer is not None
     assert loaded.generate(torch.tensor([[5, 9, 11]]), max_new_tokens=3).shape == (1, 6)
-    # a recipe that trains on the weights: one line, exit code 2
-    assert main(["quantize", str(folder), "--recipe", "naive", "--fine", "--backend", BACKEND, "--samples", "16",
-                 "--low-memory", "--out", str(tmp_path / "lsq")]) == 2
+    # a recipe that searches on the weights' values: one line, exit code 2
+    assert main(["quantize", str(folder), "--recipe", "os", "--backend", BACKEND, "--samples", "16",
+                 "--low-memory", "--out", str(tmp_path / "os")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("outlierfx: error: recipe 'naive+lsq' cannot run with low_memory=True: LearnRanges")
+    assert err.startswith("outlierfx: error: recipe 'os' cannot run with low_memory=True: ClipTokenwise")
     assert err.count("\n") == 1
 
 

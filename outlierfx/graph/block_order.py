@@ -103,6 +103,13 @@ def _segments(nodes: Sequence[torch.fx.Node], order: Mapping[torch.fx.Node, int]
     return segments
 
 
+def segments_of(gm: torch.fx.GraphModule, nodes: Iterable[torch.fx.Node]) -> list[list[torch.fx.Node]]:
+    """``nodes`` of ``gm`` in graph order, cut into the segments a block-order run goes through:
+    each block's nodes, and the nodes between blocks."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    return _segments(sorted(nodes, key=order.__getitem__), order, _block_spans(gm, order))
+
+
 def _last_uses(nodes: Sequence[torch.fx.Node]) -> dict[torch.fx.Node, list[torch.fx.Node]]:
     """Node -> the values to free once it has run, among ``nodes`` only; a value no node of
     ``nodes`` reads is freed as soon as it is made."""
