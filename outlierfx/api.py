@@ -188,8 +188,9 @@ def quantize(
     (a fraction of the normal run's peak memory; docs/experiments/memory.md).
     It needs a backend (the result is always the lowered model) and a recipe whose passes run
     without the weights in memory (``low_memory.WEIGHT_FREE_PASSES``: every preset's passes, the
-    rotations, Quadapter trained block by block and folded, learned ranges, GPTQ, observers, PEG
-    groups and calibration); others (token-wise clipping, QAT) are refused before calibration.
+    rotations, Quadapter trained block by block and folded, learned ranges, token-wise clipping,
+    GPTQ, observers, PEG groups and calibration); QAT (it trains the weights) is refused before
+    calibration.
     """
     progress = progress and distributed.is_main()
     folder = None

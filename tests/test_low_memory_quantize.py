@@ -158,10 +158,7 @@ def _never_captured(*args, **kwargs):
 @pytest.mark.parametrize("recipe,backend,error,message", [
     ("naive", None, SettingError, "pass backend= (e.g. backend='onednn'"),
     (None, "fake-quant", SettingError, "lowered to a backend"),
-    ("os", BACKEND, RecipeError, "recipe 'os' cannot run with low_memory=True: ClipTokenwise needs the "
-                                 "weights' values"),
     ("qat", BACKEND, RecipeError, "recipe 'qat' cannot run with low_memory=True: QAT needs"),
-    ("os+peg", BACKEND, RecipeError, "ClipTokenwise needs"),
 ])
 def test_what_cannot_run_weight_free_is_refused_before_capture(saved, monkeypatch, recipe, backend, error, message):
     folder, _, batches = saved
@@ -183,6 +180,21 @@ def test_learned_ranges_run_weight_free(saved):
         (want.plan.best_step, want.plan.loss_start, want.plan.loss_end)
     assert all(torch.equal(a, b) for name, bounds in want.plan.ranges.items()
                for a, b in zip(got.plan.ranges[name], bounds))
+    assert [e.error_vs_reference for e in report.audit] == [e.error_vs_reference for e in expected_report.audit]
+    _assert_same_int8_model(int8, expected, batches)
+
+
+def test_token_wise_clipping_runs_weight_free(saved):
+    """os: gamma migration recorded as derived tensors, then the clipping search, each step's
+    candidates evaluated together segment by segment."""
+    folder, model, batches = saved
+    expected, expected_report = outlierfx.quantize(model, batches, recipe="os", backend=BACKEND, progress=False)
+    int8, report = outlierfx.quantize(folder, batches, recipe="os", backend=BACKEND, low_memory=True,
+                                      progress=False)
+    (got,), (want,) = ([e for e in r.audit if e.pass_name == "ClipTokenwise"] for r in (report, expected_report))
+    assert got.modified and got.plan.alphas == want.plan.alphas and any(a < 1 for a in got.plan.alphas.values())
+    assert (got.plan.loss_unclipped, got.plan.loss_global, got.plan.loss_final, got.plan.evaluations) == \
+        (want.plan.loss_unclipped, want.plan.loss_global, want.plan.loss_final, want.plan.evaluations)
     assert [e.error_vs_reference for e in report.audit] == [e.error_vs_reference for e in expected_report.audit]
     _assert_same_int8_model(int8, expected, batches)
 
@@ -284,11 +296,11 @@ def test_the_command_line_flag_quantizes_a_folder_without_loading_it(saved, tmp_
     loaded = outlierfx.load(out)
     assert isinstance(loaded, QuantizedCausalLM) and loaded.tokenizer is not None
     assert loaded.generate(torch.tensor([[5, 9, 11]]), max_new_tokens=3).shape == (1, 6)
-    # a recipe that searches on the weights' values: one line, exit code 2
-    assert main(["quantize", str(folder), "--recipe", "os", "--backend", BACKEND, "--samples", "16",
-                 "--low-memory", "--out", str(tmp_path / "os")]) == 2
+    # a recipe that trains the weights: one line, exit code 2
+    assert main(["quantize", str(folder), "--recipe", "qat", "--backend", BACKEND, "--samples", "16",
+                 "--low-memory", "--out", str(tmp_path / "qat")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("outlierfx: error: recipe 'os' cannot run with low_memory=True: ClipTokenwise")
+    assert err.startswith("outlierfx: error: recipe 'qat' cannot run with low_memory=True: QAT needs")
     assert err.count("\n") == 1
 
 
