@@ -187,9 +187,10 @@ def quantize(
     without weights and calibrated, converted and lowered one decoder block's weights at a time
     (a fraction of the normal run's peak memory; docs/experiments/memory.md).
     It needs a backend (the result is always the lowered model) and a recipe whose passes run
-    without the weights in memory (``low_memory.WEIGHT_FREE_PASSES``: the default decoder preset's
-    rotations, GPTQ, observers, PEG groups and calibration); others (Quadapter, learned ranges,
-    token-wise clipping) are refused before calibration.
+    without the weights in memory (``low_memory.WEIGHT_FREE_PASSES``: every preset's passes, the
+    rotations, Quadapter trained block by block and folded, learned ranges, token-wise clipping,
+    GPTQ, observers, PEG groups and calibration); QAT (it trains the weights) is refused before
+    calibration.
     """
     progress = progress and distributed.is_main()
     folder = None

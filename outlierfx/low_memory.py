@@ -31,10 +31,15 @@ from .recipes import PRESETS, Recipe, RecipeError, choose
 # observers' channels; GPTQ collects its Gram matrices in block order and rounds each block's
 # Linears into int8 codes (passes/gptq_block_order.py); MigrateGamma and the three rotations
 # record their rewrites as derived tensors, computed when a block loads (graph/derived_tensors.py).
-# Every other pass searches or trains on the weights' values, which such a graph loads only
-# inside the passes that know to load them block by block.
+# Quadapter inserts its scales on the graph's structure, trains them block by block with each
+# segment's weights loaded while it trains (passes/train_quadapter.py; its phase 2, end to end,
+# is refused) and folds them as derived tensors. LearnRanges trains on the model's output through
+# a forward checkpointed segment by segment (graph/segment_checkpoint.py); ClipTokenwise evaluates
+# each search step's candidates together, segment by segment. QAT trains the weights themselves,
+# which such a graph loads only inside the passes that know to load them block by block.
 WEIGHT_FREE_PASSES: frozenset[str] = frozenset({"GroupChannels", "GPTQ", "MigrateGamma", "RotateResidual",
-                                                "RotateHeads", "RotateFFN"})
+                                                "RotateHeads", "RotateFFN", "InsertQuadapter", "TrainQuadapter",
+                                                "FoldQuadapter", "LearnRanges", "ClipTokenwise"})
 
 NEVER_LOADED = ("the model was never loaded (low_memory=True): captured without weights, then calibrated, "
                 "converted, checked and lowered with one block's weights in memory at a time (block order)")
@@ -89,10 +94,10 @@ def check_runs_weight_free(recipe: Recipe) -> None:
     if blocked:
         raise RecipeError(f"recipe {recipe.name!r} cannot run with low_memory=True: {', '.join(blocked)} "
                           f"{'needs' if len(blocked) == 1 else 'need'} the weights' values in memory, which a "
-                          f"low-memory run loads one block at a time (Quadapter, learned ranges and token-wise "
-                          f"clipping are not supported there yet); use the default preset on a decoder, or a "
-                          f"recipe of rotations, observers, calibration and GPTQ (rotate+sink, naive+gptq, peg), "
-                          f"or quantize the loaded model with low_memory=False")
+                          f"low-memory run loads one block at a time (QAT, which trains the weights, is not "
+                          f"supported there yet); use a default preset or any other recipe (rotate+sink, "
+                          f"smooth-fold+sink, smooth-peg+sink, os, naive+gptq, naive+lsq, peg), or quantize the "
+                          f"loaded model with low_memory=False")
 
 
 def capturing(folder: pathlib.Path) -> Callable[[Any, Callable[[torch.nn.Module], torch.nn.Module] | None],

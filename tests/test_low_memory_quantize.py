@@ -15,7 +15,7 @@ import torch
 import outlierfx
 import outlierfx.api
 import outlierfx.graph.weight_source as weight_source
-from outlierfx import models
+from outlierfx import low_memory, models
 from outlierfx.backends import BACKENDS, runnable_backends
 from outlierfx.cli import main
 from outlierfx.errors import DataError, SettingError
@@ -158,10 +158,7 @@ def _never_captured(*args, **kwargs):
 @pytest.mark.parametrize("recipe,backend,error,message", [
     ("naive", None, SettingError, "pass backend= (e.g. backend='onednn'"),
     (None, "fake-quant", SettingError, "lowered to a backend"),
-    ("os", BACKEND, RecipeError, "recipe 'os' cannot run with low_memory=True: ClipTokenwise needs the "
-                                 "weights' values"),
-    ("quadapter", BACKEND, RecipeError, "InsertQuadapter, TrainQuadapter, FoldQuadapter need"),
-    ("naive+lsq", BACKEND, RecipeError, "LearnRanges needs"),
+    ("qat", BACKEND, RecipeError, "recipe 'qat' cannot run with low_memory=True: QAT needs"),
 ])
 def test_what_cannot_run_weight_free_is_refused_before_capture(saved, monkeypatch, recipe, backend, error, message):
     folder, _, batches = saved
@@ -170,14 +167,84 @@ def test_what_cannot_run_weight_free_is_refused_before_capture(saved, monkeypatc
         outlierfx.quantize(folder, batches, recipe=recipe, backend=backend, low_memory=True, progress=False)
 
 
-def test_a_preset_that_trains_is_refused_once_chosen_before_calibrating(saved, monkeypatch):
-    """The accurate preset (smooth-peg+sink: Quadapter training) is chosen on the captured graph,
-    so it is refused after the capture, still before any calibration time is spent."""
+def test_learned_ranges_run_weight_free(saved):
+    """naive+lsq: the ranges learn on the output through a forward checkpointed block by block."""
+    folder, model, batches = saved
+    expected, expected_report = outlierfx.quantize(model, batches, recipe="naive+lsq", backend=BACKEND,
+                                                   progress=False)
+    int8, report = outlierfx.quantize(folder, batches, recipe="naive+lsq", backend=BACKEND, low_memory=True,
+                                      progress=False)
+    (got,), (want,) = ([e for e in r.audit if e.pass_name == "LearnRanges"] for r in (report, expected_report))
+    assert got.modified and not got.plan.kept_start  # ranges were learned and applied
+    assert (got.plan.best_step, got.plan.loss_start, got.plan.loss_end) == \
+        (want.plan.best_step, want.plan.loss_start, want.plan.loss_end)
+    assert all(torch.equal(a, b) for name, bounds in want.plan.ranges.items()
+               for a, b in zip(got.plan.ranges[name], bounds))
+    assert [e.error_vs_reference for e in report.audit] == [e.error_vs_reference for e in expected_report.audit]
+    _assert_same_int8_model(int8, expected, batches)
+
+
+def test_token_wise_clipping_runs_weight_free(saved):
+    """os: gamma migration recorded as derived tensors, then the clipping search, each step's
+    candidates evaluated together segment by segment."""
+    folder, model, batches = saved
+    expected, expected_report = outlierfx.quantize(model, batches, recipe="os", backend=BACKEND, progress=False)
+    int8, report = outlierfx.quantize(folder, batches, recipe="os", backend=BACKEND, low_memory=True,
+                                      progress=False)
+    (got,), (want,) = ([e for e in r.audit if e.pass_name == "ClipTokenwise"] for r in (report, expected_report))
+    assert got.modified and got.plan.alphas == want.plan.alphas and any(a < 1 for a in got.plan.alphas.values())
+    assert (got.plan.loss_unclipped, got.plan.loss_global, got.plan.loss_final, got.plan.evaluations) == \
+        (want.plan.loss_unclipped, want.plan.loss_global, want.plan.loss_final, want.plan.evaluations)
+    assert [e.error_vs_reference for e in report.audit] == [e.error_vs_reference for e in expected_report.audit]
+    _assert_same_int8_model(int8, expected, batches)
+
+
+def test_a_preset_with_a_pass_that_needs_the_weights_is_refused_once_chosen_before_calibrating(saved, monkeypatch):
+    """A preset is chosen on the captured graph, so its passes are checked after the capture, still
+    before any calibration time is spent (every preset runs weight-free now: the check is shown
+    with TrainQuadapter taken out of the weight-free set)."""
     folder, _, batches = saved
     monkeypatch.setattr(outlierfx.api, "run_recipe", lambda *a, **k: pytest.fail("calibrated before refusing"))
-    refusal = "recipe 'smooth-peg\\+sink' cannot run with low_memory=True: .*TrainQuadapter"
+    monkeypatch.setattr(low_memory, "WEIGHT_FREE_PASSES", low_memory.WEIGHT_FREE_PASSES - {"TrainQuadapter"})
+    refusal = "recipe 'smooth-peg\\+sink' cannot run with low_memory=True: TrainQuadapter needs"
     with pytest.raises(RecipeError, match=refusal):
         outlierfx.quantize(folder, batches, recipe="accurate", backend=BACKEND, low_memory=True, progress=False)
+
+
+def test_the_accurate_preset_with_low_memory_is_the_loaded_models(saved):
+    """smooth-peg+sink: PEG groups, Quadapter scales trained block by block with one segment's
+    weights loaded and folded as derived tensors, GPTQ: the loaded run's int8 model bit for bit."""
+    folder, model, batches = saved
+    expected, expected_report = outlierfx.quantize(model, batches, recipe="accurate", backend=BACKEND,
+                                                   progress=False)
+    int8, report = outlierfx.quantize(folder, batches, recipe="accurate", backend=BACKEND, low_memory=True,
+                                      progress=False)
+    assert report.recipe == expected_report.recipe == "smooth-peg+sink"
+    assert {"GroupChannels", "InsertQuadapter", "TrainQuadapter", "FoldQuadapter", "GPTQ"} <= {
+        e.pass_name for e in report.audit if e.modified}
+    assert [e.error_vs_reference for e in report.audit] == [e.error_vs_reference for e in expected_report.audit]
+    _assert_same_int8_model(int8, expected, batches)
+
+
+def test_the_encoder_preset_with_low_memory_is_the_loaded_models(tmp_path):
+    """An encoder's default preset (smooth-fold, +sink where the backend runs first-token rows in
+    int8): Quadapter scales with the SmoothQuant init, trained and folded (into the norms and the
+    value projections' rows) without the weights in memory, then GPTQ."""
+    g = build_model("bert", seed=1)
+    g.model.save_pretrained(tmp_path)
+    batches = [build_model("bert", seed=seed, seq=seq, batch=batch).inputs for seed, seq, batch in ((1, 8, 2),
+                                                                                                    (2, 5, 3))]
+    expected, expected_report = outlierfx.quantize(g.model, batches, backend=BACKEND, progress=False)
+    int8, report = outlierfx.quantize(tmp_path, batches, backend=BACKEND, low_memory=True, progress=False)
+    assert report.recipe == expected_report.recipe and report.recipe.startswith("smooth-fold")
+    fold = next(e.plan for e in report.audit if e.pass_name == "FoldQuadapter")
+    assert fold.folded and fold.into_rows
+    assert [e.error_vs_reference for e in report.audit] == [e.error_vs_reference for e in expected_report.audit]
+    got_tensors, want_tensors = _tensors(int8), _tensors(expected)
+    assert got_tensors.keys() == want_tensors.keys()
+    assert not [name for name, t in want_tensors.items() if not torch.equal(got_tensors[name], t)]
+    for batch in batches:
+        assert torch.equal(int8(**batch).last_hidden_state, expected(**batch).last_hidden_state)
 
 
 @pytest.mark.parametrize("bits", ["W8A8", "W4A8"])
@@ -229,11 +296,11 @@ def test_the_command_line_flag_quantizes_a_folder_without_loading_it(saved, tmp_
     loaded = outlierfx.load(out)
     assert isinstance(loaded, QuantizedCausalLM) and loaded.tokenizer is not None
     assert loaded.generate(torch.tensor([[5, 9, 11]]), max_new_tokens=3).shape == (1, 6)
-    # a recipe that trains on the weights: one line, exit code 2
-    assert main(["quantize", str(folder), "--recipe", "naive", "--fine", "--backend", BACKEND, "--samples", "16",
-                 "--low-memory", "--out", str(tmp_path / "lsq")]) == 2
+    # a recipe that trains the weights: one line, exit code 2
+    assert main(["quantize", str(folder), "--recipe", "qat", "--backend", BACKEND, "--samples", "16",
+                 "--low-memory", "--out", str(tmp_path / "qat")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("outlierfx: error: recipe 'naive+lsq' cannot run with low_memory=True: LearnRanges")
+    assert err.startswith("outlierfx: error: recipe 'qat' cannot run with low_memory=True: QAT needs")
     assert err.count("\n") == 1
 
 

@@ -26,6 +26,7 @@ from ..memory import return_freed_memory
 from . import meta
 from .attrs import fetch_attr
 from .lockstep import Lockstep
+from .probe import probe
 from .view import GraphView
 from .weight_source import WeightSource, materialize, release
 
@@ -102,6 +103,13 @@ def _segments(nodes: Sequence[torch.fx.Node], order: Mapping[torch.fx.Node, int]
     return segments
 
 
+def segments_of(gm: torch.fx.GraphModule, nodes: Iterable[torch.fx.Node]) -> list[list[torch.fx.Node]]:
+    """``nodes`` of ``gm`` in graph order, cut into the segments a block-order run goes through:
+    each block's nodes, and the nodes between blocks."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    return _segments(sorted(nodes, key=order.__getitem__), order, _block_spans(gm, order))
+
+
 def _last_uses(nodes: Sequence[torch.fx.Node]) -> dict[torch.fx.Node, list[torch.fx.Node]]:
     """Node -> the values to free once it has run, among ``nodes`` only; a value no node of
     ``nodes`` reads is freed as soon as it is made."""
@@ -137,6 +145,7 @@ def run_in_block_order(
     step_context: Callable[[torch.Tensor | None], ContextManager[Any]] | None = None,
     after_segment: Callable[[Sequence[torch.fx.Node]], None] | None = None,
     before_node: Callable[[torch.fx.Node, Sequence[Lockstep]], None] | None = None,
+    on_value: Callable[[torch.fx.Node, int, Any], None] | None = None,
 ) -> BlockOrderRun:
     """Run every batch (keyword inputs) through the nodes ``gm`` needs to compute ``wanted``
     (``None``: the graph's outputs, which are returned), loading each load unit (a block's
@@ -149,8 +158,11 @@ def run_in_block_order(
     as their Gram matrices are complete, holding one block's at a time). With ``before_node(node,
     runs)``, called before each node runs with every batch's run, a segment runs node by node over
     all batches instead (every batch's values inside the block live at once), so the caller can
-    change a value between nodes (sequential GPTQ gives a Linear its rounded weight)."""
+    change a value between nodes (sequential GPTQ gives a Linear its rounded weight).
+    ``on_value(node, i, value)`` is called as each node of ``wanted`` runs on batch ``i``: each
+    node sees the batches in order, block by block (:func:`probe_batches`)."""
     source: WeightSource = gm.meta[meta.GM_WEIGHT_SOURCE]
+    wanted = None if wanted is None else list(wanted)
     output = gm.graph.output_node()
     needed = ancestors_of([output] if wanted is None else wanted)
     stored = [n for n in gm.graph.nodes if n.op == "get_attr" and n.target in source.tensors]
@@ -171,6 +183,12 @@ def run_in_block_order(
     last_uses = _last_uses(nodes + ([output] if wanted is None else []))
     runs = [Lockstep(gm, batch, last_uses) for batch in batches]
     context = step_context or (lambda mask: contextlib.nullcontext())
+    watched = set(wanted or ()) if on_value is not None else set()
+
+    def watch(node: torch.fx.Node, i: int, value: Any) -> None:
+        if node in watched:
+            on_value(node, i, value)
+
     with torch.no_grad():
         for segment in _segments(nodes, order, spans):
             for unit in (u for node in segment for u in starting.get(node, ())):
@@ -183,16 +201,16 @@ def run_in_block_order(
             # batch by batch through the segment: only one batch's values inside a block live at
             # a time, the others' boundary values wait; each observer still sees batch 0, 1, ...
             if before_node is None:
-                for run in runs:
+                for i, run in enumerate(runs):
                     with context(run.mask):
                         for node in segment:
-                            run.step(node)
+                            watch(node, i, run.step(node))
             else:
                 for node in segment:
                     before_node(node, runs)
-                    for run in runs:
+                    for i, run in enumerate(runs):
                         with context(run.mask):
-                            run.step(node)
+                            watch(node, i, run.step(node))
             for unit in (u for node in segment for u in ending.get(node, ())):
                 release(gm, unit.targets)
             if after_segment is not None:
@@ -202,3 +220,21 @@ def run_in_block_order(
             return_freed_memory()
     outputs = tuple(gm.graph.process_outputs(run.run_node(output)) for run in runs) if wanted is None else None
     return BlockOrderRun(tuple(units), outputs)
+
+
+def probe_batches(gm: torch.fx.GraphModule, nodes: Iterable[torch.fx.Node], batches: Sequence[Mapping[str, Any]],
+                  callback: Callable[[torch.fx.Node, int, Any], None],
+                  step_context: Callable[[torch.Tensor | None], ContextManager[Any]] | None = None) -> None:
+    """``callback(node, i, value)`` for each of ``nodes`` on each batch ``i`` (keyword inputs),
+    under ``step_context(attention mask)``. A graph holding its weights runs batch after batch
+    (:func:`~.probe.probe`); one captured without weights runs in block order, each block's
+    weights loaded only while it runs, so each node sees the same batches in the same order but
+    the nodes take turns block by block: for callbacks that keep one statistic per node."""
+    nodes = list(nodes)
+    context = step_context or (lambda mask: contextlib.nullcontext())
+    if gm.meta.get(meta.GM_WEIGHT_SOURCE) is not None:
+        run_in_block_order(gm, batches, nodes, context, on_value=callback)
+        return
+    for i, batch in enumerate(batches):
+        with context(batch.get("attention_mask")):
+            probe(gm, nodes, ((), dict(batch)), lambda node, value, i=i: callback(node, i, value))

@@ -34,9 +34,11 @@ class Lockstep(torch.fx.Interpreter):
         self.mask = None if mask is None else mask.bool()
         self.last_uses = self.user_to_last_uses if last_uses is None else last_uses
 
-    def step(self, node: torch.fx.Node) -> None:
+    def step(self, node: torch.fx.Node) -> Any:
+        """Run ``node``; returns its value (also when no later node reads it, so it is freed)."""
         if node.op in ("placeholder", "output"):
-            return
-        self.env[node] = self.run_node(node)
-        for value in self.last_uses.get(node, []):
-            del self.env[value]
+            return None
+        value = self.env[node] = self.run_node(node)
+        for freed in self.last_uses.get(node, []):
+            del self.env[freed]
+        return value

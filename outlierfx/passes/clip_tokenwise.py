@@ -9,6 +9,14 @@ against the unquantized graph on calibration batches.
 Beyond the reference (one alpha shared by all quantizers): after the global search, alpha is
 refined greedily block by block. Each candidate for block b reuses the cached values at block
 b's input, so only blocks b.. are recomputed. A range is never widened beyond min-max.
+
+On a graph captured without weights (``low_memory=True``) the candidates of one search step
+(the global grid; one block's alternatives) are evaluated together, segment by segment from
+the block's input (:func:`~outlierfx.graph.block_order.segments_of`): each segment's weights are
+loaded once and every candidate's batches run through it, so a step loads each later block once
+instead of once per candidate, and each candidate's loss is computed at the output and only the
+number kept. Each (candidate, batch) runs the same ops on the same values as the loaded search,
+and the losses add up in the same order: the same choices bit for bit.
 """
 
 from __future__ import annotations
@@ -21,10 +29,14 @@ import torch
 import torch.fx
 
 from ..errors import PassError
+from ..graph import meta
+from ..graph.attrs import fetch_attr
+from ..graph.block_order import run_in_block_order, segments_of
 from ..graph.compare import float_leaves
 from ..graph.copy import copy_graph_module
-from ..graph.probe import flatten_inputs, probe
+from ..graph.probe import flatten_inputs, probe, values_read_after
 from ..graph.view import GraphView
+from ..graph.weight_source import materialized
 from ..quantizers.observers import FakeQuantize, Observer, quantizers_disabled
 from ..quantizers.spec import Estimator, Granularity
 from .base import GraphPass
@@ -92,22 +104,19 @@ class ClipTokenwise(GraphPass[ClipPlan]):
         bar = tqdm(total=1 + len(grid) + len(blocks) * (len(grid) - 1), desc="token-wise clipping", unit="eval",
                    disable=not self.progress)
         search.on_evaluation = bar.update
-        loss_unclipped = search.loss()
-        # coarse: one alpha for all quantizers
-        global_losses = {a: search.loss({n: a for n in names}) for a in grid}
+        # unclipped, then coarse: one alpha for all quantizers
+        loss_unclipped, *losses = search.losses([{}] + [{n: a for n in names} for a in grid], {}, 0)
+        global_losses = dict(zip(grid, losses))
         global_alpha = min(global_losses, key=global_losses.get)
         choice = {n: global_alpha for n in names}
         loss = global_losses[global_alpha]
         loss_global = loss
         bar.set_postfix(alpha=global_alpha, mse=f"{loss:.4g}")
         for block_names, boundary in blocks:
-            cache = search.cached_env(choice, boundary)
             best_alpha, best_loss = choice[block_names[0]], loss
-            for a in grid:
-                if a == best_alpha:
-                    continue
-                trial = dict(choice, **{n: a for n in block_names})
-                trial_loss = search.loss(trial, cache)
+            others = [a for a in grid if a != best_alpha]
+            trials = search.losses([dict(choice, **{n: a for n in block_names}) for a in others], choice, boundary)
+            for a, trial_loss in zip(others, trials):
                 if trial_loss < best_loss:
                     best_alpha, best_loss = a, trial_loss
             choice.update({n: best_alpha for n in block_names})
@@ -144,8 +153,59 @@ class _Search:
         self.order = {n: i for i, n in enumerate(self.work.graph.nodes)}
         self.evaluations = 0
         self.on_evaluation: Callable[[], object] = lambda: None
+        source = self.work.meta.get(meta.GM_WEIGHT_SOURCE)
+        self.stored = {n for n in self.work.graph.nodes if n.op == "get_attr" and source is not None
+                       and n.target in source.tensors}  # loaded segment by segment: captured without weights
         with torch.no_grad(), quantizers_disabled(self.work):
-            self.reference = [float_leaves(torch.fx.Interpreter(self.work).run(*x)) for x in self.inputs]
+            self.reference = [float_leaves(out) for out in run_in_block_order(self.work, batches).outputs] \
+                if source is not None else [float_leaves(torch.fx.Interpreter(self.work).run(*x)) for x in self.inputs]
+
+    def losses(self, choices: Sequence[Mapping[str, float]], base: Mapping[str, float], boundary: int) -> list[float]:
+        """The loss of each of ``choices``, which differ from ``base`` only at nodes from graph
+        position ``boundary`` on (the start of a block, or 0)."""
+        if self.stored:
+            return self._losses_segment_by_segment(choices, base, boundary)
+        cache = self.cached_env(base, boundary)
+        return [self.loss(choice, cache) for choice in choices]
+
+    def _losses_segment_by_segment(self, choices: Sequence[Mapping[str, float]], base: Mapping[str, float],
+                                   boundary: int) -> list[float]:
+        """:meth:`losses` on a graph captured without weights (see the module docstring)."""
+        output = self.work.graph.output_node()
+        placeholders = [n for n in self.work.graph.nodes if n.op == "placeholder"]
+        nodes = [n for n in self.work.graph.nodes if n.op not in ("placeholder", "output") and n not in self.stored]
+        envs = {(None, i): dict(zip(placeholders, x)) for i, x in enumerate(self.inputs)}  # base's, before boundary
+        totals = [[0.0] * len(self.inputs) for _ in choices]
+        with torch.no_grad():
+            for segment in segments_of(self.work, nodes):  # segments start at block boundaries
+                if self.order[segment[0]] >= boundary and (None, 0) in envs:  # each choice goes on from base's values
+                    envs = {(c, i): dict(env) for c in range(len(choices)) for (_, i), env in envs.items()}
+                attrs = list(dict.fromkeys(a for n in segment for a in n.all_input_nodes if a in self.stored))
+                with materialized(self.work, [str(a.target) for a in attrs]):
+                    weights = {a: fetch_attr(self.work, str(a.target)) for a in attrs}
+                    for (c, i), env in envs.items():
+                        self._set(base if c is None else choices[c])
+                        runner = torch.fx.Interpreter(self.work)
+                        runner.env = env
+                        env.update(weights)
+                        for node in segment:
+                            env[node] = runner.run_node(node)
+                        if segment[-1] is nodes[-1]:
+                            out = float_leaves(self.work.graph.process_outputs(runner.run_node(output)))
+                            totals[c][i] = sum(float((o - r).pow(2).mean()) for o, r in zip(out, self.reference[i]))
+                live = set(values_read_after(self.work, self.order[segment[-1]] + 1)) - self.stored
+                for env in envs.values():
+                    for value in [v for v in env if v not in live]:
+                        del env[value]
+        losses = []
+        for per_batch in totals:
+            self.evaluations += 1
+            self.on_evaluation()
+            total = 0.0
+            for value in per_batch:  # batch after batch, as loss() adds them
+                total += value
+            losses.append(total / len(self.inputs))
+        return losses
 
     def _set(self, choice: Mapping[str, float]) -> None:
         for name, options in self.params.items():

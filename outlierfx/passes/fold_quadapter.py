@@ -4,6 +4,10 @@ s goes into the norm's gamma and beta, 1/s into the consuming Linears' input col
 weights are untied, as in gamma migration); a post-LN shortcut keeps an explicit per-channel
 multiply by 1/s. An explicit site's s goes into an upstream Linear's output rows where that is
 exact, else it stays a multiply by a constant before its quantizer. No learnable node is left.
+
+Every rewritten weight is computed by :func:`~outlierfx.graph.weight_source.rewrite_input_tensor`:
+at once on a graph holding its weights, and on one captured without weights
+(``low_memory=True``) when a block loads it, by the same function, so both hold the same tensor.
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ import torch
 import torch.fx
 
 from ..graph import meta
-from ..graph.attrs import del_attr, fetch_attr, is_shared_attr, replace_input_tensor, set_attr, unique_attr_name
+from ..graph.attrs import del_attr, fetch_attr, is_shared_attr, set_attr, unique_attr_name
+from ..graph.weight_source import rewrite_input_tensor
 from .base import GraphPass
 from .detect_norms import _affine_params
 from .quadapter import NAME, SCALE_PREFIX, ScaleSite, inserted_sites
@@ -104,8 +109,8 @@ class FoldQuadapter(GraphPass[FoldQuadapterPlan]):
                 (linear,) = mul.users
                 linear.replace_input_with(mul, weight)
                 graph.erase_node(mul)
-                replace_input_tensor(gm, linear, weight, fetch_attr(gm, str(weight.target)).detach() * inverse,
-                                     "_quadapter")
+                rewrite_input_tensor(gm, linear, weight, lambda w, inverse=inverse: w * inverse,
+                                     "FoldQuadapter: W (1/s) on the input columns", "_quadapter")
                 if not weight.users:
                     graph.erase_node(weight)
             if site.compensations:
@@ -136,7 +141,7 @@ class FoldQuadapter(GraphPass[FoldQuadapterPlan]):
         norm = site.producer
         gamma, beta = _affine_params(norm)
         if gamma is not None:
-            replace_input_tensor(gm, norm, gamma, fetch_attr(gm, str(gamma.target)).detach() * scale, "_quadapter")
+            rewrite_input_tensor(gm, norm, gamma, lambda g: g * scale, "FoldQuadapter: gamma s", "_quadapter")
         else:  # no gamma (e.g. fully migrated by MigrateGamma): s becomes the norm's gamma
             target = unique_attr_name(gm, "outlierfx_quadapter_gamma_" + site.target[len(SCALE_PREFIX):])
             set_attr(gm, target, torch.nn.Parameter(scale, requires_grad=False))
@@ -145,6 +150,6 @@ class FoldQuadapter(GraphPass[FoldQuadapterPlan]):
             meta.inherit(new_gamma, norm, NAME)
             norm.args = (*norm.args[:2], new_gamma, *norm.args[3:])
         if beta is not None:
-            replace_input_tensor(gm, norm, beta, fetch_attr(gm, str(beta.target)).detach() * scale, "_quadapter")
+            rewrite_input_tensor(gm, norm, beta, lambda b: b * scale, "FoldQuadapter: beta s", "_quadapter")
         site.input_mul.replace_all_uses_with(site.operand)
         gm.graph.erase_node(site.input_mul)

@@ -14,6 +14,12 @@ bit-identical to the converted model.
 Grouped (PEG) quantizers learn one range per group; per-channel ones one per channel. Model
 weights never change (they get no gradient). If training does not lower the calibration loss,
 the pass keeps the ranges it started from and says so.
+
+On a graph captured without weights (``low_memory=True``) the targets come from a forward in
+block order and every training forward runs segment by segment under activation checkpointing,
+each segment loading its weights (the converted ones from their int8 codes) when it runs and
+again when the backward needs it (:func:`~outlierfx.graph.segment_checkpoint.differentiable_forward`):
+the same autograd graph, so the same ranges bit for bit, with one block's weights in memory.
 """
 
 from __future__ import annotations
@@ -28,7 +34,10 @@ import torch.fx
 from .. import distributed
 from ..errors import PassError
 from ..graph.compare import masked_mse
+from ..graph import meta
+from ..graph.block_order import run_in_block_order
 from ..graph.copy import copy_graph_module
+from ..graph.segment_checkpoint import differentiable_forward
 from ..quantizers.observers import FakeQuantize, Observer, observation_paused
 from ..quantizers.spec import QuantSpec
 from ..quantizers.trainable import LearnableRange
@@ -86,7 +95,7 @@ class LearnRanges(GraphPass[LearnRangesPlan]):
             raise PassError("LearnRanges needs calibrated observers; run calibrate() first")
         schedule = Schedule(self.steps, my_batches(len(self.batches)), first=1)
         with torch.no_grad(), observation_paused():  # the targets of this rank's batches only
-            targets = {i: gm(**self.batches[i]) for i in schedule.mine}
+            targets = {i: self._float_outputs(gm, self.batches[i]) for i in schedule.mine}
         work = ConvertToFakeQuant(self.weight_spec, self.embedding_spec)(copy_graph_module(gm)).graph_module
         learnable = {n: LearnableRange(o, tied=self.tie_groups) for n, o in observers.items()}
         for name, module in learnable.items():
@@ -96,7 +105,8 @@ class LearnRanges(GraphPass[LearnRangesPlan]):
         params = [p for m in learnable.values() for p in (m.u_lo, m.u_hi)]
 
         def loss_of(i: int) -> torch.Tensor:
-            return masked_mse(work(**self.batches[i]), targets[i], self.batches[i].get("attention_mask"))
+            return masked_mse(differentiable_forward(work, self.batches[i]), targets[i],
+                              self.batches[i].get("attention_mask"))
 
         def full_loss() -> float:  # over all ranks' batches: every rank keeps the same snapshot
             return mean_loss(loss_of, schedule.mine, len(self.batches))
@@ -136,6 +146,13 @@ class LearnRanges(GraphPass[LearnRangesPlan]):
         best_step = int(chosen)
         return LearnRangesPlan(best, sum(p.numel() for p in params), self.steps, best_step, loss_start, best_loss,
                                best_step == 0, time.perf_counter() - start)
+
+    @staticmethod
+    def _float_outputs(gm: torch.fx.GraphModule, batch: Mapping[str, torch.Tensor]) -> object:
+        """``gm(**batch)``; in block order on a graph captured without weights."""
+        if gm.meta.get(meta.GM_WEIGHT_SOURCE) is None:
+            return gm(**batch)
+        return run_in_block_order(gm, [batch]).outputs[0]
 
     def apply(self, gm: torch.fx.GraphModule, plan: LearnRangesPlan) -> bool:
         if plan.kept_start:

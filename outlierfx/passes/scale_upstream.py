@@ -26,10 +26,11 @@ from collections.abc import Mapping
 import torch
 import torch.fx
 
-from ..graph.attrs import fetch_attr, replace_input_tensor
+from ..graph.block_order import probe_batches
 from ..graph.copy import copy_graph_module
 from ..graph.ops import aten, tensor_val
 from ..graph.probe import probe
+from ..graph.weight_source import rewrite_input_tensor
 from ..quantizers.observers import observation_paused
 
 # ops that move elements of one tensor around without mixing values (channel order is checked
@@ -86,12 +87,13 @@ def row_scalable_linear(operand: torch.fx.Node, channels: int) -> torch.fx.Node 
 
 def scale_rows(gm: torch.fx.GraphModule, linear: torch.fx.Node, scale: torch.Tensor, suffix: str) -> None:
     """Multiply ``linear``'s output channel c (weight row c and bias c) by ``scale[c]``, in new
-    tensors (a weight shared with another reader is untied)."""
+    tensors (a weight shared with another reader is untied; on a graph captured without weights,
+    computed when its block loads them: :func:`~outlierfx.graph.weight_source.rewrite_input_tensor`)."""
     weight = linear.args[1]
-    replace_input_tensor(gm, linear, weight, fetch_attr(gm, str(weight.target)).detach() * scale[:, None], suffix)
+    rewrite_input_tensor(gm, linear, weight, lambda w: w * scale[:, None], "s on the output rows: diag(s) W", suffix)
     bias = linear.args[2] if len(linear.args) > 2 else None
     if isinstance(bias, torch.fx.Node):
-        replace_input_tensor(gm, linear, bias, fetch_attr(gm, str(bias.target)).detach() * scale, suffix)
+        rewrite_input_tensor(gm, linear, bias, lambda b: b * scale, "s on the output rows: s b", suffix)
 
 
 def verify_row_folds(gm: torch.fx.GraphModule, folds: Mapping[str, tuple[torch.fx.Node, torch.fx.Node, torch.Tensor]],
@@ -133,8 +135,12 @@ def verify_row_folds(gm: torch.fx.GraphModule, folds: Mapping[str, tuple[torch.f
 
 def _values(gm: torch.fx.GraphModule, nodes: list[torch.fx.Node], inputs: tuple[tuple, dict]
             ) -> dict[str, torch.Tensor]:
-    """The values of ``nodes`` on ``inputs``, by node name (observers paused)."""
+    """The values of ``nodes`` on ``inputs``, by node name (observers paused); keyword inputs run
+    in block order on a graph captured without weights (:func:`probe_batches`)."""
     seen: dict[str, torch.Tensor] = {}
     with observation_paused():
-        probe(gm, nodes, inputs, lambda n, v: seen.__setitem__(n.name, v))
+        if inputs[0]:  # positional inputs: a graph holding its weights (block order takes keywords)
+            probe(gm, nodes, inputs, lambda n, v: seen.__setitem__(n.name, v))
+        else:
+            probe_batches(gm, nodes, [inputs[1]], lambda n, _, v: seen.__setitem__(n.name, v))
     return seen

@@ -10,14 +10,23 @@ same scales end to end on the task loss.
 The training graph is :func:`unfolded_fake_quant`: the converted fake-quant model with the
 scales still unfolded and straight-through quantizers
 (:mod:`outlierfx.quantizers.trainable`), so it computes what the folded model will.
+
+On a graph captured without weights (``quantize(..., low_memory=True)``) the block-by-block
+training runs as it is, with each segment's weights loaded (from the checkpoint, or the held
+int8 codes of the work graph's quantized weights) only while that segment trains and advances
+(:meth:`_Stepper.loading`), and the statistics before it (the SmoothQuant init's maxima, the
+site quantizers' ranges) are collected in block order (:func:`~outlierfx.graph.block_order.probe_batches`):
+the same values in the same order, so the same scales bit for bit. Phase 2 trains on the
+whole model's loss at every step and is refused there.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 import torch.fx
@@ -27,9 +36,11 @@ from ..errors import PassError
 from ..graph import meta
 from ..graph.attrs import del_attr, fetch_attr, set_attr, unique_attr_name
 from ..graph.compare import masked_mse
+from ..graph.block_order import probe_batches
 from ..graph.copy import copy_graph_module
-from ..graph.probe import flatten_inputs, probe, run_nodes, values_read_after
+from ..graph.probe import flatten_inputs, run_nodes, values_read_after
 from ..graph.view import GraphView
+from ..graph.weight_source import materialized, value_of
 from ..quantizers.observers import FakeQuantize, Observer, merge_across_ranks, observation_paused, token_mask
 from ..quantizers.spec import QuantSpec, weight_spec
 from ..quantizers.trainable import TrainableActivationQuantizer, TrainableWeightQuantizer
@@ -75,6 +86,8 @@ def unfolded_fake_quant(gm: torch.fx.GraphModule, weight: QuantSpec | None = Non
                 del_attr(converted, str(stale.target))
     converted.graph.lint()
     converted.recompile()
+    if meta.GM_WEIGHT_SOURCE in converted.meta:  # captured without weights: the copy drops the stale weights' codes
+        return copy_graph_module(converted)
     return converted
 
 
@@ -118,20 +131,25 @@ class TrainQuadapterPlan:
                 f"plateau){phase2} in {self.seconds:.1f}s; weights unchanged: {self.weights_unchanged}")
 
 
-def _fingerprint(gm: torch.fx.GraphModule) -> dict[str, tuple[int, float, float]]:
-    """Version counter and checksums of every model tensor (scales and quantizer state excluded)."""
+def _fingerprint(gm: torch.fx.GraphModule) -> dict[str, object]:
+    """Version counter and checksums of every model tensor (scales and quantizer state excluded;
+    a graph captured without weights holds meta stand-ins, whose version counters are checked,
+    and the weight source they load from)."""
     skip = {name for name, m in gm.named_modules() if isinstance(m, QUANTIZERS)}
-    out = {}
+    out: dict[str, object] = {"weight source": id(gm.meta.get(meta.GM_WEIGHT_SOURCE))}
     for name, t in list(gm.named_parameters()) + list(gm.named_buffers()):
         if name.startswith(SCALE_PREFIX) or name.rsplit(".", 1)[0] in skip:
             continue
         d = t.detach().double()
-        out[name] = (t._version, float(d.sum()), float(d.abs().sum()))
+        out[name] = (t._version, 0.0, 0.0) if t.is_meta else (t._version, float(d.sum()), float(d.abs().sum()))
     return out
 
 
 class _Stepper:
-    """Runs a graph block by block on several batches, keeping only the values later nodes read."""
+    """Runs a graph block by block on several batches, keeping only the values later nodes read.
+
+    On a graph captured without weights, a segment runs inside :meth:`loading`, which loads the
+    weights its nodes read; the caches never hold a weight (a later segment loads its own)."""
 
     def __init__(self, gm: torch.fx.GraphModule, inputs: Sequence[list]) -> None:
         self.gm = gm
@@ -140,19 +158,38 @@ class _Stepper:
         placeholders = [n for n in self.nodes if n.op == "placeholder"]
         self.caches = [dict(zip(placeholders, x)) for x in inputs]
         self.start = 0
+        source = gm.meta.get(meta.GM_WEIGHT_SOURCE)
+        self.loads = {n for n in self.nodes if n.op == "get_attr" and source is not None and n.target in source.tensors}
+        self.weights: dict[torch.fx.Node, torch.Tensor] = {}  # the loaded weights of the segment that runs
 
     def segment(self, end: str) -> tuple[int, torch.fx.Node]:
         return self.start, self.nodes[self.position[end]]
 
+    @contextlib.contextmanager
+    def loading(self, end: str) -> Iterator[None]:
+        """The weights the nodes from the current start through ``end`` read, loaded for the
+        ``with`` block (nothing to do on a graph holding its weights)."""
+        read = [a for n in self.nodes[self.start:self.position[end] + 1] for a in n.all_input_nodes if a in self.loads]
+        with materialized(self.gm, [str(a.target) for a in read]) if read else contextlib.nullcontext():
+            self.weights = {a: fetch_attr(self.gm, str(a.target)) for a in read}
+            try:
+                yield
+            finally:
+                self.weights = {}
+
+    def run(self, batch: int, stop: torch.fx.Node) -> dict[torch.fx.Node, object]:
+        """Batch ``batch`` (its position in the caches) from the cache through ``stop``."""
+        return run_nodes(self.gm, {**self.caches[batch], **self.weights}, self.start, stop)
+
     def advance(self, end: str) -> list[object]:
         """Values of node ``end`` per batch (no autograd); the caches move past it."""
-        start, stop = self.segment(end)
+        _, stop = self.segment(end)
         boundary = self.position[end] + 1
-        live = values_read_after(self.gm, boundary)
+        live = [n for n in values_read_after(self.gm, boundary) if n not in self.loads]
         outs = []
         with torch.no_grad(), observation_paused():  # observers shared with the input graph record nothing
-            for i, cache in enumerate(self.caches):
-                env = run_nodes(self.gm, cache, start, stop)
+            for i in range(len(self.caches)):
+                env = self.run(i, stop)
                 outs.append(env[stop])
                 self.caches[i] = {n: env[n] for n in live}
         self.start = boundary
@@ -207,6 +244,10 @@ class TrainQuadapter(GraphPass[TrainQuadapterPlan]):
             if not isinstance(quantizer, Observer) or not quantizer.calibrated:
                 raise PassError("Quadapter training needs calibrated observers (run calibrate() before it, "
                                 "ConvertToFakeQuant after it)")
+        if self.end_to_end_steps > 0 and gm.meta.get(meta.GM_WEIGHT_SOURCE) is not None:
+            raise PassError("Quadapter's phase 2 (end_to_end_steps) trains on the whole model's loss at every step, "
+                            "which a graph captured without weights (low_memory=True) cannot run; train block by "
+                            "block only (end_to_end_steps=0) or quantize the loaded model")
 
     def analyze(self, gm: torch.fx.GraphModule) -> TrainQuadapterPlan:
         start_time = time.perf_counter()
@@ -252,11 +293,13 @@ class TrainQuadapter(GraphPass[TrainQuadapterPlan]):
         for index, end in iterator:
             if index > last:
                 break
-            targets = reference.advance(end)
-            if index not in by_segment:
-                student.advance(end)
-                continue
-            block_fit = self._train_block(index, by_segment[index], scales, student, end, targets, masks, mine)
+            with reference.loading(end):
+                targets = reference.advance(end)
+            with student.loading(end):
+                if index not in by_segment:
+                    student.advance(end)
+                    continue
+                block_fit = self._train_block(index, by_segment[index], scales, student, end, targets, masks, mine)
             fits.append(block_fit)
             if bar is not None:
                 bar.set_postfix(loss=f"{block_fit.loss_before:.3g}->{block_fit.loss_after:.3g}", steps=block_fit.steps)
@@ -282,12 +325,12 @@ class TrainQuadapter(GraphPass[TrainQuadapterPlan]):
         """Train one block's scales; ``student``, ``targets`` and ``masks`` hold this rank's
         batches ``mine`` (global indices), and every loss that decides is over all ranks'."""
         params = [scales[t] for t in targets_of]
-        start, stop = student.segment(end)
+        _, stop = student.segment(end)
         local = {batch: k for k, batch in enumerate(mine)}
         total = len(self.batches)
 
         def loss_of(i: int) -> torch.Tensor:
-            env = run_nodes(student.gm, student.caches[local[i]], start, stop)
+            env = student.run(local[i], stop)
             return masked_mse(env[stop], targets[local[i]], masks[local[i]])
 
         before = mean_loss(loss_of, mine, total)
@@ -330,18 +373,17 @@ class TrainQuadapter(GraphPass[TrainQuadapterPlan]):
     def _smoothquant_init(self, work: torch.fx.GraphModule, sites: list[ScaleSite]) -> None:
         x_max: dict[str, torch.Tensor] = {}
 
-        def record(node: torch.fx.Node, value: torch.Tensor) -> None:
+        def record(node: torch.fx.Node, _: int, value: torch.Tensor) -> None:
             rows = value.detach().abs().reshape(-1, value.shape[-1]).amax(0)
             x_max[node.name] = torch.maximum(x_max[node.name], rows) if node.name in x_max else rows
 
         operands = {s.operand for s in sites}
         # every rank reads every batch here: one forward each, exact, under 1% of the pass
         with observation_paused():
-            for batch in self.batches:
-                probe(work, operands, ((), batch), record)
+            probe_batches(work, operands, self.batches, record)
         with torch.no_grad():
-            for site in sites:
-                w_max = torch.stack([fetch_attr(work, str(m.args[0].target)).detach().abs().amax(0)
+            for site in sites:  # value_of: one weight loaded at a time on a graph captured without weights
+                w_max = torch.stack([value_of(work, str(m.args[0].target)).abs().amax(0)
                                      for m in site.weight_muls]).amax(0)
                 log_s = (1 - self.alpha) * w_max.clamp_min(1e-5).log() - self.alpha * \
                     x_max[site.operand.name].clamp_min(1e-5).log()
@@ -359,9 +401,8 @@ class TrainQuadapter(GraphPass[TrainQuadapterPlan]):
             setattr(work, name, fresh[name])
         by_node = {site.input_mul: fresh[str(site.quantizer.target)] for site in sites}
         with observation_paused():
-            for i in mine:
-                with token_mask(self.batches[i].get("attention_mask")):
-                    probe(work, by_node, ((), self.batches[i]), lambda node, value: by_node[node].observe(value))
+            probe_batches(work, by_node, [self.batches[i] for i in mine],
+                          lambda node, _, value: by_node[node].observe(value), token_mask)
         merge_across_ranks(list(fresh.values()))
         return fresh
 
