@@ -24,8 +24,9 @@ from ..graph import meta
 from ..graph.probe import flatten_inputs
 
 # Compared output elements the whole example may have before the checks take a sample of its
-# sequences: 16M floats, 64 MB per held output (two sequences of SmolLM2's 128 x 49,152 logits).
-CHECK_OUTPUT_ELEMENTS = 1 << 24
+# sequences: 8M floats, 32 MB per held output (one sequence of SmolLM2's 128 x 49,152 logits; two
+# left the weight-free run's peak 80 MB higher, above 40% of the loaded run's).
+CHECK_OUTPUT_ELEMENTS = 1 << 23
 
 
 @dataclasses.dataclass(frozen=True)
