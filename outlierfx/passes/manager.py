@@ -17,6 +17,7 @@ from ..graph.block_order import run_in_block_order
 from ..graph.compare import OutputError, output_error, run
 from ..graph.copy import release_tensors
 from ..graph.shapes import propagate_values
+from ..memory import return_freed_memory
 from ..quantizers.observers import observation_paused
 from .audit import AuditEntry, AuditTrail, GraphDiff
 from .base import GraphPass, PassResult
@@ -106,6 +107,7 @@ class PassManager:
                 except Exception as exc:
                     raise PassError(f"{context} left an invalid graph: {type(exc).__name__}: {exc}") from exc
                 if self.check_outputs:
+                    return_freed_memory()  # the pass's temporaries: the check's values would sit among them
                     out = self._run(new, inputs)
                     mask = inputs[1].get("attention_mask")  # padded positions are compared out
                     mask = mask if isinstance(mask, torch.Tensor) else None
@@ -129,6 +131,9 @@ class PassManager:
                 release_tensors(gm)
             gm = new
             done.append(name)
+            # the replaced outputs, the released graph's tensors: glibc keeps freed pages between live
+            # ones, and the next pass's peak would start from this one's (docs/experiments/memory.md, 5.)
+            return_freed_memory()
             status.update()
         status.close()
         return PipelineResult(gm, audit)
