@@ -19,7 +19,7 @@ from .errors import CaptureError, DataError, OutlierFXWarning, SettingError
 from .generation import QuantizedCausalLM, first_token_rows, is_causal_lm
 from .graph import capture, meta
 from .graph.inputs import as_keyword_batch, check_keyword_inputs, check_model_weights
-from .graph.kv_cache import CachedDecoder, prefill_inputs
+from .graph.kv_cache import CachedDecoder, prefill_batches
 from .memory import return_freed_memory
 from .passes.audit import AuditTrail
 from .passes.insert_observers import InsertObserversPlan
@@ -272,11 +272,12 @@ def _capture_with_cache(model: torch.nn.Module, batches: list[dict[str, Any]], c
                         ) -> tuple[torch.fx.GraphModule | None, list[dict[str, Any]], tuple[str, ...]]:
     """The graph of ``model`` (a causal LM) with an explicit static KV cache
     (:class:`~outlierfx.graph.kv_cache.CachedDecoder`), captured on the first batch in the cache's
-    form, with every batch in that form (prompts from an empty cache of their own length). The
+    form, with every batch in that form (prompts from an empty cache of their own length, one
+    shared by the batches of a shape). The
     batches were checked against ``model`` already, so a failure here (the model run with the
     cache wrapper, or its export) is the wrapper's: then ``(None, batches, note)``, a warning
     says so, and the caller quantizes the one-pass forward as for ``generation=False``."""
-    cached = [prefill_inputs(model.config, batch) for batch in batches]
+    cached = prefill_batches(model.config, batches)
     try:
         return capture_graph(cached[0], CachedDecoder), cached, ()
     except (CaptureError, DataError) as exc:

@@ -175,7 +175,7 @@ def _quantize_on_this_rank(args: argparse.Namespace) -> int:
     from .api import quantize
     from .backends import check_backend, default_backend
     from .generation import QuantizedCausalLM
-    from .graph.kv_cache import prefill_inputs
+    from .graph.kv_cache import prefill_batches
     from .models import load, load_without_weights, saved_folder
 
     main = distributed.is_main()
@@ -201,7 +201,7 @@ def _quantize_on_this_rank(args: argparse.Namespace) -> int:
                              bits=args.bits, policy=args.policy, backend=backend, progress=True,
                              low_memory=args.low_memory)
     if isinstance(model, QuantizedCausalLM):  # saved with its KV cache: `outlierfx generate` continues prompts with it
-        batches = [prefill_inputs(loaded.model.config, batch) for batch in batches]  # the report graphs' inputs
+        batches = prefill_batches(loaded.model.config, batches)  # the report graphs' inputs
     if not main:  # every rank holds the same model; rank 0 writes it
         return 0
     _print_quantized(report, time.perf_counter() - start)

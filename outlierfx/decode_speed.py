@@ -35,7 +35,7 @@ import torch
 from .api import QuantizationResult, lower, quantize
 from .evaluate import DecoderEval
 from .generation import QuantizedCausalLM, incremental_perplexity
-from .graph.kv_cache import CachedDecoder, empty_cache, prefill_inputs
+from .graph.kv_cache import CachedDecoder, empty_cache, prefill_batches
 from .models import LoadedModel
 from .recipes import Recipe
 from .speed import TimedCall, torchao_pt2e
@@ -134,7 +134,7 @@ def decode_candidates(loaded: LoadedModel, calibration: Sequence[dict[str, torch
         found.append(DecodeCandidate(name, backend, EagerDecodeStep(peer, tokens), 0.0))
     if torchao:
         start = time.perf_counter()
-        cache_batches = [prefill_inputs(config, batch) for batch in calibration[:4]]
+        cache_batches = prefill_batches(config, calibration[:4])
         pt2e = torchao_pt2e(CachedDecoder(copy.deepcopy(model)), cache_batches)
         if pt2e is not None:
             step = CachedDecodeStep(QuantizedCausalLM(pt2e, config), tokens)

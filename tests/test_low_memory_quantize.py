@@ -14,12 +14,14 @@ import torch
 
 import outlierfx
 import outlierfx.api
+import outlierfx.graph.kv_cache
 import outlierfx.graph.weight_source as weight_source
 from outlierfx import low_memory, models
 from outlierfx.backends import BACKENDS, runnable_backends
 from outlierfx.cli import main
 from outlierfx.errors import DataError, SettingError
 from outlierfx.generation import QuantizedCausalLM
+from outlierfx.passes.check_sample import CheckSample
 from outlierfx.recipes import RecipeError, paper_recipe
 from outlierfx.recipes.presets import _low_bit_weights
 from outlierfx.testing import build_model, saved_llama, word_tokenizer
@@ -257,6 +259,35 @@ def test_the_default_preset_with_low_memory_is_the_loaded_models(saved, bits):
     assert report.recipe == expected_report.recipe and report.recipe.startswith("rotate+")
     assert report.why == expected_report.why
     _assert_same_int8_model(int8, expected, batches)
+
+
+def test_checks_on_a_sample_and_shared_empty_caches_keep_the_loaded_models_int8_model(saved, monkeypatch):
+    """What keeps the acceptance run's memory down, in both modes alike: the checks run on the
+    example's sequence with the most real tokens where its outputs exceed the limit (here one
+    sequence's logits), and reported; the batches of one shape share one empty KV cache, which no
+    graph writes into (the default preset's rotations, calibration and lowering ran on it)."""
+    folder, model, batches = saved
+    same_shape = {"input_ids": batches[0]["input_ids"].flip(1), "attention_mask": batches[0]["attention_mask"]}
+    batches = [*batches, same_shape]
+    example_tokens = batches[0]["attention_mask"].sum(1)
+    one_sequence = batches[0]["input_ids"].shape[1] * model.config.vocab_size
+    monkeypatch.setattr("outlierfx.passes.check_sample.CHECK_OUTPUT_ELEMENTS", one_sequence)
+    made = []
+    monkeypatch.setattr(outlierfx.api, "prefill_batches",
+                        lambda *a: made.append(outlierfx.graph.kv_cache.prefill_batches(*a)) or made[-1])
+    expected, expected_report = outlierfx.quantize(model, batches, backend=BACKEND, progress=False)
+    int8, report = outlierfx.quantize(folder, batches, backend=BACKEND, low_memory=True, progress=False)
+    checked = [e.checked_on for e in report.audit if e.error_vs_reference is not None]
+    assert len(checked) >= 3 and "Lower" in [e.pass_name for e in report.audit if e.checked_on]
+    assert set(checked) == {CheckSample(sequences=1, of_sequences=2, tokens=int(example_tokens.max()))}
+    assert [e.checked_on for e in report.audit] == [e.checked_on for e in expected_report.audit]
+    assert [e.error_vs_reference for e in report.audit] == [e.error_vs_reference for e in expected_report.audit]
+    assert "on 1 of 2 sequences of the example" in report.audit.to_text()
+    _assert_same_int8_model(int8, expected, batches)
+    for cached in made:
+        assert [len(b["keys"]) for b in cached] == [model.config.num_hidden_layers] * 3
+        assert cached[2]["keys"][0] is cached[0]["keys"][0] and cached[1]["keys"][0] is not cached[0]["keys"][0]
+        assert all(not t.any() for b in cached for t in [*b["keys"], *b["values"]])  # still empty
 
 
 def test_a_nan_weight_is_found_in_calibration_as_in_the_normal_run(tmp_path):

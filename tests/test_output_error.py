@@ -56,3 +56,12 @@ def test_a_masked_logits_comparison_is_computed_a_few_tokens_at_a_time(monkeypat
     logits = torch.randn(2, 8, 10)
     compare.output_error(logits, logits + 1, torch.ones(2, 8))
     assert sizes and max(sizes) <= 30 and sum(sizes) == logits.numel()
+
+
+def test_a_float64_reference_is_left_as_it_was():
+    """The differences are taken in place on a float64 copy of each piece: a float64 reference's
+    pieces are views of it, and ``.double()`` of one would be the view itself."""
+    reference = torch.linspace(-3, 3, 40, dtype=torch.float64).reshape(2, 4, 5)
+    kept = reference.clone()
+    error = compare.output_error(reference, reference + 0.25)
+    assert error.max_abs == pytest.approx(0.25) and torch.equal(reference, kept)

@@ -12,8 +12,10 @@ import torch.fx
 import outlierfx
 from outlierfx.errors import PassError
 from outlierfx.graph.attrs import fetch_attr, set_attr
+from outlierfx.graph.meta import GM_EXAMPLE_INPUTS
 from outlierfx.graph.ops import aten
 from outlierfx.passes import GraphPass, PassManager, PassResult
+from outlierfx.passes.check_sample import CheckSample, check_sample
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,3 +179,41 @@ def test_a_pass_returning_the_wrong_type_is_rejected(captured):
 def test_plain_callables_work_as_passes(captured):
     result = PassManager([lambda gm: PassResult(gm, False)], check_outputs=False)(captured)
     assert not result.modified and len(result.audit) == 1
+
+
+def test_checks_run_on_a_sample_of_the_example_where_its_outputs_are_large(captured):
+    """The example is 3 rows of 4 outputs: a limit of 8 output elements keeps 2 of its rows for
+    the checks (each holds the reference and the previous outputs), and the audit says so."""
+    result = PassManager([InsertExactScalePair(), FindsNothing()], check_elements=8)(captured)
+    changed, unchanged = result.audit.entries
+    assert changed.checked_on == CheckSample(sequences=2, of_sequences=3, tokens=None)
+    assert changed.error_vs_reference.max_abs == 0.0 and unchanged.checked_on is None  # nothing ran
+    assert json.loads(result.audit.to_json())["passes"][0]["checked_on"] == {"sequences": 2, "of_sequences": 3,
+                                                                            "tokens": None}
+    assert "on 2 of 3 sequences of the example" in result.audit.to_text()
+    whole = PassManager([InsertExactScalePair()])(captured).audit.entries[0].checked_on
+    assert whole == CheckSample(sequences=3, of_sequences=3, tokens=None) and whole.whole_example
+    with pytest.raises(PassError, match="pass Perturb .* changed the outputs"):  # a sample still catches it
+        PassManager([Perturb()], check_elements=4)(captured)
+
+
+def test_the_check_sample_keeps_the_sequences_with_the_most_real_tokens():
+    model = torch.nn.Embedding(10, 6)
+
+    class Masked(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = model
+
+        def forward(self, input_ids, attention_mask):
+            return self.embed(input_ids) * attention_mask[..., None]
+
+    ids = torch.randint(0, 10, (4, 5))
+    mask = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    gm = outlierfx.capture(Masked(), {"input_ids": ids, "attention_mask": mask})
+    (args, kwargs), sample = check_sample(gm, gm.meta[GM_EXAMPLE_INPUTS], max_elements=2 * 5 * 6)
+    assert sample == CheckSample(sequences=2, of_sequences=4, tokens=10)
+    assert torch.equal(kwargs["input_ids"], ids[[1, 3]]) and torch.equal(kwargs["attention_mask"], mask[[1, 3]])
+    static = outlierfx.capture(Masked(), {"input_ids": ids, "attention_mask": mask}, dynamic=False)
+    inputs = static.meta[GM_EXAMPLE_INPUTS]
+    assert check_sample(static, inputs, max_elements=1) == (inputs, None)  # a static batch cannot be cut

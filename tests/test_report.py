@@ -140,6 +140,10 @@ def test_report_files_are_self_contained_escaped_and_never_overwritten(tiny, tmp
     assert data["quantization"]["audit"]["passes"][0]["pass"] == "InsertObservers"
     assert data["outliers"]["before"] and data["outliers"]["after"] is None  # naive rewrites nothing
     assert data["quantization"]["not_at_target"] == report.not_at_target()
+    checked = [(i, e.checked_on) for i, e in enumerate(report.audit) if e.checked_on is not None]
+    assert checked and all(c.whole_example and c.of_sequences == 3 for _, c in checked)  # a small output: all of it
+    assert f"Checked on {html.escape(checked[0][1].describe())}." in page
+    assert data["quantization"]["audit"]["passes"][checked[0][0]]["checked_on"] == checked[0][1].as_dict()
     with pytest.raises(OutlierFXError, match="exists"):
         write_report(tmp_path / "out", report=report)
     assert html_path.read_text() == page

@@ -4,7 +4,9 @@ import pytest
 
 import outlierfx
 from outlierfx.graph import OpKind, meta
+from outlierfx.graph.ops import SDPA, op_kind
 from outlierfx.graph.view import GraphView
+from outlierfx.passes.fuse_attention import FuseAttention
 from outlierfx.testing import build_model
 
 
@@ -17,6 +19,19 @@ def test_blocks_and_residual_adds(family, layers):
     for block in view.blocks:
         assert [r.kind for r in block.sublayers] == ["attention", "mlp"]
     assert len(view.norm_sites) == 2 * layers + 1
+
+
+def test_fused_attention_still_starts_a_block():
+    """FuseAttention replaces each softmax chain by one SDPA call; its blocks are the captured
+    graph's (a block-order check of the fused graph loads one block's weights at a time: with
+    one block found, it loaded every layer's at once, +410 MB on SmolLM2)."""
+    g = build_model("llama", layers=3)
+    captured = outlierfx.capture(g.model, g.inputs)
+    fused = FuseAttention()(captured).graph_module
+    assert any(n.target is SDPA for n in fused.graph.nodes)
+    assert not any(op_kind(n) is OpKind.SOFTMAX for n in fused.graph.nodes)
+    assert [b.path for b in GraphView(fused).blocks] == [b.path for b in GraphView(captured).blocks] \
+        == [f"model.layers.{i}" for i in range(3)]
 
 
 def test_post_ln_norms_feed_the_residual_stream():

@@ -96,8 +96,11 @@ class QuantizedLinear(torch.nn.Module):
     def _pack(self) -> object:
         zeros = torch.zeros(self.out_features, dtype=torch.long)
         if self.engine == "onednn":
-            # sum_k W[o, k] w_scale[o]: the closed-form first-row correction of _onednn_sink
-            row_sums = (self.weight_int8.sum(1, dtype=torch.int64).double() * self.weight_scale).float()
+            # sum_k W[o, k] w_scale[o]: the closed-form first-row correction of _onednn_sink; summed
+            # 4,096 rows at a time: sum(dtype=int64) makes an int64 copy of what it sums, 226 MB
+            # for SmolLM2's LM head, the peak of the low-memory run's lowered check
+            sums = torch.cat([rows.sum(1, dtype=torch.int64) for rows in self.weight_int8.split(4096)])
+            row_sums = (sums.double() * self.weight_scale).float()
             self._packed = (torch.ops.onednn.qlinear_prepack(self.weight_int8, None), self.weight_scale.float(), zeros,
                             row_sums)
             return self._packed

@@ -61,8 +61,8 @@ def output_error(reference: Any, actual: Any, token_mask: torch.Tensor | None = 
             raise ValueError(f"output shapes differ: {tuple(ref_leaf.shape)} vs {tuple(act_leaf.shape)}")
         for ref, act in _pieces(ref_leaf.detach(), act_leaf.detach(), keep):
             if bool(torch.isfinite(ref).all()) and bool(torch.isfinite(act).all()):  # the common, fast path
-                if ref.numel():  # differences in float64 (exact for float32), as on the path below
-                    max_abs = max(max_abs, float((ref.double() - act.double()).abs().max()))
+                if ref.numel():  # differences in float64 (exact for float32), as on the path below, in place
+                    max_abs = max(max_abs, float(ref.to(torch.float64, copy=True).sub_(act).abs_().max()))
                     ref_max = max(ref_max, float(ref.abs().max()))
                 continue
             nonfinite += int((~torch.isfinite(act)).sum() - (~torch.isfinite(ref)).sum())
@@ -74,7 +74,10 @@ def output_error(reference: Any, actual: Any, token_mask: torch.Tensor | None = 
     return OutputError(max_abs=max_abs, max_rel=max_rel, reference_max=ref_max, nonfinite=max(nonfinite, 0))
 
 
-_PIECE = 1 << 22  # elements compared at a time (16 MB of float32)
+# elements compared at a time (4 MB of float32, its float64 difference 8 MB): with 4M, the
+# pieces' temporaries and the heap pages glibc kept after them added 110-150 MB to the lowered
+# check's peak on SmolLM2 (docs/experiments/memory.md, section 5)
+_PIECE = 1 << 20
 
 
 def _pieces(ref: torch.Tensor, act: torch.Tensor, keep: torch.Tensor | None

@@ -24,6 +24,7 @@ tokenizer's: calibration batches keep their padding mask for the observers.
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -120,10 +121,12 @@ def positions_in_text(filled: torch.Tensor) -> torch.Tensor:
 
 
 def cache_inputs(config: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 max_cache_len: int | None = None, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+                 max_cache_len: int | None = None, dtype: torch.dtype = torch.float32,
+                 caches: dict[tuple, tuple[list[torch.Tensor], list[torch.Tensor]]] | None = None) -> dict[str, Any]:
     """The graph's inputs for whole sequences from an empty cache (a prefill, a calibration batch,
     a full-sequence forward): tokens at columns ``0..tokens-1`` of a cache of ``max_cache_len``
-    columns (default: just the tokens) in ``dtype``."""
+    columns (default: just the tokens) in ``dtype``. With ``caches`` (shape -> empty caches, filled
+    as needed) inputs of one shape share their empty caches (see :func:`prefill_batches`)."""
     batch, tokens = input_ids.shape
     length = tokens if max_cache_len is None else max_cache_len
     if tokens > length:
@@ -131,19 +134,34 @@ def cache_inputs(config: Any, input_ids: torch.Tensor, attention_mask: torch.Ten
                         f"or shorter inputs")
     filled = torch.zeros(batch, length, dtype=torch.long)
     filled[:, :tokens] = 1 if attention_mask is None else attention_mask
-    keys, values = empty_cache(config, batch, length, dtype)
+    shape = (batch, length, dtype)
+    keys, values = empty_cache(config, batch, length, dtype) if caches is None or shape not in caches else caches[shape]
+    if caches is not None:
+        caches[shape] = keys, values
     return {"input_ids": input_ids, "attention_mask": filled, "cache_position": torch.arange(tokens),
             "keys": keys, "values": values}
 
 
-def prefill_inputs(config: Any, batch: Any) -> dict[str, Any]:
+def prefill_batches(config: Any, batches: Iterable[Any]) -> list[dict[str, Any]]:
+    """Prompt-shaped batches as the graph's inputs (:func:`prefill_inputs`), those of one shape
+    sharing one set of empty caches: the graph never writes into its inputs (it writes a batch's
+    keys and values into copies, ``index_copy``), so an empty cache stays empty, and a calibration
+    set held in this form costs one empty cache per shape, not one per batch (SmolLM2's 8 x 128
+    batches: 47 MB each; docs/experiments/memory.md, section 5)."""
+    caches: dict[tuple, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+    return [prefill_inputs(config, batch, caches) for batch in batches]
+
+
+def prefill_inputs(config: Any, batch: Any,
+                   caches: dict[tuple, tuple[list[torch.Tensor], list[torch.Tensor]]] | None = None) -> dict[str, Any]:
     """A prompt-shaped batch (a tokenizer's ``input_ids`` and ``attention_mask``) as the graph's
-    inputs from an empty cache of its own length: how calibration batches reach the graph."""
+    inputs from an empty cache of its own length: how calibration batches reach the graph
+    (``caches``: as :func:`cache_inputs` takes them)."""
     if not isinstance(batch, dict) or "input_ids" not in batch:
         keys = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
         raise DataError(f"a decoder's batches need input_ids (got {keys}) to quantize it for generation; pass the "
                         f"tokenizer's output, or quantize(..., generation=False) for its one-pass forward")
-    return cache_inputs(config, batch["input_ids"], batch.get("attention_mask"))
+    return cache_inputs(config, batch["input_ids"], batch.get("attention_mask"), caches=caches)
 
 
 def in_place_cache_writes(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:

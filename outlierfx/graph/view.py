@@ -21,7 +21,7 @@ import networkx as nx
 import torch.fx
 
 from . import meta
-from .ops import NORM_KINDS, OpKind, is_float_tensor, is_kind, op_kind, tensor_val, users_through_layout_ops
+from .ops import SDPA, NORM_KINDS, OpKind, is_float_tensor, is_kind, op_kind, tensor_val, users_through_layout_ops
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,7 +95,9 @@ class GraphView:
                     continue
                 inner = self.between(origin, branch) | {branch}
                 if any(is_kind(n, OpKind.LINEAR) for n in inner):
-                    kind = "attention" if any(is_kind(n, OpKind.SOFTMAX) for n in inner) else "mlp"
+                    # a softmax, or the one SDPA call FuseAttention made of it (a block's boundary
+                    # either way: block-order runs load one block's weights at a time)
+                    kind = "attention" if any(is_kind(n, OpKind.SOFTMAX) or n.target is SDPA for n in inner) else "mlp"
                     found.append(ResidualAdd(node, shortcut, branch, kind, origin))
                     break
         return tuple(found)

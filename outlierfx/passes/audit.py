@@ -13,6 +13,7 @@ import torch.fx
 
 from ..graph import meta
 from ..graph.compare import OutputError
+from .check_sample import CheckSample
 
 
 def to_jsonable(obj: Any) -> Any:
@@ -65,6 +66,7 @@ class AuditEntry:
     error_vs_previous: OutputError | None
     error_vs_reference: OutputError | None
     seconds: float
+    checked_on: CheckSample | None = None  # the example's sequences the errors were measured on
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -77,6 +79,7 @@ class AuditEntry:
             "error_vs_previous": self.error_vs_previous.as_dict() if self.error_vs_previous else None,
             "error_vs_reference": self.error_vs_reference.as_dict() if self.error_vs_reference else None,
             "seconds": self.seconds,
+            "checked_on": self.checked_on.as_dict() if self.checked_on else None,
         }
 
 
@@ -108,6 +111,8 @@ class AuditTrail:
                 err = f"; max |error| vs previous {e.error_vs_previous.max_abs:.3g} (rel {e.error_vs_previous.max_rel:.2g})"
             if e.error_vs_reference is not None:
                 err += f", vs original {e.error_vs_reference.max_abs:.3g} (rel {e.error_vs_reference.max_rel:.2g})"
+            if e.checked_on is not None and not e.checked_on.whole_example:
+                err += f" on {e.checked_on.describe()}"
             lines.append(
                 f"{i}. {e.pass_name}: {status}, +{len(e.diff.added)} -{len(e.diff.removed)} "
                 f"~{len(e.diff.changed)} nodes, {e.seconds:.2f}s{err}"

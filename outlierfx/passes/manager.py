@@ -17,9 +17,11 @@ from ..graph.block_order import run_in_block_order
 from ..graph.compare import OutputError, output_error, run
 from ..graph.copy import release_tensors
 from ..graph.shapes import propagate_values
+from ..memory import return_freed_memory
 from ..quantizers.observers import observation_paused
 from .audit import AuditEntry, AuditTrail, GraphDiff
 from .base import GraphPass, PassResult
+from .check_sample import check_sample
 
 Pass = Callable[[torch.fx.GraphModule], PassResult]
 
@@ -42,6 +44,9 @@ class PassManager:
         check_outputs: run the graph before and after each pass on ``sample_inputs`` and record
             the error; a pass that declares ``output_rel_tol`` fails if it exceeds it.
         sample_inputs: ``(args, kwargs)``; defaults to the inputs the graph was captured with.
+            The checks run on a sample of its sequences where the compared outputs of all of
+            them would be large (:mod:`.check_sample`; ``check_elements``: the limit, default
+            ``CHECK_OUTPUT_ELEMENTS``); each audit entry says which.
         progress: a status bar that names the pass running (calibration, GPTQ, conversion and
             lowering take from seconds to minutes on a real model).
 
@@ -54,17 +59,22 @@ class PassManager:
         *,
         check_outputs: bool = True,
         sample_inputs: tuple[tuple[Any, ...], dict[str, Any]] | None = None,
+        check_elements: int | None = None,
         progress: bool = False,
     ) -> None:
         self.passes = list(passes)
         self.check_outputs = check_outputs
         self.sample_inputs = sample_inputs
+        self.check_elements = check_elements
         self.progress = progress
 
     def __call__(self, gm: torch.fx.GraphModule) -> PipelineResult:
         inputs = self.sample_inputs or gm.meta.get(meta.GM_EXAMPLE_INPUTS)
         if self.check_outputs and inputs is None:
             raise PassError("check_outputs needs sample_inputs (the graph carries no captured example inputs)")
+        sample = None
+        if self.check_outputs:
+            inputs, sample = check_sample(gm, inputs, self.check_elements)
         reference = self._run(gm, inputs) if self.check_outputs else None
         previous_out = reference
         first = gm  # the caller's graph: never released
@@ -97,6 +107,7 @@ class PassManager:
                 except Exception as exc:
                     raise PassError(f"{context} left an invalid graph: {type(exc).__name__}: {exc}") from exc
                 if self.check_outputs:
+                    return_freed_memory()  # the pass's temporaries: the check's values would sit among them
                     out = self._run(new, inputs)
                     mask = inputs[1].get("attention_mask")  # padded positions are compared out
                     mask = mask if isinstance(mask, torch.Tensor) else None
@@ -112,6 +123,7 @@ class PassManager:
                     diff=GraphDiff.between(gm.graph, new.graph) if result.modified else GraphDiff((), (), ()),
                     error_vs_previous=err_prev,
                     error_vs_reference=err_ref,
+                    checked_on=sample if err_ref is not None else None,
                     seconds=time.perf_counter() - start,
                 )
             )
@@ -119,6 +131,9 @@ class PassManager:
                 release_tensors(gm)
             gm = new
             done.append(name)
+            # the replaced outputs, the released graph's tensors: glibc keeps freed pages between live
+            # ones, and the next pass's peak would start from this one's (docs/experiments/memory.md, 5.)
+            return_freed_memory()
             status.update()
         status.close()
         return PipelineResult(gm, audit)

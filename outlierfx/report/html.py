@@ -144,6 +144,7 @@ def _pass_section(i: int, entry: AuditEntry) -> str:
         _certificate("vs the previous graph", entry.error_vs_previous),
         _certificate("vs the captured original", entry.error_vs_reference),
         "</tbody></table>",
+        f'<p class="muted">Checked on {_e(entry.checked_on.describe())}.</p>' if entry.checked_on else "",
         f"<details><summary>plan (JSON)</summary><pre>{_e(plan_json)}</pre></details>",
     ]
     return "\n".join(p for p in parts if p)
