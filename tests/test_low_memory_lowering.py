@@ -12,9 +12,10 @@ import torch
 import outlierfx
 import outlierfx.graph.weight_source as weight_source
 from outlierfx.backends import runnable_backends
+from outlierfx.backends.int8_linear import QuantizedLinear
 from outlierfx.graph import meta
 from outlierfx.graph.attrs import fetch_attr
-from outlierfx.graph.weight_source import capture_without_weights
+from outlierfx.graph.weight_source import capture_without_weights, held_codes
 from outlierfx.passes import Calibrate, ConvertToFakeQuant, FuseAttention, InsertObservers, Lower
 from outlierfx.passes.lower import lower_model
 from outlierfx.quantizers.integer_codes import HeldCodes, quantized_weights
@@ -109,3 +110,19 @@ def test_lower_model_checks_a_weight_free_graph_in_block_order(converted, tmp_pa
     with torch.no_grad():
         for batch in batches:
             assert torch.equal(reloaded(**batch).logits, lowered(**batch).logits)
+
+
+@pytest.mark.skipif("onednn" not in runnable_backends(("onednn",)), reason="no onednn engine")
+def test_merged_gemms_lowered_from_held_codes_hold_them_without_an_int8_copy(tmp_path):
+    # Linear inputs quantized, outputs float: Q/K/V and gate/up merge into one GEMM each
+    g, batches = saved_llama(tmp_path, LAYERS, ((1, 8, 2),))
+    policy = make_policy("linear-inputs")
+    observed = InsertObservers(policy)(capture_without_weights(tmp_path, g.inputs)).graph_module
+    light = ConvertToFakeQuant(policy.weight, policy.embedding)(Calibrate(batches)(observed).graph_module).graph_module
+    light = FuseAttention()(light).graph_module
+    lowered = Lower("onednn")(light).graph_module
+    assert [m for m in lowered.modules() if isinstance(m, QuantizedLinear) and m.row_blocks > 1]
+    # every int8 tensor of the lowered model is one the weight source held: a merged GEMM keeps
+    # its parts' rows (a stacked copy of them doubled them while the source graph lived)
+    held = {held_codes(light, t).codes.untyped_storage().data_ptr() for t in quantized_weights(light)}
+    assert {t.untyped_storage().data_ptr() for t in _tensors(lowered).values() if t.dtype == torch.int8} <= held

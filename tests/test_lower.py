@@ -1,6 +1,8 @@
 """Lowering fake-quant graphs to integer kernels: per-op numerics on every backend, PEG as
 grouped GEMMs, the compiled path, and size on disk (save/load: tests/test_serialize.py)."""
 
+import copy
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -96,8 +98,32 @@ def test_onednn_runs_linears_that_read_one_input_as_one_gemm(family, merged_per_
     modules = quantized_linears(result.graph_module)
     assert len(modules) == len(result.plan.linears) - (merged_per_layer - groups) * layers
     assert len({id(m) for m in result.graph_module.modules() if isinstance(m, QuantizedLinear)}) == len(modules)
+    # a merged GEMM holds its parts' int8 rows as they are (stacked only while packed)
+    assert all(m.row_blocks == 3 for m in modules.values() if m.out_features == 3 * g.config.hidden_size)
     assert_int8_linears_within_one_step(result.graph_module, g.inputs)
     assert_tokens_close(Lower("reference")(qmodel).graph_module, result.graph_module, g.inputs)
+
+
+@pytest.mark.parametrize("engine", [e for e in ENGINES if e != "qnnpack"])  # float outputs
+def test_a_weight_given_as_row_blocks_runs_as_its_stacked_weight_bit_for_bit(engine):
+    torch.manual_seed(0)
+    blocks = [torch.randint(-127, 128, (rows, 24), dtype=torch.int8) for rows in (16, 8, 8)]
+    scale = torch.rand(32, dtype=torch.float64) / 50 + 1e-3
+    bias = torch.randn(32)
+    sink = (1, 0.2, 120) if engine == "onednn" else None  # the first row's closed-form correction reads the row sums
+    args = (scale, bias, (0.05, 128, 0, 255), None, engine)
+    stacked = QuantizedLinear(torch.cat(blocks), *args, sink=sink)
+    merged = QuantizedLinear(blocks, *args, sink=sink)
+    assert merged.row_blocks == 3 and (merged.out_features, merged.in_features) == (32, 24)
+    assert all(a is b for a, b in zip(merged.weight_blocks(), blocks))  # held as given, not stacked
+    assert torch.equal(merged.int8_weight(), stacked.int8_weight())
+    x = torch.randn(2, 8, 24)
+    with torch.no_grad():
+        want = stacked(x)
+        assert torch.equal(merged(x), want)
+        assert torch.equal(copy.deepcopy(merged)(x), want)  # packed again from the blocks
+    with pytest.raises(ValueError, match="one width"):
+        QuantizedLinear([blocks[0], blocks[1][:, :12]], *args)
 
 
 @pytest.mark.parametrize("engine", [e for e in ("onednn", "x86") if e in ENGINES])

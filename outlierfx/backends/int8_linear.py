@@ -15,6 +15,8 @@ The engine tables below are what these kernels do; the backends' :class:`~outlie
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from .capabilities import BackendError, PostOp
@@ -45,18 +47,28 @@ class QuantizedLinear(torch.nn.Module):
     (``fbgemm``/``x86`` only).
     """
 
-    def __init__(self, weight_int8: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
+    def __init__(self, weight_int8: torch.Tensor | Sequence[torch.Tensor], weight_scale: torch.Tensor,
+                 bias: torch.Tensor | None,
                  in_qparams: tuple[float, int, int, int], out_qparams: tuple[float, int] | None, engine: str,
                  gelu: str | None = None, sink: tuple[int, float, int] | None = None, residual: bool = False,
                  sink_out: tuple[int, float, int] | None = None) -> None:
         super().__init__()
-        if weight_int8.dtype != torch.int8:
-            raise ValueError(f"weight must be int8, got {weight_int8.dtype}")
+        blocks = [weight_int8] if isinstance(weight_int8, torch.Tensor) else list(weight_int8)
+        if any(b.dtype != torch.int8 for b in blocks):
+            raise ValueError(f"weight must be int8, got {[b.dtype for b in blocks]}")
+        if len({b.shape[1:] for b in blocks}) != 1 or any(b.dim() != 2 for b in blocks):
+            raise ValueError(f"the weight's row blocks must be 2-D with one width, got {[tuple(b.shape) for b in blocks]}")
         if out_qparams is None and engine not in FLOAT_OUTPUT_ENGINES:
             raise BackendError(f"engine {engine} has no int8 GEMM with float output")
         if gelu is not None and (not _fuses(engine, PostOp.GELU) or gelu not in ("none", "tanh")):
             raise BackendError(f"a fused GELU ({gelu!r}) needs an engine that fuses it, not {engine}")
-        self.register_buffer("weight_int8", weight_int8.contiguous())
+        # A merged GEMM (Q/K/V, gate/up) keeps its parts' int8 rows as they are, one buffer each
+        # (the codes the lowered model holds for saving are those buffers): its stacked weight
+        # exists only while it is packed. Stacked for good, it was a second int8 copy of those
+        # rows next to onednn's packed one (70 MB on SmolLM2; docs/experiments/memory.md).
+        self.row_blocks = len(blocks)
+        for name, block in zip(self._block_names(), blocks):
+            self.register_buffer(name, block.contiguous())
         self.register_buffer("weight_scale", weight_scale.detach().double())  # no copy if already float64
         self.register_buffer("bias", None if bias is None else bias.detach().float())
         self.in_scale, self.in_zero_point, self.in_qmin, self.in_qmax = float(in_qparams[0]), *map(int, in_qparams[1:])
@@ -85,27 +97,40 @@ class QuantizedLinear(torch.nn.Module):
         self.out_dtype = torch.float32
         self._packed: object | None = None
 
+    def _block_names(self) -> list[str]:
+        return ["weight_int8"] if self.row_blocks == 1 else [f"weight_int8_{i}" for i in range(self.row_blocks)]
+
+    def weight_blocks(self) -> list[torch.Tensor]:
+        """The int8 weight's row blocks (one, or a merged GEMM's parts), in output order."""
+        return [getattr(self, name) for name in self._block_names()]
+
+    def int8_weight(self) -> torch.Tensor:
+        """The whole ``[out, in]`` int8 weight (a merged GEMM's blocks stacked: a new tensor)."""
+        blocks = self.weight_blocks()
+        return blocks[0] if len(blocks) == 1 else torch.cat(blocks)
+
     @property
     def in_features(self) -> int:
-        return self.weight_int8.shape[1]
+        return self.weight_blocks()[0].shape[1]
 
     @property
     def out_features(self) -> int:
-        return self.weight_int8.shape[0]
+        return sum(block.shape[0] for block in self.weight_blocks())
 
     def _pack(self) -> object:
         zeros = torch.zeros(self.out_features, dtype=torch.long)
+        weight = self.int8_weight()  # stacked only for packing: freed once packed
         if self.engine == "onednn":
             # sum_k W[o, k] w_scale[o]: the closed-form first-row correction of _onednn_sink; summed
             # 4,096 rows at a time: sum(dtype=int64) makes an int64 copy of what it sums, 226 MB
             # for SmolLM2's LM head, the peak of the low-memory run's lowered check
-            sums = torch.cat([rows.sum(1, dtype=torch.int64) for rows in self.weight_int8.split(4096)])
+            sums = torch.cat([rows.sum(1, dtype=torch.int64) for rows in weight.split(4096)])
             row_sums = (sums.double() * self.weight_scale).float()
-            self._packed = (torch.ops.onednn.qlinear_prepack(self.weight_int8, None), self.weight_scale.float(), zeros,
+            self._packed = (torch.ops.onednn.qlinear_prepack(weight, None), self.weight_scale.float(), zeros,
                             row_sums)
             return self._packed
         with quantized_engine(self.engine), quantized_tensors_quietly():
-            qweight = torch._make_per_channel_quantized_tensor(self.weight_int8, self.weight_scale, zeros, 0)
+            qweight = torch._make_per_channel_quantized_tensor(weight, self.weight_scale, zeros, 0)
             self._packed = torch.ops.quantized.linear_prepack(qweight, self.bias)
         return self._packed
 
@@ -253,6 +278,7 @@ class QuantizedLinear(torch.nn.Module):
         state.setdefault("residual", False)
         state.setdefault("codes_out", False)
         state.setdefault("sink_out", None)
+        state.setdefault("row_blocks", 1)  # saved before merged GEMMs kept their parts' rows
         state.setdefault("out_dtype", torch.float32)
         if state["sink_out"] is not None and len(state["sink_out"]) == 2:  # saved as (scale, zero point)
             state["sink_out"] = (state["sink"][0], *state["sink_out"])

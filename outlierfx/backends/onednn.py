@@ -169,11 +169,13 @@ class OnednnLowering(EagerLowering):
                 groups.setdefault(key, []).append(node)
         for nodes in groups.values():
             modules = [self.gm.get_submodule(str(n.target)) for n in nodes]
-            if len(nodes) < 2 or sum(m.weight_int8.numel() for m in modules) > MAX_MERGED_WEIGHT:
+            if len(nodes) < 2 or sum(m.out_features * m.in_features for m in modules) > MAX_MERGED_WEIGHT:
                 continue
             first = modules[0]
             biases = [m.bias if m.bias is not None else torch.zeros(m.out_features) for m in modules]
-            merged = QuantizedLinear(torch.cat([m.weight_int8 for m in modules]), torch.cat([m.weight_scale for m in modules]),
+            # the parts' int8 rows as they are (no stacked copy): stacked only to be packed
+            merged = QuantizedLinear([b for m in modules for b in m.weight_blocks()],
+                                     torch.cat([m.weight_scale for m in modules]),
                                      torch.cat(biases), (first.in_scale, first.in_zero_point, first.in_qmin, first.in_qmax),
                                      None, self.engine, sink=first.sink)
             name = unique_attr_name(self.gm, LINEAR_MODULE_PREFIX + "merged_" + nodes[0].name)

@@ -62,7 +62,7 @@ def fake_quant_linear(module: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
         if n and not x.is_quantized and x.dim() >= 3 and x.shape[1] > n:  # the first tokens on their own grid
             grid[:, :n] = torch.fake_quantize_per_tensor_affine(x[:, :n], *sink, 0, 255)
         x = grid
-    weight = module.weight_int8.float() * module.weight_scale.float()[:, None]
+    weight = module.int8_weight().float() * module.weight_scale.float()[:, None]
     y = torch.nn.functional.linear(x, weight, module.bias)
     if module.gelu is not None:
         y = torch.nn.functional.gelu(y, approximate=module.gelu)
