@@ -6,8 +6,12 @@ from hypothesis import HealthCheck, settings
 
 # Under pytest-xdist each worker is its own process: one intra-op thread per worker avoids
 # oversubscribing the cores (OpenMP spin-waiting makes oversubscribed runs several times slower).
+# The command-line tests' subprocesses (the demo, quantize, torchrun) inherit OMP_NUM_THREADS:
+# with torch's default (one thread per core) beside the other worker, the demo test took 1,982 s
+# in a suite against 132 s alone.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # Exporting a generated model takes ~1 s: no per-example deadline; examples are few but real.
 settings.register_profile(
