@@ -163,6 +163,9 @@ def test_rotating_in_chunks_equals_rotating_whole(how):
     whole = (v.reshape(v.shape[0], -1, 64) @ q).reshape(v.shape) if how == RIGHT else \
         (q.T @ v.reshape(-1, 64, v.shape[-1])).reshape(v.shape)
     assert torch.equal(rotated(value, q, how), whole.float())
+    overwritten = value.clone()
+    assert rotated(overwritten, q, how, in_place=True) is overwritten  # each chunk read before it is written
+    assert torch.equal(overwritten, whole.float())
 
 
 @pytest.mark.parametrize("backend", runnable_backends(("reference", "onednn")))
@@ -210,6 +213,44 @@ def test_a_derived_tensor_loads_a_shared_input_once_and_must_keep_its_shape():
     reshaped = DerivedTensor((stored,), lambda t: t.T, (2, 3), torch.float32, "a transpose")
     with pytest.raises(PassError, match="a transpose computed .* shape \\(3, 2\\)"):
         evaluate([reshaped], load)
+
+
+def test_a_chain_of_rewrites_computes_in_place_only_into_values_nobody_else_holds():
+    """A table loaded, scaled and rotated holds one table when each link computes into its input
+    (SmolLM2's LM head: 108 MB, not 216); an input another entry reads, or one the caller gets,
+    is never overwritten, and the values are the out-of-place ones bit for bit."""
+    from outlierfx.graph.derived_tensors import evaluate
+
+    torch.manual_seed(0)
+    table, gain, q = torch.randn(3 * CHUNK + 1, 64), torch.rand(64) + 0.5, hadamard(64, 3).matrix
+    stored = StoredTensor(None, "table")
+    loaded = []
+
+    def load(entry):
+        loaded.append(table.clone())
+        return loaded[-1]
+
+    def chain(in_place):
+        scaled = DerivedTensor((stored,), lambda w: w * gain, tuple(table.shape), torch.float32, "W diag(g)",
+                               (lambda w: w.mul_(gain)) if in_place else None)
+        return scaled, DerivedTensor((scaled,), lambda w: rotated(w, q, RIGHT), tuple(table.shape), torch.float32,
+                                     "W Q", (lambda w: rotated(w, q, RIGHT, in_place=True)) if in_place else None)
+
+    _, want = chain(in_place=False)
+    expected = evaluate([want], load)[want]
+    assert expected.data_ptr() != loaded[-1].data_ptr()
+    _, head = chain(in_place=True)
+    got = evaluate([head], load)[head]
+    assert torch.equal(got, expected) and got.data_ptr() == loaded[-1].data_ptr()  # one table in all
+    scaled, head = chain(in_place=True)
+    values = evaluate([scaled, head], load)  # the caller gets the scaled table too: the rotation copies it
+    assert torch.equal(values[scaled], table * gain) and torch.equal(values[head], expected)
+    embedding = DerivedTensor((stored,), lambda w: rotated(w, q, RIGHT), tuple(table.shape), torch.float32, "E Q",
+                              lambda w: rotated(w, q, RIGHT, in_place=True))
+    scaled, head = chain(in_place=True)
+    values = evaluate([head, embedding], load)  # a tied table: the first reader may not overwrite it
+    assert torch.equal(values[head], expected) and torch.equal(values[embedding], rotated(table, q, RIGHT))
+    assert len(loaded) == 4  # one load per evaluation, the tied table included
 
 
 def test_rotate_ffn_records_one_shared_rotation_for_all_its_linears(saved, monkeypatch):

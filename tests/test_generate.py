@@ -274,8 +274,9 @@ def test_a_causal_lm_the_cache_wrapper_cannot_run_is_quantized_one_pass_with_a_w
             return super().forward(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
 
     model = WithoutCacheArgument(build_model("llama", layers=1).config).eval()
-    with pytest.warns(OutlierFXWarning, match="could not be captured with a KV cache.*one-pass forward"):
+    with pytest.warns(OutlierFXWarning, match="could not be captured with a KV cache.*one-pass forward") as got:
         qmodel, report = outlierfx.quantize(model, _calibration(), "naive", progress=False)
+    assert {w.filename for w in got if "KV cache" in str(w.message)} == {__file__}  # at the caller's line
     assert isinstance(qmodel, torch.fx.GraphModule) and not hasattr(qmodel, "generate")
     assert any("no generate()" in note for note in report.notes)
     one_pass, _ = outlierfx.quantize(model, _calibration(), "naive", generation=False, progress=False)

@@ -157,9 +157,10 @@ def test_a_recipe_the_backend_cannot_run_as_whole_gemms_is_flagged_before_calibr
     good = {"inputs_embeds": embeds, "attention_mask": g.inputs["attention_mask"]}
     bad = dict(good, inputs_embeds=embeds.index_fill(1, torch.tensor([0]), float("nan")))
     backend = default_backend()
-    with pytest.warns(OutlierFXWarning, match=f"Linears will not run as one int8 GEMM on {backend}.*sub-GEMMs"):
+    with pytest.warns(OutlierFXWarning, match=f"Linears will not run as one int8 GEMM on {backend}.*sub-GEMMs") as got:
         with pytest.raises(DataError, match="NaN"):  # calibration fails after the warning was given
             outlierfx.quantize(g.model, [good, bad], recipe="peg", backend=backend, generation=False, progress=False)
+    assert {w.filename for w in got} == {__file__}  # the warning points at the caller's line
 
 
 def test_lower_refuses_a_report_from_another_run():

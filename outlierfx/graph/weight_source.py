@@ -283,13 +283,17 @@ def hold(gm: torch.fx.GraphModule, held: Mapping[str, HeldCodes]) -> None:
 
 
 def rewrite_tensor(gm: torch.fx.GraphModule, target: str, compute: Callable[[torch.Tensor], torch.Tensor],
-                   description: str, new_target: str | None = None) -> None:
+                   description: str, new_target: str | None = None,
+                   in_place: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
     """Register ``compute(tensor at target)`` under ``new_target`` (default: ``target``; a
     parameter stays a frozen parameter). On a graph that loads ``target`` from its weight source
     nothing is computed now: the source (a new one, as :func:`hold` sets) gets a
     :class:`DerivedTensor` that :func:`materialize` computes with the same ``compute`` on the same
     input, so both kinds of graph hold the same tensor bit for bit, and the graph a meta
-    stand-in. ``compute`` must keep the shape and dtype (checked when it runs)."""
+    stand-in. ``compute`` must keep the shape and dtype (checked when it runs). ``in_place``, if
+    given, computes the same values into its argument (used where the loaded input is nobody
+    else's: :func:`~outlierfx.graph.derived_tensors.evaluate`); the graph's own tensor is never
+    overwritten."""
     new_target = new_target or target
     old = fetch_attr(gm, target)
     source = gm.meta.get(meta.GM_WEIGHT_SOURCE)
@@ -303,20 +307,24 @@ def rewrite_tensor(gm: torch.fx.GraphModule, target: str, compute: Callable[[tor
     def from_loaded(value: torch.Tensor) -> torch.Tensor:
         return compute(value.to(dtype))  # a checkpoint tensor loads in its stored dtype, the graph holds `dtype`
 
-    derived = DerivedTensor((source.tensors[target],), from_loaded, tuple(old.shape), dtype, description)
+    def into_loaded(value: torch.Tensor) -> torch.Tensor:
+        return in_place(value.to(dtype))  # type: ignore[misc]
+
+    derived = DerivedTensor((source.tensors[target],), from_loaded, tuple(old.shape), dtype, description,
+                            None if in_place is None else into_loaded)
     gm.meta[meta.GM_WEIGHT_SOURCE] = source.with_entries({new_target: derived})
     set_attr(gm, new_target, _on_meta(old))
 
 
 def rewrite_input_tensor(gm: torch.fx.GraphModule, consumer: torch.fx.Node, old: torch.fx.Node,
                          compute: Callable[[torch.Tensor], torch.Tensor], description: str,
-                         suffix: str) -> torch.fx.Node:
+                         suffix: str, in_place: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.fx.Node:
     """Make ``consumer`` read ``compute(tensor of the get_attr node old)``, under ``old``'s target
     or, where another op reads that tensor too, a new one (``<target><suffix>``:
-    :func:`~outlierfx.graph.attrs.replace_input`), by :func:`rewrite_tensor`; returns the
-    get_attr node ``consumer`` now reads."""
+    :func:`~outlierfx.graph.attrs.replace_input`), by :func:`rewrite_tensor` (``in_place``: the
+    same computation into its argument); returns the get_attr node ``consumer`` now reads."""
     return replace_input(gm, consumer, old, suffix, lambda new_target: rewrite_tensor(
-        gm, str(old.target), compute, description, new_target))
+        gm, str(old.target), compute, description, new_target, in_place))
 
 
 def held_codes(gm: torch.fx.GraphModule, target: str) -> HeldCodes | None:

@@ -110,7 +110,8 @@ class FoldQuadapter(GraphPass[FoldQuadapterPlan]):
                 linear.replace_input_with(mul, weight)
                 graph.erase_node(mul)
                 rewrite_input_tensor(gm, linear, weight, lambda w, inverse=inverse: w * inverse,
-                                     "FoldQuadapter: W (1/s) on the input columns", "_quadapter")
+                                     "FoldQuadapter: W (1/s) on the input columns", "_quadapter",
+                                     lambda w, inverse=inverse: w.mul_(inverse))
                 if not weight.users:
                     graph.erase_node(weight)
             if site.compensations:

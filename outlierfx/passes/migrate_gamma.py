@@ -151,7 +151,7 @@ class MigrateGamma(GraphPass[MigrateGammaPlan]):
         # Linears: scale input columns.
         for linear in site.linears:
             rewrite_input_tensor(gm, linear, linear.args[1], lambda w: w * factor.to(w.dtype),
-                                 f"{NAME}: W diag(factor)", "_migrated")
+                                 f"{NAME}: W diag(factor)", "_migrated", lambda w: w.mul_(factor.to(w.dtype)))
 
         # Shortcut / output edges: an explicit per-channel multiply.
         if site.scaled_edges:

@@ -34,12 +34,13 @@ chunk's are a few MB. Each output row (column) depends on its own input row (col
 both the full-memory path and a graph captured without weights rotate through here."""
 
 
-def rotated(value: torch.Tensor, q: torch.Tensor, how: str) -> torch.Tensor:
+def rotated(value: torch.Tensor, q: torch.Tensor, how: str, in_place: bool = False) -> torch.Tensor:
     """``value @ Q`` (``RIGHT``, on the last axis) or ``Q^T @ value`` (``LEFT``, on the rows),
     block-diagonally where ``Q`` is smaller than that axis; in float64, :data:`CHUNK` rows
-    (columns) at a time, each rounded once to ``value``'s dtype."""
+    (columns) at a time, each rounded once to ``value``'s dtype. ``in_place``: written into
+    ``value`` (contiguous), the same values: each chunk is copied out before it is overwritten."""
     v, n = value.detach(), q.shape[0]
-    out = torch.empty(v.shape, dtype=v.dtype)
+    out = v if in_place else torch.empty(v.shape, dtype=v.dtype)
     if how == RIGHT:
         rows, out_rows = v.reshape(-1, v.shape[-1]), out.view(-1, v.shape[-1])
         # one pair of float64 buffers for all chunks: chunks allocated anew each time were kept
@@ -56,7 +57,7 @@ def rotated(value: torch.Tensor, q: torch.Tensor, how: str) -> torch.Tensor:
         for start in range(0, v.shape[-1], CHUNK):
             chunk = v[..., start:start + CHUNK].double()
             out[..., start:start + CHUNK] = (q.T @ chunk.reshape(-1, n, chunk.shape[-1])).reshape(chunk.shape)
-    return out
+    return value if in_place else out
 
 
 def fold(gm: torch.fx.GraphModule, targets: dict[str, tuple[str, torch.Tensor]], by: str) -> None:
@@ -65,7 +66,8 @@ def fold(gm: torch.fx.GraphModule, targets: dict[str, tuple[str, torch.Tensor]],
     tensor is loaded (:func:`~outlierfx.graph.weight_source.rewrite_tensor`). ``by`` names the
     pass."""
     for target, (how, q) in targets.items():
-        rewrite_tensor(gm, target, functools.partial(rotated, q=q, how=how), f"{by}: {how}")
+        rewrite_tensor(gm, target, functools.partial(rotated, q=q, how=how), f"{by}: {how}",
+                       in_place=functools.partial(rotated, q=q, how=how, in_place=True))
 
 
 def check_tensors(gm: torch.fx.GraphModule, uses: Iterable[Use], blockers: list[tuple[str, str]],

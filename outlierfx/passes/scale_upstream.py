@@ -90,7 +90,8 @@ def scale_rows(gm: torch.fx.GraphModule, linear: torch.fx.Node, scale: torch.Ten
     tensors (a weight shared with another reader is untied; on a graph captured without weights,
     computed when its block loads them: :func:`~outlierfx.graph.weight_source.rewrite_input_tensor`)."""
     weight = linear.args[1]
-    rewrite_input_tensor(gm, linear, weight, lambda w: w * scale[:, None], "s on the output rows: diag(s) W", suffix)
+    rewrite_input_tensor(gm, linear, weight, lambda w: w * scale[:, None], "s on the output rows: diag(s) W", suffix,
+                         lambda w: w.mul_(scale[:, None]))
     bias = linear.args[2] if len(linear.args) > 2 else None
     if isinstance(bias, torch.fx.Node):
         rewrite_input_tensor(gm, linear, bias, lambda b: b * scale, "s on the output rows: s b", suffix)
