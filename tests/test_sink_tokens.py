@@ -151,6 +151,7 @@ def test_the_suffix_sets_every_activation_spec_and_the_pass_fires_on_llama():
 
 def test_first_tokens_get_a_grid_of_their_own_only_where_they_widen_the_range_enough():
     limited = QuantSpec(sink_tokens=1, sink_min_widening=SPEED_SINK_MIN_WIDENING)
+    torch.manual_seed(0)  # the draw depended on the tests a worker ran before
     x = torch.randn(4, 6, 8)
     inside = x * torch.tensor([0.5] + [1.0] * 5)[None, :, None]
     observer, fq = _calibrated(limited, [inside])
@@ -163,7 +164,8 @@ def test_first_tokens_get_a_grid_of_their_own_only_where_they_widen_the_range_en
     shared, fq = _calibrated(limited, [near])
     assert shared.sink_qparams() is None and not fq.has_sink_grid
     scale, zero_point = fq.scale, fq.zero_point
-    assert float((fq.spec.qmax - zero_point) * scale) >= float(near[:, 0].max()) - 1e-6
+    # the grid's top is the range's max up to the zero point's rounding (half a step): not clipped
+    assert float((fq.spec.qmax - zero_point) * scale) >= float(near[:, 0].max()) - float(scale) / 2
     assert float(scale) > float(qparams_from_range(rest.amin(), rest.amax(), fq.spec)[0])
 
     spiked = x.clone()
