@@ -50,7 +50,8 @@ def evaluate(roots: Iterable[Hashable], load: Callable[[Any], torch.Tensor]) -> 
     the embedding were both rewritten from) is loaded once, and every intermediate value is
     dropped as soon as its last reader has been computed, so a chain of rewrites holds at most
     one value per link at a time, and one in all where the links compute in place (an input
-    no other entry reads and the caller does not get: see the module docstring)."""
+    no other entry reads and the caller does not get: see the module docstring). ``load``
+    returns a tensor of its own at each call (a link may overwrite it)."""
     roots = list(dict.fromkeys(roots))
     returned = set(roots)
     readers: collections.Counter[Hashable] = collections.Counter(roots)  # each root is read once: by the caller
