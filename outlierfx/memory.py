@@ -1,36 +1,22 @@
-"""Give the heap memory a run has freed back to the operating system (glibc's ``malloc_trim``
-and ``mallopt``)."""
+"""Give the heap memory a run has freed back to the operating system (glibc's ``malloc_trim``)."""
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import ctypes.util
 import functools
 import sys
-from collections.abc import Iterator
-
-# glibc's mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-GLIBC_INITIAL_THRESHOLD = 128 * 1024
-"""glibc's own initial mmap and trim thresholds (malloc.h's DEFAULT_MMAP_THRESHOLD_MIN and
-DEFAULT_TRIM_THRESHOLD), which its dynamic rule raises as large blocks are freed."""
-GLIBC_CEILING_MMAP_THRESHOLD = 32 * 1024 * 1024
-"""Where glibc's dynamic rule stops raising the mmap threshold on 64-bit (DEFAULT_MMAP_THRESHOLD_MAX,
-the trim threshold following at twice it): the state a process that has freed a tensor of 32 MB
-or more is in."""
+from collections.abc import Callable
 
 
 @functools.cache
-def _libc() -> ctypes.CDLL | None:
+def _malloc_trim() -> Callable[[int], int] | None:
     if not sys.platform.startswith("linux"):
         return None
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    except OSError:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # a libc without it (musl): nothing to give back this way
         return None
-    # a libc without them (musl): nothing to give back this way
-    return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
 
 
 def return_freed_memory() -> None:
@@ -42,35 +28,6 @@ def return_freed_memory() -> None:
     their pages are not returned: the process keeps its peak resident size. Measured on SmolLM2
     (docs/experiments/memory.md): a loaded int8 model at 2.1 GB resident, 1.06 GB after this.
     A no-op off glibc."""
-    libc = _libc()
-    if libc is not None:
-        libc.malloc_trim(0)
-
-
-@contextlib.contextmanager
-def freed_memory_returned_at_once() -> Iterator[None]:
-    """For the ``with`` block, glibc returns each freed block of 128 KB or more to the operating
-    system as it is freed: such blocks are mapped on their own (``M_MMAP_THRESHOLD``) and the
-    heap's free top is trimmed (``M_TRIM_THRESHOLD``), both at glibc's initial 128 KB, which
-    its dynamic rule would otherwise raise to 32 MB as tensors are freed.
-
-    For a low-memory quantization: its activations, reloaded weights and check outputs are
-    tensors of a few hundred KB to a few MB, allocated and freed block after block; served from
-    the heap, their freed pages stay resident between live ones, 200 MB of SmolLM2's weight-free
-    peak (heap free space at the peak, ``mallinfo2``; docs/experiments/memory.md), and
-    ``malloc_trim`` between passes cannot reach what a pass frees inside itself. The price is a
-    fresh mapping (page faults) per such tensor: about 1.2x the run's time on SmolLM2. Afterwards
-    the thresholds are set where glibc's dynamic rule leaves a torch process (32 MB, trim at
-    64 MB): glibc offers no way back to the dynamic rule. A no-op off glibc."""
-    libc = _libc()
-    if libc is None:
-        yield
-        return
-    libc.mallopt(_M_MMAP_THRESHOLD, GLIBC_INITIAL_THRESHOLD)
-    libc.mallopt(_M_TRIM_THRESHOLD, GLIBC_INITIAL_THRESHOLD)
-    try:
-        yield
-    finally:
-        libc.mallopt(_M_MMAP_THRESHOLD, GLIBC_CEILING_MMAP_THRESHOLD)
-        libc.mallopt(_M_TRIM_THRESHOLD, 2 * GLIBC_CEILING_MMAP_THRESHOLD)
-        return_freed_memory()
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
