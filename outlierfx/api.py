@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -20,7 +21,7 @@ from .generation import QuantizedCausalLM, first_token_rows, is_causal_lm
 from .graph import capture, meta
 from .graph.inputs import as_keyword_batch, check_keyword_inputs, check_model_weights
 from .graph.kv_cache import CachedDecoder, prefill_batches
-from .memory import return_freed_memory
+from .memory import freed_memory_returned_at_once, return_freed_memory
 from .passes.audit import AuditTrail
 from .passes.insert_observers import InsertObserversPlan
 from .passes.lower import lower_model
@@ -192,6 +193,25 @@ def quantize(
     GPTQ, observers, PEG groups and calibration); QAT (it trains the weights) is refused before
     calibration.
     """
+    with freed_memory_returned_at_once() if low_memory else contextlib.nullcontext():
+        return _quantize(model, calibration, recipe, bits, policy, backend, tokenizer=tokenizer, generation=generation,
+                         progress=progress, low_memory=low_memory)
+
+
+def _quantize(
+    model: torch.nn.Module | str | PathLike,
+    calibration: Iterable[Mapping[str, torch.Tensor]],
+    recipe: str | Recipe | None,
+    bits: str | int,
+    policy: str | QuantPolicy | None,
+    backend: str | None,
+    *,
+    tokenizer: Any,
+    generation: bool,
+    progress: bool,
+    low_memory: bool,
+) -> QuantizationResult:
+    """The body of :func:`quantize` (which returns freed memory at once around a low-memory run)."""
     progress = progress and distributed.is_main()
     folder = None
     if low_memory:
@@ -234,7 +254,7 @@ def quantize(
         fit = backend_fit(graph, target, quant_policy.weight)
         fits.append(fit)
         if not fit.whole_int8:
-            warnings.warn(f"recipe {chosen.name!r} on {target}: {fit.summary()}", OutlierFXWarning, stacklevel=4)
+            warnings.warn(f"recipe {chosen.name!r} on {target}: {fit.summary()}", OutlierFXWarning, stacklevel=5)
 
     run = run_recipe(gm, chosen, quant_policy, batches, progress=progress,
                      before_calibration=flag if target is not None else None)
@@ -285,7 +305,7 @@ def _capture_with_cache(model: torch.nn.Module, batches: list[dict[str, Any]], c
         note = (f"{type(model).__name__} could not be captured with a KV cache for generation ({reason}); "
                 f"outlierfx quantized its one-pass forward instead: the model scores fixed windows and has no "
                 f"generate() (quantize(..., generation=False) makes this choice without trying)")
-        warnings.warn(note, OutlierFXWarning, stacklevel=3)
+        warnings.warn(note, OutlierFXWarning, stacklevel=4)
         return None, batches, (note,)
 
 

@@ -8,6 +8,7 @@ invariants. Unlike ``PassBase`` it never mutates its input: it works on a struct
 from __future__ import annotations
 
 import abc
+import contextlib
 import dataclasses
 from typing import Any, ClassVar, Generic, TypeVar
 
@@ -16,6 +17,7 @@ import torch.fx
 from ..errors import PassError
 from ..graph.copy import copy_graph_module
 from ..graph.shapes import propagate_values
+from ..memory import heap_kept_for_reuse
 from ..quantizers.observers import Observer
 
 PlanT = TypeVar("PlanT")
@@ -49,6 +51,9 @@ class GraphPass(abc.ABC, Generic[PlanT]):
     """
 
     output_rel_tol: ClassVar[float | None] = 1e-5
+    trains_or_searches: ClassVar[bool] = False
+    """Whether the pass runs a loop of training or search steps (allocating the same tensors
+    every step): it then runs inside :func:`outlierfx.memory.heap_kept_for_reuse`."""
 
     @property
     def name(self) -> str:
@@ -75,6 +80,10 @@ class GraphPass(abc.ABC, Generic[PlanT]):
         """Carry out ``plan`` on ``gm`` in place; return True if the graph changed."""
 
     def __call__(self, gm: torch.fx.GraphModule) -> PassResult:
+        with heap_kept_for_reuse() if self.trains_or_searches else contextlib.nullcontext():
+            return self._analyzed_and_applied(gm)
+
+    def _analyzed_and_applied(self, gm: torch.fx.GraphModule) -> PassResult:
         work = copy_graph_module(gm)
         self.requires(work)
         plan = self.analyze(work)

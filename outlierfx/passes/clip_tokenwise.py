@@ -66,6 +66,7 @@ class ClipPlan:
 
 class ClipTokenwise(GraphPass[ClipPlan]):
     output_rel_tol = 0.0  # observers keep returning their input; only their ranges change
+    trains_or_searches = True  # a range search, each step running the candidates
 
     def __init__(self, batches: Sequence[Mapping[str, torch.Tensor]], candidates: Sequence[float] | None = None,
                  per_block: bool = True, max_batches: int = 4, steps: int = 10, progress: bool = False) -> None:

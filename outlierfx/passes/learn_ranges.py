@@ -72,6 +72,7 @@ class LearnRanges(GraphPass[LearnRangesPlan]):
     """
 
     output_rel_tol = 0.0  # observers keep returning their input; only their ranges change
+    trains_or_searches = True  # Adam steps through a checkpointed forward
 
     def __init__(self, batches: Sequence[Mapping[str, torch.Tensor]], weight_spec: QuantSpec | None,
                  embedding_spec: QuantSpec | None = None, steps: int = 200, lr: float = 5e-3,

@@ -69,6 +69,7 @@ class QAT(GraphPass[QATPlan]):
     """
 
     output_rel_tol = None  # the weights change on purpose
+    trains_or_searches = True  # Adam steps on the weights
 
     def __init__(self, batches: Sequence[Batch], weight_spec: QuantSpec, embedding_spec: QuantSpec | None = None,
                  epochs: int = 2, lr: float = 1e-5, loss: str = "auto", progress: bool = False) -> None:
