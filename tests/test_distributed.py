@@ -22,7 +22,7 @@ from outlierfx.errors import DistributedError
 from outlierfx.testing.distributed import run_here, run_on_local_ranks
 
 QUICK = ["statistics_merge", "mismatched_batches", "nan_on_rank_1", "llama_default", "bert_gptq", "bert_trained",
-         "training_shards"]
+         "bert_low_memory_trained", "training_shards"]
 # at most this fraction of GPTQ-rounded weight entries may differ (float64 sums in rank order)
 GPTQ_CODES_MOVED = 1e-4
 # a model trained on 2 ranks: its output MSE against the unquantized model at most this many times
@@ -38,7 +38,7 @@ def two_ranks() -> list[dict]:
 
 @pytest.fixture(scope="module")
 def one_process() -> dict:
-    return run_here(["llama_default", "bert_gptq", "bert_trained", "training_shards"])
+    return run_here(["llama_default", "bert_gptq", "bert_trained", "bert_low_memory_trained", "training_shards"])
 
 
 def _split(result: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -124,6 +124,21 @@ def test_trained_stages_on_two_ranks_agree_and_match_one_process_quality(two_ran
                  for rank in two_ranks]
         assert all(int(got[f"{prefix}/ranks"]) == 2 for got in ranks)
         assert ranks[0].keys() == ref.keys()
+        assert [k for k in ref if not torch.equal(ranks[0][k], ranks[1][k])] == [], f"{prefix}: ranks drifted"
+        _assert_trained_quality(ranks[0], ref, prefix)
+
+
+def test_trained_stages_without_the_weights_on_two_ranks_agree_and_match_one_process_quality(two_ranks, one_process):
+    """Both items of issue 28 with training: the BERT saved and quantized with low_memory=True,
+    learned ranges and Quadapter trained block by block and data-parallel: both ranks hold the
+    same int8 model, as close to the unquantized one as one process's."""
+    for prefix in ("lowlsq", "lowquadapter"):
+        ref = {k: v for k, v in one_process["bert_low_memory_trained"].items()
+               if k.startswith((prefix + "/", f"fp32/{prefix}/"))}
+        ranks = [{k: v for k, v in rank["bert_low_memory_trained"].items()
+                  if k.startswith((prefix + "/", f"fp32/{prefix}/"))} for rank in two_ranks]
+        assert int(ref[f"{prefix}/ranks"]) == 1 and all(int(got[f"{prefix}/ranks"]) == 2 for got in ranks)
+        assert ranks[0].keys() == ref.keys() and len(ref) > 10
         assert [k for k in ref if not torch.equal(ranks[0][k], ranks[1][k])] == [], f"{prefix}: ranks drifted"
         _assert_trained_quality(ranks[0], ref, prefix)
 

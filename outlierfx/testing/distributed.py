@@ -93,17 +93,43 @@ def llama_default() -> Result:
 
 def llama_low_memory() -> Result:
     """:func:`llama_default`'s Llama saved with ``save_pretrained`` and quantized without being
-    loaded (``low_memory=True``; ``naive+gptq+sink`` on this CPU's best backend, the default
-    preset's rotations not yet running weight-free; GPTQ reduces each block's Gram matrices across
-    ranks as the block finishes): every tensor of the int8 model and its outputs."""
-    from .. import distributed
-    from ..api import quantize
-    from ..backends import default_backend
+    loaded (``low_memory=True``; ``naive+gptq+sink`` on this CPU's best backend; GPTQ reduces each
+    block's Gram matrices across ranks as the block finishes): every tensor of the int8 model and
+    its outputs."""
     from .models import OutlierSpec, build_model
 
     spec = OutlierSpec(gamma_scale=20.0, channels=(3, 17), first_token_scale=30.0)
     model = build_model("llama", hidden=64, heads=4, layers=2, ffn=128, vocab=64, outliers=spec).model
-    batches = _generated_batches(63, 6, 2, 12, seed=1)
+    return _quantized_low_memory("low", model, _generated_batches(63, 6, 2, 12, seed=1),
+                                 _generated_batches(63, 1, 2, 12, seed=2), recipe="naive+gptq+sink")
+
+
+def bert_low_memory_trained() -> Result:
+    """:func:`bert_trained`'s BERT, saved and quantized without being loaded (``low_memory=True``)
+    under the stages that train and run weight-free: Quadapter (block by block, SmoothQuant init,
+    at most 30 steps a block) and learned ranges (``naive+lsq``, 10 steps through a checkpointed
+    forward), data-parallel; the unquantized model's outputs too."""
+    from ..recipes.papers import paper_recipe, quadapter_recipe, with_fine_stage
+    from .models import OutlierSpec, build_model
+
+    model = build_model("bert", hidden=32, heads=4, layers=1, ffn=64, vocab=64,
+                        outliers=OutlierSpec(gamma_scale=20.0, channels=(5,))).model
+    batches, held_out = _generated_batches(64, 3, 2, 8, seed=5), _generated_batches(64, 1, 2, 8, seed=6)
+    return {**_quantized_low_memory("lowlsq", model, batches, held_out,
+                                    recipe=with_fine_stage(paper_recipe("naive"), steps=10)),
+            **_quantized_low_memory("lowquadapter", model, batches, held_out,
+                                    recipe=quadapter_recipe(init="smoothquant", max_steps=30, check_every=5))}
+
+
+def _quantized_low_memory(prefix: str, model: torch.nn.Module, batches: list, held_out: list, **settings: Any
+                          ) -> Result:
+    """``model`` saved with ``save_pretrained`` into one folder all ranks read, quantized from it
+    with ``low_memory=True`` on this CPU's best backend: every tensor of the int8 model, its
+    outputs and the unquantized model's (``fp32/``)."""
+    from .. import distributed
+    from ..api import quantize
+    from ..backends import default_backend
+
     with tempfile.TemporaryDirectory() as own:
         folder = [own]  # one folder for all ranks: under torch.distributed save_pretrained writes on rank 0 only
         if distributed.active():
@@ -111,16 +137,17 @@ def llama_low_memory() -> Result:
         model.save_pretrained(folder[0])
         if distributed.active():
             torch.distributed.barrier()
-        qmodel, _ = quantize(folder[0], batches, recipe="naive+gptq+sink", backend=default_backend(), progress=False,
-                             low_memory=True)
+        qmodel, _ = quantize(folder[0], batches, backend=default_backend(), progress=False, low_memory=True,
+                             **settings)
         if distributed.active():
             torch.distributed.barrier()  # every rank has read the checkpoint before rank 0 removes it
     tensors = [*qmodel.named_parameters(remove_duplicate=False), *qmodel.named_buffers(remove_duplicate=False)]
-    result = {f"low/{name}": t.detach().clone() for name, t in tensors}
-    result["low/ranks"] = torch.tensor(distributed.world_size())
+    result = {f"{prefix}/{name}": t.detach().clone() for name, t in tensors}
+    result[f"{prefix}/ranks"] = torch.tensor(distributed.world_size())
     with torch.no_grad():
-        for i, batch in enumerate(_generated_batches(63, 1, 2, 12, seed=2)):
-            result[f"low/output{i}"] = qmodel(**batch).logits
+        for i, batch in enumerate(held_out):
+            result[f"{prefix}/output{i}"] = _first_tensor(qmodel(**batch)).detach().clone()
+            result[f"fp32/{prefix}/output{i}"] = _first_tensor(model(**batch)).detach().clone()
     return result
 
 
@@ -295,8 +322,8 @@ class _Doubler(torch.nn.Module):
 
 
 SCENARIOS: dict[str, Callable[[], Result]] = {f.__name__: f for f in (
-    llama_default, llama_low_memory, bert_gptq, bert_trained, minilm_fast_preset, smollm2_default, statistics_merge, mismatched_batches,
-    nan_on_rank_1, training_shards)}
+    llama_default, llama_low_memory, bert_gptq, bert_trained, bert_low_memory_trained, minilm_fast_preset,
+    smollm2_default, statistics_merge, mismatched_batches, nan_on_rank_1, training_shards)}
 
 
 @contextlib.contextmanager
