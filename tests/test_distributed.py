@@ -119,9 +119,8 @@ def test_trained_stages_on_two_ranks_agree_and_match_one_process_quality(two_ran
     """Learned ranges, QAT and Quadapter trained data-parallel: both ranks hold the same bits,
     and the model is as close to the unquantized one as one process's (TRAINED_MSE_RATIO)."""
     for prefix in ("lsq", "qat", "quadapter"):
-        ref = {k: v for k, v in one_process["bert_trained"].items() if k.startswith((prefix + "/", f"fp32/{prefix}/"))}
-        ranks = [{k: v for k, v in rank["bert_trained"].items() if k.startswith((prefix + "/", f"fp32/{prefix}/"))}
-                 for rank in two_ranks]
+        ref = _of_run(one_process["bert_trained"], prefix)
+        ranks = [_of_run(rank["bert_trained"], prefix) for rank in two_ranks]
         assert all(int(got[f"{prefix}/ranks"]) == 2 for got in ranks)
         assert ranks[0].keys() == ref.keys()
         assert [k for k in ref if not torch.equal(ranks[0][k], ranks[1][k])] == [], f"{prefix}: ranks drifted"
@@ -133,14 +132,17 @@ def test_trained_stages_without_the_weights_on_two_ranks_agree_and_match_one_pro
     learned ranges and Quadapter trained block by block and data-parallel: both ranks hold the
     same int8 model, as close to the unquantized one as one process's."""
     for prefix in ("lowlsq", "lowquadapter"):
-        ref = {k: v for k, v in one_process["bert_low_memory_trained"].items()
-               if k.startswith((prefix + "/", f"fp32/{prefix}/"))}
-        ranks = [{k: v for k, v in rank["bert_low_memory_trained"].items()
-                  if k.startswith((prefix + "/", f"fp32/{prefix}/"))} for rank in two_ranks]
+        ref = _of_run(one_process["bert_low_memory_trained"], prefix)
+        ranks = [_of_run(rank["bert_low_memory_trained"], prefix) for rank in two_ranks]
         assert int(ref[f"{prefix}/ranks"]) == 1 and all(int(got[f"{prefix}/ranks"]) == 2 for got in ranks)
         assert ranks[0].keys() == ref.keys() and len(ref) > 10
         assert [k for k in ref if not torch.equal(ranks[0][k], ranks[1][k])] == [], f"{prefix}: ranks drifted"
         _assert_trained_quality(ranks[0], ref, prefix)
+
+
+def _of_run(result: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The entries of one quantize run of a scenario: its own and its unquantized model's outputs."""
+    return {k: v for k, v in result.items() if k.startswith((prefix + "/", f"fp32/{prefix}/"))}
 
 
 def _assert_trained_quality(got: dict, ref: dict, prefix: str) -> None:

@@ -55,7 +55,7 @@ def test_a_low_memory_run_maps_each_block_of_128_kb_or_more_on_its_own_but_while
     assert memory.GLIBC_INITIAL_THRESHOLD <= 2**20 < memory.GLIBC_CEILING_MMAP_THRESHOLD
 
 
-def test_outside_a_low_memory_run_a_training_pass_leaves_glibc_alone(monkeypatch):
+def test_heap_kept_for_reuse_is_a_no_op_outside_a_low_memory_run_and_restores_the_run_s_thresholds(monkeypatch):
     calls = []
 
     class FakeLibc:
@@ -89,3 +89,36 @@ def test_the_passes_that_train_or_search_say_so():
 
     assert all(p.trains_or_searches for p in (TrainQuadapter, LearnRanges, ClipTokenwise, QAT))
     assert not any(p.trains_or_searches for p in (Calibrate, ConvertToFakeQuant))
+
+
+def test_a_pass_that_trains_runs_with_the_heap_kept_for_reuse_inside_a_low_memory_run(monkeypatch):
+    import torch.fx
+
+    from outlierfx.passes.base import GraphPass
+
+    class FakeLibc:
+        def mallopt(self, param, value):
+            pass
+
+        def malloc_trim(self, pad):
+            pass
+
+    class Probe(GraphPass[None]):
+        def analyze(self, gm):
+            seen.append(list(memory._fixed))
+
+        def apply(self, gm, plan):
+            return False
+
+    class Trains(Probe):
+        trains_or_searches = True
+
+    monkeypatch.setattr(memory, "_libc", lambda: FakeLibc())
+    gm = torch.fx.symbolic_trace(torch.nn.Identity())
+    seen: list[list[int]] = []
+    with memory.freed_memory_returned_at_once():
+        Probe()(gm)
+        Trains()(gm)
+    Trains()(gm)
+    initial, ceiling = memory.GLIBC_INITIAL_THRESHOLD, memory.GLIBC_CEILING_MMAP_THRESHOLD
+    assert seen == [[initial], [initial, ceiling], []]

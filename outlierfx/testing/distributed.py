@@ -62,12 +62,18 @@ def _digest(tensor: torch.Tensor) -> torch.Tensor:
 def _quantized(prefix: str, model: torch.nn.Module, batches: list, held_out: list, **settings: Any) -> Result:
     """``quantize`` (a causal LM: its generating model, the KV-cache graph the command line saves);
     the unquantized model's outputs too (``fp32/``), to measure trained runs' quality against."""
-    from .. import distributed
     from ..api import quantize
 
     qmodel, report = quantize(model, batches, progress=False, **settings)
-    result = _state(prefix, report.graphs.simulated)
-    result[f"{prefix}/ranks"] = torch.tensor(distributed.world_size())  # a run that really was split
+    return {**_state(prefix, report.graphs.simulated), **_outputs(prefix, qmodel, model, held_out)}
+
+
+def _outputs(prefix: str, qmodel: torch.nn.Module, model: torch.nn.Module, held_out: list) -> Result:
+    """The quantized and the unquantized (``fp32/``) model's outputs on ``held_out``, and how many
+    ranks made the quantized one."""
+    from .. import distributed
+
+    result = {f"{prefix}/ranks": torch.tensor(distributed.world_size())}  # a run that really was split
     with torch.no_grad():
         for i, batch in enumerate(held_out):
             result[f"{prefix}/output{i}"] = _first_tensor(qmodel(**batch)).detach().clone()
@@ -142,13 +148,8 @@ def _quantized_low_memory(prefix: str, model: torch.nn.Module, batches: list, he
         if distributed.active():
             torch.distributed.barrier()  # every rank has read the checkpoint before rank 0 removes it
     tensors = [*qmodel.named_parameters(remove_duplicate=False), *qmodel.named_buffers(remove_duplicate=False)]
-    result = {f"{prefix}/{name}": t.detach().clone() for name, t in tensors}
-    result[f"{prefix}/ranks"] = torch.tensor(distributed.world_size())
-    with torch.no_grad():
-        for i, batch in enumerate(held_out):
-            result[f"{prefix}/output{i}"] = _first_tensor(qmodel(**batch)).detach().clone()
-            result[f"fp32/{prefix}/output{i}"] = _first_tensor(model(**batch)).detach().clone()
-    return result
+    return {**{f"{prefix}/{name}": t.detach().clone() for name, t in tensors},
+            **_outputs(prefix, qmodel, model, held_out)}
 
 
 def bert_gptq() -> Result:
