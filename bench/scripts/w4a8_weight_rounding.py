@@ -29,13 +29,16 @@ backward of the float model on one calibration batch (a lower bound for the fake
 step), and folding a d x d rotation into every weight matrix with the hidden size on one side
 (forward only; its backward costs about twice that).
 
-A variant is ``scales[:seq][:a16][:natural][:refit][:damp<f>]`` (``:seq``: sequential GPTQ, each
+A variant is ``scales[:seq][:a16][:natural][:refit][:nosink][:damp<f>]`` (``:seq``: sequential GPTQ, each
 Linear's Hessian from the model whose earlier Linears are rounded; ``:a16``: the same int4
 weights scored with float activations, to split the gap between weights and activations;
 ``:natural``: GPTQ rounds each weight's columns in their own order instead of act order
 (decreasing Hessian diagonal, the default); ``:refit``: after GPTQ each row's step is refit by
 least squares to its codes (``GPTQ(refit_scales=True)``); ``:damp<f>``: GPTQ's Hessian damping as a fraction
-of its mean diagonal, e.g. ``damp0.1``, instead of the default 0.01). ``--samples`` sets the
+of its mean diagonal, e.g. ``damp0.1``, instead of the default 0.01; ``:nosink``: GPTQ's Gram
+matrices leave out each sequence's first token, whose massive activations (SmolLM2's attention
+sink) can dominate ``X^T X``; the first token still runs through the rounded weights when
+scored). ``--samples`` sets the
 calibration passages (the benchmarks use 32).
 
     PYTHONPATH=$PWD .venv/bin/python bench/scripts/w4a8_weight_rounding.py diag,fullh --json out.json
@@ -142,7 +145,7 @@ def gptq_search(weight, gram, spec, damp=0.01, block=128, grid=None, act_order=T
 CHOOSERS: dict[str, ScaleChooser | None] = {"diag": None, "fullh": full_gram_scales, "gptqsearch": None, "asym": None,
                                              "asymsearch": None}
 ASYMMETRIC = {"asym", "asymsearch"}  # choosers whose rows are on the asymmetric grid (per-row zero point)
-MODES = {"seq", "a16", "natural", "refit"}  # a variant's flags besides damp<f> (the module docstring)
+MODES = {"seq", "a16", "natural", "refit", "nosink"}  # a variant's flags besides damp<f> (the module docstring)
 SEARCHED = {"gptqsearch", "asymsearch"}  # choosers whose ranges GPTQ's own error picks (gptq_search)
 
 
@@ -164,6 +167,30 @@ def patched(chooser: ScaleChooser | None, search: Callable | None) -> Iterator[N
         yield
     finally:
         gptq_module.row_grid, gptq_module.gptq_round = saved
+
+
+@contextlib.contextmanager
+def first_token_left_out(active: bool) -> Iterator[None]:
+    """GPTQ's Gram recorders skip each sequence's first real token while active (``:nosink``)."""
+    saved = gptq_module.GramRecorder.forward
+
+    def forward(self, x):
+        mask = self.mask
+        kept = torch.ones(x.shape[:2], dtype=torch.bool) if mask is None else mask.clone()
+        first = kept.int().argmax(1)  # each row's first real token (right-padded batches: position 0)
+        kept[torch.arange(kept.shape[0]), first] = False
+        self.mask = kept
+        try:
+            return saved(self, x)
+        finally:
+            self.mask = mask
+
+    if active:
+        gptq_module.GramRecorder.forward = forward
+    try:
+        yield
+    finally:
+        gptq_module.GramRecorder.forward = saved
 
 
 def calibrated_graph(samples: int, rotation: torch.Tensor | None = None):
@@ -213,7 +240,7 @@ def time_training_steps(model: torch.nn.Module, batch: dict[str, torch.Tensor], 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("variants", help="comma-separated scales[:seq][:a16][:natural][:refit][:damp<f>], scales in "
+    parser.add_argument("variants", help="comma-separated scales[:seq][:a16][:natural][:refit][:nosink][:damp<f>], scales in "
                         + ", ".join(CHOOSERS))
     parser.add_argument("--json", required=True)
     parser.add_argument("--samples", type=int, default=CALIBRATION["decoder"]["samples"])
@@ -247,7 +274,7 @@ def main() -> None:
         gptq.weight_spec = weight_spec = (policy.weight.with_(symmetric=False, signed=False) if scales in ASYMMETRIC
                                           else policy.weight)
         search = gptq_search if scales in SEARCHED else None
-        with patched(CHOOSERS[scales], search):
+        with patched(CHOOSERS[scales], search), first_token_left_out("nosink" in modes):
             rounded = PassManager([gptq])(copy_graph_module(calibrated))
         plan = next(e.plan for e in rounded.audit.entries if e.pass_name == "GPTQ")
         model = ConvertToFakeQuant(weight_spec, policy.embedding)(rounded.graph_module).graph_module
