@@ -29,7 +29,7 @@ backward of the float model on one calibration batch (a lower bound for the fake
 step), and folding a d x d rotation into every weight matrix with the hidden size on one side
 (forward only; its backward costs about twice that).
 
-A variant is ``scales[:seq][:a16][:natural][:refit][:nosink][:damp<f>]`` (``:seq``: sequential GPTQ, each
+A variant is ``scales[:seq][:a16][:natural][:refit][:nosink][:prefix][:damp<f>]`` (``:seq``: sequential GPTQ, each
 Linear's Hessian from the model whose earlier Linears are rounded; ``:a16``: the same int4
 weights scored with float activations, to split the gap between weights and activations;
 ``:natural``: GPTQ rounds each weight's columns in their own order instead of act order
@@ -38,7 +38,10 @@ least squares to its codes (``GPTQ(refit_scales=True)``); ``:damp<f>``: GPTQ's H
 of its mean diagonal, e.g. ``damp0.1``, instead of the default 0.01; ``:nosink``: GPTQ's Gram
 matrices leave out each sequence's first token, whose massive activations (SmolLM2's attention
 sink) can dominate ``X^T X``; the first token still runs through the rounded weights when
-scored). ``--samples`` sets the
+scored; ``:prefix``: when scored, every Linear computes each sequence's first position with its
+float weight on its float input, simulating a first token whose keys and values come from the
+float model, a prefix cached in float as PrefixQuant does; later positions use the rounded
+weights). ``--samples`` sets the
 calibration passages (the benchmarks use 32).
 
     PYTHONPATH=$PWD .venv/bin/python bench/scripts/w4a8_weight_rounding.py diag,fullh --json out.json
@@ -64,6 +67,7 @@ import torch.fx
 from outlierfx.benchmarks import CALIBRATION, load_with_calibration
 from outlierfx.evaluate import DecoderEval
 from outlierfx.graph import capture
+from outlierfx.graph.attrs import fetch_attr
 from outlierfx.graph.copy import copy_graph_module
 from outlierfx.passes import gptq as gptq_module
 from outlierfx.passes.calibrate import Calibrate
@@ -145,7 +149,7 @@ def gptq_search(weight, gram, spec, damp=0.01, block=128, grid=None, act_order=T
 CHOOSERS: dict[str, ScaleChooser | None] = {"diag": None, "fullh": full_gram_scales, "gptqsearch": None, "asym": None,
                                              "asymsearch": None}
 ASYMMETRIC = {"asym", "asymsearch"}  # choosers whose rows are on the asymmetric grid (per-row zero point)
-MODES = {"seq", "a16", "natural", "refit", "nosink"}  # a variant's flags besides damp<f> (the module docstring)
+MODES = {"seq", "a16", "natural", "refit", "nosink", "prefix"}  # a variant's flags besides damp<f> (the module docstring)
 SEARCHED = {"gptqsearch", "asymsearch"}  # choosers whose ranges GPTQ's own error picks (gptq_search)
 
 
@@ -191,6 +195,39 @@ def first_token_left_out(active: bool) -> Iterator[None]:
         yield
     finally:
         gptq_module.GramRecorder.forward = saved
+
+
+def first_position_in_float(model: torch.fx.GraphModule, floats: torch.fx.GraphModule) -> int:
+    """Rewrite ``model`` (converted, fake quant) so that each Linear computes position 0 of its
+    ``[batch, seq, features]`` input from the float input (before its activation quantizer) with
+    the float weight of the same-named Linear in ``floats`` (the calibrated graph before GPTQ);
+    the number of Linears rewritten (``:prefix``)."""
+    float_by_name = {n.name: n for n in floats.graph.nodes}
+    rewritten = 0
+    aten = torch.ops.aten
+    for node in list(model.graph.nodes):
+        twin = float_by_name.get(node.name)
+        if node.target is not aten.linear.default or twin is None or not isinstance(twin.args[1], torch.fx.Node) \
+                or twin.args[1].op != "get_attr":
+            continue
+        x = node.args[0]
+        if x.op == "call_module" and isinstance(model.get_submodule(str(x.target)), FakeQuantize):
+            x = x.args[0]
+        name = f"prefix_float_{node.name}"
+        val = node.meta.get("val")
+        if val is not None and val.dim() != 3:
+            raise SystemExit(f":prefix expects [batch, seq, features] Linear outputs, {node.name} has {tuple(val.shape)}")
+        model.register_buffer(name, fetch_attr(floats, str(twin.args[1].target)).detach())
+        with model.graph.inserting_before(node.next):  # in order, right after the Linear
+            weight = model.graph.get_attr(name)
+            first_in = model.graph.call_function(aten.slice.Tensor, (x, 1, 0, 1))
+            first = model.graph.call_function(aten.linear.default, (first_in, weight, *node.args[2:]))
+            rest = model.graph.call_function(aten.slice.Tensor, (node, 1, 1, None))
+            joined = model.graph.call_function(aten.cat.default, ([first, rest], 1))
+        node.replace_all_uses_with(joined, delete_user_cb=lambda user: user is not rest)
+        rewritten += 1
+    model.recompile()
+    return rewritten
 
 
 def calibrated_graph(samples: int, rotation: torch.Tensor | None = None):
@@ -240,7 +277,7 @@ def time_training_steps(model: torch.nn.Module, batch: dict[str, torch.Tensor], 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("variants", help="comma-separated scales[:seq][:a16][:natural][:refit][:nosink][:damp<f>], scales in "
+    parser.add_argument("variants", help="comma-separated scales[:seq][:a16][:natural][:refit][:nosink][:prefix][:damp<f>], scales in "
                         + ", ".join(CHOOSERS))
     parser.add_argument("--json", required=True)
     parser.add_argument("--samples", type=int, default=CALIBRATION["decoder"]["samples"])
@@ -278,14 +315,21 @@ def main() -> None:
             rounded = PassManager([gptq])(copy_graph_module(calibrated))
         plan = next(e.plan for e in rounded.audit.entries if e.pass_name == "GPTQ")
         model = ConvertToFakeQuant(weight_spec, policy.embedding)(rounded.graph_module).graph_module
+        prefix_linears = first_position_in_float(model, calibrated) if "prefix" in modes else 0
         for module in model.modules():
             if isinstance(module, FakeQuantize) and "a16" in modes:
                 module.enabled = False
         rounding_s = time.perf_counter() - start
         row = {"variant": variant, "rotation": args.rotation or "preset (hadamard, seed 0)", "samples": args.samples, "weight_spec": weight_spec.describe(),
                "act_order": plan.act_order, "refit_scales": plan.refit_scales, "damp": gptq.damp,
-               "layer_error": sum(r.gptq_error for r in plan.linears), "rounding_s": round(rounding_s, 1),
+               "layer_error": sum(r.gptq_error for r in plan.linears), "prefix_linears": prefix_linears, "rounding_s": round(rounding_s, 1),
                "ppl_wiki": DecoderEval.perplexity(model, evaluator.wiki)}
+        if prefix_linears:  # position 0 should now be the float model's (up to the 8-bit embedding table)
+            ids = evaluator.wiki[:1]
+            with torch.no_grad():
+                ours = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, 0].log_softmax(-1)
+                fp32 = loaded.model(input_ids=ids).logits[0, 0].log_softmax(-1)
+            row["first_position_max_logprob_gap"] = float((ours - fp32).abs().max())
         if args.news:
             row["ppl_news"] = DecoderEval.perplexity(model, evaluator.news)
         row["total_s"] = round(time.perf_counter() - start, 1)
