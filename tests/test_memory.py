@@ -55,17 +55,23 @@ def test_a_low_memory_run_maps_each_block_of_128_kb_or_more_on_its_own_but_while
     assert memory.GLIBC_INITIAL_THRESHOLD <= 2**20 < memory.GLIBC_CEILING_MMAP_THRESHOLD
 
 
+class _RecordingLibc:
+    """Stands in for glibc: records the mallopt and malloc_trim calls instead of making them."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def mallopt(self, param, value):
+        self.calls.append((param, value))
+
+    def malloc_trim(self, pad):
+        self.calls.append(("trim", pad))
+
+
 def test_heap_kept_for_reuse_is_a_no_op_outside_a_low_memory_run_and_restores_the_run_s_thresholds(monkeypatch):
-    calls = []
-
-    class FakeLibc:
-        def mallopt(self, param, value):
-            calls.append((param, value))
-
-        def malloc_trim(self, pad):
-            calls.append(("trim", pad))
-
-    monkeypatch.setattr(memory, "_libc", lambda: FakeLibc())
+    libc = _RecordingLibc()
+    calls = libc.calls
+    monkeypatch.setattr(memory, "_libc", lambda: libc)
     with memory.heap_kept_for_reuse():
         pass
     assert calls == []
@@ -96,13 +102,6 @@ def test_a_pass_that_trains_runs_with_the_heap_kept_for_reuse_inside_a_low_memor
 
     from outlierfx.passes.base import GraphPass
 
-    class FakeLibc:
-        def mallopt(self, param, value):
-            pass
-
-        def malloc_trim(self, pad):
-            pass
-
     class Probe(GraphPass[None]):
         def analyze(self, gm):
             seen.append(list(memory._fixed))
@@ -113,7 +112,8 @@ def test_a_pass_that_trains_runs_with_the_heap_kept_for_reuse_inside_a_low_memor
     class Trains(Probe):
         trains_or_searches = True
 
-    monkeypatch.setattr(memory, "_libc", lambda: FakeLibc())
+    libc = _RecordingLibc()
+    monkeypatch.setattr(memory, "_libc", lambda: libc)
     gm = torch.fx.symbolic_trace(torch.nn.Identity())
     seen: list[list[int]] = []
     with memory.freed_memory_returned_at_once():
