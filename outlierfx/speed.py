@@ -44,6 +44,7 @@ from .models import LoadedModel, encode, load
 from .quantizers.policy import parse_bits
 from .recipes import choose
 from .serialize import TENSORS_FILE, save, size_on_disk_mb
+from .stack_headroom import call_with_stack_headroom
 
 # The backends the acceptance targets are stated on: onednn (eager) and inductor (compiled); the
 # torch.ao engines are one --backends away.
@@ -94,20 +95,22 @@ def interleaved_call_medians(calls: Mapping[str, TimedCall], rounds: int) -> dic
     new (seeded) random order: a model run right after FP32 eager (whose weights evict the
     caches) measured ~2 ms (7%) slower on MiniLM than in any other seat, so no model may keep
     one. (The 2026-11-23 JSON files were measured with each round starting one model later
-    instead, which keeps most neighbours.)"""
+    instead, which keeps most neighbours.) Each timed call runs with its own data-stack chunk
+    (:func:`~outlierfx.stack_headroom.call_with_stack_headroom`), so no model's time depends on
+    how deep in the benchmark's stack it is called."""
     times: dict[str, list[float]] = {name: [] for name in calls}
     order = list(calls)
     shuffle = random.Random(0).shuffle
     with torch.no_grad():
         for call in calls.values():
             call.prepare()
-            call.run()
+            call_with_stack_headroom(call.run)
         for _ in range(rounds):
             shuffle(order)
             for name in order:
                 calls[name].prepare()
                 start = time.perf_counter()
-                calls[name].run()
+                call_with_stack_headroom(calls[name].run)
                 times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
 
