@@ -49,6 +49,16 @@ calibration passages (the benchmarks use 32).
     PYTHONPATH=$PWD .venv/bin/python bench/scripts/w4a8_weight_rounding.py asym --rotation r1.pt --news --json out.json
 
 ``--rotation`` takes a residual rotation learned elsewhere (``learned_rotation.py``).
+
+``--bos ID`` puts one fixed token before every calibration passage and every scored window (the
+product form of ``:prefix``: a prefix whose keys and values a float model computes once, as
+PrefixQuant caches them). Every perplexity, FP32's included (an extra ``fp32`` row in the same
+run), then scores the same predictions as without it: each window's tokens from its second on,
+predicted with the prefix in their context; the prefix's own prediction of the window's first
+token is left out. With ``:nosink`` GPTQ's Hessians leave out the prefix; with ``:prefix`` it runs
+in float.
+
+    PYTHONPATH=$PWD .venv/bin/python bench/scripts/w4a8_weight_rounding.py asym:prefix,asym:nosink:prefix --bos 0 --news --json out.json
 """
 
 from __future__ import annotations
@@ -58,6 +68,7 @@ import contextlib
 import dataclasses
 import inspect
 import json
+import math
 import time
 from collections.abc import Callable, Iterator
 
@@ -230,11 +241,41 @@ def first_position_in_float(model: torch.fx.GraphModule, floats: torch.fx.GraphM
     return rewritten
 
 
-def calibrated_graph(samples: int, rotation: torch.Tensor | None = None):
+def with_prefix(batch: dict[str, torch.Tensor], bos: int | None) -> dict[str, torch.Tensor]:
+    """``batch`` (right-padded or unpadded) with the token ``bos`` before each row (``--bos``)."""
+    if bos is None:
+        return batch
+    ids = batch["input_ids"]
+    mask = batch.get("attention_mask", torch.ones_like(ids))
+    if not bool(mask[:, 0].all()):
+        raise SystemExit("--bos needs right-padded batches (a row starts with padding)")
+    column = torch.ones_like(ids[:, :1])
+    return {**batch, "input_ids": torch.cat([column * bos, ids], 1), "attention_mask": torch.cat([column, mask], 1)}
+
+
+def perplexity(model: torch.nn.Module, windows: torch.Tensor, bos: int | None, batch: int = 4) -> float:
+    """``DecoderEval.perplexity``, or with ``bos`` before each window: the same predictions (each
+    window's tokens from its second on), the prefix in their context."""
+    if bos is None:
+        return DecoderEval.perplexity(model, windows, batch)
+    total, count = 0.0, 0
+    for i in range(0, windows.shape[0], batch):
+        ids = windows[i : i + batch]
+        with torch.no_grad():
+            logits = model(**with_prefix({"input_ids": ids}, bos)).logits[:, 1:-1]
+        total += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                                                         ids[:, 1:].reshape(-1), reduction="sum"))
+        count += ids[:, 1:].numel()
+    return math.exp(total / count)
+
+
+def calibrated_graph(samples: int, rotation: torch.Tensor | None = None, bos: int | None = None):
     """(loaded model, batches, recipe, policy, the calibrated rotate+sink graph before GPTQ);
-    ``rotation``: the residual stream's Q instead of the preset's seeded Hadamard."""
+    ``rotation``: the residual stream's Q instead of the preset's seeded Hadamard; ``bos``: a
+    token before every passage."""
     CALIBRATION["decoder"] = {**CALIBRATION["decoder"], "samples": samples}
     loaded, batches = load_with_calibration("smollm2")
+    batches = [with_prefix(b, bos) for b in batches]
     recipe = paper_recipe("rotate+gptq+sink")
     recipe = dataclasses.replace(recipe, weight_estimator=Estimator.MSE)
     if rotation is not None:
@@ -283,6 +324,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=CALIBRATION["decoder"]["samples"])
     parser.add_argument("--time-steps", action="store_true", help="time one training step instead")
     parser.add_argument("--news", action="store_true", help="score the news windows too")
+    parser.add_argument("--bos", type=int, help="a token id before every passage and window (the module docstring)")
     parser.add_argument("--rotation", help="a .pt file whose 'matrix' is the residual stream's rotation (e.g. "
                         "learned by learned_rotation.py) in place of the preset's seeded Hadamard")
     args = parser.parse_args()
@@ -295,10 +337,16 @@ def main() -> None:
         return
     start = time.perf_counter()
     rotation = torch.load(args.rotation)["matrix"] if args.rotation else None
-    loaded, batches, recipe, policy, calibrated, gptq = calibrated_graph(args.samples, rotation)
+    loaded, batches, recipe, policy, calibrated, gptq = calibrated_graph(args.samples, rotation, args.bos)
     evaluator = DecoderEval.build(loaded)
     print(f"calibrated rotate+sink graph in {time.perf_counter() - start:.0f}s ({len(batches)} batches)", flush=True)
     rows = []
+    if args.bos is not None:  # FP32's perplexities with the same prefix: what the variants compare against
+        fp32 = {"variant": "fp32", "bos": args.bos, "ppl_wiki": perplexity(loaded.model, evaluator.wiki, args.bos)}
+        if args.news:
+            fp32["ppl_news"] = perplexity(loaded.model, evaluator.news, args.bos)
+        rows.append(fp32)
+        print(json.dumps(fp32), flush=True)
     for variant in args.variants.split(","):
         scales, *modes = variant.split(":")
         damps = [m for m in modes if m.startswith("damp")]
@@ -323,15 +371,15 @@ def main() -> None:
         row = {"variant": variant, "rotation": args.rotation or "preset (hadamard, seed 0)", "samples": args.samples, "weight_spec": weight_spec.describe(),
                "act_order": plan.act_order, "refit_scales": plan.refit_scales, "damp": gptq.damp,
                "layer_error": sum(r.gptq_error for r in plan.linears), "prefix_linears": prefix_linears, "rounding_s": round(rounding_s, 1),
-               "ppl_wiki": DecoderEval.perplexity(model, evaluator.wiki)}
+               "bos": args.bos, "ppl_wiki": perplexity(model, evaluator.wiki, args.bos)}
         if prefix_linears:  # position 0 should now be the float model's (up to the 8-bit embedding table)
-            ids = evaluator.wiki[:1]
+            ids = with_prefix({"input_ids": evaluator.wiki[:1]}, args.bos)
             with torch.no_grad():
-                ours = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, 0].log_softmax(-1)
-                fp32 = loaded.model(input_ids=ids).logits[0, 0].log_softmax(-1)
+                ours = model(**ids).logits[0, 0].log_softmax(-1)
+                fp32 = loaded.model(**ids).logits[0, 0].log_softmax(-1)
             row["first_position_max_logprob_gap"] = float((ours - fp32).abs().max())
         if args.news:
-            row["ppl_news"] = DecoderEval.perplexity(model, evaluator.news)
+            row["ppl_news"] = perplexity(model, evaluator.news, args.bos)
         row["total_s"] = round(time.perf_counter() - start, 1)
         rows.append(row)
         print(json.dumps(row), flush=True)
