@@ -17,12 +17,19 @@ evaluation stack, so the frame cannot fit in an ordinary chunk: each call maps o
 own, with room for everything the call does below it. One ``mmap`` and a few page faults a call
 (microseconds) instead of one per op, from any caller depth. On an interpreter without data-stack
 chunks the frame is merely larger.
+
+:func:`give_forward_stack_headroom` does the same to an FX graph module's own ``forward``, for the
+lowered models users call directly (an encoder answering one short query is a call of many short
+Python calls, as a decode step is).
 """
 
 from __future__ import annotations
 
+import types
 from collections.abc import Callable
 from typing import Any, TypeVar
+
+import torch.fx
 
 T = TypeVar("T")
 
@@ -35,14 +42,27 @@ T = TypeVar("T")
 HEADROOM_SLOTS = 7300
 
 
+def with_stack_headroom(code: types.CodeType) -> types.CodeType:
+    """``code`` declaring ``HEADROOM_SLOTS`` more evaluation stack than it uses (never touched)."""
+    return code.replace(co_stacksize=code.co_stacksize + HEADROOM_SLOTS)
+
+
 def _call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     return fn(*args, **kwargs)
 
 
-_call.__code__ = _call.__code__.replace(co_stacksize=_call.__code__.co_stacksize + HEADROOM_SLOTS)
+_call.__code__ = with_stack_headroom(_call.__code__)
 
 
 def call_with_stack_headroom(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
     """``fn(*args, **kwargs)``, from a frame that gives the call a data-stack chunk of its own
     (see the module docstring): its speed no longer depends on the caller's stack depth."""
     return _call(fn, args, kwargs)
+
+
+def give_forward_stack_headroom(gm: torch.fx.GraphModule) -> None:
+    """Make ``gm``'s ``forward`` (its class's: FX gives every graph module a class of its own) run
+    in a data-stack chunk of its own on every call, until ``gm.recompile()`` writes a new one."""
+    forward = type(gm).forward
+    if forward.__code__.co_stacksize < HEADROOM_SLOTS:
+        forward.__code__ = with_stack_headroom(forward.__code__)

@@ -7,8 +7,12 @@ import resource
 import sys
 
 import pytest
+import torch
 
-from outlierfx.stack_headroom import call_with_stack_headroom
+import outlierfx
+from outlierfx.backends import runnable_backends
+from outlierfx.stack_headroom import HEADROOM_SLOTS, call_with_stack_headroom
+from outlierfx.testing.models import build_model
 
 CALLS_PER_STEP = 100
 STEPS = 20
@@ -27,17 +31,17 @@ def _at_depth(depth: int, fn):
     return _at_depth(depth - 1, fn) if depth else fn()
 
 
-def _faults_per_step(step) -> float:
+def _faults_per_step(step, steps: int = STEPS) -> float:
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(STEPS):
+    for _ in range(steps):
         step()
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / STEPS
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / steps
 
 
-def _worst_depth(step) -> tuple[float, int]:
+def _worst_depth(step, steps: int = STEPS) -> tuple[float, int]:
     """The most page faults a step takes, and from which caller depth, over depths that span
     more than one 16 KB chunk (a frame of _at_depth is ~100 bytes)."""
-    return max((_at_depth(depth, lambda: _faults_per_step(step)), depth) for depth in range(0, 400))
+    return max((_at_depth(depth, lambda: _faults_per_step(step, steps)), depth) for depth in range(0, 400))
 
 
 def test_the_call_returns_what_the_function_returns_and_raises_what_it_raises():
@@ -56,3 +60,27 @@ def test_no_caller_depth_makes_a_step_fault_once_per_call():
     guarded, depth = _worst_depth(lambda: call_with_stack_headroom(_step))
     # One chunk a step: the pages of the frames beneath it, a few.
     assert guarded <= 8, f"{guarded} page faults a step from caller depth {depth}"
+
+
+@pytest.mark.skipif(sys.implementation.name != "cpython" or sys.version_info < (3, 11),
+                    reason="CPython's frame data-stack chunks came with 3.11")
+@pytest.mark.parametrize("backend", runnable_backends(["onednn"]))
+def test_a_lowered_model_called_directly_faults_at_no_caller_depth(backend):
+    g = build_model("bert", batch=1, seq=8, pad=False)
+    qmodel, _ = outlierfx.quantize(g.model, [g.inputs], "naive", backend=backend, progress=False)
+    forward = type(qmodel).forward
+    assert forward.__code__.co_stacksize >= HEADROOM_SLOTS  # lowering gave forward its own chunk
+
+    def call() -> None:
+        with torch.no_grad():
+            qmodel(**g.inputs)
+
+    call()
+    guarded, depth = _worst_depth(call, steps=3)
+    assert guarded <= 8, f"{guarded} page faults a call from caller depth {depth}"
+    expected = qmodel(**g.inputs)
+    qmodel.recompile()  # a forward of FX's own, without the headroom: the effect exists for this model
+    assert forward.__code__ is not type(qmodel).forward.__code__
+    plain, depth = _worst_depth(call, steps=3)
+    assert plain >= 2 * guarded + 20, f"no thrashing depth found (worst {plain} faults a call at depth {depth})"
+    torch.testing.assert_close(qmodel(**g.inputs), expected, rtol=0, atol=0)
