@@ -18,9 +18,10 @@ own, with room for everything the call does below it. One ``mmap`` and a few pag
 (microseconds) instead of one per op, from any caller depth. On an interpreter without data-stack
 chunks the frame is merely larger.
 
-:func:`give_forward_stack_headroom` does the same to an FX graph module's own ``forward``, for the
-lowered models users call directly (an encoder answering one short query is a call of many short
-Python calls, as a decode step is).
+Only the call sites get the headroom, not a graph module's own ``forward``: given the same slots,
+SmolLM2's decode graph took 326 page faults a step at every caller depth (50 against 37 ms; cause
+not found: possibly the frame objects that warnings materialise, which are sized by the declared
+stack), where the bare trampoline costs 2-3.
 """
 
 from __future__ import annotations
@@ -29,16 +30,15 @@ import types
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-import torch.fx
-
 T = TypeVar("T")
 
-# Where the number comes from (CPython's Python/pystate.c, push_chunk): a frame that does not fit
-# gets a chunk of 16 KB doubled until it holds the frame plus 1,000 slots (8 KB). 7,300 slots
-# (57 KB) is more than any chunk up to 64 KB can have left, so the frame always starts a chunk of
-# its own, of 128 KB, leaving ~70 KB for the call beneath it: a decode step reaches 18 frames
-# (~2 KB) below a graph's ``forward``, and SmolLM2's ``forward`` frame itself is ~20 KB. The
-# slots are never written, so only the pages the call actually uses are faulted in.
+# Where the number comes from (CPython's Python/pystate.c, push_chunk, 3.11 to 3.13): a frame
+# that does not fit gets a chunk of 16 KB doubled until it holds the frame plus 1,000 slots
+# (MINIMUM_OVERHEAD, 8 KB). 7,300 slots (57 KB) is more than any chunk up to 64 KB can have left,
+# so the trampoline's frame always starts a chunk of its own, of 128 KB, with ~70 KB beneath it:
+# a graph's ``forward`` frame (one slot per graph value: ~13 KB for a generated 30-layer Llama)
+# plus the 18 frames (~2 KB) a decode step reaches below it. The slots are never written, so only
+# the pages the call actually uses are faulted in.
 HEADROOM_SLOTS = 7300
 
 
@@ -59,10 +59,3 @@ def call_with_stack_headroom(fn: Callable[..., T], /, *args: Any, **kwargs: Any)
     (see the module docstring): its speed no longer depends on the caller's stack depth."""
     return _call(fn, args, kwargs)
 
-
-def give_forward_stack_headroom(gm: torch.fx.GraphModule) -> None:
-    """Make ``gm``'s ``forward`` (its class's: FX gives every graph module a class of its own) run
-    in a data-stack chunk of its own on every call, until ``gm.recompile()`` writes a new one."""
-    forward = type(gm).forward
-    if forward.__code__.co_stacksize < HEADROOM_SLOTS:
-        forward.__code__ = with_stack_headroom(forward.__code__)

@@ -31,7 +31,6 @@ from ..graph.canonicalize import remove_dead_code
 from ..graph.copy import copy_graph_module
 from ..graph.weight_source import held_codes, with_checkpoint_tensors
 from ..memory import return_freed_memory
-from ..stack_headroom import give_forward_stack_headroom
 from ..quantizers.integer_codes import HeldCodes, integer_weight, quantized_weights
 from ..quantizers.observers import FakeQuantize
 from .audit import AuditTrail
@@ -216,8 +215,6 @@ def lower_model(qmodel: torch.fx.GraphModule, backend: str, *, progress: bool = 
     model: torch.nn.Module = lowered.graph_module
     if backend == "inductor":
         model = CompiledInt8(lowered.graph_module)
-    else:  # users call it directly: its speed must not depend on their stack depth
-        give_forward_stack_headroom(lowered.graph_module)
     return model, lowered.audit
 
 
