@@ -44,6 +44,16 @@ def _worst_depth(step, steps: int = STEPS) -> tuple[float, int]:
     return max((_at_depth(depth, lambda: _faults_per_step(step, steps)), depth) for depth in range(0, 400))
 
 
+def _faults_by_depth(call, steps: int = 3) -> dict[int, float]:
+    return {depth: _at_depth(depth, lambda: _faults_per_step(call, steps)) for depth in range(0, 400, 2)}
+
+
+def _thrashing(faults: dict[int, float], excess: float = 20) -> list[int]:
+    """The depths whose calls take more than ``excess`` faults above the median depth's."""
+    median = sorted(faults.values())[len(faults) // 2]
+    return [depth for depth, f in faults.items() if f > median + excess]
+
+
 def test_the_call_returns_what_the_function_returns_and_raises_what_it_raises():
     assert call_with_stack_headroom(lambda a, b=1, *, c: (a, b, c), 1, c=3) == (1, 1, 3)
     with pytest.raises(KeyError, match="missing"):
@@ -77,10 +87,12 @@ def test_a_lowered_model_called_with_the_headroom_faults_at_no_caller_depth(back
         call_with_stack_headroom(direct)
 
     direct()
-    guarded_worst, depth = _worst_depth(guarded, steps=3)
-    assert guarded_worst <= 8, f"{guarded_worst} page faults a call from caller depth {depth}"
-    plain, depth = _worst_depth(direct, steps=3)  # the effect exists for a real graph's forward
-    assert plain >= 2 * guarded_worst + 20, f"no thrashing depth found (worst {plain} faults a call at depth {depth})"
+    # A thrashing depth: a call takes a fault per short Python call (dozens here) more than from
+    # most depths; tensors' own allocations fault the same at every depth.
+    guarded_faults = _faults_by_depth(guarded)
+    assert _thrashing(guarded_faults) == [], f"faults a call by caller depth: {guarded_faults}"
+    direct_faults = _faults_by_depth(direct)  # the effect exists for a real graph's forward
+    assert _thrashing(direct_faults), f"no thrashing depth found: {direct_faults}"
 
 
 def test_a_causal_lm_runs_every_graph_call_with_the_headroom(monkeypatch):
