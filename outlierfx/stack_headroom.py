@@ -10,7 +10,7 @@ lowered onednn SmolLM2 decode step called from the benchmark's stack depth: ~490
 ``munmap`` pairs and ~1,000 page faults a step, 66-90 ms a step instead of 35-49 ms
 (docs/experiments/rotation.md, "The bench's slow onednn decode step"); on a generated 4-layer
 Llama, 55-130 faults a step from caller depths 90-102 and 228-237, none from the others
-(``tests/test_stack_headroom.py`` checks the same effect in plain Python).
+(``tests/test_stack_headroom.py`` checks the same effect in plain Python and on a lowered model).
 
 :func:`call_with_stack_headroom` runs a call inside a frame that declares a large, never-touched
 evaluation stack, so the frame cannot fit in an ordinary chunk: each call maps one chunk of its
@@ -26,7 +26,6 @@ stack), where the bare trampoline costs 2-3.
 
 from __future__ import annotations
 
-import types
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -42,16 +41,12 @@ T = TypeVar("T")
 HEADROOM_SLOTS = 7300
 
 
-def with_stack_headroom(code: types.CodeType) -> types.CodeType:
-    """``code`` declaring ``HEADROOM_SLOTS`` more evaluation stack than it uses (never touched)."""
-    return code.replace(co_stacksize=code.co_stacksize + HEADROOM_SLOTS)
-
-
 def _call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     return fn(*args, **kwargs)
 
 
-_call.__code__ = with_stack_headroom(_call.__code__)
+# the declared stack: HEADROOM_SLOTS more than the call uses, never touched
+_call.__code__ = _call.__code__.replace(co_stacksize=_call.__code__.co_stacksize + HEADROOM_SLOTS)
 
 
 def call_with_stack_headroom(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:

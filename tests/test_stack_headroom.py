@@ -38,14 +38,15 @@ def _faults_per_step(step, steps: int = STEPS) -> float:
     return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / steps
 
 
-def _worst_depth(step, steps: int = STEPS) -> tuple[float, int]:
-    """The most page faults a step takes, and from which caller depth, over depths that span
-    more than one 16 KB chunk (a frame of _at_depth is ~100 bytes)."""
-    return max((_at_depth(depth, lambda: _faults_per_step(step, steps)), depth) for depth in range(0, 400))
+def _faults_by_depth(call, steps: int = STEPS, every: int = 1) -> dict[int, float]:
+    """Page faults a call by caller depth, over depths that span more than one 16 KB chunk (a
+    frame of _at_depth is ~100 bytes)."""
+    return {depth: _at_depth(depth, lambda: _faults_per_step(call, steps)) for depth in range(0, 400, every)}
 
 
-def _faults_by_depth(call, steps: int = 3) -> dict[int, float]:
-    return {depth: _at_depth(depth, lambda: _faults_per_step(call, steps)) for depth in range(0, 400, 2)}
+def _worst_depth(step) -> tuple[float, int]:
+    """The most page faults a step takes, and from which caller depth."""
+    return max((faults, depth) for depth, faults in _faults_by_depth(step).items())
 
 
 def _thrashing(faults: dict[int, float], excess: float = 20) -> list[int]:
@@ -89,9 +90,9 @@ def test_a_lowered_model_called_with_the_headroom_faults_at_no_caller_depth(back
     direct()
     # A thrashing depth: a call takes a fault per short Python call (dozens here) more than from
     # most depths; tensors' own allocations fault the same at every depth.
-    guarded_faults = _faults_by_depth(guarded)
+    guarded_faults = _faults_by_depth(guarded, steps=3, every=2)
     assert _thrashing(guarded_faults) == [], f"faults a call by caller depth: {guarded_faults}"
-    direct_faults = _faults_by_depth(direct)  # the effect exists for a real graph's forward
+    direct_faults = _faults_by_depth(direct, steps=3, every=2)  # the effect exists for a real graph's forward
     assert _thrashing(direct_faults), f"no thrashing depth found: {direct_faults}"
 
 

@@ -44,17 +44,15 @@ def _at_depth(depth: int, fn: Callable[[], tuple[float, float]]) -> tuple[float,
     return _at_depth(depth - 1, fn) if depth else fn()
 
 
-def sweep(call: Callable[[], object], variants: dict[str, Callable[[], None]],
-          guard: dict[str, bool] | None = None) -> dict[str, dict[str, float]]:
-    """Per variant (a function that switches the model to it; ``guard``: whether the timed call
-    itself goes through ``call_with_stack_headroom``), the summary over ``DEPTHS``; the variants
-    alternate at every depth, so drift in the machine's speed hits them alike."""
-    def timed(guarded: bool) -> tuple[float, float]:
+def sweep(call: Callable[[], object], variants: dict[str, Callable[[], None]]) -> dict[str, dict[str, float]]:
+    """Per variant (a function that switches ``call`` to it), the summary over ``DEPTHS``; the
+    variants alternate at every depth, so drift in the machine's speed hits them alike."""
+    def timed() -> tuple[float, float]:
         faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         times = []
         for _ in range(CALLS):
             start = time.perf_counter()
-            call_with_stack_headroom(call) if guarded else call()
+            call()
             times.append(time.perf_counter() - start)
         return statistics.median(times) * 1e3, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / CALLS
 
@@ -67,8 +65,7 @@ def sweep(call: Callable[[], object], variants: dict[str, Callable[[], None]],
         for depth in DEPTHS:
             for name, switch in variants.items():
                 switch()
-                guarded = bool(guard and guard[name])
-                results[name].append(_at_depth(depth, lambda: timed(guarded)))
+                results[name].append(_at_depth(depth, timed))
     summary = {}
     for name, rows in results.items():
         ms, faults = [r[0] for r in rows], [r[1] for r in rows]
@@ -88,8 +85,11 @@ def main() -> None:
     qmodel, report = outlierfx.quantize(loaded.model, batches, backend="onednn", progress=False)
     if args.model == "minilm":
         query = encode(loaded, wikipedia_sample("evaluation", 1), 16)
-        rows = sweep(lambda: qmodel(**query), {"with headroom": lambda: None, "without": lambda: None},
-                     guard={"with headroom": True, "without": False})
+        direct = lambda: qmodel(**query)  # noqa: E731
+        target = {"call": direct}
+        rows = sweep(lambda: target["call"](),
+                     {"with headroom": lambda: target.update(call=lambda: call_with_stack_headroom(direct)),
+                      "without": lambda: target.update(call=direct)})
     else:
         ids = DecoderEval.build(loaded).wiki[:2].reshape(1, -1)[:, :257]  # held-out text, 256 cached + 1
         step = CachedDecodeStep(qmodel, ids)

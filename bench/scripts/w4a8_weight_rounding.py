@@ -68,8 +68,8 @@ import contextlib
 import dataclasses
 import inspect
 import json
-import math
 import time
+import types
 from collections.abc import Callable, Iterator
 
 import torch
@@ -253,20 +253,17 @@ def with_prefix(batch: dict[str, torch.Tensor], bos: int | None) -> dict[str, to
     return {**batch, "input_ids": torch.cat([column * bos, ids], 1), "attention_mask": torch.cat([column, mask], 1)}
 
 
-def perplexity(model: torch.nn.Module, windows: torch.Tensor, bos: int | None, batch: int = 4) -> float:
-    """``DecoderEval.perplexity``, or with ``bos`` before each window: the same predictions (each
-    window's tokens from its second on), the prefix in their context."""
+def perplexity(model: torch.nn.Module, windows: torch.Tensor, bos: int | None) -> float:
+    """``DecoderEval.perplexity``, with ``bos`` before each window: the model's logits at the
+    prefix are dropped, so the same predictions are scored (each window's tokens from its second
+    on), the prefix in their context."""
     if bos is None:
-        return DecoderEval.perplexity(model, windows, batch)
-    total, count = 0.0, 0
-    for i in range(0, windows.shape[0], batch):
-        ids = windows[i : i + batch]
-        with torch.no_grad():
-            logits = model(**with_prefix({"input_ids": ids}, bos)).logits[:, 1:-1]
-        total += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
-                                                         ids[:, 1:].reshape(-1), reduction="sum"))
-        count += ids[:, 1:].numel()
-    return math.exp(total / count)
+        return DecoderEval.perplexity(model, windows)
+
+    def prefixed(**inputs: torch.Tensor) -> types.SimpleNamespace:
+        return types.SimpleNamespace(logits=model(**with_prefix(inputs, bos)).logits[:, 1:])
+
+    return DecoderEval.perplexity(prefixed, windows)
 
 
 def calibrated_graph(samples: int, rotation: torch.Tensor | None = None, bos: int | None = None):
