@@ -217,3 +217,26 @@ def test_the_check_sample_keeps_the_sequences_with_the_most_real_tokens():
     static = outlierfx.capture(Masked(), {"input_ids": ids, "attention_mask": mask}, dynamic=False)
     inputs = static.meta[GM_EXAMPLE_INPUTS]
     assert check_sample(static, inputs, max_elements=1) == (inputs, None)  # a static batch cannot be cut
+
+
+def test_the_check_sample_cuts_an_attention_mask_whose_batch_the_graph_only_broadcasts():
+    """torch.export gives a mask whose batch no op ties to the ids' its own symbol (SmolLM2's
+    capture does): laid out [batch, tokens] like the ids, it is cut with them, else a graph that
+    adds something mask-shaped to the ids' rows broadcasts a one-sequence sample back to four."""
+
+    class Broadcast(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(10, 6)
+
+        def forward(self, input_ids, attention_mask):
+            return self.embed(input_ids) + attention_mask.amax(0)[None, :, None]
+
+    ids = torch.randint(0, 10, (4, 5))
+    mask = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0]])
+    gm = outlierfx.capture(Broadcast(), {"input_ids": ids, "attention_mask": mask})
+    shapes = [n.meta["val"].shape for n in gm.graph.nodes if n.op == "placeholder"]
+    assert str(shapes[0][0]) != str(shapes[1][0]) and str(shapes[0][1]) == str(shapes[1][1])  # the case at hand
+    (args, kwargs), sample = check_sample(gm, gm.meta[GM_EXAMPLE_INPUTS], max_elements=5 * 6)
+    assert sample == CheckSample(sequences=1, of_sequences=4, tokens=5)
+    assert torch.equal(kwargs["input_ids"], ids[[1]]) and torch.equal(kwargs["attention_mask"], mask[[1]])

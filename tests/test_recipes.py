@@ -208,8 +208,13 @@ def test_below_8_bit_weights_the_fast_preset_rounds_asymmetric_mse_clipped_rows_
     assert not at4.recipe.policy(parse_bits("W4A8")).weight.symmetric
     assert at4.recipe.policy(parse_bits("W8A8")).weight.symmetric
     smooth8, smooth4 = preset("fast", "onednn", None), preset("fast", "onednn", None, parse_bits("W4A8"))
-    # already GPTQ on MSE rows: only the rows' grid changes
-    assert smooth4.recipe == dataclasses.replace(smooth8.recipe, asymmetric_weights=True)
+    # already GPTQ on MSE rows: only the rows' grid changes, and GPTQ corrects the first-token rows
+    from outlierfx.passes.gptq import GPTQ
+
+    corrected = tuple(dataclasses.replace(s, settings={**s.settings, "first_rows": True}) if s.pass_type is GPTQ else s
+                      for s in smooth8.recipe.finish)
+    assert smooth4.recipe == dataclasses.replace(smooth8.recipe, asymmetric_weights=True, finish=corrected)
+    assert [s.settings.get("first_rows") for s in at4.recipe.finish if s.pass_type is GPTQ] == [True]
     qmodel, report = outlierfx.quantize(g.model, [g.inputs], bits="W4A8", generation=False, progress=False)
     assert report.recipe == "rotate+sink+gptq" and report.backend == default_backend()
     assert any(e.pass_name == "GPTQ" and e.modified for e in report.audit.entries)

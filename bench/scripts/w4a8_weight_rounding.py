@@ -29,7 +29,7 @@ backward of the float model on one calibration batch (a lower bound for the fake
 step), and folding a d x d rotation into every weight matrix with the hidden size on one side
 (forward only; its backward costs about twice that).
 
-A variant is ``scales[:seq][:a16][:natural][:refit][:nosink][:prefix][:damp<f>]`` (``:seq``: sequential GPTQ, each
+A variant is ``scales[:seq][:a16][:natural][:refit][:nosink][:prefix][:firstrows][:damp<f>]`` (``:seq``: sequential GPTQ, each
 Linear's Hessian from the model whose earlier Linears are rounded; ``:a16``: the same int4
 weights scored with float activations, to split the gap between weights and activations;
 ``:natural``: GPTQ rounds each weight's columns in their own order instead of act order
@@ -41,7 +41,8 @@ sink) can dominate ``X^T X``; the first token still runs through the rounded wei
 scored; ``:prefix``: when scored, every Linear computes each sequence's first position with its
 float weight on its float input, simulating a first token whose keys and values come from the
 float model, a prefix cached in float as PrefixQuant does; later positions use the rounded
-weights). ``--samples`` sets the
+weights; ``:firstrows``: GPTQ's first-row corrections, ``GPTQ(first_rows=True)``, one float
+vector per Linear added at each text's first token, the preset's below 8-bit weights). ``--samples`` sets the
 calibration passages (the benchmarks use 32).
 
     PYTHONPATH=$PWD .venv/bin/python bench/scripts/w4a8_weight_rounding.py diag,fullh --json out.json
@@ -160,7 +161,7 @@ def gptq_search(weight, gram, spec, damp=0.01, block=128, grid=None, act_order=T
 CHOOSERS: dict[str, ScaleChooser | None] = {"diag": None, "fullh": full_gram_scales, "gptqsearch": None, "asym": None,
                                              "asymsearch": None}
 ASYMMETRIC = {"asym", "asymsearch"}  # choosers whose rows are on the asymmetric grid (per-row zero point)
-MODES = {"seq", "a16", "natural", "refit", "nosink", "prefix"}  # a variant's flags besides damp<f> (the module docstring)
+MODES = {"seq", "a16", "natural", "refit", "nosink", "prefix", "firstrows"}  # a variant's flags besides damp<f> (the module docstring)
 SEARCHED = {"gptqsearch", "asymsearch"}  # choosers whose ranges GPTQ's own error picks (gptq_search)
 
 
@@ -315,7 +316,8 @@ def time_training_steps(model: torch.nn.Module, batch: dict[str, torch.Tensor], 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("variants", help="comma-separated scales[:seq][:a16][:natural][:refit][:nosink][:prefix][:damp<f>], scales in "
+    parser.add_argument("variants", help="comma-separated scales[:seq][:a16][:natural][:refit][:nosink][:prefix][:firstrows][:damp<f>], "
+                        "scales in "
                         + ", ".join(CHOOSERS))
     parser.add_argument("--json", required=True)
     parser.add_argument("--samples", type=int, default=CALIBRATION["decoder"]["samples"])
@@ -351,6 +353,7 @@ def main() -> None:
             raise SystemExit(f"unknown variant {variant!r}")
         start = time.perf_counter()
         gptq.sequential, gptq.act_order, gptq.refit_scales = "seq" in modes, "natural" not in modes, "refit" in modes
+        gptq.first_rows = "firstrows" in modes
         gptq.damp = float(damps[0][len("damp"):]) if damps else DEFAULT_DAMP
         # the asymmetric grid is the spec's: GPTQ rounds and the conversion reads back with it
         gptq.weight_spec = weight_spec = (policy.weight.with_(symmetric=False, signed=False) if scales in ASYMMETRIC
@@ -367,10 +370,12 @@ def main() -> None:
         rounding_s = time.perf_counter() - start
         row = {"variant": variant, "rotation": args.rotation or "preset (hadamard, seed 0)", "samples": args.samples, "weight_spec": weight_spec.describe(),
                "act_order": plan.act_order, "refit_scales": plan.refit_scales, "damp": gptq.damp,
-               "layer_error": sum(r.gptq_error for r in plan.linears), "prefix_linears": prefix_linears, "rounding_s": round(rounding_s, 1),
+               "layer_error": sum(r.gptq_error for r in plan.linears), "prefix_linears": prefix_linears,
+               "first_row_corrections": len(plan.first_rows), "rounding_s": round(rounding_s, 1),
                "bos": args.bos, "ppl_wiki": perplexity(model, evaluator.wiki, args.bos)}
-        if prefix_linears:  # position 0 should now be the float model's (up to the 8-bit embedding table)
-            ids = with_prefix({"input_ids": evaluator.wiki[:1]}, args.bos)
+        if prefix_linears or plan.first_rows:  # position 0 should now be the float model's (up to the 8-bit embedding table)
+            ids = with_prefix({"input_ids": evaluator.wiki[:1], "attention_mask": torch.ones_like(evaluator.wiki[:1])},
+                              args.bos)
             with torch.no_grad():
                 ours = model(**ids).logits[0, 0].log_softmax(-1)
                 fp32 = loaded.model(**ids).logits[0, 0].log_softmax(-1)

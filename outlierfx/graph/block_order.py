@@ -146,6 +146,7 @@ def run_in_block_order(
     after_segment: Callable[[Sequence[torch.fx.Node]], None] | None = None,
     before_node: Callable[[torch.fx.Node, Sequence[Lockstep]], None] | None = None,
     on_value: Callable[[torch.fx.Node, int, Any], None] | None = None,
+    after_node: Callable[[torch.fx.Node, Sequence[Lockstep]], None] | None = None,
 ) -> BlockOrderRun:
     """Run every batch (keyword inputs) through the nodes ``gm`` needs to compute ``wanted``
     (``None``: the graph's outputs, which are returned), loading each load unit (a block's
@@ -158,7 +159,8 @@ def run_in_block_order(
     as their Gram matrices are complete, holding one block's at a time). With ``before_node(node,
     runs)``, called before each node runs with every batch's run, a segment runs node by node over
     all batches instead (every batch's values inside the block live at once), so the caller can
-    change a value between nodes (sequential GPTQ gives a Linear its rounded weight).
+    change a value between nodes (sequential GPTQ gives a Linear its rounded weight);
+    ``after_node(node, runs)`` likewise after it ran on every batch (it needs ``before_node``).
     ``on_value(node, i, value)`` is called as each node of ``wanted`` runs on batch ``i``: each
     node sees the batches in order, block by block (:func:`probe_batches`)."""
     source: WeightSource = gm.meta[meta.GM_WEIGHT_SOURCE]
@@ -183,6 +185,8 @@ def run_in_block_order(
     last_uses = _last_uses(nodes + ([output] if wanted is None else []))
     runs = [Lockstep(gm, batch, last_uses) for batch in batches]
     context = step_context or (lambda mask: contextlib.nullcontext())
+    if after_node is not None and before_node is None:
+        raise ValueError("after_node runs node by node over all batches: give before_node too")
     watched = set(wanted or ()) if on_value is not None else set()
 
     def watch(node: torch.fx.Node, i: int, value: Any) -> None:
@@ -211,6 +215,8 @@ def run_in_block_order(
                     for i, run in enumerate(runs):
                         with context(run.mask):
                             watch(node, i, run.step(node))
+                    if after_node is not None:
+                        after_node(node, runs)
             for unit in (u for node in segment for u in ending.get(node, ())):
                 release(gm, unit.targets)
             if after_segment is not None:

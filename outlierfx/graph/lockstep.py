@@ -30,6 +30,7 @@ class Lockstep(torch.fx.Interpreter):
         flat = gm.graph.process_inputs(*bound.args)
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         self.env.update(zip(placeholders, flat))
+        self.inputs = batch  # by name, as given
         mask = batch.get("attention_mask")
         self.mask = None if mask is None else mask.bool()
         self.last_uses = self.user_to_last_uses if last_uses is None else last_uses

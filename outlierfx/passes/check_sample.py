@@ -74,6 +74,14 @@ def check_sample(gm: torch.fx.GraphModule, inputs: Inputs, max_elements: int | N
     if first is None:
         return inputs, None
     size = first.shape[0]
+    # torch.export gives a batch dimension no graph op ties to the first input's its own symbol
+    # (an attention mask whose batch only broadcasts): an input laid out [batch, tokens] like the
+    # first one (the same tokens symbol, as many rows) is cut with it
+    tokens_symbol = next((_symbol(v.shape[1]) for t, v in zip(flat, placeholders) if t is first and v.dim() > 1),
+                         None)
+    batched |= {id(t) for t, v in zip(flat, placeholders)
+                if tokens_symbol is not None and isinstance(t, torch.Tensor) and isinstance(v, torch.Tensor)
+                and v.dim() > 1 and t.shape[0] == size and _symbol(v.shape[1]) == tokens_symbol}
     per_sequence = _output_elements_per_sequence(gm, batch_symbol)
     keep = size if per_sequence is None else max(1, min(size, limit // max(per_sequence, 1)))
     mask = inputs[1].get("attention_mask")

@@ -52,12 +52,14 @@ from ..quantizers.gptq_rounding import gptq_round, layer_error, nearest_codes, r
 from ..quantizers.integer_codes import HeldCodes
 from ..quantizers.observers import observation_paused
 from ..quantizers.spec import Granularity, QuantSpec
+from . import first_row_correction
 from .base import GraphPass, require_calibrated_observers
 from .convert_fake_quant import ConvertToFakeQuant, linear_weight_spec
 from .training import Batch
 
 
 RoundOne = Callable[[torch.fx.Node, torch.Tensor, int], torch.Tensor | None]  # (Linear, Gram, tokens) -> rounded
+StepHook = Callable[[torch.fx.Node, Sequence[Lockstep]], None]  # called around each node of a lockstep run
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +89,9 @@ class GPTQPlan:
     # Linear node -> its rounded weight as int8 codes, on a graph captured without weights (the
     # weight source holds them: :mod:`~outlierfx.passes.gptq_block_order`); ``weights`` is empty there
     held: Mapping[str, HeldCodes] = dataclasses.field(default_factory=dict)
+    # Linear node -> the vector added to its output at each text's first token (``first_rows``)
+    first_rows: Mapping[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    first_rows_skipped: str = ""  # why ``first_rows`` was asked for and none was measured
 
     def summary(self) -> str:
         if not self.linears:
@@ -100,6 +105,10 @@ class GPTQPlan:
                 f"{self.seconds:.1f}s; summed layer output error {near:.4g} -> {ours:.4g} "
                 f"({1 - ours / max(near, 1e-30):.0%} lower than round-to-nearest; least gain "
                 f"{worst.reduction:.0%} at {worst.module_path or worst.node})")
+        if self.first_rows:
+            line += f"; first-token rows of {len(self.first_rows)} Linears corrected"
+        if self.first_rows_skipped:
+            line += f"; no first-token row corrections: {self.first_rows_skipped}"
         if self.skipped:
             line += f"; skipped {len(self.skipped)}: {list(self.skipped)[:4]}"
         return line
@@ -145,13 +154,16 @@ class GPTQ(GraphPass[GPTQPlan]):
             act order, :func:`gptq_round`); False: in the weight's own column order.
         refit_scales: after rounding, give each row the step that fits its codes best at the
             layer's output (least squares, :func:`gptq_round`).
+        first_rows: after rounding, add to each Linear's output at each text's first token the
+            mean error of that row on the calibration texts, measured in graph order
+            (:mod:`~outlierfx.passes.first_row_correction`: one float vector per Linear).
     """
 
     output_rel_tol = None  # the weights change on purpose
 
     def __init__(self, batches: Sequence[Batch], weight_spec: QuantSpec, embedding_spec: QuantSpec | None = None,
                  damp: float = 0.01, sequential: bool = False, act_order: bool = True,
-                 refit_scales: bool = False) -> None:
+                 refit_scales: bool = False, first_rows: bool = False) -> None:
         if not batches:
             raise ValueError("GPTQ needs calibration batches")
         if weight_spec.granularity is Granularity.PER_CHANNEL and weight_spec.axis not in (0, -2):
@@ -164,6 +176,7 @@ class GPTQ(GraphPass[GPTQPlan]):
         self.batches = [dict(b) for b in batches]
         self.weight_spec, self.embedding_spec, self.damp = weight_spec, embedding_spec, damp
         self.sequential, self.act_order, self.refit_scales = sequential, act_order, refit_scales
+        self.first_rows = first_rows
 
     def requires(self, gm: torch.fx.GraphModule) -> None:
         require_calibrated_observers(gm, "GPTQ")
@@ -206,36 +219,55 @@ class GPTQ(GraphPass[GPTQPlan]):
             return rounded
 
         held: dict[str, HeldCodes] = {}
+        first_rows: dict[str, torch.Tensor] = {}
+        first_rows_skipped = self._first_rows_blocker(gm)
+        measure = self.first_rows and not first_rows_skipped
         if gm.meta.get(meta.GM_WEIGHT_SOURCE) is not None:  # captured without weights: a block at a time
-            from .gptq_block_order import round_in_block_order  # it builds on this module's recorders
+            from .gptq_block_order import correct_first_rows_in_block_order, round_in_block_order
 
             held = round_in_block_order(gm, targets, self._work_graph(gm), self.batches, self.weight_spec, round_one,
                                         self.sequential)
-        elif self.sequential:
-            self._round_in_graph_order(gm, targets, round_and_keep)
+            if measure:  # one more forward in block order, the rounded weights in place
+                first_rows = correct_first_rows_in_block_order(gm, targets, self._work_graph(gm), self.batches, held)
         else:
-            grams = self._gram_matrices(gm, targets)
-            for node in targets:
-                round_and_keep(node, *grams[node.name])
+            if self.sequential:
+                work = self._work_graph(gm)
+                self._in_lockstep(work, rounding_in_lockstep(work, targets, round_and_keep))
+            else:
+                grams = self._gram_matrices(gm, targets)
+                for node in targets:
+                    round_and_keep(node, *grams[node.name])
+            if measure:  # one more pass, node by node, with the rounded weights in place
+                work = self._work_graph(gm)
+                after, first_rows = first_row_correction.measure_in_lockstep(work, gm, targets, weights.__contains__)
+                self._in_lockstep(work, with_weights(weights.get), after)
         return GPTQPlan(tuple(linears), weights, tuple(skipped), self.weight_spec, time.perf_counter() - start,
-                        self.act_order, self.refit_scales, held)
+                        self.act_order, self.refit_scales, held, first_rows, first_rows_skipped)
+
+    def _first_rows_blocker(self, gm: torch.fx.GraphModule) -> str:
+        """Why first-row corrections cannot be measured on ``gm`` ("" where they can, or were not asked for)."""
+        if not self.first_rows:
+            return ""
+        if not any(n.op == "placeholder" and n.target == first_row_correction.ATTENTION_MASK for n in gm.graph.nodes):
+            return "the graph has no attention_mask input to tell each text's first token"
+        return ""
 
     def _work_graph(self, gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
         """The fake-quant model with float weights (activations on their calibrated grids)."""
         return ConvertToFakeQuant(None, self.embedding_spec)(copy_graph_module(gm)).graph_module
 
-    def _round_in_graph_order(self, gm: torch.fx.GraphModule, targets: list[torch.fx.Node], round_one: RoundOne
-                              ) -> None:
-        """Run the work graph over every batch node by node, rounding each target Linear just
-        before it runs (:func:`rounding_in_lockstep`)."""
-        work = self._work_graph(gm)
-        before = rounding_in_lockstep(work, targets, round_one)
+    def _in_lockstep(self, work: torch.fx.GraphModule, before: StepHook, after: StepHook | None = None) -> None:
+        """Run ``work`` over every batch node by node, calling ``before`` and ``after`` around
+        each node (sequential rounding: :func:`rounding_in_lockstep`; first-row corrections:
+        :func:`~outlierfx.passes.first_row_correction.measure_in_lockstep`)."""
         runs = [Lockstep(work, batch) for batch in distributed.shard(self.batches)]
         with torch.no_grad(), observation_paused():
             for node in work.graph.nodes:
                 before(node, runs)
                 for run in runs:
                     run.step(node)
+                if after is not None:
+                    after(node, runs)
 
     def _gram_matrices(self, gm: torch.fx.GraphModule, targets: list[torch.fx.Node]
                        ) -> dict[str, tuple[torch.Tensor, int]]:
@@ -258,11 +290,25 @@ class GPTQ(GraphPass[GPTQPlan]):
             replace_input_tensor(gm, node, node.args[1], weight, "_gptq")
         if plan.held:  # untied weights: each keeps its target, which now loads from its codes
             hold(gm, {str(by_name[name].args[1].target): codes for name, codes in plan.held.items()})
+        first_row_correction.insert_corrections(gm, plan.first_rows)
         return bool(plan.weights or plan.held)
 
 
+def with_weights(weight_of: Callable[[str], torch.Tensor | None]) -> StepHook:
+    """A lockstep hook that gives each Linear the weight ``weight_of(its name)`` (None: its own)
+    just before it runs."""
+
+    def before(node: torch.fx.Node, runs: Sequence[Lockstep]) -> None:
+        weight = weight_of(node.name) if node.op == "call_function" else None
+        if weight is not None:
+            for run in runs:
+                run.env[node.args[1]] = weight
+
+    return before
+
+
 def rounding_in_lockstep(work: torch.fx.GraphModule, targets: Sequence[torch.fx.Node], round_one: RoundOne
-                         ) -> Callable[[torch.fx.Node, Sequence[Lockstep]], None]:
+                         ) -> StepHook:
     """Sequential GPTQ's step, called before each node of ``work`` (the work graph of
     ``targets``' graph) runs on every batch's :class:`Lockstep` run: at a target Linear, round its
     weight on the Gram matrix of its input as it arrives (earlier Linears already rounded) and

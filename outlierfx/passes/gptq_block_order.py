@@ -34,7 +34,8 @@ from ..quantizers.integer_codes import HeldCodes, codes_required, integer_weight
 from ..quantizers.observers import observation_paused
 from ..quantizers.spec import QuantSpec
 from .convert_fake_quant import linear_weight_spec
-from .gptq import GramRecorder, RoundOne, record_grams, rounding_in_lockstep
+from . import first_row_correction
+from .gptq import GramRecorder, RoundOne, record_grams, rounding_in_lockstep, with_weights
 from .training import Batch
 
 
@@ -90,6 +91,26 @@ def _codes(node: torch.fx.Node, rounded: torch.Tensor, spec: QuantSpec) -> HeldC
     return codes
 
 
+def correct_first_rows_in_block_order(gm: torch.fx.GraphModule, targets: Sequence[torch.fx.Node],
+                                      work: torch.fx.GraphModule, batches: Sequence[Batch],
+                                      held: dict[str, HeldCodes]) -> dict[str, torch.Tensor]:
+    """GPTQ's first-row corrections (:mod:`~.first_row_correction`) on a graph captured without
+    weights: ``work`` runs in block order, node by node over all batches, each rounded Linear
+    reading its weight from its codes in ``held``; the float weight of ``gm`` it is measured
+    against is loaded only while its correction is measured."""
+    by_name = {node.name: node for node in work.graph.nodes}
+    after, corrections = first_row_correction.measure_in_lockstep(
+        work, gm, targets, held.__contains__, lambda tensors: materialized(gm, tensors))
+    with torch.no_grad(), observation_paused(), distributed.failing_together("measuring first-row corrections"):
+        # each Linear's readers too: a value nothing reads is freed as soon as it is made, and the
+        # hook reads each Linear's output after it ran (the last block's, where the LM head is tied)
+        linears = [by_name[node.name] for node in targets]
+        run_in_block_order(work, distributed.shard(batches), [*linears, *(u for n in linears for u in n.users)],
+                           before_node=with_weights(lambda name: held[name].weight() if name in held else None),
+                           after_node=after)
+    return corrections
+
+
 def _round_sequentially(gm: torch.fx.GraphModule, targets: Sequence[torch.fx.Node], work: torch.fx.GraphModule,
                         batches: Sequence[Batch], weight_spec: QuantSpec, round_one: RoundOne
                         ) -> dict[str, HeldCodes]:
@@ -107,6 +128,9 @@ def _round_sequentially(gm: torch.fx.GraphModule, targets: Sequence[torch.fx.Nod
 
     by_name = {node.name: node for node in work.graph.nodes}
     with torch.no_grad(), observation_paused(), distributed.failing_together("rounding with sequential GPTQ"):
-        run_in_block_order(work, distributed.shard(batches), [by_name[node.name] for node in targets],
+        # each Linear's readers too: a value nothing reads is freed as soon as it is made, and the
+        # hook reads each Linear's output after it ran (the last block's, where the LM head is tied)
+        linears = [by_name[node.name] for node in targets]
+        run_in_block_order(work, distributed.shard(batches), [*linears, *(u for n in linears for u in n.users)],
                            before_node=rounding_in_lockstep(work, targets, round_and_hold))
     return held

@@ -65,7 +65,9 @@ def preset(goal: str | Goal, backend: str, graph: torch.fx.GraphModule | None = 
     return dataclasses.replace(chosen, recipe=low_bit, why=(
         f"{chosen.why}; below 8-bit weights every weight row is clipped to its MSE-optimal range on an "
         f"asymmetric grid (all 16 int4 levels, a zero point per row; the int8 kernels run the codes minus the zero "
-        f"point) and rounded by GPTQ (the LM head keeps symmetric 8-bit weights)"))
+        f"point) and rounded by GPTQ (the LM head keeps symmetric 8-bit weights), which then gives each Linear's "
+        f"output at the first token one float vector: that row's mean error on the calibration texts (the "
+        f"attention sink's rows are nearly the same in every text)"))
 
 
 def _low_bit_weights(recipe: Recipe) -> Recipe:
@@ -75,12 +77,17 @@ def _low_bit_weights(recipe: Recipe) -> Recipe:
     diagonal, 22.59 with those rows asymmetric (16 levels and a zero point instead of 15). GPTQ
     rounds in act order (decreasing Hessian diagonal, its default and the standard GPTQ choice,
     not tuned here): 22.93 in the weights' own column order. Damping 0.1 with least-squares row
-    steps gave 22.42 on Wikipedia but 44.12 against 43.57 on news, so GPTQ keeps its defaults."""
+    steps gave 22.42 on Wikipedia but 44.12 against 43.57 on news, so GPTQ keeps its defaults.
+    GPTQ's first-row corrections (``first_rows``: each Linear's mean first-token error, a constant
+    measured on the calibration set, no tuned value) took the lowered model to 22.21 / 43.30
+    (docs/experiments/rotation.md, "First-row corrections")."""
     from ..passes.gptq import GPTQ
 
     if not any(s.pass_type is GPTQ for s in recipe.finish):
         recipe = with_gptq(recipe)
-    return dataclasses.replace(recipe, weight_estimator=Estimator.MSE, asymmetric_weights=True)
+    finish = tuple(dataclasses.replace(s, settings={**s.settings, "first_rows": True}) if s.pass_type is GPTQ else s
+                   for s in recipe.finish)
+    return dataclasses.replace(recipe, finish=finish, weight_estimator=Estimator.MSE, asymmetric_weights=True)
 
 
 def _preset_at_8_bits(goal: str | Goal, backend: str, graph: torch.fx.GraphModule | None) -> Preset:
