@@ -92,3 +92,12 @@ def print_table(result: dict[str, Any]) -> None:
 def write_json(result: dict[str, Any], path: str) -> None:
     with open(path, "w") as f:
         json.dump(result, f, indent=2)
+
+
+def show_and_write(result: dict[str, Any], path: str | None) -> None:
+    """The result's table after a blank line, and its JSON at ``path`` (None: not written)."""
+    print()
+    print_table(result)
+    if path:
+        write_json(result, path)
+        print(f"wrote {path}")

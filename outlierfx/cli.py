@@ -140,18 +140,13 @@ def _recipe_name(args: argparse.Namespace) -> str | None:
 
 
 def _bench_accuracy(args: argparse.Namespace) -> int:
-    from .benchmarks import accuracy, print_table, write_json
+    from .benchmarks import accuracy, show_and_write
     from .recipes import FINE_SUFFIX, get_recipe
 
     recipes = [r.strip() + (FINE_SUFFIX if args.fine else "") for r in args.recipes.split(",") if r.strip()]
     for r in recipes:
         get_recipe(r)  # a RecipeError (an OutlierFXError) before any model is loaded
-    result = accuracy(args.model, args.bits, recipes, policy=args.policy, backend=args.backend)
-    print()
-    print_table(result)
-    if args.json:
-        write_json(result, args.json)
-        print(f"wrote {args.json}")
+    show_and_write(accuracy(args.model, args.bits, recipes, policy=args.policy, backend=args.backend), args.json)
     return 0
 
 

@@ -101,10 +101,8 @@ def main() -> None:
     parser.add_argument("--bits", nargs="+", default=["W8A8"])
     parser.add_argument("--json")
     args = parser.parse_args()
-    result = benchmarks.accuracy(args.model, args.bits, [variant(n) for n in args.recipes.split(",")], policy="full")
-    benchmarks.print_table(result)
-    if args.json:
-        benchmarks.write_json(result, args.json)
+    benchmarks.show_and_write(benchmarks.accuracy(args.model, args.bits, [variant(n) for n in args.recipes.split(",")],
+                                                  policy="full"), args.json)
 
 
 if __name__ == "__main__":

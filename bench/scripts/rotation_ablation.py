@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from outlierfx.benchmarks import accuracy, print_table, write_json
+from outlierfx.benchmarks import accuracy, show_and_write
 from outlierfx.recipes import paper_recipe
 
 
@@ -35,11 +35,7 @@ def main() -> None:
                      or s.pass_type.__name__ == "MigrateGamma")
         name = f"rotate+sink without {left_out}" if left_out != "all" else "rotate+sink, gamma migration only"
         recipes.append(dataclasses.replace(full, name=name, prepare=kept))
-    result = accuracy(args.model, [args.bits], recipes, backend=args.backend)
-    print()
-    print_table(result)
-    if args.json:
-        write_json(result, args.json)
+    show_and_write(accuracy(args.model, [args.bits], recipes, backend=args.backend), args.json)
 
 
 if __name__ == "__main__":

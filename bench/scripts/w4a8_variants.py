@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from outlierfx.benchmarks import CALIBRATION, accuracy, print_table, write_json
+from outlierfx.benchmarks import CALIBRATION, accuracy, show_and_write
 from outlierfx.passes.gptq import GPTQ
 from outlierfx.quantizers.spec import Estimator
 from outlierfx.recipes import paper_recipe
@@ -43,9 +43,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=CALIBRATION["decoder"]["samples"])
     args = parser.parse_args()
     CALIBRATION["decoder"] = {**CALIBRATION["decoder"], "samples": args.samples}
-    result = accuracy("smollm2", ["W4A8"], [variant(v) for v in args.variants.split(",")])
-    print_table(result)
-    write_json(result, args.json)
+    show_and_write(accuracy("smollm2", ["W4A8"], [variant(v) for v in args.variants.split(",")]), args.json)
 
 
 if __name__ == "__main__":
