@@ -21,8 +21,8 @@ from outlierfx import distributed
 from outlierfx.errors import DistributedError
 from outlierfx.testing.distributed import run_here, run_on_local_ranks
 
-QUICK = ["statistics_merge", "mismatched_batches", "nan_on_rank_1", "llama_default", "bert_gptq", "bert_trained",
-         "bert_low_memory_trained", "training_shards"]
+QUICK = ["statistics_merge", "mismatched_batches", "nan_on_rank_1", "llama_default", "llama_w4a8", "bert_gptq",
+         "bert_trained", "bert_low_memory_trained", "training_shards"]
 # at most this fraction of GPTQ-rounded weight entries may differ (float64 sums in rank order)
 GPTQ_CODES_MOVED = 1e-4
 # a model trained on 2 ranks: its output MSE against the unquantized model at most this many times
@@ -38,7 +38,8 @@ def two_ranks() -> list[dict]:
 
 @pytest.fixture(scope="module")
 def one_process() -> dict:
-    return run_here(["llama_default", "bert_gptq", "bert_trained", "bert_low_memory_trained", "training_shards"])
+    return run_here(["llama_default", "llama_w4a8", "bert_gptq", "bert_trained", "bert_low_memory_trained",
+                     "training_shards"])
 
 
 def _split(result: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -113,6 +114,22 @@ def test_gptq_on_two_ranks_matches_one_process(two_ranks, one_process):
             assert int(rank["bert_gptq"][f"{prefix}/ranks"]) == 2
             assert got.keys() == ref.keys()
             _assert_rounded_run_matches(got, ref, min_weights=12)
+
+
+def test_w4a8_preset_on_two_ranks_matches_one_process(two_ranks, one_process):
+    """Generated Llama, the preset at W4A8: GPTQ's int4 rows within GPTQ_CODES_MOVED, its
+    first-row corrections (sums across ranks) close, outputs close, every grid bit for bit."""
+    ref = _split(one_process["llama_w4a8"], "w4")
+    corrections = [k for k in ref if k.endswith("_first_row_correction")]
+    assert len(corrections) == 7 * 2
+    for rank in two_ranks:
+        assert int(rank["llama_w4a8"]["w4/ranks"]) == 2
+        got = _split(rank["llama_w4a8"], "w4")
+        assert got.keys() == ref.keys()
+        for key in corrections:
+            torch.testing.assert_close(got[key], ref[key], rtol=1e-3, atol=1e-3 * float(ref[key].abs().max()))
+        _assert_rounded_run_matches({k: v for k, v in got.items() if k not in corrections},
+                                    {k: v for k, v in ref.items() if k not in corrections}, min_weights=14)
 
 
 def test_trained_stages_on_two_ranks_agree_and_match_one_process_quality(two_ranks, one_process):

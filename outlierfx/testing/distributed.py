@@ -81,11 +81,9 @@ def _outputs(prefix: str, qmodel: torch.nn.Module, model: torch.nn.Module, held_
     return result
 
 
-def llama_default() -> Result:
-    """A generated Llama with a massive first token and outlier channels, the default preset on
-    this CPU's best backend (``rotate+sink``: min-max ranges and first-token ranges only), through
-    ``quantize``'s generating model (its KV-cache graph, as ``outlierfx quantize`` saves decoders)."""
-    from ..backends import default_backend
+def _sink_llama() -> tuple[torch.nn.Module, list, list]:
+    """A generated Llama with a massive first token and outlier channels, its calibration batches
+    (each text starting with the first-token id 63) and a held-out batch."""
     from .models import OutlierSpec, build_model
 
     spec = OutlierSpec(gamma_scale=20.0, channels=(3, 17), first_token_scale=30.0)
@@ -93,8 +91,24 @@ def llama_default() -> Result:
     batches = _generated_batches(63, 6, 2, 12, seed=1)  # id 63 is the first-token id
     for b in batches:
         b["input_ids"][:, 0] = 63
-    return _quantized("llama", model, batches, _generated_batches(63, 1, 2, 12, seed=2),
-                      backend=default_backend())
+    return model, batches, _generated_batches(63, 1, 2, 12, seed=2)
+
+
+def llama_default() -> Result:
+    """:func:`_sink_llama`, the default preset on this CPU's best backend (``rotate+sink``: min-max
+    ranges and first-token ranges only), through ``quantize``'s generating model (its KV-cache
+    graph, as ``outlierfx quantize`` saves decoders)."""
+    from ..backends import default_backend
+
+    return _quantized("llama", *_sink_llama(), backend=default_backend())
+
+
+def llama_w4a8() -> Result:
+    """:func:`llama_default` at W4A8: the preset below 8-bit weights (GPTQ on asymmetric int4
+    rows, its Gram matrices and first-row corrections summed across ranks)."""
+    from ..backends import default_backend
+
+    return _quantized("w4", *_sink_llama(), backend=default_backend(), bits="W4A8")
 
 
 def llama_low_memory() -> Result:
@@ -323,7 +337,7 @@ class _Doubler(torch.nn.Module):
 
 
 SCENARIOS: dict[str, Callable[[], Result]] = {f.__name__: f for f in (
-    llama_default, llama_low_memory, bert_gptq, bert_trained, bert_low_memory_trained, minilm_fast_preset,
+    llama_default, llama_w4a8, llama_low_memory, bert_gptq, bert_trained, bert_low_memory_trained, minilm_fast_preset,
     smollm2_default, statistics_merge, mismatched_batches, nan_on_rank_1, training_shards)}
 
 
