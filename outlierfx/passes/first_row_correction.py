@@ -33,7 +33,7 @@ from .. import distributed
 from ..distributed import Reduction
 from ..graph import meta
 from ..graph.attrs import fetch_attr, set_attr, unique_attr_name
-from ..graph.first_tokens import ATTENTION_MASK, CACHE_POSITION, first_token_mask
+from ..graph.first_tokens import ATTENTION_MASK, CACHE_POSITION, first_token_mask, leading_columns
 from ..graph.lockstep import Lockstep
 from ..graph.ops import feeds_only_outputs
 from ..quantizers.observers import FakeQuantize
@@ -82,6 +82,11 @@ def _by_token(x: object, first: torch.Tensor) -> bool:
     return isinstance(x, torch.Tensor) and x.dim() == 3 and tuple(x.shape[:2]) == tuple(first.shape)
 
 
+def _first_rows(x: torch.Tensor, first: torch.Tensor) -> torch.Tensor | None:
+    """``x``'s first-token rows ``[texts, features]`` (None where ``x`` is not laid out by token)."""
+    return x[first] if _by_token(x, first) else None
+
+
 def _unquantized_input(gm: torch.fx.GraphModule, linear: torch.fx.Node) -> torch.fx.Node:
     """What ``linear`` reads before its activation quantizer (its input itself if it has none)."""
     x = linear.args[0]
@@ -102,10 +107,14 @@ def measure_in_lockstep(work: torch.fx.GraphModule, gm: torch.fx.GraphModule, ta
     adds it to the runs' outputs, so later Linears see corrected inputs."""
     firsts: dict[int, torch.Tensor] = {}
 
-    def first_of(run: Lockstep) -> torch.Tensor:
-        """The run's first-token mask (a cache graph's tokens sit at its ``cache_position``)."""
+    def first_of(run: Lockstep, x: torch.Tensor) -> torch.Tensor:
+        """The run's first-token mask (a cache graph's tokens sit at its ``cache_position``; a
+        batch without a mask: column 0 of ``x``, a ``[batch, tokens, ...]`` value of the run)."""
+        mask = run.inputs.get(ATTENTION_MASK)
+        if mask is None:
+            return leading_columns(x, 1)
         if id(run) not in firsts:
-            firsts[id(run)] = first_token_mask(run.inputs[ATTENTION_MASK], run.inputs.get(CACHE_POSITION), 1)
+            firsts[id(run)] = first_token_mask(mask, run.inputs.get(CACHE_POSITION), 1)
         return firsts[id(run)]
 
     # a Linear whose result only leaves the graph (the LM head) has a first row nothing later reads,
@@ -121,8 +130,7 @@ def measure_in_lockstep(work: torch.fx.GraphModule, gm: torch.fx.GraphModule, ta
 
     def after(node: torch.fx.Node, runs: Sequence[Lockstep]) -> None:
         if node in waiting:  # None where the input is not [batch, tokens, features]
-            kept[node] = [run.env[node][first_of(run)] if _by_token(run.env[node], first_of(run))
-                          else None for run in runs]
+            kept[node] = [_first_rows(run.env[node], first_of(run, run.env[node])) for run in runs]
         if node not in source:
             return
         x0 = kept[source[node]]
@@ -130,7 +138,7 @@ def measure_in_lockstep(work: torch.fx.GraphModule, gm: torch.fx.GraphModule, ta
         if not waiting[source[node]]:
             del kept[source[node]]
         if not rounded(node.name) or any(rows is None for rows in x0) \
-                or not all(_by_token(run.env[node], first_of(run)) for run in runs):
+                or not all(_by_token(run.env[node], first_of(run, run.env[node])) for run in runs):
             return
         bias = node.args[2] if len(node.args) > 2 and isinstance(node.args[2], torch.fx.Node) else None
         tensors = [str(node.args[1].target), *([] if bias is None else [str(bias.target)])]
@@ -140,7 +148,7 @@ def measure_in_lockstep(work: torch.fx.GraphModule, gm: torch.fx.GraphModule, ta
             bias_value = None if bias is None else fetch_attr(gm, tensors[1])
             for run, rows in zip(runs, x0, strict=True):
                 float_out = torch.nn.functional.linear(rows.to(weight.dtype), weight, bias_value)
-                error.add(float_out.float() - run.env[node][first_of(run)].float())
+                error.add(float_out.float() - run.env[node][first_of(run, run.env[node])].float())
         distributed.reduce_statistics([error])
         shrunk = error.correction()
         if shrunk is None or shrunk[1] == 0.0:
@@ -148,7 +156,7 @@ def measure_in_lockstep(work: torch.fx.GraphModule, gm: torch.fx.GraphModule, ta
         corrections[node.name] = shrunk[0].to(weight.dtype)
         for run in runs:
             out = run.env[node]
-            rows = first_of(run).unsqueeze(-1).to(out.dtype)
+            rows = first_of(run, out).unsqueeze(-1).to(out.dtype)
             run.env[node] = torch.addcmul(out, rows, corrections[node.name].to(out.dtype))
 
     return after, corrections

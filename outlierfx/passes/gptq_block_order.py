@@ -128,9 +128,6 @@ def _round_sequentially(gm: torch.fx.GraphModule, targets: Sequence[torch.fx.Nod
 
     by_name = {node.name: node for node in work.graph.nodes}
     with torch.no_grad(), observation_paused(), distributed.failing_together("rounding with sequential GPTQ"):
-        # each Linear's readers too: a value nothing reads is freed as soon as it is made, and the
-        # hook reads each Linear's output after it ran (the last block's, where the LM head is tied)
-        linears = [by_name[node.name] for node in targets]
-        run_in_block_order(work, distributed.shard(batches), [*linears, *(u for n in linears for u in n.users)],
+        run_in_block_order(work, distributed.shard(batches), [by_name[node.name] for node in targets],
                            before_node=rounding_in_lockstep(work, targets, round_and_hold))
     return held
