@@ -22,10 +22,9 @@ SINK = OutlierSpec(gamma_scale=10.0, channels=(3,), first_token_scale=100.0)
 """A massive first token: one id that only position 0 holds, so every text's first rows are alike."""
 
 
-def _calibrated(g, policy):
-    gm = outlierfx.capture(g.model, g.inputs)
-    observed = PassManager([InsertObservers(policy)])(gm).graph_module
-    calibrate(observed, [g.inputs], progress=False)
+def _calibrated(model, inputs, policy):
+    observed = PassManager([InsertObservers(policy)])(outlierfx.capture(model, inputs)).graph_module
+    calibrate(observed, [inputs], progress=False)
     return observed
 
 
@@ -50,7 +49,7 @@ def test_each_corrected_linear_has_no_mean_first_row_error_left_on_the_calibrati
     on average (Qwen2's biases included). The rounded weights are GPTQ's without the option."""
     g = build_model(family, layers=2, hidden=32, ffn=64, batch=4, seq=16, outliers=SINK, tied=False)
     policy = make_policy("linear-inputs", "W4A8")
-    observed = _calibrated(g, policy)
+    observed = _calibrated(g.model, g.inputs, policy)
     before = {k: v.clone() for k, v in observed.state_dict().items()}
     plain = GPTQ([g.inputs], policy.weight, policy.embedding, sequential=sequential)(observed)
     fixed = GPTQ([g.inputs], policy.weight, policy.embedding, sequential=sequential, first_rows=True)(observed)
@@ -107,9 +106,7 @@ def test_a_graph_without_an_attention_mask_is_rounded_without_corrections_and_sa
     g = build_model("llama", layers=1, hidden=32, ffn=64, batch=2, seq=8, outliers=SINK, pad=False)
     inputs = {"input_ids": g.inputs["input_ids"]}
     policy = make_policy("linear-inputs", "W4A8")
-    gm = outlierfx.capture(g.model, inputs)
-    observed = PassManager([InsertObservers(policy)])(gm).graph_module
-    calibrate(observed, [inputs], progress=False)
+    observed = _calibrated(g.model, inputs, policy)
     result = GPTQ([inputs], policy.weight, policy.embedding, first_rows=True)(observed)
     assert result.modified and result.plan.weights and not result.plan.first_rows
     assert "no first-token row corrections: the graph has no attention_mask input" in result.plan.summary()

@@ -91,17 +91,26 @@ def wire_first_tokens(gm: torch.fx.GraphModule, readers: list[tuple[torch.fx.Nod
     ``n`` from the graph's ``attention_mask`` (and ``cache_position``, a cached decoder's).
     False (nothing changed) for a graph without an ``attention_mask`` input: its quantizers
     keep :func:`leading_columns`."""
+    readers = [(node, n) for node, n in readers if len(node.args) == 1]
+    if not readers or first_token_mask_node(gm, readers[0][1], created_by) is None:
+        return False
+    for node, n in readers:
+        node.args = (node.args[0], first_token_mask_node(gm, n, created_by))
+    return True
+
+
+def first_token_mask_node(gm: torch.fx.GraphModule, n: int, created_by: str) -> torch.fx.Node | None:
+    """The node computing the graph's :func:`first_token_mask` for ``n`` from its
+    ``attention_mask`` (and ``cache_position``) inputs: the one already there, else a new one
+    right after the inputs; None in a graph without an ``attention_mask`` input."""
     placeholders = {str(node.target): node for node in gm.graph.nodes if node.op == "placeholder"}
     mask = placeholders.get(ATTENTION_MASK)
-    readers = [(node, n) for node, n in readers if len(node.args) == 1]
-    if mask is None or not readers:
-        return False
-    last_input = [node for node in gm.graph.nodes if node.op == "placeholder"][-1]
-    made: dict[int, torch.fx.Node] = {}
-    for node, n in readers:
-        if n not in made:
-            with gm.graph.inserting_after(last_input):
-                made[n] = gm.graph.call_function(first_token_mask, (mask, placeholders.get(CACHE_POSITION), n))
-            made[n].meta[meta.CREATED_BY] = created_by
-        node.args = (node.args[0], made[n])
-    return True
+    if mask is None:
+        return None
+    found = next((node for node in gm.graph.nodes if node.target is first_token_mask and node.args[2] == n), None)
+    if found is not None:
+        return found
+    with gm.graph.inserting_after(list(placeholders.values())[-1]):
+        made = gm.graph.call_function(first_token_mask, (mask, placeholders.get(CACHE_POSITION), n))
+    made.meta[meta.CREATED_BY] = created_by
+    return made

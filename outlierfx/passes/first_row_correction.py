@@ -33,7 +33,8 @@ from .. import distributed
 from ..distributed import Reduction
 from ..graph import meta
 from ..graph.attrs import fetch_attr, set_attr, unique_attr_name
-from ..graph.first_tokens import ATTENTION_MASK, CACHE_POSITION, first_token_mask, leading_columns
+from ..graph.first_tokens import (ATTENTION_MASK, CACHE_POSITION, first_token_mask, first_token_mask_node,
+                                   leading_columns)
 from ..graph.lockstep import Lockstep
 from ..graph.ops import feeds_only_outputs
 from ..quantizers.observers import FakeQuantize
@@ -165,16 +166,9 @@ def measure_in_lockstep(work: torch.fx.GraphModule, gm: torch.fx.GraphModule, ta
 def insert_corrections(gm: torch.fx.GraphModule, corrections: Mapping[str, torch.Tensor]) -> int:
     """After each Linear named in ``corrections``, ``out + first * vector``; the number inserted
     (0 in a graph without an ``attention_mask`` input, which cannot tell its texts' first tokens)."""
-    placeholders = {str(n.target): n for n in gm.graph.nodes if n.op == "placeholder"}
-    mask = placeholders.get(ATTENTION_MASK)
-    if mask is None or not corrections:
-        return 0
-    first = next((n for n in gm.graph.nodes if n.target is first_token_mask and n.args[2] == 1), None)
+    first = first_token_mask_node(gm, 1, CREATED_BY) if corrections else None
     if first is None:
-        last_input = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
-        with gm.graph.inserting_after(last_input):
-            first = gm.graph.call_function(first_token_mask, (mask, placeholders.get(CACHE_POSITION), 1))
-        first.meta[meta.CREATED_BY] = CREATED_BY
+        return 0
     as_float: dict[torch.dtype, torch.fx.Node] = {}  # the mask as [batch, tokens, 1] of each output dtype
     inserted = 0
     for node in list(gm.graph.nodes):
